@@ -1,0 +1,206 @@
+"""Typed, validated configs: one per stage, nested in the pipeline config that loads from YAML.
+
+Every model forbids unknown fields, so a typo fails loudly with the field's name instead of
+being silently ignored. `load_config` turns pydantic's errors into one `ConfigError` whose
+message names each offending field and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from alignet_core.errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+SamplingStrategy = Literal[
+    "between_class", "within_class", "class_border", "cluster", "cluster_border"
+]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SourceConfig(_Config):
+    """Where the images come from."""
+
+    kind: Literal["demo", "folder", "filelist"] = Field(
+        "demo", description="demo: the shipped emoji set; folder: class/*.ext tree; filelist: CSV/txt of paths"
+    )
+    path: str | None = Field(None, description="folder root or file-list path (fsspec URL); unused for demo")
+    label_level: Literal["category", "subcategory"] = Field(
+        "category", description="demo only: which emoji metadata column is the image's class label"
+    )
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "SourceConfig":
+        if self.kind != "demo" and not self.path:
+            raise ValueError(f"source.path is required when source.kind is '{self.kind}'")
+        return self
+
+
+class EmbedConfig(_Config):
+    """Stage 0: teacher embeddings of every image."""
+
+    model: str = Field("tf_efficientnet_lite2", description="timm model name of the teacher")
+    weights: str | None = Field(
+        "packaged",
+        description="'packaged' (weights shipped by a pip package), a local .safetensors/.pth path, or null for random init",
+    )
+    batch_size: int = Field(64, gt=0, description="images per forward pass")
+    chunk_rows: int = Field(256, gt=0, description="rows per Zarr chunk; the unit of resume")
+    store_dtype: Literal["float16", "float32"] = Field("float32", description="dtype of the stored embeddings")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes for decoding")
+
+
+class HumanConfig(_Config):
+    """Human odd-one-out triplets (THINGS format) or the demo's taxonomy-derived proxy."""
+
+    triplets: str | None = Field(
+        None, description="THINGS-format triplet file (rows 'i j k', k the odd one); null: make the demo proxy"
+    )
+    probabilities: str | None = Field(
+        None, description=".npy (n, 3) probabilities that pair (i,j), (i,k), (j,k) is the most similar"
+    )
+    objects: str | None = Field(
+        None, description="CSV 'object,image_id' mapping object ids to images; null: object i is image i"
+    )
+    proxy_n_triplets: int = Field(20000, gt=0, description="demo proxy: number of triplets to make")
+    proxy_level: Literal["category", "subcategory"] = Field(
+        "subcategory", description="demo proxy: the taxonomy level that defines 'same kind'"
+    )
+    proxy_noise: float = Field(0.1, ge=0.0, lt=1.0, description="demo proxy: fraction of responses flipped at random")
+
+
+class TransformConfig(_Config):
+    """Stage 1: the human-aligned affine transform (gLocal / uncertainty distillation)."""
+
+    enabled: bool = Field(True, description="false: publish the untransformed teacher's triplets")
+    targets: Literal["soft", "hard"] = Field(
+        "soft", description="soft: KL to response probabilities (uncertainty distillation); hard: one-hot CE (gLocal)"
+    )
+    alpha: float = Field(0.25, ge=0.0, le=1.0, description="weight of the local term")
+    lam: float = Field(1.0, ge=0.0, description="weight of ||W - mean(diag W) I||_F^2")
+    lr: float = Field(1e-3, gt=0.0, description="learning rate")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="optimizer")
+    epochs: int = Field(50, gt=0, description="maximum passes over the training triplets")
+    batch_size: int = Field(256, gt=0, description="triplets per step")
+    local_batch: int = Field(1024, gt=0, description="pool embeddings per local-term batch")
+    tau: float = Field(0.1, gt=0.0, description="temperature of the local term")
+    temperature: float = Field(1.0, gt=0.0, description="temperature T of the global term")
+    patience: int = Field(5, gt=0, description="early stopping: epochs without held-out improvement")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of triplets held out")
+    chunk_rows: int = Field(4096, gt=0, description="rows per chunk when applying the transform to a store")
+
+
+class ClusterConfig(_Config):
+    """Stage 2: superordinate clusters by k-means."""
+
+    k: int = Field(12, gt=1, description="number of clusters")
+    niter: int = Field(25, gt=0, description="k-means iterations")
+    spherical: bool = Field(False, description="cosine k-means (normalized centroids)")
+    max_points_per_centroid: int = Field(256, gt=0, description="training subsample size per centroid")
+    chunk_rows: int = Field(65536, gt=0, description="rows per chunk when assigning the store")
+    use_gpu: Literal["auto", "never"] = Field("auto", description="FAISS GPU when available")
+
+
+class SampleConfig(_Config):
+    """Stage 3: triplet sampling and teacher responses."""
+
+    strategies: list[SamplingStrategy] = Field(
+        default_factory=lambda: ["cluster_border", "between_class"], description="sampling strategies to publish"
+    )
+    n_train: int = Field(20000, gt=0, description="training triplets per strategy")
+    n_valid: int = Field(2000, gt=0, description="validation triplets per strategy")
+    shard_size: int = Field(5000, gt=0, description="triplets per shard, the unit of parallelism and resume")
+    n_workers: int = Field(2, gt=0, description="local Dask workers (ignored with dask_address)")
+    dask_address: str | None = Field(None, description="address of an existing Dask scheduler")
+
+
+class DistillConfig(_Config):
+    """Stage 4: finetune a student on the published triplets."""
+
+    enabled: bool = Field(True, description="false: stop after publishing the dataset")
+    student: str = Field("tf_efficientnet_lite0", description="timm model name of the student")
+    weights: str | None = Field("packaged", description="as embed.weights")
+    head_dim: int = Field(1024, gt=0, description="output width of the new linear triplet head")
+    strategy: SamplingStrategy = Field("cluster_border", description="which published sampling to train on")
+    steps: int = Field(150, gt=0, description="optimizer steps")
+    batch_triplets: int = Field(32, gt=0, description="triplets per optimizer step")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per step")
+    lr: float = Field(1e-4, gt=0.0, description="peak learning rate")
+    warmup_steps: int = Field(15, ge=0, description="linear warm-up steps")
+    loss: Literal["jsd", "kl", "hard"] = Field("jsd", description="AligNet loss variant")
+    tau: float = Field(100.0, gt=0.0, description="temperature of the student's similarities")
+    decay_to_init: float = Field(1.0, ge=0.0, description="weight of the decoupled decay toward pretrained weights")
+    checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints")
+    n_eval: int = Field(1000, gt=0, description="held-out triplets per sampling for evaluation")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+
+class PipelineConfig(_Config):
+    """The whole pipeline: where artifacts go, the seed, the hardware and every stage."""
+
+    root: str = Field("alignet-data", description="artifact root (local path or fsspec URL)")
+    dataset_name: str = Field("demo", description="name of the published dataset")
+    seed: int = Field(0, ge=0, description="fixes every random choice")
+    device: Device = Field("auto", description="auto: cuda when available, else cpu")
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    human: HumanConfig = Field(default_factory=HumanConfig)
+    transform: TransformConfig = Field(default_factory=TransformConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{where}: {e['msg']}{got_s}")
+    return "; ".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None) -> PipelineConfig:
+    """Validate a plain dict into a `PipelineConfig`; raise `ConfigError` naming each bad field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config: {_describe(err)}") from None
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a YAML pipeline config; a missing file or bad YAML is a `ConfigError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+    return parse_config(data)
+
+
+def with_overrides(cfg: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
+    """Apply dotted overrides ({'cluster.k': 20}) and re-validate."""
+    data = cfg.model_dump()
+    for dotted, value in overrides.items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {dotted!r}: {part!r} is not a config section")
+            node = node[part]
+        node[parts[-1]] = value
+    return parse_config(data)

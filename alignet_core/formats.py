@@ -1,0 +1,197 @@
+"""File formats: THINGS-style human triplets and the official AligNet `.npz` datasets.
+
+THINGS triplets: one row per trial, `i j k` object ids (0-based), `k` the odd one out; as text
+(whitespace or comma separated) or `.npy` (n, 3) integers. Optional response probabilities are
+an `.npy` (n, 3) float array: the probability that pair (i, j), (i, k), (j, k) is the most
+similar pair, i.e. that k, j, i respectively is the odd one out.
+
+AligNet `.npz` (google-deepmind/alignet): `indices` int (n, 3) rows into the image pool,
+`filenames` str (n, 3), `similarities` float (n, 3) = [s01, s02, s12]. We write rows with s01
+strictly largest (images 0 and 1 are the most similar pair, image 2 the odd one out), which
+satisfies every statement of the official README and metric. Files from elsewhere are not
+trusted by position: the reader derives the odd one out from the similarities and reports how
+many rows disagree with their position.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+
+from alignet_core.errors import InputError
+
+log = logging.getLogger(__name__)
+
+ALIGNET_KEYS = ("indices", "filenames", "similarities")
+
+
+# ----------------------------------------------------------------------------- THINGS triplets
+def validate_triplets(triplets: np.ndarray, n_objects: int | None, what: str) -> np.ndarray:
+    """Check shape (n, 3), integer ids, range and distinctness; return int64 triplets."""
+    t = np.asarray(triplets)
+    if t.ndim != 2 or t.shape[1] != 3:
+        raise InputError(f"{what}: expected shape (n, 3), got {t.shape}")
+    if t.size and not np.issubdtype(t.dtype, np.integer):
+        if not np.all(np.isfinite(t)) or not np.all(t == np.round(t)):
+            raise InputError(f"{what}: object ids must be integers")
+    t = t.astype(np.int64)
+    if (t < 0).any():
+        row = int(np.argwhere((t < 0).any(1))[0, 0])
+        raise InputError(f"{what}: negative object id in row {row}: {t[row].tolist()}")
+    if n_objects is not None and (t >= n_objects).any():
+        row = int(np.argwhere((t >= n_objects).any(1))[0, 0])
+        raise InputError(f"{what}: object id out of range [0, {n_objects}) in row {row}: {t[row].tolist()}")
+    dup = (t[:, 0] == t[:, 1]) | (t[:, 0] == t[:, 2]) | (t[:, 1] == t[:, 2])
+    if dup.any():
+        row = int(np.argwhere(dup)[0, 0])
+        raise InputError(f"{what}: an object appears twice in row {row}: {t[row].tolist()}")
+    return t
+
+
+def read_things_triplets(url: str, n_objects: int | None = None) -> np.ndarray:
+    """Read THINGS triplets (text or .npy) as int64 (n, 3), the odd one out in column 2."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            if url.endswith(".npy"):
+                arr = np.load(f, allow_pickle=False)
+            else:
+                text = f.read().decode()
+                rows = [ln.replace(",", " ").split() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+                bad = next((i for i, r in enumerate(rows) if len(r) != 3), None)
+                if bad is not None:
+                    raise InputError(f"{url}: line {bad + 1} has {len(rows[bad])} fields, expected 3 ('i j k')")
+                try:
+                    arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
+                except ValueError:
+                    raise InputError(f"{url}: object ids must be integers") from None
+    except FileNotFoundError:
+        raise InputError(f"triplet file {url!r} does not exist") from None
+    except ValueError as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"{url}: not a readable triplet file ({err})") from None
+    return validate_triplets(arr, n_objects, url)
+
+
+def write_things_triplets(url: str, triplets: np.ndarray) -> None:
+    """Write triplets as text rows `i j k` (k the odd one out)."""
+    t = validate_triplets(triplets, None, "triplets")
+    with fsspec.open(url, "w") as f:
+        f.write("\n".join(f"{a} {b} {c}" for a, b, c in t.tolist()))
+        f.write("\n")
+
+
+def read_probabilities(url: str, n_triplets: int) -> np.ndarray:
+    """Read (n, 3) response probabilities over pairs [(i,j), (i,k), (j,k)]; rows must sum to 1."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            p = np.load(f, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"probability file {url!r} does not exist") from None
+    except ValueError as err:
+        raise InputError(f"{url}: not a .npy array ({err})") from None
+    if p.shape != (n_triplets, 3):
+        raise InputError(f"{url}: expected shape ({n_triplets}, 3) to match the triplets, got {p.shape}")
+    p = p.astype(np.float64)
+    if not np.isfinite(p).all() or (p < 0).any() or not np.allclose(p.sum(1), 1.0, atol=1e-4):
+        raise InputError(f"{url}: probabilities must be finite, non-negative and sum to 1 per row")
+    return p
+
+
+def write_probabilities(url: str, probs: np.ndarray) -> None:
+    with fsspec.open(url, "wb") as f:
+        np.save(f, np.asarray(probs, dtype=np.float32), allow_pickle=False)
+
+
+# ----------------------------------------------------------------------------- AligNet .npz
+@dataclass(frozen=True)
+class AlignetTriplets:
+    """An AligNet dataset split: rows ordered so that image 2 is the odd one out."""
+
+    indices: np.ndarray  # (n, 3) int64
+    filenames: np.ndarray  # (n, 3) str
+    similarities: np.ndarray  # (n, 3) float32, [s01, s02, s12]
+    n_reordered: int = 0  # rows whose position disagreed with their similarities (reader only)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def order_by_similarity(indices: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reorder each triplet so its most similar pair comes first.
+
+    indices: (n, 3) int; sims: (n, 3) [s01, s02, s12]. Returns (indices', sims', perm) where
+    perm (n, 3) gives, for each row, the original positions now at 0, 1, 2.
+    """
+    best = np.argmax(sims, axis=1)  # most similar pair: 0 (0,1), 1 (0,2), 2 (1,2)
+    image_perm = np.array([[0, 1, 2], [0, 2, 1], [1, 2, 0]])[best]
+    # where each new pair's similarity sits among the old [s01, s02, s12]
+    sim_perm = np.array([[0, 1, 2], [1, 0, 2], [2, 0, 1]])[best]
+    return (
+        np.take_along_axis(indices, image_perm, axis=1),
+        np.take_along_axis(sims, sim_perm, axis=1),
+        image_perm,
+    )
+
+
+def write_alignet_npz(url: str, indices: np.ndarray, filenames: np.ndarray, similarities: np.ndarray) -> None:
+    """Write an official-format split atomically; every row must already have s01 strictly largest."""
+    indices = np.asarray(indices, dtype=np.int64)
+    similarities = np.asarray(similarities, dtype=np.float32)
+    filenames = np.asarray(filenames, dtype=str)
+    n = len(indices)
+    for key, arr in (("indices", indices), ("filenames", filenames), ("similarities", similarities)):
+        if arr.shape != (n, 3):
+            raise InputError(f"{key}: expected shape ({n}, 3), got {arr.shape}")
+    strict = (similarities[:, 0] > similarities[:, 1]) & (similarities[:, 0] > similarities[:, 2])
+    if not strict.all():
+        raise InputError(f"similarities: {int((~strict).sum())} rows where s01 is not the strict maximum")
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "wb") as f:
+        np.savez(f, indices=indices, filenames=filenames, similarities=similarities)
+    fs.mv(tmp, path)
+
+
+def read_alignet_npz(url: str, n_images: int | None = None) -> AlignetTriplets:
+    """Read and validate an official-format split; rows are reordered by their similarities.
+
+    Raises `InputError` naming the file and the problem (missing key, shape, dtype, range).
+    """
+    try:
+        with fsspec.open(url, "rb") as f:
+            z = np.load(f, allow_pickle=False)
+            missing = [k for k in ALIGNET_KEYS if k not in z.files]
+            if missing:
+                raise InputError(f"{url}: missing array(s) {missing}; an AligNet file has {list(ALIGNET_KEYS)}")
+            try:
+                idx, names, sims = z["indices"], z["filenames"], z["similarities"]
+            except ValueError as err:
+                raise InputError(f"{url}: an array holds Python objects, refused ({err})") from None
+    except FileNotFoundError:
+        raise InputError(f"AligNet file {url!r} does not exist") from None
+    n = len(idx)
+    for key, arr in (("indices", idx), ("filenames", names), ("similarities", sims)):
+        if arr.ndim != 2 or arr.shape != (n, 3):
+            raise InputError(f"{url}: '{key}' has shape {arr.shape}, expected ({n}, 3)")
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise InputError(f"{url}: 'indices' must be integers, got {idx.dtype}")
+    if not np.issubdtype(sims.dtype, np.floating) or not np.isfinite(sims).all():
+        raise InputError(f"{url}: 'similarities' must be finite floats, got {sims.dtype}")
+    if names.dtype.kind not in "US":
+        raise InputError(f"{url}: 'filenames' must be strings, got {names.dtype}")
+    idx = validate_triplets(idx, n_images, f"{url}: 'indices'")
+    sims = sims.astype(np.float32)
+    names = names.astype(str)
+    out_idx, out_sims, perm = order_by_similarity(idx, sims)
+    out_names = np.take_along_axis(names, perm, axis=1)
+    n_reordered = int((perm[:, 2] != 2).sum())
+    if n_reordered:
+        log.warning("%s: %d of %d rows had the odd one out not last; reordered by similarity", url, n_reordered, n)
+    return AlignetTriplets(out_idx, out_names, out_sims, n_reordered)

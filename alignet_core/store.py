@@ -1,0 +1,249 @@
+"""The artifact store: content keys, stage directories, manifests, chunk progress, atomic publish.
+
+Layout under the pipeline root (a local path or fsspec URL):
+
+    <root>/stages/<stage>/<key>/manifest.json   written last; its presence means "complete"
+    <root>/stages/<stage>/<key>/...             the stage's outputs (Zarr stores, files)
+
+A content key is the hash of the stage's config, the keys of its inputs and the source of the
+code that computes it, so a complete manifest under a key can be reused as is.
+
+An embedding store is a Zarr v3 group with `embeddings` (n, p), `ids` (n,) str, `valid` (n,) bool
+(False for an image that could not be decoded: its row stays, zero, so no other row shifts) and
+provenance attributes; long writes record each finished chunk as a marker file under `_progress/`, so a
+killed writer resumes without duplicated or lost rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+
+from alignet_core.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+# ----------------------------------------------------------------------------- paths
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL/path segments with '/' (works for local paths and fsspec URLs)."""
+    out = base.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def exists(url: str) -> bool:
+    fs, path = _fs(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = _fs(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(url: str) -> None:
+    """Remove a file or directory tree if it exists."""
+    fs, path = _fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local URL; `StoreError` for a remote one."""
+    fs, path = _fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        raise StoreError(f"{url!r}: this operation needs a local path, got a {type(fs).__name__} URL")
+    return path
+
+
+# ----------------------------------------------------------------------------- keys
+def code_version(*modules: ModuleType) -> str:
+    """Hash of the source of the modules that compute a stage (changes when their code does)."""
+    h = hashlib.sha256()
+    for m in modules:
+        h.update(inspect.getsource(m).encode())
+    return h.hexdigest()[:16]
+
+
+def content_key(stage: str, config: Any, inputs: Iterable[str] = (), code: str = "") -> str:
+    """Stable hash of a stage's config (JSON-able), its input keys and its code version."""
+    payload = json.dumps(
+        {"stage": stage, "config": config, "inputs": list(inputs), "code": code},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def stage_dir(root: str, stage: str, key: str) -> str:
+    return join(root, "stages", stage, key)
+
+
+# ----------------------------------------------------------------------------- json + manifests
+def write_json_atomic(url: str, obj: Any) -> None:
+    """Write JSON so that readers see the old file or the whole new one, never a part."""
+    data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode()
+    fs, path = _fs(url)
+    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:  # object stores replace whole objects atomically
+        with fs.open(path, "wb") as f:
+            f.write(data)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def read_json(url: str) -> Any:
+    fs, path = _fs(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise StoreError(f"{url!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise StoreError(f"{url!r} is not valid JSON: {err}") from None
+
+
+def is_complete(dir_url: str) -> bool:
+    """A stage directory is complete when its manifest exists."""
+    return exists(join(dir_url, MANIFEST))
+
+
+def write_manifest(dir_url: str, manifest: dict[str, Any]) -> None:
+    """Mark a stage directory complete; call only after every output is written."""
+    write_json_atomic(join(dir_url, MANIFEST), {**manifest, "complete": True})
+
+
+def read_manifest(dir_url: str) -> dict[str, Any]:
+    if not is_complete(dir_url):
+        raise StoreError(f"{dir_url!r} has no manifest: the stage that writes it did not finish")
+    return read_json(join(dir_url, MANIFEST))
+
+
+def file_sha256(url: str) -> str:
+    fs, path = _fs(url)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def publish_dir(tmp_url: str, final_url: str) -> None:
+    """Move a fully written directory into place by one rename (atomic on a local filesystem)."""
+    fs, tmp = _fs(tmp_url)
+    _, final = _fs(final_url)
+    if fs.exists(final):
+        raise StoreError(f"{final_url!r} already exists; refusing to overwrite a published artifact")
+    fs.makedirs(os.path.dirname(final), exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        os.rename(tmp, final)
+    else:
+        fs.mv(tmp, final, recursive=True)
+
+
+# ----------------------------------------------------------------------------- chunk progress
+class ChunkProgress:
+    """Records finished chunks of a long write as marker files `<store>/_progress/<i>.done`."""
+
+    def __init__(self, store_url: str) -> None:
+        self.dir = join(store_url, "_progress")
+        makedirs(self.dir)
+
+    def done(self) -> set[int]:
+        fs, path = _fs(self.dir)
+        names = [os.path.basename(p) for p in fs.ls(path, detail=False)]
+        return {int(n.split(".")[0]) for n in names if n.endswith(".done")}
+
+    def mark(self, index: int) -> None:
+        fs, path = _fs(join(self.dir, f"{index:08d}.done"))
+        with fs.open(path, "wb") as f:
+            f.write(b"")
+
+    def clear(self) -> None:
+        remove(self.dir)
+
+
+# ----------------------------------------------------------------------------- embedding stores
+def create_embedding_store(
+    url: str,
+    n: int,
+    dim: int,
+    ids: np.ndarray,
+    dtype: str,
+    chunk_rows: int,
+    attrs: dict[str, Any],
+) -> zarr.Group:
+    """Create (or reopen for resume) an embedding store: `embeddings` (n, dim) `dtype`, `ids` (n,) str,
+    `valid` (n,) bool (all False until the writer sets each written row).
+
+    Reopening checks that shape, dtype and ids match what was asked, so a resumed write can never
+    mix rows of two different runs.
+    """
+    if len(ids) != n:
+        raise StoreError(f"{url!r}: {len(ids)} ids for {n} rows")
+    try:
+        g = zarr.open_group(url, mode="r+")
+        emb = g["embeddings"]
+        if emb.shape != (n, dim) or str(emb.dtype) != dtype or not np.array_equal(g["ids"][:], ids):
+            raise StoreError(f"{url!r} exists with another shape/dtype/ids; remove it or use a new key")
+        return g
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        pass
+    g = zarr.open_group(url, mode="w")
+    g.create_array("embeddings", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim), fill_value=0)
+    g.create_array("valid", shape=(n,), dtype=bool, chunks=(chunk_rows,), fill_value=False)
+    ids_arr = g.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
+    if n:
+        ids_arr[:] = np.asarray(ids, dtype=str)
+    g.attrs.update(attrs)
+    return g
+
+
+def open_embeddings(url: str) -> zarr.Group:
+    """Open an embedding store read-only; `StoreError` naming the path when it is missing or wrong."""
+    try:
+        g = zarr.open_group(url, mode="r")
+        g["embeddings"], g["ids"], g["valid"]
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        raise StoreError(f"{url!r} is not an embedding store (needs arrays 'embeddings', 'ids' and 'valid')") from None
+    return g
+
+
+def iter_chunks(n: int, chunk_rows: int) -> Iterable[tuple[int, int, int]]:
+    """(chunk index, start, stop) over n rows."""
+    for i, start in enumerate(range(0, n, chunk_rows)):
+        yield i, start, min(start + chunk_rows, n)

@@ -1,0 +1,10 @@
+"""Session-wide test setup: a project-local Prefect home and no analytics, set before Prefect loads."""
+
+import os
+from pathlib import Path
+
+_HOME = Path(__file__).resolve().parent.parent / ".prefect" / "tests"
+os.environ.setdefault("PREFECT_HOME", str(_HOME))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TQDM_DISABLE", "1")
