@@ -35,6 +35,9 @@ class SourceConfig(_Config):
     label_level: Literal["category", "subcategory"] = Field(
         "category", description="demo only: which emoji metadata column is the image's class label"
     )
+    limit: int | None = Field(
+        None, gt=2, description="use an evenly spaced subset of this many images (quick runs and tests)"
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> "SourceConfig":

@@ -1,0 +1,502 @@
+"""The pipeline's stages as plain functions: each plans its content key and output directory,
+skips work whose manifest is complete, and otherwise runs the science in the other modules.
+
+Prefect tasks wrap these one to one (see `tasks/`); everything here runs without Prefect.
+
+Every stage writes under `<root>/stages/<stage>/<key>/`, where the key hashes the stage's config
+section, the keys of its inputs and the source of the code that computes it. The manifest is
+written last, so a directory without one is never trusted and the stage reruns (resuming from
+whatever chunks or shards it had finished).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from alignet_core import (
+    cluster,
+    dataset,
+    distill,
+    embed,
+    evaluate,
+    formats,
+    human,
+    models,
+    sampling,
+    sources,
+    store,
+    teacher,
+    transform,
+)
+from alignet_core.config import PipelineConfig
+from alignet_core.errors import ConfigError, InputError
+from alignet_core.hardware import resolve_device
+
+log = logging.getLogger(__name__)
+
+TRANSFORMED_FOLDER = "uncertainty_distillation"
+UNTRANSFORMED_FOLDER = "untransformed"
+
+
+class StagePlan(BaseModel):
+    """Where a stage's outputs live and under which content key."""
+
+    model_config = ConfigDict(frozen=True)
+    stage: str
+    key: str
+    dir: str
+
+
+class StageOutput(BaseModel):
+    """What a stage hands to the next: its key, directory, main artifact and headline metrics."""
+
+    model_config = ConfigDict(frozen=True)
+    stage: str
+    key: str
+    dir: str
+    artifact: str = Field(description="the main output: a store, a dataset folder, a checkpoint folder")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+def _plan(cfg: PipelineConfig, stage: str, config: Any, inputs: list[str], *modules: Any) -> StagePlan:
+    key = store.content_key(stage, config, inputs, store.code_version(*modules))
+    return StagePlan(stage=stage, key=key, dir=store.stage_dir(cfg.root, stage, key))
+
+
+def _finish(plan: StagePlan, artifact: str, metrics: dict[str, Any], config: Any, inputs: list[str]) -> StageOutput:
+    out = StageOutput(stage=plan.stage, key=plan.key, dir=plan.dir, artifact=artifact, metrics=metrics)
+    store.write_manifest(plan.dir, {"stage": plan.stage, "key": plan.key, "config": config, "inputs": inputs,
+                                    "artifact": artifact, "metrics": metrics})
+    return out
+
+
+def _reuse(plan: StagePlan) -> StageOutput | None:
+    if not store.is_complete(plan.dir):
+        return None
+    m = store.read_manifest(plan.dir)
+    log.info("%s: reusing complete output %s", plan.stage, plan.dir)
+    return StageOutput(stage=plan.stage, key=plan.key, dir=plan.dir, artifact=m["artifact"], metrics=m["metrics"])
+
+
+# ----------------------------------------------------------------------------- embed
+def _source_identity(cfg: PipelineConfig) -> dict[str, Any]:
+    ident: dict[str, Any] = cfg.source.model_dump()
+    if cfg.source.kind == "demo":
+        ident["data"] = store.file_sha256(str(sources.demo_data_dir() / "metadata.csv"))
+    return ident
+
+
+def plan_embed(cfg: PipelineConfig) -> StagePlan:
+    conf = {"source": _source_identity(cfg), "embed": cfg.embed.model_dump()}
+    return _plan(cfg, "embed", conf, [], embed, models, sources, store)
+
+
+def run_embed(cfg: PipelineConfig, progress: Callable[[int, int], None] | None = None) -> StageOutput:
+    """Stage 0: teacher pooled pre-logits of every image → `<dir>/embeddings.zarr`."""
+    plan = plan_embed(cfg)
+    if (done := _reuse(plan)) is not None:
+        return done
+    t0 = time.perf_counter()
+    src = sources.source_from_config(cfg.source)
+    url = store.join(plan.dir, "embeddings.zarr")
+    info = embed.extract_embeddings(src, cfg.embed, url, resolve_device(cfg.device), progress=progress)
+    metrics = {
+        "n_images": info["n"],
+        "n_valid": info["n_valid"],
+        "dim": info["dim"],
+        "skipped": info["skipped"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return _finish(plan, url, metrics, {"embed": cfg.embed.model_dump()}, [])
+
+
+# ----------------------------------------------------------------------------- human triplets
+class HumanData(BaseModel):
+    """Odd-one-out triplets over objects, the object of each image and optional probabilities."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    triplets: np.ndarray  # (t, 3) int64, odd one in column 2
+    probs: np.ndarray | None  # (t, 3) float over pairs [(0,1), (0,2), (1,2)]
+    object_of_image: np.ndarray  # (n,) int64, -1 for images of no object
+    n_objects: int
+    is_proxy: bool
+
+
+def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
+    """Read THINGS-format triplets (or make the demo's taxonomy proxy when none are given)."""
+    h = cfg.human
+    n = len(src)
+    if h.triplets is None:
+        if cfg.source.kind != "demo":
+            raise ConfigError("human.triplets: a triplet file is required unless source.kind is 'demo'")
+        meta = sources.demo_metadata()
+        fine = np.unique([m[h.proxy_level] for m in meta], return_inverse=True)[1]
+        coarse = np.unique([m["category"] for m in meta], return_inverse=True)[1]
+        coarse_arg = None if h.proxy_level == "category" else coarse
+        trip, probs = human.make_proxy_triplets(fine, coarse_arg, h.proxy_n_triplets, h.proxy_noise, cfg.seed)
+        return HumanData(triplets=trip, probs=probs, object_of_image=np.arange(n), n_objects=n, is_proxy=True)
+    if h.objects is None:
+        object_of_image, n_objects = np.arange(n), n
+    else:
+        object_of_image, n_objects = _read_objects_table(h.objects, src)
+    trip = formats.read_things_triplets(h.triplets, n_objects)
+    probs = formats.read_probabilities(h.probabilities, len(trip)) if h.probabilities else None
+    return HumanData(triplets=trip, probs=probs, object_of_image=object_of_image, n_objects=n_objects, is_proxy=False)
+
+
+def _read_objects_table(url: str, src: sources.ImageSource) -> tuple[np.ndarray, int]:
+    """CSV `object,image_id`: object ids 0..m-1, image ids as in the source."""
+    import csv
+
+    import fsspec
+
+    index = {i: r for r, i in enumerate(src.ids().tolist())}
+    object_of_image = np.full(len(src), -1, dtype=np.int64)
+    try:
+        with fsspec.open(url, "r") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise InputError(f"human.objects: file {url!r} does not exist") from None
+    for line, row in enumerate(rows, start=2):
+        try:
+            obj, img = int(row["object"]), row["image_id"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{url}: line {line}: expected columns 'object' (int) and 'image_id'") from None
+        if img not in index:
+            raise InputError(f"{url}: line {line}: image_id {img!r} is not in the image source")
+        object_of_image[index[img]] = obj
+    n_objects = int(object_of_image.max()) + 1 if len(rows) else 0
+    return object_of_image, n_objects
+
+
+# ----------------------------------------------------------------------------- transform
+def plan_transform(cfg: PipelineConfig, emb: StageOutput) -> StagePlan:
+    conf = {"transform": cfg.transform.model_dump(), "human": cfg.human.model_dump(), "seed": cfg.seed}
+    if cfg.human.triplets:
+        conf["human_sha256"] = store.file_sha256(cfg.human.triplets)
+    return _plan(cfg, "transform", conf, [emb.key], transform, human, formats, store)
+
+
+def run_transform(cfg: PipelineConfig, emb: StageOutput) -> StageOutput:
+    """Stage 1: fit the human-aligned affine transform and apply it to the store chunk-wise.
+
+    With `transform.enabled` false the output is the untransformed store (no fit)."""
+    plan = plan_transform(cfg, emb)
+    if (done := _reuse(plan)) is not None:
+        return done
+    if not cfg.transform.enabled:
+        return _finish(plan, emb.artifact, {"enabled": False, "seconds": 0.0}, {"enabled": False}, [emb.key])
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    src = sources.source_from_config(cfg.source)
+    data = load_human_data(cfg, src)
+    g = store.open_embeddings(emb.artifact)
+    valid = g["valid"][:]
+    emb_all = np.asarray(g["embeddings"][:], dtype=np.float32)  # fit-time only; pool subsampled below
+    ooi = np.where(valid, data.object_of_image, -1)
+    objects = human.object_embeddings(emb_all, ooi, data.n_objects)
+    tr, va = human.split_triplets(len(data.triplets), cfg.transform.val_fraction, cfg.seed)
+    probs = data.probs
+    rng = np.random.default_rng(cfg.seed)
+    pool_rows = np.flatnonzero(valid)
+    if len(pool_rows) > 20000:
+        pool_rows = np.sort(rng.choice(pool_rows, 20000, replace=False))
+    fit = transform.fit_transform(
+        objects,
+        data.triplets[tr],
+        data.triplets[va],
+        cfg.transform,
+        cfg.seed,
+        device,
+        train_probs=None if probs is None else probs[tr],
+        val_probs=None if probs is None else probs[va],
+        pool=emb_all[pool_rows],
+    )
+    store.makedirs(plan.dir)
+    formats.write_things_triplets(store.join(plan.dir, "human_triplets.txt"), data.triplets)
+    if probs is not None:
+        formats.write_probabilities(store.join(plan.dir, "human_probabilities.npy"), probs)
+    fit.transform.save(store.join(plan.dir, "transform.safetensors"),
+                       {"config": cfg.transform.model_dump(), "history": fit.history, "best_epoch": fit.best_epoch})
+    out_url = store.join(plan.dir, "transformed.zarr")
+    transform.apply_transform_to_store(emb.artifact, out_url, fit.transform, cfg.transform.chunk_rows, device)
+    metrics = {
+        "enabled": True,
+        "human_data": "taxonomy proxy (not human)" if data.is_proxy else cfg.human.triplets,
+        "n_triplets": int(len(data.triplets)),
+        "n_train": int(len(tr)),
+        "n_heldout": int(len(va)),
+        "acc_before": fit.val_acc_before,
+        "acc_after": fit.val_acc_after,
+        "train_acc_after": fit.train_acc_after,
+        "best_epoch": fit.best_epoch,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return _finish(plan, out_url, metrics, {"transform": cfg.transform.model_dump()}, [emb.key])
+
+
+# ----------------------------------------------------------------------------- cluster
+def plan_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StagePlan:
+    conf = {"cluster": cfg.cluster.model_dump(), "seed": cfg.seed}
+    return _plan(cfg, "cluster", conf, [tfm.key], cluster, store)
+
+
+def run_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StageOutput:
+    """Stage 2: k-means of the (transformed) store; agreement with the source's labels."""
+    plan = plan_cluster(cfg, tfm)
+    if (done := _reuse(plan)) is not None:
+        return done
+    t0 = time.perf_counter()
+    res = cluster.run_kmeans(tfm.artifact, cfg.cluster, cfg.seed)
+    store.makedirs(plan.dir)
+    for name, arr in (("centroids", res.centroids), ("assignments", res.assignments),
+                      ("distances", res.distances), ("sizes", res.sizes)):
+        _save_npy(store.join(plan.dir, f"{name}.npy"), arr)
+    metrics: dict[str, Any] = {
+        "k": cfg.cluster.k,
+        "sizes": res.sizes.tolist(),
+        "inertia": float(res.inertia_curve[-1]) if res.inertia_curve else float("nan"),
+        "inertia_curve": [float(x) for x in res.inertia_curve],
+    }
+    labels = sources.source_from_config(cfg.source).labels()
+    ok = (res.assignments >= 0) & (labels != "")
+    if ok.any():
+        metrics.update(evaluate.cluster_agreement(labels[ok], res.assignments[ok]))
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    return _finish(plan, store.join(plan.dir, "assignments.npy"), metrics, {"cluster": cfg.cluster.model_dump()},
+                   [tfm.key])
+
+
+def _save_npy(url: str, arr: np.ndarray) -> None:
+    import fsspec
+
+    with fsspec.open(url, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+
+
+def _load_npy(url: str) -> np.ndarray:
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        return np.load(f, allow_pickle=False)
+
+
+# ----------------------------------------------------------------------------- sample
+class SamplingPlan(BaseModel):
+    """Everything a shard worker needs: paths and shard specs, no arrays."""
+
+    model_config = ConfigDict(frozen=True)
+    plan: StagePlan
+    store_url: str
+    groups_urls: dict[str, str]
+    names: dict[str, str]
+    specs: list[dict[str, Any]]
+    publish_url: str
+    inputs: list[str]
+
+
+def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> SamplingPlan:
+    """Plan the sampling stage and write the group files its shards read (cheap, idempotent)."""
+    s = cfg.sample
+    conf = {"sample": s.model_dump(exclude={"n_workers", "dask_address"}), "seed": cfg.seed,
+            "source": _source_identity(cfg)}
+    plan = _plan(cfg, "sample", conf, [tfm.key, clu.key], sampling, teacher, dataset, formats, store)
+    src = sources.source_from_config(cfg.source)
+    valid = store.open_embeddings(tfm.artifact)["valid"][:]
+    labels = src.labels()
+    class_groups = np.unique(labels, return_inverse=True)[1].astype(np.int64)
+    class_groups[(labels == "") | ~valid] = -1
+    cluster_groups = _load_npy(clu.artifact).astype(np.int64)
+    names, groups_urls = {}, {}
+    store.makedirs(plan.dir)
+    for strategy in s.strategies:
+        by_cluster = strategy.startswith("cluster")
+        names[strategy] = f"{strategy}_{cfg.cluster.k}" if by_cluster else strategy
+        url = store.join(plan.dir, f"groups_{'cluster' if by_cluster else 'class'}.npy")
+        if not store.exists(url):
+            _save_npy(url, cluster_groups if by_cluster else class_groups)
+        groups_urls[strategy] = url
+    specs = dataset.plan_shards(list(s.strategies), s.n_train, s.n_valid, s.shard_size, cfg.seed)
+    folder = TRANSFORMED_FOLDER if cfg.transform.enabled else UNTRANSFORMED_FOLDER
+    publish_url = store.join(cfg.root, "datasets", cfg.dataset_name, plan.key, folder)
+    return SamplingPlan(plan=plan, store_url=tfm.artifact, groups_urls=groups_urls, names=names,
+                        specs=[vars(sp) for sp in specs], publish_url=publish_url, inputs=[tfm.key, clu.key])
+
+
+def shard_done(sp: SamplingPlan, spec: dict[str, Any]) -> bool:
+    return store.exists(store.join(sp.plan.dir, "shards", f"{dataset.ShardSpec(**spec).name}.npz"))
+
+
+def run_sample_shard(sp: SamplingPlan, spec: dict[str, Any]) -> str:
+    """One shard: sample, teacher similarities, order; written atomically (skipped when present)."""
+    s = dataset.ShardSpec(**spec)
+    return dataset.run_shard(s, sp.groups_urls[s.strategy], sp.store_url, sp.plan.dir)
+
+
+def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> StageOutput:
+    """Assemble finished shards into the official `.npz` files, published by one atomic rename."""
+    if (done := _reuse(sp.plan)) is not None and store.exists(done.artifact):
+        return done
+    t0 = time.perf_counter()
+    src = sources.source_from_config(cfg.source)
+    specs = [dataset.ShardSpec(**d) for d in sp.specs]
+    manifest = dataset.assemble_dataset(sp.plan.dir, specs, src.ids(), sp.publish_url, sp.names)
+    metrics = {
+        "publish_url": sp.publish_url,
+        "files": manifest.get("files", {}),
+        "n_triplets": int(sum(f.get("n", 0) for f in manifest.get("files", {}).values())),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return _finish(sp.plan, sp.publish_url, metrics, {"sample": cfg.sample.model_dump()}, sp.inputs)
+
+
+# ----------------------------------------------------------------------------- distill
+def plan_distill(cfg: PipelineConfig, ds: StageOutput) -> StagePlan:
+    conf = {"distill": cfg.distill.model_dump(), "seed": cfg.seed}
+    return _plan(cfg, "distill", conf, [ds.key], distill, models, store)
+
+
+def _dataset_file(ds: StageOutput, cfg: PipelineConfig, split: str, strategy: str) -> str:
+    name = f"{strategy}_{cfg.cluster.k}" if strategy.startswith("cluster") else strategy
+    return store.join(ds.artifact, f"{split}_{name}.npz")
+
+
+def run_distill(cfg: PipelineConfig, ds: StageOutput) -> StageOutput:
+    """Stage 4: finetune the student on the published triplets; accuracy before and after."""
+    plan = plan_distill(cfg, ds)
+    if (done := _reuse(plan)) is not None:
+        return done
+    if cfg.distill.strategy not in cfg.sample.strategies:
+        raise ConfigError(f"distill.strategy: {cfg.distill.strategy!r} is not among sample.strategies "
+                          f"{list(cfg.sample.strategies)}")
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    src = sources.source_from_config(cfg.source)
+    train = formats.read_alignet_npz(_dataset_file(ds, cfg, "train", cfg.distill.strategy), len(src))
+    valids = {s: formats.read_alignet_npz(_dataset_file(ds, cfg, "valid", s), len(src)) for s in cfg.sample.strategies}
+    n_eval = cfg.distill.n_eval
+    student = distill.TripletStudent(models.create_model(cfg.distill.student, cfg.distill.weights), cfg.distill.head_dim)
+    before = {s: distill.evaluate_student(student, v, src, device, use_head=False, max_triplets=n_eval)
+              for s, v in valids.items()}
+    log_ = distill.train_student(train, src, cfg.distill, plan.dir, device, cfg.seed)
+    trained = distill.load_student(plan.dir, cfg.distill)
+    after = {s: distill.evaluate_student(trained, v, src, device, use_head=True, max_triplets=n_eval)
+             for s, v in valids.items()}
+    metrics = {
+        "acc_before": before,
+        "acc_after": after,
+        "steps": log_["steps"],
+        "final_loss": log_["final_loss"],
+        "loss_curve": log_["loss_curve"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return _finish(plan, plan.dir, metrics, {"distill": cfg.distill.model_dump()}, [ds.key])
+
+
+# ----------------------------------------------------------------------------- report
+def summarize(cfg: PipelineConfig, outs: dict[str, StageOutput]) -> dict[str, Any]:
+    """The machine-readable summary of one pipeline run (written as summary.json)."""
+    t, c, s = outs["transform"].metrics, outs["cluster"].metrics, outs["sample"].metrics
+    d = outs["distill"].metrics if "distill" in outs else {}
+    strategy = cfg.distill.strategy
+    return {
+        "dataset": outs["sample"].artifact,
+        "transform_acc_before": t.get("acc_before"),
+        "transform_acc_after": t.get("acc_after"),
+        "human_data": t.get("human_data"),
+        "cluster_nmi": c.get("nmi"),
+        "cluster_ari": c.get("ari"),
+        "cluster_sizes": c.get("sizes"),
+        "n_triplets": s.get("n_triplets"),
+        "dataset_files": s.get("files"),
+        "student_strategy": strategy,
+        "student_acc_before": d.get("acc_before", {}).get(strategy),
+        "student_acc_after": d.get("acc_after", {}).get(strategy),
+        "student_acc_before_by_sampling": d.get("acc_before"),
+        "student_acc_after_by_sampling": d.get("acc_after"),
+        "stage_seconds": {name: o.metrics.get("seconds") for name, o in outs.items()},
+        "stage_keys": {name: o.key for name, o in outs.items()},
+    }
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    """A short markdown report of a run (also published as a Prefect artifact)."""
+    def pct(x: Any) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    lines = [
+        "# AligNet pipeline report",
+        "",
+        f"Dataset: `{summary['dataset']}` ({summary['n_triplets']} triplets)",
+        "",
+        "| measure | before | after |",
+        "|---|---|---|",
+        f"| teacher held-out odd-one-out accuracy ({summary['human_data']}) | {pct(summary['transform_acc_before'])} "
+        f"| {pct(summary['transform_acc_after'])} |",
+        f"| student triplet accuracy vs teacher ({summary['student_strategy']}) | "
+        f"{pct(summary['student_acc_before'])} | {pct(summary['student_acc_after'])} |",
+        "",
+        f"Clusters vs labels: NMI {summary['cluster_nmi']}, ARI {summary['cluster_ari']}",
+        "",
+        "| stage | seconds | key |",
+        "|---|---|---|",
+    ]
+    for name, sec in summary["stage_seconds"].items():
+        lines.append(f"| {name} | {sec} | `{summary['stage_keys'][name]}` |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(cfg: PipelineConfig, outs: dict[str, StageOutput]) -> dict[str, Any]:
+    """Write `<root>/reports/<dataset>/<last key>/{report.md,summary.json}`; return the summary
+    (with `report_dir` and the markdown under `report_markdown`)."""
+    import fsspec
+
+    summary = summarize(cfg, outs)
+    last = outs.get("distill", outs["sample"])
+    folder = store.join(cfg.root, "reports", cfg.dataset_name, last.key)
+    summary["report_dir"] = folder
+    text = render_report(summary)
+    store.write_json_atomic(store.join(folder, "summary.json"), summary)
+    with fsspec.open(store.join(folder, "report.md"), "w") as f:
+        f.write(text)
+    return {**summary, "report_markdown": text}
+
+
+# ----------------------------------------------------------------------------- preflight
+def preflight(cfg: PipelineConfig) -> None:
+    """Check what can be checked before any work: inputs exist, names resolve, sizes fit.
+
+    Raises `ConfigError` / `InputError` naming the field or path and what is expected."""
+    import timm
+
+    src = sources.source_from_config(cfg.source)
+    n = len(src)
+    for field, name in (("embed.model", cfg.embed.model), ("distill.student", cfg.distill.student)):
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+            raise ConfigError(f"{field}: unknown timm model {name!r}" + (f"; close matches: {close}" if close else ""))
+    models.resolve_weights(cfg.embed.model, cfg.embed.weights)
+    if cfg.distill.enabled:
+        models.resolve_weights(cfg.distill.student, cfg.distill.weights)
+        if cfg.distill.strategy not in cfg.sample.strategies:
+            raise ConfigError(f"distill.strategy: {cfg.distill.strategy!r} must be one of sample.strategies "
+                              f"{list(cfg.sample.strategies)}")
+    if cfg.cluster.k > n:
+        raise ConfigError(f"cluster.k: {cfg.cluster.k} clusters for {n} images; k must be at most the number of images")
+    h = cfg.human
+    for field in ("triplets", "probabilities", "objects"):
+        path = getattr(h, field)
+        if path is not None and not store.exists(path):
+            raise InputError(f"human.{field}: file {path!r} does not exist")
+    if h.probabilities and not h.triplets:
+        raise ConfigError("human.probabilities: given without human.triplets")
+    if h.triplets is None and cfg.source.kind != "demo" and cfg.transform.enabled:
+        raise ConfigError("human.triplets: a THINGS-format triplet file is required unless source.kind is 'demo' "
+                          "or transform.enabled is false")
+    if len(set(cfg.sample.strategies)) != len(cfg.sample.strategies):
+        raise ConfigError(f"sample.strategies: duplicates in {list(cfg.sample.strategies)}")

@@ -1,0 +1,33 @@
+"""The end-to-end AligNet flow: images → embeddings → transform → clusters → triplets → student."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows._config import resolve_config
+from flows.sample import sample_on_dask
+from tasks.cluster import cluster
+from tasks.distill import distill
+from tasks.embed import embed
+from tasks.report import report
+from tasks.transform import fit_transform
+
+
+@flow(name="alignet")
+def alignet(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every stage (each cached on its content key) and return the run's summary."""
+    cfg = resolve_config(config_path, overrides)
+    emb = embed(cfg)
+    tfm = fit_transform(cfg, emb)
+    clu = cluster(cfg, tfm)
+    ds = sample_on_dask(cfg, tfm, clu)
+    outs = {"embed": emb, "transform": tfm, "cluster": clu, "sample": ds}
+    if cfg.distill.enabled:
+        outs["distill"] = distill(cfg, ds)
+    return report(cfg, outs)
+
+
+if __name__ == "__main__":
+    alignet()

@@ -1,0 +1,47 @@
+"""Flow: triplet sampling shards fanned out on Dask, then the official dataset published."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect_dask import DaskTaskRunner
+
+from alignet_core.config import PipelineConfig
+from alignet_core.stages import StageOutput
+from flows._config import resolve_config
+from tasks.cluster import cluster
+from tasks.embed import embed
+from tasks.sample import plan_sampling, publish, submit_shards
+from tasks.transform import fit_transform
+
+
+def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
+    """A local cluster of `sample.n_workers` single-threaded processes, or an existing cluster."""
+    if cfg.sample.dask_address:
+        return DaskTaskRunner(address=cfg.sample.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": cfg.sample.n_workers, "threads_per_worker": 1, "processes": True,
+                        "dashboard_address": None},
+    )
+
+
+@flow(name="sample-triplets")
+def sample_triplets(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StageOutput:
+    """Plan shards, sample them in parallel, publish train/valid `.npz` files atomically."""
+    sp = plan_sampling(cfg, tfm, clu)
+    shards = submit_shards(sp)
+    return publish(cfg, sp, wait_for=shards)
+
+
+def sample_on_dask(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StageOutput:
+    return sample_triplets.with_options(task_runner=dask_runner(cfg))(cfg, tfm, clu)
+
+
+@flow(name="sample")
+def sample_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> StageOutput:
+    """Stage 3 alone (earlier stages come from the cache or are computed)."""
+    cfg = resolve_config(config_path, overrides)
+    tfm = fit_transform(cfg, embed(cfg))
+    return sample_on_dask(cfg, tfm, cluster(cfg, tfm))

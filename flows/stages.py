@@ -1,0 +1,33 @@
+"""Flows for each early stage alone; later stages' inputs come from the cache or are computed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from alignet_core.stages import StageOutput
+from flows._config import resolve_config
+from tasks.cluster import cluster
+from tasks.embed import embed
+from tasks.transform import fit_transform
+
+
+@flow(name="embed")
+def embed_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> StageOutput:
+    """Stage 0: teacher embeddings of every image."""
+    return embed(resolve_config(config_path, overrides))
+
+
+@flow(name="transform")
+def transform_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> StageOutput:
+    """Stage 1: the human-aligned teacher transform."""
+    cfg = resolve_config(config_path, overrides)
+    return fit_transform(cfg, embed(cfg))
+
+
+@flow(name="cluster")
+def cluster_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> StageOutput:
+    """Stage 2: k-means clusters of the transformed embeddings."""
+    cfg = resolve_config(config_path, overrides)
+    return cluster(cfg, fit_transform(cfg, embed(cfg)))

@@ -1,0 +1,54 @@
+"""Config validation: errors name the field and what was expected."""
+
+import pytest
+
+from alignet_core.config import PipelineConfig, load_config, parse_config, with_overrides
+from alignet_core.errors import ConfigError
+
+
+def test_defaults_are_the_demo():
+    cfg = parse_config({})
+    assert cfg.source.kind == "demo" and cfg.embed.model == "tf_efficientnet_lite2"
+    assert cfg == PipelineConfig()
+
+
+def test_shipped_demo_yaml_loads(tmp_path):
+    cfg = load_config("configs/demo.yaml")
+    assert cfg.cluster.k == 12 and cfg.sample.strategies == ["cluster_border", "between_class"]
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"clustr": {"k": 3}}, "clustr"),
+        ({"cluster": {"k": -3}}, "cluster.k"),
+        ({"cluster": {"k": "many"}}, "cluster.k"),
+        ({"sample": {"strategies": ["random"]}}, "sample.strategies"),
+        ({"transform": {"alpha": 1.5}}, "transform.alpha"),
+        ({"source": {"kind": "folder"}}, "source.path"),
+        ({"device": "tpu"}, "device"),
+        ({"embed": {"store_dtype": "int8"}}, "embed.store_dtype"),
+    ],
+)
+def test_bad_fields_are_named(data, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config(data)
+    assert field.split(".")[-1] in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_overrides_revalidate():
+    cfg = with_overrides(parse_config({}), {"cluster.k": 20, "sample.n_train": 10})
+    assert cfg.cluster.k == 20 and cfg.sample.n_train == 10
+    with pytest.raises(ConfigError, match="cluster.k"):
+        with_overrides(cfg, {"cluster.k": 0})
+    with pytest.raises(ConfigError, match="not a config section"):
+        with_overrides(cfg, {"root.x": 1})

@@ -1,0 +1,65 @@
+"""Content keys, manifests, atomic publish, chunk progress and embedding stores."""
+
+import numpy as np
+import pytest
+
+from alignet_core import store
+from alignet_core.errors import StoreError
+
+
+def test_content_key_changes_with_config_inputs_and_code():
+    base = store.content_key("s", {"k": 1}, ["a"], "c1")
+    assert base == store.content_key("s", {"k": 1}, ["a"], "c1")
+    assert len({base, store.content_key("s", {"k": 2}, ["a"], "c1"), store.content_key("s", {"k": 1}, ["b"], "c1"),
+                store.content_key("s", {"k": 1}, ["a"], "c2"), store.content_key("t", {"k": 1}, ["a"], "c1")}) == 5
+
+
+def test_code_version_tracks_module_source():
+    import alignet_core.formats as f
+    import alignet_core.evaluate as e
+
+    assert store.code_version(f) == store.code_version(f) != store.code_version(e)
+
+
+def test_manifest_marks_complete(tmp_path):
+    d = str(tmp_path / "stage")
+    assert not store.is_complete(d)
+    with pytest.raises(StoreError, match="did not finish"):
+        store.read_manifest(d)
+    store.write_manifest(d, {"x": 1})
+    assert store.is_complete(d) and store.read_manifest(d)["x"] == 1
+
+
+def test_publish_dir_is_one_rename_and_never_overwrites(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    (tmp / "a.txt").write_text("x")
+    store.publish_dir(str(tmp), str(tmp_path / "out" / "final"))
+    assert (tmp_path / "out" / "final" / "a.txt").read_text() == "x" and not tmp.exists()
+    tmp.mkdir()
+    with pytest.raises(StoreError, match="already exists"):
+        store.publish_dir(str(tmp), str(tmp_path / "out" / "final"))
+
+
+def test_chunk_progress(tmp_path):
+    p = store.ChunkProgress(str(tmp_path / "s.zarr"))
+    assert p.done() == set()
+    p.mark(3)
+    p.mark(0)
+    assert store.ChunkProgress(str(tmp_path / "s.zarr")).done() == {0, 3}
+
+
+def test_embedding_store_create_reopen_and_mismatch(tmp_path):
+    url = str(tmp_path / "e.zarr")
+    ids = np.array(["a", "b", "c"])
+    g = store.create_embedding_store(url, 3, 2, ids, "float16", 2, {"model": "m"})
+    g["embeddings"][0:2] = np.ones((2, 2))
+    g2 = store.create_embedding_store(url, 3, 2, ids, "float16", 2, {"model": "m"})
+    assert g2["embeddings"][0].tolist() == [1, 1]  # reopened, not wiped
+    r = store.open_embeddings(url)
+    assert r.attrs["model"] == "m" and r["ids"][:].tolist() == ["a", "b", "c"] and not r["valid"][:].any()
+    with pytest.raises(StoreError, match="another shape"):
+        store.create_embedding_store(url, 3, 4, ids, "float16", 2, {})
+    with pytest.raises(StoreError, match="not an embedding store"):
+        store.open_embeddings(str(tmp_path / "missing.zarr"))
+    assert list(store.iter_chunks(5, 2)) == [(0, 0, 2), (1, 2, 4), (2, 4, 5)]
