@@ -105,6 +105,7 @@ class ClusterConfig(_Config):
 
     k: int = Field(12, gt=1, description="number of clusters")
     niter: int = Field(25, gt=0, description="k-means iterations")
+    nredo: int = Field(1, gt=0, description="k-means restarts; the best objective is kept")
     spherical: bool = Field(False, description="cosine k-means (normalized centroids)")
     max_points_per_centroid: int = Field(256, gt=0, description="training subsample size per centroid")
     chunk_rows: int = Field(65536, gt=0, description="rows per chunk when assigning the store")

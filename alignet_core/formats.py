@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import typing
 import uuid
+import zipfile
 from dataclasses import dataclass
 
 import fsspec
@@ -155,8 +157,17 @@ def write_alignet_npz(url: str, indices: np.ndarray, filenames: np.ndarray, simi
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with fs.open(tmp, "wb") as f:
-        np.savez(f, indices=indices, filenames=filenames, similarities=similarities)
+        _savez_reproducible(f, {"indices": indices, "filenames": filenames, "similarities": similarities})
     fs.mv(tmp, path)
+
+
+def _savez_reproducible(fileobj: "typing.BinaryIO", arrays: dict[str, np.ndarray]) -> None:
+    """Like `np.savez`, but with a fixed zip timestamp so equal arrays give byte-identical files."""
+    with zipfile.ZipFile(fileobj, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
 
 
 def read_alignet_npz(url: str, n_images: int | None = None) -> AlignetTriplets:

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 
-import torch
+from typing import TYPE_CHECKING
 
 from alignet_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    import torch
 
-def resolve_device(setting: str) -> torch.device:
+
+def resolve_device(setting: str) -> "torch.device":
     """'auto' → cuda when available else cpu; 'cuda' without a GPU is an error, never a silent fallback."""
+    import torch
+
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if setting == "cuda" and not torch.cuda.is_available():
@@ -22,8 +27,10 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
+def autocast_dtype(device: "torch.device") -> "torch.dtype | None":
     """bf16 autocast on GPUs that support it; full float32 on CPU (where bf16 is slower)."""
+    import torch
+
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None

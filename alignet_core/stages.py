@@ -253,16 +253,8 @@ def run_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StageOutput:
         return done
     t0 = time.perf_counter()
     res = cluster.run_kmeans(tfm.artifact, cfg.cluster, cfg.seed)
-    store.makedirs(plan.dir)
-    for name, arr in (("centroids", res.centroids), ("assignments", res.assignments),
-                      ("distances", res.distances), ("sizes", res.sizes)):
-        _save_npy(store.join(plan.dir, f"{name}.npy"), arr)
-    metrics: dict[str, Any] = {
-        "k": cfg.cluster.k,
-        "sizes": res.sizes.tolist(),
-        "inertia": float(res.inertia_curve[-1]) if res.inertia_curve else float("nan"),
-        "inertia_curve": [float(x) for x in res.inertia_curve],
-    }
+    summary = cluster.save_kmeans(res, plan.dir)
+    metrics: dict[str, Any] = {k: summary[k] for k in ("k", "sizes", "inertia", "inertia_curve")}
     labels = sources.source_from_config(cfg.source).labels()
     ok = (res.assignments >= 0) & (labels != "")
     if ok.any():
@@ -348,8 +340,8 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> StageOutput:
     manifest = dataset.assemble_dataset(sp.plan.dir, specs, src.ids(), sp.publish_url, sp.names)
     metrics = {
         "publish_url": sp.publish_url,
-        "files": manifest.get("files", {}),
-        "n_triplets": int(sum(f.get("n", 0) for f in manifest.get("files", {}).values())),
+        "files": manifest["files"],
+        "n_triplets": int(sum(f["n_triplets"] for f in manifest["files"].values())),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return _finish(sp.plan, sp.publish_url, metrics, {"sample": cfg.sample.model_dump()}, sp.inputs)

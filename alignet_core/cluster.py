@@ -1,0 +1,214 @@
+"""Superordinate clusters (stage 2): k-means on the transformed embeddings with FAISS.
+
+The paper clusters the teacher's human-aligned embeddings of the image pool (ImageNet-1k train,
+k = 500) and samples "cluster" and "cluster border" triplets from the clusters. Here:
+
+- `fit_kmeans` trains FAISS k-means on a random subsample of at most
+  k × max_points_per_centroid *valid* rows (FAISS's own rule of thumb: more points per centroid
+  barely move the centroids), read block by block from the store, so training memory depends on
+  k, not on the pool size. GPU when `hardware.faiss_gpu_available` says so, CPU otherwise.
+  Centroids start from k-means++ (FAISS ≥ 1.12): FAISS's default random init often merges two
+  well-separated groups into one cluster and splits another, and k-means never recovers from
+  that; k-means++ costs O(n·k·p) once (about a minute on CPU at the paper's scale, 128k × 500 ×
+  1152) and makes the result stable across seeds.
+- `assign_clusters` then streams the whole store chunk by chunk and assigns every valid row to
+  its nearest centroid with an exact flat index; memory is one chunk plus the (n,) outputs.
+- Rows with valid = False (undecodable images, stored as zeros) are never trained on and get
+  assignment -1 and distance NaN, so they can never be sampled.
+
+Spherical (cosine) k-means L2-normalizes the rows before training and assignment (FAISS's
+`spherical` flag only normalizes the centroids; normalizing the data too makes the objective the
+cosine one) and reports distance 1 − cosine; otherwise distances are squared L2.
+
+Deterministic for a seed: the subsample comes from ``default_rng([seed, 0])`` and FAISS's own
+initialization from ``seed``; CPU FAISS k-means is deterministic for a given input.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import faiss
+import fsspec
+import numpy as np
+import zarr
+
+from alignet_core import store
+from alignet_core.config import ClusterConfig
+from alignet_core.errors import ConfigError, InputError, StoreError
+from alignet_core.hardware import faiss_gpu_available
+from alignet_core.teacher import gather_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KMeansResult:
+    """k-means of an embedding store: centroids, per-row assignments and the training curve."""
+
+    centroids: np.ndarray  # (k, p) float32
+    assignments: np.ndarray  # (n,) int64, -1 for invalid rows
+    distances: np.ndarray  # (n,) float32 squared L2 (or 1 - cosine when spherical), nan for invalid
+    sizes: np.ndarray  # (k,) int64
+    inertia_curve: list[float] = field(default_factory=list)  # objective per iteration (faiss obj)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalization in place; zero rows stay zero. x: (m, p) float32."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def _valid_rows(g: zarr.Group, store_url: str) -> np.ndarray:
+    valid = np.asarray(g["valid"][:], dtype=bool)
+    n = g["embeddings"].shape[0]
+    if valid.shape != (n,):
+        raise StoreError(f"{store_url!r}: 'valid' has shape {valid.shape}, expected ({n},)")
+    return valid
+
+
+def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, list[float]]:
+    """Train k-means centroids on a subsample of the store's valid rows.
+
+    Reads at most cfg.k × cfg.max_points_per_centroid valid rows (uniformly chosen, read in
+    blocks). Returns (centroids (k, p) float32, objective per iteration). Raises `ConfigError`
+    naming cluster.k when k exceeds the number of valid rows.
+    """
+    g = store.open_embeddings(store_url)
+    emb = g["embeddings"]
+    n, p = emb.shape
+    valid_idx = np.flatnonzero(_valid_rows(g, store_url))
+    if cfg.k > len(valid_idx):
+        raise ConfigError(
+            f"cluster.k = {cfg.k} is larger than the number of valid embeddings in {store_url!r} "
+            f"({len(valid_idx)} of {n} rows); lower cluster.k"
+        )
+    n_train = min(len(valid_idx), cfg.k * cfg.max_points_per_centroid)
+    rng = np.random.default_rng([int(seed), 0])
+    rows = np.sort(rng.choice(valid_idx, size=n_train, replace=False)) if n_train < len(valid_idx) else valid_idx
+    x = gather_rows(emb, rows, block_rows=cfg.chunk_rows)
+    if not np.isfinite(x).all():
+        raise InputError(f"{store_url!r}: embeddings of valid rows hold NaN or inf")
+    if cfg.spherical:
+        _normalize(x)
+    if n_train < 39 * cfg.k:
+        log.warning("k-means: %d training points for k = %d (FAISS suggests at least %d)", n_train, cfg.k, 39 * cfg.k)
+    gpu = faiss_gpu_available(cfg.use_gpu)
+    init = {}
+    if hasattr(faiss, "ClusteringInitMethod_KMEANS_PLUS_PLUS"):  # FAISS >= 1.12; older: random init
+        init["init_method"] = faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS
+    km = faiss.Kmeans(
+        p,
+        cfg.k,
+        niter=cfg.niter,
+        nredo=cfg.nredo,
+        seed=int(seed) % (2**31),
+        spherical=cfg.spherical,
+        gpu=gpu,
+        max_points_per_centroid=cfg.max_points_per_centroid,
+        min_points_per_centroid=1,
+        verbose=False,
+        **init,
+    )
+    km.train(x)
+    curve = [float(v) for v in km.obj]
+    log.info("k-means: k=%d on %d of %d valid rows (gpu=%s), objective %.4g → %.4g",
+             cfg.k, n_train, len(valid_idx), gpu, curve[0] if curve else float("nan"), curve[-1] if curve else float("nan"))
+    return np.ascontiguousarray(km.centroids, dtype=np.float32), curve
+
+
+def _flat_index(centroids: np.ndarray, spherical: bool, use_gpu: str) -> faiss.Index:
+    k, p = centroids.shape
+    index: faiss.Index = faiss.IndexFlatIP(p) if spherical else faiss.IndexFlatL2(p)
+    if faiss_gpu_available(use_gpu):
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(centroids)
+    return index
+
+
+def assign_clusters(
+    store_url: str, centroids: np.ndarray, chunk_rows: int, spherical: bool, use_gpu: str = "never"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Assign every valid row of a store to its nearest centroid, one chunk at a time.
+
+    centroids: (k, p) float. Returns (assignments (n,) int64, -1 for invalid rows;
+    distances (n,) float32: squared L2, or 1 − cosine when spherical (rows and centroids
+    normalized); NaN for invalid rows). Memory: one chunk of chunk_rows × p plus the outputs.
+    """
+    if chunk_rows <= 0:
+        raise ConfigError(f"cluster.chunk_rows: expected a positive number of rows, got {chunk_rows}")
+    g = store.open_embeddings(store_url)
+    emb, valid_arr = g["embeddings"], g["valid"]
+    n, p = emb.shape
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    if c.ndim != 2 or c.shape[1] != p:
+        raise InputError(f"centroids: expected shape (k, {p}) to match {store_url!r}, got {c.shape}")
+    if spherical:
+        c = _normalize(c.copy())
+    index = _flat_index(c, spherical, use_gpu)
+    assignments = np.full(n, -1, dtype=np.int64)
+    distances = np.full(n, np.nan, dtype=np.float32)
+    for _, start, stop in store.iter_chunks(n, chunk_rows):
+        ok = np.asarray(valid_arr[start:stop], dtype=bool)
+        if not ok.any():
+            continue
+        x = np.ascontiguousarray(np.asarray(emb[start:stop])[ok], dtype=np.float32)
+        if spherical:
+            _normalize(x)
+        d, i = index.search(x, 1)
+        rows = start + np.flatnonzero(ok)
+        assignments[rows] = i[:, 0]
+        distances[rows] = (1.0 - d[:, 0]) if spherical else np.maximum(d[:, 0], 0.0)
+    return assignments, distances
+
+
+def run_kmeans(store_url: str, cfg: ClusterConfig, seed: int) -> KMeansResult:
+    """Fit k-means on a subsample, then assign the whole store in chunks (see the module doc)."""
+    centroids, curve = fit_kmeans(store_url, cfg, seed)
+    assignments, distances = assign_clusters(store_url, centroids, cfg.chunk_rows, cfg.spherical, cfg.use_gpu)
+    sizes = np.bincount(assignments[assignments >= 0], minlength=cfg.k).astype(np.int64)
+    if (sizes == 0).any():
+        log.warning("k-means: %d of %d clusters are empty after assignment", int((sizes == 0).sum()), cfg.k)
+    return KMeansResult(centroids, assignments, distances, sizes, curve)
+
+
+# ----------------------------------------------------------------------------- persistence
+_ARRAYS = ("centroids", "assignments", "distances", "sizes")
+
+
+def save_kmeans(result: KMeansResult, dir_url: str) -> dict:
+    """Write a result as `<dir>/{centroids,assignments,distances,sizes}.npy` + `kmeans.json`.
+
+    `assignments.npy` is the (n,) int64 groups file that `dataset.run_shard` reads for the
+    cluster strategies. Returns the JSON summary (k, sizes, inertia curve, final inertia).
+    """
+    store.makedirs(dir_url)
+    for name in _ARRAYS:
+        with fsspec.open(store.join(dir_url, f"{name}.npy"), "wb") as f:
+            np.save(f, getattr(result, name), allow_pickle=False)
+    summary = {
+        "k": int(len(result.centroids)),
+        "n_rows": int(len(result.assignments)),
+        "n_assigned": int((result.assignments >= 0).sum()),
+        "sizes": result.sizes.tolist(),
+        "inertia_curve": list(result.inertia_curve),
+        "inertia": float(np.nansum(result.distances)),
+    }
+    store.write_json_atomic(store.join(dir_url, "kmeans.json"), summary)
+    return summary
+
+
+def load_kmeans(dir_url: str) -> KMeansResult:
+    """Read a result written by `save_kmeans`; `StoreError` naming the missing file."""
+    arrays = {}
+    for name in _ARRAYS:
+        url = store.join(dir_url, f"{name}.npy")
+        try:
+            with fsspec.open(url, "rb") as f:
+                arrays[name] = np.load(f, allow_pickle=False)
+        except FileNotFoundError:
+            raise StoreError(f"{url!r} does not exist: the clustering stage did not finish") from None
+    summary = store.read_json(store.join(dir_url, "kmeans.json"))
+    return KMeansResult(inertia_curve=[float(v) for v in summary["inertia_curve"]], **arrays)

@@ -1,0 +1,105 @@
+"""Teacher responses (stage 3): pairwise similarities of sampled triplets and odd-one-out order.
+
+The teacher is the human-aligned (transformed) embedding space; its response to a triplet is the
+three dot products [s01, s02, s12]. Dot products, not cosines: the transform was fitted so that
+softmax of these dot products (temperature 1) matches human choice probabilities, and the
+student's loss uses them as stored (METHOD.md, stage 4).
+
+The odd one out is the image outside the most similar pair; rows are reordered so that pair is
+(0, 1) and image 2 is the odd one out, with s01 *strictly* largest: the official triplet-accuracy
+metric counts a tie as wrong, so a row with a tied maximum has no defined answer and is dropped.
+
+Workers never load a whole store: `gather_rows` reads only the sorted unique rows a shard needs,
+block by block, with Zarr orthogonal indexing (which touches only the chunks holding them).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from alignet_core.errors import InputError
+from alignet_core.formats import order_by_similarity
+
+log = logging.getLogger(__name__)
+
+#: rows per read when gathering from a store, and triplets per block of dot products
+GATHER_BLOCK_ROWS = 65536
+
+
+def gather_rows(array: Any, rows: np.ndarray, block_rows: int = GATHER_BLOCK_ROWS) -> np.ndarray:
+    """Read selected rows of a 2-d array (Zarr or numpy) as float32, in bounded blocks.
+
+    array: (n, p) zarr.Array or np.ndarray (float16/float32); rows: (u,) int, sorted and unique.
+    Returns (u, p) float32. For a Zarr array each block is one orthogonal selection, so only the
+    chunks holding the requested rows are read and decoded.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    n, p = array.shape
+    out = np.empty((len(rows), p), dtype=np.float32)
+    if isinstance(array, np.ndarray):
+        out[:] = array[rows]
+        return out
+    for lo in range(0, len(rows), block_rows):
+        sel = rows[lo : lo + block_rows]
+        out[lo : lo + len(sel)] = array.get_orthogonal_selection((sel, slice(None)))
+    return out
+
+
+def teacher_similarities(triplets: np.ndarray, embeddings: Any) -> np.ndarray:
+    """Teacher dot-product similarities of each triplet.
+
+    triplets: (m, 3) int rows into the store; embeddings: (n, p) zarr.Array or np.ndarray,
+    float16/float32 (the transformed teacher embeddings). Returns (m, 3) float32
+    [s01, s02, s12] = [e0·e1, e0·e2, e1·e2], computed in float32 from the gathered rows.
+    Only the rows named by the triplets are read (see `gather_rows`).
+    """
+    t = np.asarray(triplets)
+    if t.ndim != 2 or t.shape[1] != 3:
+        raise InputError(f"triplets: expected shape (m, 3), got {t.shape}")
+    if len(t) == 0:
+        return np.zeros((0, 3), dtype=np.float32)
+    if not np.issubdtype(t.dtype, np.integer):
+        raise InputError(f"triplets: expected integer rows, got {t.dtype}")
+    shape = getattr(embeddings, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise InputError(f"embeddings: expected a 2-d (n, p) array, got shape {shape}")
+    n = shape[0]
+    if t.min() < 0 or t.max() >= n:
+        raise InputError(f"triplets: row indices must lie in [0, {n}), got [{t.min()}, {t.max()}]")
+    rows, local = np.unique(t.astype(np.int64), return_inverse=True)
+    local = local.reshape(t.shape)
+    e = gather_rows(embeddings, rows)
+    out = np.empty((len(t), 3), dtype=np.float32)
+    for lo in range(0, len(t), GATHER_BLOCK_ROWS):
+        li = local[lo : lo + GATHER_BLOCK_ROWS]
+        a, b, c = e[li[:, 0]], e[li[:, 1]], e[li[:, 2]]
+        out[lo : lo + len(li), 0] = np.einsum("ij,ij->i", a, b)
+        out[lo : lo + len(li), 1] = np.einsum("ij,ij->i", a, c)
+        out[lo : lo + len(li), 2] = np.einsum("ij,ij->i", b, c)
+    return out
+
+
+def order_triplets(triplets: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Put each triplet's most similar pair first (image 2 = odd one out); drop tied rows.
+
+    triplets: (m, 3) int; sims: (m, 3) float [s01, s02, s12] in the triplets' order.
+    Returns (triplets' (m', 3) int64, sims' (m', 3) float32, n_dropped_ties) where every kept row
+    has s01' > s02' and s01' > s12' strictly; rows whose largest similarity is tied are dropped
+    (the official metric has no right answer for them). Row order is otherwise kept.
+    """
+    t = np.asarray(triplets, dtype=np.int64)
+    s = np.asarray(sims, dtype=np.float32)
+    if t.shape != s.shape or t.ndim != 2 or t.shape[1] != 3:
+        raise InputError(f"triplets {t.shape} and similarities {s.shape} must both have shape (m, 3)")
+    if not np.isfinite(s).all():
+        bad = int((~np.isfinite(s)).any(1).sum())
+        raise InputError(f"similarities: {bad} rows hold NaN or inf; the embeddings are not finite")
+    t2, s2, _ = order_by_similarity(t, s)
+    strict = (s2[:, 0] > s2[:, 1]) & (s2[:, 0] > s2[:, 2])
+    n_ties = int(len(strict) - strict.sum())
+    if n_ties:
+        log.info("dropped %d of %d triplets whose largest similarity is tied", n_ties, len(t))
+    return t2[strict], s2[strict], n_ties

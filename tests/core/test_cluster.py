@@ -1,0 +1,112 @@
+"""k-means with real FAISS on real Zarr embedding stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from alignet_core import store
+from alignet_core.cluster import assign_clusters, fit_kmeans, load_kmeans, run_kmeans, save_kmeans
+from alignet_core.config import ClusterConfig
+from alignet_core.errors import ConfigError
+
+
+def make_store(url: str, x: np.ndarray, valid: np.ndarray, chunk_rows: int = 64, dtype: str = "float32") -> str:
+    """A real embedding store: invalid rows stay zero, as the embedder leaves them."""
+    n, p = x.shape
+    g = store.create_embedding_store(url, n, p, np.array([f"img{i:05d}" for i in range(n)]), dtype, chunk_rows, {"model": "test"})
+    g["embeddings"][:] = np.where(valid[:, None], x, 0).astype(dtype)
+    g["valid"][:] = valid
+    return url
+
+
+def blobs(n: int, k: int, p: int, seed: int, spread: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, p)) * 10
+    labels = rng.integers(0, k, size=n)
+    return (centers[labels] + spread * rng.normal(size=(n, p))).astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def blob_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, np.ndarray, np.ndarray]:
+    x, labels = blobs(1500, 6, 16, seed=0)
+    valid = np.random.default_rng(1).random(1500) > 0.05
+    url = make_store(str(tmp_path_factory.mktemp("cluster") / "emb.zarr"), x, valid, dtype="float16")
+    return url, labels, valid
+
+
+def test_kmeans_recovers_blobs(blob_store: tuple[str, np.ndarray, np.ndarray]) -> None:
+    url, labels, valid = blob_store
+    cfg = ClusterConfig(k=6, niter=20, chunk_rows=256, use_gpu="never")
+    res = run_kmeans(url, cfg, seed=0)
+    assert res.centroids.shape == (6, 16) and res.centroids.dtype == np.float32
+    assert res.assignments.dtype == np.int64 and res.distances.dtype == np.float32
+    assert (res.assignments[~valid] == -1).all() and np.isnan(res.distances[~valid]).all()
+    assert (res.assignments[valid] >= 0).all() and np.isfinite(res.distances[valid]).all()
+    assert adjusted_rand_score(labels[valid], res.assignments[valid]) > 0.99
+    np.testing.assert_array_equal(res.sizes, np.bincount(res.assignments[valid], minlength=6))
+    assert res.sizes.sum() == valid.sum()
+    assert 1 <= len(res.inertia_curve) <= 20  # FAISS stops early once the objective is unchanged
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(res.inertia_curve, res.inertia_curve[1:]))
+    # squared L2 to the assigned centroid, recomputed directly
+    x = store.open_embeddings(url)["embeddings"][:].astype(np.float32)
+    d = ((x[valid] - res.centroids[res.assignments[valid]]) ** 2).sum(1)
+    np.testing.assert_allclose(res.distances[valid], d, rtol=1e-3, atol=1e-2)
+
+
+def test_chunked_assignment_equals_one_shot(blob_store: tuple[str, np.ndarray, np.ndarray]) -> None:
+    url, _, _ = blob_store
+    centroids, _ = fit_kmeans(url, ClusterConfig(k=6, niter=10, use_gpu="never"), seed=3)
+    a_small, d_small = assign_clusters(url, centroids, chunk_rows=37, spherical=False)
+    a_one, d_one = assign_clusters(url, centroids, chunk_rows=100_000, spherical=False)
+    np.testing.assert_array_equal(a_small, a_one)
+    np.testing.assert_allclose(d_small, d_one, rtol=1e-4, atol=1e-3, equal_nan=True)
+
+
+def test_deterministic_for_a_seed(blob_store: tuple[str, np.ndarray, np.ndarray]) -> None:
+    url, _, _ = blob_store
+    cfg = ClusterConfig(k=6, niter=5, max_points_per_centroid=40, use_gpu="never")  # subsampled training
+    c1, curve1 = fit_kmeans(url, cfg, seed=7)
+    c2, curve2 = fit_kmeans(url, cfg, seed=7)
+    np.testing.assert_array_equal(c1, c2)
+    assert curve1 == curve2
+
+
+def test_subsampled_training_still_recovers(blob_store: tuple[str, np.ndarray, np.ndarray]) -> None:
+    url, labels, valid = blob_store
+    res = run_kmeans(url, ClusterConfig(k=6, niter=20, max_points_per_centroid=30, chunk_rows=100, use_gpu="never"), seed=1)
+    assert adjusted_rand_score(labels[valid], res.assignments[valid]) > 0.99
+
+
+def test_spherical(tmp_path: Path) -> None:
+    x, labels = blobs(800, 4, 12, seed=4, spread=0.5)
+    x *= np.random.default_rng(5).uniform(0.5, 3.0, size=(800, 1)).astype(np.float32)  # norms must not matter
+    valid = np.ones(800, dtype=bool)
+    url = make_store(str(tmp_path / "emb.zarr"), x, valid)
+    res = run_kmeans(url, ClusterConfig(k=4, niter=20, spherical=True, chunk_rows=50, use_gpu="never"), seed=0)
+    assert adjusted_rand_score(labels, res.assignments) > 0.99
+    assert (res.distances >= -1e-5).all() and (res.distances <= 2 + 1e-5).all()
+    np.testing.assert_allclose(np.linalg.norm(res.centroids, axis=1), 1.0, atol=1e-4)
+
+
+def test_k_larger_than_valid_rows_raises(tmp_path: Path) -> None:
+    x, _ = blobs(20, 2, 4, seed=0)
+    valid = np.zeros(20, dtype=bool)
+    valid[:5] = True
+    url = make_store(str(tmp_path / "emb.zarr"), x, valid)
+    with pytest.raises(ConfigError, match="cluster.k"):
+        fit_kmeans(url, ClusterConfig(k=6, use_gpu="never"), seed=0)
+
+
+def test_save_and_load(blob_store: tuple[str, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    url, _, _ = blob_store
+    res = run_kmeans(url, ClusterConfig(k=6, niter=5, use_gpu="never"), seed=0)
+    summary = save_kmeans(res, str(tmp_path / "km"))
+    assert summary["k"] == 6 and summary["sizes"] == res.sizes.tolist()
+    back = load_kmeans(str(tmp_path / "km"))
+    np.testing.assert_array_equal(back.assignments, res.assignments)
+    np.testing.assert_array_equal(back.centroids, res.centroids)
+    assert back.inertia_curve == res.inertia_curve

@@ -1,0 +1,191 @@
+"""Shards, resume and publication of the official-format dataset, end to end on real stores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignet_core import store
+from alignet_core.dataset import (
+    ShardSpec,
+    _first_occurrences,
+    _triplet_keys,
+    assemble_dataset,
+    plan_shards,
+    run_shard,
+    shard_path,
+)
+from alignet_core.errors import ConfigError, StoreError
+from alignet_core.formats import read_alignet_npz
+
+CHECKER = "/work/shared/tools/check_alignet_npz.py"
+NAMES = {"cluster_border": "cluster_border_4", "between_class": "between_class", "within_class": "within_class"}
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> str:
+    np.save(path, arr)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real store of 300 images (some undecodable), class labels and cluster ids."""
+    root = tmp_path_factory.mktemp("pool")
+    rng = np.random.default_rng(0)
+    n, p = 300, 8
+    x = rng.normal(size=(n, p)).astype(np.float32)
+    valid = rng.random(n) > 0.1
+    url = str(root / "emb.zarr")
+    g = store.create_embedding_store(url, n, p, np.array([f"img/{i:04d}.jpg" for i in range(n)]), "float16", 64, {})
+    g["embeddings"][:] = np.where(valid[:, None], x, 0).astype(np.float16)
+    g["valid"][:] = valid
+    classes = rng.integers(0, 10, n)  # the groups file does not know about undecodable images
+    clusters = rng.integers(0, 4, n)
+    return {
+        "store": url,
+        "valid": valid,
+        "filenames": np.array([f"img/{i:04d}.jpg" for i in range(n)]),
+        "groups": {
+            "between_class": _write_npy(root / "classes.npy", classes),
+            "within_class": str(root / "classes.npy"),
+            "cluster_border": _write_npy(root / "clusters.npy", clusters),
+        },
+    }
+
+
+def _run_all(specs: list[ShardSpec], pool: dict, out_dir: str, order: list[int], workers: int = 1) -> None:
+    jobs = [specs[i] for i in order]
+    with ThreadPoolExecutor(max_workers=workers) as ex:
+        list(ex.map(lambda s: run_shard(s, pool["groups"][s.strategy], pool["store"], out_dir), jobs))
+
+
+def _check(path: str) -> None:
+    res = subprocess.run([sys.executable, CHECKER, path], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_plan_shards() -> None:
+    specs = plan_shards(["cluster_border", "between_class"], n_train=2500, n_valid=300, shard_size=1000, seed=3)
+    by = {(s.strategy, s.split): [x for x in specs if (x.strategy, x.split) == (s.strategy, s.split)] for s in specs}
+    assert [s.n for s in by["cluster_border", "train"]] == [1000, 1000, 500]
+    assert [s.n for s in by["between_class", "valid"]] == [300]
+    assert [s.index for s in by["cluster_border", "train"]] == [0, 1, 2]
+    assert by["cluster_border", "train"][0].seed != by["cluster_border", "valid"][0].seed
+    assert specs[0].name == "cluster_border-train-00000"
+    assert plan_shards(["cluster_border"], 10, 5, 4, 3) == plan_shards(["cluster_border"], 10, 5, 4, 3)
+    assert len({s.name for s in specs}) == len(specs)
+    for bad in (dict(strategies=["random"]), dict(n_train=0), dict(shard_size=0), dict(strategies=["cluster", "cluster"])):
+        kw = dict(strategies=["cluster"], n_train=10, n_valid=5, shard_size=4, seed=0) | bad
+        with pytest.raises(ConfigError, match="sample"):
+            plan_shards(**kw)
+
+
+def test_shard_content_and_resume(pool: dict, tmp_path: Path) -> None:
+    spec = ShardSpec("cluster_border", "train", 0, 2000, 11)
+    path = run_shard(spec, pool["groups"]["cluster_border"], pool["store"], str(tmp_path))
+    assert path == shard_path(str(tmp_path), spec) and Path(path).is_file()
+    z = np.load(path)
+    idx, sims = z["indices"], z["similarities"]
+    assert len(idx) + int(z["n_ties"]) == 2000
+    assert ((sims[:, 0] > sims[:, 1]) & (sims[:, 0] > sims[:, 2])).all()
+    assert pool["valid"][idx].all(), "an undecodable image was sampled"
+    clusters = np.load(pool["groups"]["cluster_border"])
+    g3 = np.sort(clusters[idx], axis=1)
+    assert ((g3[:, 0] == g3[:, 1]) != (g3[:, 1] == g3[:, 2])).all()  # exactly two share a cluster
+    before = Path(path).stat().st_mtime_ns, Path(path).read_bytes()
+    assert run_shard(spec, pool["groups"]["cluster_border"], pool["store"], str(tmp_path)) == path
+    assert (Path(path).stat().st_mtime_ns, Path(path).read_bytes()) == before
+    assert not list((tmp_path / "shards").glob("*.tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def published(pool: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("pub")
+    specs = plan_shards(["cluster_border", "between_class", "within_class"], 3000, 400, 700, seed=1)
+    _run_all(specs, pool, str(root / "work"), list(range(len(specs))))
+    url = str(root / "datasets" / "demo")
+    manifest = assemble_dataset(str(root / "work"), specs, pool["filenames"], url, NAMES)
+    return {"root": root, "specs": specs, "url": url, "manifest": manifest}
+
+
+def test_published_files_pass_the_official_checker(published: dict, pool: dict) -> None:
+    url, manifest = published["url"], published["manifest"]
+    files = sorted(p.name for p in Path(url).iterdir())
+    expected = sorted([f"{s}_{n}.npz" for n in NAMES.values() for s in ("train", "valid")] + ["manifest.json"])
+    assert files == expected
+    for fname, info in manifest["files"].items():
+        path = f"{url}/{fname}"
+        _check(path)
+        data = read_alignet_npz(path, n_images=len(pool["filenames"]))
+        assert data.n_reordered == 0 and len(data) == info["n_triplets"] > 0
+        assert info["sha256"] == store.file_sha256(path)
+        np.testing.assert_array_equal(data.filenames, pool["filenames"][data.indices])
+        assert pool["valid"][data.indices].all()
+    assert not [p for p in Path(url).parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_no_duplicates_and_no_leakage(published: dict) -> None:
+    url, manifest = published["url"], published["manifest"]
+    for strategy, st in manifest["strategies"].items():
+        train = read_alignet_npz(f"{url}/train_{st['name']}.npz").indices
+        valid = read_alignet_npz(f"{url}/valid_{st['name']}.npz").indices
+        tk, vk = _triplet_keys(train, 300), _triplet_keys(valid, 300)
+        assert len(np.unique(tk)) == len(tk) and len(np.unique(vk)) == len(vk)
+        assert not np.isin(vk, tk).any()
+        for split in ("train", "valid"):
+            s = st[split]
+            lost = s["ties_dropped"] + s["duplicates_removed"] + s.get("in_train_removed", 0)
+            assert s["requested"] - lost == s["n_triplets"]
+    # a 300-image pool with 4 clusters: duplicates and leakage do occur and were removed
+    cb = manifest["strategies"]["cluster_border"]
+    assert cb["train"]["duplicates_removed"] > 0 or cb["valid"]["in_train_removed"] > 0
+
+
+def test_second_assemble_returns_manifest_without_rewriting(published: dict, pool: dict) -> None:
+    url = published["url"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in Path(url).iterdir()}
+    again = assemble_dataset(str(published["root"] / "work"), published["specs"], pool["filenames"], url, NAMES)
+    assert again == published["manifest"]
+    assert {p.name: p.stat().st_mtime_ns for p in Path(url).iterdir()} == mtimes
+
+
+def test_identical_output_whatever_the_shard_order(published: dict, pool: dict, tmp_path: Path) -> None:
+    specs = published["specs"]
+    order = list(np.random.default_rng(5).permutation(len(specs)))
+    _run_all(specs, pool, str(tmp_path / "work"), order, workers=3)
+    url = str(tmp_path / "demo")
+    manifest = assemble_dataset(str(tmp_path / "work"), list(reversed(specs)), pool["filenames"], url, NAMES)
+    strip = lambda m: {**m, "files": {f: {k: v for k, v in i.items() if k != "sha256"} for f, i in m["files"].items()}}  # noqa: E731
+    assert strip(manifest) == strip(published["manifest"])
+    for fname in manifest["files"]:
+        a, b = np.load(f"{url}/{fname}"), np.load(f"{published['url']}/{fname}")
+        for key in ("indices", "filenames", "similarities"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_missing_shard_and_missing_name_raise(pool: dict, tmp_path: Path) -> None:
+    specs = plan_shards(["cluster_border"], 100, 10, 50, seed=0)
+    _run_all(specs[:1], pool, str(tmp_path / "work"), [0])
+    with pytest.raises(StoreError, match="missing"):
+        assemble_dataset(str(tmp_path / "work"), specs, pool["filenames"], str(tmp_path / "d"), NAMES)
+    with pytest.raises(ConfigError, match="sampling_names"):
+        assemble_dataset(str(tmp_path / "work"), specs, pool["filenames"], str(tmp_path / "d"), {})
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob("d.tmp-*"))
+
+
+def test_triplet_keys_wide_pool_matches_packed() -> None:
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 50, size=(2000, 3))
+    t = t[(t[:, 0] != t[:, 1]) & (t[:, 0] != t[:, 2]) & (t[:, 1] != t[:, 2])]
+    perm = np.take_along_axis(t, rng.permuted(np.tile([0, 1, 2], (len(t), 1)), axis=1), axis=1)
+    both = np.concatenate([t, perm])
+    packed, wide = _triplet_keys(both, 100), _triplet_keys(both, 1 << 30)
+    assert wide.dtype.names is not None  # the structured path for pools beyond 2**21 images
+    np.testing.assert_array_equal(_first_occurrences(packed), _first_occurrences(wide))
+    assert (_first_occurrences(packed) < len(t)).all()  # every permuted copy is a duplicate
+    np.testing.assert_array_equal(np.isin(packed[len(t):], packed[: len(t)]), np.isin(wide[len(t):], wide[: len(t)]))

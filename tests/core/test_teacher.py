@@ -1,0 +1,100 @@
+"""Teacher similarities from a real Zarr store and odd-one-out ordering."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from alignet_core.errors import InputError
+from alignet_core.teacher import gather_rows, order_triplets, teacher_similarities
+
+
+def _direct(e: np.ndarray, t: np.ndarray) -> np.ndarray:
+    e = e.astype(np.float64)
+    a, b, c = e[t[:, 0]], e[t[:, 1]], e[t[:, 2]]
+    return np.stack([(a * b).sum(1), (a * c).sum(1), (b * c).sum(1)], axis=1)
+
+
+def _random_triplets(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
+    return np.stack([rng.choice(n, 3, replace=False) for _ in range(m)])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_similarities_match_numpy_from_zarr(tmp_path: Path, dtype: str) -> None:
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(500, 24)).astype(dtype)
+    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(32, 24), dtype=dtype)
+    arr[:] = e
+    t = _random_triplets(rng, 500, 300)
+    sims = teacher_similarities(t, arr)
+    assert sims.shape == (300, 3) and sims.dtype == np.float32
+    np.testing.assert_allclose(sims, _direct(e, t), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(teacher_similarities(t, e), sims, rtol=1e-6, atol=1e-5)
+
+
+def test_gather_rows_in_small_blocks(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    e = rng.normal(size=(300, 5)).astype(np.float32)
+    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(17, 5), dtype="float32")
+    arr[:] = e
+    rows = np.unique(rng.integers(0, 300, 90))
+    np.testing.assert_array_equal(gather_rows(arr, rows, block_rows=7), e[rows])
+
+
+def test_order_puts_most_similar_pair_first() -> None:
+    rng = np.random.default_rng(2)
+    e = rng.normal(size=(200, 16)).astype(np.float32)
+    t = _random_triplets(rng, 200, 500)
+    sims = teacher_similarities(t, e)
+    t2, s2, n_ties = order_triplets(t, sims)
+    assert n_ties == 0 and len(t2) == 500
+    assert ((s2[:, 0] > s2[:, 1]) & (s2[:, 0] > s2[:, 2])).all()
+    # same images per row, and the stored similarities are those of the reordered images
+    np.testing.assert_array_equal(np.sort(t2, axis=1), np.sort(t, axis=1))
+    np.testing.assert_allclose(s2, _direct(e, t2), rtol=1e-5, atol=1e-4)
+    # the odd one out (image 2) is the image outside the most similar pair of the original row
+    d = _direct(e, t)
+    best = np.argmax(d, axis=1)
+    odd = t[np.arange(len(t)), np.array([2, 1, 0])[best]]
+    np.testing.assert_array_equal(t2[:, 2], odd)
+
+
+def test_tied_maximum_is_dropped_but_lower_ties_kept() -> None:
+    t = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]])
+    sims = np.array(
+        [
+            [0.5, 0.9, 0.9],  # tied maximum → dropped
+            [0.2, 0.8, 0.1],  # fine
+            [0.7, 0.7, 0.7],  # all tied → dropped
+            [0.9, 0.3, 0.3],  # tie below the maximum → kept
+        ],
+        dtype=np.float32,
+    )
+    t2, s2, n_ties = order_triplets(t, sims)
+    assert n_ties == 2
+    np.testing.assert_array_equal(t2, [[3, 5, 4], [9, 10, 11]])
+    np.testing.assert_allclose(s2, [[0.8, 0.2, 0.1], [0.9, 0.3, 0.3]])
+
+
+def test_ties_from_duplicate_embeddings() -> None:
+    rng = np.random.default_rng(3)
+    e = rng.normal(size=(10, 4)).astype(np.float32)
+    e[1] = e[2]  # images 1 and 2 identical: s01 == s02 exactly in (0, 1, 2)
+    e[0] = e[1] * 3  # so (0,1) and (0,2) are the tied most-similar pairs
+    t = np.array([[0, 1, 2], [3, 4, 5]])
+    t2, _, n_ties = order_triplets(t, teacher_similarities(t, e))
+    assert n_ties == 1 and t2.shape == (1, 3)
+
+
+def test_bad_inputs_raise() -> None:
+    e = np.ones((5, 3), dtype=np.float32)
+    with pytest.raises(InputError, match="row indices"):
+        teacher_similarities(np.array([[0, 1, 5]]), e)
+    with pytest.raises(InputError, match="shape"):
+        teacher_similarities(np.array([0, 1, 2]), e)
+    with pytest.raises(InputError, match="NaN"):
+        order_triplets(np.array([[0, 1, 2]]), np.array([[np.nan, 0, 0]], dtype=np.float32))
+    assert teacher_similarities(np.zeros((0, 3), np.int64), e).shape == (0, 3)
