@@ -218,7 +218,7 @@ def create_embedding_store(
     try:
         g = zarr.open_group(url, mode="r+")
         emb = g["embeddings"]
-        if emb.shape != (n, dim) or str(emb.dtype) != dtype or not np.array_equal(g["ids"][:], ids):
+        if emb.shape != (n, dim) or str(emb.dtype) != dtype or not np.array_equal(np.asarray(g["ids"][:]).tolist(), np.asarray(ids).tolist()):
             raise StoreError(f"{url!r} exists with another shape/dtype/ids; remove it or use a new key")
         return g
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
@@ -228,7 +228,7 @@ def create_embedding_store(
     g.create_array("valid", shape=(n,), dtype=bool, chunks=(chunk_rows,), fill_value=False)
     ids_arr = g.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
     if n:
-        ids_arr[:] = np.asarray(ids, dtype=str)
+        ids_arr[:] = np.array(np.asarray(ids).tolist(), dtype=str)
     g.attrs.update(attrs)
     return g
 
