@@ -15,6 +15,7 @@ import logging
 import time
 from typing import Any, Callable
 
+import fsspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -134,7 +135,8 @@ def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
     if h.triplets is None:
         if cfg.source.kind != "demo":
             raise ConfigError("human.triplets: a triplet file is required unless source.kind is 'demo'")
-        meta = sources.demo_metadata()
+        by_id = {m["id"]: m for m in sources.demo_metadata()}
+        meta = [by_id[i] for i in src.ids().tolist()]
         fine = np.unique([m[h.proxy_level] for m in meta], return_inverse=True)[1]
         coarse = np.unique([m["category"] for m in meta], return_inverse=True)[1]
         coarse_arg = None if h.proxy_level == "category" else coarse
@@ -152,8 +154,6 @@ def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
 def _read_objects_table(url: str, src: sources.ImageSource) -> tuple[np.ndarray, int]:
     """CSV `object,image_id`: object ids 0..m-1, image ids as in the source."""
     import csv
-
-    import fsspec
 
     index = {i: r for r, i in enumerate(src.ids().tolist())}
     object_of_image = np.full(len(src), -1, dtype=np.int64)
@@ -265,15 +265,11 @@ def run_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StageOutput:
 
 
 def _save_npy(url: str, arr: np.ndarray) -> None:
-    import fsspec
-
     with fsspec.open(url, "wb") as f:
         np.save(f, arr, allow_pickle=False)
 
 
 def _load_npy(url: str) -> np.ndarray:
-    import fsspec
-
     with fsspec.open(url, "rb") as f:
         return np.load(f, allow_pickle=False)
 
@@ -334,7 +330,6 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> StageOutput:
     """Assemble finished shards into the official `.npz` files, published by one atomic rename."""
     if (done := _reuse(sp.plan)) is not None and store.exists(done.artifact):
         return done
-    t0 = time.perf_counter()
     src = sources.source_from_config(cfg.source)
     specs = [dataset.ShardSpec(**d) for d in sp.specs]
     manifest = dataset.assemble_dataset(sp.plan.dir, specs, src.ids(), sp.publish_url, sp.names)
@@ -342,9 +337,15 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> StageOutput:
         "publish_url": sp.publish_url,
         "files": manifest["files"],
         "n_triplets": int(sum(f["n_triplets"] for f in manifest["files"].values())),
-        "seconds": round(time.perf_counter() - t0, 2),
+        # wall time from planning (when the group files were written) to publication
+        "seconds": round(time.time() - min(_mtime(u) for u in sp.groups_urls.values()), 2),
     }
     return _finish(sp.plan, sp.publish_url, metrics, {"sample": cfg.sample.model_dump()}, sp.inputs)
+
+
+def _mtime(url: str) -> float:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.modified(path).timestamp()
 
 
 # ----------------------------------------------------------------------------- distill
@@ -446,8 +447,6 @@ def render_report(summary: dict[str, Any]) -> str:
 def write_report(cfg: PipelineConfig, outs: dict[str, StageOutput]) -> dict[str, Any]:
     """Write `<root>/reports/<dataset>/<last key>/{report.md,summary.json}`; return the summary
     (with `report_dir` and the markdown under `report_markdown`)."""
-    import fsspec
-
     summary = summarize(cfg, outs)
     last = outs.get("distill", outs["sample"])
     folder = store.join(cfg.root, "reports", cfg.dataset_name, last.key)

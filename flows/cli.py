@@ -20,7 +20,7 @@ import yaml
 def _setup_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "alignet_core")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_env()
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "distributed", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from alignet_core.errors import AlignetError
     from flows._config import resolve_config

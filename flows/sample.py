@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from prefect.server.api.server import SubprocessASGIServer
+from prefect.settings import get_current_settings
 from prefect_dask import DaskTaskRunner
 
 from alignet_core.config import PipelineConfig
@@ -16,6 +18,16 @@ from tasks.sample import plan_sampling, publish, submit_shards
 from tasks.transform import fit_transform
 
 
+def _worker_env() -> dict[str, str]:
+    """The API the local workers must report to: the configured one, or this process's
+    temporary server (without it each worker process would start a private one)."""
+    url = get_current_settings().api.url
+    if not url:
+        server = SubprocessASGIServer()
+        url = server.api_url if server.running else None
+    return {"PREFECT_API_URL": str(url)} if url else {}
+
+
 def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
     """A local cluster of `sample.n_workers` single-threaded processes, or an existing cluster."""
     if cfg.sample.dask_address:
@@ -23,7 +35,7 @@ def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={"n_workers": cfg.sample.n_workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None},
+                        "dashboard_address": None, "env": _worker_env()},
     )
 
 

@@ -17,7 +17,8 @@ import alignet_core
 from alignet_core import store
 from alignet_core.config import EmbedConfig
 from alignet_core.embed import extract_embeddings
-from alignet_core.models import build_transform, create_model, file_sha256, pooled_features, resolve_weights
+from alignet_core.models import build_transform, create_model, pooled_features, resolve_weights
+from alignet_core.store import file_sha256
 from alignet_core.sources import ImageSource, demo_source, folder_source, load_image
 
 CPU = torch.device("cpu")
