@@ -132,6 +132,9 @@ class DistillConfig(_Config):
     student: str = Field("tf_efficientnet_lite0", description="timm model name of the student")
     weights: str | None = Field("packaged", description="as embed.weights")
     head_dim: int = Field(1024, gt=0, description="output width of the new linear triplet head")
+    image_size: int | None = Field(
+        None, gt=0, description="square input size overriding the model's pretrained one (null: the model's)"
+    )
     strategy: SamplingStrategy = Field("cluster_border", description="which published sampling to train on")
     steps: int = Field(150, gt=0, description="optimizer steps")
     batch_triplets: int = Field(32, gt=0, description="triplets per optimizer step")

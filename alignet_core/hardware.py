@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from alignet_core.errors import ConfigError
@@ -44,3 +45,18 @@ def faiss_gpu_available(setting: str = "auto") -> bool:
 
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     return n > 0
+
+
+@contextlib.contextmanager
+def deterministic_torch() -> Iterator[None]:
+    """Deterministic torch kernels inside the block (restored after), so that a fit gives
+    bit-identical weights run after run: multithreaded CPU index-add backward otherwise sums
+    in a varying order."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)

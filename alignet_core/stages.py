@@ -373,9 +373,10 @@ def run_distill(cfg: PipelineConfig, ds: StageOutput) -> StageOutput:
     train = formats.read_alignet_npz(_dataset_file(ds, cfg, "train", cfg.distill.strategy), len(src))
     valids = {s: formats.read_alignet_npz(_dataset_file(ds, cfg, "valid", s), len(src)) for s in cfg.sample.strategies}
     n_eval = cfg.distill.n_eval
-    student = distill.TripletStudent(models.create_model(cfg.distill.student, cfg.distill.weights), cfg.distill.head_dim)
+    student = distill.build_student(cfg.distill, cfg.seed)  # "before": the pretrained backbone's own features
     before = {s: distill.evaluate_student(student, v, src, device, use_head=False, max_triplets=n_eval)
               for s, v in valids.items()}
+    del student
     log_ = distill.train_student(train, src, cfg.distill, plan.dir, device, cfg.seed)
     trained = distill.load_student(plan.dir, cfg.distill)
     after = {s: distill.evaluate_student(trained, v, src, device, use_head=True, max_triplets=n_eval)

@@ -43,6 +43,7 @@ from safetensors.numpy import save as st_save
 
 from alignet_core import store
 from alignet_core.config import TransformConfig
+from alignet_core.hardware import deterministic_torch
 from alignet_core.errors import InputError, StoreError
 from alignet_core.evaluate import odd_one_out_accuracy
 from alignet_core.formats import validate_triplets
@@ -257,6 +258,22 @@ def fit_transform(
     cfg.lr; after each epoch the held-out global loss decides early stopping (cfg.patience) and
     the best epoch's weights are kept. Deterministic for a seed (a private torch.Generator).
     """
+    with deterministic_torch():
+        return _fit_transform(objects, train, val, cfg, seed, device, train_probs, val_probs, pool)
+
+
+def _fit_transform(
+    objects: np.ndarray,
+    train: np.ndarray,
+    val: np.ndarray,
+    cfg: TransformConfig,
+    seed: int,
+    device: torch.device,
+    train_probs: np.ndarray | None = None,
+    val_probs: np.ndarray | None = None,
+    pool: np.ndarray | None = None,
+) -> FitResult:
+
     t_start = time.perf_counter()
     obj = np.asarray(objects)
     if obj.ndim != 2 or obj.shape[0] < 3:

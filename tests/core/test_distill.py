@@ -1,0 +1,331 @@
+"""Stage 4 (distillation): losses, decay-to-init, data order, resume after a kill, export, learning.
+
+Everything runs for real: demo emoji images decoded by `sources.load_image`, real timm models
+(a random-init `resnet10t` at 32 px for speed; the packaged EfficientNet-Lite0 where the
+pretrained weights matter), real optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from alignet_core import distill, formats, models, sources
+from alignet_core.config import DistillConfig
+from alignet_core.errors import ConfigError, InputError, StoreError
+from alignet_core.evaluate import triplet_accuracy
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = "resnet10t"  # random init, 32 px: a few hundred ms per step on a 2-core CPU
+
+
+class Cfg(DistillConfig):
+    """DistillConfig plus the optional input-resolution override that distill reads."""
+
+    image_size: int | None = None
+
+
+def tiny_cfg(**kw) -> Cfg:
+    base = dict(student=TINY, weights=None, head_dim=32, steps=6, batch_triplets=8, lr=1e-3,
+                warmup_steps=2, checkpoint_every=2, image_size=32)
+    return Cfg(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def pool() -> sources.ImageSource:
+    """60 demo emoji (a fixed, spread-out subset), row i = records[i]."""
+    demo = sources.demo_source()
+    pick = np.random.default_rng(0).choice(len(demo), 60, replace=False)
+    return sources.ImageSource(tuple(demo.records[i] for i in np.sort(pick)), "demo subset (60)")
+
+
+def pixel_teacher(src: sources.ImageSource) -> np.ndarray:
+    """A fixed 'teacher' embedding: the centred 4x4 RGB thumbnail of each image, (n, 48) float64."""
+    rows = [np.asarray(sources.load_image(r.path).resize((4, 4), PIL.Image.BILINEAR), np.float64).ravel() / 255.0
+            for r in src.records]
+    e = np.stack(rows)
+    return e - e.mean(0)
+
+
+def teacher_triplets(emb: np.ndarray, n: int, seed: int, scale: float = 3.0) -> formats.AlignetTriplets:
+    """Random triplets over the pool, ordered by the teacher (odd one last), sims scaled to std `scale`."""
+    g = np.random.default_rng(seed)
+    idx = np.stack([g.choice(len(emb), 3, replace=False) for _ in range(n)])
+    a, b, c = emb[idx[:, 0]], emb[idx[:, 1]], emb[idx[:, 2]]
+    s = np.stack([(a * b).sum(1), (a * c).sum(1), (b * c).sum(1)], 1)
+    s = s / s.std() * scale
+    idx, s, _ = formats.order_by_similarity(idx, s)
+    strict = (s[:, 0] > s[:, 1]) & (s[:, 0] > s[:, 2])
+    idx, s = idx[strict], s[strict].astype(np.float32)
+    names = np.full(idx.shape, "", dtype=object)
+    return formats.AlignetTriplets(idx, names.astype(str), s)
+
+
+@pytest.fixture(scope="module")
+def teacher(pool):
+    return pixel_teacher(pool)
+
+
+@pytest.fixture(scope="module")
+def train_split(pool, teacher, tmp_path_factory) -> tuple[formats.AlignetTriplets, str]:
+    """800 teacher triplets written and read back in the official AligNet .npz format."""
+    t = teacher_triplets(teacher, 800, seed=1)
+    names = np.asarray([[os.path.basename(pool.records[i].path) for i in row] for row in t.indices])
+    url = str(tmp_path_factory.mktemp("ds") / "train_cluster_border_12.npz")
+    formats.write_alignet_npz(url, t.indices, names, t.similarities)
+    return formats.read_alignet_npz(url, len(pool)), url
+
+
+# ----------------------------------------------------------------------------- losses
+def _np_softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_losses_match_hand_computed_values():
+    student = np.array([[120.0, 40.0, -30.0], [10.0, 90.0, 50.0]])
+    teacher_sims = np.array([[2.0, 0.5, -1.0], [1.0, 0.9, 0.2]])
+    p, q = _np_softmax(teacher_sims), _np_softmax(student / 100.0)
+    kl = lambda a, b: (a * np.log(a / b)).sum(-1)  # noqa: E731
+    m = (p + q) / 2
+    want = {
+        "kl": kl(p, q).mean(),
+        "jsd": (0.5 * kl(p, m) + 0.5 * kl(q, m)).mean(),
+        "hard": (-student[:, 0] / 100 + np.log(np.exp(student / 100).sum(-1))).mean(),
+    }
+    # a worked number for one row, by hand: p = softmax([2, .5, -1]) = [.7856, .1753, .0391]
+    np.testing.assert_allclose(p[0], [0.785597, 0.175290, 0.039112], atol=1e-6)
+    for kind, value in want.items():
+        got = distill.alignet_loss(torch.tensor(student), torch.tensor(teacher_sims), kind, tau=100.0)
+        assert got.ndim == 0
+        np.testing.assert_allclose(float(got), value, rtol=1e-5, err_msg=kind)
+    # identical distributions: both divergences vanish; JSD is symmetric and bounded by log 2
+    same = torch.tensor(teacher_sims * 100.0)
+    assert abs(float(distill.alignet_loss(same, torch.tensor(teacher_sims), "kl"))) < 1e-6
+    assert abs(float(distill.alignet_loss(same, torch.tensor(teacher_sims), "jsd"))) < 1e-6
+    far = distill.alignet_loss(torch.tensor([[-1e4, 0.0, 1e4]]), torch.tensor([[50.0, 0.0, -50.0]]), "jsd")
+    assert 0.0 < float(far) <= np.log(2) + 1e-6
+    with pytest.raises(ConfigError, match="distill.loss"):
+        distill.alignet_loss(torch.tensor(student), torch.tensor(teacher_sims), "mse")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match=r"\(b, 3\)"):
+        distill.alignet_loss(torch.zeros(2, 4), torch.zeros(2, 4))
+
+
+def test_loss_gradient_pushes_student_toward_teacher_pair():
+    s = torch.zeros(1, 3, requires_grad=True)
+    distill.alignet_loss(s, torch.tensor([[5.0, 0.0, 0.0]]), "jsd").backward()
+    assert s.grad[0, 0] < 0 < s.grad[0, 1] and s.grad[0, 2] > 0  # descending raises s01
+
+
+# ----------------------------------------------------------------------------- optimizer
+def test_decay_to_init_with_zero_gradient_moves_exactly_lr_w_delta():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 3)
+    theta0 = [p.detach().clone() for p in layer.parameters()]
+    lr, w = 0.1, 0.5
+    opt = distill.AdamDecayToInit(layer.parameters(), lr=lr, decay_to_init=w)
+    with torch.no_grad():  # pretend training moved θ away from θ₀
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.detach().clone() for p in layer.parameters()]
+    layer.weight.grad = torch.zeros_like(layer.weight)  # zero gradient ...
+    layer.bias.grad = None  # ... and no gradient at all: both only decay
+    opt.step()
+    for p, b, t0 in zip(layer.parameters(), before, theta0):
+        np.testing.assert_allclose(p.detach().numpy(), (b - lr * w * (b - t0)).numpy(), rtol=0, atol=1e-7)
+    # no decay weight: a zero gradient leaves θ where it is
+    opt0 = distill.AdamDecayToInit([torch.nn.Parameter(torch.ones(4))], lr=lr, decay_to_init=0.0)
+    q = opt0.param_groups[0]["params"][0]
+    q.grad = torch.zeros(4)
+    opt0.step()
+    assert torch.equal(q.detach(), torch.ones(4))
+
+
+def test_adam_part_matches_torch_adam():
+    torch.manual_seed(1)
+    a = torch.nn.Parameter(torch.randn(50))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = distill.AdamDecayToInit([a], lr=1e-2, decay_to_init=0.0)
+    ref = torch.optim.Adam([b], lr=1e-2, eps=1e-8)
+    for k in range(5):
+        g = torch.randn(50, generator=torch.Generator().manual_seed(k))
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_warmup_cosine_schedule():
+    f = distill.warmup_cosine(4, 14)
+    np.testing.assert_allclose([f(s) for s in range(4)], [0.2, 0.4, 0.6, 0.8])
+    assert f(4) == 1.0
+    np.testing.assert_allclose(f(9), 0.5, atol=1e-12)
+    assert abs(f(14)) < 1e-12 and all(f(s) > f(s + 1) for s in range(4, 13))
+
+
+# ----------------------------------------------------------------------------- data
+def test_triplet_batches_decode_each_image_once_in_a_deterministic_order(pool, train_split):
+    split, _ = train_split
+    model = models.create_model(TINY, None)
+    tf = distill.eval_transform(model, 32)
+    a = distill.TripletBatches(split, pool, tf, 16, seed=3)
+    images, rows, sims, ids = a[0]
+    assert images.shape[1:] == (3, 32, 32) and rows.shape == (16, 3) and sims.shape == (16, 3)
+    # every unique image once, and rows point at the right decoded images
+    want_pool_rows = split.indices[ids.numpy()]
+    assert images.shape[0] == len(np.unique(want_pool_rows)) < 48
+    ref = distill.decode_images([pool.records[i].path for i in want_pool_rows[:, 2]], tf)
+    assert torch.equal(images[rows[:, 2]], ref)
+    np.testing.assert_array_equal(sims.numpy(), split.similarities[ids.numpy()])
+    # same (seed, step) → same batch, whoever asks and in whatever order
+    b = distill.TripletBatches(split, pool, tf, 16, seed=3)
+    assert torch.equal(b[7][3], a[7][3]) and torch.equal(b[0][3], ids)
+    assert not torch.equal(distill.TripletBatches(split, pool, tf, 16, seed=4)[0][3], ids)
+    # an epoch is a permutation: each triplet once; the next epoch reshuffles
+    epoch = np.concatenate([a[k][3].numpy() for k in range(len(a))])
+    assert len(np.unique(epoch)) == len(epoch) == (len(split) // 16) * 16
+    assert not np.array_equal(a[len(a)][3].numpy(), a[0][3].numpy())
+    # grad accumulation cuts the same step into equal micro-batches
+    c = distill.TripletBatches(split, pool, tf, 16, seed=3, grad_accum=2)
+    np.testing.assert_array_equal(np.concatenate([c[0][3], c[1][3]]), ids.numpy())
+    with pytest.raises(ConfigError, match="grad_accum"):
+        distill.TripletBatches(split, pool, tf, 15, seed=3, grad_accum=2)
+    with pytest.raises(InputError, match="fewer than"):
+        distill.TripletBatches(split, pool, tf, 10_000, seed=3)
+
+
+# ----------------------------------------------------------------------------- resume after a kill
+_KILLED_RUN = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import torch
+    from alignet_core import distill, formats, sources
+    from alignet_core.config import DistillConfig
+
+    class Cfg(DistillConfig):
+        image_size: int | None = None
+
+    spec = json.loads(sys.argv[1])
+    by_id = {r.id: r for r in sources.demo_source().records}
+    pool = sources.ImageSource(tuple(by_id[i] for i in spec["ids"]), "demo subset (60)")
+    split = formats.read_alignet_npz(spec["npz"], len(pool))
+
+    def die(step, loss):
+        if step == spec["kill_at"]:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
+
+    distill.train_student(split, pool, Cfg(**spec["cfg"]), spec["out"], torch.device("cpu"), spec["seed"], progress=die)
+    """
+)
+
+
+def test_killed_run_resumes_on_the_same_trajectory(pool, train_split, tmp_path):
+    split, url = train_split
+    cfg = tiny_cfg(steps=6, checkpoint_every=2)
+    cpu = torch.device("cpu")
+    straight = distill.train_student(split, pool, cfg, str(tmp_path / "straight"), cpu, seed=5)
+    assert straight["steps"] == 6 and len(straight["loss_curve"]) == 6
+
+    out = tmp_path / "killed"
+    spec = {"ids": [r.id for r in pool.records], "npz": url, "cfg": cfg.model_dump(), "out": str(out),
+            "seed": 5, "kill_at": 5}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(spec)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (out / distill.STUDENT_FILE).exists()
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000004"]  # only the newest is kept
+
+    resumed = distill.train_student(split, pool, cfg, str(out), cpu, seed=5)  # a fresh process state
+    np.testing.assert_allclose(resumed["loss_curve"], straight["loss_curve"], rtol=1e-5, atol=1e-7)
+    for name in (distill.STUDENT_FILE, distill.HEAD_FILE):
+        got, want = load_file(str(out / name)), load_file(str(tmp_path / "straight" / name))
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+    # a finished run is returned as is, without training again
+    again = distill.train_student(split, pool, cfg, str(out), cpu, seed=5)
+    assert again == json.loads((out / distill.LOG_FILE).read_text()) and again["seconds"] == resumed["seconds"]
+    # ... but never reused for another trajectory
+    with pytest.raises(StoreError, match="another config"):
+        distill.train_student(split, pool, tiny_cfg(steps=6, checkpoint_every=2, lr=5e-4), str(out), cpu, seed=5)
+
+
+# ----------------------------------------------------------------------------- export + official format
+def test_train_on_official_npz_and_export_reloads_in_timm(pool, train_split, tmp_path):
+    split, url = train_split
+    assert split.n_reordered == 0 and len(split) > 700
+    cfg = tiny_cfg(steps=3, grad_accum=2, checkpoint_every=50, num_workers=1)
+    out = tmp_path / "run"
+    log = distill.train_student(split, pool, cfg, str(out), torch.device("cpu"), seed=0)
+    assert log["complete"] and log["steps"] == 3 and np.isfinite(log["loss_curve"]).all()
+    assert json.loads((out / distill.LOG_FILE).read_text())["loss_curve"] == log["loss_curve"]
+
+    # the exported backbone is a plain timm state dict
+    backbone = timm.create_model(TINY, pretrained=False)
+    backbone.load_state_dict(load_file(str(out / distill.STUDENT_FILE)), strict=True)
+    head = load_file(str(out / distill.HEAD_FILE))
+    assert head["weight"].shape == (32, models.feature_dim(backbone)) and head["bias"].shape == (32,)
+
+    student = distill.load_student(str(out), cfg)
+    assert student.image_size == 32
+    x = distill.decode_images([r.path for r in pool.records[:4]], distill.eval_transform(backbone, 32))
+    with torch.no_grad():
+        want = models.pooled_features(backbone.eval(), x) @ head["weight"].T + head["bias"]
+        torch.testing.assert_close(student(x), want, rtol=1e-5, atol=1e-5)
+
+    # evaluation embeds each unique image once and scores the dataset's row order
+    valid = teacher_triplets(pixel_teacher(pool), 200, seed=9)
+    acc = distill.evaluate_student(student, valid, pool, torch.device("cpu"), batch_size=16)
+    emb = distill.embed_images(student, [r.path for r in pool.records], torch.device("cpu"))
+    sims = distill.triplet_similarities(torch.from_numpy(emb), torch.from_numpy(valid.indices)).numpy()
+    assert acc == triplet_accuracy(sims)
+    assert 0.0 <= acc <= 1.0
+    # a plain timm model is scored on its pooled features
+    plain = distill.evaluate_student(backbone, valid, pool, torch.device("cpu"), image_size=32, max_triplets=50)
+    assert 0.0 <= plain <= 1.0
+
+    with pytest.raises(StoreError, match="no finished"):
+        distill.load_student(str(tmp_path / "nothing"), cfg)
+
+
+def test_pretrained_lite0_student_decays_toward_its_packaged_weights(pool, train_split, tmp_path):
+    split, _ = train_split
+    cfg = Cfg(head_dim=16, steps=2, batch_triplets=4, lr=1e-4, warmup_steps=0, image_size=64, checkpoint_every=50)
+    out = tmp_path / "lite0"
+    distill.train_student(split, pool, cfg, str(out), torch.device("cpu"), seed=0)
+    lite0 = models.create_model("tf_efficientnet_lite0", "packaged")
+    first, _ = next(lite0.named_parameters())  # the student's parameter 0 is the backbone's first
+    packaged = lite0.state_dict()
+    state = torch.load(out / "checkpoints" / "step_00000002" / "state.pt", weights_only=True)
+    torch.testing.assert_close(state["optimizer"]["state"][0]["init"], packaged[first])
+    trained = load_file(str(out / distill.STUDENT_FILE))
+    delta = (trained[first] - packaged[first]).abs().max()
+    assert 0 < delta < 1e-3  # moved, a little, from the pretrained weights
+
+
+# ----------------------------------------------------------------------------- learning
+def test_distillation_raises_held_out_triplet_accuracy(pool, teacher, train_split, tmp_path):
+    split, _ = train_split
+    held_out = teacher_triplets(teacher, 400, seed=2)
+    cfg = tiny_cfg(steps=20, batch_triplets=16, lr=3e-3, warmup_steps=2, checkpoint_every=100)
+    cpu = torch.device("cpu")
+    before = distill.evaluate_student(distill.build_student(cfg, 0), held_out, pool, cpu)
+    log = distill.train_student(split, pool, cfg, str(tmp_path / "learn"), cpu, seed=0)
+    after = distill.evaluate_student(distill.load_student(str(tmp_path / "learn"), cfg), held_out, pool, cpu)
+    assert np.mean(log["loss_curve"][-5:]) < np.mean(log["loss_curve"][:5])
+    assert after >= before + 0.12, (before, after)
