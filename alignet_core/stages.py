@@ -374,13 +374,11 @@ def run_distill(cfg: PipelineConfig, ds: StageOutput) -> StageOutput:
     valids = {s: formats.read_alignet_npz(_dataset_file(ds, cfg, "valid", s), len(src)) for s in cfg.sample.strategies}
     n_eval = cfg.distill.n_eval
     student = distill.build_student(cfg.distill, cfg.seed)  # "before": the pretrained backbone's own features
-    before = {s: distill.evaluate_student(student, v, src, device, use_head=False, max_triplets=n_eval)
-              for s, v in valids.items()}
+    before = _student_accuracy(student, valids, src, device, False, n_eval, cfg.distill.num_workers)
     del student
     log_ = distill.train_student(train, src, cfg.distill, plan.dir, device, cfg.seed)
     trained = distill.load_student(plan.dir, cfg.distill)
-    after = {s: distill.evaluate_student(trained, v, src, device, use_head=True, max_triplets=n_eval)
-             for s, v in valids.items()}
+    after = _student_accuracy(trained, valids, src, device, True, n_eval, cfg.distill.num_workers)
     metrics = {
         "acc_before": before,
         "acc_after": after,
@@ -390,6 +388,26 @@ def run_distill(cfg: PipelineConfig, ds: StageOutput) -> StageOutput:
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return _finish(plan, plan.dir, metrics, {"distill": cfg.distill.model_dump()}, [ds.key])
+
+
+def _student_accuracy(
+    model: distill.TripletStudent,
+    valids: dict[str, formats.AlignetTriplets],
+    src: sources.ImageSource,
+    device: Any,
+    use_head: bool,
+    n_eval: int,
+    num_workers: int,
+) -> dict[str, float]:
+    """Triplet accuracy vs the teacher on the first `n_eval` held-out rows of each sampling,
+    embedding each image the evaluation needs once for all samplings."""
+    rows = np.unique(np.concatenate([v.indices[:n_eval].ravel() for v in valids.values()]))
+    emb = distill.embed_images(model, [src.records[int(r)].path for r in rows], device, use_head=use_head,
+                               num_workers=num_workers)
+    pool = np.zeros((len(src), emb.shape[1]), dtype=np.float32)
+    pool[rows] = emb
+    return {s: evaluate.triplet_accuracy(evaluate.pair_similarities(pool, v.indices[:n_eval]))
+            for s, v in valids.items()}
 
 
 # ----------------------------------------------------------------------------- report

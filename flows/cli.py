@@ -37,7 +37,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alignet", description="AligNet dataset generation and distillation pipeline")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [
-        ("demo", "run the whole pipeline on the shipped emoji demo (no network)"),
+        ("demo", "run the whole pipeline on the shipped emoji demo config (no network)"),
         ("run", "run the whole pipeline from a YAML config"),
         ("embed", "stage 0: teacher embeddings"),
         ("transform", "stage 1: human-aligned transform"),
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from alignet_core.errors import AlignetError
     from flows._config import resolve_config
 
+    if args.command == "demo" and not args.config:
+        from alignet_core.sources import demo_data_dir
+
+        args.config = str(demo_data_dir() / "demo.yaml")
     overrides = _parse_overrides(args.set)
     if args.root:
         overrides["root"] = str(Path(args.root).resolve()) if "://" not in args.root else args.root

@@ -4,6 +4,7 @@ import pytest
 
 from alignet_core.config import PipelineConfig, load_config, parse_config, with_overrides
 from alignet_core.errors import ConfigError
+from alignet_core.sources import demo_data_dir
 
 
 def test_defaults_are_the_demo():
@@ -13,7 +14,7 @@ def test_defaults_are_the_demo():
 
 
 def test_shipped_demo_yaml_loads(tmp_path):
-    cfg = load_config("configs/demo.yaml")
+    cfg = load_config(demo_data_dir() / "demo.yaml")
     assert cfg.cluster.k == 12 and cfg.sample.strategies == ["cluster_border", "between_class"]
 
 
