@@ -139,3 +139,13 @@ def test_missing_outputs_are_recomputed_not_served_from_cache(harness, tmp_path)
     assert states["cluster"] == {"Completed"} and states["embed"] == {"Cached"}
     assert any(cluster_dir.iterdir())
     assert np.isclose(summary2["cluster_nmi"], summary["cluster_nmi"])
+
+
+def test_a_stage_flow_runs_alone(harness, tmp_path):
+    """`cluster` alone computes its inputs (embed, transform) and nothing after it."""
+    from flows.stages import cluster_flow
+
+    out = cluster_flow(overrides=tiny(tmp_path / "d"))
+    assert out.stage == "cluster" and Path(out.artifact).exists()
+    stages_dir = tmp_path / "d" / "stages"
+    assert sorted(p.name for p in stages_dir.iterdir()) == ["cluster", "embed", "transform"]
