@@ -28,10 +28,14 @@ class _Config(BaseModel):
 class SourceConfig(_Config):
     """Where the images come from."""
 
-    kind: Literal["demo", "folder", "filelist"] = Field(
-        "demo", description="demo: the shipped emoji set; folder: class/*.ext tree; filelist: CSV/txt of paths"
+    kind: Literal["demo", "folder", "filelist", "tar"] = Field(
+        "demo",
+        description="demo: the shipped emoji set; folder: class/*.ext tree; filelist: CSV/txt of paths; "
+        "tar: webdataset-style tar shards (<key>.<img ext> members, optional <key>.cls/.txt label)",
     )
-    path: str | None = Field(None, description="folder root or file-list path (fsspec URL); unused for demo")
+    path: str | None = Field(
+        None, description="folder root, file-list path, or tar shard URL/glob (fsspec URL); unused for demo"
+    )
     label_level: Literal["category", "subcategory"] = Field(
         "category", description="demo only: which emoji metadata column is the image's class label"
     )
@@ -58,6 +62,11 @@ class EmbedConfig(_Config):
     chunk_rows: int = Field(256, gt=0, description="rows per Zarr chunk; the unit of resume")
     store_dtype: Literal["float16", "float32"] = Field("float32", description="dtype of the stored embeddings")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes for decoding")
+    layers: list[str] = Field(
+        default_factory=list,
+        description="extra timm module names captured in the same forward pass (globally average-pooled), "
+        "stored as layers/<name>",
+    )
 
 
 class HumanConfig(_Config):
@@ -98,6 +107,24 @@ class TransformConfig(_Config):
     patience: int = Field(3, gt=0, description="early stopping: epochs without held-out improvement")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of triplets held out")
     chunk_rows: int = Field(4096, gt=0, description="rows per chunk when applying the transform to a store")
+
+
+class ViceConfig(_Config):
+    """Stage 1: VICE, the variational spike-and-slab embedding of the objects (soft targets)."""
+
+    init_dims: int = Field(100, gt=0, description="initial embedding dimensions before pruning")
+    epochs: int = Field(150, gt=0, description="passes over the training triplets")
+    batch_size: int = Field(512, gt=0, description="triplets per step")
+    lr: float = Field(1e-2, gt=0.0, description="Adam learning rate")
+    mc_samples: int = Field(1, gt=0, description="Monte-Carlo samples of the embedding per step (ELBO)")
+    spike: float = Field(0.25, gt=0.0, description="std of the narrow prior component")
+    slab: float = Field(1.0, gt=0.0, description="std of the wide prior component")
+    pi: float = Field(0.5, gt=0.0, lt=1.0, description="prior weight of the spike")
+    init_scale: float = Field(0.5, gt=0.0, description="initial posterior means ~ |N(0, init_scale^2)|")
+    init_log_sigma: float = Field(-3.0, description="initial posterior log-scales")
+    prune_min_objects: int = Field(5, ge=1, description="pruning: keep a dim active in at least this many objects")
+    prune_z: float = Field(2.0, gt=0.0, description="pruning: an object uses a dim when mu / sigma exceeds this")
+    prune_min_value: float = Field(0.1, ge=0.0, description="pruning: ... and its posterior mean exceeds this")
 
 
 class ClusterConfig(_Config):

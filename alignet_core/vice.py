@@ -1,0 +1,257 @@
+"""VICE: variational interpretable concept embeddings of the objects, in PyTorch.
+
+Muttenthaler et al. (NeurIPS 2022) fit a non-negative object embedding X ∈ R^{m×D}_+ to
+odd-one-out triplets with a mean-field Gaussian variational posterior
+q(X) = Π N(x_od; μ_od, σ_od²) and a spike-and-slab prior
+p(x) = π N(x; 0, σ_spike²) + (1 − π) N(x; 0, σ_slab²). A sample enters the choice model
+through a ReLU (the non-negativity), and the likelihood of a triplet (i, j, k), k the odd one,
+is softmax([x_i·x_j, x_i·x_k, x_j·x_k])₀. The ELBO (per training triplet) is estimated with
+reparameterised Monte-Carlo samples:
+
+    loss = mean_triplets(−log p(choice | relu(X))) + (log q(X) − log p(X)) / n_train
+
+After training, dimensions that carry no information are pruned: a dimension is kept when at
+least `prune_min_objects` objects use it (posterior mean above `prune_min_value` and at least
+`prune_z` posterior std above zero). Posterior-predictive probabilities over the pairs
+[(i, j), (i, k), (j, k)] (the convention of `alignet_core.formats`) average the softmax over
+MC samples of the pruned posterior (25 by default): these are the soft targets of
+uncertainty distillation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from alignet_core import store
+from alignet_core.config import ViceConfig
+from alignet_core.errors import InputError
+from alignet_core.formats import validate_triplets
+from alignet_core.hardware import deterministic_torch
+
+log = logging.getLogger(__name__)
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _log_normal(x: torch.Tensor, mu: torch.Tensor | float, sigma: torch.Tensor | float) -> torch.Tensor:
+    sigma_t = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return -0.5 * (((x - mu) / sigma_t) ** 2 + _LOG_2PI) - torch.log(sigma_t)
+
+
+def spike_and_slab_log_prior(x: torch.Tensor, pi: float, spike: float, slab: float) -> torch.Tensor:
+    """Elementwise log of π N(x; 0, spike²) + (1 − π) N(x; 0, slab²)."""
+    return torch.logaddexp(
+        math.log(pi) + _log_normal(x, 0.0, spike), math.log1p(-pi) + _log_normal(x, 0.0, slab)
+    )
+
+
+def _triplet_logits(x: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
+    """x: (..., m, D) embeddings, triplets (n, 3) → (..., n, 3) dot products [s_ij, s_ik, s_jk]."""
+    a, b, c = x[..., triplets[:, 0], :], x[..., triplets[:, 1], :], x[..., triplets[:, 2], :]
+    return torch.stack([(a * b).sum(-1), (a * c).sum(-1), (b * c).sum(-1)], dim=-1)
+
+
+@dataclass
+class ViceModel:
+    """A fitted (pruned) VICE posterior.
+
+    mu, log_sigma: (m, D') float32 posterior means and log-scales of the kept dimensions, ordered
+    by decreasing importance (sum over objects of relu(mu)); info: config, history, kept dims.
+    """
+
+    mu: np.ndarray
+    log_sigma: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_objects(self) -> int:
+        return int(self.mu.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.mu.shape[1])
+
+    def embedding(self) -> np.ndarray:
+        """(m, D') float32 posterior-mean embedding relu(mu)."""
+        return np.maximum(self.mu, 0.0).astype(np.float32)
+
+    def predict_probabilities(
+        self, triplets: np.ndarray, n_samples: int = 25, seed: int = 0, chunk: int = 65536
+    ) -> np.ndarray:
+        """Posterior-predictive choice probabilities.
+
+        triplets: (n, 3) int object ids → (n, 3) float32, rows summing to 1: the probability that
+        the pair (i, j), (i, k), (j, k) is the most similar one (k, j, i the odd one out), averaged
+        over `n_samples` draws of relu(X), X ~ q. Deterministic for a seed.
+        """
+        t = validate_triplets(triplets, self.n_objects, "triplets")
+        if n_samples <= 0:
+            raise InputError(f"n_samples: expected a positive count, got {n_samples}")
+        gen = torch.Generator().manual_seed(int(seed))
+        mu = torch.as_tensor(self.mu, dtype=torch.float32)
+        sigma = torch.exp(torch.as_tensor(self.log_sigma, dtype=torch.float32))
+        eps = torch.randn((n_samples, *mu.shape), generator=gen)
+        x = F.relu(mu + sigma * eps)  # (S, m, D')
+        out = np.empty((len(t), 3), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, len(t), chunk):
+                tt = torch.as_tensor(t[start : start + chunk])
+                p = F.softmax(_triplet_logits(x, tt), dim=-1).mean(0)
+                out[start : start + chunk] = p.numpy()
+        out /= out.sum(1, keepdims=True)
+        return out
+
+    def save(self, url: str, info: dict[str, Any] | None = None) -> None:
+        """Write mu and log_sigma as safetensors at `url` and `<url>.json` with the info."""
+        if info is not None:
+            self.info = info
+        payload = st_save(
+            {"mu": np.ascontiguousarray(self.mu, np.float32), "log_sigma": np.ascontiguousarray(self.log_sigma, np.float32)}
+        )
+        fs, path = fsspec.core.url_to_fs(url)
+        parent = os.path.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open(tmp, "wb") as f:
+            f.write(payload)
+        fs.mv(tmp, path)
+        store.write_json_atomic(
+            f"{url}.json", {"n_objects": self.n_objects, "dim": self.dim, "info": json.loads(json.dumps(self.info, default=float))}
+        )
+
+    @classmethod
+    def load(cls, url: str) -> "ViceModel":
+        """Read a model written by `save`; `InputError` naming the file when missing or malformed."""
+        try:
+            with fsspec.open(url, "rb") as f:
+                tensors = st_load(f.read())
+        except FileNotFoundError:
+            raise InputError(f"VICE file {url!r} does not exist") from None
+        except Exception as err:
+            raise InputError(f"{url}: not a safetensors VICE file ({err})") from None
+        if set(tensors) != {"mu", "log_sigma"} or tensors["mu"].shape != tensors["log_sigma"].shape:
+            raise InputError(f"{url}: expected tensors 'mu' and 'log_sigma' of one shape, got {sorted(tensors)}")
+        try:
+            meta = store.read_json(f"{url}.json")
+        except Exception:
+            meta = {}
+        return cls(mu=tensors["mu"], log_sigma=tensors["log_sigma"], info=meta.get("info", {}))
+
+
+def prune_dimensions(mu: np.ndarray, log_sigma: np.ndarray, cfg: ViceConfig) -> np.ndarray:
+    """Indices of the informative dimensions, most important first.
+
+    mu, log_sigma: (m, D). An object uses dimension d when mu > cfg.prune_min_value and
+    mu / sigma > cfg.prune_z; a dimension is kept when at least cfg.prune_min_objects objects use
+    it. Importance = sum over objects of relu(mu).
+    """
+    sigma = np.exp(log_sigma)
+    used = (mu > cfg.prune_min_value) & (mu / sigma > cfg.prune_z)
+    keep = np.flatnonzero(used.sum(0) >= cfg.prune_min_objects)
+    importance = np.maximum(mu[:, keep], 0).sum(0)
+    return keep[np.argsort(-importance, kind="stable")]
+
+
+def fit_vice(
+    triplets: np.ndarray,
+    n_objects: int,
+    cfg: ViceConfig,
+    seed: int,
+    device: torch.device,
+    val: np.ndarray | None = None,
+) -> ViceModel:
+    """Fit VICE on odd-one-out triplets and prune it.
+
+    triplets: (n, 3) int object ids, the odd one in column 2; val: optional held-out triplets
+    whose accuracy and NLL (posterior mean) are recorded per epoch. Adam on minibatches of
+    cfg.batch_size triplets for cfg.epochs; the ELBO uses cfg.mc_samples reparameterised samples
+    per step. Deterministic for a seed. Returns the pruned model; `info` holds the config,
+    per-epoch history, the kept dims (of cfg.init_dims) and the fit time.
+    """
+    with deterministic_torch():
+        return _fit_vice(triplets, n_objects, cfg, seed, device, val)
+
+
+def _fit_vice(
+    triplets: np.ndarray, n_objects: int, cfg: ViceConfig, seed: int, device: torch.device, val: np.ndarray | None
+) -> ViceModel:
+    t0 = time.perf_counter()
+    train = validate_triplets(triplets, n_objects, "triplets")
+    if len(train) == 0:
+        raise InputError("triplets: VICE needs at least one training triplet")
+    va = validate_triplets(val, n_objects, "val triplets") if val is not None else None
+    n_train, m, d = len(train), int(n_objects), cfg.init_dims
+    gen = torch.Generator().manual_seed(int(seed))
+    mu = torch.nn.Parameter(
+        (cfg.init_scale * torch.randn((m, d), generator=gen)).abs().to(device)
+    )
+    log_sigma = torch.nn.Parameter(torch.full((m, d), float(cfg.init_log_sigma), device=device))
+    opt = torch.optim.Adam([mu, log_sigma], lr=cfg.lr)
+    tr = torch.as_tensor(train, device=device)
+    va_t = torch.as_tensor(va, device=device) if va is not None else None
+    zeros = torch.zeros(cfg.batch_size, dtype=torch.long, device=device)
+
+    history: list[dict[str, float]] = []
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(n_train, generator=gen).to(device)
+        tot_nll, tot_kl, steps = 0.0, 0.0, 0
+        for start in range(0, n_train, cfg.batch_size):
+            batch = tr[perm[start : start + cfg.batch_size]]
+            sigma = torch.exp(log_sigma)
+            eps = torch.randn((cfg.mc_samples, m, d), generator=gen).to(device)
+            x = mu + sigma * eps  # (S, m, d), reparameterised
+            logits = _triplet_logits(F.relu(x), batch)  # (S, B, 3)
+            nll = F.cross_entropy(logits.reshape(-1, 3), zeros[: len(batch)].repeat(cfg.mc_samples))
+            log_q = _log_normal(x, mu, sigma).sum() / cfg.mc_samples
+            log_p = spike_and_slab_log_prior(x, cfg.pi, cfg.spike, cfg.slab).sum() / cfg.mc_samples
+            kl = (log_q - log_p) / n_train
+            loss = nll + kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot_nll += float(nll.detach())
+            tot_kl += float(kl.detach())
+            steps += 1
+        if not math.isfinite(tot_nll):
+            raise InputError(f"fit_vice: the loss became non-finite in epoch {epoch}; lower vice.lr (now {cfg.lr})")
+        rec = {"epoch": epoch, "train_nll": tot_nll / steps, "kl": tot_kl / steps}
+        if va_t is not None and (epoch % 10 == 9 or epoch == cfg.epochs - 1):
+            with torch.no_grad():
+                s = _triplet_logits(F.relu(mu), va_t)
+                rec["val_nll"] = float(F.cross_entropy(s, torch.zeros(len(s), dtype=torch.long, device=device)))
+                rec["val_acc"] = float(((s[:, 0] > s[:, 1]) & (s[:, 0] > s[:, 2])).float().mean())
+        history.append(rec)
+        log.debug("vice epoch %d: %s", epoch, rec)
+
+    mu_np = mu.detach().cpu().numpy().astype(np.float32)
+    ls_np = log_sigma.detach().cpu().numpy().astype(np.float32)
+    keep = prune_dimensions(mu_np, ls_np, cfg)
+    if len(keep) == 0:
+        log.warning("vice: pruning kept no dimension; keeping the most important one")
+        keep = np.array([int(np.argmax(np.maximum(mu_np, 0).sum(0)))])
+    seconds = time.perf_counter() - t0
+    log.info("vice fitted in %.1fs: %d of %d dimensions kept", seconds, len(keep), d)
+    info = {
+        "config": cfg.model_dump(),
+        "history": history,
+        "kept_dims": keep.tolist(),
+        "n_train": n_train,
+        "seed": int(seed),
+        "seconds": seconds,
+    }
+    return ViceModel(mu=mu_np[:, keep].copy(), log_sigma=ls_np[:, keep].copy(), info=info)
