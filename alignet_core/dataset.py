@@ -13,7 +13,8 @@ The dataset is made in shards, the unit of parallelism and of resume:
 3. `assemble_dataset` concatenates each strategy's shards in index order, removes duplicate
    triplets (as unordered image sets) inside train and inside valid, removes from valid every
    triplet that also occurs in train (no leakage, always), writes `train_<name>.npz` and
-   `valid_<name>.npz` with `formats.write_alignet_npz` plus `manifest.json` into a temporary
+   `valid_<name>.npz` with `formats.write_alignet_npz`, the same arrays as a Zarr copy
+   (`dataset.zarr`, one group per file) and `manifest.json` into a temporary
    directory, and publishes it with one atomic rename: readers see the whole dataset or nothing.
 
 Because shards are concatenated in index order and de-duplication keeps first occurrences, the
@@ -210,6 +211,28 @@ def _concat_split(out_dir: str, specs: list[ShardSpec]) -> tuple[np.ndarray, np.
     return idx, sims, sum(p[2] for p in parts), sum(p[3] for p in parts)
 
 
+#: the Zarr copy of the published splits, inside the published folder
+ZARR_COPY = "dataset.zarr"
+#: triplets per Zarr chunk of the published copy (24 MB of int64 indices)
+ZARR_CHUNK_TRIPLETS = 1 << 20
+
+
+def _write_zarr_split(group_url: str, name: str, indices: np.ndarray, filenames: np.ndarray, similarities: np.ndarray) -> None:
+    """Write one published split into the Zarr copy as group `<name>` with arrays
+    `indices` (m, 3) int64, `similarities` (m, 3) float32 and `filenames` (m, 3) str."""
+    import zarr
+
+    root = zarr.open_group(group_url, mode="a")
+    g = root.create_group(name, overwrite=True)
+    rows = max(1, min(len(indices), ZARR_CHUNK_TRIPLETS))
+    for key, arr in (("indices", np.asarray(indices, dtype=np.int64)),
+                     ("similarities", np.asarray(similarities, dtype=np.float32)),
+                     ("filenames", np.asarray(np.asarray(filenames).tolist(), dtype=str).reshape(-1, 3))):
+        z = g.create_array(key, shape=arr.shape, dtype=arr.dtype if key != "filenames" else str, chunks=(rows, 3))
+        if len(arr):
+            z[:] = arr
+
+
 def assemble_dataset(
     out_dir: str,
     specs: list[ShardSpec],
@@ -224,6 +247,8 @@ def assemble_dataset(
     strategy to its official name, e.g. {'cluster_border': 'cluster_border_500'}. With
     `dedupe`, duplicate triplets (same three images in any order) are removed inside each split
     (first occurrence kept); valid triplets that also occur in train are always removed.
+    The same arrays are also written as a Zarr copy, `dataset.zarr/<split>_<name>/{indices,
+    similarities,filenames}` (listed under the manifest's `zarr` key), for chunked readers.
     Everything is written into a temporary directory next to `publish_url`, with a
     `manifest.json` (counts, ties dropped, duplicates removed, sha256 per file), then moved into
     place by one rename. If `publish_url` is already complete its manifest is returned as is.
@@ -279,6 +304,7 @@ def assemble_dataset(
                 fname = f"{split}_{name}.npz"
                 url = store.join(tmp, fname)
                 write_alignet_npz(url, idx, filenames[idx], sims)
+                _write_zarr_split(store.join(tmp, ZARR_COPY), f"{split}_{name}", idx, filenames[idx], sims)
                 st["n_triplets"] = int(len(idx))
                 st["file"] = fname
                 stats[split] = st
@@ -290,6 +316,12 @@ def assemble_dataset(
                     "arrays_sha256": _arrays_sha256(idx, sims),
                 }
             manifest["strategies"][strategy] = stats
+        manifest["zarr"] = {
+            "path": ZARR_COPY,
+            "groups": sorted(f[: -len(".npz")] for f in manifest["files"]),
+            "arrays": ["indices", "similarities", "filenames"],
+            "note": "the same arrays as the .npz files, one Zarr group per file (chunked; for Dask/xarray readers)",
+        }
         store.write_manifest(tmp, manifest)
         try:
             store.publish_dir(tmp, publish_url)

@@ -10,7 +10,7 @@ The odd one out is the image outside the most similar pair; rows are reordered s
 metric counts a tie as wrong, so a row with a tied maximum has no defined answer and is dropped.
 
 Workers never load a whole store: `gather_rows` reads only the sorted unique rows a shard needs,
-block by block, with Zarr orthogonal indexing (which touches only the chunks holding them).
+chunk by chunk (one contiguous read per chunk holding any of them), in the store's dtype.
 """
 
 from __future__ import annotations
@@ -25,26 +25,51 @@ from alignet_core.formats import order_by_similarity
 
 log = logging.getLogger(__name__)
 
-#: rows per read when gathering from a store, and triplets per block of dot products
+#: rows per read when gathering from a numpy array or a store without chunk information
 GATHER_BLOCK_ROWS = 65536
+#: triplets per block of dot products: 3 × 8192 × p float32 rows of temporaries (75 MB at p = 768)
+DOT_BLOCK_TRIPLETS = 8192
 
 
-def gather_rows(array: Any, rows: np.ndarray, block_rows: int = GATHER_BLOCK_ROWS) -> np.ndarray:
-    """Read selected rows of a 2-d array (Zarr or numpy) as float32, in bounded blocks.
+def gather_rows(
+    array: Any, rows: np.ndarray, block_rows: int = GATHER_BLOCK_ROWS, dtype: Any = np.float32
+) -> np.ndarray:
+    """Read selected rows of a 2-d array (Zarr or numpy), chunk by chunk.
 
     array: (n, p) zarr.Array or np.ndarray (float16/float32); rows: (u,) int, sorted and unique.
-    Returns (u, p) float32. For a Zarr array each block is one orthogonal selection, so only the
-    chunks holding the requested rows are read and decoded.
+    Returns (u, p) `dtype` (float32 by default; pass the store's float16 to halve the memory of
+    a large gather). For a Zarr array the reads are aligned to its row chunks: every chunk that
+    holds at least one requested row is read once, as one contiguous slice (one decode), and
+    the requested rows are copied out of it, so memory is one chunk plus the output. Chunks
+    holding none of the rows are never read. `block_rows` only bounds the read size of arrays
+    without a chunk shape.
     """
     rows = np.asarray(rows, dtype=np.int64)
     n, p = array.shape
-    out = np.empty((len(rows), p), dtype=np.float32)
-    if isinstance(array, np.ndarray):
-        out[:] = array[rows]
+    out = np.empty((len(rows), p), dtype=dtype)
+    if len(rows) == 0:
         return out
-    for lo in range(0, len(rows), block_rows):
-        sel = rows[lo : lo + block_rows]
-        out[lo : lo + len(sel)] = array.get_orthogonal_selection((sel, slice(None)))
+    if len(rows) > 1 and not (np.diff(rows) > 0).all():
+        raise InputError("rows: expected sorted, unique row indices")
+    if rows[0] < 0 or rows[-1] >= n:
+        raise InputError(f"rows: indices must lie in [0, {n}), got [{rows[0]}, {rows[-1]}]")
+    if isinstance(array, np.ndarray):
+        for lo in range(0, len(rows), block_rows):
+            out[lo : lo + block_rows] = array[rows[lo : lo + block_rows]]
+        return out
+    chunk = int(getattr(array, "chunks", (block_rows,))[0]) or block_rows
+    chunk_of = rows // chunk
+    # positions in `rows` where a new chunk starts
+    bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+    starts = np.concatenate([[0], bounds])
+    stops = np.concatenate([bounds, [len(rows)]])
+    for a, b in zip(starts.tolist(), stops.tolist()):
+        c = int(chunk_of[a])
+        lo, hi = c * chunk, min((c + 1) * chunk, n)
+        if b - a == hi - lo:  # every row of the chunk
+            out[a:b] = array[lo:hi]
+        else:
+            out[a:b] = np.asarray(array[lo:hi])[rows[a:b] - lo]
     return out
 
 
@@ -54,7 +79,9 @@ def teacher_similarities(triplets: np.ndarray, embeddings: Any) -> np.ndarray:
     triplets: (m, 3) int rows into the store; embeddings: (n, p) zarr.Array or np.ndarray,
     float16/float32 (the transformed teacher embeddings). Returns (m, 3) float32
     [s01, s02, s12] = [e0·e1, e0·e2, e1·e2], computed in float32 from the gathered rows.
-    Only the rows named by the triplets are read (see `gather_rows`).
+    Only the chunks holding rows named by the triplets are read (see `gather_rows`); the rows
+    are kept in the store's own dtype (u × p × 2 bytes for float16) and converted to float32
+    block by block (`DOT_BLOCK_TRIPLETS`), so peak memory is the gathered rows plus ~75 MB.
     """
     t = np.asarray(triplets)
     if t.ndim != 2 or t.shape[1] != 3:
@@ -71,11 +98,15 @@ def teacher_similarities(triplets: np.ndarray, embeddings: Any) -> np.ndarray:
         raise InputError(f"triplets: row indices must lie in [0, {n}), got [{t.min()}, {t.max()}]")
     rows, local = np.unique(t.astype(np.int64), return_inverse=True)
     local = local.reshape(t.shape)
-    e = gather_rows(embeddings, rows)
+    store_dtype = np.dtype(getattr(embeddings, "dtype", np.float32))
+    keep = store_dtype if store_dtype in (np.dtype(np.float16), np.dtype(np.float32)) else np.dtype(np.float32)
+    e = gather_rows(embeddings, rows, dtype=keep)
     out = np.empty((len(t), 3), dtype=np.float32)
-    for lo in range(0, len(t), GATHER_BLOCK_ROWS):
-        li = local[lo : lo + GATHER_BLOCK_ROWS]
-        a, b, c = e[li[:, 0]], e[li[:, 1]], e[li[:, 2]]
+    for lo in range(0, len(t), DOT_BLOCK_TRIPLETS):
+        li = local[lo : lo + DOT_BLOCK_TRIPLETS]
+        a = e[li[:, 0]].astype(np.float32, copy=False)
+        b = e[li[:, 1]].astype(np.float32, copy=False)
+        c = e[li[:, 2]].astype(np.float32, copy=False)
         out[lo : lo + len(li), 0] = np.einsum("ij,ij->i", a, b)
         out[lo : lo + len(li), 1] = np.einsum("ij,ij->i", a, c)
         out[lo : lo + len(li), 2] = np.einsum("ij,ij->i", b, c)

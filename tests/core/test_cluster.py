@@ -110,3 +110,39 @@ def test_save_and_load(blob_store: tuple[str, np.ndarray, np.ndarray], tmp_path:
     np.testing.assert_array_equal(back.assignments, res.assignments)
     np.testing.assert_array_equal(back.centroids, res.centroids)
     assert back.inertia_curve == res.inertia_curve
+
+
+def test_assignment_reads_at_most_chunk_rows_of_a_store_larger_than_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory-bounded assignment: every read of the embeddings is at most chunk_rows rows, and
+    the traced peak stays far below the store's size (the store is 40× the chunk budget)."""
+    import tracemalloc
+
+    import zarr
+
+    n, p, chunk_rows = 8000, 64, 200
+    x, _ = blobs(n, 4, p, seed=3)
+    url = make_store(str(tmp_path / "big.zarr"), x, np.ones(n, bool), chunk_rows=chunk_rows)
+    centroids = x[:4].copy()
+    reads: list[int] = []
+    original = zarr.Array.__getitem__
+
+    def counting(self, sel):  # type: ignore[no-untyped-def]
+        out = original(self, sel)
+        if self.ndim == 2:
+            reads.append(int(np.shape(out)[0]))
+        return out
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", counting)
+    tracemalloc.start()
+    try:
+        assignments, _ = assign_clusters(url, centroids, chunk_rows, spherical=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    store_bytes = n * p * 4
+    assert reads and max(reads) <= chunk_rows and sum(reads) == n
+    # outputs (n int64 + n float32 = 96 kB) + one chunk (51 kB) + FAISS/zarr overheads; the store is 2 MB
+    assert peak < store_bytes / 4, (peak, store_bytes)
+    np.testing.assert_array_equal(assignments, assign_clusters(url, centroids, n, spherical=False)[0])

@@ -116,7 +116,8 @@ def published(pool: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_published_files_pass_the_official_checker(published: dict, pool: dict) -> None:
     url, manifest = published["url"], published["manifest"]
     files = sorted(p.name for p in Path(url).iterdir())
-    expected = sorted([f"{s}_{n}.npz" for n in NAMES.values() for s in ("train", "valid")] + ["manifest.json"])
+    expected = sorted([f"{s}_{n}.npz" for n in NAMES.values() for s in ("train", "valid")]
+                      + ["manifest.json", "dataset.zarr"])
     assert files == expected
     for fname, info in manifest["files"].items():
         path = f"{url}/{fname}"
@@ -189,3 +190,17 @@ def test_triplet_keys_wide_pool_matches_packed() -> None:
     np.testing.assert_array_equal(_first_occurrences(packed), _first_occurrences(wide))
     assert (_first_occurrences(packed) < len(t)).all()  # every permuted copy is a duplicate
     np.testing.assert_array_equal(np.isin(packed[len(t):], packed[: len(t)]), np.isin(wide[len(t):], wide[: len(t)]))
+
+
+def test_zarr_copy_matches_the_npz_files(published: dict) -> None:
+    import zarr
+
+    root, manifest = Path(published["url"]), published["manifest"]
+    z = zarr.open_group(str(root / manifest["zarr"]["path"]), mode="r")
+    assert sorted(manifest["zarr"]["groups"]) == sorted(f[:-4] for f in manifest["files"])
+    for fname in manifest["files"]:
+        split = read_alignet_npz(str(root / fname))
+        g = z[fname[:-4]]
+        np.testing.assert_array_equal(g["indices"][:], split.indices)
+        np.testing.assert_array_equal(g["similarities"][:], split.similarities)
+        assert np.asarray(g["filenames"][:]).tolist() == np.asarray(split.filenames).tolist()

@@ -44,6 +44,30 @@ def test_gather_rows_in_small_blocks(tmp_path: Path) -> None:
     np.testing.assert_array_equal(gather_rows(arr, rows, block_rows=7), e[rows])
 
 
+def test_gather_rows_reads_each_touched_chunk_once_aligned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunk-aligned gathering: one read per chunk holding a requested row, never straddling two
+    chunks, untouched chunks never read; float16 kept as float16 when asked."""
+    rng = np.random.default_rng(3)
+    e = rng.normal(size=(400, 6)).astype(np.float16)
+    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(50, 6), dtype="float16")
+    arr[:] = e
+    rows = np.array([0, 3, 49, 50, 51, 230, 399])  # chunks 0, 1, 4, 7
+    reads: list[tuple[int, int]] = []
+    original = zarr.Array.__getitem__
+
+    def recording(self, sel):  # type: ignore[no-untyped-def]
+        reads.append((sel.start, sel.stop))
+        return original(self, sel)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", recording)
+    out = gather_rows(arr, rows, dtype=np.float16)
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, e[rows])
+    assert reads == [(0, 50), (50, 100), (200, 250), (350, 400)]
+    with pytest.raises(InputError):
+        gather_rows(arr, np.array([5, 3]))
+
+
 def test_order_puts_most_similar_pair_first() -> None:
     rng = np.random.default_rng(2)
     e = rng.normal(size=(200, 16)).astype(np.float32)

@@ -1,0 +1,80 @@
+"""Sampling on real Dask clusters of different sizes gives byte-identical published files.
+
+The fast test drives `dataset.run_shard` through a plain `distributed.Client` on LocalClusters
+of 1, 2 and 4 workers and publishes with `assemble_dataset`; the slow one runs the Prefect
+pipeline (DaskTaskRunner with `sample.n_workers` = 1, 2, 4 worker processes) on fresh roots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignet_core import store
+from alignet_core.dataset import assemble_dataset, plan_shards, run_shard
+
+NAMES = {"cluster_border": "cluster_border_6", "between_class": "between_class"}
+
+
+def _digest(folder: str | Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).glob("*.npz"))}
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("dask-pool")
+    rng = np.random.default_rng(5)
+    n, p = 500, 16
+    ids = np.array([f"img/{i:04d}.jpg" for i in range(n)])
+    url = str(root / "emb.zarr")
+    g = store.create_embedding_store(url, n, p, ids, "float16", 64, {})
+    g["embeddings"][:] = rng.normal(size=(n, p)).astype(np.float16)
+    g["valid"][:] = rng.random(n) > 0.05
+    np.save(root / "clusters.npy", rng.integers(0, 6, n))
+    np.save(root / "classes.npy", rng.integers(0, 20, n))
+    return {"store": url, "ids": ids,
+            "groups": {"cluster_border": str(root / "clusters.npy"), "between_class": str(root / "classes.npy")}}
+
+
+def _publish_on_dask(pool: dict, root: Path, n_workers: int) -> dict[str, str]:
+    from distributed import Client, LocalCluster
+
+    specs = plan_shards(list(NAMES), 3000, 600, 500, seed=11)
+    out = str(root / "work")
+    # in-process workers keep the test fast; the slow test below uses worker processes
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        futures = [client.submit(run_shard, s, pool["groups"][s.strategy], pool["store"], out, pure=False)
+                   for s in reversed(specs)]  # submission order must not matter either
+        client.gather(futures)
+    assemble_dataset(out, specs, pool["ids"], str(root / "published"), NAMES)
+    return _digest(root / "published")
+
+
+def test_byte_identical_npz_on_1_2_and_4_dask_workers(pool: dict, tmp_path: Path) -> None:
+    digests = {w: _publish_on_dask(pool, tmp_path / f"w{w}", w) for w in (1, 2, 4)}
+    assert len(digests[1]) == 4
+    assert digests[1] == digests[2] == digests[4]
+
+
+@pytest.mark.slow
+def test_prefect_dask_runner_byte_identical_on_1_2_and_4_worker_processes(tmp_path: Path) -> None:
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.alignet import alignet
+
+    def run(root: Path, workers: int) -> dict[str, str]:
+        overrides = {"root": str(root), "source.limit": 120, "human.proxy_n_triplets": 3000,
+                     "transform.epochs": 4, "cluster.k": 5, "sample.n_train": 1200, "sample.n_valid": 300,
+                     "sample.shard_size": 200, "sample.n_workers": workers, "distill.enabled": False}
+        state = alignet(overrides=overrides, return_state=True)
+        assert state.is_completed(), state
+        return _digest(state.result()["dataset"])
+
+    with prefect_test_harness(server_startup_timeout=120):
+        digests = {w: run(tmp_path / f"w{w}", w) for w in (1, 2, 4)}
+    assert len(digests[1]) == 4
+    assert digests[1] == digests[2] == digests[4]
