@@ -17,6 +17,7 @@ never written by hand.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import logging
@@ -183,6 +184,91 @@ def create_model(model_name: str, weights: str | None = "packaged") -> torch.nn.
 def pooled_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooled pre-logits features: x (b, 3, h, w) float → (b, p), p = `feature_dim(model)`."""
     return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+class _ActAfterFoldedNorm(torch.nn.Module):
+    """What is left of a timm `BatchNormAct2d` once its normalization is folded into the conv before it."""
+
+    def __init__(self, norm: torch.nn.Module) -> None:
+        super().__init__()
+        self.drop = norm.drop
+        self.act = norm.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+def _conv_norm_pairs(model: torch.nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv name, norm name) where, in one forward pass, a BatchNorm2d reads exactly a Conv2d's output."""
+    from timm.layers import BatchNormAct2d
+
+    names = {m: n for n, m in model.named_modules()}
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) → (conv name, output kept alive)
+    calls: dict[str, int] = {}
+    pairs: list[tuple[str, str]] = []
+
+    def on_conv(module: torch.nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        produced[id(out)] = (names[module], out)
+
+    def on_norm(module: torch.nn.Module, inp: tuple) -> None:
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        hit = produced.get(id(inp[0]))
+        if hit is not None and hit[1] is inp[0]:
+            pairs.append((hit[0], names[module]))
+
+    handles = []
+    for module in names:
+        if isinstance(module, torch.nn.Conv2d):
+            handles.append(module.register_forward_hook(on_conv))
+        elif (type(module) is torch.nn.BatchNorm2d or type(module) is BatchNormAct2d) and module.track_running_stats:
+            handles.append(module.register_forward_pre_hook(on_norm))
+    try:
+        with torch.inference_mode():
+            pooled_features(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(c, b) for c, b in pairs if calls.get(c) == 1 and calls.get(b) == 1]
+
+
+def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, keep: set[str] = frozenset()) -> tuple[torch.nn.Module, int]:
+    """An inference copy of `model` with every BatchNorm that directly follows a conv folded into that conv.
+
+    conv(x) → BN: W' = W·γ/√(σ²+ε) per output channel, b' = (b − μ)·γ/√(σ²+ε) + β; the BN becomes an
+    identity (or, for timm's BatchNormAct2d, just its activation). One memory pass less per conv, which
+    on CPU is ~20-30% of an EfficientNet's time. Pairs are found by watching one forward pass of
+    `example` (b, 3, h, w); convs named in `keep` (hooked layers) are left alone. The folded copy's
+    pooled features are checked against the original's on `example`; on any mismatch (a conv output
+    that had another reader) the original is returned. Returns (model, number of folded pairs); the
+    model passed in is never modified.
+    """
+    pairs = [(c, b) for c, b in _conv_norm_pairs(model, example) if c not in keep and b not in keep]
+    if not pairs:
+        return model, 0
+    folded = copy.deepcopy(model)
+    for conv_name, norm_name in pairs:
+        conv, norm = folded.get_submodule(conv_name), folded.get_submodule(norm_name)
+        with torch.no_grad():
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps) if norm.affine else 1.0 / torch.sqrt(
+                norm.running_var + norm.eps
+            )
+            shift = (norm.bias if norm.affine else 0.0) - norm.running_mean * scale
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+            conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+            conv.bias = torch.nn.Parameter(bias * scale + shift, requires_grad=False)
+        parent_name, _, attr = norm_name.rpartition(".")
+        parent = folded.get_submodule(parent_name) if parent_name else folded
+        setattr(parent, attr, _ActAfterFoldedNorm(norm) if hasattr(norm, "act") else torch.nn.Identity())
+    with torch.inference_mode():
+        want, got = pooled_features(model, example).float(), pooled_features(folded, example).float()
+    tol = 1e-3 * max(float(want.abs().max()), 1.0)
+    if not torch.allclose(want, got, rtol=1e-3, atol=tol):
+        log.warning("fold_batchnorm: folded %s differs from the original (max %.3g); using the original",
+                    type(model).__name__, float((want - got).abs().max()))
+        return model, 0
+    log.info("fold_batchnorm: folded %d conv+BatchNorm pairs of %s", len(pairs), type(model).__name__)
+    return folded, len(pairs)
 
 
 def feature_dim(model: torch.nn.Module) -> int:

@@ -3,7 +3,10 @@
 A source is an ordered, immutable list of `ImageRecord(id, path, label)`. The id is what ties a row of
 an embedding store to its image, so it must be unique and must not depend on where the data lives:
 the emoji id for the demo set, the path relative to the root (folder) or to the list's folder
-(file list). Paths may be fsspec URLs; local paths are the main case.
+(file list), `<shard>/<key>` for webdataset-style tar shards. Paths may be fsspec URLs; local paths
+are the main case. An image inside a tar shard is named by fsspec's chained URL
+`tar://<member>::<shard url>`, which `load_image` reads directly (one index per shard and process,
+then one seek per image).
 
 `load_image` turns any common file into an 8-bit RGB PIL image (EXIF orientation applied, alpha
 composited on white, palette/CMYK/16-bit converted) or raises `InputError` naming the file and why.
@@ -15,8 +18,11 @@ import csv
 import io
 import logging
 import posixpath
+import tarfile
+import threading
 from collections import Counter
 from dataclasses import dataclass
+from glob import has_magic
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -190,6 +196,115 @@ def filelist_source(path: str) -> ImageSource:
     return ImageSource(tuple(records), description=f"file list {path!r}")
 
 
+# ----------------------------------------------------------------------------- tar shards
+TAR_PREFIX = "tar://"
+LABEL_EXTENSIONS = ("cls", "txt")  # webdataset label members, first found wins
+_TAR_INDEX: dict[str, dict[str, tarfile.TarInfo]] = {}
+_TAR_LOCK = threading.Lock()
+
+
+def tar_member_url(shard: str, member: str) -> str:
+    """The reference of one member of a tar shard: fsspec's chained URL `tar://<member>::<shard>`."""
+    return f"{TAR_PREFIX}{member}::{shard}"
+
+
+def _split_tar_url(url: str) -> tuple[str, str]:
+    """(shard url, member name) of a `tar://<member>::<shard>` reference."""
+    member, sep, shard = url[len(TAR_PREFIX) :].partition("::")
+    if not sep or not member or not shard:
+        raise InputError(f"{url}: expected a tar member reference 'tar://<member>::<shard url>'")
+    return shard, member
+
+
+def _tar_index(shard: str) -> dict[str, tarfile.TarInfo]:
+    """member name → TarInfo of every regular file in a shard (read once per process and shard)."""
+    with _TAR_LOCK:
+        index = _TAR_INDEX.get(shard)
+    if index is not None:
+        return index
+    try:
+        with fsspec.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
+            index = {m.name: m for m in tf.getmembers() if m.isfile()}
+    except FileNotFoundError:
+        raise InputError(f"source.path: tar shard {shard!r} does not exist") from None
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise InputError(f"source.path: {shard!r} is not a readable tar file: {err}") from None
+    with _TAR_LOCK:
+        _TAR_INDEX[shard] = index
+    return index
+
+
+def _read_tar_member(url: str) -> bytes:
+    """The bytes of the member a `tar://<member>::<shard>` reference names."""
+    shard, member = _split_tar_url(url)
+    info = _tar_index(shard).get(member)
+    if info is None:
+        raise InputError(f"{url}: image file does not exist (no member {member!r} in tar shard {shard!r})")
+    with fsspec.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
+        member_file = tf.extractfile(info)
+        return member_file.read() if member_file is not None else b""
+
+
+def _expand_shards(urls_or_glob: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Shard URLs, sorted: a glob ('shards/*.tar'), one URL, or a list of either."""
+    patterns = [urls_or_glob] if isinstance(urls_or_glob, str) else list(urls_or_glob)
+    shards: list[str] = []
+    for pattern in patterns:
+        fs, path = fsspec.core.url_to_fs(pattern)
+        found = sorted(fs.glob(path)) if has_magic(path) else ([path] if fs.isfile(path) else [])
+        if not found:
+            raise InputError(f"source.path: no tar shard matches {pattern!r}")
+        shards.extend(_url(fs, p) for p in found)
+    return list(dict.fromkeys(shards))
+
+
+def _shard_name(shard: str) -> str:
+    base = posixpath.basename(shard.rstrip("/"))
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if base.lower().endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
+    """Images in webdataset-style tar shards, shard by shard (sorted by URL), members in tar order.
+
+    Members are grouped by key, the member name up to the first '.' of its file name
+    (`0001.jpg`, `0001.cls` → key `0001`); a key's first image member is its image and its `.cls` or
+    `.txt` member (stripped text) its label. id = `<shard name without .tar>/<key>`; path =
+    `tar://<member>::<shard url>`. Keys without an image member are ignored. Read with Python's
+    tarfile through fsspec, so shards may be local paths or fsspec URLs; `.tar.gz` works but each
+    image then decompresses from the start of its shard, so prefer plain `.tar`.
+    """
+    records: list[ImageRecord] = []
+    for shard in _expand_shards(urls_or_glob):
+        index = _tar_index(shard)
+        images: dict[str, str] = {}
+        labels: dict[str, str] = {}
+        with fsspec.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
+            for name, info in index.items():
+                folder, base = posixpath.split(name)
+                if base.startswith("."):
+                    continue
+                stem, _, ext = base.partition(".")
+                key = posixpath.join(folder, stem)
+                if _is_image_name(base):
+                    images.setdefault(key, name)
+                elif ext.lower() in LABEL_EXTENSIONS and key not in labels:
+                    member_file = tf.extractfile(info)
+                    text = member_file.read().decode("utf-8", errors="replace").strip() if member_file else ""
+                    labels[key] = text
+        prefix = _shard_name(shard)
+        records.extend(
+            ImageRecord(id=f"{prefix}/{key}", path=tar_member_url(shard, name), label=labels.get(key) or None)
+            for key, name in images.items()
+        )
+    desc = urls_or_glob if isinstance(urls_or_glob, str) else f"{len(urls_or_glob)} shard pattern(s)"
+    if not records:
+        raise InputError(f"{desc!r}: no images found in the tar shards (expected members ending in {', '.join(IMAGE_EXTENSIONS)})")
+    return ImageSource(tuple(records), description=f"tar shards {desc!r}")
+
+
 def source_from_config(cfg: SourceConfig) -> ImageSource:
     """The source a `SourceConfig` describes (an evenly spaced subset when `limit` is set)."""
     if cfg.kind == "demo":
@@ -198,8 +313,10 @@ def source_from_config(cfg: SourceConfig) -> ImageSource:
         src = folder_source(str(cfg.path))
     elif cfg.kind == "filelist":
         src = filelist_source(str(cfg.path))
+    elif cfg.kind == "tar":
+        src = tar_source(str(cfg.path))
     else:
-        raise InputError(f"source.kind: expected 'demo', 'folder' or 'filelist', got {cfg.kind!r}")
+        raise InputError(f"source.kind: expected 'demo', 'folder', 'filelist' or 'tar', got {cfg.kind!r}")
     return subset(src, cfg.limit) if cfg.limit else src
 
 
@@ -239,12 +356,16 @@ def _to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
 def load_image(path: str) -> PIL.Image.Image:
     """Decode one image file (path or fsspec URL) to an RGB PIL image of 8 bits per channel.
 
+    `path` may also be a tar member reference `tar://<member>::<shard url>` (see `tar_source`).
     EXIF orientation is applied. Raises `InputError` naming the file for a missing, zero-byte,
     truncated or non-image file.
     """
     try:
-        with fsspec.open(path, "rb") as f:
-            data = f.read()
+        if path.startswith(TAR_PREFIX):
+            data = _read_tar_member(path)
+        else:
+            with fsspec.open(path, "rb") as f:
+                data = f.read()
     except FileNotFoundError:
         raise InputError(f"{path}: image file does not exist") from None
     except OSError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,10 @@ import alignet_core
 from alignet_core import store
 from alignet_core.config import EmbedConfig
 from alignet_core.embed import extract_embeddings
+from alignet_core.errors import InputError, StoreError
 from alignet_core.models import build_transform, create_model, pooled_features, resolve_weights
 from alignet_core.store import file_sha256
-from alignet_core.sources import ImageSource, demo_source, folder_source, load_image
+from alignet_core.sources import ImageSource, demo_source, folder_source, load_image, tar_source
 
 CPU = torch.device("cpu")
 CFG = EmbedConfig(model="tf_efficientnet_lite0", weights="packaged", batch_size=8, chunk_rows=16)
@@ -190,3 +192,81 @@ def test_undecodable_images_are_skipped_and_other_rows_unchanged(demo40: ImageSo
     # the skipped list survives a resume of the finished store
     again = extract_embeddings(dirty_src, cfg, str(tmp_path / "dirty.zarr"), CPU, model=tiny)
     assert again["skipped"] == result["skipped"]
+
+
+# ----------------------------------------------------------------------------- extra layers, tar shards
+LAYERED = EmbedConfig(model="test_resnet", weights=None, batch_size=4, chunk_rows=4, layers=["layer1", "layer3.0.conv1"])
+
+
+def test_extra_layers_are_pooled_in_the_same_pass_and_resume(demo40: ImageSource, tiny, tmp_path: Path) -> None:
+    src = ImageSource(demo40.records[:12], description="12 emoji")
+    url = str(tmp_path / "layers.zarr")
+
+    def stop_after_first_chunk(done: int, total: int) -> None:
+        raise Interrupted(f"stopped at {done}/{total}")
+
+    with pytest.raises(Interrupted):
+        extract_embeddings(src, LAYERED, url, CPU, model=tiny, progress=stop_after_first_chunk)
+    extract_embeddings(src, LAYERED, url, CPU, model=tiny)
+    ref = str(tmp_path / "ref.zarr")
+    extract_embeddings(src, LAYERED, ref, CPU, model=tiny)
+    _assert_same_store(url, ref)
+
+    g = zarr.open_group(url, mode="r")
+    assert dict(g.attrs)["layers"] == ["layer1", "layer3.0.conv1"]
+    got = {name: g[f"layers/{name}"][:] for name in LAYERED.layers}
+    np.testing.assert_array_equal(got["layer1"], zarr.open_group(ref, mode="r")["layers/layer1"][:])
+    assert got["layer1"].shape == (12, 32) and got["layer1"].dtype == np.float32
+    assert got["layer3.0.conv1"].shape[0] == 12 and np.abs(got["layer3.0.conv1"]).sum() > 0
+
+    # each row is the spatial mean of that module's output for that image
+    t = build_transform(tiny)
+    x = torch.stack([t(load_image(p)) for p in src.paths()[9:12]])
+    seen = {}
+    handles = [tiny.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o)) for n in LAYERED.layers]
+    with torch.inference_mode():
+        emb = pooled_features(tiny, x)
+    for h in handles:
+        h.remove()
+    for name in LAYERED.layers:
+        np.testing.assert_allclose(got[name][9:12], seen[name].mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(g["embeddings"][9:12], emb.numpy(), rtol=1e-4, atol=1e-5)
+
+    # asking for other layers on the finished store is refused, not mixed in
+    with pytest.raises(StoreError, match="layers"):
+        extract_embeddings(src, LAYERED.model_copy(update={"layers": ["layer2"]}), url, CPU, model=tiny)
+
+
+def test_unknown_layer_name_is_an_input_error(demo40: ImageSource, tiny, tmp_path: Path) -> None:
+    cfg = TINY.model_copy(update={"layers": ["layer9"]})
+    with pytest.raises(InputError, match=r"embed\.layers.*layer9"):
+        extract_embeddings(ImageSource(demo40.records[:4], description="4"), cfg, str(tmp_path / "x.zarr"), CPU, model=tiny)
+
+
+def test_tar_shards_embed_like_the_same_files_on_disk(demo40: ImageSource, tiny, tmp_path: Path) -> None:
+    recs = demo40.records[:6]
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tf:
+        for k, rec in enumerate(recs):
+            tf.add(rec.path, arcname=f"{k:04d}.png")
+            data = rec.label.encode()
+            info = tarfile.TarInfo(f"{k:04d}.txt")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("0006.png")  # an empty member: skipped, listed, no row shifts
+        tf.addfile(info, io.BytesIO(b""))
+    src = tar_source(str(shard))
+    assert list(src.labels())[:6] == [r.label for r in recs]
+    cfg = TINY.model_copy(update={"chunk_rows": 4, "batch_size": 2, "num_workers": 1})
+    result = extract_embeddings(src, cfg, str(tmp_path / "tar.zarr"), CPU, model=tiny)
+    assert result["n_valid"] == 6 and [s["id"] for s in result["skipped"]] == ["shard-000000/0006"]
+    files = ImageSource(recs, description="same files")
+    extract_embeddings(files, cfg, str(tmp_path / "files.zarr"), CPU, model=tiny)
+    np.testing.assert_array_equal(_arrays(str(tmp_path / "tar.zarr"))["embeddings"][:6], _arrays(str(tmp_path / "files.zarr"))["embeddings"])
+
+
+def test_progress_bar_shows_in_the_terminal(demo40: ImageSource, tiny, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    extract_embeddings(ImageSource(demo40.records[:4], description="4"), TINY, str(tmp_path / "bar.zarr"), CPU, model=tiny)
+    err = capsys.readouterr().err
+    assert "embed" in err and "4/4" in err

@@ -171,3 +171,18 @@ def test_missing_or_mismatched_weights_are_input_errors(tmp_path) -> None:
     junk.write_bytes(np.arange(100, dtype=np.uint8).tobytes())
     with pytest.raises(InputError, match="junk.pth"):
         models.create_model("tf_efficientnet_lite0", str(junk))
+
+
+@pytest.mark.parametrize(("name", "weights", "pairs"), [("tf_efficientnet_lite0", "packaged", 49), ("test_resnet", None, 15)])
+def test_fold_batchnorm_keeps_the_features_and_the_original_model(name: str, weights, pairs: int) -> None:
+    model = models.create_model(name, weights)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    folded, n = models.fold_batchnorm(model, x)
+    assert n == pairs and folded is not model
+    y = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        np.testing.assert_allclose(models.pooled_features(folded, y), models.pooled_features(model, y), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    kept, n_kept = models.fold_batchnorm(model, x, keep={"conv1.0" if name == "test_resnet" else "conv_stem"})
+    assert n_kept == pairs - 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from alignet_core.sources import (
     folder_source,
     load_image,
     source_from_config,
+    tar_source,
 )
 
 
@@ -129,6 +131,93 @@ def test_filelist_errors(tree: Path) -> None:
     (tree / "empty.txt").write_text("# nothing\n\n")
     with pytest.raises(InputError, match="no images"):
         filelist_source(str(tree / "empty.txt"))
+
+
+# ----------------------------------------------------------------------------- tar shards
+def _png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (8, 6)) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]], mode: str = "w") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, mode) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture()
+def shards(tmp_path: Path) -> Path:
+    """Two webdataset-style shards: images with .cls/.txt labels, a key without label, a key without image."""
+    d = tmp_path / "shards"
+    _write_tar(d / "train-000001.tar", [
+        ("b07.png", _png_bytes((0, 0, 255))),
+        ("b07.txt", b"blue square\n"),
+        ("meta.json", b"{}"),
+        ("sub/x.jpg", _png_bytes((9, 9, 9))),  # a PNG named .jpg: decoding goes by content
+    ])
+    _write_tar(d / "train-000000.tar", [
+        ("a01.png", _png_bytes((200, 30, 30))),
+        ("a01.cls", b"3"),
+        ("a00.png", _png_bytes((30, 200, 30), size=(5, 4))),
+        ("a00.cls", b"7\n"),
+        ("orphan.cls", b"1"),
+        ("c02.jpeg", _png_bytes((1, 2, 3))),
+    ])
+    return d
+
+
+def test_tar_source_ids_labels_and_member_decoding(shards: Path) -> None:
+    src = tar_source(str(shards / "*.tar"))
+    # shards sorted by name, members in tar order, keys without an image ignored
+    assert list(src.ids()) == [
+        "train-000000/a01", "train-000000/a00", "train-000000/c02", "train-000001/b07", "train-000001/sub/x",
+    ]
+    assert list(src.labels()) == ["3", "7", "", "blue square", ""]
+    assert src.records[2].label is None
+    assert src.paths()[0] == f"tar://a01.png::{shards / 'train-000000.tar'}"
+    img = load_image(src.paths()[1])
+    assert img.mode == "RGB" and img.size == (5, 4) and img.getpixel((0, 0)) == (30, 200, 30)
+    assert load_image(src.paths()[3]).getpixel((2, 2)) == (0, 0, 255)
+    # ids do not depend on where the shards live; a list of URLs gives the same source
+    moved = shards.parent / "moved"
+    shards.rename(moved)
+    again = tar_source([str(moved / "train-000001.tar"), f"file://{moved}/train-000000.tar"])
+    assert sorted(again.ids()) == sorted(src.ids())
+    assert load_image(again.paths()[0]).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_tar_source_via_config_and_gzip(shards: Path, tmp_path: Path) -> None:
+    cfg = SourceConfig(kind="tar", path=str(shards / "train-*.tar"))
+    assert len(source_from_config(cfg)) == 5
+    gz = _write_tar(tmp_path / "z" / "s.tar.gz", [("k.png", _png_bytes((5, 6, 7))), ("k.cls", b"2")], mode="w:gz")
+    src = tar_source(str(gz))
+    assert list(src.ids()) == ["s/k"] and list(src.labels()) == ["2"]
+    assert load_image(src.paths()[0]).getpixel((0, 0)) == (5, 6, 7)
+
+
+def test_tar_source_errors_and_broken_members(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no tar shard matches"):
+        tar_source(str(tmp_path / "none-*.tar"))
+    (tmp_path / "bad.tar").write_bytes(b"definitely not a tar archive" * 40)
+    with pytest.raises(InputError, match="not a readable tar"):
+        tar_source(str(tmp_path / "bad.tar"))
+    _write_tar(tmp_path / "labels-only.tar", [("a.cls", b"1")])
+    with pytest.raises(InputError, match="no images"):
+        tar_source(str(tmp_path / "labels-only.tar"))
+    shard = _write_tar(tmp_path / "broken.tar", [("zero.png", b""), ("text.png", b"hello"), ("ok.png", _png_bytes((1, 1, 1)))])
+    src = tar_source(str(shard))
+    with pytest.raises(InputError, match="empty") as err:
+        load_image(src.paths()[0])
+    assert "zero.png" in str(err.value) and "broken.tar" in str(err.value)
+    with pytest.raises(InputError, match="not a readable image"):
+        load_image(src.paths()[1])
+    with pytest.raises(InputError, match="does not exist"):
+        load_image(f"tar://missing.png::{shard}")
 
 
 def test_source_from_config_dispatches_each_kind(tree: Path) -> None:
