@@ -118,6 +118,18 @@ def write_json_atomic(url: str, obj: Any) -> None:
             f.write(data)
 
 
+def write_bytes_atomic(url: str, payload: bytes) -> None:
+    """Write a file through a temporary name and one rename, so readers never see a partial file."""
+    fs, path = _fs(url)
+    parent = os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with fs.open(tmp, "wb") as f:
+        f.write(payload)
+    fs.mv(tmp, path)
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()

@@ -28,9 +28,7 @@ import copy
 import hashlib
 import logging
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,14 +112,7 @@ class AffineTransform:
             },
             metadata={"mean": repr(float(self.mean)), "std": repr(float(self.std))},
         )
-        fs, path = fsspec.core.url_to_fs(url)
-        parent = os.path.dirname(path)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open(tmp, "wb") as f:
-            f.write(payload)
-        fs.mv(tmp, path)
+        store.write_bytes_atomic(url, payload)
         meta = {"mean": float(self.mean), "std": float(self.std), "dim": self.dim, "digest": self.digest(), "info": info}
         store.write_json_atomic(f"{url}.json", meta)
         self.info = info

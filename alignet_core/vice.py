@@ -23,9 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,14 +120,7 @@ class ViceModel:
         payload = st_save(
             {"mu": np.ascontiguousarray(self.mu, np.float32), "log_sigma": np.ascontiguousarray(self.log_sigma, np.float32)}
         )
-        fs, path = fsspec.core.url_to_fs(url)
-        parent = os.path.dirname(path)
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with fs.open(tmp, "wb") as f:
-            f.write(payload)
-        fs.mv(tmp, path)
+        store.write_bytes_atomic(url, payload)
         store.write_json_atomic(
             f"{url}.json", {"n_objects": self.n_objects, "dim": self.dim, "info": json.loads(json.dumps(self.info, default=float))}
         )

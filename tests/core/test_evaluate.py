@@ -19,12 +19,7 @@ from alignet_core.evaluate import (
 from alignet_core.synthetic import make_synthetic_human
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_rsa_hand_cases() -> None:

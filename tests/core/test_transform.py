@@ -48,13 +48,7 @@ def _synthetic(m: int = 200, p: int = 24, d: int = 6, n: int = 2500, beta: float
     return x.astype(np.float32), t, probs.astype(np.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """These fits use tiny matrices: one thread avoids oversubscription on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
