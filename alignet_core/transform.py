@@ -227,6 +227,7 @@ def _check_probs(probs: np.ndarray | None, n: int, what: str) -> np.ndarray | No
     return p
 
 
+@deterministic_torch()
 def fit_transform(
     objects: np.ndarray,
     train: np.ndarray,
@@ -249,22 +250,6 @@ def fit_transform(
     cfg.lr; after each epoch the held-out global loss decides early stopping (cfg.patience) and
     the best epoch's weights are kept. Deterministic for a seed (a private torch.Generator).
     """
-    with deterministic_torch():
-        return _fit_transform(objects, train, val, cfg, seed, device, train_probs, val_probs, pool)
-
-
-def _fit_transform(
-    objects: np.ndarray,
-    train: np.ndarray,
-    val: np.ndarray,
-    cfg: TransformConfig,
-    seed: int,
-    device: torch.device,
-    train_probs: np.ndarray | None = None,
-    val_probs: np.ndarray | None = None,
-    pool: np.ndarray | None = None,
-) -> FitResult:
-
     t_start = time.perf_counter()
     obj = np.asarray(objects)
     if obj.ndim != 2 or obj.shape[0] < 3:
