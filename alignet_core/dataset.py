@@ -101,13 +101,7 @@ def shard_path(out_dir: str, spec: ShardSpec) -> str:
 
 
 def _load_groups(groups_url: str) -> np.ndarray:
-    try:
-        with fsspec.open(groups_url, "rb") as f:
-            groups = np.load(f, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(f"groups file {groups_url!r} does not exist") from None
-    except ValueError as err:
-        raise InputError(f"{groups_url!r}: not a .npy array ({err})") from None
+    groups = store.read_npy(groups_url, "groups")
     if groups.ndim != 1 or not np.issubdtype(groups.dtype, np.integer):
         raise InputError(f"{groups_url!r}: expected (n,) integer group ids, got {groups.shape} {groups.dtype}")
     return groups.astype(np.int64)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
+from alignet_core import store
 from alignet_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,7 @@ def write_things_triplets(url: str, triplets: np.ndarray) -> None:
 
 def read_probabilities(url: str, n_triplets: int) -> np.ndarray:
     """Read (n, 3) response probabilities over pairs [(i,j), (i,k), (j,k)]; rows must sum to 1."""
-    try:
-        with fsspec.open(url, "rb") as f:
-            p = np.load(f, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(f"probability file {url!r} does not exist") from None
-    except ValueError as err:
-        raise InputError(f"{url}: not a .npy array ({err})") from None
+    p = store.read_npy(url, "probability")
     if p.shape != (n_triplets, 3):
         raise InputError(f"{url}: expected shape ({n_triplets}, 3) to match the triplets, got {p.shape}")
     p = p.astype(np.float64)
@@ -106,8 +101,7 @@ def read_probabilities(url: str, n_triplets: int) -> np.ndarray:
 
 
 def write_probabilities(url: str, probs: np.ndarray) -> None:
-    with fsspec.open(url, "wb") as f:
-        np.save(f, np.asarray(probs, dtype=np.float32), allow_pickle=False)
+    store.write_npy(url, np.asarray(probs, dtype=np.float32))
 
 
 # ----------------------------------------------------------------------------- AligNet .npz

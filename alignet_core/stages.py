@@ -264,16 +264,6 @@ def run_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StageOutput:
                    [tfm.key])
 
 
-def _save_npy(url: str, arr: np.ndarray) -> None:
-    with fsspec.open(url, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-
-
-def _load_npy(url: str) -> np.ndarray:
-    with fsspec.open(url, "rb") as f:
-        return np.load(f, allow_pickle=False)
-
-
 # ----------------------------------------------------------------------------- sample
 class SamplingPlan(BaseModel):
     """Everything a shard worker needs: paths and shard specs, no arrays."""
@@ -299,7 +289,7 @@ def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> Samp
     labels = src.labels()
     class_groups = np.unique(labels, return_inverse=True)[1].astype(np.int64)
     class_groups[(labels == "") | ~valid] = -1
-    cluster_groups = _load_npy(clu.artifact).astype(np.int64)
+    cluster_groups = store.read_npy(clu.artifact, "cluster assignments").astype(np.int64)
     names, groups_urls = {}, {}
     store.makedirs(plan.dir)
     for strategy in s.strategies:
@@ -307,7 +297,7 @@ def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> Samp
         names[strategy] = f"{strategy}_{cfg.cluster.k}" if by_cluster else strategy
         url = store.join(plan.dir, f"groups_{'cluster' if by_cluster else 'class'}.npy")
         if not store.exists(url):
-            _save_npy(url, cluster_groups if by_cluster else class_groups)
+            store.write_npy(url, cluster_groups if by_cluster else class_groups)
         groups_urls[strategy] = url
     specs = dataset.plan_shards(list(s.strategies), s.n_train, s.n_valid, s.shard_size, cfg.seed)
     folder = TRANSFORMED_FOLDER if cfg.transform.enabled else UNTRANSFORMED_FOLDER

@@ -31,7 +31,7 @@ import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
-from alignet_core.errors import StoreError
+from alignet_core.errors import InputError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,35 @@ def write_bytes_atomic(url: str, payload: bytes) -> None:
     with fs.open(tmp, "wb") as f:
         f.write(payload)
     fs.mv(tmp, path)
+
+
+def read_npy(url: str, what: str) -> np.ndarray:
+    """Load a `.npy` array without pickles; `InputError` naming `what` and the file otherwise."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            return np.load(f, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"{what} file {url!r} does not exist") from None
+    except ValueError as err:
+        raise InputError(f"{url}: not a .npy array ({err})") from None
+
+
+def write_npy(url: str, arr: np.ndarray) -> None:
+    with fsspec.open(url, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
+
+
+def read_safetensors(url: str, what: str) -> dict[str, np.ndarray]:
+    """Load a safetensors file as numpy arrays; `InputError` naming `what` and the file otherwise."""
+    from safetensors.numpy import load as st_load
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            return st_load(f.read())
+    except FileNotFoundError:
+        raise InputError(f"{what} file {url!r} does not exist") from None
+    except Exception as err:  # safetensors raises its own error types for a bad header
+        raise InputError(f"{url}: not a safetensors {what} file ({err})") from None
 
 
 def _json_default(o: Any) -> Any:

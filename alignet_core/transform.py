@@ -32,11 +32,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from alignet_core import store
@@ -120,13 +118,7 @@ class AffineTransform:
     @classmethod
     def load(cls, url: str) -> "AffineTransform":
         """Read a transform written by `save`; `InputError` naming the file when it is missing or malformed."""
-        try:
-            with fsspec.open(url, "rb") as f:
-                tensors = st_load(f.read())
-        except FileNotFoundError:
-            raise InputError(f"transform file {url!r} does not exist") from None
-        except Exception as err:  # safetensors raises its own error types for a bad header
-            raise InputError(f"{url}: not a safetensors transform file ({err})") from None
+        tensors = store.read_safetensors(url, "transform")
         if "weight" not in tensors or "bias" not in tensors:
             raise InputError(f"{url}: expected tensors 'weight' and 'bias', got {sorted(tensors)}")
         weight, bias = tensors["weight"].astype(np.float32), tensors["bias"].astype(np.float32)

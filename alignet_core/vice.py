@@ -27,11 +27,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from alignet_core import store
@@ -128,13 +126,7 @@ class ViceModel:
     @classmethod
     def load(cls, url: str) -> "ViceModel":
         """Read a model written by `save`; `InputError` naming the file when missing or malformed."""
-        try:
-            with fsspec.open(url, "rb") as f:
-                tensors = st_load(f.read())
-        except FileNotFoundError:
-            raise InputError(f"VICE file {url!r} does not exist") from None
-        except Exception as err:
-            raise InputError(f"{url}: not a safetensors VICE file ({err})") from None
+        tensors = store.read_safetensors(url, "VICE")
         if set(tensors) != {"mu", "log_sigma"} or tensors["mu"].shape != tensors["log_sigma"].shape:
             raise InputError(f"{url}: expected tensors 'mu' and 'log_sigma' of one shape, got {sorted(tensors)}")
         try:
