@@ -163,6 +163,24 @@ class DistillConfig(_Config):
         None, gt=0, description="square input size overriding the model's pretrained one (null: the model's)"
     )
     strategy: SamplingStrategy = Field("cluster_border", description="which published sampling to train on")
+    dataset: str | None = Field(
+        None,
+        description="a folder of official-format files (train_<sampling>.npz, valid_*.npz) to train on instead of "
+        "this pipeline's own dataset, e.g. a downloaded AligNet release; null: the dataset the pipeline publishes",
+    )
+    sampling: str | None = Field(
+        None,
+        description="with distill.dataset: the file name's sampling (train_<sampling>.npz, e.g. cluster_border_500); "
+        "null: from distill.strategy and cluster.k",
+    )
+    join: Literal["indices", "filenames"] = Field(
+        "indices",
+        description="how triplets find their images: 'indices' = rows of the image source (our own datasets); "
+        "'filenames' = the files' filenames matched to the source's image ids or file names (datasets from elsewhere)",
+    )
+    cache_images: bool = Field(
+        False, description="decode every training image once and keep it in memory (pools that fit in RAM)"
+    )
     steps: int = Field(150, gt=0, description="optimizer steps")
     batch_triplets: int = Field(32, gt=0, description="triplets per optimizer step")
     grad_accum: int = Field(1, gt=0, description="micro-batches per step")

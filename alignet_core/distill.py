@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 import shutil
 import time
@@ -319,6 +320,7 @@ class TripletBatches(torch.utils.data.Dataset):
         batch_triplets: int,
         seed: int,
         grad_accum: int = 1,
+        cache: bool = False,
     ) -> None:
         n = len(split)
         if batch_triplets <= 0 or grad_accum <= 0 or batch_triplets % grad_accum:
@@ -347,6 +349,15 @@ class TripletBatches(torch.utils.data.Dataset):
         self.batches_per_epoch = n // batch_triplets
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
+        self._cache: torch.Tensor | None = None
+        self._slot: np.ndarray | None = None
+        if cache:  # every image the split uses, decoded once: (u, 3, H, W) float32 plus pool row → slot
+            used = np.unique(self.indices)
+            self._slot = np.full(n_pool, -1, dtype=np.int64)
+            self._slot[used] = np.arange(len(used))
+            self._cache = decode_images([self.paths[u] for u in used], transform)
+            log.info("distill: %d training images decoded into memory (%.0f MiB)", len(used),
+                     self._cache.numel() * 4 / 2**20)
 
     def __len__(self) -> int:
         """Micro-batches per epoch (indexing goes on past it into later epochs)."""
@@ -366,10 +377,38 @@ class TripletBatches(torch.utils.data.Dataset):
         ids = self.step_triplets(step)[j * self.micro : (j + 1) * self.micro]
         pool_rows = self.indices[ids]  # (b, 3)
         unique, inverse = np.unique(pool_rows, return_inverse=True)
-        images = decode_images([self.paths[u] for u in unique], self.transform)
+        if self._cache is not None and self._slot is not None:
+            images = self._cache[torch.from_numpy(self._slot[unique])]
+        else:
+            images = decode_images([self.paths[u] for u in unique], self.transform)
         rows = torch.from_numpy(inverse.reshape(pool_rows.shape).astype(np.int64))
         sims = torch.from_numpy(self.similarities[ids])
         return images, rows, sims, torch.from_numpy(ids.astype(np.int64))
+
+
+def join_by_filenames(split: AlignetTriplets, source: Any, what: str) -> AlignetTriplets:
+    """Point a split's indices at the rows of `source` by its filenames (for datasets made
+    elsewhere, whose indices number another image pool).
+
+    Each file name is matched to an image id of the source, else to the base name of an image's
+    path (a base name shared by several images never matches). A name found nowhere is an
+    `InputError` naming how many are missing, with examples."""
+    by_id: dict[str, int] = {}
+    by_base: dict[str, int] = {}
+    for row, rec in enumerate(source.records):
+        by_id.setdefault(str(rec.id), row)
+        base = posixpath.basename(str(rec.path))
+        by_base[base] = -2 if base in by_base else row  # -2: ambiguous
+    names, inverse = np.unique(split.filenames.ravel(), return_inverse=True)
+    rows = np.array([by_id.get(n, by_base.get(posixpath.basename(n), -1)) for n in names.tolist()], dtype=np.int64)
+    if (rows < 0).any():
+        missing = names[rows < 0]
+        raise InputError(
+            f"{what}: {len(missing)} of {len(names)} filenames match no image of the source by id or file name "
+            f"(e.g. {missing[:3].tolist()}); point source.path at the images the dataset was made from"
+        )
+    indices = rows[inverse].reshape(split.filenames.shape)
+    return AlignetTriplets(indices, split.filenames, split.similarities, split.n_reordered)
 
 
 def _loader(dataset: torch.utils.data.Dataset, ks: range, num_workers: int, device: torch.device) -> Iterator[Any]:
@@ -591,7 +630,8 @@ def train_student(
         log.info("distill: resuming from %s (step %d of %d)", path, start, cfg.steps)
 
     transform = eval_transform(student.backbone, student.image_size)
-    batches = TripletBatches(train, source, transform, cfg.batch_triplets, seed, cfg.grad_accum)
+    batches = TripletBatches(train, source, transform, cfg.batch_triplets, seed, cfg.grad_accum,
+                             cache=bool(getattr(cfg, "cache_images", False)))
     amp = autocast_dtype(device)
     t_last = time.perf_counter()
     micro = iter(())

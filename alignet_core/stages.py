@@ -339,65 +339,145 @@ def _mtime(url: str) -> float:
 
 
 # ----------------------------------------------------------------------------- distill
-def plan_distill(cfg: PipelineConfig, ds: StageOutput) -> StagePlan:
-    conf = {"distill": cfg.distill.model_dump(), "seed": cfg.seed}
-    return _plan(cfg, "distill", conf, [ds.key], distill, models, store)
+class DistillFiles(BaseModel):
+    """The official-format files a distillation run reads."""
+
+    folder: str
+    sampling: str  # the training file's sampling name: train_<sampling>.npz
+    train: str
+    valid: dict[str, str]  # sampling name → valid_<sampling>.npz
+    key: str  # identity of the input: the sampling stage's key, or a fingerprint of foreign files
 
 
-def _dataset_file(ds: StageOutput, cfg: PipelineConfig, split: str, strategy: str) -> str:
-    name = f"{strategy}_{cfg.cluster.k}" if strategy.startswith("cluster") else strategy
-    return store.join(ds.artifact, f"{split}_{name}.npz")
+def distill_files(cfg: PipelineConfig, ds: StageOutput | None) -> DistillFiles:
+    """Where stage 4's triplets are: `distill.dataset` when set, else the published dataset `ds`."""
+    d = cfg.distill
+    if d.dataset is None and ds is None:
+        raise ConfigError("distill.dataset: no dataset to train on; give a folder of AligNet .npz files "
+                          "or run the sampling stage first")
+    folder = d.dataset if d.dataset is not None else ds.artifact  # type: ignore[union-attr]
+    name = d.sampling or (f"{d.strategy}_{cfg.cluster.k}" if d.strategy.startswith("cluster") else d.strategy)
+    train = store.join(folder, f"train_{name}.npz")
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not store.exists(train):
+        have = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}/train_*.npz"))
+        raise InputError(f"distill.dataset: {train!r} does not exist (found {have or 'no train_*.npz'}); "
+                         "set distill.sampling or distill.strategy to one of the files")
+    valid = {}
+    for p in sorted(fs.glob(f"{path}/valid_*.npz")):
+        base = p.rsplit("/", 1)[-1]
+        valid[base[len("valid_"):-len(".npz")]] = store.join(folder, base)
+    if d.dataset is None:
+        key = ds.key  # type: ignore[union-attr]
+    else:  # a foreign folder: its files' names, sizes and modification times
+        ident = [(u, fs.size(fsspec.core.url_to_fs(u)[1]), _mtime(u)) for u in [train, *valid.values()]]
+        key = store.content_key("distill-input", ident)
+    return DistillFiles(folder=folder, sampling=name, train=train, valid=valid, key=key)
 
 
-def run_distill(cfg: PipelineConfig, ds: StageOutput) -> StageOutput:
-    """Stage 4: finetune the student on the published triplets; accuracy before and after."""
-    plan = plan_distill(cfg, ds)
+def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
+    conf = {"distill": cfg.distill.model_dump(), "seed": cfg.seed, "source": _source_identity(cfg)}
+    return _plan(cfg, "distill", conf, [files.key], distill, models, store)
+
+
+def _read_split(cfg: PipelineConfig, url: str, src: sources.ImageSource) -> formats.AlignetTriplets:
+    if cfg.distill.join == "filenames":
+        return distill.join_by_filenames(formats.read_alignet_npz(url), src, url)
+    return formats.read_alignet_npz(url, len(src))
+
+
+class HumanTest(BaseModel):
+    """Held-out human (or proxy) triplets over objects, for zero-shot odd-one-out accuracy."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    triplets: np.ndarray  # (t, 3) object ids, odd one in column 2
+    object_of_image: np.ndarray  # (n,) object id of each image, -1 for none
+    is_proxy: bool
+
+
+def human_test_split(cfg: PipelineConfig, src: sources.ImageSource) -> HumanTest | None:
+    """The held-out human triplets of the transform stage (same split), or None without human data."""
+    if cfg.human.triplets is None and cfg.source.kind != "demo":
+        return None
+    data = load_human_data(cfg, src)
+    _, va = human.split_triplets(len(data.triplets), cfg.transform.val_fraction, cfg.seed)
+    return HumanTest(triplets=data.triplets[va], object_of_image=data.object_of_image, is_proxy=data.is_proxy)
+
+
+def run_distill(
+    cfg: PipelineConfig,
+    ds: StageOutput | None,
+    progress: Callable[[int, float], None] | None = None,
+) -> StageOutput:
+    """Stage 4: finetune the student on official-format triplets (the pipeline's own, or a folder
+    given as `distill.dataset`); triplet accuracy vs the teacher and human odd-one-out accuracy,
+    before and after. `progress(step, loss)` is called after every training step."""
+    files = distill_files(cfg, ds)
+    plan = plan_distill(cfg, files)
     if (done := _reuse(plan)) is not None:
         return done
-    if cfg.distill.strategy not in cfg.sample.strategies:
-        raise ConfigError(f"distill.strategy: {cfg.distill.strategy!r} is not among sample.strategies "
-                          f"{list(cfg.sample.strategies)}")
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     src = sources.source_from_config(cfg.source)
-    train = formats.read_alignet_npz(_dataset_file(ds, cfg, "train", cfg.distill.strategy), len(src))
-    valids = {s: formats.read_alignet_npz(_dataset_file(ds, cfg, "valid", s), len(src)) for s in cfg.sample.strategies}
-    n_eval = cfg.distill.n_eval
-    student = distill.build_student(cfg.distill, cfg.seed)  # "before": the pretrained backbone's own features
-    before = _student_accuracy(student, valids, src, device, False, n_eval, cfg.distill.num_workers)
+    train = _read_split(cfg, files.train, src)
+    valids = {name: _read_split(cfg, url, src) for name, url in files.valid.items()}
+    test = human_test_split(cfg, src)
+    d = cfg.distill
+    student = distill.build_student(d, cfg.seed)  # "before": the pretrained backbone's own features
+    before, human_before = _student_accuracy(student, valids, test, src, device, False, d.n_eval, d.num_workers)
     del student
-    log_ = distill.train_student(train, src, cfg.distill, plan.dir, device, cfg.seed)
-    trained = distill.load_student(plan.dir, cfg.distill)
-    after = _student_accuracy(trained, valids, src, device, True, n_eval, cfg.distill.num_workers)
+    log_ = distill.train_student(train, src, d, plan.dir, device, cfg.seed, progress)
+    trained = distill.load_student(plan.dir, d)
+    after, human_after = _student_accuracy(trained, valids, test, src, device, True, d.n_eval, d.num_workers)
     metrics = {
+        "dataset": files.folder,
+        "sampling": files.sampling,
+        "n_train": len(train),
         "acc_before": before,
         "acc_after": after,
+        "human_acc_before": human_before,
+        "human_acc_after": human_after,
+        "human_data": None if test is None else ("taxonomy proxy (not human)" if test.is_proxy else cfg.human.triplets),
+        "n_human_test": 0 if test is None else int(len(test.triplets)),
         "steps": log_["steps"],
         "final_loss": log_["final_loss"],
         "loss_curve": log_["loss_curve"],
+        "train_seconds": log_["seconds"],
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    return _finish(plan, plan.dir, metrics, {"distill": cfg.distill.model_dump()}, [ds.key])
+    return _finish(plan, plan.dir, metrics, {"distill": d.model_dump()}, [files.key])
 
 
 def _student_accuracy(
     model: distill.TripletStudent,
     valids: dict[str, formats.AlignetTriplets],
+    test: HumanTest | None,
     src: sources.ImageSource,
     device: Any,
     use_head: bool,
     n_eval: int,
     num_workers: int,
-) -> dict[str, float]:
-    """Triplet accuracy vs the teacher on the first `n_eval` held-out rows of each sampling,
-    embedding each image the evaluation needs once for all samplings."""
-    rows = np.unique(np.concatenate([v.indices[:n_eval].ravel() for v in valids.values()]))
+) -> tuple[dict[str, float], float | None]:
+    """Triplet accuracy vs the teacher on the first `n_eval` held-out rows of each sampling, and
+    odd-one-out accuracy on the held-out human triplets (object = mean of its images), embedding
+    each image the evaluation needs once."""
+    needed = [v.indices[:n_eval].ravel() for v in valids.values()]
+    objs = np.zeros(0, dtype=np.int64)
+    if test is not None:
+        objs = np.unique(test.triplets)
+        needed.append(np.flatnonzero(np.isin(test.object_of_image, objs)))
+    rows = np.unique(np.concatenate(needed)) if needed else np.zeros(0, dtype=np.int64)
     emb = distill.embed_images(model, [src.records[int(r)].path for r in rows], device, use_head=use_head,
                                num_workers=num_workers)
     pool = np.zeros((len(src), emb.shape[1]), dtype=np.float32)
     pool[rows] = emb
-    return {s: evaluate.triplet_accuracy(evaluate.pair_similarities(pool, v.indices[:n_eval]))
+    accs = {s: evaluate.triplet_accuracy(evaluate.pair_similarities(pool, v.indices[:n_eval]))
             for s, v in valids.items()}
+    if test is None:
+        return accs, None
+    img = np.flatnonzero(np.isin(test.object_of_image, objs))
+    obj_emb = human.object_embeddings(pool[img], np.searchsorted(objs, test.object_of_image[img]), len(objs))
+    return accs, evaluate.odd_one_out_accuracy(obj_emb, np.searchsorted(objs, test.triplets))
 
 
 # ----------------------------------------------------------------------------- report
@@ -405,7 +485,7 @@ def summarize(cfg: PipelineConfig, outs: dict[str, StageOutput]) -> dict[str, An
     """The machine-readable summary of one pipeline run (written as summary.json)."""
     t, c, s = outs["transform"].metrics, outs["cluster"].metrics, outs["sample"].metrics
     d = outs["distill"].metrics if "distill" in outs else {}
-    strategy = cfg.distill.strategy
+    strategy = d.get("sampling", cfg.distill.strategy)
     return {
         "dataset": outs["sample"].artifact,
         "transform_acc_before": t.get("acc_before"),
@@ -419,6 +499,8 @@ def summarize(cfg: PipelineConfig, outs: dict[str, StageOutput]) -> dict[str, An
         "student_strategy": strategy,
         "student_acc_before": d.get("acc_before", {}).get(strategy),
         "student_acc_after": d.get("acc_after", {}).get(strategy),
+        "student_human_acc_before": d.get("human_acc_before"),
+        "student_human_acc_after": d.get("human_acc_after"),
         "student_acc_before_by_sampling": d.get("acc_before"),
         "student_acc_after_by_sampling": d.get("acc_after"),
         "stage_seconds": {name: o.metrics.get("seconds") for name, o in outs.items()},
@@ -442,6 +524,8 @@ def render_report(summary: dict[str, Any]) -> str:
         f"| {pct(summary['transform_acc_after'])} |",
         f"| student triplet accuracy vs teacher ({summary['student_strategy']}) | "
         f"{pct(summary['student_acc_before'])} | {pct(summary['student_acc_after'])} |",
+        f"| student odd-one-out accuracy on held-out human triplets ({summary['human_data']}) | "
+        f"{pct(summary['student_human_acc_before'])} | {pct(summary['student_human_acc_after'])} |",
         "",
         f"Clusters vs labels: NMI {summary['cluster_nmi']}, ARI {summary['cluster_ari']}",
         "",
@@ -483,7 +567,9 @@ def preflight(cfg: PipelineConfig) -> None:
     models.resolve_weights(cfg.embed.model, cfg.embed.weights)
     if cfg.distill.enabled:
         models.resolve_weights(cfg.distill.student, cfg.distill.weights)
-        if cfg.distill.strategy not in cfg.sample.strategies:
+        if cfg.distill.dataset is not None and not store.exists(cfg.distill.dataset):
+            raise InputError(f"distill.dataset: folder {cfg.distill.dataset!r} does not exist")
+        if cfg.distill.dataset is None and cfg.distill.strategy not in cfg.sample.strategies:
             raise ConfigError(f"distill.strategy: {cfg.distill.strategy!r} must be one of sample.strategies "
                               f"{list(cfg.sample.strategies)}")
     if cfg.cluster.k > n:

@@ -1,4 +1,8 @@
-"""Flow: distillation of the student on the published dataset (the hand-off target)."""
+"""Flow: distillation of the student (the hand-off target of the dataset flow).
+
+With `distill.dataset` set it trains on that folder of official-format files alone, so a
+deployment can send it to a GPU work pool without rerunning (or even having) earlier stages.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ from tasks.transform import fit_transform
 
 @flow(name="distill")
 def distill_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> StageOutput:
-    """Stage 4 alone: finetune the student (earlier stages come from the cache or are computed)."""
+    """Stage 4: finetune the student on `distill.dataset`, or on the pipeline's own dataset
+    (earlier stages then come from the cache or are computed)."""
     cfg = resolve_config(config_path, overrides)
+    if cfg.distill.dataset is not None:
+        return distill(cfg, None)
     tfm = fit_transform(cfg, embed(cfg))
-    ds = sample_on_dask(cfg, tfm, cluster(cfg, tfm))
-    return distill(cfg, ds)
+    return distill(cfg, sample_on_dask(cfg, tfm, cluster(cfg, tfm)))

@@ -207,6 +207,37 @@ def test_triplet_batches_decode_each_image_once_in_a_deterministic_order(pool, t
         distill.TripletBatches(split, pool, tf, 10_000, seed=3)
 
 
+def test_cached_images_give_the_same_batches(pool, train_split):
+    split, _ = train_split
+    tf = distill.eval_transform(models.create_model(TINY, None), 32)
+    plain = distill.TripletBatches(split, pool, tf, 16, seed=3, grad_accum=2)
+    cached = distill.TripletBatches(split, pool, tf, 16, seed=3, grad_accum=2, cache=True)
+    assert cached._cache is not None and len(cached._cache) == len(np.unique(split.indices))
+    for k in (0, 1, 5, len(plain) + 2):
+        for x, y in zip(plain[k], cached[k]):
+            assert torch.equal(x, y)
+
+
+def test_join_by_filenames_points_foreign_triplets_at_the_source(pool):
+    ids = [r.id for r in pool.records]
+    bases = [os.path.basename(r.path) for r in pool.records]
+    # a foreign file: indices number another pool (garbage here); names are our ids or file names
+    names = np.array([[ids[0], bases[5], ids[9]], [bases[2], ids[3], ids[4]]])
+    foreign = formats.AlignetTriplets(np.full((2, 3), 10_000), names, np.array([[3, 1, 0], [2, 1, 0]], np.float32))
+    joined = distill.join_by_filenames(foreign, pool, "x.npz")
+    np.testing.assert_array_equal(joined.indices, [[0, 5, 9], [2, 3, 4]])
+    np.testing.assert_array_equal(joined.similarities, foreign.similarities)
+    bad = formats.AlignetTriplets(foreign.indices, np.array([[ids[0], "n01440764_10026.JPEG", ids[1]]] * 2),
+                                  foreign.similarities)
+    with pytest.raises(InputError, match=r"x.npz: 1 of 3 filenames match no image.*n01440764_10026"):
+        distill.join_by_filenames(bad, pool, "x.npz")
+    # a file name two images share is ambiguous and never matches
+    twin = sources.ImageSource((pool.records[0], sources.ImageRecord("other", "/elsewhere/" + bases[0])), "twins")
+    with pytest.raises(InputError, match="match no image"):
+        distill.join_by_filenames(formats.AlignetTriplets(np.zeros((1, 3), int), np.array([[bases[0]] * 3]),
+                                                          np.zeros((1, 3), np.float32)), twin, "y.npz")
+
+
 # ----------------------------------------------------------------------------- resume after a kill
 _KILLED_RUN = textwrap.dedent(
     """

@@ -1,0 +1,87 @@
+"""Small PNG charts for run reports and Prefect artifacts.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot state, no display),
+and embedded in markdown as data URIs, which the Prefect UI renders in its artifact view.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_SIZE = (6.4, 3.2)
+_DPI = 100
+
+
+def _png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    return buf.getvalue()
+
+
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing mean over up to `window` points: (n,) → (n,) float64 (the first points average
+    what they have)."""
+    x = np.asarray(values, dtype=np.float64)
+    if window <= 1 or len(x) == 0:
+        return x
+    c = np.cumsum(np.concatenate([[0.0], x]))
+    idx = np.arange(1, len(x) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def loss_curve_png(losses: Sequence[float], title: str = "training loss") -> bytes:
+    """Per-step loss (thin) and its moving average (thick) against the optimizer step."""
+    fig = Figure(figsize=_SIZE)
+    ax = fig.add_subplot()
+    steps = np.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, lw=0.7, alpha=0.45, color="tab:blue", label="per step")
+    window = max(1, len(losses) // 20)
+    ax.plot(steps, moving_average(losses, window), lw=2.0, color="tab:blue", label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    return _png(fig)
+
+
+def before_after_png(scores: Mapping[str, tuple[float | None, float | None]], title: str, chance: float | None = None) -> bytes:
+    """Grouped bars of a score before and after, one group per named measure (None: no bar)."""
+    fig = Figure(figsize=_SIZE)
+    ax = fig.add_subplot()
+    names = list(scores)
+    x = np.arange(len(names))
+    for offset, label, pick, color in ((-0.2, "before", 0, "tab:gray"), (0.2, "after", 1, "tab:green")):
+        vals = [scores[n][pick] for n in names]
+        ax.bar(x[[v is not None for v in vals]] + offset, [v for v in vals if v is not None], width=0.4,
+               label=label, color=color)
+    if chance is not None:
+        ax.axhline(chance, ls="--", lw=1, color="k", label="chance")
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set(ylabel="accuracy", title=title, ylim=(0, 1.15))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", ncol=3, fontsize=8)
+    return _png(fig)
+
+
+def sizes_png(sizes: Sequence[int], title: str = "cluster sizes") -> bytes:
+    """Bars of group sizes, largest first."""
+    fig = Figure(figsize=_SIZE)
+    ax = fig.add_subplot()
+    s = np.sort(np.asarray(sizes))[::-1]
+    ax.bar(np.arange(len(s)), s, width=0.9, color="tab:purple")
+    ax.set(xlabel="cluster (by size)", ylabel="images", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def markdown_image(png: bytes, alt: str) -> str:
+    """A markdown image whose source is the PNG itself (a data URI)."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"

@@ -1,0 +1,76 @@
+"""Stage 4 as the pipeline runs it: on a foreign folder of official-format files joined to the
+image source by filenames, scored against the teacher and on held-out (proxy) human triplets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignet_core import distill, evaluate, formats, sources, stages, store
+from alignet_core.config import parse_config, with_overrides
+from alignet_core.errors import InputError
+from alignet_core.hardware import resolve_device
+
+
+def _write_split(path: Path, src: sources.ImageSource, n: int, seed: int) -> None:
+    """Random triplets ordered by a fixed pixel-free teacher (id hash), with foreign indices."""
+    g = np.random.default_rng(seed)
+    emb = g.normal(size=(len(src), 8))
+    idx = np.stack([g.choice(len(src), 3, replace=False) for _ in range(n)])
+    a, b, c = emb[idx[:, 0]], emb[idx[:, 1]], emb[idx[:, 2]]
+    sims = np.stack([(a * b).sum(1), (a * c).sum(1), (b * c).sum(1)], 1)
+    idx, sims, _ = formats.order_by_similarity(idx, sims)
+    names = src.ids()[idx]
+    formats.write_alignet_npz(str(path), idx + 5000, names, sims.astype(np.float32))  # indices of another pool
+
+
+@pytest.fixture()
+def cfg(tmp_path):
+    base = parse_config({})
+    src = sources.subset(sources.demo_source(), 80)
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    _write_split(folder / "train_mine.npz", src, 300, 0)
+    _write_split(folder / "valid_mine.npz", src, 60, 1)
+    _write_split(folder / "valid_other.npz", src, 40, 2)
+    return with_overrides(base, {
+        "root": str(tmp_path / "root"), "source.limit": 80, "human.proxy_n_triplets": 500,
+        "distill.student": "resnet10t", "distill.weights": None, "distill.head_dim": 16, "distill.steps": 3,
+        "distill.batch_triplets": 8, "distill.warmup_steps": 1, "distill.image_size": 32,
+        "distill.dataset": str(folder), "distill.sampling": "mine", "distill.join": "filenames",
+        "distill.cache_images": True,
+    })
+
+
+def test_distill_stage_on_a_foreign_folder_scores_teacher_and_human_triplets(cfg):
+    out = stages.run_distill(cfg, None)
+    m = out.metrics
+    assert m["sampling"] == "mine" and m["n_train"] == 300 and m["steps"] == 3
+    assert set(m["acc_before"]) == set(m["acc_after"]) == {"mine", "other"}
+    assert m["n_human_test"] == 50 and m["human_data"].startswith("taxonomy proxy")
+    for k in ("human_acc_before", "human_acc_after"):
+        assert 0.0 <= m[k] <= 1.0
+    assert (Path(out.artifact) / distill.STUDENT_FILE).exists()
+
+    # the human score is the odd-one-out accuracy of the trained student's embeddings
+    src = sources.source_from_config(cfg.source)
+    test = stages.human_test_split(cfg, src)
+    student = distill.load_student(out.artifact, cfg.distill)
+    emb = distill.embed_images(student, src.paths(), resolve_device("cpu"))
+    assert m["human_acc_after"] == pytest.approx(evaluate.odd_one_out_accuracy(emb, test.triplets), abs=1e-6)
+
+    # rerun: the finished stage is reused; a changed input file makes a new key
+    assert stages.run_distill(cfg, None).key == out.key
+    files = stages.distill_files(cfg, None)
+    os.utime(files.train, (1, 1))
+    assert stages.distill_files(cfg, None).key != files.key
+
+
+def test_distill_stage_names_a_missing_training_file(cfg):
+    cfg = with_overrides(cfg, {"distill.sampling": "cluster_border_500"})
+    with pytest.raises(InputError, match=r"train_cluster_border_500.npz.*does not exist.*train_mine.npz"):
+        stages.run_distill(cfg, None)
+    assert not store.exists(store.join(cfg.root, "stages", "distill"))
