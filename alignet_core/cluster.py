@@ -90,7 +90,10 @@ def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int) -> tuple[np.ndarra
     rows = np.sort(rng.choice(valid_idx, size=n_train, replace=False)) if n_train < len(valid_idx) else valid_idx
     x = gather_rows(emb, rows, block_rows=cfg.chunk_rows)
     if not np.isfinite(x).all():
-        raise InputError(f"{store_url!r}: embeddings of valid rows hold NaN or inf")
+        bad = rows[~np.isfinite(x).all(axis=1)]
+        full = np.zeros((n, 1), dtype=np.float32)
+        full[bad] = np.nan
+        store.check_finite_rows(full, np.ones(n, dtype=bool), store_url, np.asarray(g["ids"][:]))
     if cfg.spherical:
         _normalize(x)
     if n_train < 39 * cfg.k:
@@ -150,11 +153,16 @@ def assign_clusters(
     index = _flat_index(c, spherical, use_gpu)
     assignments = np.full(n, -1, dtype=np.int64)
     distances = np.full(n, np.nan, dtype=np.float32)
+    ids = None
     for _, start, stop in store.iter_chunks(n, chunk_rows):
         ok = np.asarray(valid_arr[start:stop], dtype=bool)
         if not ok.any():
             continue
-        x = np.ascontiguousarray(np.asarray(emb[start:stop])[ok], dtype=np.float32)
+        chunk = np.asarray(emb[start:stop])
+        if not np.isfinite(chunk[ok]).all():
+            ids = np.asarray(g["ids"][:]) if ids is None else ids
+            store.check_finite_rows(chunk, ok, store_url, ids, offset=start)
+        x = np.ascontiguousarray(chunk[ok], dtype=np.float32)
         if spherical:
             _normalize(x)
         d, i = index.search(x, 1)
@@ -185,9 +193,8 @@ def save_kmeans(result: KMeansResult, dir_url: str) -> dict:
     cluster strategies. Returns the JSON summary (k, sizes, inertia curve, final inertia).
     """
     store.makedirs(dir_url)
-    for name in _ARRAYS:
-        with fsspec.open(store.join(dir_url, f"{name}.npy"), "wb") as f:
-            np.save(f, getattr(result, name), allow_pickle=False)
+    for name in _ARRAYS:  # each file whole or not at all
+        store.write_npy(store.join(dir_url, f"{name}.npy"), getattr(result, name))
     summary = {
         "k": int(len(result.centroids)),
         "n_rows": int(len(result.assignments)),

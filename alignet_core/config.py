@@ -7,6 +7,7 @@ message names each offending field and what was expected.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -198,7 +199,18 @@ class PipelineConfig(_Config):
     """The whole pipeline: where artifacts go, the seed, the hardware and every stage."""
 
     root: str = Field("alignet-data", description="artifact root (local path or fsspec URL)")
-    dataset_name: str = Field("demo", description="name of the published dataset")
+    dataset_name: str = Field(
+        "demo",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="name of the published dataset; a plain folder name (letters, digits, '.', '_', '-'), "
+        "so the dataset stays under <root>/datasets/",
+    )
+    lock_timeout: float | None = Field(
+        None,
+        ge=0,
+        description="seconds a stage waits for another run writing the same output on this root; "
+        "null: as long as it takes (then reuses that output), 0: fail at once",
+    )
     seed: int = Field(0, ge=0, description="fixes every random choice")
     device: Device = Field("auto", description="auto: cuda when available, else cpu")
     source: SourceConfig = Field(default_factory=SourceConfig)
@@ -210,10 +222,28 @@ class PipelineConfig(_Config):
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed in the config section that holds the field at `loc`."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        info = model.model_fields.get(str(part))
+        ann = info.annotation if info is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _section_fields(tuple(e["loc"]))
+            close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"{where}: unknown field{hint}; expected one of {allowed}")
+            continue
         got = e.get("input")
         got_s = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"{where}: {e['msg']}{got_s}")

@@ -237,7 +237,10 @@ def extract_embeddings(
     """
     t0 = time.perf_counter()
     if model is None:
-        model = create_model(cfg.model, cfg.weights)
+        # a random init (weights null) is seeded, so a resumed run continues with the very same model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = create_model(cfg.model, cfg.weights)
     model = model.eval().to(device=device, memory_format=torch.channels_last)
     _, h, w = data_config(model)["input_size"]
     example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)

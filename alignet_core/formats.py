@@ -84,9 +84,7 @@ def read_things_triplets(url: str, n_objects: int | None = None) -> np.ndarray:
 def write_things_triplets(url: str, triplets: np.ndarray) -> None:
     """Write triplets as text rows `i j k` (k the odd one out)."""
     t = validate_triplets(triplets, None, "triplets")
-    with fsspec.open(url, "w") as f:
-        f.write("\n".join(f"{a} {b} {c}" for a, b, c in t.tolist()))
-        f.write("\n")
+    store.write_bytes_atomic(url, ("\n".join(f"{a} {b} {c}" for a, b, c in t.tolist()) + "\n").encode())
 
 
 def read_probabilities(url: str, n_triplets: int) -> np.ndarray:
@@ -181,6 +179,11 @@ def read_alignet_npz(url: str, n_images: int | None = None) -> AlignetTriplets:
                 raise InputError(f"{url}: an array holds Python objects, refused ({err})") from None
     except FileNotFoundError:
         raise InputError(f"AligNet file {url!r} does not exist") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"{url}: not a readable AligNet .npz file (a zip of .npy arrays "
+                         f"{list(ALIGNET_KEYS)}): {err}") from None
     n = len(idx)
     for key, arr in (("indices", idx), ("filenames", names), ("similarities", sims)):
         if arr.ndim != 2 or arr.shape != (n, 3):

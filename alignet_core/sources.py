@@ -20,6 +20,7 @@ import logging
 import posixpath
 import tarfile
 import threading
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from glob import has_magic
@@ -283,6 +284,10 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
         labels: dict[str, str] = {}
         with fsspec.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
             for name, info in index.items():
+                norm = posixpath.normpath(name)
+                if posixpath.isabs(name) or norm == ".." or norm.startswith("../"):
+                    raise InputError(f"source.path: tar shard {shard!r} has member {name!r}, which points outside "
+                                     "the shard; member names must be relative paths without '..'")
                 folder, base = posixpath.split(name)
                 if base.startswith("."):
                     continue
@@ -373,14 +378,17 @@ def load_image(path: str) -> PIL.Image.Image:
     if not data:
         raise InputError(f"{path}: image file is empty (0 bytes)")
     try:
-        img = PIL.Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():
+            # over PIL's pixel limit (MAX_IMAGE_PIXELS, ~89 Mpx) is refused, not just warned about
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            img = PIL.Image.open(io.BytesIO(data))
+            img.load()
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as err:
+        raise InputError(f"{path}: image too large to decode safely: {err}") from None
     except PIL.Image.UnidentifiedImageError:
         raise InputError(f"{path}: not a readable image (unknown or corrupt format, {len(data)} bytes)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise InputError(f"{path}: truncated or corrupt image: {err}") from None
-    except PIL.Image.DecompressionBombError as err:
-        raise InputError(f"{path}: image too large to decode safely: {err}") from None
     try:
         img = PIL.ImageOps.exif_transpose(img)
     except Exception as err:  # noqa: BLE001 — a broken EXIF block should not lose the image

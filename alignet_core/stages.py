@@ -27,6 +27,7 @@ from alignet_core import (
     evaluate,
     formats,
     human,
+    lock,
     models,
     sampling,
     sources,
@@ -35,7 +36,7 @@ from alignet_core import (
     transform,
 )
 from alignet_core.config import PipelineConfig
-from alignet_core.errors import ConfigError, InputError
+from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import resolve_device
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,19 @@ def _finish(plan: StagePlan, artifact: str, metrics: dict[str, Any], config: Any
 
 
 def _reuse(plan: StagePlan) -> StageOutput | None:
+    """The output of a complete stage directory, or None. A manifest is trusted only when it names this
+    stage and key and an artifact inside the artifact root (`StoreError` otherwise): a copied or edited
+    manifest can never point a run at files elsewhere."""
     if not store.is_complete(plan.dir):
         return None
     m = store.read_manifest(plan.dir)
+    root = plan.dir.rstrip("/").rsplit("/", 3)[0]  # <root>/stages/<stage>/<key>
+    if m.get("stage") != plan.stage or m.get("key") != plan.key or not store.is_inside(m.get("artifact"), root):
+        raise StoreError(
+            f"{store.join(plan.dir, store.MANIFEST)}: names stage {m.get('stage')!r}, key {m.get('key')!r} and "
+            f"artifact {m.get('artifact')!r}; expected stage {plan.stage!r}, key {plan.key!r} and an artifact "
+            f"inside the root {root!r}. Delete {plan.dir!r} to recompute it"
+        )
     log.info("%s: reusing complete output %s", plan.stage, plan.dir)
     return StageOutput(stage=plan.stage, key=plan.key, dir=plan.dir, artifact=m["artifact"], metrics=m["metrics"])
 
@@ -102,18 +113,22 @@ def run_embed(cfg: PipelineConfig, progress: Callable[[int, int], None] | None =
     plan = plan_embed(cfg)
     if (done := _reuse(plan)) is not None:
         return done
-    t0 = time.perf_counter()
-    src = sources.source_from_config(cfg.source)
-    url = store.join(plan.dir, "embeddings.zarr")
-    info = embed.extract_embeddings(src, cfg.embed, url, resolve_device(cfg.device), progress=progress)
-    metrics = {
-        "n_images": info["n"],
-        "n_valid": info["n_valid"],
-        "dim": info["dim"],
-        "skipped": info["skipped"],
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    return _finish(plan, url, metrics, {"embed": cfg.embed.model_dump()}, [])
+    with lock.stage_lock(plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(plan.dir):
+        if (done := _reuse(plan)) is not None:  # another run finished it while this one waited
+            return done
+        store.remove_temporaries(plan.dir)
+        t0 = time.perf_counter()
+        src = sources.source_from_config(cfg.source)
+        url = store.join(plan.dir, "embeddings.zarr")
+        info = embed.extract_embeddings(src, cfg.embed, url, resolve_device(cfg.device), progress=progress)
+        metrics = {
+            "n_images": info["n"],
+            "n_valid": info["n_valid"],
+            "dim": info["dim"],
+            "skipped": info["skipped"],
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        return _finish(plan, url, metrics, {"embed": cfg.embed.model_dump()}, [])
 
 
 # ----------------------------------------------------------------------------- human triplets
@@ -185,59 +200,72 @@ def plan_transform(cfg: PipelineConfig, emb: StageOutput) -> StagePlan:
 def run_transform(cfg: PipelineConfig, emb: StageOutput) -> StageOutput:
     """Stage 1: fit the human-aligned affine transform and apply it to the store chunk-wise.
 
-    With `transform.enabled` false the output is the untransformed store (no fit)."""
+    With `transform.enabled` false the output is the untransformed store (no fit). A run killed after
+    the fit was saved resumes with that fit (it is not refitted), so the applied chunks of the killed
+    run and of the rerun always come from the same transform, even where fits are not bit-reproducible."""
     plan = plan_transform(cfg, emb)
     if (done := _reuse(plan)) is not None:
         return done
     if not cfg.transform.enabled:
         return _finish(plan, emb.artifact, {"enabled": False, "seconds": 0.0}, {"enabled": False}, [emb.key])
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
-    src = sources.source_from_config(cfg.source)
-    data = load_human_data(cfg, src)
-    g = store.open_embeddings(emb.artifact)
-    valid = g["valid"][:]
-    emb_all = np.asarray(g["embeddings"][:], dtype=np.float32)  # fit-time only; pool subsampled below
-    ooi = np.where(valid, data.object_of_image, -1)
-    objects = human.object_embeddings(emb_all, ooi, data.n_objects)
-    tr, va = human.split_triplets(len(data.triplets), cfg.transform.val_fraction, cfg.seed)
-    probs = data.probs
-    rng = np.random.default_rng(cfg.seed)
-    pool_rows = np.flatnonzero(valid)
-    if len(pool_rows) > 20000:
-        pool_rows = np.sort(rng.choice(pool_rows, 20000, replace=False))
-    fit = transform.fit_transform(
-        objects,
-        data.triplets[tr],
-        data.triplets[va],
-        cfg.transform,
-        cfg.seed,
-        device,
-        train_probs=None if probs is None else probs[tr],
-        val_probs=None if probs is None else probs[va],
-        pool=emb_all[pool_rows],
-    )
-    store.makedirs(plan.dir)
-    formats.write_things_triplets(store.join(plan.dir, "human_triplets.txt"), data.triplets)
-    if probs is not None:
-        formats.write_probabilities(store.join(plan.dir, "human_probabilities.npy"), probs)
-    fit.transform.save(store.join(plan.dir, "transform.safetensors"),
-                       {"config": cfg.transform.model_dump(), "history": fit.history, "best_epoch": fit.best_epoch})
-    out_url = store.join(plan.dir, "transformed.zarr")
-    transform.apply_transform_to_store(emb.artifact, out_url, fit.transform, cfg.transform.chunk_rows, device)
-    metrics = {
-        "enabled": True,
-        "human_data": "taxonomy proxy (not human)" if data.is_proxy else cfg.human.triplets,
-        "n_triplets": int(len(data.triplets)),
-        "n_train": int(len(tr)),
-        "n_heldout": int(len(va)),
-        "acc_before": fit.val_acc_before,
-        "acc_after": fit.val_acc_after,
-        "train_acc_after": fit.train_acc_after,
-        "best_epoch": fit.best_epoch,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    return _finish(plan, out_url, metrics, {"transform": cfg.transform.model_dump()}, [emb.key])
+    with lock.stage_lock(plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(plan.dir):
+        if (done := _reuse(plan)) is not None:  # another run finished it while this one waited
+            return done
+        store.remove_temporaries(plan.dir)
+        t0 = time.perf_counter()
+        device = resolve_device(cfg.device)
+        transform_url = store.join(plan.dir, "transform.safetensors")
+        saved = transform.load_saved_fit(transform_url)
+        if saved is not None:
+            tf, fit_metrics = saved, saved.info["metrics"]
+            log.info("transform: resuming with the fit saved by an interrupted run (%s)", transform_url)
+        else:
+            src = sources.source_from_config(cfg.source)
+            data = load_human_data(cfg, src)
+            g = store.open_embeddings(emb.artifact)
+            valid = g["valid"][:]
+            emb_all = np.asarray(g["embeddings"][:], dtype=np.float32)  # fit-time only; pool subsampled below
+            store.check_finite_rows(emb_all, valid, emb.artifact, np.asarray(g["ids"][:]))
+            ooi = np.where(valid, data.object_of_image, -1)
+            objects = human.object_embeddings(emb_all, ooi, data.n_objects)
+            tr, va = human.split_triplets(len(data.triplets), cfg.transform.val_fraction, cfg.seed)
+            probs = data.probs
+            rng = np.random.default_rng(cfg.seed)
+            pool_rows = np.flatnonzero(valid)
+            if len(pool_rows) > 20000:
+                pool_rows = np.sort(rng.choice(pool_rows, 20000, replace=False))
+            fit = transform.fit_transform(
+                objects,
+                data.triplets[tr],
+                data.triplets[va],
+                cfg.transform,
+                cfg.seed,
+                device,
+                train_probs=None if probs is None else probs[tr],
+                val_probs=None if probs is None else probs[va],
+                pool=emb_all[pool_rows],
+            )
+            fit_metrics = {
+                "human_data": "taxonomy proxy (not human)" if data.is_proxy else cfg.human.triplets,
+                "n_triplets": int(len(data.triplets)),
+                "n_train": int(len(tr)),
+                "n_heldout": int(len(va)),
+                "acc_before": fit.val_acc_before,
+                "acc_after": fit.val_acc_after,
+                "train_acc_after": fit.train_acc_after,
+                "best_epoch": fit.best_epoch,
+            }
+            store.makedirs(plan.dir)
+            formats.write_things_triplets(store.join(plan.dir, "human_triplets.txt"), data.triplets)
+            if probs is not None:
+                formats.write_probabilities(store.join(plan.dir, "human_probabilities.npy"), probs)
+            tf = fit.transform
+            tf.save(transform_url, {"config": cfg.transform.model_dump(), "history": fit.history,
+                                    "best_epoch": fit.best_epoch, "metrics": fit_metrics})
+        out_url = store.join(plan.dir, "transformed.zarr")
+        transform.apply_transform_to_store(emb.artifact, out_url, tf, cfg.transform.chunk_rows, device)
+        metrics = {"enabled": True, **fit_metrics, "seconds": round(time.perf_counter() - t0, 2)}
+        return _finish(plan, out_url, metrics, {"transform": cfg.transform.model_dump()}, [emb.key])
 
 
 # ----------------------------------------------------------------------------- cluster
@@ -251,17 +279,21 @@ def run_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StageOutput:
     plan = plan_cluster(cfg, tfm)
     if (done := _reuse(plan)) is not None:
         return done
-    t0 = time.perf_counter()
-    res = cluster.run_kmeans(tfm.artifact, cfg.cluster, cfg.seed)
-    summary = cluster.save_kmeans(res, plan.dir)
-    metrics: dict[str, Any] = {k: summary[k] for k in ("k", "sizes", "inertia", "inertia_curve")}
-    labels = sources.source_from_config(cfg.source).labels()
-    ok = (res.assignments >= 0) & (labels != "")
-    if ok.any():
-        metrics.update(evaluate.cluster_agreement(labels[ok], res.assignments[ok]))
-    metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    return _finish(plan, store.join(plan.dir, "assignments.npy"), metrics, {"cluster": cfg.cluster.model_dump()},
-                   [tfm.key])
+    with lock.stage_lock(plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(plan.dir):
+        if (done := _reuse(plan)) is not None:  # another run finished it while this one waited
+            return done
+        store.remove_temporaries(plan.dir)
+        t0 = time.perf_counter()
+        res = cluster.run_kmeans(tfm.artifact, cfg.cluster, cfg.seed)
+        summary = cluster.save_kmeans(res, plan.dir)
+        metrics: dict[str, Any] = {k: summary[k] for k in ("k", "sizes", "inertia", "inertia_curve")}
+        labels = sources.source_from_config(cfg.source).labels()
+        ok = (res.assignments >= 0) & (labels != "")
+        if ok.any():
+            metrics.update(evaluate.cluster_agreement(labels[ok], res.assignments[ok]))
+        metrics["seconds"] = round(time.perf_counter() - t0, 2)
+        return _finish(plan, store.join(plan.dir, "assignments.npy"), metrics,
+                       {"cluster": cfg.cluster.model_dump()}, [tfm.key])
 
 
 # ----------------------------------------------------------------------------- sample
@@ -317,20 +349,27 @@ def run_sample_shard(sp: SamplingPlan, spec: dict[str, Any]) -> str:
 
 
 def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> StageOutput:
-    """Assemble finished shards into the official `.npz` files, published by one atomic rename."""
+    """Assemble finished shards into the official `.npz` files, published by one atomic rename.
+
+    Holds the stage's writer lock; temporary dataset folders of an earlier, killed publication are
+    removed first (they were never visible under the published name)."""
     if (done := _reuse(sp.plan)) is not None and store.exists(done.artifact):
         return done
-    src = sources.source_from_config(cfg.source)
-    specs = [dataset.ShardSpec(**d) for d in sp.specs]
-    manifest = dataset.assemble_dataset(sp.plan.dir, specs, src.ids(), sp.publish_url, sp.names)
-    metrics = {
-        "publish_url": sp.publish_url,
-        "files": manifest["files"],
-        "n_triplets": int(sum(f["n_triplets"] for f in manifest["files"].values())),
-        # wall time from planning (when the group files were written) to publication
-        "seconds": round(time.time() - min(_mtime(u) for u in sp.groups_urls.values()), 2),
-    }
-    return _finish(sp.plan, sp.publish_url, metrics, {"sample": cfg.sample.model_dump()}, sp.inputs)
+    with lock.stage_lock(sp.plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(sp.publish_url):
+        if (done := _reuse(sp.plan)) is not None and store.exists(done.artifact):
+            return done
+        store.remove_temporaries(sp.publish_url.rstrip("/").rsplit("/", 1)[0], recursive=False)
+        src = sources.source_from_config(cfg.source)
+        specs = [dataset.ShardSpec(**d) for d in sp.specs]
+        manifest = dataset.assemble_dataset(sp.plan.dir, specs, src.ids(), sp.publish_url, sp.names)
+        metrics = {
+            "publish_url": sp.publish_url,
+            "files": manifest["files"],
+            "n_triplets": int(sum(f["n_triplets"] for f in manifest["files"].values())),
+            # wall time from planning (when the group files were written) to publication
+            "seconds": round(time.time() - min(_mtime(u) for u in sp.groups_urls.values()), 2),
+        }
+        return _finish(sp.plan, sp.publish_url, metrics, {"sample": cfg.sample.model_dump()}, sp.inputs)
 
 
 def _mtime(url: str) -> float:
@@ -586,3 +625,24 @@ def preflight(cfg: PipelineConfig) -> None:
                           "or transform.enabled is false")
     if len(set(cfg.sample.strategies)) != len(cfg.sample.strategies):
         raise ConfigError(f"sample.strategies: duplicates in {list(cfg.sample.strategies)}")
+    resolve_device(cfg.device)
+    if cfg.embed.layers:
+        import torch
+
+        with torch.device("meta"):  # the module tree only: no weights, no memory
+            names = {name for name, _ in timm.create_model(cfg.embed.model, pretrained=False).named_modules()}
+        unknown = [name for name in cfg.embed.layers if name not in names or not name]
+        if unknown:
+            raise ConfigError(f"embed.layers: {unknown} are not modules of {cfg.embed.model!r}; expected names "
+                              "as in model.named_modules(), e.g. 'blocks.3'")
+    d = cfg.distill
+    if d.enabled and d.batch_triplets % d.grad_accum:
+        raise ConfigError(f"distill.grad_accum: {d.grad_accum} must divide distill.batch_triplets "
+                          f"({d.batch_triplets}) into equal micro-batches")
+    if h.triplets is not None:  # read and check the human data now, not after hours of embedding
+        try:
+            load_human_data(cfg, src)
+        except InputError as err:
+            field = next((f for f in ("probabilities", "objects") if getattr(h, f) and getattr(h, f) in str(err)),
+                         "triplets")
+            raise InputError(f"human.{field}: {err}") from None

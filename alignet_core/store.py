@@ -16,13 +16,18 @@ killed writer resumes without duplicated or lost rows.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import inspect
+import io
 import json
 import logging
 import os
+import posixpath
+import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import ModuleType
 from typing import Any
 
@@ -69,6 +74,59 @@ def remove(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def is_inside(url: str, root: str) -> bool:
+    """True when `url` is `root` or lies under it once '.', '..' and (locally) symlinks are resolved."""
+    if not isinstance(url, str) or not url:
+        return False
+    fs_u, p_u = _fs(url)
+    fs_r, p_r = _fs(root)
+    if type(fs_u) is not type(fs_r):
+        return False
+    if isinstance(fs_u, LocalFileSystem):
+        p_u, p_r = os.path.realpath(p_u), os.path.realpath(p_r)
+    else:
+        p_u, p_r = posixpath.normpath(p_u), posixpath.normpath(p_r)
+    return p_u == p_r or p_u.startswith(p_r.rstrip("/") + "/")
+
+
+_TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$")
+
+
+def remove_temporaries(dir_url: str, recursive: bool = True) -> int:
+    """Remove the `*.tmp-<uuid>` files and folders that writers killed mid-write left in a directory.
+
+    Call only while holding the directory's writer lock (`alignet_core.lock`): a live writer's
+    temporaries look the same. Returns how many were removed."""
+    fs, path = _fs(dir_url)
+    if not fs.isdir(path):
+        return 0
+    found = fs.find(path, withdirs=True) if recursive else fs.ls(path, detail=False)
+    stale = [p for p in sorted(found) if _TEMPORARY.search(p.rstrip("/"))]
+    removed = 0
+    for p in stale:
+        if any(p.startswith(q.rstrip("/") + "/") for q in stale if q != p):
+            continue  # inside a stale folder removed with it
+        fs.rm(p, recursive=True)
+        removed += 1
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted writer", dir_url, removed)
+    return removed
+
+
+def check_finite_rows(x: np.ndarray, valid: np.ndarray, url: str, ids: np.ndarray, offset: int = 0) -> None:
+    """`InputError` naming the store, row and image id when a valid row of x (m, p) holds NaN or inf.
+
+    valid: (m,) bool; ids: the store's (n,) ids; offset: the store row of x[0]."""
+    bad = np.flatnonzero(np.asarray(valid, dtype=bool) & ~np.isfinite(x).all(axis=1))
+    if len(bad):
+        row = offset + int(bad[0])
+        raise InputError(
+            f"{url}: {len(bad)} valid embedding row(s) hold NaN or inf, first row {row} (id {str(ids[row])!r}); "
+            "embeddings must be finite: check the model's weights and embed.store_dtype (float16 overflows), "
+            "then recompute the store"
+        )
+
+
 def local_path(url: str) -> str:
     """The filesystem path of a local URL; `StoreError` for a remote one."""
     fs, path = _fs(url)
@@ -108,11 +166,15 @@ def write_json_atomic(url: str, obj: Any) -> None:
     fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if isinstance(fs, LocalFileSystem):
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _discard(fs, tmp)
+            raise
     else:  # object stores replace whole objects atomically
         with fs.open(path, "wb") as f:
             f.write(data)
@@ -125,9 +187,22 @@ def write_bytes_atomic(url: str, payload: bytes) -> None:
     if parent:
         fs.makedirs(parent, exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open(tmp, "wb") as f:
-        f.write(payload)
-    fs.mv(tmp, path)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(payload)
+        fs.mv(tmp, path)
+    except BaseException:  # a full disk or an interrupt: leave no temporary file behind
+        _discard(fs, tmp)
+        raise
+
+
+def _discard(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Remove a temporary file if it is there; never raises (it runs while another error propagates)."""
+    try:
+        if fs.exists(path):
+            fs.rm(path)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not remove temporary file %s: %s", path, err)
 
 
 def read_npy(url: str, what: str) -> np.ndarray:
@@ -142,8 +217,25 @@ def read_npy(url: str, what: str) -> np.ndarray:
 
 
 def write_npy(url: str, arr: np.ndarray) -> None:
-    with fsspec.open(url, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
+    """Write a `.npy` array without pickles, atomically (readers never see a partial file)."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    write_bytes_atomic(url, buf.getvalue())
+
+
+@contextlib.contextmanager
+def disk_full_as_store_error(dir_url: str) -> Iterator[None]:
+    """Turn "no space left on device" (or an exceeded quota) inside the block into a `StoreError`
+    naming the directory; what was finished stays, so a rerun after freeing space resumes."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StoreError(
+            f"{dir_url!r}: no space left on the device while writing ({err.strerror}: {err.filename or 'a file'}); "
+            "free space or move the root, then rerun: finished chunks and shards are kept and the stage resumes"
+        ) from err
 
 
 def read_safetensors(url: str, what: str) -> dict[str, np.ndarray]:
@@ -264,14 +356,22 @@ def create_embedding_store(
         return g
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
         pass
-    g = zarr.open_group(url, mode="w")
-    g.create_array("embeddings", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim), fill_value=0)
-    g.create_array("valid", shape=(n,), dtype=bool, chunks=(chunk_rows,), fill_value=False)
-    ids_arr = g.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
-    if n:
-        ids_arr[:] = np.array(np.asarray(ids).tolist(), dtype=str)
-    g.attrs.update(attrs)
-    return g
+    # Built under a temporary name and renamed into place, so a store at `url` always has its
+    # arrays, ids and attributes: a writer killed while creating it leaves only a `.tmp-*` folder.
+    remove(url)
+    tmp = f"{url.rstrip('/')}.tmp-{uuid.uuid4().hex}"
+    try:
+        g = zarr.open_group(tmp, mode="w")
+        g.create_array("embeddings", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim), fill_value=0)
+        g.create_array("valid", shape=(n,), dtype=bool, chunks=(chunk_rows,), fill_value=False)
+        ids_arr = g.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
+        if n:
+            ids_arr[:] = np.array(np.asarray(ids).tolist(), dtype=str)
+        g.attrs.update(attrs)
+        publish_dir(tmp, url)
+    finally:
+        remove(tmp)
+    return zarr.open_group(url, mode="r+")
 
 
 def open_embeddings(url: str) -> zarr.Group:

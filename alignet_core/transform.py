@@ -135,6 +135,19 @@ class AffineTransform:
         return cls(mean=mean, std=std, weight=weight, bias=bias, info=meta.get("info", {}))
 
 
+def load_saved_fit(url: str) -> AffineTransform | None:
+    """The transform a stage saved at `url` with its fit metrics (`info["metrics"]`), or None when there
+    is none or it is incomplete (a run killed between the weights and their metadata): refit then."""
+    if not store.exists(url):
+        return None
+    try:
+        saved = AffineTransform.load(url)
+    except InputError as err:
+        log.warning("ignoring an incomplete saved transform, refitting: %s", err)
+        return None
+    return saved if isinstance(saved.info.get("metrics"), dict) else None
+
+
 @dataclass
 class FitResult:
     """Outcome of `fit_transform`.
