@@ -82,7 +82,8 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     summary, run_id = _run(tiny(tmp_path / "a"))
 
     for key in ("transform_acc_before", "transform_acc_after", "cluster_nmi", "cluster_ari", "n_triplets",
-                "student_acc_before", "student_acc_after", "stage_seconds"):
+                "student_acc_before", "student_acc_after", "student_human_acc_before", "student_human_acc_after",
+                "stage_seconds"):
         assert summary[key] is not None, key
     assert set(summary["stage_seconds"]) == {"embed", "transform", "cluster", "sample", "distill"}
     assert (Path(summary["report_dir"]) / "summary.json").exists()
@@ -149,3 +150,25 @@ def test_a_stage_flow_runs_alone(harness, tmp_path):
     assert out.stage == "cluster" and Path(out.artifact).exists()
     stages_dir = tmp_path / "d" / "stages"
     assert sorted(p.name for p in stages_dir.iterdir()) == ["cluster", "embed", "transform"]
+
+
+def test_distill_flow_runs_alone_on_an_existing_dataset_folder(harness, tmp_path):
+    """The hand-off target: `distill` on a folder of official files, with no earlier stage."""
+    import shutil
+
+    from flows.distill import distill_flow
+
+    summary, _ = _run(tiny(tmp_path / "e", **{"distill.enabled": False}))
+    folder = tmp_path / "downloaded"
+    shutil.copytree(summary["dataset"], folder)
+    root = tmp_path / "fresh"
+    state = distill_flow(overrides=tiny(root, **{"distill.dataset": str(folder), "distill.join": "filenames"}),
+                         return_state=True)
+    assert state.is_completed(), state
+    out = state.result()
+    assert out.stage == "distill" and out.metrics["dataset"] == str(folder)
+    assert out.metrics["sampling"] == "cluster_border_5"
+    assert set(out.metrics["acc_after"]) == {"cluster_border_5", "between_class"}
+    assert sorted(p.name for p in (root / "stages").iterdir()) == ["distill"]
+    states = _task_states(state.state_details.flow_run_id)
+    assert set(states) == {"distill"}, states
