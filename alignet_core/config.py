@@ -205,6 +205,9 @@ class PipelineConfig(_Config):
         description="name of the published dataset; a plain folder name (letters, digits, '.', '_', '-'), "
         "so the dataset stays under <root>/datasets/",
     )
+    keep_versions: int | None = Field(
+        None, ge=1, description="published versions of the dataset to keep (oldest deleted first; null: keep all)"
+    )
     lock_timeout: float | None = Field(
         None,
         ge=0,

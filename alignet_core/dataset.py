@@ -234,6 +234,8 @@ def assemble_dataset(
     publish_url: str,
     sampling_names: dict[str, str],
     dedupe: bool = True,
+    subfolder: str = "",
+    extra: dict | None = None,
 ) -> dict:
     """Publish the shards as official AligNet files: `train_<name>.npz`, `valid_<name>.npz`.
 
@@ -243,9 +245,12 @@ def assemble_dataset(
     (first occurrence kept); valid triplets that also occur in train are always removed.
     The same arrays are also written as a Zarr copy, `dataset.zarr/<split>_<name>/{indices,
     similarities,filenames}` (listed under the manifest's `zarr` key), for chunked readers.
-    Everything is written into a temporary directory next to `publish_url`, with a
-    `manifest.json` (counts, ties dropped, duplicates removed, sha256 per file), then moved into
-    place by one rename. If `publish_url` is already complete its manifest is returned as is.
+    The files go into `publish_url/<subfolder>/` (e.g. `uncertainty_distillation`, the official
+    layout); `manifest.json` sits at `publish_url` and lists each file's path relative to it.
+    Everything is written into a temporary directory next to `publish_url`, with the manifest
+    (counts, ties dropped, duplicates removed, sha256 per file, plus `extra`, e.g. the config and
+    input keys of a dataset version), then moved into place by one rename. If `publish_url` is
+    already complete its manifest is returned as is.
     Returns the manifest dict.
     """
     if store.exists(publish_url):
@@ -275,7 +280,10 @@ def assemble_dataset(
         "dedupe": bool(dedupe),
         "files": {},
         "strategies": {},
+        **(extra or {}),
     }
+    files_dir = store.join(tmp, subfolder) if subfolder else tmp
+    prefix = f"{subfolder}/" if subfolder else ""
     try:
         for strategy, name in zip(strategies, names):
             stats: dict = {"name": name}
@@ -296,22 +304,23 @@ def assemble_dataset(
                     st["in_train_removed"] = int(leak.sum())
                 split_data[split] = (idx, sims, keys)
                 fname = f"{split}_{name}.npz"
-                url = store.join(tmp, fname)
+                url = store.join(files_dir, fname)
                 write_alignet_npz(url, idx, filenames[idx], sims)
-                _write_zarr_split(store.join(tmp, ZARR_COPY), f"{split}_{name}", idx, filenames[idx], sims)
+                _write_zarr_split(store.join(files_dir, ZARR_COPY), f"{split}_{name}", idx, filenames[idx], sims)
                 st["n_triplets"] = int(len(idx))
                 st["file"] = fname
                 stats[split] = st
                 manifest["files"][fname] = {
                     "strategy": strategy,
                     "split": split,
+                    "path": prefix + fname,
                     "n_triplets": int(len(idx)),
                     "sha256": store.file_sha256(url),
                     "arrays_sha256": _arrays_sha256(idx, sims),
                 }
             manifest["strategies"][strategy] = stats
         manifest["zarr"] = {
-            "path": ZARR_COPY,
+            "path": prefix + ZARR_COPY,
             "groups": sorted(f[: -len(".npz")] for f in manifest["files"]),
             "arrays": ["indices", "similarities", "filenames"],
             "note": "the same arrays as the .npz files, one Zarr group per file (chunked; for Dask/xarray readers)",

@@ -34,6 +34,7 @@ from alignet_core import (
     store,
     teacher,
     transform,
+    versions,
 )
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
@@ -306,7 +307,9 @@ class SamplingPlan(BaseModel):
     groups_urls: dict[str, str]
     names: dict[str, str]
     specs: list[dict[str, Any]]
-    publish_url: str
+    publish_url: str  # the version directory <root>/datasets/<name>/<key>
+    folder: str  # the official transform folder inside it, where the .npz files are
+    code_version: str
     inputs: list[str]
 
 
@@ -315,7 +318,8 @@ def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> Samp
     s = cfg.sample
     conf = {"sample": s.model_dump(exclude={"n_workers", "dask_address"}), "seed": cfg.seed,
             "source": _source_identity(cfg)}
-    plan = _plan(cfg, "sample", conf, [tfm.key, clu.key], sampling, teacher, dataset, formats, store)
+    code = (sampling, teacher, dataset, formats, store)
+    plan = _plan(cfg, "sample", conf, [tfm.key, clu.key], *code)
     src = sources.source_from_config(cfg.source)
     valid = store.open_embeddings(tfm.artifact)["valid"][:]
     labels = src.labels()
@@ -333,9 +337,10 @@ def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> Samp
         groups_urls[strategy] = url
     specs = dataset.plan_shards(list(s.strategies), s.n_train, s.n_valid, s.shard_size, cfg.seed)
     folder = TRANSFORMED_FOLDER if cfg.transform.enabled else UNTRANSFORMED_FOLDER
-    publish_url = store.join(cfg.root, "datasets", cfg.dataset_name, plan.key, folder)
+    publish_url = versions.version_dir(cfg.root, cfg.dataset_name, plan.key)
     return SamplingPlan(plan=plan, store_url=tfm.artifact, groups_urls=groups_urls, names=names,
-                        specs=[vars(sp) for sp in specs], publish_url=publish_url, inputs=[tfm.key, clu.key])
+                        specs=[vars(sp) for sp in specs], publish_url=publish_url, folder=folder,
+                        code_version=store.code_version(*code), inputs=[tfm.key, clu.key])
 
 
 def shard_done(sp: SamplingPlan, spec: dict[str, Any]) -> bool:
@@ -349,7 +354,9 @@ def run_sample_shard(sp: SamplingPlan, spec: dict[str, Any]) -> str:
 
 
 def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> StageOutput:
-    """Assemble finished shards into the official `.npz` files, published by one atomic rename.
+    """Assemble finished shards into the official `.npz` files of a new dataset version
+    (`<root>/datasets/<name>/<key>/<folder>/`), published by one atomic rename with a manifest
+    naming the config, input keys and code version.
 
     Holds the stage's writer lock; temporary dataset folders of an earlier, killed publication are
     removed first (they were never visible under the published name)."""
@@ -358,18 +365,35 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> StageOutput:
     with lock.stage_lock(sp.plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(sp.publish_url):
         if (done := _reuse(sp.plan)) is not None and store.exists(done.artifact):
             return done
+        store.remove_temporaries(sp.plan.dir)  # shards cut by a kill (every shard of this key is finished)
         store.remove_temporaries(sp.publish_url.rstrip("/").rsplit("/", 1)[0], recursive=False)
         src = sources.source_from_config(cfg.source)
         specs = [dataset.ShardSpec(**d) for d in sp.specs]
-        manifest = dataset.assemble_dataset(sp.plan.dir, specs, src.ids(), sp.publish_url, sp.names)
+        extra = {"dataset_name": cfg.dataset_name, "version": sp.plan.key, "published_at": versions.now_utc(),
+                 "inputs": {"transform": sp.inputs[0], "cluster": sp.inputs[1]}, "code_version": sp.code_version,
+                 "config": cfg.model_dump(mode="json")}
+        manifest = dataset.assemble_dataset(sp.plan.dir, specs, src.ids(), sp.publish_url, sp.names,
+                                            subfolder=sp.folder, extra=extra)
         metrics = {
             "publish_url": sp.publish_url,
+            "version": sp.plan.key,
             "files": manifest["files"],
             "n_triplets": int(sum(f["n_triplets"] for f in manifest["files"].values())),
             # wall time from planning (when the group files were written) to publication
             "seconds": round(time.time() - min(_mtime(u) for u in sp.groups_urls.values()), 2),
         }
-        return _finish(sp.plan, sp.publish_url, metrics, {"sample": cfg.sample.model_dump()}, sp.inputs)
+        return _finish(sp.plan, store.join(sp.publish_url, sp.folder), metrics, {"sample": cfg.sample.model_dump()},
+                       sp.inputs)
+
+
+def promote_dataset(cfg: PipelineConfig, ds: StageOutput) -> dict[str, Any]:
+    """Point the dataset's `latest` at the version `ds` published (or reused), then apply
+    `keep_versions`. Returns {version, path, removed}."""
+    version = ds.artifact.rstrip("/").rsplit("/", 2)[-2]
+    versions.set_latest(cfg.root, cfg.dataset_name, version)
+    removed = versions.apply_retention(cfg.root, cfg.dataset_name, cfg.keep_versions)
+    log.info("dataset %s: latest is %s%s", cfg.dataset_name, version, f"; removed {removed}" if removed else "")
+    return {"version": version, "path": versions.version_dir(cfg.root, cfg.dataset_name, version), "removed": removed}
 
 
 def _mtime(url: str) -> float:
@@ -527,6 +551,7 @@ def summarize(cfg: PipelineConfig, outs: dict[str, StageOutput]) -> dict[str, An
     strategy = d.get("sampling", cfg.distill.strategy)
     return {
         "dataset": outs["sample"].artifact,
+        "dataset_version": s.get("version"),
         "transform_acc_before": t.get("acc_before"),
         "transform_acc_after": t.get("acc_after"),
         "human_data": t.get("human_data"),

@@ -51,7 +51,54 @@ def _build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set cluster.k=20 (repeatable)")
         sp.add_argument("--root", help="artifact root (overrides the config's root)")
+    ds = sub.add_parser("datasets", help="list, show and verify published dataset versions")
+    ds.add_argument("action", choices=["list", "show", "verify"])
+    ds.add_argument("name", nargs="?", help="dataset name (default: the config's dataset_name)")
+    ds.add_argument("--version", default="latest", help="a version id, or 'latest' (default)")
+    ds.add_argument("--config", "-c", help="YAML pipeline config whose root and dataset_name to use")
+    ds.add_argument("--root", help="artifact root (default: the config's root)")
+    ds.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return p
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    """`alignet datasets list|show|verify`: read-only views of `<root>/datasets/`."""
+    from alignet_core import versions
+    from alignet_core.config import load_config, parse_config
+
+    cfg = load_config(args.config) if args.config else parse_config({})
+    root = args.root or cfg.root
+    name = args.name or cfg.dataset_name
+    if args.action == "list":
+        rows = [{"dataset": n, **r} for n in versions.list_datasets(root) for r in versions.list_versions(root, n)]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print(f"no published datasets under {versions.datasets_dir(root)}")
+        for r in [] if args.json else rows:
+            mark = "  (latest)" if r["latest"] else ""
+            print(f"{r['dataset']}  {r['version']}  {r['published_at']}  {r['n_triplets']} triplets in "
+                  f"{r['files']} files{mark}")
+        return 0
+    m = versions.manifest(root, name, args.version)
+    if args.action == "show":
+        if args.json:
+            print(json.dumps(m, indent=2))
+            return 0
+        print(f"dataset {name}, version {m['version']}, published {m.get('published_at', '?')}")
+        print(f"path: {m['path']}")
+        print(f"inputs: {m.get('inputs')}  code: {m.get('code_version')}")
+        for fname, info in sorted(m["files"].items()):
+            print(f"  {info.get('path', fname)}  {info['n_triplets']} triplets  sha256 {info['sha256'][:16]}…")
+        return 0
+    problems = versions.verify(root, name, args.version)
+    for p in problems:
+        print(f"FAILED {p}")
+    if problems:
+        print(f"dataset {name} version {m['version']}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    print(f"ok: dataset {name} version {m['version']}: {len(m['files'])} files match their checksums")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from alignet_core.errors import AlignetError
     from flows._config import resolve_config
+
+    if args.command == "datasets":
+        try:
+            return _datasets(args)
+        except AlignetError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
     if args.command == "demo" and not args.config:
         from alignet_core.sources import demo_data_dir

@@ -14,7 +14,7 @@ from alignet_core.stages import StageOutput
 from flows._config import resolve_config
 from tasks.cluster import cluster
 from tasks.embed import embed
-from tasks.sample import plan_sampling, publish, submit_shards
+from tasks.sample import plan_sampling, promote, publish, submit_shards
 from tasks.transform import fit_transform
 
 
@@ -41,10 +41,11 @@ def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
 
 @flow(name="sample-triplets")
 def sample_triplets(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StageOutput:
-    """Plan shards, sample them in parallel, publish train/valid `.npz` files atomically."""
+    """Plan shards, sample them in parallel, publish train/valid `.npz` files atomically as a
+    dataset version and make it `latest`."""
     sp = plan_sampling(cfg, tfm, clu)
     shards = submit_shards(sp)
-    return publish(cfg, sp, wait_for=shards)
+    return promote(cfg, publish(cfg, sp, wait_for=shards))
 
 
 def sample_on_dask(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StageOutput:

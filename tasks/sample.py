@@ -32,9 +32,18 @@ def publish_task(cfg: PipelineConfig, sp: stages.SamplingPlan) -> stages.StageOu
         table=[{"file": name, **{k: v for k, v in info.items() if k != "sha256"}} for name, info in files.items()],
         description=f"Published AligNet dataset ({out.metrics['n_triplets']} triplets)",
     )
-    create_link_artifact(key="dataset-location", link=f"file://{out.artifact}" if "://" not in out.artifact
-                         else out.artifact, link_text=out.artifact, description="Published dataset folder")
     return out
+
+
+@task(name="promote-dataset", cache_policy=NO_CACHE)
+def promote(cfg: PipelineConfig, ds: stages.StageOutput) -> stages.StageOutput:
+    """Make this run's version `latest` (even when it was a cache hit) and apply retention."""
+    info = stages.promote_dataset(cfg, ds)
+    link = ds.artifact if "://" in ds.artifact else f"file://{ds.artifact}"
+    removed = f"; retention removed {info['removed']}" if info["removed"] else ""
+    create_link_artifact(key="dataset-location", link=link, link_text=ds.artifact,
+                         description=f"Dataset {cfg.dataset_name!r}, version {info['version']} (now latest){removed}")
+    return ds
 
 
 def submit_shards(sp: stages.SamplingPlan) -> list[Any]:
@@ -46,5 +55,5 @@ def submit_shards(sp: stages.SamplingPlan) -> list[Any]:
 
 
 def publish(cfg: PipelineConfig, sp: stages.SamplingPlan, wait_for: list[Any]) -> stages.StageOutput:
-    complete = store.is_complete(sp.plan.dir) and store.exists(sp.publish_url)
+    complete = store.is_complete(sp.plan.dir) and store.exists(store.join(sp.publish_url, sp.folder))
     return cached_call(publish_task, sp.plan.key, complete, cfg, sp, wait_for=wait_for)

@@ -16,7 +16,7 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
 from prefect.testing.utilities import prefect_test_harness
 
-from alignet_core import formats
+from alignet_core import formats, versions
 from flows.alignet import alignet
 
 CHECKER = Path(__file__).resolve().parents[3] / "shared" / "tools" / "check_alignet_npz.py"
@@ -112,6 +112,11 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     for name in STAGE_TASKS:
         assert second[name] == {"Cached"}, (name, second[name])
     assert _digest(summary2["dataset"]) == before
+    # ... and lands on the same version: no duplicate is published, `latest` points at it
+    listed = versions.list_versions(str(tmp_path / "a"), "demo")
+    assert [r["version"] for r in listed] == [summary["dataset_version"]] and listed[0]["latest"]
+    assert Path(listed[0]["path"]) == dataset.parent
+    assert versions.verify(str(tmp_path / "a"), "demo") == []
 
     # a changed cluster setting recomputes cluster and everything after it, nothing before
     summary3, run_id3 = _run(tiny(tmp_path / "a", **{"cluster.k": 6}))
@@ -121,6 +126,8 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
         assert third[name] == {"Completed"}, (name, third[name])
     assert summary3["stage_keys"]["transform"] == summary["stage_keys"]["transform"]
     assert summary3["stage_keys"]["cluster"] != summary["stage_keys"]["cluster"]
+    listed = versions.list_versions(str(tmp_path / "a"), "demo")
+    assert len(listed) == 2 and versions.read_latest(str(tmp_path / "a"), "demo") == summary3["dataset_version"]
 
     # a fresh root with the same seed and config gives byte-identical dataset files
     summary4, _ = _run(tiny(tmp_path / "b", **{"distill.enabled": False}))

@@ -1,0 +1,145 @@
+"""Published dataset versions: `<root>/datasets/<name>/<version>/`, a `latest` pointer, retention.
+
+A version is the content key of the sampling stage that made it, so regenerating with unchanged
+inputs lands on the same version instead of publishing a duplicate. Each version directory is
+published by one rename with its `manifest.json` (config, input keys, code version, counts,
+sha256 per file); readers never see a partial version. `latest` is a small JSON file next to
+the versions, replaced atomically. Everything goes through fsspec, so roots may be URLs.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+
+from alignet_core import store
+from alignet_core.errors import InputError, StoreError
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+
+
+def datasets_dir(root: str) -> str:
+    return store.join(root, "datasets")
+
+
+def version_dir(root: str, name: str, version: str) -> str:
+    return store.join(root, "datasets", name, version)
+
+
+def now_utc() -> str:
+    """The publication timestamp format (ISO 8601, UTC, seconds)."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _children(url: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if fs.isdir(p))
+
+
+def list_datasets(root: str) -> list[str]:
+    """Names of the datasets under root that have at least one published version."""
+    return [n for n in _children(datasets_dir(root)) if not n.startswith(".") and list_versions(root, n)]
+
+
+def list_versions(root: str, name: str) -> list[dict[str, Any]]:
+    """Published versions of a dataset, oldest first: version, published_at, n_triplets, path,
+    latest (bool). Directories without a manifest (being written, or debris) are not versions."""
+    latest = read_latest(root, name)
+    out = []
+    for v in _children(store.join(datasets_dir(root), name)):
+        url = version_dir(root, name, v)
+        if v.startswith(".") or not store.is_complete(url):
+            continue
+        m = store.read_manifest(url)
+        out.append({
+            "version": v,
+            "published_at": m.get("published_at", ""),
+            "n_triplets": sum(int(f.get("n_triplets", 0)) for f in m.get("files", {}).values()),
+            "files": len(m.get("files", {})),
+            "path": url,
+            "latest": v == latest,
+        })
+    return sorted(out, key=lambda r: (r["published_at"], r["version"]))
+
+
+def read_latest(root: str, name: str) -> str | None:
+    """The version `latest` points at, or None when nothing was published yet."""
+    url = store.join(datasets_dir(root), name, LATEST)
+    if not store.exists(url):
+        return None
+    return str(store.read_json(url)["version"])
+
+
+def set_latest(root: str, name: str, version: str) -> None:
+    """Point `latest` at a published version (one atomic replace)."""
+    url = version_dir(root, name, version)
+    if not store.is_complete(url):
+        raise StoreError(f"{url!r} is not a published version (no manifest); `latest` left unchanged")
+    store.write_json_atomic(store.join(datasets_dir(root), name, LATEST),
+                            {"version": version, "path": url, "updated_at": now_utc()})
+
+
+def resolve(root: str, name: str, version: str = LATEST) -> str:
+    """A version id: `version` itself, or what `latest` points at. `InputError` if absent."""
+    if version == LATEST:
+        v = read_latest(root, name)
+        if v is None:
+            have = list_datasets(root)
+            raise InputError(f"dataset {name!r} has no published version under {datasets_dir(root)!r}"
+                             + (f" (datasets there: {have})" if have else ""))
+        return v
+    if not store.is_complete(version_dir(root, name, version)):
+        have = [r["version"] for r in list_versions(root, name)]
+        raise InputError(f"dataset {name!r} has no version {version!r}; versions: {have or 'none'}")
+    return version
+
+
+def manifest(root: str, name: str, version: str = LATEST) -> dict[str, Any]:
+    """The manifest of a version (`latest` by default), with its resolved `version` and `path`."""
+    v = resolve(root, name, version)
+    url = version_dir(root, name, v)
+    return {**store.read_manifest(url), "version": v, "path": url}
+
+
+def verify(root: str, name: str, version: str = LATEST) -> list[str]:
+    """Recompute the sha256 of every file a version's manifest lists; return the problems found
+    (a missing file, a checksum that differs), empty when the version is intact."""
+    m = manifest(root, name, version)
+    problems = []
+    for fname, info in sorted(m.get("files", {}).items()):
+        url = store.join(m["path"], info.get("path", fname))
+        if not store.exists(url):
+            problems.append(f"{info.get('path', fname)}: missing")
+        elif store.file_sha256(url) != info["sha256"]:
+            problems.append(f"{info.get('path', fname)}: sha256 differs from the manifest")
+    return problems
+
+
+def apply_retention(root: str, name: str, keep: int | None) -> list[str]:
+    """Delete the oldest versions beyond the newest `keep` (None: keep all); the version `latest`
+    points at is never deleted. A version disappears by one rename before its files are removed,
+    so readers see it whole or not at all. Returns the deleted version ids."""
+    if keep is None:
+        return []
+    if keep < 1:
+        raise InputError(f"keep_versions: expected at least 1, got {keep}")
+    versions = list_versions(root, name)
+    doomed = [r for r in versions[: max(0, len(versions) - keep)] if not r["latest"]]
+    fs, _ = fsspec.core.url_to_fs(root)
+    removed = []
+    for r in doomed:
+        _, path = fsspec.core.url_to_fs(r["path"])
+        trash = f"{path.rstrip('/').rsplit('/', 1)[0]}/.trash-{uuid.uuid4().hex}"
+        fs.mv(path, trash, recursive=True)
+        fs.rm(trash, recursive=True)
+        removed.append(r["version"])
+        log.info("retention: removed version %s of dataset %s", r["version"], name)
+    return removed

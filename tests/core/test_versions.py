@@ -1,0 +1,98 @@
+"""Dataset versions: publication layout, `latest`, retention, list/show/verify (library and CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignet_core import dataset, store, versions
+from alignet_core.dataset import ShardSpec
+from alignet_core.errors import InputError, StoreError
+from flows.cli import main
+
+NAMES = {"between_class": "between_class"}
+
+
+def _publish(root: Path, version: str, seed: int) -> dict:
+    """A real (tiny) version: one shard per split assembled into the official layout."""
+    work = root / "work" / version
+    shards = work / "shards"
+    shards.mkdir(parents=True)
+    g = np.random.default_rng(seed)
+    specs = []
+    for split, n in (("train", 40), ("valid", 10)):
+        spec = ShardSpec(strategy="between_class", split=split, index=0, n=n, seed=seed)
+        idx = np.stack([g.choice(30, 3, replace=False) for _ in range(n)])
+        sims = np.sort(g.normal(size=(n, 3)), axis=1)[:, ::-1].astype(np.float32)
+        dataset._write_npz_atomic(dataset.shard_path(str(work), spec), indices=idx, similarities=sims,
+                                  n_requested=np.int64(n), n_ties=np.int64(0))
+        specs.append(spec)
+    ids = np.array([f"img{i:03d}" for i in range(30)])
+    return dataset.assemble_dataset(str(work), specs, ids, versions.version_dir(str(root), "demo", version), NAMES,
+                                    subfolder="uncertainty_distillation",
+                                    extra={"version": version, "published_at": f"2026-11-2{seed}T00:00:00+00:00"})
+
+
+def test_versions_latest_retention_and_verify(tmp_path):
+    root = str(tmp_path)
+    assert versions.list_datasets(root) == [] and versions.read_latest(root, "demo") is None
+    with pytest.raises(InputError, match="no published version"):
+        versions.resolve(root, "demo")
+    m = _publish(tmp_path, "aaa", 1)
+    assert m["files"]["train_between_class.npz"]["path"] == "uncertainty_distillation/train_between_class.npz"
+    assert (tmp_path / "datasets/demo/aaa/uncertainty_distillation/valid_between_class.npz").exists()
+    assert (tmp_path / "datasets/demo/aaa/manifest.json").exists()
+    _publish(tmp_path, "bbb", 2)
+    _publish(tmp_path, "ccc", 3)
+    (tmp_path / "datasets/demo/.tmp-half-written").mkdir()  # debris is never a version
+    with pytest.raises(StoreError, match="not a published version"):
+        versions.set_latest(root, "demo", ".tmp-half-written")
+
+    versions.set_latest(root, "demo", "aaa")
+    listed = versions.list_versions(root, "demo")
+    assert [r["version"] for r in listed] == ["aaa", "bbb", "ccc"]  # oldest first
+    assert [r["latest"] for r in listed] == [True, False, False]
+    assert listed[0]["n_triplets"] == sum(f["n_triplets"] for f in m["files"].values()) > 40
+    assert versions.manifest(root, "demo")["version"] == "aaa"
+    assert versions.verify(root, "demo", "bbb") == []
+
+    # retention keeps the newest `keep` and never the version `latest` points at
+    assert versions.apply_retention(root, "demo", None) == []
+    assert versions.apply_retention(root, "demo", 1) == ["bbb"]
+    assert [r["version"] for r in versions.list_versions(root, "demo")] == ["aaa", "ccc"]
+    assert not any(p.name.startswith(".trash") for p in (tmp_path / "datasets/demo").iterdir())
+
+    # verify recomputes checksums
+    f = tmp_path / "datasets/demo/ccc/uncertainty_distillation/train_between_class.npz"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    assert versions.verify(root, "demo", "ccc") == ["uncertainty_distillation/train_between_class.npz: sha256 "
+                                                    "differs from the manifest"]
+    os.remove(tmp_path / "datasets/demo/ccc/uncertainty_distillation/valid_between_class.npz")
+    assert "uncertainty_distillation/valid_between_class.npz: missing" in versions.verify(root, "demo", "ccc")
+    with pytest.raises(InputError, match=r"no version 'zzz'; versions: \['aaa', 'ccc'\]"):
+        versions.verify(root, "demo", "zzz")
+
+
+def test_datasets_cli_lists_shows_and_verifies(tmp_path, capsys):
+    _publish(tmp_path, "v1", 1)
+    _publish(tmp_path, "v2", 2)
+    versions.set_latest(str(tmp_path), "demo", "v2")
+    assert main(["datasets", "list", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("demo  v1  ") and out[1].endswith("(latest)") and " triplets in 2 files" in out[1]
+    assert main(["datasets", "show", "demo", "--root", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == "v2"
+    assert main(["datasets", "verify", "--root", str(tmp_path)]) == 0
+    assert "ok: dataset demo version v2: 2 files" in capsys.readouterr().out
+    f = tmp_path / "datasets/demo/v1/uncertainty_distillation/valid_between_class.npz"
+    f.write_bytes(b"tampered")
+    assert main(["datasets", "verify", "demo", "--version", "v1", "--root", str(tmp_path)]) == 1
+    assert "FAILED uncertainty_distillation/valid_between_class.npz" in capsys.readouterr().out
+    assert main(["datasets", "show", "nope", "--root", str(tmp_path)]) == 2
+    assert "error: dataset 'nope' has no published version" in capsys.readouterr().err
