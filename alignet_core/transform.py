@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import math
 import time
@@ -100,15 +101,17 @@ class AffineTransform:
         return h.hexdigest()[:16]
 
     def save(self, url: str, info: dict[str, Any]) -> None:
-        """Write weight and bias as a safetensors file at `url` (mean and std also in its
-        metadata) and `<url>.json` with mean, std, digest and `info` (config, history). Each file
-        is written whole or not at all on a local filesystem."""
+        """Write weight and bias as a safetensors file at `url` (mean and std also in its metadata,
+        as one JSON string under 'standardization': safetensors writes several metadata keys in a
+        random order, one key keeps the file byte-identical run after run) and `<url>.json` with mean,
+        std, digest and `info` (config, history). Each file is written whole or not at all on a local
+        filesystem."""
         payload = st_save(
             {
                 "weight": np.ascontiguousarray(self.weight, dtype=np.float32),
                 "bias": np.ascontiguousarray(self.bias, dtype=np.float32),
             },
-            metadata={"mean": repr(float(self.mean)), "std": repr(float(self.std))},
+            metadata={"standardization": json.dumps({"mean": float(self.mean), "std": float(self.std)})},
         )
         store.write_bytes_atomic(url, payload)
         meta = {"mean": float(self.mean), "std": float(self.std), "dim": self.dim, "digest": self.digest(), "info": info}
