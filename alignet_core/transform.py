@@ -454,7 +454,8 @@ def apply_transform_to_store(
         raise InputError(f"{in_url}: embeddings have dim {p}, the transform expects {transform.weight.shape[0]}")
     ids = np.array(np.asarray(src["ids"][:]).tolist(), dtype=str)  # zarr returns numpy StringDType
     info = {"mean": transform.mean, "std": transform.std, "digest": transform.digest(), "info": transform.info}
-    attrs = {**dict(src.attrs), "transform": _jsonable(info)}
+    # keys sorted: a fit loaded back from its JSON and the same fit in memory give identical store bytes
+    attrs = {**dict(src.attrs), "transform": json.loads(json.dumps(_jsonable(info), sort_keys=True))}
     out = store.create_embedding_store(out_url, n, transform.dim, ids, "float32", chunk_rows, attrs)
     prev = dict(out.attrs).get("transform", {})
     if prev.get("digest") != transform.digest() or out["embeddings"].chunks[0] != chunk_rows:
