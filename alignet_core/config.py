@@ -273,7 +273,10 @@ def load_config(path: str | Path) -> PipelineConfig:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {what}") from None
     return parse_config(data)
 
 

@@ -628,9 +628,14 @@ def preflight(cfg: PipelineConfig) -> None:
         if not timm.is_model(name):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
             raise ConfigError(f"{field}: unknown timm model {name!r}" + (f"; close matches: {close}" if close else ""))
-    models.resolve_weights(cfg.embed.model, cfg.embed.weights)
+    for section, name, weights, needed in (("embed", cfg.embed.model, cfg.embed.weights, True),
+                                           ("distill", cfg.distill.student, cfg.distill.weights, cfg.distill.enabled)):
+        try:
+            if needed:
+                models.resolve_weights(name, weights)
+        except InputError as err:  # "weights: ..." → "embed.weights: ...", naming the section
+            raise InputError(f"{section}.{err}" if str(err).startswith("weights:") else str(err)) from None
     if cfg.distill.enabled:
-        models.resolve_weights(cfg.distill.student, cfg.distill.weights)
         if cfg.distill.dataset is not None and not store.exists(cfg.distill.dataset):
             raise InputError(f"distill.dataset: folder {cfg.distill.dataset!r} does not exist")
         if cfg.distill.dataset is None and cfg.distill.strategy not in cfg.sample.strategies:
