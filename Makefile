@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: install demo test test-slow test-all clean
+.PHONY: install demo test test-slow test-all serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 test-all: test test-slow
+
+# A local Prefect server (UI at http://127.0.0.1:4200), the process pool, every deployment and a worker.
+serve: install
+	BIN=$(CURDIR)/$(BIN) scripts/serve.sh
 
 clean:
 	rm -rf alignet-data .prefect

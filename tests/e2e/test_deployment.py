@@ -1,7 +1,10 @@
-"""A real local Prefect server, a process work pool, `prefect deploy`, a worker and
-`prefect deployment run` on the demo deployment (shrunk by parameters), checked through the API.
+"""The README's service walk-through for real: `scripts/serve.sh` (a local Prefect server, the
+process work pool, every deployment, a worker), `prefect deployment run` of the end-to-end
+regeneration (shrunk by parameters) and of the distillation hand-off alone on the published
+dataset, the dataset version checked with `alignet datasets`, artifacts and schedules read
+through the API, and the weekly schedule switched on with one command.
 
-Slow (a server, a worker and a flow run in subprocesses): behind the `slow` marker, run by CI.
+Slow (a server, a worker and flow runs in subprocesses): behind the `slow` marker, run by CI.
 """
 
 from __future__ import annotations
@@ -18,8 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from alignet_core import versions
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+DEPLOYMENTS = {"alignet/demo", "embed/demo", "transform/demo", "cluster/demo", "sample/demo", "distill/demo"}
 
 
 def _free_port() -> int:
@@ -28,71 +34,114 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
-def server(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "PWD": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    procs: list[subprocess.Popen] = []
-
-    def start(*args: str, log: str) -> subprocess.Popen:
-        p = subprocess.Popen([str(BIN / "prefect"), *args], cwd=REPO, env=env, start_new_session=True,
-                             stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT)
-        procs.append(p)
-        return p
-
-    start("server", "start", "--host", "127.0.0.1", "--port", str(port), log="server.log")
-    deadline = time.time() + 180
+def _wait(what: str, check, log: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200:
-                break
+            if check():
+                return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    else:
-        pytest.fail("Prefect server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
+    pytest.fail(f"{what} not ready after {timeout} s:\n" + log.read_text()[-4000:])
+
+
+@pytest.fixture()
+def service(tmp_path):
+    """`scripts/serve.sh` on a free port with a private PREFECT_HOME; stopped (and checked
+    stopped) at the end."""
+    port = _free_port()
+    env = {**os.environ, "PORT": str(port), "BIN": str(BIN), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([str(REPO / "scripts" / "serve.sh")], cwd=REPO, env=env, start_new_session=True,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    api = env["PREFECT_API_URL"]
+
+    def deployed() -> bool:
+        return DEPLOYMENTS <= _deployment_names(api)
+
+    def polling() -> bool:
+        workers = httpx.post(f"{api}/work_pools/alignet-process/workers/filter", json={}, timeout=10).json()
+        return any(w.get("status") == "ONLINE" for w in workers)
+
     try:
-        yield env, start
+        _wait("deployments", deployed, log)
+        _wait("worker", polling, log)
+        yield env, log
     finally:
-        for p in reversed(procs):
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{api}/health", timeout=2)
 
 
-def _prefect(env: dict, *args: str, timeout: int = 300) -> str:
-    res = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=timeout)
-    assert res.returncode == 0, f"prefect {' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+def _deployment_names(api: str) -> set[str]:
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
+    return {f"{flows.get(d['flow_id'], '?')}/{d['name']}"
+            for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
+
+
+def _cli(env: dict, *args: str, timeout: int = 300) -> str:
+    res = subprocess.run(list(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res.stdout
 
 
+def _latest_run(api: str, flow: str) -> dict:
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 20}, timeout=30).json()
+    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
+    return next(r for r in runs if flows.get(r["flow_id"]) == flow)
+
+
 @pytest.mark.slow
-def test_deployment_run_through_a_worker(server, tmp_path):
-    env, start = server
-    _prefect(env, "work-pool", "create", "alignet-process", "--type", "process")
-    _prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
-    start("worker", "start", "--pool", "alignet-process", log="worker.log")
+def test_service_walkthrough(service, tmp_path):
+    env, log = service
+    api = env["PREFECT_API_URL"]
+    prefect = str(BIN / "prefect")
     root = tmp_path / "data"
     overrides = {"root": str(root), "source.limit": 120, "human.proxy_n_triplets": 3000, "transform.epochs": 4,
                  "cluster.k": 5, "sample.n_train": 1000, "sample.n_valid": 200, "sample.shard_size": 500,
                  "distill.steps": 3, "distill.batch_triplets": 8, "distill.n_eval": 100}
-    out = _prefect(env, "deployment", "run", "alignet/demo", "--param", f"overrides={json.dumps(overrides)}",
-                   "--watch", "--watch-timeout", "900", timeout=960)
-    assert "Completed" in out, out[-3000:] + (tmp_path / "worker.log").read_text()[-3000:]
+    out = _cli(env, prefect, "deployment", "run", "alignet/demo", "--param", f"overrides={json.dumps(overrides)}",
+               "--watch", "--watch-timeout", "900", timeout=960)
+    assert "Completed" in out, out[-3000:] + log.read_text()[-3000:]
+    run = _latest_run(api, "alignet")
+    assert run["state"]["type"] == "COMPLETED"
 
-    api = env["PREFECT_API_URL"]
-    runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1}, timeout=30).json()
-    assert runs and runs[0]["state"]["type"] == "COMPLETED"
-    keys = {a["key"] for a in httpx.post(f"{api}/artifacts/filter", json={}, timeout=30).json()}
-    assert {"alignet-report", "dataset-files", "student-accuracy", "transform-accuracy", "cluster-sizes"} <= keys
-    summary = json.loads(next(root.glob("reports/demo/*/summary.json")).read_text())
-    assert summary["n_triplets"] > 0 and Path(summary["dataset"]).is_dir()
-    schedules = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()[0]["schedules"]
-    assert schedules and schedules[0]["active"] is False  # weekly regeneration, off until enabled
+    # the published version, `latest`, and its checksums through the CLI
+    listed = versions.list_versions(str(root), "demo")
+    assert len(listed) == 1 and listed[0]["latest"]
+    assert "files match their checksums" in _cli(env, str(BIN / "alignet"), "datasets", "verify", "--root", str(root))
+    dataset = Path(listed[0]["path"]) / "uncertainty_distillation"
+    assert sorted(p.name for p in dataset.glob("*.npz")) == [
+        "train_between_class.npz", "train_cluster_border_5.npz", "valid_between_class.npz", "valid_cluster_border_5.npz"]
+
+    # artifacts a person reads in the UI
+    arts = httpx.post(f"{api}/artifacts/filter", json={}, timeout=30).json()
+    by_key = {a["key"]: a for a in arts if a.get("key")}
+    assert {"alignet-report", "dataset-files", "dataset-location", "student-accuracy", "transform-accuracy",
+            "cluster-sizes", "embed-progress", "distill-progress"} <= set(by_key)
+    assert "data:image/png;base64," in by_key["student-accuracy"]["data"]
+    assert listed[0]["version"] in by_key["dataset-location"]["description"]
+
+    # the distillation hand-off alone, on the published folder, through its own deployment
+    alone = {**overrides, "root": str(tmp_path / "student-only"), "distill.dataset": str(dataset),
+             "distill.join": "filenames"}
+    out = _cli(env, prefect, "deployment", "run", "distill/demo", "--param", f"overrides={json.dumps(alone)}",
+               "--watch", "--watch-timeout", "600", timeout=660)
+    assert "Completed" in out, out[-3000:] + log.read_text()[-3000:]
+    assert sorted(p.name for p in (tmp_path / "student-only" / "stages").iterdir()) == ["distill"]
+
+    # the weekly regeneration: present, off, then on with one command
+    def schedules() -> list[dict]:
+        deps = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()
+        return [s for d in deps for s in d["schedules"]]
+
+    assert [s["active"] for s in schedules()] == [False]
+    _cli(env, prefect, "--no-prompt", "deployment", "schedule", "resume", "--all")
+    assert [s["active"] for s in schedules()] == [True]

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One command for a local Prefect service: a server (SQLite, UI at http://127.0.0.1:$PORT),
+# the `alignet-process` work pool, every deployment of deployments/prefect.yaml, and a worker.
+# Runs in the foreground until Ctrl-C (or SIGTERM), then stops the server it started.
+#
+#   scripts/serve.sh                 # or: make serve
+#   PORT=4300 scripts/serve.sh       # another port
+#
+# Then, from another shell (same PREFECT_API_URL):
+#   .venv/bin/prefect deployment run 'alignet/demo' --watch
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="${BIN:-$PWD/.venv/bin}"
+PORT="${PORT:-4200}"
+export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"
+export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PWD  # deployments pull into the directory they were deployed from
+
+"$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT INT TERM
+
+for _ in $(seq 180); do
+  if "$BIN/python" -c "import httpx,sys; sys.exit(httpx.get('$PREFECT_API_URL/health', timeout=2).status_code != 200)" 2>/dev/null; then
+    break
+  fi
+  kill -0 $SERVER 2>/dev/null || { echo "serve: the Prefect server exited" >&2; exit 1; }
+  sleep 1
+done
+"$BIN/prefect" work-pool create alignet-process --type process --overwrite
+"$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+echo "serve: UI at http://127.0.0.1:${PORT}; API ${PREFECT_API_URL}; starting the worker"
+"$BIN/prefect" worker start --pool alignet-process &
+WORKER=$!
+trap 'kill $WORKER $SERVER 2>/dev/null; wait $WORKER $SERVER 2>/dev/null' EXIT INT TERM
+wait $WORKER
