@@ -366,7 +366,7 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> StageOutput:
         if (done := _reuse(sp.plan)) is not None and store.exists(done.artifact):
             return done
         store.remove_temporaries(sp.plan.dir)  # shards cut by a kill (every shard of this key is finished)
-        store.remove_temporaries(sp.publish_url.rstrip("/").rsplit("/", 1)[0], recursive=False)
+        store.remove_temporaries_of(sp.publish_url)  # a publication cut by a kill (never visible)
         src = sources.source_from_config(cfg.source)
         specs = [dataset.ShardSpec(**d) for d in sp.specs]
         extra = {"dataset_name": cfg.dataset_name, "version": sp.plan.key, "published_at": versions.now_utc(),

@@ -92,7 +92,7 @@ def is_inside(url: str, root: str) -> bool:
 _TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$")
 
 
-def remove_temporaries(dir_url: str, recursive: bool = True) -> int:
+def remove_temporaries(dir_url: str) -> int:
     """Remove the `*.tmp-<uuid>` files and folders that writers killed mid-write left in a directory.
 
     Call only while holding the directory's writer lock (`alignet_core.lock`): a live writer's
@@ -100,8 +100,7 @@ def remove_temporaries(dir_url: str, recursive: bool = True) -> int:
     fs, path = _fs(dir_url)
     if not fs.isdir(path):
         return 0
-    found = fs.find(path, withdirs=True) if recursive else fs.ls(path, detail=False)
-    stale = [p for p in sorted(found) if _TEMPORARY.search(p.rstrip("/"))]
+    stale = [p for p in sorted(fs.find(path, withdirs=True)) if _TEMPORARY.search(p.rstrip("/"))]
     removed = 0
     for p in stale:
         if any(p.startswith(q.rstrip("/") + "/") for q in stale if q != p):
@@ -111,6 +110,18 @@ def remove_temporaries(dir_url: str, recursive: bool = True) -> int:
     if removed:
         log.info("%s: removed %d temporary file(s) left by an interrupted writer", dir_url, removed)
     return removed
+
+
+def remove_temporaries_of(url: str) -> int:
+    """Remove the `<url>.tmp-<uuid>` siblings of `url` (temporary copies an interrupted writer of `url`
+    left); other names in the same folder are untouched. Call only while holding `url`'s writer lock."""
+    fs, path = _fs(url)
+    stale = [p for p in fs.glob(f"{path.rstrip('/')}.tmp-*") if _TEMPORARY.search(p.rstrip("/"))]
+    for p in stale:
+        fs.rm(p, recursive=True)
+    if stale:
+        log.info("%s: removed %d temporary copy(ies) left by an interrupted writer", url, len(stale))
+    return len(stale)
 
 
 def check_finite_rows(x: np.ndarray, valid: np.ndarray, url: str, ids: np.ndarray, offset: int = 0) -> None:
