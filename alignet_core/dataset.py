@@ -34,7 +34,7 @@ import numpy as np
 
 from alignet_core import store
 from alignet_core.errors import ConfigError, InputError, StoreError
-from alignet_core.formats import write_alignet_npz
+from alignet_core.formats import savez_reproducible, write_alignet_npz
 from alignet_core.sampling import STRATEGIES, sample_shard
 from alignet_core.teacher import order_triplets, teacher_similarities
 
@@ -112,7 +112,7 @@ def _write_npz_atomic(url: str, **arrays: np.ndarray) -> None:
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with fs.open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        savez_reproducible(f, arrays)
     fs.mv(tmp, path)
 
 

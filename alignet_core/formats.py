@@ -149,11 +149,11 @@ def write_alignet_npz(url: str, indices: np.ndarray, filenames: np.ndarray, simi
     fs.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with fs.open(tmp, "wb") as f:
-        _savez_reproducible(f, {"indices": indices, "filenames": filenames, "similarities": similarities})
+        savez_reproducible(f, {"indices": indices, "filenames": filenames, "similarities": similarities})
     fs.mv(tmp, path)
 
 
-def _savez_reproducible(fileobj: "typing.BinaryIO", arrays: dict[str, np.ndarray]) -> None:
+def savez_reproducible(fileobj: "typing.BinaryIO", arrays: dict[str, np.ndarray]) -> None:
     """Like `np.savez`, but with a fixed zip timestamp so equal arrays give byte-identical files."""
     with zipfile.ZipFile(fileobj, "w", compression=zipfile.ZIP_STORED) as zf:
         for key, arr in arrays.items():

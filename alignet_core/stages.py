@@ -350,7 +350,8 @@ def shard_done(sp: SamplingPlan, spec: dict[str, Any]) -> bool:
 def run_sample_shard(sp: SamplingPlan, spec: dict[str, Any]) -> str:
     """One shard: sample, teacher similarities, order; written atomically (skipped when present)."""
     s = dataset.ShardSpec(**spec)
-    return dataset.run_shard(s, sp.groups_urls[s.strategy], sp.store_url, sp.plan.dir)
+    with store.disk_full_as_store_error(sp.plan.dir):
+        return dataset.run_shard(s, sp.groups_urls[s.strategy], sp.store_url, sp.plan.dir)
 
 
 def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> StageOutput:
@@ -479,6 +480,16 @@ def run_distill(
     plan = plan_distill(cfg, files)
     if (done := _reuse(plan)) is not None:
         return done
+    with lock.stage_lock(plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(plan.dir):
+        if (done := _reuse(plan)) is not None:  # another run finished it while this one waited
+            return done
+        return _distill(cfg, files, plan, progress)
+
+
+def _distill(
+    cfg: PipelineConfig, files: DistillFiles, plan: StagePlan, progress: Callable[[int, float], None] | None
+) -> StageOutput:
+    """Stage 4's work, under its lock (training resumes from its own checkpoints)."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     src = sources.source_from_config(cfg.source)

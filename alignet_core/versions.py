@@ -56,7 +56,7 @@ def list_versions(root: str, name: str) -> list[dict[str, Any]]:
     out = []
     for v in _children(store.join(datasets_dir(root), name)):
         url = version_dir(root, name, v)
-        if v.startswith(".") or not store.is_complete(url):
+        if v.startswith(".") or ".tmp-" in v or not store.is_complete(url):  # debris, or being written
             continue
         m = store.read_manifest(url)
         out.append({

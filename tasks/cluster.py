@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 from prefect import task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 
-from alignet_core import stages, store
+from alignet_core import plots, stages, store
 from alignet_core.config import PipelineConfig
 from tasks._cache import cached_call
 
@@ -14,10 +15,23 @@ from tasks._cache import cached_call
 def cluster_task(cfg: PipelineConfig, tfm: stages.StageOutput) -> stages.StageOutput:
     out = stages.run_cluster(cfg, tfm)
     m = out.metrics
-    create_table_artifact(
+    sizes = np.asarray(m["sizes"])
+    agreement = (f"NMI {m['nmi']:.3f}, ARI {m['ari']:.3f} against the source's labels" if "nmi" in m
+                 else "no source labels to compare with")
+    create_markdown_artifact(
         key="cluster-sizes",
-        table=[{"cluster": i, "size": s} for i, s in enumerate(m["sizes"])],
-        description=f"k-means, k={m['k']}: NMI {m.get('nmi')}, ARI {m.get('ari')} against the source labels",
+        markdown="\n".join([
+            f"# k-means, k = {m['k']}",
+            "",
+            f"{agreement}; inertia {m['inertia']:.4g}.",
+            "",
+            "| smallest | median | largest | empty |",
+            "|---|---|---|---|",
+            f"| {sizes.min()} | {int(np.median(sizes))} | {sizes.max()} | {int((sizes == 0).sum())} |",
+            "",
+            plots.markdown_image(plots.sizes_png(sizes.tolist(), f"cluster sizes (k = {m['k']})"), "cluster sizes"),
+        ]),
+        description=f"k-means, k={m['k']}: cluster-size distribution and agreement with labels",
     )
     return out
 

@@ -1,0 +1,99 @@
+"""Screenshots of a finished `alignet` flow run in the Prefect UI, taken with headless Chromium.
+
+    python scripts/screenshot_ui.py [--api-url http://127.0.0.1:4200/api] [--out docs] [--run ID]
+
+Needs a running Prefect server (e.g. `make serve`) with a completed run of the `alignet` flow
+(e.g. `prefect deployment run 'alignet/demo' --watch`) and Chromium (Debian: `apt-get install
+chromium`). Writes `ui-flow-run.png` (the run's page) and `ui-artifact-<key>.png` for the run's
+report, student, cluster and dataset artifacts, then prints the paths. Exits non-zero, naming
+what is missing, when there is no server, no completed run or no Chromium.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+ARTIFACT_KEYS = ("alignet-report", "student-accuracy", "cluster-sizes", "transform-accuracy", "dataset-files")
+
+
+def _post(api: str, path: str, body: dict) -> list[dict]:
+    r = httpx.post(f"{api}{path}", json=body, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def latest_completed_run(api: str, flow_name: str = "alignet") -> dict:
+    flows = [f for f in _post(api, "/flows/filter", {}) if f["name"] == flow_name]
+    if not flows:
+        raise SystemExit(f"error: no flow named {flow_name!r} on {api}; run the demo deployment first")
+    runs = _post(api, "/flow_runs/filter", {
+        "flows": {"id": {"any_": [flows[0]["id"]]}},
+        "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+        "sort": "START_TIME_DESC", "limit": 1})
+    if not runs:
+        raise SystemExit(f"error: no completed {flow_name!r} run on {api}; run the demo deployment first")
+    return runs[0]
+
+
+def run_artifacts(api: str, run_id: str) -> dict[str, dict]:
+    """The newest artifact of each key created by the run or its subflow runs."""
+    subflows = _post(api, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}})
+    ids = [run_id, *[r["id"] for r in subflows]]
+    arts = _post(api, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": ids}}, "sort": "CREATED_DESC"})
+    out: dict[str, dict] = {}
+    for a in arts:
+        if a.get("key") and a["key"] not in out:
+            out[a["key"]] = a
+    return out
+
+
+def screenshot(chromium: str, url: str, path: Path, height: int = 1600) -> None:
+    """Load `url` in headless Chromium, let the page's scripts run, save a PNG of the window."""
+    subprocess.run(
+        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--window-size=1440,{height}", "--virtual-time-budget=20000", f"--screenshot={path}", url],
+        check=True, capture_output=True, timeout=180,
+    )
+    if not path.exists() or path.stat().st_size < 10_000:
+        raise SystemExit(f"error: Chromium wrote no usable screenshot of {url}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--api-url", default=os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs"))
+    p.add_argument("--run", help="flow run id (default: the newest completed `alignet` run)")
+    p.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))
+    args = p.parse_args()
+    if not args.chromium:
+        raise SystemExit("error: no Chromium found (Debian: apt-get install chromium); or pass --chromium PATH")
+    api = args.api_url.rstrip("/")
+    try:
+        httpx.get(f"{api}/health", timeout=5).raise_for_status()
+    except httpx.HTTPError as err:
+        raise SystemExit(f"error: no Prefect server at {api} ({err}); start one with `make serve`") from None
+    ui = api.removesuffix("/api")
+    run_id = args.run or latest_completed_run(api)["id"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    shots = [(f"{ui}/runs/flow-run/{run_id}?tab=Artifacts", out / "ui-flow-run.png", 1400)]
+    arts = run_artifacts(api, run_id)
+    for key in ARTIFACT_KEYS:
+        if key in arts:
+            shots.append((f"{ui}/artifacts/artifact/{arts[key]['id']}", out / f"ui-artifact-{key}.png", 1500))
+    for url, path, height in shots:
+        screenshot(args.chromium, url, path, height)
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
