@@ -602,7 +602,8 @@ def render_report(summary: dict[str, Any]) -> str:
         f"| student odd-one-out accuracy on held-out human triplets ({summary['human_data']}) | "
         f"{pct(summary['student_human_acc_before'])} | {pct(summary['student_human_acc_after'])} |",
         "",
-        f"Clusters vs labels: NMI {summary['cluster_nmi']}, ARI {summary['cluster_ari']}",
+        "Clusters vs labels: " + ("no labels" if summary["cluster_nmi"] is None else
+                                  f"NMI {summary['cluster_nmi']:.3f}, ARI {summary['cluster_ari']:.3f}"),
         "",
         "| stage | seconds | key |",
         "|---|---|---|",

@@ -3,10 +3,12 @@
     python scripts/screenshot_ui.py [--api-url http://127.0.0.1:4200/api] [--out docs] [--run ID]
 
 Needs a running Prefect server (e.g. `make serve`) with a completed run of the `alignet` flow
-(e.g. `prefect deployment run 'alignet/demo' --watch`) and Chromium (Debian: `apt-get install
-chromium`). Writes `ui-flow-run.png` (the run's page) and `ui-artifact-<key>.png` for the run's
-report, student, cluster and dataset artifacts, then prints the paths. Exits non-zero, naming
-what is missing, when there is no server, no completed run or no Chromium.
+(e.g. `prefect deployment run 'alignet/demo' --watch`), Chromium (Debian: `apt-get install
+chromium`) and Playwright's Python driver (`pip install -e '.[docs]'`; it drives the system
+Chromium, no browser download). Writes `ui-flow-run.png` (the run's page, Artifacts tab open) and
+`ui-artifact-<key>.png` for the run's report, student, cluster, transform and dataset artifacts,
+then prints the paths. Exits non-zero, naming what is missing, when there is no server, no
+completed run or no Chromium.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -54,13 +55,14 @@ def run_artifacts(api: str, run_id: str) -> dict[str, dict]:
     return out
 
 
-def screenshot(chromium: str, url: str, path: Path, height: int = 1600) -> None:
-    """Load `url` in headless Chromium, let the page's scripts run, save a PNG of the window."""
-    subprocess.run(
-        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         f"--window-size=1440,{height}", "--virtual-time-budget=20000", f"--screenshot={path}", url],
-        check=True, capture_output=True, timeout=180,
-    )
+def screenshot(page, url: str, path: Path, tab: str | None = None) -> None:  # noqa: ANN001 (playwright Page)
+    """Open `url`, optionally click a tab by its name, wait for the page to settle, save a PNG."""
+    page.goto(url, wait_until="networkidle", timeout=120_000)
+    if tab:
+        page.get_by_text(tab, exact=True).first.click()
+        page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(2_000)  # charts and markdown render after the data arrives
+    page.screenshot(path=str(path), full_page=True)
     if not path.exists() or path.stat().st_size < 10_000:
         raise SystemExit(f"error: Chromium wrote no usable screenshot of {url}")
 
@@ -84,14 +86,19 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    shots = [(f"{ui}/runs/flow-run/{run_id}?tab=Artifacts", out / "ui-flow-run.png", 1400)]
     arts = run_artifacts(api, run_id)
-    for key in ARTIFACT_KEYS:
-        if key in arts:
-            shots.append((f"{ui}/artifacts/artifact/{arts[key]['id']}", out / f"ui-artifact-{key}.png", 1500))
-    for url, path, height in shots:
-        screenshot(args.chromium, url, path, height)
-        print(path)
+    shots = [(f"{ui}/runs/flow-run/{run_id}", out / "ui-flow-run.png", "Artifacts")]
+    shots += [(f"{ui}/artifacts/artifact/{arts[k]['id']}", out / f"ui-artifact-{k}.png", None)
+              for k in ARTIFACT_KEYS if k in arts]
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        for url, path, tab in shots:
+            screenshot(page, url, path, tab)
+            print(path)
+        browser.close()
     return 0
 
 

@@ -145,3 +145,5 @@ def test_service_walkthrough(service, tmp_path):
     assert [s["active"] for s in schedules()] == [False]
     _cli(env, prefect, "--no-prompt", "deployment", "schedule", "resume", "--all")
     assert [s["active"] for s in schedules()] == [True]
+    _cli(env, prefect, "--no-prompt", "deployment", "schedule", "pause", "--all")
+    assert [s["active"] for s in schedules()] == [False]
