@@ -246,19 +246,16 @@ class AdamDecayToInit(torch.optim.Optimizer):
                 bc2_sqrt.append(math.sqrt(1.0 - b2**t))
             if not params:
                 continue
-            torch._foreach_mul_(ms, b1)
-            torch._foreach_add_(ms, grads, alpha=1.0 - b1)
+            torch._foreach_lerp_(ms, grads, 1.0 - b1)  # m ← b1·m + (1 − b1)·g
             torch._foreach_mul_(vs, b2)
             torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
             # m̂/(√v̂ + ε) = (m / bc1) / (√v / √bc2 + ε)
             denom = torch._foreach_sqrt(vs)
             torch._foreach_div_(denom, bc2_sqrt)
             torch._foreach_add_(denom, eps)
-            update = torch._foreach_div(ms, denom)
-            torch._foreach_div_(update, bc1)
-            if w:
-                torch._foreach_add_(update, torch._foreach_sub(params, inits), alpha=w)
-            torch._foreach_add_(params, update, alpha=-lr)
+            if w:  # θ ← θ − lr·w·(θ − θ₀), computed from θ before the Adam part (which does not read θ)
+                torch._foreach_lerp_(params, inits, lr * w)
+            torch._foreach_addcdiv_(params, ms, denom, [-lr / b for b in bc1])
         return loss
 
 
