@@ -108,6 +108,17 @@ class TransformConfig(_Config):
     patience: int = Field(3, gt=0, description="early stopping: epochs without held-out improvement")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of triplets held out")
     chunk_rows: int = Field(4096, gt=0, description="rows per chunk when applying the transform to a store")
+    soft_targets: Literal["auto", "vice"] = Field(
+        "auto", description="with targets 'soft': auto = human.probabilities (or the demo proxy's) when there are "
+        "some, else fit VICE on the training triplets; vice = always VICE's posterior-predictive probabilities"
+    )
+    search_alphas: list[float] | None = Field(None, description="search: alpha values to try (null: alpha only)")
+    search_lams: list[float] | None = Field(None, description="search: lam values to try (null: lam only)")
+    search_lrs: list[float] | None = Field(None, description="search: lr values to try (null: lr only)")
+    search_folds: int = Field(3, ge=2, description="search: folds of the cross-validation over objects")
+    search_min_knn_overlap: float | None = Field(
+        None, ge=0.0, le=1.0, description="search: only settings keeping at least this k-NN overlap are chosen"
+    )
 
 
 class ViceConfig(_Config):
@@ -220,6 +231,7 @@ class PipelineConfig(_Config):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     human: HumanConfig = Field(default_factory=HumanConfig)
     transform: TransformConfig = Field(default_factory=TransformConfig)
+    vice: ViceConfig = Field(default_factory=ViceConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)

@@ -52,6 +52,18 @@ def loss_curve_png(losses: Sequence[float], title: str = "training loss") -> byt
     return _png(fig)
 
 
+def curve_png(series: Mapping[str, Sequence[float]], xlabel: str, ylabel: str, title: str) -> bytes:
+    """One line per named series against its 1-based index (e.g. a score per epoch)."""
+    fig = Figure(figsize=_SIZE)
+    ax = fig.add_subplot()
+    for name, values in series.items():
+        ax.plot(np.arange(1, len(values) + 1), values, marker="o", ms=3, lw=1.5, label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
 def before_after_png(scores: Mapping[str, tuple[float | None, float | None]], title: str, chance: float | None = None) -> bytes:
     """Grouped bars of a score before and after, one group per named measure (None: no bar)."""
     fig = Figure(figsize=_SIZE)

@@ -34,7 +34,9 @@ from alignet_core import (
     store,
     teacher,
     transform,
+    transform_search,
     versions,
+    vice,
 )
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
@@ -43,6 +45,8 @@ from alignet_core.hardware import resolve_device
 log = logging.getLogger(__name__)
 
 TRANSFORMED_FOLDER = "uncertainty_distillation"
+_KNN_K = 10  # neighbours in the transform's local-structure score
+_KNN_ROWS = 5000  # pool rows it is computed on
 UNTRANSFORMED_FOLDER = "untransformed"
 
 
@@ -195,7 +199,9 @@ def plan_transform(cfg: PipelineConfig, emb: StageOutput) -> StagePlan:
     conf = {"transform": cfg.transform.model_dump(), "human": cfg.human.model_dump(), "seed": cfg.seed}
     if cfg.human.triplets:
         conf["human_sha256"] = store.file_sha256(cfg.human.triplets)
-    return _plan(cfg, "transform", conf, [emb.key], transform, human, formats, store)
+    if cfg.transform.targets == "soft":
+        conf["vice"] = cfg.vice.model_dump()
+    return _plan(cfg, "transform", conf, [emb.key], transform, transform_search, vice, human, formats, evaluate, store)
 
 
 def run_transform(cfg: PipelineConfig, emb: StageOutput) -> StageOutput:
@@ -221,52 +227,101 @@ def run_transform(cfg: PipelineConfig, emb: StageOutput) -> StageOutput:
             tf, fit_metrics = saved, saved.info["metrics"]
             log.info("transform: resuming with the fit saved by an interrupted run (%s)", transform_url)
         else:
-            src = sources.source_from_config(cfg.source)
-            data = load_human_data(cfg, src)
-            g = store.open_embeddings(emb.artifact)
-            valid = g["valid"][:]
-            emb_all = np.asarray(g["embeddings"][:], dtype=np.float32)  # fit-time only; pool subsampled below
-            store.check_finite_rows(emb_all, valid, emb.artifact, np.asarray(g["ids"][:]))
-            ooi = np.where(valid, data.object_of_image, -1)
-            objects = human.object_embeddings(emb_all, ooi, data.n_objects)
-            tr, va = human.split_triplets(len(data.triplets), cfg.transform.val_fraction, cfg.seed)
-            probs = data.probs
-            rng = np.random.default_rng(cfg.seed)
-            pool_rows = np.flatnonzero(valid)
-            if len(pool_rows) > 20000:
-                pool_rows = np.sort(rng.choice(pool_rows, 20000, replace=False))
-            fit = transform.fit_transform(
-                objects,
-                data.triplets[tr],
-                data.triplets[va],
-                cfg.transform,
-                cfg.seed,
-                device,
-                train_probs=None if probs is None else probs[tr],
-                val_probs=None if probs is None else probs[va],
-                pool=emb_all[pool_rows],
-            )
-            fit_metrics = {
-                "human_data": "taxonomy proxy (not human)" if data.is_proxy else cfg.human.triplets,
-                "n_triplets": int(len(data.triplets)),
-                "n_train": int(len(tr)),
-                "n_heldout": int(len(va)),
-                "acc_before": fit.val_acc_before,
-                "acc_after": fit.val_acc_after,
-                "train_acc_after": fit.train_acc_after,
-                "best_epoch": fit.best_epoch,
-            }
-            store.makedirs(plan.dir)
-            formats.write_things_triplets(store.join(plan.dir, "human_triplets.txt"), data.triplets)
-            if probs is not None:
-                formats.write_probabilities(store.join(plan.dir, "human_probabilities.npy"), probs)
-            tf = fit.transform
-            tf.save(transform_url, {"config": cfg.transform.model_dump(), "history": fit.history,
-                                    "best_epoch": fit.best_epoch, "metrics": fit_metrics})
+            tf, fit_metrics = _fit_teacher_transform(cfg, emb, plan, device, transform_url)
         out_url = store.join(plan.dir, "transformed.zarr")
         transform.apply_transform_to_store(emb.artifact, out_url, tf, cfg.transform.chunk_rows, device)
         metrics = {"enabled": True, **fit_metrics, "seconds": round(time.perf_counter() - t0, 2)}
         return _finish(plan, out_url, metrics, {"transform": cfg.transform.model_dump()}, [emb.key])
+
+
+def _soft_targets(
+    cfg: PipelineConfig, data: HumanData, tr: np.ndarray, va: np.ndarray, plan: StagePlan, device: Any
+) -> tuple[np.ndarray | None, np.ndarray | None, str, dict[str, Any] | None]:
+    """Soft targets of the training and held-out triplets, where they come from, and VICE's
+    held-out accuracy and dims when VICE made them (fitted on the training triplets only)."""
+    if cfg.transform.targets == "hard":
+        return None, None, "none (hard targets)", None
+    if data.probs is not None and cfg.transform.soft_targets == "auto":
+        source = "proxy response model" if data.is_proxy else "human.probabilities"
+        return data.probs[tr], data.probs[va], source, None
+    model = vice.fit_vice(data.triplets[tr], data.n_objects, cfg.vice, cfg.seed, device, val=data.triplets[va])
+    model.save(store.join(plan.dir, "vice.safetensors"))
+    p_tr = model.predict_probabilities(data.triplets[tr], seed=cfg.seed)
+    p_va = model.predict_probabilities(data.triplets[va], seed=cfg.seed)
+    acc = float(np.mean((p_va[:, 0] > p_va[:, 1]) & (p_va[:, 0] > p_va[:, 2])))
+    return p_tr, p_va, "VICE posterior predictive", {"val_acc": acc, "dims": model.dim}
+
+
+def _search(
+    cfg: PipelineConfig, objects: np.ndarray, train: np.ndarray, probs: np.ndarray | None, device: Any
+) -> tuple[Any, dict[str, Any] | None]:
+    """The transform config to fit: the configured one, or the best (alpha, lam, lr) of a
+    cross-validated search over objects on the training triplets (every setting reported)."""
+    t = cfg.transform
+    if not (t.search_alphas or t.search_lams or t.search_lrs):
+        return t, None
+    grid = transform_search.grid_search_transform(
+        objects, train, t, t.search_alphas or [t.alpha], t.search_lams or [t.lam], t.search_lrs or [t.lr],
+        t.search_folds, cfg.seed, device, probs=probs, min_knn_overlap=t.search_min_knn_overlap,
+    )
+    keys = ("alpha", "lam", "lr", "transformed_mean", "zero_shot_mean", "knn_overlap_mean")
+    best = grid["best"]
+    chosen = t.model_copy(update={k: best[k] for k in ("alpha", "lam", "lr")})
+    return chosen, {"n_folds": t.search_folds, "settings": [{k: r[k] for k in keys} for r in grid["settings"]],
+                    "best": best}
+
+
+def _fit_teacher_transform(
+    cfg: PipelineConfig, emb: StageOutput, plan: StagePlan, device: Any, transform_url: str
+) -> tuple[transform.AffineTransform, dict[str, Any]]:
+    """Fit (and save) the transform on the human triplets; return it and the stage's metrics."""
+    src = sources.source_from_config(cfg.source)
+    data = load_human_data(cfg, src)
+    g = store.open_embeddings(emb.artifact)
+    valid = g["valid"][:]
+    emb_all = np.asarray(g["embeddings"][:], dtype=np.float32)  # fit-time only; pool subsampled below
+    store.check_finite_rows(emb_all, valid, emb.artifact, np.asarray(g["ids"][:]))
+    ooi = np.where(valid, data.object_of_image, -1)
+    objects = human.object_embeddings(emb_all, ooi, data.n_objects)
+    tr, va = human.split_triplets(len(data.triplets), cfg.transform.val_fraction, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    pool_rows = np.flatnonzero(valid)
+    if len(pool_rows) > 20000:
+        pool_rows = np.sort(rng.choice(pool_rows, 20000, replace=False))
+    pool = emb_all[pool_rows]
+    store.makedirs(plan.dir)
+    train_p, val_p, soft_source, vice_info = _soft_targets(cfg, data, tr, va, plan, device)
+    tcfg, search = _search(cfg, objects, data.triplets[tr], train_p, device)
+    fit = transform.fit_transform(objects, data.triplets[tr], data.triplets[va], tcfg, cfg.seed, device,
+                                  train_probs=train_p, val_probs=val_p, pool=pool)
+    knn_rows = pool[: _KNN_ROWS] if len(pool) <= _KNN_ROWS else pool[np.sort(rng.choice(len(pool), _KNN_ROWS, replace=False))]
+    standardized = (knn_rows - knn_rows.mean()) / knn_rows.std()
+    fit_metrics: dict[str, Any] = {
+        "human_data": "taxonomy proxy (not human)" if data.is_proxy else cfg.human.triplets,
+        "n_triplets": int(len(data.triplets)),
+        "n_train": int(len(tr)),
+        "n_heldout": int(len(va)),
+        "acc_before": fit.val_acc_before,
+        "acc_after": fit.val_acc_after,
+        "train_acc_after": fit.train_acc_after,
+        "best_epoch": fit.best_epoch,
+        "knn_k": _KNN_K,
+        "knn_overlap": evaluate.knn_overlap(standardized, fit.transform.apply(knn_rows), _KNN_K),
+        "soft_targets": soft_source,
+        "hyperparameters": {k: getattr(tcfg, k) for k in ("targets", "alpha", "lam", "lr", "optimizer", "epochs",
+                                                           "batch_size", "tau", "temperature")},
+        "history": fit.history,
+    }
+    if vice_info is not None:
+        fit_metrics["vice"] = vice_info
+    if search is not None:
+        fit_metrics["search"] = search
+    formats.write_things_triplets(store.join(plan.dir, "human_triplets.txt"), data.triplets)
+    if data.probs is not None:
+        formats.write_probabilities(store.join(plan.dir, "human_probabilities.npy"), data.probs)
+    fit.transform.save(transform_url, {"config": tcfg.model_dump(), "history": fit.history,
+                                       "best_epoch": fit.best_epoch, "metrics": fit_metrics})
+    return fit.transform, fit_metrics
 
 
 # ----------------------------------------------------------------------------- cluster

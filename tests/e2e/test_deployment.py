@@ -127,6 +127,9 @@ def test_service_walkthrough(service, tmp_path):
     assert {"alignet-report", "dataset-files", "dataset-location", "student-accuracy", "transform-accuracy",
             "cluster-sizes", "embed-progress", "distill-progress"} <= set(by_key)
     assert "data:image/png;base64," in by_key["student-accuracy"]["data"]
+    assert "10-NN overlap" in by_key["transform-accuracy"]["data"] and "Hyper-parameters used" in by_key[
+        "transform-accuracy"]["data"]
+    assert "data:image/png;base64," in by_key["cluster-sizes"]["data"]
     assert listed[0]["version"] in by_key["dataset-location"]["description"]
 
     # the distillation hand-off alone, on the published folder, through its own deployment
