@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignet_core.errors import ConfigError
 
@@ -235,6 +235,13 @@ class PipelineConfig(_Config):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @field_validator("root")
+    @classmethod
+    def _local_urls_as_paths(cls, v: str) -> str:
+        """`file://` roots are local paths: written as such, every writer (Zarr's included) uses
+        the local file system directly."""
+        return v.removeprefix("file://") or "/"
 
 
 def _section_fields(loc: tuple[Any, ...]) -> list[str]:

@@ -53,3 +53,10 @@ def test_overrides_revalidate():
         with_overrides(cfg, {"cluster.k": 0})
     with pytest.raises(ConfigError, match="not a config section"):
         with_overrides(cfg, {"root.x": 1})
+
+
+def test_file_url_roots_are_local_paths():
+    from alignet_core.config import parse_config
+
+    assert parse_config({"root": "file:///data/alignet"}).root == "/data/alignet"
+    assert parse_config({"root": "s3://bucket/alignet"}).root == "s3://bucket/alignet"
