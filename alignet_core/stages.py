@@ -100,6 +100,20 @@ def _reuse(plan: StagePlan) -> StageOutput | None:
     return StageOutput(stage=plan.stage, key=plan.key, dir=plan.dir, artifact=m["artifact"], metrics=m["metrics"])
 
 
+def _once(cfg: PipelineConfig, plan: StagePlan, work: Callable[[], StageOutput], clean: bool = True) -> StageOutput:
+    """A stage's output: reused when its directory is complete, else made by `work()` while this
+    run holds the stage's writer lock (a run that waited for another reuses what that one made).
+    Disk-full errors become a `StoreError`; with `clean`, temporaries of a killed writer go first."""
+    if (done := _reuse(plan)) is not None:
+        return done
+    with lock.stage_lock(plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(plan.dir):
+        if (done := _reuse(plan)) is not None:  # another run finished it while this one waited
+            return done
+        if clean:
+            store.remove_temporaries(plan.dir)
+        return work()
+
+
 # ----------------------------------------------------------------------------- embed
 def _source_identity(cfg: PipelineConfig) -> dict[str, Any]:
     ident: dict[str, Any] = cfg.source.model_dump()
@@ -116,24 +130,23 @@ def plan_embed(cfg: PipelineConfig) -> StagePlan:
 def run_embed(cfg: PipelineConfig, progress: Callable[[int, int], None] | None = None) -> StageOutput:
     """Stage 0: teacher pooled pre-logits of every image → `<dir>/embeddings.zarr`."""
     plan = plan_embed(cfg)
-    if (done := _reuse(plan)) is not None:
-        return done
-    with lock.stage_lock(plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(plan.dir):
-        if (done := _reuse(plan)) is not None:  # another run finished it while this one waited
-            return done
-        store.remove_temporaries(plan.dir)
-        t0 = time.perf_counter()
-        src = sources.source_from_config(cfg.source)
-        url = store.join(plan.dir, "embeddings.zarr")
-        info = embed.extract_embeddings(src, cfg.embed, url, resolve_device(cfg.device), progress=progress)
-        metrics = {
-            "n_images": info["n"],
-            "n_valid": info["n_valid"],
-            "dim": info["dim"],
-            "skipped": info["skipped"],
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        return _finish(plan, url, metrics, {"embed": cfg.embed.model_dump()}, [])
+    return _once(cfg, plan, lambda: _embed(cfg, plan, progress))
+
+
+def _embed(cfg: PipelineConfig, plan: StagePlan, progress: Callable[[int, int], None] | None) -> StageOutput:
+    """Stage 0's work, under its lock."""
+    t0 = time.perf_counter()
+    src = sources.source_from_config(cfg.source)
+    url = store.join(plan.dir, "embeddings.zarr")
+    info = embed.extract_embeddings(src, cfg.embed, url, resolve_device(cfg.device), progress=progress)
+    metrics = {
+        "n_images": info["n"],
+        "n_valid": info["n_valid"],
+        "dim": info["dim"],
+        "skipped": info["skipped"],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return _finish(plan, url, metrics, {"embed": cfg.embed.model_dump()}, [])
 
 
 # ----------------------------------------------------------------------------- human triplets
@@ -211,27 +224,28 @@ def run_transform(cfg: PipelineConfig, emb: StageOutput) -> StageOutput:
     the fit was saved resumes with that fit (it is not refitted), so the applied chunks of the killed
     run and of the rerun always come from the same transform, even where fits are not bit-reproducible."""
     plan = plan_transform(cfg, emb)
-    if (done := _reuse(plan)) is not None:
-        return done
     if not cfg.transform.enabled:
-        return _finish(plan, emb.artifact, {"enabled": False, "seconds": 0.0}, {"enabled": False}, [emb.key])
-    with lock.stage_lock(plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(plan.dir):
-        if (done := _reuse(plan)) is not None:  # another run finished it while this one waited
+        if (done := _reuse(plan)) is not None:
             return done
-        store.remove_temporaries(plan.dir)
-        t0 = time.perf_counter()
-        device = resolve_device(cfg.device)
-        transform_url = store.join(plan.dir, "transform.safetensors")
-        saved = transform.load_saved_fit(transform_url)
-        if saved is not None:
-            tf, fit_metrics = saved, saved.info["metrics"]
-            log.info("transform: resuming with the fit saved by an interrupted run (%s)", transform_url)
-        else:
-            tf, fit_metrics = _fit_teacher_transform(cfg, emb, plan, device, transform_url)
-        out_url = store.join(plan.dir, "transformed.zarr")
-        transform.apply_transform_to_store(emb.artifact, out_url, tf, cfg.transform.chunk_rows, device)
-        metrics = {"enabled": True, **fit_metrics, "seconds": round(time.perf_counter() - t0, 2)}
-        return _finish(plan, out_url, metrics, {"transform": cfg.transform.model_dump()}, [emb.key])
+        return _finish(plan, emb.artifact, {"enabled": False, "seconds": 0.0}, {"enabled": False}, [emb.key])
+    return _once(cfg, plan, lambda: _transform(cfg, emb, plan))
+
+
+def _transform(cfg: PipelineConfig, emb: StageOutput, plan: StagePlan) -> StageOutput:
+    """Stage 1's work, under its lock."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    transform_url = store.join(plan.dir, "transform.safetensors")
+    saved = transform.load_saved_fit(transform_url)
+    if saved is not None:
+        tf, fit_metrics = saved, saved.info["metrics"]
+        log.info("transform: resuming with the fit saved by an interrupted run (%s)", transform_url)
+    else:
+        tf, fit_metrics = _fit_teacher_transform(cfg, emb, plan, device, transform_url)
+    out_url = store.join(plan.dir, "transformed.zarr")
+    transform.apply_transform_to_store(emb.artifact, out_url, tf, cfg.transform.chunk_rows, device)
+    metrics = {"enabled": True, **fit_metrics, "seconds": round(time.perf_counter() - t0, 2)}
+    return _finish(plan, out_url, metrics, {"transform": cfg.transform.model_dump()}, [emb.key])
 
 
 def _soft_targets(
@@ -333,23 +347,22 @@ def plan_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StagePlan:
 def run_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StageOutput:
     """Stage 2: k-means of the (transformed) store; agreement with the source's labels."""
     plan = plan_cluster(cfg, tfm)
-    if (done := _reuse(plan)) is not None:
-        return done
-    with lock.stage_lock(plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(plan.dir):
-        if (done := _reuse(plan)) is not None:  # another run finished it while this one waited
-            return done
-        store.remove_temporaries(plan.dir)
-        t0 = time.perf_counter()
-        res = cluster.run_kmeans(tfm.artifact, cfg.cluster, cfg.seed)
-        summary = cluster.save_kmeans(res, plan.dir)
-        metrics: dict[str, Any] = {k: summary[k] for k in ("k", "sizes", "inertia", "inertia_curve")}
-        labels = sources.source_from_config(cfg.source).labels()
-        ok = (res.assignments >= 0) & (labels != "")
-        if ok.any():
-            metrics.update(evaluate.cluster_agreement(labels[ok], res.assignments[ok]))
-        metrics["seconds"] = round(time.perf_counter() - t0, 2)
-        return _finish(plan, store.join(plan.dir, "assignments.npy"), metrics,
-                       {"cluster": cfg.cluster.model_dump()}, [tfm.key])
+    return _once(cfg, plan, lambda: _cluster(cfg, tfm, plan))
+
+
+def _cluster(cfg: PipelineConfig, tfm: StageOutput, plan: StagePlan) -> StageOutput:
+    """Stage 2's work, under its lock."""
+    t0 = time.perf_counter()
+    res = cluster.run_kmeans(tfm.artifact, cfg.cluster, cfg.seed)
+    summary = cluster.save_kmeans(res, plan.dir)
+    metrics: dict[str, Any] = {k: summary[k] for k in ("k", "sizes", "inertia", "inertia_curve")}
+    labels = sources.source_from_config(cfg.source).labels()
+    ok = (res.assignments >= 0) & (labels != "")
+    if ok.any():
+        metrics.update(evaluate.cluster_agreement(labels[ok], res.assignments[ok]))
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    return _finish(plan, store.join(plan.dir, "assignments.npy"), metrics,
+                   {"cluster": cfg.cluster.model_dump()}, [tfm.key])
 
 
 # ----------------------------------------------------------------------------- sample
@@ -533,12 +546,8 @@ def run_distill(
     before and after. `progress(step, loss)` is called after every training step."""
     files = distill_files(cfg, ds)
     plan = plan_distill(cfg, files)
-    if (done := _reuse(plan)) is not None:
-        return done
-    with lock.stage_lock(plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(plan.dir):
-        if (done := _reuse(plan)) is not None:  # another run finished it while this one waited
-            return done
-        return _distill(cfg, files, plan, progress)
+    # training resumes from its own checkpoints: no temporaries to clear
+    return _once(cfg, plan, lambda: _distill(cfg, files, plan, progress), clean=False)
 
 
 def _distill(
