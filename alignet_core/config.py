@@ -193,6 +193,10 @@ class DistillConfig(_Config):
     cache_images: bool = Field(
         False, description="decode every training image once and keep it in memory (pools that fit in RAM)"
     )
+    compile: bool = Field(
+        False, description="torch.compile the student's training forward pass (worth it on a GPU for long runs; "
+        "the first steps pay a one-off compile)"
+    )
     steps: int = Field(150, gt=0, description="optimizer steps")
     batch_triplets: int = Field(32, gt=0, description="triplets per optimizer step")
     grad_accum: int = Field(1, gt=0, description="micro-batches per step")

@@ -570,7 +570,8 @@ def train_student(
     cfg: a `DistillConfig` (optional extra field `image_size`); out_dir: a local directory.
 
     Trains cfg.steps Adam-with-decay-to-init steps of cfg.batch_triplets triplets (in
-    cfg.grad_accum micro-batches), bf16 autocast on GPUs only, checkpointing every
+    cfg.grad_accum micro-batches), bf16 autocast on GPUs only, the forward pass optionally
+    `torch.compile`d (cfg.compile), checkpointing every
     cfg.checkpoint_every steps to out_dir/checkpoints/step_<n>/ (atomic directory rename; the
     newest is kept). A run that was killed resumes from its newest checkpoint on the same
     trajectory. At the end writes out_dir/student.safetensors (the backbone's timm state dict),
@@ -630,6 +631,7 @@ def train_student(
     batches = TripletBatches(train, source, transform, cfg.batch_triplets, seed, cfg.grad_accum,
                              cache=bool(getattr(cfg, "cache_images", False)))
     amp = autocast_dtype(device)
+    forward = torch.compile(student) if getattr(cfg, "compile", False) else student  # same parameters
     t_last = time.perf_counter()
     micro = iter(())
     if start < cfg.steps:
@@ -644,7 +646,7 @@ def train_student(
             images = images.to(device, non_blocking=True)
             rows, sims = rows.to(device), sims.to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = student(images)
+                out = forward(images)
             loss = alignet_loss(triplet_similarities(out, rows), sims, cfg.loss, cfg.tau)
             (loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum

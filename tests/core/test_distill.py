@@ -360,3 +360,17 @@ def test_distillation_raises_held_out_triplet_accuracy(pool, teacher, train_spli
     after = distill.evaluate_student(distill.load_student(str(tmp_path / "learn"), cfg), held_out, pool, cpu)
     assert np.mean(log["loss_curve"][-5:]) < np.mean(log["loss_curve"][:5])
     assert after >= before + 0.12, (before, after)
+
+
+@pytest.mark.slow
+def test_compiled_student_follows_the_eager_trajectory(pool, train_split, tmp_path):
+    """distill.compile: the same steps through torch.compile (inductor, on this CPU) give the
+    eager run's loss curve and weights within float tolerance."""
+    split, _ = train_split
+    cpu = torch.device("cpu")
+    eager = distill.train_student(split, pool, tiny_cfg(steps=3), str(tmp_path / "eager"), cpu, seed=1)
+    compiled = distill.train_student(split, pool, tiny_cfg(steps=3, compile=True), str(tmp_path / "compiled"), cpu, seed=1)
+    np.testing.assert_allclose(compiled["loss_curve"], eager["loss_curve"], rtol=1e-3, atol=1e-5)
+    a = load_file(str(tmp_path / "eager" / distill.HEAD_FILE))
+    b = load_file(str(tmp_path / "compiled" / distill.HEAD_FILE))
+    torch.testing.assert_close(b["weight"], a["weight"], rtol=1e-3, atol=1e-4)
