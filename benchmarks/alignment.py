@@ -4,7 +4,9 @@
 
 Generates synthetic "human" triplets from a sparse non-negative embedding (`alignet_core.synthetic`),
 holds out 10% of the triplets, then measures on them: the generating model's own accuracy
-(ceiling), the teacher zero-shot, VICE fitted on the training triplets, the transform fitted
+(ceiling), the teacher zero-shot, the best affine readout of the generating embedding from the
+teacher's features (`linear_oracle_acc`: least squares knowing the embedding, the most a linear
+map can recover from this noisy teacher), VICE fitted on the training triplets, the transform fitted
 with VICE's posterior-predictive probabilities as soft targets (uncertainty distillation) and
 with hard targets, the k-NN overlap of the objects before/after a global-only vs a gLocal fit,
 and calibration (NLL / ECE of the held-out choices) of soft vs hard targets. Prints one JSON line
@@ -53,6 +55,15 @@ DEMO_VICE_EPOCHS = ViceConfig().epochs
 DEMO_LONGER_EPOCHS = 30
 
 
+def linear_oracle_accuracy(features: np.ndarray, embedding: np.ndarray, triplets: np.ndarray) -> float:
+    """Held-out accuracy of the best affine readout of the generating embedding from the teacher's
+    features, fitted by least squares with the embedding known (an oracle no triplet-trained
+    transform has): how much of the human space a linear map can recover from this teacher."""
+    f = np.c_[features, np.ones(len(features))]
+    b, *_ = np.linalg.lstsq(f, embedding, rcond=None)
+    return odd_one_out_accuracy(f @ b, triplets)
+
+
 def run(quick: bool, seed: int = 0) -> dict:
     t_all = time.perf_counter()
     n_triplets = 20000 if quick else 60000
@@ -96,6 +107,7 @@ def run(quick: bool, seed: int = 0) -> dict:
         "benchmark": "alignment_quick" if quick else "alignment",
         "ceiling_acc": ceiling_accuracy(data.probs[va]),
         "zero_shot_acc": odd_one_out_accuracy(z0, val),
+        "linear_oracle_acc": linear_oracle_accuracy(x, data.embedding, val),
         "transformed_acc": odd_one_out_accuracy(fits["soft_local"].transform.apply(x), val),
         "transformed_acc_hard": odd_one_out_accuracy(fits["hard_local"].transform.apply(x), val),
         "transformed_acc_global_only": odd_one_out_accuracy(fits["soft_global"].transform.apply(x), val),
