@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core import dataset, store, versions
+from alignet_core import dataset, versions
 from alignet_core.dataset import ShardSpec
 from alignet_core.errors import InputError, StoreError
 from flows.cli import main

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.testing.utilities import prefect_test_harness
 
 from alignet_core import formats, versions

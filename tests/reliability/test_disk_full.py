@@ -9,7 +9,6 @@ of the same stage on the same filesystem, so the disk fills up part-way through 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
