@@ -24,8 +24,7 @@ def odd_one_out_accuracy(embeddings: np.ndarray, triplets: np.ndarray) -> float:
     """
     if len(triplets) == 0:
         return float("nan")
-    s = pair_similarities(embeddings, triplets)
-    return float(np.mean((s[:, 0] > s[:, 1]) & (s[:, 0] > s[:, 2])))
+    return triplet_accuracy(pair_similarities(embeddings, triplets))
 
 
 def triplet_accuracy(student_sims: np.ndarray) -> float:

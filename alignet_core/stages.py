@@ -262,7 +262,7 @@ def _soft_targets(
     model.save(store.join(plan.dir, "vice.safetensors"))
     p_tr = model.predict_probabilities(data.triplets[tr], seed=cfg.seed)
     p_va = model.predict_probabilities(data.triplets[va], seed=cfg.seed)
-    acc = float(np.mean((p_va[:, 0] > p_va[:, 1]) & (p_va[:, 0] > p_va[:, 2])))
+    acc = evaluate.triplet_accuracy(p_va)  # the observed pair (column 0) is the most probable one
     return p_tr, p_va, "VICE posterior predictive", {"val_acc": acc, "dims": model.dim}
 
 
@@ -308,7 +308,7 @@ def _fit_teacher_transform(
     tcfg, search = _search(cfg, objects, data.triplets[tr], train_p, device)
     fit = transform.fit_transform(objects, data.triplets[tr], data.triplets[va], tcfg, cfg.seed, device,
                                   train_probs=train_p, val_probs=val_p, pool=pool)
-    knn_rows = pool[: _KNN_ROWS] if len(pool) <= _KNN_ROWS else pool[np.sort(rng.choice(len(pool), _KNN_ROWS, replace=False))]
+    knn_rows = pool if len(pool) <= _KNN_ROWS else pool[np.sort(rng.choice(len(pool), _KNN_ROWS, replace=False))]
     standardized = (knn_rows - knn_rows.mean()) / knn_rows.std()
     fit_metrics: dict[str, Any] = {
         "human_data": "taxonomy proxy (not human)" if data.is_proxy else cfg.human.triplets,
@@ -381,6 +381,11 @@ class SamplingPlan(BaseModel):
     inputs: list[str]
 
 
+def sampling_name(strategy: str, k: int) -> str:
+    """The official file name of a sampling: cluster strategies carry k (`cluster_border_500`)."""
+    return f"{strategy}_{k}" if strategy.startswith("cluster") else strategy
+
+
 def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> SamplingPlan:
     """Plan the sampling stage and write the group files its shards read (cheap, idempotent)."""
     s = cfg.sample
@@ -398,7 +403,7 @@ def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> Samp
     store.makedirs(plan.dir)
     for strategy in s.strategies:
         by_cluster = strategy.startswith("cluster")
-        names[strategy] = f"{strategy}_{cfg.cluster.k}" if by_cluster else strategy
+        names[strategy] = sampling_name(strategy, cfg.cluster.k)
         url = store.join(plan.dir, f"groups_{'cluster' if by_cluster else 'class'}.npy")
         if not store.exists(url):
             store.write_npy(url, cluster_groups if by_cluster else class_groups)
@@ -458,7 +463,7 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> StageOutput:
 def promote_dataset(cfg: PipelineConfig, ds: StageOutput) -> dict[str, Any]:
     """Point the dataset's `latest` at the version `ds` published (or reused), then apply
     `keep_versions`. Returns {version, path, removed}."""
-    version = ds.artifact.rstrip("/").rsplit("/", 2)[-2]
+    version = ds.key  # a version is named by the sampling stage's content key
     versions.set_latest(cfg.root, cfg.dataset_name, version)
     removed = versions.apply_retention(cfg.root, cfg.dataset_name, cfg.keep_versions)
     log.info("dataset %s: latest is %s%s", cfg.dataset_name, version, f"; removed {removed}" if removed else "")
@@ -488,7 +493,7 @@ def distill_files(cfg: PipelineConfig, ds: StageOutput | None) -> DistillFiles:
         raise ConfigError("distill.dataset: no dataset to train on; give a folder of AligNet .npz files "
                           "or run the sampling stage first")
     folder = d.dataset if d.dataset is not None else ds.artifact  # type: ignore[union-attr]
-    name = d.sampling or (f"{d.strategy}_{cfg.cluster.k}" if d.strategy.startswith("cluster") else d.strategy)
+    name = d.sampling or sampling_name(d.strategy, cfg.cluster.k)
     train = store.join(folder, f"train_{name}.npz")
     fs, path = fsspec.core.url_to_fs(folder)
     if not store.exists(train):

@@ -38,6 +38,7 @@ from alignet_core.evaluate import (
     knn_overlap,
     linear_probe,
     odd_one_out_accuracy,
+    triplet_accuracy,
 )
 from alignet_core.human import split_triplets
 from alignet_core.synthetic import ceiling_accuracy, make_synthetic_human
@@ -111,7 +112,7 @@ def run(quick: bool, seed: int = 0) -> dict:
         "transformed_acc": odd_one_out_accuracy(fits["soft_local"].transform.apply(x), val),
         "transformed_acc_hard": odd_one_out_accuracy(fits["hard_local"].transform.apply(x), val),
         "transformed_acc_global_only": odd_one_out_accuracy(fits["soft_global"].transform.apply(x), val),
-        "vice_acc": float(np.mean((p_val[:, 0] > p_val[:, 1]) & (p_val[:, 0] > p_val[:, 2]))),
+        "vice_acc": triplet_accuracy(p_val),
         "vice_dims": vice.dim,
         "true_dims": int(data.embedding.shape[1]),
         "knn_overlap_global_only": knn_overlap(z0, fits["soft_global"].transform.apply(x), knn_k),
@@ -147,12 +148,6 @@ def run(quick: bool, seed: int = 0) -> dict:
         },
     }
     return result
-
-
-def _top_is_chosen(probs: np.ndarray) -> float:
-    """Fraction of rows whose column 0 (the observed choice) is strictly the most probable pair."""
-    p = np.asarray(probs)
-    return float(np.mean((p[:, 0] > p[:, 1]) & (p[:, 0] > p[:, 2])))
 
 
 def demo_teacher(cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -260,7 +255,7 @@ def run_demo(
         "human_data": "taxonomy proxy (not human)" if data.is_proxy else cfg.human.triplets,
         "ceiling_acc": ceiling_accuracy(data.probs[va]),
         "zero_shot_acc": odd_one_out_accuracy(z0, val),
-        "vice_acc": _top_is_chosen(p_val),
+        "vice_acc": triplet_accuracy(p_val),
         "vice_dims": vice.dim,
         "transformed_acc_hard": odd_one_out_accuracy(after["hard"], val),
         "transformed_acc_soft_proxy": odd_one_out_accuracy(after["soft_proxy"], val),
