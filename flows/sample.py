@@ -11,6 +11,7 @@ from prefect_dask import DaskTaskRunner
 
 from alignet_core.config import PipelineConfig
 from alignet_core.stages import StageOutput
+from flows.dask_workers import ReuseFreedBuffers
 from flows._config import resolve_config
 from tasks.cluster import cluster
 from tasks.embed import embed
@@ -35,7 +36,7 @@ def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={"n_workers": cfg.sample.n_workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None, "env": _worker_env()},
+                        "dashboard_address": None, "env": _worker_env(), "plugins": (ReuseFreedBuffers(),)},
     )
 
 

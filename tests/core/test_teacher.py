@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 from alignet_core.errors import InputError
-from alignet_core.teacher import gather_rows, order_triplets, teacher_similarities
+from alignet_core.teacher import gather_rows, order_triplets, pair_dots, teacher_similarities
 
 
 def _direct(e: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -33,6 +33,20 @@ def test_similarities_match_numpy_from_zarr(tmp_path: Path, dtype: str) -> None:
     assert sims.shape == (300, 3) and sims.dtype == np.float32
     np.testing.assert_allclose(sims, _direct(e, t), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(teacher_similarities(t, e), sims, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("block", [1, 7, 64, 10_000])
+def test_pair_dots_across_block_boundaries(dtype: str, block: int) -> None:
+    """Reused block buffers: every block, the short last one included, gives the float32 dot
+    products of its own rows (a stale buffer row or an off-by-one block bound would not)."""
+    rng = np.random.default_rng(4)
+    e = rng.normal(size=(90, 33)).astype(dtype)
+    local = rng.integers(0, 90, (50, 3))
+    got = pair_dots(e, local, block=block)
+    assert got.shape == (50, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, _direct(e, local), rtol=1e-5, atol=1e-4)
+    assert pair_dots(e, local[:0], block=block).shape == (0, 3)
 
 
 def test_gather_rows_in_small_blocks(tmp_path: Path) -> None:

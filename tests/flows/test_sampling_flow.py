@@ -60,6 +60,24 @@ def test_byte_identical_npz_on_1_2_and_4_dask_workers(pool: dict, tmp_path: Path
     assert digests[1] == digests[2] == digests[4]
 
 
+def test_sample_flow_workers_start_with_the_buffer_reuse_plugin(tmp_path: Path) -> None:
+    """The flow's local cluster passes `ReuseFreedBuffers` to every worker process, and the
+    glibc call it makes is accepted on this machine."""
+    from distributed import Client, LocalCluster
+
+    from alignet_core.config import PipelineConfig
+    from flows.dask_workers import ReuseFreedBuffers, reuse_freed_buffers
+    from flows.sample import dask_runner
+
+    kwargs = dask_runner(PipelineConfig(root=str(tmp_path))).cluster_kwargs
+    assert any(isinstance(p, ReuseFreedBuffers) for p in kwargs["plugins"])
+    kwargs = {**kwargs, "n_workers": 1, "env": {}}
+    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+        seen = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+    assert [ReuseFreedBuffers.name in names for names in seen.values()] == [True]
+    assert reuse_freed_buffers() is True
+
+
 @pytest.mark.slow
 def test_prefect_dask_runner_byte_identical_on_1_2_and_4_worker_processes(tmp_path: Path) -> None:
     from prefect.testing.utilities import prefect_test_harness
