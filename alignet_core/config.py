@@ -68,6 +68,38 @@ class EmbedConfig(_Config):
         description="extra timm module names captured in the same forward pass (globally average-pooled), "
         "stored as layers/<name>",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the forward pass (one fixed batch shape: short batches are zero-padded); pays "
+        "on GPUs for long runs. Part of the stage's key: compiled kernels round differently from eager ones",
+    )
+    devices: list[str] | None = Field(
+        None,
+        description="several devices, e.g. ['cuda:0', 'cuda:1']: one Dask worker process per device, each over "
+        "its own chunk-aligned rows of the source, into the same store; null: the pipeline's `device`",
+    )
+    decode: Literal["pil", "torchvision"] = Field(
+        "pil",
+        description="pil: decode + resize in DataLoader workers; torchvision: workers only read bytes, JPEGs are "
+        "decoded in batches on the extraction device (nvjpeg on GPUs) and resized there (other files: PIL)",
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _known_devices(cls, v: list[str] | None) -> list[str] | None:
+        """Device strings are checked at load time; whether the GPUs exist is checked before the stage runs."""
+        import re
+
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty list; give devices such as ['cuda:0', 'cuda:1'] or null")
+        bad = [d for d in v if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", d)]
+        if bad:
+            raise ValueError(f"{bad} are not devices; expected 'cpu', 'cuda' or 'cuda:<index>'")
+        if len({d.split(":")[0] for d in v}) > 1:
+            raise ValueError("mixes cpu and cuda; use one kind (one store must not hold rows of two precisions)")
+        return v
 
 
 class HumanConfig(_Config):

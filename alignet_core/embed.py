@@ -20,6 +20,25 @@ machine): pinned host memory in the DataLoader, `.to(device, non_blocking=True)`
 k+1 overlaps the forward of batch k, bf16 autocast where supported, channels_last for conv nets.
 Set `OMP_WAIT_POLICY=PASSIVE` before torch loads on shared CPUs (spinning OpenMP threads starve the
 decode workers).
+
+Options for scale (all off by default; see `EmbedConfig`):
+- `compile`: `torch.compile` of the forward pass with one static batch shape (a chunk's short last
+  batch is zero-padded to `batch_size` and the padding rows dropped), so a run compiles once. It is
+  part of the stage's content key (it is a field of `EmbedConfig`) and recorded in the provenance:
+  compiled kernels fuse and reorder float operations, so rows differ from eager ones in the last
+  bits, and a store must hold rows of one computation only (a resumed or cached store is then
+  bit-identical to an uninterrupted one).
+- `devices`: several devices, one Dask worker process each over disjoint chunk-aligned rows
+  (`alignet_core.embed_parallel`), calling `embed_chunks` below; the store is the one a single
+  process writes.
+- `decode: torchvision`: loader workers only read bytes; whole JPEGs (`sources.is_plain_jpeg`) are
+  decoded a batch at a time by `torchvision.io.decode_jpeg` on the extraction device (nvjpeg on a
+  GPU, libjpeg on the CPU) and resized there (`models.build_tensor_transform`); every other file,
+  and any JPEG the device decoder refuses, takes the PIL path image by image, so undecodable files
+  are skipped and reported exactly as with `pil`. On a CPU it rarely pays (decoding moves from the
+  parallel loader workers into the main process); it exists for GPUs, where decoding in the loader
+  workers is what limits images/s. Part of the key: resampling rounds differently from PIL's
+  (pixels differ by at most one 8-bit level).
 """
 
 from __future__ import annotations
@@ -28,7 +47,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import fsspec
@@ -40,9 +60,10 @@ from torch.utils.data import DataLoader, Dataset
 import alignet_core
 from alignet_core import store
 from alignet_core.config import EmbedConfig
-from alignet_core.errors import InputError, StoreError
-from alignet_core.hardware import autocast_dtype
+from alignet_core.errors import ConfigError, InputError, StoreError
+from alignet_core.hardware import autocast_dtype, resolve_devices
 from alignet_core.models import (
+    build_tensor_transform,
     build_transform,
     create_model,
     data_config,
@@ -51,7 +72,7 @@ from alignet_core.models import (
     pooled_features,
     resolve_weights,
 )
-from alignet_core.sources import ImageSource, load_image
+from alignet_core.sources import ImageSource, decode_image_bytes, is_plain_jpeg, read_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +81,40 @@ LAYERS_GROUP = "layers"
 
 
 class _ImageDataset(Dataset):
-    """Item i → (i, (3, h, w) float32 tensor or None, reason or None) for record i of a source."""
+    """Item i → (i, (3, h, w) float32 tensor or None, JPEG bytes (m,) uint8 or None, reason or None).
 
-    def __init__(self, source: ImageSource, transform: Callable[[Any], torch.Tensor]) -> None:
+    With `jpeg_bytes`, a whole plain JPEG comes back undecoded (for a batched decode on the extraction
+    device); everything else is decoded and transformed here by PIL, or fails with its reason.
+    """
+
+    def __init__(self, source: ImageSource, transform: Callable[[Any], torch.Tensor], jpeg_bytes: bool = False) -> None:
         self.records = source.records
         self.transform = transform
+        self.jpeg_bytes = jpeg_bytes
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
+        path = self.records[i].path
         try:
-            return i, self.transform(load_image(self.records[i].path)), None
+            data = read_image_bytes(path)
+            if self.jpeg_bytes and is_plain_jpeg(data):
+                return i, None, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
+            return i, self.transform(decode_image_bytes(data, path)), None, None
         except (InputError, OSError, ValueError) as err:
-            return i, None, str(err)
+            return i, None, None, str(err)
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> dict[str, Any]:
-    """Stack the decodable images of a batch; keep the others aside with their reasons."""
-    ok = [(i, x) for i, x, _ in items if x is not None]
+def _collate(items: list[tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]]) -> dict[str, Any]:
+    """Stack the decoded images of a batch; keep JPEG bytes and failures (with their reasons) aside."""
+    ok = [(i, x) for i, x, _, _ in items if x is not None]
     return {
         "index": torch.tensor([i for i, _ in ok], dtype=torch.long),
         "x": torch.stack([x for _, x in ok]) if ok else None,
-        "failed": [(i, reason) for i, x, reason in items if x is None],
+        "jpeg_index": [i for i, _, b, _ in items if b is not None],
+        "jpeg": [b for _, _, b, _ in items if b is not None],
+        "failed": [(i, reason) for i, x, b, reason in items if x is None and b is None],
     }
 
 
@@ -105,6 +137,8 @@ def _provenance(cfg: EmbedConfig, model: torch.nn.Module, source: ImageSource, n
         "layers": list(cfg.layers),
         "layer_feature": "forward-hook output, global average over spatial positions / tokens",
         "inference": f"eval, inference_mode, channels_last, {n_folded} conv+BatchNorm pairs folded",
+        "compile": cfg.compile,
+        "decode": cfg.decode,
         "store_dtype": cfg.store_dtype,
         "chunk_rows": cfg.chunk_rows,
         "batch_size": cfg.batch_size,
@@ -150,7 +184,8 @@ class LayerCapture:
             )
         self.names = list(names)
         self.modules = [modules[n] for n in names]
-        self.outputs: dict[str, torch.Tensor] = {}
+        # keys fixed up front: torch.compile guards on this dict, so filling it later would recompile once
+        self.outputs: dict[str, torch.Tensor] = {n: torch.empty(0) for n in self.names}
         self._handles: list[Any] = []
 
     def __enter__(self) -> LayerCapture:
@@ -233,18 +268,69 @@ def extract_embeddings(
     is taken from `cfg`) and is moved to `device`. `progress(done_rows, total_rows)` is called after
     every chunk written.
 
+    `cfg.devices` replaces `device`: one device runs here; several run one Dask worker process each
+    (`embed_parallel.embed_on_devices`) and give the same store. Devices are checked (`ConfigError`)
+    before anything is written.
+
     Returns {"n", "dim", "n_valid", "skipped": [{"id", "path", "reason"}], "seconds"}.
     """
     t0 = time.perf_counter()
+    if cfg.devices is not None:
+        devices = resolve_devices(cfg.devices)
+        if len(devices) > 1:
+            if model is not None:
+                raise ConfigError("embed.devices: a model object cannot be handed to several worker processes; "
+                                  "pass model=None (each worker builds cfg.model) or use one device")
+            from alignet_core.embed_parallel import embed_on_devices
+
+            embed_on_devices(source, cfg, store_url, devices, progress=progress)
+            return _summary(store_url, t0)
+        device = devices[0]
+    embed_chunks(source, cfg, store_url, device, model=model, progress=progress)
+    return _summary(store_url, t0)
+
+
+def _summary(store_url: str, t0: float) -> dict:
+    g = store.open_embeddings(store_url)
+    n, dim = g["embeddings"].shape
+    n_valid = int(np.count_nonzero(g["valid"][:]))
+    skipped_all = _read_skipped(store_url)
+    seconds = time.perf_counter() - t0
+    log.info("embed: %d/%d images embedded (dim %d), %d skipped, %.1f s", n_valid, n, dim, len(skipped_all), seconds)
+    return {"n": int(n), "dim": int(dim), "n_valid": n_valid, "skipped": skipped_all, "seconds": seconds}
+
+
+def _inference_model(cfg: EmbedConfig, device: torch.device, model: torch.nn.Module | None) -> tuple[torch.nn.Module, int]:
+    """The model on `device` in eval mode, channels_last, BatchNorms folded: (model, number of folded pairs)."""
     if model is None:
-        # a random init (weights null) is seeded, so a resumed run continues with the very same model
+        # a random init (weights null) is seeded, so a resumed run (or another worker) has the very same model
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = create_model(cfg.model, cfg.weights)
     model = model.eval().to(device=device, memory_format=torch.channels_last)
     _, h, w = data_config(model)["input_size"]
     example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
-    model, n_folded = fold_batchnorm(model, example.contiguous(memory_format=torch.channels_last), keep=set(cfg.layers))
+    return fold_batchnorm(model, example.contiguous(memory_format=torch.channels_last), keep=set(cfg.layers))
+
+
+def embed_chunks(
+    source: ImageSource,
+    cfg: EmbedConfig,
+    store_url: str,
+    device: torch.device,
+    chunks: Sequence[int] | None = None,
+    model: torch.nn.Module | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Embed the chunks numbered `chunks` (None: all) that the store has not marked done; returns how many ran.
+
+    The store is created when missing (provenance from `cfg` and the model) and checked when it exists.
+    Chunk i holds rows [i * cfg.chunk_rows, (i + 1) * cfg.chunk_rows); each is written whole, then marked
+    done, so several processes may each run disjoint `chunks` of one existing store at the same time.
+    `chunks=[]` only creates the store. `progress(done_rows, total_rows)` counts every marked chunk.
+    """
+    model, n_folded = _inference_model(cfg, device, model)
+    tensor_transform = build_tensor_transform(model) if cfg.decode == "torchvision" else None  # checked first
     n, dim = len(source), feature_dim(model)
     g = store.create_embedding_store(
         store_url, n, dim, source.ids(), cfg.store_dtype, cfg.chunk_rows, _provenance(cfg, model, source, n_folded)
@@ -253,28 +339,31 @@ def extract_embeddings(
     layers = _layer_arrays(g, store_url, cfg, layer_dims(model, list(cfg.layers), device), n)
     tracker = store.ChunkProgress(store_url)
     done = tracker.done()
-    chunks = list(store.iter_chunks(n, cfg.chunk_rows))
-    todo = [c for c in chunks if c[0] not in done]
-    rows_done = sum(stop - start for i, start, stop in chunks if i in done)
-    log.info("embed %s: %d images, %d/%d chunks left, store %s", cfg.model, n, len(todo), len(chunks), store_url)
+    every = list(store.iter_chunks(n, cfg.chunk_rows))
+    wanted = every if chunks is None else [every[i] for i in chunks]
+    todo = [c for c in wanted if c[0] not in done]
+    rows_done = sum(stop - start for i, start, stop in every if i in done)
+    if chunks is None or todo:
+        log.info("embed %s on %s: %d images, %d/%d chunks to do, store %s", cfg.model, device, n, len(todo),
+                 len(wanted), store_url)
+    if not todo:
+        if progress is not None and chunks is None:
+            progress(rows_done, n)
+        return 0
 
-    if todo:
-        loader = DataLoader(
-            _ImageDataset(source, build_transform(model)),
-            batch_sampler=_batches(todo, cfg.batch_size),
-            num_workers=cfg.num_workers,
-            collate_fn=_collate,
-            pin_memory=device.type == "cuda",
-        )
-        amp = autocast_dtype(device)
-        bar = _progress_bar(n, rows_done)
-        batches = iter(loader)
-        capture = LayerCapture(model, list(cfg.layers))
+    run = _Extractor(model, cfg, device, source, tensor_transform, {k: a.shape[1] for k, a in layers.items()})
+    loader = DataLoader(
+        _ImageDataset(source, build_transform(model), jpeg_bytes=tensor_transform is not None),
+        batch_sampler=_batches(todo, cfg.batch_size),
+        num_workers=cfg.num_workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    bar = _progress_bar(n, rows_done)
+    batches = iter(loader)
+    with run.capture:
         for i, start, stop in todo:
-            with capture:
-                feats, extra, ok, skipped = _embed_chunk(
-                    model, batches, start, stop, dim, device, amp, source, capture, {k: a.shape[1] for k, a in layers.items()}
-                )
+            feats, extra, ok, skipped = run.chunk(batches, start, stop)
             for name, arr in layers.items():
                 arr[start:stop] = extra[name].astype(cfg.store_dtype)
             emb[start:stop] = feats.astype(cfg.store_dtype)
@@ -288,57 +377,129 @@ def extract_embeddings(
                 bar.update(stop - start)
             if progress is not None:
                 progress(rows_done, n)
-        if bar is not None:
-            bar.close()
-    elif progress is not None:
-        progress(n, n)
-
-    n_valid = int(np.count_nonzero(valid[:]))
-    skipped_all = _read_skipped(store_url)
-    seconds = time.perf_counter() - t0
-    log.info("embed: %d/%d images embedded (dim %d), %d skipped, %.1f s", n_valid, n, dim, len(skipped_all), seconds)
-    return {"n": n, "dim": dim, "n_valid": n_valid, "skipped": skipped_all, "seconds": seconds}
+    if bar is not None:
+        bar.close()
+    return len(todo)
 
 
-def _embed_chunk(
-    model: torch.nn.Module,
-    batches: Iterator[dict[str, Any]],
-    start: int,
-    stop: int,
-    dim: int,
-    device: torch.device,
-    amp: torch.dtype | None,
-    source: ImageSource,
-    capture: LayerCapture,
-    layer_dims: dict[str, int],
-) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, list[dict[str, str]]]:
-    """Consume the batches of rows [start, stop).
+class _Extractor:
+    """The forward pass of one run: device, autocast, optional compile, hooks, and the on-device JPEG decode."""
 
-    Returns features (rows, dim) float32, extra layers {name: (rows, c) float32}, valid (rows,) bool, skipped.
-    """
-    rows = stop - start
-    feats = np.zeros((rows, dim), dtype=np.float32)
-    extra = {name: np.zeros((rows, c), dtype=np.float32) for name, c in layer_dims.items()}
-    ok = np.zeros(rows, dtype=bool)
-    skipped: list[dict[str, str]] = []
-    seen = 0
-    while seen < rows:
-        batch = next(batches)
-        idx = batch["index"].numpy()
-        for j, reason in batch["failed"]:
-            rec = source.records[j]
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: EmbedConfig,
+        device: torch.device,
+        source: ImageSource,
+        tensor_transform: Callable[[list[torch.Tensor]], torch.Tensor] | None,
+        layer_dims: dict[str, int],
+    ) -> None:
+        self.model, self.device, self.source = model, device, source
+        self.dim = feature_dim(model)
+        self.amp = autocast_dtype(device)
+        self.capture = LayerCapture(model, list(cfg.layers))  # hooks stay for the whole run: no recompiles
+        self.layer_dims = layer_dims
+        self.tensor_transform = tensor_transform
+        self.pil_transform = build_transform(model) if tensor_transform is not None else None
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return pooled_features(model, x)
+
+        # one static shape (dynamic=False, short batches padded): a run compiles once and every batch
+        # runs the same kernels, so rows do not depend on where a chunk's batches end
+        self.forward = torch.compile(forward, dynamic=False) if cfg.compile else forward
+        self.pad_to = cfg.batch_size if cfg.compile else 0
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x (b, 3, h, w) float on the device → pooled features (b, p) and hooked layers {name: (b, c)}."""
+        b = x.shape[0]
+        if b < self.pad_to:
+            x = torch.cat([x, x.new_zeros((self.pad_to - b, *x.shape[1:]))])
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            f = self.forward(x)
+        return f[:b], {name: self.capture.outputs[name][:b] for name in self.layer_dims}
+
+    def decode_jpegs(self, index: list[int], data: list[torch.Tensor]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+        """JPEG bytes → (rows, (m, 3, h, w) float on the device, failures [(row, reason)]).
+
+        One batched `decode_jpeg` on the device; when it raises, image by image, and an image the
+        device decoder refuses goes through the PIL path (decoded or failing exactly as there)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        def decode(items: list[torch.Tensor]) -> list[torch.Tensor]:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities.*")
+                return decode_jpeg(items, mode=ImageReadMode.RGB, device=self.device)
+
+        images: list[torch.Tensor | None]
+        try:
+            images = list(decode(data))
+        except RuntimeError:
+            images = []
+            for t in data:
+                try:
+                    images.append(decode([t])[0])
+                except RuntimeError:
+                    images.append(None)
+        rows, xs, failed = [], [], []
+        decoded = [(i, img) for i, img in zip(index, images) if img is not None]
+        if decoded:
+            rows.extend(i for i, _ in decoded)
+            xs.append(self.tensor_transform([img for _, img in decoded]))
+        for i, img, raw in zip(index, images, data):
+            if img is not None:
+                continue
+            path = self.source.records[i].path
+            log.info("embed: %s: the device JPEG decoder refused it; decoding with PIL", path)
+            try:
+                x = self.pil_transform(decode_image_bytes(bytes(raw.numpy()), path))
+            except (InputError, OSError, ValueError) as err:
+                failed.append((i, str(err)))
+                continue
+            rows.append(i)
+            xs.append(x.unsqueeze(0).to(self.device))
+        return rows, (torch.cat(xs) if xs else None), failed
+
+    def chunk(
+        self, batches: Iterator[dict[str, Any]], start: int, stop: int
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, list[dict[str, str]]]:
+        """Consume the batches of rows [start, stop).
+
+        Returns features (rows, dim) float32, extra layers {name: (rows, c) float32}, valid (rows,) bool,
+        skipped (in row order).
+        """
+        rows = stop - start
+        feats = np.zeros((rows, self.dim), dtype=np.float32)
+        extra = {name: np.zeros((rows, c), dtype=np.float32) for name, c in self.layer_dims.items()}
+        ok = np.zeros(rows, dtype=bool)
+        failed: list[tuple[int, str]] = []
+        seen = 0
+        while seen < rows:
+            batch = next(batches)
+            failed.extend(batch["failed"])
+            seen += len(batch["index"]) + len(batch["jpeg"]) + len(batch["failed"])
+            parts = []
+            if batch["x"] is not None:
+                parts.append((batch["index"].tolist(), batch["x"].to(self.device, non_blocking=True)))
+            if batch["jpeg"]:
+                jrows, jx, jfailed = self.decode_jpegs(batch["jpeg_index"], batch["jpeg"])
+                failed.extend(jfailed)
+                if jx is not None:
+                    parts.append((jrows, jx))
+            if not parts:
+                continue
+            idx = np.asarray([i for r, _ in parts for i in r], dtype=np.int64)
+            f, hooked = self.features(torch.cat([x for _, x in parts]) if len(parts) > 1 else parts[0][1])
+            feats[idx - start] = f.float().cpu().numpy()
+            for name in extra:
+                extra[name][idx - start] = hooked[name].float().cpu().numpy()
+            ok[idx - start] = True
+        skipped = []
+        for j, reason in sorted(failed):
+            rec = self.source.records[j]
             skipped.append({"id": rec.id, "path": rec.path, "reason": reason})
-        seen += len(idx) + len(batch["failed"])
-        if batch["x"] is None:
-            continue
-        x = batch["x"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            f = pooled_features(model, x)
-        feats[idx - start] = f.float().cpu().numpy()
-        for name in extra:
-            extra[name][idx - start] = capture.outputs[name].float().cpu().numpy()
-        ok[idx - start] = True
-    return feats, extra, ok, skipped
+        return feats, extra, ok, skipped
 
 
 def _progress_bar(total: int, initial: int) -> Any:

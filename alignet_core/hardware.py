@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,38 @@ def resolve_device(setting: str) -> "torch.device":
     if setting not in ("cpu", "cuda"):
         raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {setting!r}")
     return torch.device(setting)
+
+
+DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
+
+
+def resolve_devices(settings: list[str], field: str = "embed.devices") -> "list[torch.device]":
+    """Devices for one worker each: 'cpu' (may repeat) or 'cuda' / 'cuda:<i>', checked before any work.
+
+    `ConfigError` naming `field` for an unknown string, an empty list, a mix of cpu and cuda (rows
+    would be computed in different precisions: bf16 autocast on GPUs, float32 on CPU), a CUDA device
+    when torch sees no GPU, or an index beyond the GPUs torch sees. 'cuda' means 'cuda:0'.
+    """
+    import torch
+
+    if not settings:
+        raise ConfigError(f"{field}: an empty list; give devices such as ['cuda:0', 'cuda:1'] or null")
+    bad = [s for s in settings if not isinstance(s, str) or not DEVICE_PATTERN.match(s)]
+    if bad:
+        raise ConfigError(f"{field}: {bad} are not devices; expected 'cpu', 'cuda' or 'cuda:<index>'")
+    devices = [torch.device("cuda:0" if s == "cuda" else s) for s in settings]
+    if len({d.type for d in devices}) > 1:
+        raise ConfigError(f"{field}: {list(settings)} mixes cpu and cuda; use one kind (GPUs embed in bf16, "
+                          "the CPU in float32, so one store would hold rows of two precisions)")
+    if devices[0].type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{field}: {list(settings)} asks for CUDA but torch sees no CUDA GPU; use 'cpu' or null")
+        beyond = [str(d) for d in devices if d.index >= count]
+        if beyond:
+            raise ConfigError(f"{field}: {beyond} asked for, but torch sees {count} CUDA GPU(s): "
+                              f"cuda:0 .. cuda:{count - 1}")
+    return devices
 
 
 def autocast_dtype(device: "torch.device") -> "torch.dtype | None":

@@ -21,6 +21,7 @@ import copy
 import difflib
 import importlib
 import logging
+import math
 import os
 from collections.abc import Callable
 
@@ -284,3 +285,49 @@ def data_config(model: torch.nn.Module) -> dict:
 def build_transform(model: torch.nn.Module) -> Callable[[PIL.Image.Image], torch.Tensor]:
     """Eval transform of the model: RGB PIL image → (3, h, w) float32 normalized tensor."""
     return timm.data.create_transform(**data_config(model), is_training=False)
+
+
+_TENSOR_INTERPOLATION = ("nearest", "bilinear", "bicubic")
+
+
+def build_tensor_transform(model: torch.nn.Module) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """`build_transform` in torch ops, for images already decoded to tensors on any device.
+
+    Takes a list of b images, each (3, H_i, W_i) uint8 RGB (e.g. from `torchvision.io.decode_jpeg` on
+    a GPU), and returns (b, 3, h, w) float32 normalized on their device. The steps are timm's eval
+    transform read from `data_config`: resize ('center' crop mode: shorter side to
+    floor(size / crop_pct); 'squash': both sides) with the model's interpolation and antialiasing,
+    rounding to 8 bits as PIL does, center crop, then (x / 255 - mean) / std. Pixels differ from the
+    PIL path only in resampling rounding. `InputError` when the model's transform has no tensor
+    equivalent here (crop mode 'border', a non-square 'center' target, lanczos/other interpolation).
+    """
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    cfg = data_config(model)
+    _, h, w = cfg["input_size"]
+    crop_pct = cfg.get("crop_pct") or timm.data.DEFAULT_CROP_PCT
+    crop_mode = cfg.get("crop_mode") or "center"
+    interpolation = cfg.get("interpolation", "bilinear")
+    scale = (math.floor(h / crop_pct), math.floor(w / crop_pct))
+    if interpolation not in _TENSOR_INTERPOLATION or crop_mode not in ("center", "squash") or (
+        crop_mode == "center" and scale[0] != scale[1]
+    ):
+        raise InputError(
+            f"embed.decode: 'torchvision' cannot reproduce the eval transform of {type(model).__name__} "
+            f"(interpolation {interpolation!r}, crop_mode {crop_mode!r}, input {h}x{w}); use decode 'pil'"
+        )
+    size = [scale[0]] if crop_mode == "center" else list(scale)  # one int: the shorter side, as timm's Resize
+    mode = InterpolationMode(interpolation)
+    mean = torch.tensor(cfg["mean"], dtype=torch.float32).reshape(1, 3, 1, 1)
+    std = torch.tensor(cfg["std"], dtype=torch.float32).reshape(1, 3, 1, 1)
+
+    def transform(images: list[torch.Tensor]) -> torch.Tensor:
+        out = []
+        for img in images:
+            x = TF.resize(img.float(), size, interpolation=mode, antialias=mode != InterpolationMode.NEAREST)
+            out.append(TF.center_crop(x.round_().clamp_(0.0, 255.0), [h, w]))
+        x = torch.stack(out)
+        return (x / 255.0 - mean.to(x.device)) / std.to(x.device)
+
+    return transform

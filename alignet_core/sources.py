@@ -358,12 +358,10 @@ def _to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_image(path: str) -> PIL.Image.Image:
-    """Decode one image file (path or fsspec URL) to an RGB PIL image of 8 bits per channel.
+def read_image_bytes(path: str) -> bytes:
+    """The bytes of one image file (path, fsspec URL or `tar://<member>::<shard>` reference).
 
-    `path` may also be a tar member reference `tar://<member>::<shard url>` (see `tar_source`).
-    EXIF orientation is applied. Raises `InputError` naming the file for a missing, zero-byte,
-    truncated or non-image file.
+    Raises `InputError` naming the file when it is missing, unreadable or empty (0 bytes).
     """
     try:
         if path.startswith(TAR_PREFIX):
@@ -377,6 +375,15 @@ def load_image(path: str) -> PIL.Image.Image:
         raise InputError(f"{path}: cannot read image file: {err}") from None
     if not data:
         raise InputError(f"{path}: image file is empty (0 bytes)")
+    return data
+
+
+def decode_image_bytes(data: bytes, path: str) -> PIL.Image.Image:
+    """Decode the bytes of the image file `path` to an RGB PIL image of 8 bits per channel.
+
+    EXIF orientation is applied. Raises `InputError` naming `path` for truncated, corrupt,
+    too large or non-image bytes.
+    """
     try:
         with warnings.catch_warnings():
             # over PIL's pixel limit (MAX_IMAGE_PIXELS, ~89 Mpx) is refused, not just warned about
@@ -397,3 +404,38 @@ def load_image(path: str) -> PIL.Image.Image:
         return _to_rgb(img)
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: cannot convert image of mode {img.mode!r} to RGB: {err}") from None
+
+
+def load_image(path: str) -> PIL.Image.Image:
+    """Decode one image file (path or fsspec URL) to an RGB PIL image of 8 bits per channel.
+
+    `path` may also be a tar member reference `tar://<member>::<shard url>` (see `tar_source`).
+    EXIF orientation is applied. Raises `InputError` naming the file for a missing, zero-byte,
+    truncated or non-image file.
+    """
+    return decode_image_bytes(read_image_bytes(path), path)
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def is_plain_jpeg(data: bytes) -> bool:
+    """True when `data` is a whole JPEG that a plain JPEG decoder turns into the pixels `decode_image_bytes` gives.
+
+    That is: JPEG magic at the start and the end-of-image marker at the very end (a truncated file
+    fails here instead of decoding to a grey-padded picture), 1 (gray) or 3 (YCbCr/RGB) components
+    (CMYK/YCCK excluded: its RGB conversion differs between decoders), no EXIF rotation (device
+    decoders ignore it) and within PIL's pixel limit. Only the header is parsed. Anything else is left
+    to `decode_image_bytes`, which then decodes it or raises the same `InputError` as always.
+    """
+    if not (data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9"):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(io.BytesIO(data)) as img:  # header only: no pixels decoded
+                if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                    return False
+                return img.getexif().get(_EXIF_ORIENTATION, 1) == 1
+    except Exception:  # noqa: BLE001 — any doubt: the PIL path decides (and reports) instead
+        return False

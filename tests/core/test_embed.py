@@ -1,4 +1,5 @@
-"""embed.py: a real model writes a real Zarr store; resume and undecodable images leave it exact."""
+"""embed.py: a real model writes a real Zarr store; resume and undecodable images leave it exact; several
+worker processes write the same store; the torchvision JPEG path and torch.compile stay close to the default."""
 
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ import PIL.Image
 import pytest
 import timm
 import torch
+import torchvision
 import zarr
 
 import alignet_core
 from alignet_core import store
-from alignet_core.config import EmbedConfig
-from alignet_core.embed import extract_embeddings
-from alignet_core.errors import InputError, StoreError
-from alignet_core.models import build_transform, create_model, pooled_features, resolve_weights
+from alignet_core.config import EmbedConfig, parse_config
+from alignet_core.embed import _Extractor, extract_embeddings
+from alignet_core.embed_parallel import _worker_env, shard_chunks
+from alignet_core.errors import ConfigError, InputError, StoreError
+from alignet_core.hardware import resolve_devices
+from alignet_core.models import build_tensor_transform, build_transform, create_model, pooled_features, resolve_weights
 from alignet_core.store import file_sha256
-from alignet_core.sources import ImageSource, demo_source, folder_source, load_image, tar_source
+from alignet_core.sources import ImageSource, decode_image_bytes, demo_source, folder_source, load_image, tar_source
+from tests.generated_images import write_jpeg_folder, write_odd_files
 
 CPU = torch.device("cpu")
 CFG = EmbedConfig(model="tf_efficientnet_lite0", weights="packaged", batch_size=8, chunk_rows=16)
@@ -270,3 +275,164 @@ def test_progress_bar_shows_in_the_terminal(demo40: ImageSource, tiny, tmp_path:
     extract_embeddings(ImageSource(demo40.records[:4], description="4"), TINY, str(tmp_path / "bar.zarr"), CPU, model=tiny)
     err = capsys.readouterr().err
     assert "embed" in err and "4/4" in err
+
+
+# ----------------------------------------------------------------------------- several devices
+def test_devices_are_checked_before_any_work(demo40: ImageSource, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"embed\.devices.*'gpu0'.*expected 'cpu', 'cuda' or 'cuda:<index>'"):
+        parse_config({"embed": {"devices": ["cuda:0", "gpu0"]}})
+    with pytest.raises(ConfigError, match=r"embed\.devices.*mixes cpu and cuda"):
+        parse_config({"embed": {"devices": ["cpu", "cuda:0"]}})
+    with pytest.raises(ConfigError, match=r"embed\.devices.*empty list"):
+        parse_config({"embed": {"devices": []}})
+    assert parse_config({"embed": {"devices": ["cpu", "cpu"]}}).embed.devices == ["cpu", "cpu"]
+    assert resolve_devices(["cpu", "cpu"]) == [CPU, CPU]
+    if not torch.cuda.is_available():
+        src = ImageSource(demo40.records[:4], description="4")
+        url = tmp_path / "never.zarr"
+        for devices in (["cuda:0", "cuda:1"], ["cuda"]):
+            with pytest.raises(ConfigError, match=r"embed\.devices.*asks for CUDA but torch sees no CUDA GPU"):
+                extract_embeddings(src, TINY.model_copy(update={"devices": devices}), str(url), CPU)
+        assert not url.exists()  # nothing was written
+    else:
+        n = torch.cuda.device_count()
+        with pytest.raises(ConfigError, match=rf"embed\.devices.*'cuda:{n}'.*torch sees {n} CUDA GPU"):
+            resolve_devices([f"cuda:{n}"])
+
+
+def test_shards_are_contiguous_disjoint_runs_of_whole_chunks() -> None:
+    assert shard_chunks(list(range(5)), 2) == [[0, 1], [2, 3, 4]]
+    assert shard_chunks([1, 2, 7, 8, 9], 2) == [[1, 2], [7, 8, 9]]  # resumed: only the chunks left, balanced
+    assert shard_chunks([3], 4) == [[3]]  # never an empty shard (no idle worker is started)
+    for n, k in ((17, 3), (4, 4), (100, 7)):
+        shards = shard_chunks(list(range(n)), k)
+        assert [c for s in shards for c in s] == list(range(n)) and max(map(len, shards)) - min(map(len, shards)) <= 1
+    # each worker sees only its own GPU, as cuda:0; CPU workers see none
+    assert _worker_env(torch.device("cuda:3")) == ({"CUDA_VISIBLE_DEVICES": "3"}, "cuda:0")
+    assert _worker_env(CPU) == ({"CUDA_VISIBLE_DEVICES": ""}, "cpu")
+
+
+@pytest.mark.slow  # two worker processes start and import torch: ~25 s on 2 cores
+def test_two_cpu_workers_finish_a_partial_store_into_the_single_process_store(
+    demo40: ImageSource, tiny, tmp_path: Path, one_torch_thread: None
+) -> None:
+    """Two Dask worker processes (devices ['cpu', 'cpu']) resume a run stopped after one chunk; the store
+    is byte-identical to one process's uninterrupted run: ids in order, embeddings, valid, skipped, attrs."""
+    root = tmp_path / "images"
+    for rec in demo40.records[:21]:
+        (root / "emoji").mkdir(parents=True, exist_ok=True)
+        shutil.copy(rec.path, root / "emoji" / Path(rec.path).name)
+    (root / "bad").mkdir()
+    broken = _write_corrupt_files(root / "bad")
+    src = folder_source(str(root))
+    cfg = TINY.model_copy(update={"chunk_rows": 4, "batch_size": 3, "num_workers": 1})
+    single = str(tmp_path / "single.zarr")
+    extract_embeddings(src, cfg, single, CPU)
+
+    url = str(tmp_path / "two.zarr")
+
+    def stop_after_first_chunk(done: int, total: int) -> None:
+        raise Interrupted(f"stopped at {done}/{total}")
+
+    with pytest.raises(Interrupted):
+        extract_embeddings(src, cfg, url, CPU, progress=stop_after_first_chunk)
+    calls: list[tuple[int, int]] = []
+    result = extract_embeddings(src, cfg.model_copy(update={"devices": ["cpu", "cpu"]}), url, CPU,
+                                progress=lambda d, t: calls.append((d, t)))
+    assert result["n"] == 24 and result["n_valid"] == 21 and {s["id"] for s in result["skipped"]} == set(broken)
+    assert calls[-1] == (24, 24)
+    _assert_same_store(url, single)
+    for name in ("_skipped", "_progress"):
+        assert sorted(p.name for p in (Path(url) / name).iterdir()) == sorted(p.name for p in (Path(single) / name).iterdir())
+    for p in (Path(single) / "_skipped").iterdir():
+        assert (Path(url) / "_skipped" / p.name).read_bytes() == p.read_bytes()
+
+
+# ----------------------------------------------------------------------------- JPEG decode on the device
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """30 generated RGB JPEGs of random sizes in class folders, and the odd files of `write_odd_files` in odd/."""
+    root = tmp_path_factory.mktemp("jpegs")
+    write_jpeg_folder(root, 30, seed=0)
+    return root, write_odd_files(root / "odd")
+
+
+def test_torchvision_decode_is_close_to_pil_and_skips_exactly_alike(jpeg_folder, tiny, tmp_path: Path) -> None:
+    root, odd = jpeg_folder
+    src = folder_source(str(root))
+    cfg = TINY.model_copy(update={"batch_size": 4, "chunk_rows": 8, "num_workers": 2})
+    pil = extract_embeddings(src, cfg, str(tmp_path / "pil.zarr"), CPU, model=tiny)
+    tv = extract_embeddings(src, cfg.model_copy(update={"decode": "torchvision"}), str(tmp_path / "tv.zarr"), CPU, model=tiny)
+
+    # undecodable files: the same rows, ids, paths and reasons; no row shifted
+    assert tv["skipped"] == pil["skipped"]
+    assert [s["id"] for s in pil["skipped"]] == ["odd/empty.jpg", "odd/text.jpg", "odd/truncated.jpg"]
+    a, b = _arrays(str(tmp_path / "pil.zarr")), _arrays(str(tmp_path / "tv.zarr"))
+    np.testing.assert_array_equal(a["ids"], b["ids"])
+    np.testing.assert_array_equal(a["valid"], b["valid"])
+    assert b["attrs"]["decode"] == "torchvision" and a["attrs"]["decode"] == "pil"
+
+    ids = list(a["ids"])
+    x, y = a["embeddings"], b["embeddings"]
+    cos = (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-12)
+    on_device = [i for i, name in enumerate(ids) if not name.startswith("odd/")] + [
+        ids.index(f"odd/{n}") for n in ("gray.jpg", "progressive.jpg")
+    ]
+    assert cos[on_device].min() > 0.999
+    assert not np.array_equal(x[on_device], y[on_device])  # they really were decoded and resized another way
+    # CMYK, EXIF-rotated, bytes after the end marker, PNG: the PIL path, the very same pixels
+    pil_rows = [ids.index(f"odd/{n}") for n in ("cmyk.jpg", "rotated.jpg", "trailing.jpg", "picture.png")]
+    np.testing.assert_allclose(y[pil_rows], x[pil_rows], rtol=1e-5, atol=1e-6)
+    assert not y[[ids.index(s["id"]) for s in pil["skipped"]]].any()
+
+
+def test_tensor_transform_follows_the_models_data_config(jpeg_folder, tiny) -> None:
+    """The torch-ops transform of JPEG pixels is timm's PIL eval transform up to one 8-bit level."""
+    root, _ = jpeg_folder
+    path = sorted(root.glob("class1/*.jpg"))[0]
+    for model in (tiny, timm.create_model("test_vit", pretrained=False)):  # bilinear / bicubic, crop_pct 0.95
+        want = build_transform(model)(load_image(str(path)))
+        img = torchvision.io.decode_jpeg(torchvision.io.read_file(str(path)), mode=torchvision.io.ImageReadMode.RGB)
+        got = build_tensor_transform(model)([img])[0]
+        assert got.shape == want.shape
+        std = torch.tensor(model.pretrained_cfg["std"]).reshape(3, 1, 1)
+        assert ((got - want).abs() * std).max() <= 1.01 / 255  # at most one level of 8 bits apart
+    odd = timm.create_model("test_resnet", pretrained=False)
+    odd.pretrained_cfg = {**odd.pretrained_cfg, "crop_mode": "border"}
+    with pytest.raises(InputError, match=r"embed\.decode: 'torchvision' cannot reproduce.*'border'.*use decode 'pil'"):
+        build_tensor_transform(odd)
+
+
+def test_bytes_the_device_decoder_refuses_go_through_pil(jpeg_folder, tiny) -> None:
+    root, _ = jpeg_folder
+    src = folder_source(str(root))
+    good = (root / src.records[0].id).read_bytes()
+    fake = b"\xff\xd8\xff\xe0" + bytes(range(256)) + b"\xff\xd9"  # JPEG-looking bytes, no image inside
+    cfg = TINY.model_copy(update={"decode": "torchvision"})
+    run = _Extractor(tiny, cfg, CPU, src, build_tensor_transform(tiny), {})
+    as_tensor = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in (good, fake, good)]
+    rows, x, failed = run.decode_jpegs([0, 1, 2], as_tensor)
+    assert rows == [0, 2] and x.shape == (2, 3, 160, 160)
+    with pytest.raises(InputError) as err:  # exactly the PIL path's reason
+        decode_image_bytes(fake, src.records[1].path)
+    assert failed == [(1, str(err.value))]
+    torch.testing.assert_close(x[0], x[1])
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+def test_compiled_extraction_matches_eager(demo40: ImageSource, tiny, tmp_path: Path, one_torch_thread: None) -> None:
+    """compile: the same rows up to float rounding, one compile for every batch size (padding), hooks too."""
+    src = ImageSource(demo40.records[:22], description="22 emoji")
+    cfg = TINY.model_copy(update={"batch_size": 4, "chunk_rows": 6, "layers": ["layer1"]})  # batches of 4, 2, 4, 2, ...
+    extract_embeddings(src, cfg, str(tmp_path / "eager.zarr"), CPU, model=tiny)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    extract_embeddings(src, cfg.model_copy(update={"compile": True}), str(tmp_path / "compiled.zarr"), CPU, model=tiny)
+    assert counters["stats"]["unique_graphs"] == 1  # no recompile for short batches or the layer hooks
+    e, c = zarr.open_group(str(tmp_path / "eager.zarr"), mode="r"), zarr.open_group(str(tmp_path / "compiled.zarr"), mode="r")
+    np.testing.assert_allclose(c["embeddings"][:], e["embeddings"][:], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(c["layers/layer1"][:], e["layers/layer1"][:], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(c["valid"][:], e["valid"][:])
+    assert dict(c.attrs)["compile"] is True and dict(e.attrs)["compile"] is False
