@@ -50,6 +50,13 @@ def sample_triplets(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> 
 
 
 def sample_on_dask(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StageOutput:
+    """Run `sample_triplets` on the configured Dask cluster. An existing cluster gets the
+    `ReuseFreedBuffers` plugin first (the scheduler keeps it for workers that join later)."""
+    if cfg.sample.dask_address:
+        from distributed import Client
+
+        with Client(cfg.sample.dask_address, timeout=30) as client:
+            client.register_plugin(ReuseFreedBuffers())
     return sample_triplets.with_options(task_runner=dask_runner(cfg))(cfg, tfm, clu)
 
 

@@ -96,3 +96,35 @@ def test_prefect_dask_runner_byte_identical_on_1_2_and_4_worker_processes(tmp_pa
         digests = {w: run(tmp_path / f"w{w}", w) for w in (1, 2, 4)}
     assert len(digests[1]) == 4
     assert digests[1] == digests[2] == digests[4]
+
+
+@pytest.mark.slow
+def test_pipeline_on_an_existing_dask_cluster_by_address(tmp_path: Path) -> None:
+    """`sample.dask_address`: the shards run on a cluster started outside the pipeline (its
+    workers, not local ones, make them), which also gets the buffer-reuse plugin; the published
+    files equal those of the default local cluster."""
+    from distributed import Client, LocalCluster
+    from prefect.settings import get_current_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.alignet import alignet
+    from flows.dask_workers import ReuseFreedBuffers
+
+    overrides = {"source.limit": 120, "human.proxy_n_triplets": 3000, "transform.epochs": 4, "cluster.k": 5,
+                 "sample.n_train": 1200, "sample.n_valid": 300, "sample.shard_size": 200, "distill.enabled": False}
+
+    def run(root: Path, **extra: object) -> dict[str, str]:
+        state = alignet(overrides={**overrides, "root": str(root), **extra}, return_state=True)
+        assert state.is_completed(), state
+        return _digest(state.result()["dataset"])
+
+    with prefect_test_harness(server_startup_timeout=120):
+        env = {"PREFECT_API_URL": str(get_current_settings().api.url)}
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env=env) as cluster, \
+                Client(cluster) as client:
+            remote = run(tmp_path / "remote", **{"sample.dask_address": cluster.scheduler_address})
+            done = client.run(lambda dask_worker: (sorted(dask_worker.plugins), len(dask_worker.state.tasks)
+                                                   + dask_worker.state.transition_counter))
+        local = run(tmp_path / "local")
+    assert len(remote) == 4 and remote == local
+    assert all(ReuseFreedBuffers.name in names and work > 0 for names, work in done.values())
