@@ -43,9 +43,12 @@ Options for scale (all off by default; see `EmbedConfig`):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -116,6 +119,21 @@ def _collate(items: list[tuple[int, torch.Tensor | None, torch.Tensor | None, st
         "jpeg": [b for _, _, b, _ in items if b is not None],
         "failed": [(i, reason) for i, x, b, reason in items if x is None and b is None],
     }
+
+
+def _end_with_parent(parent_pid: int, _worker_id: int) -> None:
+    """DataLoader worker init: on Linux, have the kernel SIGKILL this loader worker when its parent dies.
+
+    torch's own watchdog looks only every 5 s, and a worker whose output pipe is full when its parent
+    is killed (SIGKILL, OOM killer) never gets there: it would linger forever, holding memory.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
 
 
 def _batches(chunks: list[tuple[int, int, int]], batch_size: int) -> list[list[int]]:
@@ -358,6 +376,7 @@ def embed_chunks(
         num_workers=cfg.num_workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
+        worker_init_fn=functools.partial(_end_with_parent, os.getpid()),
     )
     bar = _progress_bar(n, rows_done)
     batches = iter(loader)
