@@ -9,7 +9,9 @@ are the main case. An image inside a tar shard is named by fsspec's chained URL
 then one seek per image).
 
 `load_image` turns any common file into an 8-bit RGB PIL image (EXIF orientation applied, alpha
-composited on white, palette/CMYK/16-bit converted) or raises `InputError` naming the file and why.
+composited on white, palette/CMYK/16-bit converted) or raises `InputError` naming the file and why;
+it is `read_image_bytes` then `decode_image_bytes`, which the embed stage also calls apart when JPEGs
+are decoded on the GPU (`is_plain_jpeg` says which bytes a plain JPEG decoder gets right).
 """
 
 from __future__ import annotations
