@@ -75,8 +75,9 @@ class EmbedConfig(_Config):
     )
     devices: list[str] | None = Field(
         None,
-        description="several devices, e.g. ['cuda:0', 'cuda:1']: one Dask worker process per device, each over "
-        "its own chunk-aligned rows of the source, into the same store; null: the pipeline's `device`",
+        description="several devices, e.g. ['cuda:0', 'cuda:1']: one Dask worker process per device (each with "
+        "num_workers loader processes) over its own chunk-aligned rows, into the same store; null: the pipeline's "
+        "`device`",
     )
     decode: Literal["pil", "torchvision"] = Field(
         "pil",
