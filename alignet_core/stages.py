@@ -40,7 +40,7 @@ from alignet_core import (
 )
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
-from alignet_core.hardware import resolve_device
+from alignet_core.hardware import resolve_device, resolve_devices
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ def _source_identity(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def plan_embed(cfg: PipelineConfig) -> StagePlan:
-    conf = {"source": _source_identity(cfg), "embed": cfg.embed.model_dump()}
+    # which devices run the extraction changes no output (like `device` and sample.n_workers)
+    conf = {"source": _source_identity(cfg), "embed": cfg.embed.model_dump(exclude={"devices"})}
     return _plan(cfg, "embed", conf, [], embed, models, sources, store)
 
 
@@ -705,6 +706,8 @@ def preflight(cfg: PipelineConfig) -> None:
 
     src = sources.source_from_config(cfg.source)
     n = len(src)
+    if cfg.embed.devices is not None:
+        resolve_devices(cfg.embed.devices)
     for field, name in (("embed.model", cfg.embed.model), ("distill.student", cfg.distill.student)):
         if not timm.is_model(name):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:5]

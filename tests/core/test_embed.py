@@ -436,3 +436,17 @@ def test_compiled_extraction_matches_eager(demo40: ImageSource, tiny, tmp_path: 
     np.testing.assert_allclose(c["layers/layer1"][:], e["layers/layer1"][:], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(c["valid"][:], e["valid"][:])
     assert dict(c.attrs)["compile"] is True and dict(e.attrs)["compile"] is False
+
+
+def test_stage_key_ignores_devices_but_not_compile_or_decode(tmp_path: Path) -> None:
+    """Which devices run the extraction changes no stored value, so a store made on two workers
+    is reused (or resumed) by a one-device run; compile and decode change rounding, so they key."""
+    from alignet_core.config import PipelineConfig
+    from alignet_core.stages import plan_embed
+
+    def key(**embed: object) -> str:
+        return plan_embed(PipelineConfig(root=str(tmp_path), embed=embed)).key
+
+    base = key()
+    assert key(devices=["cpu", "cpu"]) == key(devices=["cpu"]) == base
+    assert len({base, key(compile=True), key(decode="torchvision")}) == 3

@@ -56,6 +56,7 @@ CASES: list[tuple[str, Any, list[str]]] = [
      ["embed.weights", "/nope/w.safetensors", "does not exist", "expected 'packaged'"]),
     ("unknown extra layer", {"embed": {"layers": ["blocks.99"]}}, ["embed.layers", "blocks.99", "named_modules"]),
     ("wrong store dtype", {"embed": {"store_dtype": "int8"}}, ["embed.store_dtype", "'float16' or 'float32'"]),
+    ("GPU devices without a GPU", {"embed": {"devices": ["cuda:0", "cuda:1"]}}, ["embed.devices", "cuda"]),
     ("unknown sampling strategy", {"sample": {"strategies": ["random"]}},
      ["sample.strategies", "random", "'between_class'"]),
     ("repeated sampling strategy", {"sample": {"strategies": ["cluster", "cluster"]}, "distill": {"strategy": "cluster"}},
@@ -101,7 +102,7 @@ def test_at_least_fifteen_distinct_mistakes() -> None:
 
 @pytest.mark.parametrize("case, config, needles", CASES, ids=[c[0] for c in CASES])
 def test_bad_config_fails_before_any_work_naming_the_field(case, config, needles, folder, tmp_path, capsys) -> None:
-    if case == "cuda without a GPU" and torch.cuda.is_available():
+    if case in ("cuda without a GPU", "GPU devices without a GPU") and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     root = tmp_path / "root"
     path = tmp_path / "config.yaml"
