@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 from alignet_core.errors import InputError
-from alignet_core.teacher import gather_rows, order_triplets, pair_dots, teacher_similarities
+from alignet_core.teacher import _distinct_rows, gather_rows, order_triplets, pair_dots, teacher_similarities
 
 
 def _direct(e: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -47,6 +47,15 @@ def test_pair_dots_across_block_boundaries(dtype: str, block: int) -> None:
     assert got.shape == (50, 3) and got.dtype == np.float32
     np.testing.assert_allclose(got, _direct(e, local), rtol=1e-5, atol=1e-4)
     assert pair_dots(e, local[:0], block=block).shape == (0, 3)
+
+
+@pytest.mark.parametrize("n", [40, 100_000])  # mark-and-count pass, and the sort for a sparse store
+def test_distinct_rows_match_numpy_unique(n: int) -> None:
+    t = np.random.default_rng(6).integers(0, n, (300, 3))
+    rows, local = _distinct_rows(t, n)
+    expect_rows, expect_local = np.unique(t, return_inverse=True)
+    np.testing.assert_array_equal(rows, expect_rows)
+    np.testing.assert_array_equal(local, expect_local.reshape(t.shape))
 
 
 def test_gather_rows_in_small_blocks(tmp_path: Path) -> None:
