@@ -11,7 +11,7 @@ from prefect_dask import DaskTaskRunner
 
 from alignet_core.config import PipelineConfig
 from alignet_core.stages import StageOutput
-from flows.dask_workers import ReuseFreedBuffers
+from flows.dask_workers import SamplingWorkerSetup
 from flows._config import resolve_config
 from tasks.cluster import cluster
 from tasks.embed import embed
@@ -36,7 +36,7 @@ def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={"n_workers": cfg.sample.n_workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None, "env": _worker_env(), "plugins": (ReuseFreedBuffers(),)},
+                        "dashboard_address": None, "env": _worker_env(), "plugins": (SamplingWorkerSetup(),)},
     )
 
 
@@ -51,12 +51,12 @@ def sample_triplets(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> 
 
 def sample_on_dask(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StageOutput:
     """Run `sample_triplets` on the configured Dask cluster. An existing cluster gets the
-    `ReuseFreedBuffers` plugin first (the scheduler keeps it for workers that join later)."""
+    `SamplingWorkerSetup` plugin first (the scheduler keeps it for workers that join later)."""
     if cfg.sample.dask_address:
         from distributed import Client
 
         with Client(cfg.sample.dask_address, timeout=30) as client:
-            client.register_plugin(ReuseFreedBuffers())
+            client.register_plugin(SamplingWorkerSetup())
     return sample_triplets.with_options(task_runner=dask_runner(cfg))(cfg, tfm, clu)
 
 

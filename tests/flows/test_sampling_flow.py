@@ -61,20 +61,22 @@ def test_byte_identical_npz_on_1_2_and_4_dask_workers(pool: dict, tmp_path: Path
 
 
 def test_sample_flow_workers_start_with_the_buffer_reuse_plugin(tmp_path: Path) -> None:
-    """The flow's local cluster passes `ReuseFreedBuffers` to every worker process, and the
-    glibc call it makes is accepted on this machine."""
+    """The flow's local cluster passes `SamplingWorkerSetup` to every worker process (torch is
+    loaded there before any task), and the glibc call it makes is accepted on this machine."""
     from distributed import Client, LocalCluster
 
     from alignet_core.config import PipelineConfig
-    from flows.dask_workers import ReuseFreedBuffers, reuse_freed_buffers
+    from flows.dask_workers import SamplingWorkerSetup, reuse_freed_buffers
     from flows.sample import dask_runner
 
     kwargs = dask_runner(PipelineConfig(root=str(tmp_path))).cluster_kwargs
-    assert any(isinstance(p, ReuseFreedBuffers) for p in kwargs["plugins"])
+    assert any(isinstance(p, SamplingWorkerSetup) for p in kwargs["plugins"])
     kwargs = {**kwargs, "n_workers": 1, "env": {}}
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         seen = client.run(lambda dask_worker: sorted(dask_worker.plugins))
-    assert [ReuseFreedBuffers.name in names for names in seen.values()] == [True]
+        loaded = client.run(lambda: "torch" in __import__("sys").modules)
+    assert [SamplingWorkerSetup.name in names for names in seen.values()] == [True]
+    assert list(loaded.values()) == [True]
     assert reuse_freed_buffers() is True
 
 
@@ -101,14 +103,14 @@ def test_prefect_dask_runner_byte_identical_on_1_2_and_4_worker_processes(tmp_pa
 @pytest.mark.slow
 def test_pipeline_on_an_existing_dask_cluster_by_address(tmp_path: Path) -> None:
     """`sample.dask_address`: the shards run on a cluster started outside the pipeline (its
-    workers, not local ones, make them), which also gets the buffer-reuse plugin; the published
+    workers, not local ones, make them), which also gets the worker set-up plugin; the published
     files equal those of the default local cluster."""
     from distributed import Client, LocalCluster
     from prefect.settings import get_current_settings
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.alignet import alignet
-    from flows.dask_workers import ReuseFreedBuffers
+    from flows.dask_workers import SamplingWorkerSetup
 
     overrides = {"source.limit": 120, "human.proxy_n_triplets": 3000, "transform.epochs": 4, "cluster.k": 5,
                  "sample.n_train": 1200, "sample.n_valid": 300, "sample.shard_size": 200, "distill.enabled": False}
@@ -127,4 +129,4 @@ def test_pipeline_on_an_existing_dask_cluster_by_address(tmp_path: Path) -> None
                                                    + dask_worker.state.transition_counter))
         local = run(tmp_path / "local")
     assert len(remote) == 4 and remote == local
-    assert all(ReuseFreedBuffers.name in names and work > 0 for names, work in done.values())
+    assert all(SamplingWorkerSetup.name in names and work > 0 for names, work in done.values())
