@@ -11,10 +11,11 @@ from Zarr, dot products, odd-one-out order, atomic npz write) runs for every sha
 (processes, 1 thread each), each with a fresh output folder. `wall_s` is the 2-worker time from
 submitting the shards to the last result (cluster start-up excluded, reported separately);
 `peak_rss_gib` is the peak over time of the summed RSS of this process (client and scheduler)
-and all its child processes (nannies and workers), sampled every 50 ms, and `peak_pss_gib` the
+and all its child processes (nannies and workers), sampled every 200 ms (a shard's rows stay
+gathered for seconds; one sample of six processes costs ~7 ms of CPU here, 15% of a core at 50 ms), and `peak_pss_gib` the
 same for PSS (shared library pages counted once; see `PeakRSS`). The workers run with the
 pipeline's `flows.dask_workers.SamplingWorkerSetup` plugin (malloc settings; torch imported at
-start-up, so inside `startup_s`), as the sample flow's local cluster does;
+start-up, so inside `startup_s`) and `WORKER_CONFIG`, as the sample flow's local cluster does;
 `efficiency_1_to_2` = t1 / (2 · t2). The load average before the run is in `machine`, since
 other processes may share the cores. This machine's speed drifts by up to ~1.5× over minutes
 (other tenants of the host), so `--repeats N` alternates N 1-worker and N 2-worker runs and
@@ -49,7 +50,7 @@ class PeakRSS:
     summed PSS is the physical memory the run holds, what a container's limit sees.
     """
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.2) -> None:
         import psutil
 
         self._proc = psutil.Process()
@@ -139,12 +140,12 @@ def run_on_cluster(n_workers: int, specs: list, groups: str, store_url: str, out
     from distributed import Client, LocalCluster
 
     from alignet_core.dataset import run_shard
-    from flows.dask_workers import SamplingWorkerSetup
+    from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup
 
     t0 = time.perf_counter()
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-                      plugins=(SamplingWorkerSetup(),)) as cluster, \
+                      plugins=(SamplingWorkerSetup(),), config=WORKER_CONFIG) as cluster, \
             Client(cluster) as client:
         client.wait_for_workers(n_workers)
         startup = time.perf_counter() - t0

@@ -27,6 +27,12 @@ MMAP_THRESHOLD = 32 * 2**20
 TRIM_THRESHOLD = 32 * 2**20
 
 
+#: Dask config for the pipeline's own sampling workers: no statistical profiler (it samples the
+#: task thread's stack every 10 ms, worker CPU that competes with the shards on small machines,
+#: and the local cluster has no dashboard to show it)
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+
+
 def reuse_freed_buffers() -> bool:
     """Let glibc reuse freed buffers of up to 32 MiB instead of unmapping them.
 

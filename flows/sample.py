@@ -11,7 +11,7 @@ from prefect_dask import DaskTaskRunner
 
 from alignet_core.config import PipelineConfig
 from alignet_core.stages import StageOutput
-from flows.dask_workers import SamplingWorkerSetup
+from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup
 from flows._config import resolve_config
 from tasks.cluster import cluster
 from tasks.embed import embed
@@ -36,7 +36,8 @@ def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
     return DaskTaskRunner(
         cluster_class="distributed.LocalCluster",
         cluster_kwargs={"n_workers": cfg.sample.n_workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None, "env": _worker_env(), "plugins": (SamplingWorkerSetup(),)},
+                        "dashboard_address": None, "env": _worker_env(), "plugins": (SamplingWorkerSetup(),),
+                        "config": WORKER_CONFIG},
     )
 
 

@@ -74,9 +74,11 @@ def test_sample_flow_workers_start_with_the_buffer_reuse_plugin(tmp_path: Path) 
     kwargs = {**kwargs, "n_workers": 1, "env": {}}
     with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
         seen = client.run(lambda dask_worker: sorted(dask_worker.plugins))
+        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
         loaded = client.run(lambda: "torch" in __import__("sys").modules)
     assert [SamplingWorkerSetup.name in names for names in seen.values()] == [True]
     assert list(loaded.values()) == [True]
+    assert list(profiling.values()) == [False]
     assert reuse_freed_buffers() is True
 
 
