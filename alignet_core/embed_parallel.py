@@ -23,10 +23,9 @@ The parent builds the store first (model on the CPU, for the shapes and the prov
 BatchNorm-folding check behind the provenance's `inference` line then runs on the CPU too), then only
 waits, reporting progress from the finished-chunk markers.
 
-`embed.devices` changes no output, but as a field of `EmbedConfig` it is hashed into the stage's
-content key by `stages.plan_embed` (which hashes `model_dump()`), so today a run on other devices
-makes its own store rather than reusing or resuming this one. Excluding it there, as the sample
-stage excludes `n_workers`, would let them share it.
+`embed.devices` changes no output, so `stages.plan_embed` leaves it out of the stage's content key
+(as the sample stage leaves out `n_workers`): a store begun on two devices is reused, or resumed,
+by a run on one.
 """
 
 from __future__ import annotations
