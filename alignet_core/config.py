@@ -8,6 +8,7 @@ message names each offending field and what was expected.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,18 +90,23 @@ class EmbedConfig(_Config):
     @classmethod
     def _known_devices(cls, v: list[str] | None) -> list[str] | None:
         """Device strings are checked at load time; whether the GPUs exist is checked before the stage runs."""
-        import re
-
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("an empty list; give devices such as ['cuda:0', 'cuda:1'] or null")
-        bad = [d for d in v if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", d)]
-        if bad:
-            raise ValueError(f"{bad} are not devices; expected 'cpu', 'cuda' or 'cuda:<index>'")
-        if len({d.split(":")[0] for d in v}) > 1:
-            raise ValueError("mixes cpu and cuda; use one kind (one store must not hold rows of two precisions)")
+        problem = None if v is None else device_list_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
+
+
+def device_list_problem(devices: list[str]) -> str | None:
+    """What is wrong with a list of device strings ('cpu' or 'cuda' / 'cuda:<i>', one kind), or None."""
+    if not devices:
+        return "an empty list; give devices such as ['cuda:0', 'cuda:1'] or null"
+    bad = [d for d in devices if not isinstance(d, str) or not re.fullmatch(r"cpu|cuda(:[0-9]+)?", d)]
+    if bad:
+        return f"{bad} are not devices; expected 'cpu', 'cuda' or 'cuda:<index>'"
+    if len({d.split(":")[0] for d in devices}) > 1:
+        return (f"{list(devices)} mixes cpu and cuda; use one kind (GPUs embed in bf16, the CPU in float32, "
+                "so one store would hold rows of two precisions)")
+    return None
 
 
 class HumanConfig(_Config):

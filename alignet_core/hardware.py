@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from alignet_core.config import device_list_problem
 from alignet_core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,6 @@ def resolve_device(setting: str) -> "torch.device":
     return torch.device(setting)
 
 
-DEVICE_PATTERN = re.compile(r"^(cpu|cuda(:[0-9]+)?)$")
-
-
 def resolve_devices(settings: list[str], field: str = "embed.devices") -> "list[torch.device]":
     """Devices for one worker each: 'cpu' (may repeat) or 'cuda' / 'cuda:<i>', checked before any work.
 
@@ -41,15 +38,10 @@ def resolve_devices(settings: list[str], field: str = "embed.devices") -> "list[
     """
     import torch
 
-    if not settings:
-        raise ConfigError(f"{field}: an empty list; give devices such as ['cuda:0', 'cuda:1'] or null")
-    bad = [s for s in settings if not isinstance(s, str) or not DEVICE_PATTERN.match(s)]
-    if bad:
-        raise ConfigError(f"{field}: {bad} are not devices; expected 'cpu', 'cuda' or 'cuda:<index>'")
+    problem = device_list_problem(settings)
+    if problem:
+        raise ConfigError(f"{field}: {problem}")
     devices = [torch.device("cuda:0" if s == "cuda" else s) for s in settings]
-    if len({d.type for d in devices}) > 1:
-        raise ConfigError(f"{field}: {list(settings)} mixes cpu and cuda; use one kind (GPUs embed in bf16, "
-                          "the CPU in float32, so one store would hold rows of two precisions)")
     if devices[0].type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
