@@ -369,9 +369,10 @@ def embed_chunks(
             progress(rows_done, n)
         return 0
 
-    run = _Extractor(model, cfg, device, source, tensor_transform, {k: a.shape[1] for k, a in layers.items()})
+    pil_transform = build_transform(model)
+    run = _Extractor(model, cfg, device, source, pil_transform, tensor_transform, {k: a.shape[1] for k, a in layers.items()})
     loader = DataLoader(
-        _ImageDataset(source, build_transform(model), jpeg_bytes=tensor_transform is not None),
+        _ImageDataset(source, pil_transform, jpeg_bytes=tensor_transform is not None),
         batch_sampler=_batches(todo, cfg.batch_size),
         num_workers=cfg.num_workers,
         collate_fn=_collate,
@@ -410,6 +411,7 @@ class _Extractor:
         cfg: EmbedConfig,
         device: torch.device,
         source: ImageSource,
+        pil_transform: Callable[[Any], torch.Tensor],
         tensor_transform: Callable[[list[torch.Tensor]], torch.Tensor] | None,
         layer_dims: dict[str, int],
     ) -> None:
@@ -419,7 +421,7 @@ class _Extractor:
         self.capture = LayerCapture(model, list(cfg.layers))  # hooks stay for the whole run: no recompiles
         self.layer_dims = layer_dims
         self.tensor_transform = tensor_transform
-        self.pil_transform = build_transform(model) if tensor_transform is not None else None
+        self.pil_transform = pil_transform  # for JPEGs the device decoder refuses
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return pooled_features(model, x)

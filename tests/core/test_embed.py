@@ -409,7 +409,7 @@ def test_bytes_the_device_decoder_refuses_go_through_pil(jpeg_folder, tiny) -> N
     good = (root / src.records[0].id).read_bytes()
     fake = b"\xff\xd8\xff\xe0" + bytes(range(256)) + b"\xff\xd9"  # JPEG-looking bytes, no image inside
     cfg = TINY.model_copy(update={"decode": "torchvision"})
-    run = _Extractor(tiny, cfg, CPU, src, build_tensor_transform(tiny), {})
+    run = _Extractor(tiny, cfg, CPU, src, build_transform(tiny), build_tensor_transform(tiny), {})
     as_tensor = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in (good, fake, good)]
     rows, x, failed = run.decode_jpegs([0, 1, 2], as_tensor)
     assert rows == [0, 2] and x.shape == (2, 3, 160, 160)
