@@ -183,7 +183,7 @@ def synthetic_rate(cfg: EmbedConfig, device: torch.device, iters: int, warmup: i
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         pooled_features(model, x.contiguous(memory_format=torch.channels_last))
     flops_per_image = counter.get_total_flops() / cfg.batch_size
-    run = _Extractor(model, cfg, device, None, None, {})  # compile, channels_last, autocast as in extraction
+    run = _Extractor(model, cfg, device, None, None, None, {})  # compile, channels_last, autocast as in extraction
     for _ in range(warmup):  # includes the compilation with --compile
         run.features(x)
     _sync(device)
