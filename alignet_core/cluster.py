@@ -7,12 +7,14 @@ k = 500) and samples "cluster" and "cluster border" triplets from the clusters. 
   k × max_points_per_centroid *valid* rows (FAISS's own rule of thumb: more points per centroid
   barely move the centroids), read block by block from the store, so training memory depends on
   k, not on the pool size. GPU when `hardware.faiss_gpu_available` says so, CPU otherwise.
-  Centroids start from greedy k-means++ (scikit-learn's `kmeans_plusplus`, 2 + ln k candidates
-  per centre) on the training rows. FAISS's random init, and its own k-means++ (one candidate
-  per centre), often merge two well-separated groups into one cluster and split another, and
-  Lloyd iterations never recover (`tests/core/test_cluster.py`: 60 separated blobs, recovered
-  exactly from the greedy init for every seed tried). The greedy init costs O(n·k·p·ln k) once,
-  less than the iterations at the paper's scale (128k training rows × 500 × 1152).
+  Centroids start from greedy k-means++ (`greedy_kmeans_plusplus`: 2 + ln k candidates per
+  centre, the rule scikit-learn's `kmeans_plusplus` uses) on the training rows. FAISS's random
+  init, and its own k-means++ (one candidate per centre), often merge two well-separated groups
+  into one cluster and split another, and Lloyd iterations never recover
+  (`tests/core/test_cluster.py`: 60 separated blobs, recovered exactly from the greedy init for
+  every seed tried). The init reads the training rows once per centre, so it is bound by memory
+  bandwidth, not FLOPs; it is written here in float32 because scikit-learn's version upcasts
+  float32 distances to float64 and was 4–5× slower on the same rows (benchmarks/kmeans.py).
 - `assign_clusters` then streams the whole store chunk by chunk and assigns every valid row to
   its nearest centroid with an exact flat index; memory is one chunk plus the (n,) outputs.
 - Rows with valid = False (undecodable images, stored as zeros) are never trained on and get
@@ -35,7 +37,6 @@ import faiss
 import fsspec
 import numpy as np
 import zarr
-from sklearn.cluster import kmeans_plusplus
 
 from alignet_core import store
 from alignet_core.config import ClusterConfig
@@ -72,6 +73,40 @@ def _valid_rows(g: zarr.Group, store_url: str) -> np.ndarray:
     return valid
 
 
+def greedy_kmeans_plusplus(x: np.ndarray, k: int, seed: int, n_trials: int | None = None) -> np.ndarray:
+    """k initial centroids from the rows of x (n, p) float32 by greedy k-means++ (Arthur &
+    Vassilvitskii; greedy variant as in scikit-learn).
+
+    Each new centre is the best, by the resulting potential (sum of squared distances to the
+    nearest centre), of `n_trials` rows drawn with probability ∝ that squared distance
+    (default 2 + ⌊ln k⌋). Returns (k, p) float32 copies of the chosen rows; deterministic for a seed.
+    """
+    n = len(x)
+    if not 0 < k <= n:
+        raise ConfigError(f"cluster.k = {k}: k-means++ needs 1 ≤ k ≤ {n} rows")
+    trials = n_trials or 2 + int(np.log(k))
+    rng = np.random.default_rng(seed)
+    sq = np.einsum("ij,ij->i", x, x)
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = rng.integers(n)
+    closest = np.maximum(sq - 2 * (x @ x[chosen[0]]) + sq[chosen[0]], 0)  # (n,) squared distance to the nearest centre
+    for c in range(1, k):
+        cum = np.cumsum(closest, dtype=np.float64)
+        if cum[-1] <= 0:  # every row sits on a centre already: take any row not chosen yet
+            chosen[c] = np.setdiff1d(np.arange(n), chosen[:c])[0]
+            continue
+        cand = np.minimum(np.searchsorted(cum, rng.random(trials) * cum[-1], side="right"), n - 1)
+        d = x[cand] @ x.T  # (trials, n): the one pass over the rows this centre costs
+        d *= -2
+        d += sq
+        d += sq[cand, None]
+        np.maximum(d, 0, out=d)
+        np.minimum(d, closest, out=d)
+        best = int(np.argmin(d.sum(axis=1, dtype=np.float64)))
+        chosen[c], closest = cand[best], d[best].copy()
+    return x[chosen].copy()
+
+
 def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, list[float]]:
     """Train k-means centroids on a subsample of the store's valid rows.
 
@@ -105,7 +140,7 @@ def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int) -> tuple[np.ndarra
     km = None
     for r in range(cfg.nredo):  # restarts from different greedy inits; the lowest objective wins
         state = int(np.random.SeedSequence([int(seed), r]).generate_state(1)[0])
-        init, _ = kmeans_plusplus(x, cfg.k, random_state=state)
+        init = greedy_kmeans_plusplus(x, cfg.k, state)
         run = faiss.Kmeans(p, cfg.k, niter=cfg.niter, seed=state % (2**31), spherical=cfg.spherical, gpu=gpu,
                            max_points_per_centroid=cfg.max_points_per_centroid, min_points_per_centroid=1,
                            verbose=False)
@@ -158,11 +193,12 @@ def assign_clusters(
         if not np.isfinite(chunk[ok]).all():
             ids = np.asarray(g["ids"][:]) if ids is None else ids
             store.check_finite_rows(chunk, ok, store_url, ids, offset=start)
-        x = np.ascontiguousarray(chunk[ok], dtype=np.float32)
+        every = bool(ok.all())
+        x = np.ascontiguousarray(chunk if every else chunk[ok], dtype=np.float32)
         if spherical:
             _normalize(x)
         d, i = index.search(x, 1)
-        rows = start + np.flatnonzero(ok)
+        rows = slice(start, stop) if every else start + np.flatnonzero(ok)
         assignments[rows] = i[:, 0]
         distances[rows] = (1.0 - d[:, 0]) if spherical else np.maximum(d[:, 0], 0.0)
     return assignments, distances

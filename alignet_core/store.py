@@ -350,9 +350,15 @@ def create_embedding_store(
     dtype: str,
     chunk_rows: int,
     attrs: dict[str, Any],
+    compressed: bool = True,
 ) -> zarr.Group:
     """Create (or reopen for resume) an embedding store: `embeddings` (n, dim) `dtype`, `ids` (n,) str,
     `valid` (n,) bool (all False until the writer sets each written row).
+
+    `compressed` keeps Zarr's default codec (zstd) for the embeddings; False stores them raw.
+    Raw suits stores read whole many times (the transformed store: clustering, every sampling
+    shard): dense float features barely compress, and decoding made each full read several
+    times slower (`benchmarks/store_read.py`). Extracted features after a ReLU compress well.
 
     Reopening checks that shape, dtype and ids match what was asked, so a resumed write can never
     mix rows of two different runs.
@@ -373,7 +379,8 @@ def create_embedding_store(
     tmp = f"{url.rstrip('/')}.tmp-{uuid.uuid4().hex}"
     try:
         g = zarr.open_group(tmp, mode="w")
-        g.create_array("embeddings", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim), fill_value=0)
+        g.create_array("embeddings", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim), fill_value=0,
+                       compressors="auto" if compressed else None)
         g.create_array("valid", shape=(n,), dtype=bool, chunks=(chunk_rows,), fill_value=False)
         ids_arr = g.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
         if n:

@@ -456,7 +456,8 @@ def apply_transform_to_store(
     info = {"mean": transform.mean, "std": transform.std, "digest": transform.digest(), "info": transform.info}
     # keys sorted: a fit loaded back from its JSON and the same fit in memory give identical store bytes
     attrs = {**dict(src.attrs), "transform": json.loads(json.dumps(_jsonable(info), sort_keys=True))}
-    out = store.create_embedding_store(out_url, n, transform.dim, ids, "float32", chunk_rows, attrs)
+    # raw, not zstd: clustering and every sampling shard read this store whole
+    out = store.create_embedding_store(out_url, n, transform.dim, ids, "float32", chunk_rows, attrs, compressed=False)
     prev = dict(out.attrs).get("transform", {})
     if prev.get("digest") != transform.digest() or out["embeddings"].chunks[0] != chunk_rows:
         raise StoreError(

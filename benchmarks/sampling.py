@@ -104,13 +104,10 @@ class PeakRSS:
 def make_store(root: str, n: int, p: int, k: int, chunk_rows: int, seed: int = 0, compressed: bool = False) -> tuple[str, str]:
     """A float16 store of n × p blob embeddings (k centres) and its (n,) cluster-id groups file.
 
-    Same layout as `store.create_embedding_store` (`embeddings`, `valid`, `ids`). By default the
-    embeddings are stored without a compressor: float16 embeddings barely compress, and zstd
-    decoding made each full read of the store ~5× slower here (0.62 s vs 0.15 s for 200k × 768).
-    `compressed=True` uses Zarr's default codec, as `create_embedding_store` does.
+    Made by `store.create_embedding_store` as the transform stage makes its store: raw by
+    default (`compressed=False`, see `benchmarks/store_read.py`); `compressed=True` uses Zarr's
+    default zstd codec instead, as the extraction stage does.
     """
-    import zarr
-
     from alignet_core import store
 
     url = os.path.join(root, "emb.zarr")
@@ -118,14 +115,7 @@ def make_store(root: str, n: int, p: int, k: int, chunk_rows: int, seed: int = 0
     centres = rng.normal(size=(k, p)).astype(np.float32) / np.sqrt(p)
     labels = rng.integers(0, k, n)
     ids = np.array([f"img/{i:07d}.jpg" for i in range(n)])
-    if compressed:
-        g = store.create_embedding_store(url, n, p, ids, "float16", chunk_rows, {"benchmark": "sampling"})
-    else:
-        g = zarr.open_group(url, mode="w")
-        g.create_array("embeddings", shape=(n, p), dtype="float16", chunks=(chunk_rows, p), fill_value=0, compressors=None)
-        g.create_array("valid", shape=(n,), dtype=bool, chunks=(chunk_rows,), fill_value=False)
-        g.create_array("ids", shape=(n,), dtype=str, chunks=(n,))[:] = ids
-        g.attrs.update({"benchmark": "sampling"})
+    g = store.create_embedding_store(url, n, p, ids, "float16", chunk_rows, {"benchmark": "sampling"}, compressed=compressed)
     for lo in range(0, n, 65536):
         hi = min(lo + 65536, n)
         x = centres[labels[lo:hi]] + 0.5 * rng.normal(size=(hi - lo, p)).astype(np.float32) / np.sqrt(p)

@@ -9,7 +9,14 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from alignet_core import store
-from alignet_core.cluster import assign_clusters, fit_kmeans, load_kmeans, run_kmeans, save_kmeans
+from alignet_core.cluster import (
+    assign_clusters,
+    fit_kmeans,
+    greedy_kmeans_plusplus,
+    load_kmeans,
+    run_kmeans,
+    save_kmeans,
+)
 from alignet_core.config import ClusterConfig
 from alignet_core.errors import ConfigError
 
@@ -67,6 +74,41 @@ def test_many_blobs_recovered_exactly_from_the_greedy_init(tmp_path: Path, seed:
     assert adjusted_rand_score(labels, res.assignments) > 0.999
 
 
+def _potential(x: np.ndarray, centroids: np.ndarray) -> float:
+    d = (x**2).sum(1)[:, None] - 2 * x @ centroids.T + (centroids**2).sum(1)[None]
+    return float(np.maximum(d, 0).min(1).sum())
+
+
+def test_greedy_kmeans_plusplus_matches_scikit_learn_in_quality() -> None:
+    """Same algorithm as scikit-learn's `kmeans_plusplus` (D² sampling, 2 + ln k trials, the best
+    potential kept): over 8 seeds on 40 blobs the initial potentials agree within 15% on average,
+    and both are far below uniformly drawn rows, which miss whole blobs."""
+    from sklearn.cluster import kmeans_plusplus
+
+    x, _ = blobs(4000, 40, 16, seed=5, spread=1.0)
+    ours = np.mean([_potential(x, greedy_kmeans_plusplus(x, 40, s)) for s in range(8)])
+    theirs = np.mean([_potential(x, kmeans_plusplus(x, 40, random_state=s)[0]) for s in range(8)])
+    uniform = np.mean([_potential(x, x[np.random.default_rng(s).choice(4000, 40, replace=False)]) for s in range(8)])
+    assert abs(ours / theirs - 1) < 0.15, (ours, theirs)
+    assert ours < uniform / 3, (ours, uniform)
+
+
+def test_greedy_kmeans_plusplus_picks_distinct_rows_deterministically() -> None:
+    x, _ = blobs(300, 5, 8, seed=1)
+    c = greedy_kmeans_plusplus(x, 30, seed=4)
+    assert c.shape == (30, 8) and c.dtype == np.float32
+    rows = [int(np.flatnonzero((x == ci).all(1))[0]) for ci in c]  # every centre is a row of x
+    assert len(set(rows)) == 30
+    np.testing.assert_array_equal(c, greedy_kmeans_plusplus(x, 30, seed=4))
+    assert not np.array_equal(c, greedy_kmeans_plusplus(x, 30, seed=5))
+    # k = n takes every row once; duplicated rows (zero potential left) still give k distinct rows
+    np.testing.assert_array_equal(np.sort(greedy_kmeans_plusplus(x[:7], 7, 0), axis=0), np.sort(x[:7], axis=0))
+    dup = np.repeat(x[:3], 4, axis=0)
+    assert len(greedy_kmeans_plusplus(dup, 5, 0)) == 5
+    with pytest.raises(ConfigError, match="cluster.k"):
+        greedy_kmeans_plusplus(x[:3], 4, 0)
+
+
 def test_chunked_assignment_equals_one_shot(blob_store: tuple[str, np.ndarray, np.ndarray]) -> None:
     url, _, _ = blob_store
     centroids, _ = fit_kmeans(url, ClusterConfig(k=6, niter=10, use_gpu="never"), seed=3)
@@ -88,7 +130,7 @@ def test_deterministic_for_a_seed(blob_store: tuple[str, np.ndarray, np.ndarray]
 def test_restarts_keep_the_lowest_objective(tmp_path: Path) -> None:
     """nredo = 3 includes restart 0 (the nredo = 1 run), so its objective is never higher, and
     it is strictly lower here, where single inits land in different local minima."""
-    x, _ = blobs(2000, 25, 8, seed=3, spread=8.0)
+    x, _ = blobs(2000, 25, 8, seed=8, spread=8.0)
     url = make_store(str(tmp_path / "e.zarr"), x, np.ones(2000, dtype=bool), chunk_rows=512)
     objective = {r: fit_kmeans(url, ClusterConfig(k=25, niter=10, nredo=r, use_gpu="never"), seed=0)[1][-1] for r in (1, 3)}
     assert objective[3] < objective[1]

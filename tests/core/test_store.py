@@ -63,3 +63,18 @@ def test_embedding_store_create_reopen_and_mismatch(tmp_path):
     with pytest.raises(StoreError, match="not an embedding store"):
         store.open_embeddings(str(tmp_path / "missing.zarr"))
     assert list(store.iter_chunks(5, 2)) == [(0, 0, 2), (1, 2, 4), (2, 4, 5)]
+
+
+def test_embedding_store_raw_or_compressed(tmp_path):
+    """compressed=False writes each chunk's bytes as they are (no codec); both read back the same."""
+    x = np.maximum(np.random.default_rng(0).standard_normal((64, 32)), 0).astype(np.float32)
+    ids = np.array([str(i) for i in range(64)])
+    sizes = {}
+    for compressed in (True, False):
+        url = str(tmp_path / f"{compressed}.zarr")
+        g = store.create_embedding_store(url, 64, 32, ids, "float32", 32, {}, compressed=compressed)
+        g["embeddings"][:] = x
+        assert (len(g["embeddings"].compressors) > 0) == compressed
+        np.testing.assert_array_equal(store.open_embeddings(url)["embeddings"][:], x)
+        sizes[compressed] = sum(f.stat().st_size for f in (tmp_path / f"{compressed}.zarr" / "embeddings" / "c").rglob("*") if f.is_file())
+    assert sizes[False] == x.nbytes and sizes[True] < x.nbytes  # half the entries are zero
