@@ -71,7 +71,9 @@ def gather_rows(
         if b - a == hi - lo:  # every row of the chunk
             out[a:b] = array[lo:hi]
         elif out.dtype == array.dtype:  # straight into the output, no temporary
-            np.take(np.asarray(array[lo:hi]), rows[a:b] - lo, axis=0, out=out[a:b])
+            # mode="clip": rows are checked above, and take() buffers `out` in its default "raise" mode
+            # (2.7× slower here)
+            np.take(np.asarray(array[lo:hi]), rows[a:b] - lo, axis=0, out=out[a:b], mode="clip")
         else:
             out[a:b] = np.asarray(array[lo:hi])[rows[a:b] - lo]
     return out
