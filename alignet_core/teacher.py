@@ -22,6 +22,7 @@ import numpy as np
 
 from alignet_core.errors import InputError
 from alignet_core.formats import order_by_similarity
+from alignet_core.store import RawChunkReader
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ def gather_rows(
     Returns (u, p) `dtype` (float32 by default; pass the store's float16 to halve the memory of
     a large gather). For a Zarr array the reads are aligned to its row chunks: every chunk that
     holds at least one requested row is read once, as one contiguous slice (one decode), and
-    the requested rows are copied out of it, so memory is one chunk plus the output. Chunks
-    holding none of the rows are never read. `block_rows` only bounds the read size of arrays
+    the requested rows are copied out of it, so memory is one chunk plus the output (raw local
+    stores are read by `store.RawChunkReader` into one reused chunk buffer). Chunks holding none
+    of the rows are never read. `block_rows` only bounds the read size of arrays
     without a chunk shape.
     """
     rows = np.asarray(rows, dtype=np.int64)
@@ -65,17 +67,20 @@ def gather_rows(
     bounds = np.flatnonzero(np.diff(chunk_of)) + 1
     starts = np.concatenate([[0], bounds])
     stops = np.concatenate([bounds, [len(rows)]])
+    raw = RawChunkReader.for_array(array)
+    buf = np.empty((chunk, p), dtype=array.dtype) if raw is not None else None
     for a, b in zip(starts.tolist(), stops.tolist()):
         c = int(chunk_of[a])
         lo, hi = c * chunk, min((c + 1) * chunk, n)
+        block = buf[: hi - lo] if raw is not None and raw.read(c, buf) else np.asarray(array[lo:hi])
         if b - a == hi - lo:  # every row of the chunk
-            out[a:b] = array[lo:hi]
-        elif out.dtype == array.dtype:  # straight into the output, no temporary
+            out[a:b] = block
+        elif out.dtype == block.dtype:  # straight into the output, no temporary
             # mode="clip": rows are checked above, and take() buffers `out` in its default "raise" mode
             # (2.7× slower here)
-            np.take(np.asarray(array[lo:hi]), rows[a:b] - lo, axis=0, out=out[a:b], mode="clip")
+            np.take(block, rows[a:b] - lo, axis=0, out=out[a:b], mode="clip")
         else:
-            out[a:b] = np.asarray(array[lo:hi])[rows[a:b] - lo]
+            out[a:b] = block[rows[a:b] - lo]
     return out
 
 

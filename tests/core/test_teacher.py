@@ -9,6 +9,7 @@ import pytest
 import zarr
 
 from alignet_core.errors import InputError
+from alignet_core.store import RawChunkReader
 from alignet_core.teacher import _distinct_rows, gather_rows, order_triplets, pair_dots, teacher_similarities
 
 
@@ -22,11 +23,13 @@ def _random_triplets(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
     return np.stack([rng.choice(n, 3, replace=False) for _ in range(m)])
 
 
+@pytest.mark.parametrize("compressors", ["auto", None])  # zstd through Zarr; raw through RawChunkReader
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_similarities_match_numpy_from_zarr(tmp_path: Path, dtype: str) -> None:
+def test_similarities_match_numpy_from_zarr(tmp_path: Path, dtype: str, compressors: str | None) -> None:
     rng = np.random.default_rng(0)
     e = rng.normal(size=(500, 24)).astype(dtype)
-    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(32, 24), dtype=dtype)
+    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(32, 24), dtype=dtype, compressors=compressors)
+    assert (RawChunkReader.for_array(arr) is None) == (compressors == "auto")
     arr[:] = e
     t = _random_triplets(rng, 500, 300)
     sims = teacher_similarities(t, arr)
@@ -89,6 +92,37 @@ def test_gather_rows_reads_each_touched_chunk_once_aligned(tmp_path: Path, monke
     assert reads == [(0, 50), (50, 100), (200, 250), (350, 400)]
     with pytest.raises(InputError):
         gather_rows(arr, np.array([5, 3]))
+
+
+def test_raw_chunk_reader_reads_chunks_as_zarr_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raw local store is gathered without Zarr reads and gives the same rows, the short last
+    chunk included; a chunk never written (no file: Zarr's fill value) falls back to Zarr."""
+    rng = np.random.default_rng(8)
+    e = rng.normal(size=(230, 6)).astype(np.float16)
+    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(50, 6), dtype="float16",
+                            compressors=None, fill_value=0)
+    arr[:100] = e[:100]
+    arr[150:] = e[150:]  # rows 100–149 (chunk 2) never written
+    e[100:150] = 0
+    reader = RawChunkReader.for_array(arr)
+    assert reader is not None and reader.chunk_rows == 50
+    buf = np.empty((50, 6), dtype=np.float16)
+    assert reader.read(4, buf) and np.array_equal(buf[:30], e[200:230])  # last chunk: 30 rows, padded file
+    assert not reader.read(2, buf)
+    reads: list[tuple[int, int]] = []
+    original = zarr.Array.__getitem__
+
+    def recording(self, sel):  # type: ignore[no-untyped-def]
+        reads.append((sel.start, sel.stop))
+        return original(self, sel)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", recording)
+    rows = np.array([0, 49, 50, 120, 149, 150, 229])
+    np.testing.assert_array_equal(gather_rows(arr, rows, dtype=np.float16), e[rows])
+    np.testing.assert_array_equal(gather_rows(arr, np.arange(230)), e.astype(np.float32))
+    assert reads == [(100, 150), (100, 150)]  # only the missing chunk went through Zarr
+    assert RawChunkReader.for_array(e) is None
+    assert RawChunkReader.for_array(zarr.create_array(store=str(tmp_path / "c.zarr"), shape=(4, 6), chunks=(2, 3), dtype="float16", compressors=None)) is None
 
 
 def test_order_puts_most_similar_pair_first() -> None:
