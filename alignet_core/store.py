@@ -407,8 +407,8 @@ class RawChunkReader:
     caller's buffer with one `readinto`, skipping Zarr's per-read machinery.
 
     Sampling shards read nearly every chunk of the transformed store (raw, see
-    `create_embedding_store`); this path read a 1M × 768 float16 store 3× faster than
-    `array[lo:hi]` (0.17 s vs 0.50 s a pass here) with no new buffer per chunk. `for_array`
+    `create_embedding_store`); this path skips Zarr's per-read buffers and event loop
+    (`benchmarks/store_read.py`: `raw_chunk_reader_s` vs `raw_read_s`). `for_array`
     gives None for anything else (compressed, remote, big-endian, column-chunked), and `read`
     returns False for a chunk without a file of the full chunk size (never written: Zarr's
     fill value), so callers fall back to the normal read.
