@@ -136,31 +136,32 @@ def pair_dots(e: np.ndarray, local: np.ndarray, block: int = DOT_BLOCK_TRIPLETS)
     Blocks of `block` triplets are gathered, converted and multiplied in buffers allocated once
     and reused: Dask workers run with glibc's MALLOC_TRIM_THRESHOLD_ at 64 KiB, under which every
     fresh multi-megabyte temporary is a new mapping whose pages fault in again (a per-block
-    temporaries version ran 5× slower there). torch does the float16 → float32 conversion
-    because numpy's cast is scalar (measured ~2× slower for the whole product here).
+    temporaries version ran 5× slower there). torch gathers the rows and converts float16 →
+    float32 (numpy's cast is scalar, ~2× slower for the whole product here); numpy's `einsum`
+    then sums the products without writing them out (median 1.25 s vs 1.46 s for the whole product,
+    torch's multiply-then-sum, 500k triplets of 768-d float16 rows, alternating runs).
     """
     import torch
 
     m, p = len(local), e.shape[1]
+    out = np.empty((3, m), dtype=np.float32)
     if m == 0:
-        return np.zeros((0, 3), dtype=np.float32)
-    out = torch.empty((3, m), dtype=torch.float32)
+        return out.T.copy()
     et = torch.from_numpy(np.ascontiguousarray(e))
     flat = torch.from_numpy(np.ascontiguousarray(local, dtype=np.int64).reshape(-1))
     b = min(block, m)
     gathered = torch.empty((3 * b, p), dtype=et.dtype)
     as32 = gathered if et.dtype == torch.float32 else torch.empty((3 * b, p), dtype=torch.float32)
-    prod = torch.empty((b, p), dtype=torch.float32)
+    rows32 = as32.numpy()
     for lo in range(0, m, b):
         n = min(b, m - lo)
         torch.index_select(et, 0, flat[3 * lo : 3 * (lo + n)], out=gathered[: 3 * n])
         if as32 is not gathered:
             as32[: 3 * n].copy_(gathered[: 3 * n])
-        x = as32[: 3 * n].view(n, 3, p)
+        x = rows32[: 3 * n].reshape(n, 3, p)
         for j, (u, v) in enumerate(((0, 1), (0, 2), (1, 2))):
-            torch.mul(x[:, u], x[:, v], out=prod[:n])
-            torch.sum(prod[:n], dim=1, out=out[j, lo : lo + n])
-    return out.T.contiguous().numpy()
+            np.einsum("ij,ij->i", x[:, u], x[:, v], out=out[j, lo : lo + n])
+    return out.T.copy()
 
 
 def order_triplets(triplets: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
