@@ -70,14 +70,8 @@ def test_gather_rows_in_small_blocks(tmp_path: Path) -> None:
     np.testing.assert_array_equal(gather_rows(arr, rows, block_rows=7), e[rows])
 
 
-def test_gather_rows_reads_each_touched_chunk_once_aligned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Chunk-aligned gathering: one read per chunk holding a requested row, never straddling two
-    chunks, untouched chunks never read; float16 kept as float16 when asked."""
-    rng = np.random.default_rng(3)
-    e = rng.normal(size=(400, 6)).astype(np.float16)
-    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(50, 6), dtype="float16")
-    arr[:] = e
-    rows = np.array([0, 3, 49, 50, 51, 230, 399])  # chunks 0, 1, 4, 7
+def _record_zarr_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(start, stop) of every Zarr array slice read from now on, in order."""
     reads: list[tuple[int, int]] = []
     original = zarr.Array.__getitem__
 
@@ -86,6 +80,18 @@ def test_gather_rows_reads_each_touched_chunk_once_aligned(tmp_path: Path, monke
         return original(self, sel)
 
     monkeypatch.setattr(zarr.Array, "__getitem__", recording)
+    return reads
+
+
+def test_gather_rows_reads_each_touched_chunk_once_aligned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunk-aligned gathering: one read per chunk holding a requested row, never straddling two
+    chunks, untouched chunks never read; float16 kept as float16 when asked."""
+    rng = np.random.default_rng(3)
+    e = rng.normal(size=(400, 6)).astype(np.float16)
+    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(50, 6), dtype="float16")
+    arr[:] = e
+    rows = np.array([0, 3, 49, 50, 51, 230, 399])  # chunks 0, 1, 4, 7
+    reads = _record_zarr_reads(monkeypatch)
     out = gather_rows(arr, rows, dtype=np.float16)
     assert out.dtype == np.float16
     np.testing.assert_array_equal(out, e[rows])
@@ -109,14 +115,7 @@ def test_raw_chunk_reader_reads_chunks_as_zarr_does(tmp_path: Path, monkeypatch:
     buf = np.empty((50, 6), dtype=np.float16)
     assert reader.read(4, buf) and np.array_equal(buf[:30], e[200:230])  # last chunk: 30 rows, padded file
     assert not reader.read(2, buf)
-    reads: list[tuple[int, int]] = []
-    original = zarr.Array.__getitem__
-
-    def recording(self, sel):  # type: ignore[no-untyped-def]
-        reads.append((sel.start, sel.stop))
-        return original(self, sel)
-
-    monkeypatch.setattr(zarr.Array, "__getitem__", recording)
+    reads = _record_zarr_reads(monkeypatch)
     rows = np.array([0, 49, 50, 120, 149, 150, 229])
     np.testing.assert_array_equal(gather_rows(arr, rows, dtype=np.float16), e[rows])
     np.testing.assert_array_equal(gather_rows(arr, np.arange(230)), e.astype(np.float32))
