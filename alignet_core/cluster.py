@@ -14,7 +14,8 @@ k = 500) and samples "cluster" and "cluster border" triplets from the clusters. 
   (`tests/core/test_cluster.py`: 60 separated blobs, recovered exactly from the greedy init for
   every seed tried). The init reads the training rows once per centre, so it is bound by memory
   bandwidth, not FLOPs; it is written here in float32 because scikit-learn's version upcasts
-  float32 distances to float64 and was 4–5× slower on the same rows (benchmarks/kmeans.py).
+  float32 distances to float64 and was 3.1× slower on the same rows
+  (`benchmarks/results/kmeans_quick.json`, `pipeline.init`).
 - `assign_clusters` then streams the whole store chunk by chunk and assigns every valid row to
   its nearest centroid with an exact flat index; memory is one chunk plus the (n,) outputs.
 - Rows with valid = False (undecodable images, stored as zeros) are never trained on and get

@@ -430,9 +430,7 @@ class RawChunkReader:
         codecs = array.metadata.codecs
         raw = len(codecs) == 1 and isinstance(codecs[0], BytesCodec) and (
             codecs[0].endian is None or codecs[0].endian.value == "little")
-        if not raw or not isinstance(array.store, LocalStore) or array.chunks[1] != array.shape[1]:
-            return None
-        if not np.little_endian:
+        if not raw or not np.little_endian or not isinstance(array.store, LocalStore) or array.chunks[1] != array.shape[1]:
             return None
         return cls(os.path.join(str(array.store.root), array.path), array)
 

@@ -28,9 +28,8 @@ log = logging.getLogger(__name__)
 
 #: rows per read when gathering from a numpy array or a store without chunk information
 GATHER_BLOCK_ROWS = 65536
-#: triplets per block of dot products: buffers of 3 × 256 × p float16 + float32 rows and one
-#: 256 × p product (0.8 MB at p = 768, within a core's L2 here); 256 and 512 ran 1.7× faster than
-#: 2048 for 500k triplets of 768-d rows
+#: triplets per block of dot products: buffers of 3 × 256 × p float16 + float32 rows (3.5 MB at
+#: p = 768); 256 and 512 ran 1.7× faster than 2048 for 500k triplets of 768-d rows
 DOT_BLOCK_TRIPLETS = 256
 
 
@@ -92,7 +91,7 @@ def teacher_similarities(triplets: np.ndarray, embeddings: Any) -> np.ndarray:
     [s01, s02, s12] = [e0·e1, e0·e2, e1·e2], computed in float32 from the gathered rows.
     Only the chunks holding rows named by the triplets are read (see `gather_rows`); the rows
     are kept in the store's own dtype (u × p × 2 bytes for float16) and converted to float32
-    block by block (`pair_dots`), so peak memory is the gathered rows plus ~3 MB of buffers.
+    block by block (`pair_dots`), so peak memory is the gathered rows plus ~3.5 MB of buffers.
     """
     t = np.asarray(triplets)
     if t.ndim != 2 or t.shape[1] != 3:
