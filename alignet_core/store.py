@@ -388,7 +388,10 @@ def create_embedding_store(
         g.attrs.update(attrs)
         publish_dir(tmp, url)
     finally:
-        remove(tmp)
+        # a failed create (disk full) may leave a Zarr write still landing in tmp, so removing it can
+        # race; the original error must surface, and a rerun clears leftover `.tmp-*` folders
+        with contextlib.suppress(OSError):
+            remove(tmp)
     return zarr.open_group(url, mode="r+")
 
 
