@@ -17,15 +17,18 @@ killed writer resumes without duplicated or lost rows.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import inspect
 import io
 import json
 import logging
+import mmap
 import os
 import posixpath
 import re
+import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from types import ModuleType
@@ -405,16 +408,21 @@ def open_embeddings(url: str) -> zarr.Group:
     return g
 
 
+#: mmap flag placing a map at exactly the given address (Linux <sys/mman.h>; not in Python's mmap)
+_MAP_FIXED = 0x10
+
+
 class RawChunkReader:
     """Reads whole row chunks of a raw (codec-free) Zarr v3 array on local disk straight into a
     caller's buffer with one `readinto`, skipping Zarr's per-read machinery.
 
-    Sampling shards read nearly every chunk of the transformed store (raw, see
-    `create_embedding_store`); this path skips Zarr's per-read buffers and event loop
+    Gathers from the transformed store (raw, see `create_embedding_store`) touch nearly every
+    chunk; this path skips Zarr's per-read buffers and event loop
     (`benchmarks/store_read.py`: `raw_chunk_reader_s` vs `raw_read_s`). `for_array`
     gives None for anything else (compressed, remote, big-endian, column-chunked), and `read`
     returns False for a chunk without a file of the full chunk size (never written: Zarr's
-    fill value), so callers fall back to the normal read.
+    fill value), so callers fall back to the normal read. `map_rows` memory-maps the whole array
+    instead, for random row access without any copy.
     """
 
     def __init__(self, root: str, array: zarr.Array) -> None:
@@ -437,14 +445,59 @@ class RawChunkReader:
             return None
         return cls(os.path.join(str(array.store.root), array.path), array)
 
+    def _chunk_path(self, chunk: int) -> str:
+        return os.path.join(self._root, self._array.metadata.encode_chunk_key((chunk, 0)))
+
     def read(self, chunk: int, out: np.ndarray) -> bool:
         """Fill out (chunk_rows, p) C-contiguous with row chunk `chunk`; False if there is no full chunk file."""
-        path = os.path.join(self._root, self._array.metadata.encode_chunk_key((chunk, 0)))
         try:
-            with open(path, "rb", buffering=0) as f:
+            with open(self._chunk_path(chunk), "rb", buffering=0) as f:
                 return f.readinto(memoryview(out).cast("B")) == self._nbytes and not f.read(1)
         except FileNotFoundError:
             return False
+
+    def map_rows(self) -> np.ndarray | None:
+        """The whole (n, p) array, read-only, as private memory maps of its chunk files laid end
+        to end in one address range; None where that cannot be done (not Linux, a chunk size in
+        bytes that is not a multiple of the page size, or a chunk without a file of the full
+        chunk size).
+
+        Nothing is read or copied here: the kernel pages in, from its page cache, only the pages
+        a caller touches, shares them between all processes mapping the same files, and may drop
+        them again under memory pressure, so a worker holds no private copy of the rows. Sampling
+        shards use it for their random row gathers (`benchmarks/results/sampling_full.json`).
+        The maps live as long as the returned array or any view of it; a chunk file replaced
+        or deleted meanwhile (an atomic republish) stays mapped as it was, but one truncated in
+        place would fault the reader (SIGBUS): map only published stores, which nothing rewrites.
+        """
+        if sys.platform != "linux" or self._nbytes % mmap.PAGESIZE:
+            return None
+        n, p = self._array.shape
+        n_chunks = -(-n // self.chunk_rows)
+        paths = [self._chunk_path(c) for c in range(n_chunks)]
+        try:
+            if any(os.path.getsize(path) != self._nbytes for path in paths):
+                return None
+        except FileNotFoundError:
+            return None
+        # reserve the range with one anonymous map that owns it: freeing the returned array
+        # frees this object, whose munmap removes the file maps placed over it
+        region = mmap.mmap(-1, n_chunks * self._nbytes, access=mmap.ACCESS_READ)
+        base = np.frombuffer(region, dtype=np.uint8).ctypes.data
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        for c, path in enumerate(paths):
+            at = base + c * self._nbytes
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                got = libc.mmap(at, self._nbytes, mmap.PROT_READ, mmap.MAP_PRIVATE | _MAP_FIXED, fd, 0)
+            finally:
+                os.close(fd)
+            if got != at:
+                err = ctypes.get_errno()
+                raise StoreError(f"cannot memory-map {path!r}: {os.strerror(err)}")
+        return np.frombuffer(region, dtype=self._array.dtype, count=n * p).reshape(n, p)
 
 
 def iter_chunks(n: int, chunk_rows: int) -> Iterable[tuple[int, int, int]]:

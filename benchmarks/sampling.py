@@ -16,10 +16,20 @@ gathered for seconds; one sample of six processes costs ~7 ms of CPU here, 15% o
 same for PSS (shared library pages counted once; see `PeakRSS`). The workers run with the
 pipeline's `flows.dask_workers.SamplingWorkerSetup` plugin (malloc settings; torch imported at
 start-up, so inside `startup_s`) and `WORKER_CONFIG`, as the sample flow's local cluster does;
+`peak_cgroup_gib` is the peak of the memory the kernel charged to the whole run, page cache
+included, with every page counted once (see `benchmarks/_cgroup.py`; the benchmark joins a
+child memory cgroup where it may, and reports null where not): the store's pages, which both
+workers memory-map, count once in it and in PSS but twice in summed RSS.
 `efficiency_1_to_2` = t1 / (2 · t2). The load average before the run is in `machine`, since
 other processes may share the cores. This machine's speed drifts by up to ~1.5× over minutes
 (other tenants of the host), so `--repeats N` alternates N 1-worker and N 2-worker runs and
 reports each size's median run (every run is listed in `runs`; peaks are the maxima).
+
+`row_paths` times one shard's teacher similarities in this process, alternating `repeats` times
+between the two ways rows reach the dot products: gathered from the memory-mapped store (what
+shards do on a raw local store, `store.RawChunkReader.map_rows`) and copied out chunk by chunk
+first (`teacher.gather_rows`, the path for compressed or remote stores); `ratio` = copied /
+mapped, medians. Both give the same similarities, bit for bit (checked).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import time
 
 import numpy as np
 
+from benchmarks._cgroup import MemoryCgroup
 from benchmarks._machine import machine_info, write_result
 
 MODES = {
@@ -126,12 +137,15 @@ def make_store(root: str, n: int, p: int, k: int, chunk_rows: int, seed: int = 0
     return url, groups
 
 
-def run_on_cluster(n_workers: int, specs: list, groups: str, store_url: str, out_dir: str) -> dict:
+def run_on_cluster(n_workers: int, specs: list, groups: str, store_url: str, out_dir: str,
+                   cgroup: MemoryCgroup | None = None) -> dict:
     from distributed import Client, LocalCluster
 
     from alignet_core.dataset import run_shard
     from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup
 
+    if cgroup is not None:
+        cgroup.reset_peak()
     t0 = time.perf_counter()
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
@@ -144,13 +158,42 @@ def run_on_cluster(n_workers: int, specs: list, groups: str, store_url: str, out
             futures = client.map(run_shard, specs, groups_url=groups, store_url=store_url, out_dir=out_dir, pure=False)
             paths = client.gather(futures)
             wall = time.perf_counter() - t1
+        peak_cgroup = cgroup.peak_bytes() if cgroup is not None else None
     n_out = 0
     for path in paths:
         with np.load(path) as z:
             n_out += len(z["indices"])
     return {"workers": n_workers, "wall_s": round(wall, 2), "startup_s": round(startup, 2),
-            "peak_rss_gib": round(rss.peak / 2**30, 3), "peak_pss_gib": round(rss.peak_pss / 2**30, 3), "cpu_s": round(rss.cpu_s, 1),
+            "peak_rss_gib": round(rss.peak / 2**30, 3), "peak_pss_gib": round(rss.peak_pss / 2**30, 3),
+            "peak_cgroup_gib": round(peak_cgroup / 2**30, 3) if peak_cgroup is not None else None, "cpu_s": round(rss.cpu_s, 1),
             "n_triplets_written": n_out}
+
+
+def time_row_paths(store_url: str, groups_url: str, spec: object, repeats: int) -> dict:
+    """Median seconds of one shard's similarities from the memory map vs from copied rows."""
+    from alignet_core import store
+    from alignet_core.sampling import sample_shard
+    from alignet_core.teacher import _distinct_rows, gather_rows, pair_dots, teacher_similarities
+
+    emb = store.open_embeddings(store_url)["embeddings"]
+    triplets = sample_shard(spec.strategy, np.load(groups_url), spec.n, spec.seed, spec.index)
+    if store.RawChunkReader.for_array(emb) is None:
+        return {"mapped": False}
+    teacher_similarities(triplets[:1000], emb)  # untimed: imports torch, first touch of the maps
+    mapped, copied = [], []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        a = teacher_similarities(triplets, emb)
+        mapped.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        rows, local = _distinct_rows(triplets, emb.shape[0])
+        b = pair_dots(gather_rows(emb, rows, dtype=emb.dtype), local)
+        copied.append(time.perf_counter() - t0)
+        if not np.array_equal(a, b):
+            raise AssertionError("memory-mapped and copied rows gave different similarities")
+    m, c = float(np.median(mapped)), float(np.median(copied))
+    return {"mapped": True, "triplets": len(triplets), "mapped_s": round(m, 3), "copied_s": round(c, 3),
+            "ratio": round(c / m, 2), "runs_mapped_s": [round(x, 3) for x in mapped], "runs_copied_s": [round(x, 3) for x in copied]}
 
 
 def run(mode: str, workdir: str | None = None, compressed: bool = False, repeats: int = 1) -> dict:
@@ -158,6 +201,7 @@ def run(mode: str, workdir: str | None = None, compressed: bool = False, repeats
 
     m = MODES[mode]
     machine = machine_info()  # load average before anything runs
+    cgroup = MemoryCgroup.join("alignet-bench")  # before the store is made: its page cache is charged here
     root = tempfile.mkdtemp(prefix="alignet-bench-", dir=workdir)
     try:
         t0 = time.perf_counter()
@@ -168,8 +212,10 @@ def run(mode: str, workdir: str | None = None, compressed: bool = False, repeats
         for r in range(repeats):  # alternating, so a slow phase of the host hits both sizes
             for workers in (1, 2):
                 out = os.path.join(root, f"out-{workers}-{r}")
-                all_runs[workers].append(run_on_cluster(workers, specs, groups, store_url, out))
+                all_runs[workers].append(run_on_cluster(workers, specs, groups, store_url, out, cgroup))
                 shutil.rmtree(out, ignore_errors=True)
+        # after the cluster runs: it imports torch into this process, whose RSS those runs count
+        row_paths = time_row_paths(store_url, groups, specs[0], repeats)
         # the run of median wall time for each size (the later one of the middle two if even)
         runs = {w: sorted(rs, key=lambda x: x["wall_s"])[len(rs) // 2] for w, rs in all_runs.items()}
         t1, t2 = runs[1]["wall_s"], runs[2]["wall_s"]
@@ -183,12 +229,14 @@ def run(mode: str, workdir: str | None = None, compressed: bool = False, repeats
             "wall_s": t2,
             "peak_rss_gib": max(x["peak_rss_gib"] for x in all_runs[2]),
             "peak_pss_gib": max(x["peak_pss_gib"] for x in all_runs[2]),
+            "peak_cgroup_gib": max(x["peak_cgroup_gib"] for x in all_runs[2]) if cgroup is not None else None,
             "efficiency_1_to_2": round(t1 / (2 * t2), 3),
             # CPU seconds of all processes per run: contention from other tenants inflates wall
             # time but much less the CPU time, so this ratio shows the parallel overhead alone
             "cpu_efficiency_1_to_2": round(runs[1]["cpu_s"] / runs[2]["cpu_s"], 3) if runs[2]["cpu_s"] else None,
             "targets": {"wall_s": 60, "peak_memory_gib": 4, "efficiency_1_to_2": 0.8} if mode == "full" else None,
             "runs": [x for r in range(repeats) for x in (all_runs[1][r], all_runs[2][r])],
+            "row_paths": row_paths,
             "setup_s": round(setup, 1),
             "machine": machine,
             "load_avg_after": [round(v, 2) for v in os.getloadavg()],
@@ -196,6 +244,8 @@ def run(mode: str, workdir: str | None = None, compressed: bool = False, repeats
         return result
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        if cgroup is not None:
+            cgroup.leave()
 
 
 def main(argv: list[str] | None = None) -> None:

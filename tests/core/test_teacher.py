@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +26,18 @@ def _random_triplets(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
     return np.stack([rng.choice(n, 3, replace=False) for _ in range(m)])
 
 
-@pytest.mark.parametrize("compressors", ["auto", None])  # zstd through Zarr; raw through RawChunkReader
+# zstd through Zarr; raw chunks of 50 rows (not whole pages) through RawChunkReader.read; raw
+# chunks of 64 rows (whole pages) memory-mapped
+@pytest.mark.parametrize(("compressors", "chunk_rows"), [("auto", 50), (None, 50), (None, 64)])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
-def test_similarities_match_numpy_from_zarr(tmp_path: Path, dtype: str, compressors: str | None) -> None:
+def test_similarities_match_numpy_from_zarr(tmp_path: Path, dtype: str, compressors: str | None, chunk_rows: int) -> None:
     rng = np.random.default_rng(0)
-    e = rng.normal(size=(500, 24)).astype(dtype)
-    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(32, 24), dtype=dtype, compressors=compressors)
-    assert (RawChunkReader.for_array(arr) is None) == (compressors == "auto")
+    e = rng.normal(size=(500, 32)).astype(dtype)
+    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(chunk_rows, 32), dtype=dtype, compressors=compressors)
+    reader = RawChunkReader.for_array(arr)
+    assert (reader is None) == (compressors == "auto")
     arr[:] = e
+    assert reader is None or (reader.map_rows() is not None) == (chunk_rows == 64)
     t = _random_triplets(rng, 500, 300)
     sims = teacher_similarities(t, arr)
     assert sims.shape == (300, 3) and sims.dtype == np.float32
@@ -122,6 +129,53 @@ def test_raw_chunk_reader_reads_chunks_as_zarr_does(tmp_path: Path, monkeypatch:
     assert reads == [(100, 150), (100, 150)]  # only the missing chunk went through Zarr
     assert RawChunkReader.for_array(e) is None
     assert RawChunkReader.for_array(zarr.create_array(store=str(tmp_path / "c.zarr"), shape=(4, 6), chunks=(2, 3), dtype="float16", compressors=None)) is None
+
+
+def _mapped_files(root: Path) -> set[str]:
+    """Paths under `root` that this process has memory-mapped (/proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return {line.split(maxsplit=5)[-1].strip() for line in f if str(root) in line}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="memory maps of the chunk files are Linux-only")
+def test_map_rows_maps_the_chunk_files_as_one_read_only_array(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The maps give Zarr's rows (short last chunk included), read-only, without Zarr or file
+    reads; they outlive the store's deletion (an atomic republish) and go when the array goes;
+    no map where a chunk has no file or chunks are not whole pages."""
+    rng = np.random.default_rng(9)
+    e = rng.normal(size=(300, 32)).astype(np.float16)  # 64 rows × 32 × 2 bytes = one 4 KiB page
+    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(64, 32), dtype="float16", compressors=None)
+    arr[:] = e
+    reader = RawChunkReader.for_array(arr)
+    reads = _record_zarr_reads(monkeypatch)
+    monkeypatch.setattr(RawChunkReader, "read", lambda *a: pytest.fail("mapped rows were read from a file"))
+    t = _random_triplets(rng, 300, 200)
+    np.testing.assert_allclose(teacher_similarities(t, arr), _direct(e, t), rtol=1e-5, atol=1e-4)
+    assert reads == []
+    m = reader.map_rows()
+    assert m.shape == (300, 32) and m.dtype == np.float16 and not m.flags.writeable
+    assert len(_mapped_files(tmp_path)) == 5  # ceil(300 / 64) chunk files
+    shutil.rmtree(tmp_path / "e.zarr")
+    np.testing.assert_array_equal(m, e)
+    view = m[10:20]
+    del m
+    gc.collect()
+    np.testing.assert_array_equal(view, e[10:20])  # a view keeps the maps
+    del view
+    gc.collect()
+    assert _mapped_files(tmp_path) == set()
+
+    holey = zarr.create_array(store=str(tmp_path / "h.zarr"), shape=e.shape, chunks=(64, 32), dtype="float16", compressors=None)
+    holey[:64] = e[:64]
+    holey[128:] = e[128:]  # chunk 1 never written
+    assert RawChunkReader.for_array(holey).map_rows() is None
+    monkeypatch.undo()
+    expect = e.copy()
+    expect[64:128] = 0
+    np.testing.assert_allclose(teacher_similarities(t, holey), _direct(expect, t), rtol=1e-5, atol=1e-4)
+    odd = zarr.create_array(store=str(tmp_path / "o.zarr"), shape=e.shape, chunks=(50, 32), dtype="float16", compressors=None)
+    odd[:] = e
+    assert RawChunkReader.for_array(odd).map_rows() is None
 
 
 def test_order_puts_most_similar_pair_first() -> None:
