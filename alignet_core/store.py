@@ -459,8 +459,8 @@ class RawChunkReader:
     def map_rows(self) -> np.ndarray | None:
         """The whole (n, p) array, read-only, as private memory maps of its chunk files laid end
         to end in one address range; None where that cannot be done (not Linux, a chunk size in
-        bytes that is not a multiple of the page size, or a chunk without a file of the full
-        chunk size).
+        bytes that is not a multiple of the page size, a chunk without a file of the full chunk
+        size, or a map the system refuses: address-space limit, `vm.max_map_count` maps).
 
         Nothing is read or copied here: the kernel pages in, from its page cache, only the pages
         a caller touches, shares them between all processes mapping the same files, and may drop
@@ -480,9 +480,13 @@ class RawChunkReader:
                 return None
         except FileNotFoundError:
             return None
-        # reserve the range with one anonymous map that owns it: freeing the returned array
-        # frees this object, whose munmap removes the file maps placed over it
-        region = mmap.mmap(-1, n_chunks * self._nbytes, access=mmap.ACCESS_READ)
+        try:
+            # reserve the range with one anonymous map that owns it: freeing the returned array
+            # frees this object, whose munmap removes the file maps placed over it
+            region = mmap.mmap(-1, n_chunks * self._nbytes, access=mmap.ACCESS_READ)
+        except OSError as err:
+            log.warning("cannot memory-map %s (%s); reading its chunks instead", self._root, err)
+            return None
         base = np.frombuffer(region, dtype=np.uint8).ctypes.data
         libc = ctypes.CDLL(None, use_errno=True)
         libc.mmap.restype = ctypes.c_void_p
@@ -495,8 +499,8 @@ class RawChunkReader:
             finally:
                 os.close(fd)
             if got != at:
-                err = ctypes.get_errno()
-                raise StoreError(f"cannot memory-map {path!r}: {os.strerror(err)}")
+                log.warning("cannot memory-map %s (%s); reading its chunks instead", path, os.strerror(ctypes.get_errno()))
+                return None  # freeing `region` removes the maps already placed
         return np.frombuffer(region, dtype=self._array.dtype, count=n * p).reshape(n, p)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import shutil
 import sys
 from pathlib import Path
@@ -176,6 +177,34 @@ def test_map_rows_maps_the_chunk_files_as_one_read_only_array(tmp_path: Path, mo
     odd = zarr.create_array(store=str(tmp_path / "o.zarr"), shape=e.shape, chunks=(50, 32), dtype="float16", compressors=None)
     odd[:] = e
     assert RawChunkReader.for_array(odd).map_rows() is None
+
+
+def _similarities_under_address_limit(url: str, triplets: np.ndarray, headroom: int) -> tuple[bool, np.ndarray]:
+    """In a fresh process: cap its address space at what it uses plus `headroom`, then map and
+    compute similarities."""
+    import resource
+
+    arr = zarr.open_array(url, mode="r")
+    pair_dots(np.zeros((3, 4), np.float32), np.zeros((1, 3), np.int64))  # torch loaded before the cap
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+    resource.setrlimit(resource.RLIMIT_AS, (used + headroom, resource.RLIM_INFINITY))
+    return RawChunkReader.for_array(arr).map_rows() is None, teacher_similarities(triplets, arr)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="memory maps of the chunk files are Linux-only")
+def test_a_map_the_system_refuses_falls_back_to_reading_chunks(tmp_path: Path) -> None:
+    """A store larger than the address space left: no map, and the chunk reads give the same similarities."""
+    rng = np.random.default_rng(10)
+    e = rng.normal(size=(8192, 4096)).astype(np.float16)  # 64 MiB, chunks of 4 MiB
+    arr = zarr.create_array(store=str(tmp_path / "e.zarr"), shape=e.shape, chunks=(512, 4096), dtype="float16", compressors=None)
+    arr[:] = e
+    assert RawChunkReader.for_array(arr).map_rows() is not None
+    t = rng.integers(0, 1024, (50, 3))  # rows of two chunks: the fallback reads 8 MiB
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        unmapped, sims = pool.apply(_similarities_under_address_limit, (str(tmp_path / "e.zarr"), t, 32 * 2**20))
+    assert unmapped
+    np.testing.assert_allclose(sims, _direct(e, t), rtol=1e-4, atol=1e-2)
 
 
 def test_order_puts_most_similar_pair_first() -> None:
