@@ -120,9 +120,15 @@ def teacher_similarities(triplets: np.ndarray, embeddings: Any) -> np.ndarray:
     mapped = raw.map_rows() if raw is not None else None
     if mapped is not None:
         return pair_dots(mapped, t)
-    rows, local = _distinct_rows(t.astype(np.int64), n)
-    e = gather_rows(embeddings, rows, dtype=keep)
-    return pair_dots(e, local)
+    return copied_row_similarities(t, embeddings, keep)
+
+
+def copied_row_similarities(triplets: np.ndarray, embeddings: Any, dtype: Any) -> np.ndarray:
+    """`teacher_similarities` without the memory map: the triplets' distinct rows are copied out
+    chunk by chunk (`gather_rows`, kept in `dtype`) and their dot products taken. The path for
+    compressed or remote stores; also the baseline `benchmarks/sampling.py` times the map against."""
+    rows, local = _distinct_rows(np.asarray(triplets, dtype=np.int64), embeddings.shape[0])
+    return pair_dots(gather_rows(embeddings, rows, dtype=dtype), local)
 
 
 def _distinct_rows(t: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ reports each size's median run (every run is listed in `runs`; peaks are the max
 `row_paths` times one shard's teacher similarities in this process, alternating `repeats` times
 between the two ways rows reach the dot products: gathered from the memory-mapped store (what
 shards do on a raw local store, `store.RawChunkReader.map_rows`) and copied out chunk by chunk
-first (`teacher.gather_rows`, the path for compressed or remote stores); `ratio` = copied /
+first (`teacher.copied_row_similarities`, the path for compressed or remote stores); `ratio` = copied /
 mapped, medians. Both give the same similarities, bit for bit (checked).
 """
 
@@ -173,7 +173,7 @@ def time_row_paths(store_url: str, groups_url: str, spec: object, repeats: int) 
     """Median seconds of one shard's similarities from the memory map vs from copied rows."""
     from alignet_core import store
     from alignet_core.sampling import sample_shard
-    from alignet_core.teacher import _distinct_rows, gather_rows, pair_dots, teacher_similarities
+    from alignet_core.teacher import copied_row_similarities, teacher_similarities
 
     emb = store.open_embeddings(store_url)["embeddings"]
     triplets = sample_shard(spec.strategy, np.load(groups_url), spec.n, spec.seed, spec.index)
@@ -186,8 +186,7 @@ def time_row_paths(store_url: str, groups_url: str, spec: object, repeats: int) 
         a = teacher_similarities(triplets, emb)
         mapped.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        rows, local = _distinct_rows(triplets, emb.shape[0])
-        b = pair_dots(gather_rows(emb, rows, dtype=emb.dtype), local)
+        b = copied_row_similarities(triplets, emb, emb.dtype)
         copied.append(time.perf_counter() - t0)
         if not np.array_equal(a, b):
             raise AssertionError("memory-mapped and copied rows gave different similarities")
