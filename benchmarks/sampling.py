@@ -10,10 +10,10 @@ from Zarr, dot products, odd-one-out order, atomic npz write) runs for every sha
 `cluster_border` triplets on a `distributed.LocalCluster` of 1 worker and then of 2 workers
 (processes, 1 thread each), each with a fresh output folder. `wall_s` is the 2-worker time from
 submitting the shards to the last result (cluster start-up excluded, reported separately);
-`peak_rss_gib` is the peak over time of the summed RSS of this process (client and scheduler)
-and all its child processes (nannies and workers), sampled every 200 ms (a shard's rows stay
-gathered for seconds; one sample of six processes costs ~7 ms of CPU here, 15% of a core at 50 ms), and `peak_pss_gib` the
-same for PSS (shared library pages counted once; see `PeakRSS`). The workers run with the
+`peak_rss_gib` is the peak over time of the summed RSS of this process (client, scheduler and
+nannies) and all its child processes (the workers), sampled every 200 ms, and `peak_pss_gib`
+the same for PSS (shared pages counted once), sampled every second since reading it costs CPU
+the workers need (see `PeakRSS`). The workers run with the
 pipeline's `flows.dask_workers.SamplingWorkerSetup` plugin (malloc settings; torch imported at
 start-up, so inside `startup_s`) and `WORKER_CONFIG`, as the sample flow's local cluster does;
 `peak_cgroup_gib` is the peak of the memory the kernel charged to the whole run, page cache
@@ -57,15 +57,21 @@ class PeakRSS:
     sampled in a thread.
 
     Summed RSS counts every shared page (torch's and numpy's libraries, mapped by each worker)
-    once per process; PSS charges a shared page in equal parts to the processes mapping it, so
-    summed PSS is the physical memory the run holds, what a container's limit sees.
+    once per process; PSS charges a shared page in equal parts to the processes mapping it.
+    RSS is a counter the kernel keeps (`/proc/PID/statm`, ~0.02 ms a read) and is sampled every
+    `interval` seconds. PSS is computed on each read by walking the process's page tables
+    (`/proc/PID/smaps_rollup`): ~13 ms for a process that has imported torch, 18–28 ms for one
+    sample of the 2-worker run with the store mapped. At every 200 ms that was ~10% of a core,
+    taken from the workers in the 2-worker run only (the 1-worker run leaves a core idle for it),
+    so PSS is sampled every `pss_interval` seconds instead; a shard holds its rows for seconds.
     """
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, interval: float = 0.2, pss_interval: float = 1.0) -> None:
         import psutil
 
         self._proc = psutil.Process()
         self._interval = interval
+        self._pss_every = max(1, round(pss_interval / interval))
         self._stop = threading.Event()
         self.peak = 0
         self.peak_pss = 0
@@ -73,13 +79,13 @@ class PeakRSS:
         self._cpu0 = sum(self._proc.cpu_times()[:2])
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> tuple[int, int]:
+    def _sample(self, with_pss: bool) -> tuple[int, int]:
         rss = pss = 0
         for p in [self._proc, *self._proc.children(recursive=True)]:
             try:
-                m = p.memory_full_info()
-                rss += m.rss
-                pss += m.pss
+                rss += p.memory_info().rss
+                if with_pss:
+                    pss += p.memory_full_info().pss
                 t = p.cpu_times()
                 self._cpu[p.pid] = t.user + t.system
             except Exception:  # a child that just exited
@@ -93,12 +99,14 @@ class PeakRSS:
         return own + sum(v for pid, v in self._cpu.items() if pid != self._proc.pid)
 
     def _run(self) -> None:
+        tick = 0
         while not self._stop.is_set():
-            self._update()
+            self._update(with_pss=tick % self._pss_every == 0)
+            tick += 1
             self._stop.wait(self._interval)
 
-    def _update(self) -> None:
-        rss, pss = self._sample()
+    def _update(self, with_pss: bool) -> None:
+        rss, pss = self._sample(with_pss)
         self.peak = max(self.peak, rss)
         self.peak_pss = max(self.peak_pss, pss)
 
@@ -109,7 +117,7 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._update()
+        self._update(with_pss=True)
 
 
 def make_store(root: str, n: int, p: int, k: int, chunk_rows: int, seed: int = 0, compressed: bool = False) -> tuple[str, str]:
