@@ -4,7 +4,8 @@
 
 Both run Lloyd iterations from the *same* initial centroids (k rows drawn with a fixed seed),
 one init, a fixed number of iterations (sklearn's tol = 0 so it never stops early; FAISS always
-runs niter). Times are wall-clock seconds of the fit alone; `ratio` = sklearn / FAISS.
+runs niter). Times are wall-clock seconds of the fit alone, medians of `repeats` alternating fits;
+`ratio` = sklearn / FAISS.
 Writes `benchmarks/results/kmeans_quick.json` (or kmeans_full.json) and prints one JSON line.
 
 Equal work makes the two libraries' Lloyd iterations comparable, and on 2 CPU cores both are
@@ -18,6 +19,13 @@ scored on all rows: inertia and adjusted Rand index against the blobs' true labe
 `pipeline.init` times the greedy k-means++ init alone on the training rows: the stage's float32
 version (`cluster.greedy_kmeans_plusplus`) against scikit-learn's `kmeans_plusplus`, same rows,
 same number of trials.
+
+`ceiling` says how far any implementation could go on this machine: a Lloyd iteration is
+bound by its distance products, 2·n·k·p floating-point operations, so each library's rate is
+2·n·k·p·iterations / seconds, set beside the float32 matrix-product rate of this machine
+measured in the same run (numpy's BLAS on all cores, the best of 5 square 2048³ products).
+`max_ratio` = that rate / scikit-learn's: no implementation doing the same iterations could
+beat scikit-learn by more.
 """
 
 from __future__ import annotations
@@ -92,7 +100,31 @@ def run_pipeline(n: int, p: int, k: int, niter: int, seed: int = 0) -> dict:
     }
 
 
-def run(n: int, p: int, k: int, niter: int, seed: int = 0) -> dict:
+def gemm_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matrix-product rate in GFLOP/s: best of `repeats` square products."""
+    rng = np.random.default_rng(0)
+    a = rng.random((size, size), dtype=np.float32)
+    b = rng.random((size, size), dtype=np.float32)
+    out = np.empty_like(a)
+    np.matmul(a, b, out=out)  # warm-up: BLAS threads start
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
+
+
+def ceiling(n: int, p: int, k: int, faiss: tuple[int, float], sklearn: tuple[int, float]) -> dict:
+    """GFLOP/s of each library's Lloyd iterations ((iterations, seconds) each) against this
+    machine's matrix-product rate, and the largest ratio that rate allows over scikit-learn."""
+    peak = gemm_gflops()
+    rate = {name: 2 * n * k * p * it / s / 1e9 for name, (it, s) in (("faiss", faiss), ("sklearn", sklearn))}
+    return {"gemm_gflops": round(peak, 1), "faiss_gflops": round(rate["faiss"], 1),
+            "sklearn_gflops": round(rate["sklearn"], 1), "max_ratio": round(peak / rate["sklearn"], 2)}
+
+
+def run(n: int, p: int, k: int, niter: int, seed: int = 0, repeats: int = 3) -> dict:
     import faiss
     import sklearn
     from sklearn.cluster import KMeans
@@ -101,18 +133,20 @@ def run(n: int, p: int, k: int, niter: int, seed: int = 0) -> dict:
     init = x[np.random.default_rng(seed + 1).choice(n, size=k, replace=False)].copy()
     threads = faiss.omp_get_max_threads()
 
-    km = faiss.Kmeans(p, k, niter=niter, nredo=1, seed=seed, verbose=False,
-                      max_points_per_centroid=n, min_points_per_centroid=1)
-    t0 = time.perf_counter()
-    km.train(x, init_centroids=init)
-    t_faiss = time.perf_counter() - t0
+    faiss_runs, sk_runs = [], []
+    for _ in range(repeats):  # alternating, so a slow phase of the shared host hits both
+        km = faiss.Kmeans(p, k, niter=niter, nredo=1, seed=seed, verbose=False,
+                          max_points_per_centroid=n, min_points_per_centroid=1)
+        t0 = time.perf_counter()
+        km.train(x, init_centroids=init)
+        faiss_runs.append(time.perf_counter() - t0)
+        sk = KMeans(n_clusters=k, init=init, n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd", random_state=seed)
+        t0 = time.perf_counter()
+        sk.fit(x)
+        sk_runs.append(time.perf_counter() - t0)
+    t_faiss, t_sk = float(np.median(faiss_runs)), float(np.median(sk_runs))
     _, a_faiss = km.index.search(x, 1)
     inertia_faiss = float(((x - km.centroids[a_faiss[:, 0]]) ** 2).sum())
-
-    sk = KMeans(n_clusters=k, init=init, n_init=1, max_iter=niter, tol=0.0, algorithm="lloyd", random_state=seed)
-    t0 = time.perf_counter()
-    sk.fit(x)
-    t_sk = time.perf_counter() - t0
 
     return {
         "benchmark": "kmeans",
@@ -121,12 +155,16 @@ def run(n: int, p: int, k: int, niter: int, seed: int = 0) -> dict:
         "sklearn_s": round(t_sk, 3),
         "ratio": round(t_sk / t_faiss, 2),
         "target_ratio": 10,
+        "repeats": repeats,
+        "runs_faiss_s": [round(t, 3) for t in faiss_runs],
+        "runs_sklearn_s": [round(t, 3) for t in sk_runs],
         "sklearn_iterations": int(sk.n_iter_),
         "inertia_faiss": inertia_faiss,
         "inertia_sklearn": float(sk.inertia_),
         "faiss_threads": threads,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "sklearn": sklearn.__version__,
+        "ceiling": ceiling(n, p, k, (niter, t_faiss), (int(sk.n_iter_), t_sk)),
         "pipeline": run_pipeline(max(n, 2560 * k), p, k, niter, seed),
         "machine": machine_info(),
     }

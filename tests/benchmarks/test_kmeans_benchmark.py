@@ -1,0 +1,26 @@
+"""The k-means benchmark runs both libraries and the cluster stage on small real data."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import kmeans
+
+
+def test_kmeans_benchmark_small() -> None:
+    result = kmeans.run(n=3000, p=32, k=10, niter=5)
+    assert result["faiss_s"] > 0 and result["sklearn_s"] > 0
+    assert result["ratio"] > 0 and result["inertia_faiss"] > 0
+    c = result["ceiling"]
+    assert c["gemm_gflops"] > 0 and c["faiss_gflops"] > 0 and c["sklearn_gflops"] > 0
+    pipe = result["pipeline"]
+    assert pipe["ari_ours"] > 0.9 and pipe["ari_sklearn"] > 0.9
+
+
+def test_ceiling_counts_distance_products() -> None:
+    # 2·n·k·p flops per iteration: 10 iterations of 10k rows × 100 dims × 10 centroids in 0.1 s
+    # are 2 GFLOP/s; half the iterations in the same time, 1 GFLOP/s
+    c = kmeans.ceiling(10_000, 100, 10, faiss=(10, 0.1), sklearn=(5, 0.1))
+    assert c["faiss_gflops"] == pytest.approx(2.0)
+    assert c["sklearn_gflops"] == pytest.approx(1.0)
+    assert c["max_ratio"] == pytest.approx(c["gemm_gflops"], rel=0.01)
