@@ -6,7 +6,9 @@ k = 500) and samples "cluster" and "cluster border" triplets from the clusters. 
 - `fit_kmeans` trains FAISS k-means on a random subsample of at most
   k × max_points_per_centroid *valid* rows (FAISS's own rule of thumb: more points per centroid
   barely move the centroids), read block by block from the store, so training memory depends on
-  k, not on the pool size. GPU when `hardware.faiss_gpu_available` says so, CPU otherwise.
+  k, not on the pool size. Where it runs is `hardware.kmeans_backend`'s choice: FAISS on its
+  GPUs when it has any, else `kmeans_torch` on a CUDA GPU torch sees (the same init and Lloyd
+  iterations, in torch), else FAISS on the CPU.
   Centroids start from greedy k-means++ (`greedy_kmeans_plusplus`: 2 + ln k candidates per
   centre, the rule scikit-learn's `kmeans_plusplus` uses) on the training rows. FAISS's random
   init, and its own k-means++ (one candidate per centre), often merge two well-separated groups
@@ -26,12 +28,14 @@ Spherical (cosine) k-means L2-normalizes the rows before training and assignment
 cosine one) and reports distance 1 − cosine; otherwise distances are squared L2.
 
 Deterministic for a seed: the subsample comes from ``default_rng([seed, 0])`` and restart r's
-init from ``SeedSequence([seed, r])``; CPU FAISS k-means is deterministic for a given input.
+init from ``SeedSequence([seed, r])``; CPU FAISS k-means is deterministic for a given input
+(GPU runs may differ in the last bits: their sums are added in a varying order).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import faiss
@@ -42,7 +46,7 @@ import zarr
 from alignet_core import store
 from alignet_core.config import ClusterConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
-from alignet_core.hardware import faiss_gpu_available
+from alignet_core.hardware import KMeansBackend, kmeans_backend
 from alignet_core.teacher import gather_rows
 
 log = logging.getLogger(__name__)
@@ -108,12 +112,14 @@ def greedy_kmeans_plusplus(x: np.ndarray, k: int, seed: int, n_trials: int | Non
     return x[chosen].copy()
 
 
-def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, list[float]]:
+def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int,
+               backend: KMeansBackend | None = None) -> tuple[np.ndarray, list[float]]:
     """Train k-means centroids on a subsample of the store's valid rows.
 
     Reads at most cfg.k × cfg.max_points_per_centroid valid rows (uniformly chosen, read in
     blocks). Returns (centroids (k, p) float32, objective per iteration). Raises `ConfigError`
-    naming cluster.k when k exceeds the number of valid rows.
+    naming cluster.k when k exceeds the number of valid rows. `backend`: where to run (default
+    `hardware.kmeans_backend(cfg.use_gpu)`).
     """
     g = store.open_embeddings(store_url)
     emb = g["embeddings"]
@@ -124,6 +130,7 @@ def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int) -> tuple[np.ndarra
             f"cluster.k = {cfg.k} is larger than the number of valid embeddings in {store_url!r} "
             f"({len(valid_idx)} of {n} rows); lower cluster.k"
         )
+    backend = backend or kmeans_backend(cfg.use_gpu)
     n_train = min(len(valid_idx), cfg.k * cfg.max_points_per_centroid)
     rng = np.random.default_rng([int(seed), 0])
     rows = np.sort(rng.choice(valid_idx, size=n_train, replace=False)) if n_train < len(valid_idx) else valid_idx
@@ -137,38 +144,73 @@ def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int) -> tuple[np.ndarra
         _normalize(x)
     if n_train < 39 * cfg.k:
         log.warning("k-means: %d training points for k = %d (FAISS suggests at least %d)", n_train, cfg.k, 39 * cfg.k)
-    gpu = faiss_gpu_available(cfg.use_gpu)
-    km = None
-    for r in range(cfg.nredo):  # restarts from different greedy inits; the lowest objective wins
+    train = _train_torch if backend.library == "torch" else _train_faiss
+    best: tuple[np.ndarray, list[float]] | None = None
+    for r in range(cfg.nredo):  # restarts from different greedy inits; the best objective wins
         state = int(np.random.SeedSequence([int(seed), r]).generate_state(1)[0])
-        init = greedy_kmeans_plusplus(x, cfg.k, state)
-        run = faiss.Kmeans(p, cfg.k, niter=cfg.niter, seed=state % (2**31), spherical=cfg.spherical, gpu=gpu,
-                           max_points_per_centroid=cfg.max_points_per_centroid, min_points_per_centroid=1,
-                           verbose=False)
-        run.train(x, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
-        if km is None or run.obj[-1] < km.obj[-1]:
-            km = run
-    curve = [float(v) for v in km.obj]
-    log.info("k-means: k=%d on %d of %d valid rows (gpu=%s), objective %.4g → %.4g",
-             cfg.k, n_train, len(valid_idx), gpu, curve[0] if curve else float("nan"), curve[-1] if curve else float("nan"))
-    return np.ascontiguousarray(km.centroids, dtype=np.float32), curve
+        centroids, curve = train(x, cfg, state, backend.device)
+        # spherical: the objective is the sum of cosine similarities, higher is better
+        if best is None or (curve[-1] > best[1][-1] if cfg.spherical else curve[-1] < best[1][-1]):
+            best = centroids, curve
+    centroids, curve = best
+    log.info("k-means: k=%d on %d of %d valid rows (%s on %s), objective %.4g → %.4g", cfg.k, n_train,
+             len(valid_idx), backend.library, backend.device, curve[0], curve[-1])
+    return centroids, curve
 
 
-def _flat_index(centroids: np.ndarray, spherical: bool, use_gpu: str) -> faiss.Index:
+def _train_faiss(x: np.ndarray, cfg: ClusterConfig, state: int, device: str) -> tuple[np.ndarray, list[float]]:
+    """One FAISS k-means run on the training rows from a greedy k-means++ init seeded by `state`."""
+    init = greedy_kmeans_plusplus(x, cfg.k, state)
+    run = faiss.Kmeans(x.shape[1], cfg.k, niter=cfg.niter, seed=state % (2**31), spherical=cfg.spherical,
+                       gpu=device == "gpu", max_points_per_centroid=cfg.max_points_per_centroid,
+                       min_points_per_centroid=1, verbose=False)
+    run.train(x, init_centroids=np.ascontiguousarray(init, dtype=np.float32))
+    return np.ascontiguousarray(run.centroids, dtype=np.float32), [float(v) for v in run.obj]
+
+
+def _train_torch(x: np.ndarray, cfg: ClusterConfig, state: int, device: str) -> tuple[np.ndarray, list[float]]:
+    """The same run as `_train_faiss` with `kmeans_torch` on a torch device."""
+    import torch
+
+    from alignet_core import kmeans_torch
+
+    xt = torch.from_numpy(x).to(device)
+    init = kmeans_torch.greedy_kmeans_plusplus(xt, cfg.k, state)
+    centroids, curve = kmeans_torch.lloyd(xt, init, cfg.niter, cfg.spherical, state)
+    return centroids.cpu().numpy(), curve
+
+
+def _flat_index(centroids: np.ndarray, spherical: bool, on_gpu: bool) -> faiss.Index:
     k, p = centroids.shape
     index: faiss.Index = faiss.IndexFlatIP(p) if spherical else faiss.IndexFlatL2(p)
-    if faiss_gpu_available(use_gpu):
+    if on_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(centroids)
     return index
 
 
+def _nearest_torch(centroids: np.ndarray, spherical: bool, device: str) -> Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]:
+    """A `search(x, 1)` like FAISS's flat index, computed by `kmeans_torch.nearest` on `device`."""
+    import torch
+
+    from alignet_core import kmeans_torch
+
+    c = torch.from_numpy(centroids).to(device)
+
+    def search(x: np.ndarray, _k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, idx = kmeans_torch.nearest(torch.from_numpy(x).to(device), c, spherical)
+        return scores.cpu().numpy()[:, None], idx.cpu().numpy()[:, None]
+
+    return search
+
+
 def assign_clusters(
-    store_url: str, centroids: np.ndarray, chunk_rows: int, spherical: bool, use_gpu: str = "never"
+    store_url: str, centroids: np.ndarray, chunk_rows: int, spherical: bool, use_gpu: str = "never",
+    backend: KMeansBackend | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Assign every valid row of a store to its nearest centroid, one chunk at a time.
 
-    centroids: (k, p) float. Returns (assignments (n,) int64, -1 for invalid rows;
+    centroids: (k, p) float; `backend` default `hardware.kmeans_backend(use_gpu)`. Returns (assignments (n,) int64, -1 for invalid rows;
     distances (n,) float32: squared L2, or 1 − cosine when spherical (rows and centroids
     normalized); NaN for invalid rows). Memory: one chunk of chunk_rows × p plus the outputs.
     """
@@ -182,7 +224,11 @@ def assign_clusters(
         raise InputError(f"centroids: expected shape (k, {p}) to match {store_url!r}, got {c.shape}")
     if spherical:
         c = _normalize(c.copy())
-    index = _flat_index(c, spherical, use_gpu)
+    backend = backend or kmeans_backend(use_gpu)
+    if backend.library == "torch":
+        search = _nearest_torch(c, spherical, backend.device)
+    else:
+        search = _flat_index(c, spherical, backend.device == "gpu").search
     assignments = np.full(n, -1, dtype=np.int64)
     distances = np.full(n, np.nan, dtype=np.float32)
     ids = None
@@ -198,17 +244,18 @@ def assign_clusters(
         x = np.ascontiguousarray(chunk if every else chunk[ok], dtype=np.float32)
         if spherical:
             _normalize(x)
-        d, i = index.search(x, 1)
+        d, i = search(x, 1)
         rows = slice(start, stop) if every else start + np.flatnonzero(ok)
         assignments[rows] = i[:, 0]
         distances[rows] = (1.0 - d[:, 0]) if spherical else np.maximum(d[:, 0], 0.0)
     return assignments, distances
 
 
-def run_kmeans(store_url: str, cfg: ClusterConfig, seed: int) -> KMeansResult:
+def run_kmeans(store_url: str, cfg: ClusterConfig, seed: int, backend: KMeansBackend | None = None) -> KMeansResult:
     """Fit k-means on a subsample, then assign the whole store in chunks (see the module doc)."""
-    centroids, curve = fit_kmeans(store_url, cfg, seed)
-    assignments, distances = assign_clusters(store_url, centroids, cfg.chunk_rows, cfg.spherical, cfg.use_gpu)
+    backend = backend or kmeans_backend(cfg.use_gpu)
+    centroids, curve = fit_kmeans(store_url, cfg, seed, backend)
+    assignments, distances = assign_clusters(store_url, centroids, cfg.chunk_rows, cfg.spherical, backend=backend)
     sizes = np.bincount(assignments[assignments >= 0], minlength=cfg.k).astype(np.int64)
     if (sizes == 0).any():
         log.warning("k-means: %d of %d clusters are empty after assignment", int((sizes == 0).sum()), cfg.k)

@@ -187,7 +187,9 @@ class ClusterConfig(_Config):
     spherical: bool = Field(False, description="cosine k-means (normalized centroids)")
     max_points_per_centroid: int = Field(256, gt=0, description="training subsample size per centroid")
     chunk_rows: int = Field(65536, gt=0, description="rows per chunk when assigning the store")
-    use_gpu: Literal["auto", "never"] = Field("auto", description="FAISS GPU when available")
+    use_gpu: Literal["auto", "never"] = Field(
+        "auto", description="a GPU when there is one: FAISS's own, else torch's CUDA (see hardware.kmeans_backend)"
+    )
 
 
 class SampleConfig(_Config):

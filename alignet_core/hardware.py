@@ -1,11 +1,12 @@
-"""The one place that picks hardware: torch device, autocast dtype, FAISS GPU or CPU."""
+"""The one place that picks hardware: torch device, autocast dtype, where k-means runs."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from alignet_core.config import device_list_problem
 from alignet_core.errors import ConfigError
@@ -70,6 +71,28 @@ def faiss_gpu_available(setting: str = "auto") -> bool:
 
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     return n > 0
+
+
+@dataclass(frozen=True)
+class KMeansBackend:
+    """Where k-means runs: FAISS (device "cpu" or "gpu", its own GPUs) or torch on a torch device."""
+
+    library: Literal["faiss", "torch"]
+    device: str
+
+
+def kmeans_backend(setting: str = "auto") -> KMeansBackend:
+    """FAISS on its GPUs when it has any; else torch on CUDA when torch sees a GPU (the pip
+    FAISS wheels are CPU-only); else FAISS on the CPU. 'never' is always FAISS on the CPU."""
+    if setting == "never":
+        return KMeansBackend("faiss", "cpu")
+    if faiss_gpu_available(setting):
+        return KMeansBackend("faiss", "gpu")
+    import torch
+
+    if torch.cuda.is_available():
+        return KMeansBackend("torch", "cuda")
+    return KMeansBackend("faiss", "cpu")
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from alignet_core import (
     evaluate,
     formats,
     human,
+    kmeans_torch,
     lock,
     models,
     sampling,
@@ -342,7 +343,7 @@ def _fit_teacher_transform(
 # ----------------------------------------------------------------------------- cluster
 def plan_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StagePlan:
     conf = {"cluster": cfg.cluster.model_dump(), "seed": cfg.seed}
-    return _plan(cfg, "cluster", conf, [tfm.key], cluster, store)
+    return _plan(cfg, "cluster", conf, [tfm.key], cluster, kmeans_torch, store)
 
 
 def run_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StageOutput:

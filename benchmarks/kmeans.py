@@ -1,6 +1,7 @@
 """FAISS vs scikit-learn k-means on the same data, k, iterations and initial centroids.
 
     python -m benchmarks.kmeans --quick     # 50k × 256 float32 blobs, k = 100, 20 iterations
+    python -m benchmarks.kmeans --gpu       # 1.28M × 1152 on a CUDA GPU, k = 500, 20 iterations
 
 Both run Lloyd iterations from the *same* initial centroids (k rows drawn with a fixed seed),
 one init, a fixed number of iterations (sklearn's tol = 0 so it never stops early; FAISS always
@@ -26,11 +27,21 @@ bound by its distance products, 2·n·k·p floating-point operations, so each li
 measured in the same run (numpy's BLAS on all cores, the best of 5 square 2048³ products).
 `max_ratio` = that rate / scikit-learn's: no implementation doing the same iterations could
 beat scikit-learn by more.
+
+`--gpu` (`run_gpu`, writes kmeans_gpu.json): the paper's scale, 1.28M × 1152 float32 blobs
+around 500 centres made on the GPU, k = 500, 20 iterations. `lloyd_s`: 20 Lloyd iterations on
+all rows from k random rows, timed with the GPU synchronized, with FAISS's GPU k-means when
+FAISS sees a GPU and with `alignet_core.kmeans_torch` (the cluster stage's GPU path when FAISS
+has none) always. `stage_s`: what the cluster stage computes on that GPU, from rows already in
+GPU memory: greedy k-means++ and 20 iterations on the 128k-row training subsample (k × 256),
+then the nearest centroid of every row. `--device cpu --n ... --p ...` runs the same code small
+on the CPU (how the tests run it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -170,13 +181,84 @@ def run(n: int, p: int, k: int, niter: int, seed: int = 0, repeats: int = 3) -> 
     }
 
 
+def run_gpu(n: int, p: int, k: int, niter: int, device: str = "cuda", seed: int = 0) -> dict:
+    """The paper-scale k-means on a GPU: see the module doc."""
+    import torch
+
+    from alignet_core import kmeans_torch
+
+    try:  # not hardware.faiss_gpu_available: the GPU machine may have neither FAISS nor pydantic
+        import faiss
+
+        faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    except ImportError:
+        faiss_gpus = 0
+
+    def timed(fn):  # (result, seconds) with the device synchronized around fn
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - t0
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    centres = torch.randn((k, p), generator=g, device=device) * 4.0
+    labels = torch.randint(0, k, (n,), generator=g, device=device)
+    x = centres[labels] + torch.randn((n, p), generator=g, device=device)
+    del centres
+    init = x[torch.randperm(n, generator=g, device=device)[:k]].clone()
+    kmeans_torch.lloyd(x[: 4 * k], init, 1, False, seed)  # warm-up: kernels load, cuBLAS picks its algorithms
+    (_, curve), t_lloyd = timed(lambda: kmeans_torch.lloyd(x, init, niter, False, seed, stop_when_converged=False))
+    result: dict = {
+        "benchmark": "kmeans_gpu", "n": n, "p": p, "k": k, "niter": niter, "device": device,
+        "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "lloyd_s": {"torch": round(t_lloyd, 3)},
+        "lloyd_tflops": {"torch": round(2 * n * k * p * len(curve) / t_lloyd / 1e12, 2)},
+        "objective_first_last": [curve[0], curve[-1]],
+    }
+    if faiss_gpus:
+        xh, ih = x.cpu().numpy(), init.cpu().numpy()
+        km = faiss.Kmeans(p, k, niter=niter, gpu=True, max_points_per_centroid=n, min_points_per_centroid=1)
+        _, t_faiss = timed(lambda: km.train(xh, init_centroids=ih))
+        result["lloyd_s"]["faiss"] = round(t_faiss, 3)
+    n_train = min(n, 256 * k)
+    sub = x[torch.randperm(n, generator=g, device=device)[:n_train]].contiguous()
+
+    def stage() -> torch.Tensor:
+        c0 = kmeans_torch.greedy_kmeans_plusplus(sub, k, seed)
+        c, _ = kmeans_torch.lloyd(sub, c0, niter, False, seed)
+        return kmeans_torch.nearest(x, c, False)[1]
+
+    assignments, t_stage = timed(stage)
+    result["stage_s"] = round(t_stage, 3)
+    result["stage_train_rows"] = n_train
+    result["stage_cluster_sizes_min_max"] = [int(v) for v in torch.bincount(assignments, minlength=k).aminmax()]
+    if device.startswith("cuda"):
+        result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    result["machine"] = machine_info()
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="50k × 256, k = 100, 20 iterations (default)")
     mode.add_argument("--full", action="store_true", help="500k × 256, k = 500, 20 iterations")
+    mode.add_argument("--gpu", action="store_true", help="1.28M × 1152, k = 500, 20 iterations on a GPU")
+    ap.add_argument("--device", default="cuda", help="--gpu: the torch device (cpu for a small trial run)")
+    ap.add_argument("--n", type=int, default=1_280_000, help="--gpu: rows")
+    ap.add_argument("--p", type=int, default=1152, help="--gpu: dimensions")
     args = ap.parse_args(argv)
-    if args.full:  # pipeline part: 1.28M × 256, k = 500
+    if args.gpu:
+        result = run_gpu(args.n, args.p, 500, 20, args.device)
+        if args.device.startswith("cuda"):
+            write_result("kmeans_gpu", result)
+        else:  # a trial of the code, not a figure to keep
+            print(json.dumps(result))
+    elif args.full:  # pipeline part: 1.28M × 256, k = 500
         write_result("kmeans_full", run(500_000, 256, 500, 20))
     else:
         write_result("kmeans_quick", run(50_000, 256, 100, 20))

@@ -24,3 +24,14 @@ def test_ceiling_counts_distance_products() -> None:
     assert c["faiss_gflops"] == pytest.approx(2.0)
     assert c["sklearn_gflops"] == pytest.approx(1.0)
     assert c["max_ratio"] == pytest.approx(c["gemm_gflops"], rel=0.01)
+
+
+def test_gpu_benchmark_code_runs_small_on_the_cpu() -> None:
+    """The --gpu benchmark's code (torch k-means at any scale) on a small CPU trial; the GPU
+    figure itself comes from a GPU machine (benchmarks/results/kmeans_gpu.json)."""
+    result = kmeans.run_gpu(n=4000, p=16, k=20, niter=5, device="cpu")
+    assert result["lloyd_s"]["torch"] > 0 and result["stage_s"] > 0
+    first, last = result["objective_first_last"]
+    assert last < first
+    smallest, largest = result["stage_cluster_sizes_min_max"]
+    assert 0 < smallest <= largest < 4000

@@ -10,6 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from alignet_core import store
 from alignet_core.cluster import (
+    _train_faiss,
     assign_clusters,
     fit_kmeans,
     greedy_kmeans_plusplus,
@@ -134,6 +135,19 @@ def test_restarts_keep_the_lowest_objective(tmp_path: Path) -> None:
     url = make_store(str(tmp_path / "e.zarr"), x, np.ones(2000, dtype=bool), chunk_rows=512)
     objective = {r: fit_kmeans(url, ClusterConfig(k=25, niter=10, nredo=r, use_gpu="never"), seed=0)[1][-1] for r in (1, 3)}
     assert objective[3] < objective[1]
+
+
+def test_spherical_restarts_keep_the_highest_objective(tmp_path: Path) -> None:
+    """Spherical k-means' objective is a sum of cosine similarities: the best restart has the
+    highest, as FAISS's own nredo keeps it."""
+    x, _ = blobs(2000, 25, 8, seed=8, spread=8.0)
+    url = make_store(str(tmp_path / "e.zarr"), x, np.ones(2000, dtype=bool), chunk_rows=512)
+    cfg = ClusterConfig(k=25, niter=10, nredo=3, spherical=True, use_gpu="never")
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)  # the training rows: all of them, normalized
+    restarts = [_train_faiss(xn, cfg, int(np.random.SeedSequence([0, r]).generate_state(1)[0]), "cpu")[1][-1]
+                for r in range(3)]
+    assert max(restarts) > min(restarts)  # the restarts differ, so the choice matters
+    assert fit_kmeans(url, cfg, seed=0)[1][-1] == pytest.approx(max(restarts), rel=1e-6)
 
 
 def test_subsampled_training_still_recovers(blob_store: tuple[str, np.ndarray, np.ndarray]) -> None:
