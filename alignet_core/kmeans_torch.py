@@ -110,7 +110,7 @@ def _split_empty(centroids: torch.Tensor, counts: np.ndarray, rng: np.random.Gen
     for ci in empty:
         cj = 0
         while True:  # a cluster drawn with probability ∝ its size − 1, as FAISS walks them
-            if rng.random() < (counts[cj] - 1.0) / (n - k):
+            if rng.random() < (counts[cj] - 1.0) / max(n - k, 1):
                 break
             cj = (cj + 1) % k
         centroids[ci] = centroids[cj] * (1 + SPLIT_EPS * sign)

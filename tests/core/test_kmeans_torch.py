@@ -108,3 +108,13 @@ def test_backend_choice() -> None:
     else:
         expected = KMeansBackend("faiss", "cpu")
     assert kmeans_backend("auto") == expected
+
+
+def test_lloyd_with_as_many_centroids_as_rows() -> None:
+    """k = n with two identical initial centroids: the empty one takes half of the other."""
+    x = torch.from_numpy(np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32))
+    init = x.clone()
+    init[5] = init[4]
+    c, _ = kmeans_torch.lloyd(x, init, 3, False, 0)
+    _, idx = kmeans_torch.nearest(x, c, False)
+    assert torch.isfinite(c).all() and len(set(idx.tolist())) >= 5

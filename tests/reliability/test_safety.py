@@ -32,6 +32,7 @@ class Canary:
         return (os.mkdir, (self.path,))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the pickle is the point
 def test_pickled_weights_are_refused_without_running_them(tmp_path: Path) -> None:
     canary = tmp_path / "ran"
     torch.save({"conv.weight": torch.zeros(1), "evil": Canary(str(canary))}, tmp_path / "w.pth")
