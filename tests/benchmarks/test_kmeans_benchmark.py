@@ -35,3 +35,17 @@ def test_gpu_benchmark_code_runs_small_on_the_cpu() -> None:
     assert last < first
     smallest, largest = result["stage_cluster_sizes_min_max"]
     assert 0 < smallest <= largest < 4000
+
+
+def test_gpu_benchmark_needs_only_torch_and_numpy() -> None:
+    """The GPU machine's image has torch and numpy but no FAISS, Zarr, pydantic or Dask: the
+    --gpu benchmark must run there as it is."""
+    import subprocess
+    import sys
+
+    blocked = ("faiss", "zarr", "pydantic", "prefect", "dask", "distributed", "sklearn", "fsspec", "psutil")
+    code = (f"import sys\nfor m in {blocked!r}: sys.modules[m] = None\n"
+            "from benchmarks import kmeans\nprint(kmeans.run_gpu(2000, 16, 20, 3, 'cpu')['stage_s'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.strip().splitlines()[-1]) > 0
