@@ -47,12 +47,21 @@ def _block_rows(k: int) -> int:
     return max(1024, BLOCK_BYTES // (4 * k))
 
 
-def nearest(x: torch.Tensor, centroids: torch.Tensor, spherical: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """(n,) squared norms of the rows of x, a block at a time (no (n, p) temporary)."""
+    return torch.cat([(b * b).sum(1) for b in x.split(UPDATE_ROWS)])
+
+
+def nearest(x: torch.Tensor, centroids: torch.Tensor, spherical: bool,
+            x_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of each row of x (n, p): (scores (n,) float32, indices (n,) int64).
 
     Scores are squared L2 distances (clamped at 0), or inner products when spherical (the
-    largest wins), as FAISS's IndexFlatL2 / IndexFlatIP return them.
+    largest wins), as FAISS's IndexFlatL2 / IndexFlatIP return them. `x_sq`: the rows' squared
+    norms when the caller has them (Lloyd iterations reuse one x), else computed here.
     """
+    if not spherical and x_sq is None:
+        x_sq = _squared_norms(x)
     scores = torch.empty(len(x), dtype=torch.float32, device=x.device)
     idx = torch.empty(len(x), dtype=torch.int64, device=x.device)
     c_sq = (centroids * centroids).sum(1)
@@ -65,7 +74,7 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, spherical: bool) -> tuple[
         else:
             ip.mul_(-2).add_(c_sq)  # |c|² − 2x·c: the row's own |x|² does not change the argmin
             best, arg = ip.min(1)
-            best = (best + (xb * xb).sum(1)).clamp_(min=0)
+            best = (best + x_sq[lo : lo + step]).clamp_(min=0)
         scores[lo : lo + step], idx[lo : lo + step] = best, arg
     return scores, idx
 
@@ -136,10 +145,11 @@ def lloyd(x: torch.Tensor, init: torch.Tensor, niter: int, spherical: bool, seed
     centroids = init.to(torch.float32).clone()
     if spherical:
         centroids = torch.nn.functional.normalize(centroids, dim=1)
+    x_sq = None if spherical else _squared_norms(x)
     curve: list[float] = []
     previous, converged = None, False
     for _ in range(niter):
-        scores, idx = nearest(x, centroids, spherical)
+        scores, idx = nearest(x, centroids, spherical, x_sq)
         curve.append(float(scores.sum(dtype=torch.float64)))
         if converged and stop_when_converged:  # this objective repeats the last one; FAISS stops on that, so here too
             break
