@@ -29,9 +29,13 @@ import time
 import numpy as np
 import torch
 
-from alignet_core import human, sources, stages, store
+from alignet_core.io import sources, store
+
+from alignet_core.pipeline import stages
+
+from alignet_core.transform import human
 from alignet_core.config import PipelineConfig, TransformConfig, ViceConfig, parse_config, with_overrides
-from alignet_core.evaluate import (
+from alignet_core.evaluate.metrics import (
     choice_nll,
     choice_probabilities_from_embeddings,
     expected_calibration_error,
@@ -40,10 +44,10 @@ from alignet_core.evaluate import (
     odd_one_out_accuracy,
     triplet_accuracy,
 )
-from alignet_core.human import split_triplets
+from alignet_core.transform.human import split_triplets
 from alignet_core.synthetic import ceiling_accuracy, make_synthetic_human
-from alignet_core.transform import FitResult, fit_transform
-from alignet_core.vice import ViceModel, fit_vice
+from alignet_core.transform.affine import FitResult, fit_transform
+from alignet_core.transform.vice import ViceModel, fit_vice
 from benchmarks._machine import machine_info, write_result
 
 CPU = torch.device("cpu")

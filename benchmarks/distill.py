@@ -26,7 +26,9 @@ import time
 import numpy as np
 import torch
 
-from alignet_core import distill, formats, sources
+from alignet_core.distill import train as distill  # RENAME
+
+from alignet_core.io import formats, sources
 from alignet_core.config import DistillConfig
 from benchmarks._machine import machine_info, write_result
 

@@ -10,7 +10,7 @@ Baseline (what users write with thingsvision's extractor): the main thread decod
 `torch.no_grad()`, each batch goes back through `.cpu().numpy()` into a list that is concatenated and
 `np.save`d at the end.
 
-Ours: `alignet_core.embed.extract_embeddings` into a temporary Zarr store (decode + transform in
+Ours: `alignet_core.embed.extract.extract_embeddings` into a temporary Zarr store (decode + transform in
 DataLoader workers, channels_last, `torch.inference_mode`, chunked writes with resume markers and
 provenance). Both get one warm-up forward of one batch first; times are wall-clock from the first
 image opened to the last row on disk. `ratio` = ours / baseline images/s. The two feature arrays are
@@ -55,10 +55,10 @@ import timm
 import torch
 
 from alignet_core.config import EmbedConfig
-from alignet_core.embed import _Extractor, _inference_model, extract_embeddings
+from alignet_core.embed.extract import _Extractor, _inference_model, extract_embeddings
 from alignet_core.models import build_transform, create_model, pooled_features
-from alignet_core.sources import ImageSource, demo_source, folder_source, load_image, subset
-from alignet_core.store import open_embeddings
+from alignet_core.io.sources import ImageSource, demo_source, folder_source, load_image, subset
+from alignet_core.io.store import open_embeddings
 from benchmarks._machine import machine_info, write_result
 
 CPU = torch.device("cpu")

@@ -31,7 +31,7 @@ beat scikit-learn by more.
 `--gpu` (`run_gpu`, writes kmeans_gpu.json): the paper's scale, 1.28M × 1152 float32 blobs
 around 500 centres made on the GPU, k = 500, 20 iterations. `lloyd_s`: 20 Lloyd iterations on
 all rows from k random rows, timed with the GPU synchronized, with FAISS's GPU k-means when
-FAISS sees a GPU and with `alignet_core.kmeans_torch` (the cluster stage's GPU path when FAISS
+FAISS sees a GPU and with `alignet_core.cluster.kmeans_torch` (the cluster stage's GPU path when FAISS
 has none) always. `stage_s`: what the cluster stage computes on that GPU, from rows already in
 GPU memory: greedy k-means++ and 20 iterations on the 128k-row training subsample (k × 256),
 then the nearest centroid of every row. `--device cpu --n ... --p ...` runs the same code small
@@ -71,8 +71,8 @@ def run_pipeline(n: int, p: int, k: int, niter: int, seed: int = 0) -> dict:
     from sklearn.cluster import KMeans, kmeans_plusplus
     from sklearn.metrics import adjusted_rand_score
 
-    from alignet_core import store
-    from alignet_core.cluster import greedy_kmeans_plusplus, run_kmeans
+    from alignet_core.io import store
+    from alignet_core.cluster.kmeans import greedy_kmeans_plusplus, run_kmeans
     from alignet_core.config import ClusterConfig
 
     x, labels = _blobs(n, p, k, seed)
@@ -185,8 +185,7 @@ def run_gpu(n: int, p: int, k: int, niter: int, device: str = "cuda", seed: int 
     """The paper-scale k-means on a GPU: see the module doc."""
     import torch
 
-    from alignet_core import kmeans_torch
-
+    from alignet_core.cluster import kmeans_torch
     try:  # not hardware.faiss_gpu_available: the GPU machine may have neither FAISS nor pydantic
         import faiss
 

@@ -127,8 +127,7 @@ def make_store(root: str, n: int, p: int, k: int, chunk_rows: int, seed: int = 0
     default (`compressed=False`, see `benchmarks/store_read.py`); `compressed=True` uses Zarr's
     default zstd codec instead, as the extraction stage does.
     """
-    from alignet_core import store
-
+    from alignet_core.io import store
     url = os.path.join(root, "emb.zarr")
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(k, p)).astype(np.float32) / np.sqrt(p)
@@ -149,7 +148,7 @@ def run_on_cluster(n_workers: int, specs: list, groups: str, store_url: str, out
                    cgroup: MemoryCgroup | None = None) -> dict:
     from distributed import Client, LocalCluster
 
-    from alignet_core.dataset import run_shard
+    from alignet_core.sample.shards import run_shard
     from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup
 
     if cgroup is not None:
@@ -179,9 +178,9 @@ def run_on_cluster(n_workers: int, specs: list, groups: str, store_url: str, out
 
 def time_row_paths(store_url: str, groups_url: str, spec: object, repeats: int) -> dict:
     """Median seconds of one shard's similarities from the memory map vs from copied rows."""
-    from alignet_core import store
-    from alignet_core.sampling import sample_shard
-    from alignet_core.teacher import copied_row_similarities, teacher_similarities
+    from alignet_core.io import store
+    from alignet_core.sample.strategies import sample_shard
+    from alignet_core.sample.teacher import copied_row_similarities, teacher_similarities
 
     emb = store.open_embeddings(store_url)["embeddings"]
     triplets = sample_shard(spec.strategy, np.load(groups_url), spec.n, spec.seed, spec.index)
@@ -204,7 +203,7 @@ def time_row_paths(store_url: str, groups_url: str, spec: object, repeats: int) 
 
 
 def run(mode: str, workdir: str | None = None, compressed: bool = False, repeats: int = 1) -> dict:
-    from alignet_core.dataset import plan_shards
+    from alignet_core.sample.shards import plan_shards
 
     m = MODES[mode]
     machine = machine_info()  # load average before anything runs

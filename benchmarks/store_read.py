@@ -35,8 +35,7 @@ def _dir_bytes(path: str) -> int:
 def _median_chunk_pass_s(url: str, raw_reader: bool, repeats: int = 5) -> float:
     """A pass over the store chunk by chunk, as `teacher.gather_rows` reads it: with
     `store.RawChunkReader` into one reused buffer, or with Zarr (`embeddings[lo:hi]`)."""
-    from alignet_core import store
-
+    from alignet_core.io import store
     emb = store.open_embeddings(url)["embeddings"]
     n, rows = emb.shape[0], int(emb.chunks[0])
     reader = store.RawChunkReader.for_array(emb) if raw_reader else None
@@ -54,8 +53,7 @@ def _median_chunk_pass_s(url: str, raw_reader: bool, repeats: int = 5) -> float:
 
 
 def measure(n: int, p: int, dtype: str, kind: str, chunk_rows: int, root: str) -> dict:
-    from alignet_core import store
-
+    from alignet_core.io import store
     x = np.random.default_rng(0).standard_normal((n, p), dtype=np.float32)
     if kind == "relu":
         np.maximum(x, 0, out=x)

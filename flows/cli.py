@@ -63,7 +63,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _datasets(args: argparse.Namespace) -> int:
     """`alignet datasets list|show|verify`: read-only views of `<root>/datasets/`."""
-    from alignet_core import versions
+    from alignet_core.sample import versions
     from alignet_core.config import load_config, parse_config
 
     cfg = load_config(args.config) if args.config else parse_config({})
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     if args.command == "demo" and not args.config:
-        from alignet_core.sources import demo_data_dir
+        from alignet_core.io.sources import demo_data_dir
 
         args.config = str(demo_data_dir() / "demo.yaml")
     overrides = _parse_overrides(args.set)

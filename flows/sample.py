@@ -10,7 +10,7 @@ from prefect.settings import get_current_settings
 from prefect_dask import DaskTaskRunner
 
 from alignet_core.config import PipelineConfig
-from alignet_core.stages import StageOutput
+from alignet_core.pipeline.stages import StageOutput
 from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup
 from flows._config import resolve_config
 from tasks.cluster import cluster

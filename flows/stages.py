@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect import flow
 
-from alignet_core.stages import StageOutput
+from alignet_core.pipeline.stages import StageOutput
 from flows._config import resolve_config
 from tasks.cluster import cluster
 from tasks.embed import embed

@@ -5,7 +5,11 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-from alignet_core import plots, stages, store
+from alignet_core import plots
+
+from alignet_core.io import store
+
+from alignet_core.pipeline import stages
 from alignet_core.config import PipelineConfig
 from tasks._cache import cached_call
 

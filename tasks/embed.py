@@ -5,7 +5,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from alignet_core import stages, store
+from alignet_core.io import store
+
+from alignet_core.pipeline import stages
 from alignet_core.config import PipelineConfig
 from tasks._cache import cached_call
 

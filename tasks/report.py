@@ -8,7 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from alignet_core import stages
+from alignet_core.pipeline import stages
 from alignet_core.config import PipelineConfig
 
 

@@ -8,7 +8,9 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from alignet_core import stages, store
+from alignet_core.io import store
+
+from alignet_core.pipeline import stages
 from alignet_core.config import PipelineConfig
 from tasks._cache import cached_call, cached_submit
 

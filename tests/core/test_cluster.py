@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from alignet_core import store
-from alignet_core.cluster import (
+from alignet_core.io import store
+from alignet_core.cluster.kmeans import (
     _train_faiss,
     assign_clusters,
     fit_kmeans,

@@ -4,7 +4,7 @@ import pytest
 
 from alignet_core.config import PipelineConfig, load_config, parse_config, with_overrides
 from alignet_core.errors import ConfigError
-from alignet_core.sources import demo_data_dir
+from alignet_core.io.sources import demo_data_dir
 
 
 def test_defaults_are_the_demo():

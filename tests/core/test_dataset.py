@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core import store
-from alignet_core.dataset import (
+from alignet_core.io import store
+from alignet_core.sample.shards import (
     ShardSpec,
     _first_occurrences,
     _triplet_keys,
@@ -21,7 +21,7 @@ from alignet_core.dataset import (
     shard_path,
 )
 from alignet_core.errors import ConfigError, StoreError
-from alignet_core.formats import read_alignet_npz
+from alignet_core.io.formats import read_alignet_npz
 
 CHECKER = "/work/shared/tools/check_alignet_npz.py"
 NAMES = {"cluster_border": "cluster_border_4", "between_class": "between_class", "within_class": "within_class"}

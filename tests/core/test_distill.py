@@ -22,10 +22,14 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from alignet_core import distill, formats, models, sources
+from alignet_core import models
+
+from alignet_core.distill import train as distill  # RENAME
+
+from alignet_core.io import formats, sources
 from alignet_core.config import DistillConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
-from alignet_core.evaluate import triplet_accuracy
+from alignet_core.evaluate.metrics import triplet_accuracy
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "resnet10t"  # random init, 32 px: a few hundred ms per step on a 2-core CPU
@@ -243,7 +247,8 @@ _KILLED_RUN = textwrap.dedent(
     """
     import json, os, signal, sys
     import torch
-    from alignet_core import distill, formats, sources
+    from alignet_core.distill import train as distill  # RENAME
+    from alignet_core.io import formats, sources
     from alignet_core.config import DistillConfig
 
     class Cfg(DistillConfig):

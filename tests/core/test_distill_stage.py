@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core import distill, evaluate, formats, sources, stages, store
+from alignet_core.distill import train as distill  # RENAME
+
+from alignet_core.evaluate import metrics as evaluate  # RENAME
+
+from alignet_core.io import formats, sources, store
+
+from alignet_core.pipeline import stages
 from alignet_core.config import parse_config, with_overrides
 from alignet_core.errors import InputError
 from alignet_core.hardware import resolve_device

@@ -17,15 +17,15 @@ import torchvision
 import zarr
 
 import alignet_core
-from alignet_core import store
+from alignet_core.io import store
 from alignet_core.config import EmbedConfig, parse_config
-from alignet_core.embed import _Extractor, extract_embeddings
-from alignet_core.embed_parallel import _worker_env, shard_chunks
+from alignet_core.embed.extract import _Extractor, extract_embeddings
+from alignet_core.embed.devices import _worker_env, shard_chunks
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import resolve_devices
 from alignet_core.models import build_tensor_transform, build_transform, create_model, pooled_features, resolve_weights
-from alignet_core.store import file_sha256
-from alignet_core.sources import ImageSource, decode_image_bytes, demo_source, folder_source, load_image, tar_source
+from alignet_core.io.store import file_sha256
+from alignet_core.io.sources import ImageSource, decode_image_bytes, demo_source, folder_source, load_image, tar_source
 from tests.generated_images import write_jpeg_folder, write_odd_files
 
 CPU = torch.device("cpu")
@@ -442,7 +442,7 @@ def test_stage_key_ignores_devices_but_not_compile_or_decode(tmp_path: Path) -> 
     """Which devices run the extraction changes no stored value, so a store made on two workers
     is reused (or resumed) by a one-device run; compile and decode change rounding, so they key."""
     from alignet_core.config import PipelineConfig
-    from alignet_core.stages import plan_embed
+    from alignet_core.pipeline.stages import plan_embed
 
     def key(**embed: object) -> str:
         return plan_embed(PipelineConfig(root=str(tmp_path), embed=embed)).key

@@ -10,8 +10,8 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from alignet_core import kmeans_torch
-from alignet_core.cluster import greedy_kmeans_plusplus, run_kmeans
+from alignet_core.cluster import kmeans_torch
+from alignet_core.cluster.kmeans import greedy_kmeans_plusplus, run_kmeans
 from alignet_core.config import ClusterConfig
 from alignet_core.hardware import KMeansBackend, faiss_gpu_available, kmeans_backend
 from tests.core.test_cluster import blobs, make_store

@@ -8,7 +8,11 @@ import uuid
 
 import numpy as np
 
-from alignet_core import formats, sources, stages, store, versions
+from alignet_core.io import formats, sources, store
+
+from alignet_core.pipeline import stages
+
+from alignet_core.sample import versions
 from alignet_core.config import parse_config, with_overrides
 
 

@@ -7,8 +7,6 @@ import PIL.Image
 import io
 
 from alignet_core import plots
-
-
 def _image(png: bytes) -> PIL.Image.Image:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     return PIL.Image.open(io.BytesIO(png))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from alignet_core.errors import ConfigError
-from alignet_core.sampling import STRATEGIES, sample_shard
+from alignet_core.sample.strategies import STRATEGIES, sample_shard
 
 
 def _n_distinct_groups(g3: np.ndarray) -> np.ndarray:

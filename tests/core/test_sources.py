@@ -12,7 +12,7 @@ import pytest
 
 from alignet_core.config import SourceConfig
 from alignet_core.errors import InputError
-from alignet_core.sources import (
+from alignet_core.io.sources import (
     ImageRecord,
     ImageSource,
     demo_metadata,

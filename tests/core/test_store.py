@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from alignet_core import store
+from alignet_core.io import store
 from alignet_core.errors import StoreError
 
 
@@ -15,8 +15,8 @@ def test_content_key_changes_with_config_inputs_and_code():
 
 
 def test_code_version_tracks_module_source():
-    import alignet_core.formats as f
-    import alignet_core.evaluate as e
+    import alignet_core.io.formats as f
+    import alignet_core.evaluate.metrics as e
 
     assert store.code_version(f) == store.code_version(f) != store.code_version(e)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from alignet_core.errors import InputError
-from alignet_core.evaluate import odd_one_out_accuracy
+from alignet_core.evaluate.metrics import odd_one_out_accuracy
 from alignet_core.synthetic import ceiling_accuracy, choice_probabilities, make_synthetic_human
 
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 import zarr
 
-from alignet_core import store
+from alignet_core.io import store
 from alignet_core.config import TransformConfig
 from alignet_core.errors import InputError, StoreError
-from alignet_core.evaluate import pair_similarities
-from alignet_core.human import split_triplets
-from alignet_core.transform import (
+from alignet_core.evaluate.metrics import pair_similarities
+from alignet_core.transform.human import split_triplets
+from alignet_core.transform.affine import (
     AffineTransform,
     apply_transform_to_store,
     fit_transform,

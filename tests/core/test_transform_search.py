@@ -8,7 +8,7 @@ import torch
 
 from alignet_core.config import TransformConfig
 from alignet_core.synthetic import make_synthetic_human
-from alignet_core.transform_search import choose_setting, cross_validate_transform, grid_search_transform
+from alignet_core.transform.search import choose_setting, cross_validate_transform, grid_search_transform
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from alignet_core import formats, sources, stages, vice
+from alignet_core.io import formats, sources
+
+from alignet_core.pipeline import stages
+
+from alignet_core.transform import vice
 from alignet_core.config import parse_config, with_overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core import dataset, versions
-from alignet_core.dataset import ShardSpec
+from alignet_core.sample import shards as dataset  # RENAME
+
+from alignet_core.sample import versions
+from alignet_core.sample.shards import ShardSpec
 from alignet_core.errors import InputError, StoreError
 from flows.cli import main
 

@@ -8,9 +8,9 @@ import torch
 
 from alignet_core.config import ViceConfig
 from alignet_core.errors import InputError
-from alignet_core.human import split_triplets
+from alignet_core.transform.human import split_triplets
 from alignet_core.synthetic import ceiling_accuracy, make_synthetic_human
-from alignet_core.vice import ViceModel, fit_vice, spike_and_slab_log_prior
+from alignet_core.transform.vice import ViceModel, fit_vice, spike_and_slab_log_prior
 
 CPU = torch.device("cpu")
 
@@ -80,8 +80,8 @@ def test_vice_soft_targets_calibrate_the_transform_better_than_hard(fitted) -> N
     """Uncertainty distillation end to end: VICE's posterior-predictive probabilities as soft
     targets give a transform with lower held-out NLL and ECE than the one-hot choices."""
     from alignet_core.config import TransformConfig
-    from alignet_core.evaluate import choice_probabilities_from_embeddings, expected_calibration_error
-    from alignet_core.transform import fit_transform
+    from alignet_core.evaluate.metrics import choice_probabilities_from_embeddings, expected_calibration_error
+    from alignet_core.transform.affine import fit_transform
 
     s, tr, va, model = fitted
     few = tr[:800]  # few triplets: the probabilities carry much more information than the choices

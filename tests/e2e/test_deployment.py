@@ -21,8 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from alignet_core import versions
-
+from alignet_core.sample import versions
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DEPLOYMENTS = {"alignet/demo", "embed/demo", "transform/demo", "cluster/demo", "sample/demo", "distill/demo"}

@@ -16,7 +16,9 @@ from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.testing.utilities import prefect_test_harness
 
-from alignet_core import formats, versions
+from alignet_core.io import formats
+
+from alignet_core.sample import versions
 from flows.alignet import alignet
 
 CHECKER = Path(__file__).resolve().parents[3] / "shared" / "tools" / "check_alignet_npz.py"

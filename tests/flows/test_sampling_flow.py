@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core import store
-from alignet_core.dataset import assemble_dataset, plan_shards, run_shard
+from alignet_core.io import store
+from alignet_core.sample.shards import assemble_dataset, plan_shards, run_shard
 
 NAMES = {"cluster_border": "cluster_border_6", "between_class": "between_class"}
 

@@ -2,7 +2,7 @@
 
     python -m tests.reliability.stage_runner CONFIG_JSON STAGE [--pace MODULE:ATTR SECONDS]
 
-Upstream stages whose manifests are complete are reused (`alignet_core.stages`). With `--pace`, the
+Upstream stages whose manifests are complete are reused (`alignet_core.pipeline.stages`). With `--pace`, the
 function `MODULE:ATTR` (`ATTR` may be `Class.method`) prints `paced <i>` after its i-th call and
 then sleeps SECONDS: a pause standing in for more real work per unit, so that a test can SIGKILL
 the process at a random point after real work started instead of racing a run that ends in a
@@ -30,8 +30,7 @@ STAGES = ("embed", "transform", "cluster", "sample")
 
 def run_until(cfg: Any, stage: str) -> Any:
     """Run (or reuse) every stage up to and including `stage`; return that stage's `StageOutput`."""
-    from alignet_core import stages
-
+    from alignet_core.pipeline import stages
     emb = stages.run_embed(cfg)
     if stage == "embed":
         return emb
@@ -49,8 +48,7 @@ def run_until(cfg: Any, stage: str) -> Any:
 
 def paced_shard(sp: Any, spec: dict[str, Any], seconds: float) -> str:
     """One sampling shard on a Dask worker, then a pause (see the module doc)."""
-    from alignet_core import stages
-
+    from alignet_core.pipeline import stages
     out = stages.run_sample_shard(sp, spec)
     time.sleep(seconds)
     return out

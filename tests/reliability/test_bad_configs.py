@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from alignet_core.sources import demo_source
+from alignet_core.io.sources import demo_source
 from flows.cli import main
 
 

@@ -17,10 +17,16 @@ import pytest
 import torch
 import zarr
 
-from alignet_core import cluster, formats, stages, store, transform
+from alignet_core.cluster import kmeans as cluster  # RENAME
+
+from alignet_core.io import formats, store
+
+from alignet_core.pipeline import stages
+
+from alignet_core.transform import affine as transform  # RENAME
 from alignet_core.config import ClusterConfig, parse_config
 from alignet_core.errors import InputError
-from alignet_core.sources import demo_source, filelist_source, load_image, source_from_config, tar_source
+from alignet_core.io.sources import demo_source, filelist_source, load_image, source_from_config, tar_source
 
 EMBED = {"model": "test_resnet", "weights": None, "batch_size": 4, "chunk_rows": 4}
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from alignet_core import lock, stages, store
+from alignet_core.io import lock, store
+
+from alignet_core.pipeline import stages
 from alignet_core.errors import StoreError
 from tests.reliability.stage_runner import run_until
 from tests.reliability.test_stage_kills import SETTINGS, _cfg, assert_same_stage, digests
@@ -25,7 +27,7 @@ def _start_holder(root: Path, pause: float) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "tests.reliability.stage_runner", json.dumps({**SETTINGS, "root": str(root)}),
-           "cluster", "--pace", "alignet_core.cluster:fit_kmeans", str(pause)]
+           "cluster", "--pace", "alignet_core.cluster.kmeans:fit_kmeans", str(pause)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:

@@ -31,7 +31,9 @@ import psutil
 import pytest
 import zarr
 
-from alignet_core import stages, store
+from alignet_core.io import store
+
+from alignet_core.pipeline import stages
 from alignet_core.config import PipelineConfig, parse_config
 from tests.generated_images import write_jpeg_folder, write_odd_files
 from tests.reliability.stage_runner import run_until

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from distributed import Client, LocalCluster
 
-from alignet_core import stages
+from alignet_core.pipeline import stages
 from tests.reliability.stage_runner import paced_shard, run_until
 from tests.reliability.test_stage_kills import _cfg, assert_same_stage, no_temporaries
 

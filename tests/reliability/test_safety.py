@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from alignet_core import formats, models, store, transform
+from alignet_core import models
+
+from alignet_core.io import formats, store
+
+from alignet_core.transform import affine as transform  # RENAME
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.config import parse_config
 from tests.reliability.stage_runner import run_until

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from alignet_core import store
-from alignet_core.dataset import assemble_dataset, plan_shards, run_shard, shard_path
+from alignet_core.io import store
+from alignet_core.sample.shards import assemble_dataset, plan_shards, run_shard, shard_path
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = {"cluster_border": "cluster_border_5"}
@@ -24,7 +24,7 @@ N_TRAIN, N_VALID, SHARD, SEED = 4000, 400, 200, 3
 RUNNER = """
 import sys, time
 import numpy as np
-from alignet_core.dataset import plan_shards, run_shard
+from alignet_core.sample.shards import plan_shards, run_shard
 groups, store_url, out = sys.argv[1:4]
 for spec in plan_shards(["cluster_border"], {n_train}, {n_valid}, {shard}, seed={seed}):
     run_shard(spec, groups, store_url, out)

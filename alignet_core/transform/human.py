@@ -9,7 +9,7 @@ The proxy models a noisy human. Each triplet takes two objects i, j from one fin
 odd one k from another group. With a coarse level given, half of the odd ones are *hard* (another
 fine group of the same coarse group) and half *easy* (another coarse group). The "human"
 response distribution over the pairs [(i, j), (i, k), (j, k)] (the convention of
-`alignet_core.formats`) puts 1 − w on the taxonomic pair (i, j) and w / 2 on each other pair,
+`alignet_core.io.formats`) puts 1 − w on the taxonomic pair (i, j) and w / 2 on each other pair,
 where the error mass w = noise · d grows with difficulty d (hard 1.5, easy 0.5, no coarse level
 1.0, rescaled so the mean of d over the drawn triplets is 1, then capped at the chance mass 2/3).
 An observed response is then sampled from that distribution, so about a `noise` fraction of the

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from alignet_core import store
+from alignet_core.io import store
 from alignet_core.errors import ConfigError, InputError, StoreError
-from alignet_core.formats import savez_reproducible, write_alignet_npz
-from alignet_core.sampling import STRATEGIES, sample_shard
-from alignet_core.teacher import order_triplets, teacher_similarities
+from alignet_core.io.formats import savez_reproducible, write_alignet_npz
+from alignet_core.sample.strategies import STRATEGIES, sample_shard
+from alignet_core.sample.teacher import order_triplets, teacher_similarities
 
 log = logging.getLogger(__name__)
 

@@ -52,10 +52,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignet_core import models, sources
+from alignet_core import models
+
+from alignet_core.io import sources
 from alignet_core.errors import ConfigError, InputError, StoreError
-from alignet_core.evaluate import triplet_accuracy
-from alignet_core.formats import AlignetTriplets
+from alignet_core.evaluate.metrics import triplet_accuracy
+from alignet_core.io.formats import AlignetTriplets
 from alignet_core.hardware import autocast_dtype
 
 log = logging.getLogger(__name__)

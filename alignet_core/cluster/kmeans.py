@@ -43,11 +43,11 @@ import fsspec
 import numpy as np
 import zarr
 
-from alignet_core import store
+from alignet_core.io import store
 from alignet_core.config import ClusterConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import KMeansBackend, kmeans_backend
-from alignet_core.teacher import gather_rows
+from alignet_core.sample.teacher import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,7 @@ def _train_torch(x: np.ndarray, cfg: ClusterConfig, state: int, device: str) -> 
     """The same run as `_train_faiss` with `kmeans_torch` on a torch device."""
     import torch
 
-    from alignet_core import kmeans_torch
-
+    from alignet_core.cluster import kmeans_torch
     xt = torch.from_numpy(x).to(device)
     init = kmeans_torch.greedy_kmeans_plusplus(xt, cfg.k, state)
     centroids, curve = kmeans_torch.lloyd(xt, init, cfg.niter, cfg.spherical, state)
@@ -193,8 +192,7 @@ def _nearest_torch(centroids: np.ndarray, spherical: bool, device: str) -> Calla
     """A `search(x, 1)` like FAISS's flat index, computed by `kmeans_torch.nearest` on `device`."""
     import torch
 
-    from alignet_core import kmeans_torch
-
+    from alignet_core.cluster import kmeans_torch
     c = torch.from_numpy(centroids).to(device)
 
     def search(x: np.ndarray, _k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,26 +19,19 @@ import fsspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from alignet_core import (
-    cluster,
-    dataset,
-    distill,
-    embed,
-    evaluate,
-    formats,
-    human,
-    kmeans_torch,
-    lock,
-    models,
-    sampling,
-    sources,
-    store,
-    teacher,
-    transform,
-    transform_search,
-    versions,
-    vice,
-)
+from alignet_core import models
+from alignet_core.cluster import kmeans as cluster
+from alignet_core.cluster import kmeans_torch
+from alignet_core.distill import train as distill
+from alignet_core.embed import extract as embed
+from alignet_core.evaluate import metrics as evaluate
+from alignet_core.io import formats, lock, sources, store
+from alignet_core.sample import shards as dataset
+from alignet_core.sample import strategies as sampling
+from alignet_core.sample import teacher, versions
+from alignet_core.transform import affine as transform
+from alignet_core.transform import human, vice
+from alignet_core.transform import search as transform_search
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import resolve_device, resolve_devices

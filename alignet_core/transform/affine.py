@@ -38,12 +38,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import save as st_save
 
-from alignet_core import store
+from alignet_core.io import store
 from alignet_core.config import TransformConfig
 from alignet_core.hardware import deterministic_torch
 from alignet_core.errors import InputError, StoreError
-from alignet_core.evaluate import odd_one_out_accuracy
-from alignet_core.formats import validate_triplets
+from alignet_core.evaluate.metrics import odd_one_out_accuracy
+from alignet_core.io.formats import validate_triplets
 
 log = logging.getLogger(__name__)
 

@@ -98,7 +98,7 @@ _TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$")
 def remove_temporaries(dir_url: str) -> int:
     """Remove the `*.tmp-<uuid>` files and folders that writers killed mid-write left in a directory.
 
-    Call only while holding the directory's writer lock (`alignet_core.lock`): a live writer's
+    Call only while holding the directory's writer lock (`alignet_core.io.lock`): a live writer's
     temporaries look the same. Returns how many were removed."""
     fs, path = _fs(dir_url)
     if not fs.isdir(path):

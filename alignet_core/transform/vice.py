@@ -13,7 +13,7 @@ reparameterised Monte-Carlo samples:
 After training, dimensions that carry no information are pruned: a dimension is kept when at
 least `prune_min_objects` objects use it (posterior mean above `prune_min_value` and at least
 `prune_z` posterior std above zero). Posterior-predictive probabilities over the pairs
-[(i, j), (i, k), (j, k)] (the convention of `alignet_core.formats`) average the softmax over
+[(i, j), (i, k), (j, k)] (the convention of `alignet_core.io.formats`) average the softmax over
 MC samples of the pruned posterior (25 by default): these are the soft targets of
 uncertainty distillation.
 """
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import save as st_save
 
-from alignet_core import store
+from alignet_core.io import store
 from alignet_core.config import ViceConfig
 from alignet_core.errors import InputError
-from alignet_core.formats import validate_triplets
+from alignet_core.io.formats import validate_triplets
 from alignet_core.hardware import deterministic_torch
 
 log = logging.getLogger(__name__)

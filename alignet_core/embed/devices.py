@@ -37,10 +37,10 @@ from collections.abc import Callable
 import dask
 import torch
 
-from alignet_core import store
+from alignet_core.io import store
 from alignet_core.config import EmbedConfig
-from alignet_core.embed import embed_chunks
-from alignet_core.sources import ImageSource
+from alignet_core.embed.extract import embed_chunks
+from alignet_core.io.sources import ImageSource
 
 log = logging.getLogger(__name__)
 

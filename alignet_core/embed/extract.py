@@ -1,6 +1,6 @@
 """Stage 0: teacher embeddings of every image, written chunk by chunk into a resumable Zarr store.
 
-The store (see `alignet_core.store.create_embedding_store`) holds `embeddings` (n, p) in the configured
+The store (see `alignet_core.io.store.create_embedding_store`) holds `embeddings` (n, p) in the configured
 dtype, `ids` (n,) str and `valid` (n,) bool. Rows are grouped in chunks of `cfg.chunk_rows`; a chunk is
 decoded, embedded and written whole, then marked done under `_progress/`. A killed run resumes at the
 first chunk without a marker, and because batches never cross a chunk boundary the bytes written are the
@@ -29,7 +29,7 @@ Options for scale (all off by default; see `EmbedConfig`):
   bits, and a store must hold rows of one computation only (a resumed or cached store is then
   bit-identical to an uninterrupted one).
 - `devices`: several devices, one Dask worker process each over disjoint chunk-aligned rows
-  (`alignet_core.embed_parallel`), calling `embed_chunks` below; the store is the one a single
+  (`alignet_core.embed.devices`), calling `embed_chunks` below; the store is the one a single
   process writes.
 - `decode: torchvision`: loader workers only read bytes; whole JPEGs (`sources.is_plain_jpeg`) are
   decoded a batch at a time by `torchvision.io.decode_jpeg` on the extraction device (nvjpeg on a
@@ -61,7 +61,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import alignet_core
-from alignet_core import store
+from alignet_core.io import store
 from alignet_core.config import EmbedConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import autocast_dtype, resolve_devices
@@ -75,7 +75,7 @@ from alignet_core.models import (
     pooled_features,
     resolve_weights,
 )
-from alignet_core.sources import ImageSource, decode_image_bytes, is_plain_jpeg, read_image_bytes
+from alignet_core.io.sources import ImageSource, decode_image_bytes, is_plain_jpeg, read_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def extract_embeddings(
             if model is not None:
                 raise ConfigError("embed.devices: a model object cannot be handed to several worker processes; "
                                   "pass model=None (each worker builds cfg.model) or use one device")
-            from alignet_core.embed_parallel import embed_on_devices
+            from alignet_core.embed.devices import embed_on_devices
 
             embed_on_devices(source, cfg, store_url, devices, progress=progress)
             return _summary(store_url, t0)

@@ -16,7 +16,7 @@ from typing import Any
 
 import fsspec
 
-from alignet_core import store
+from alignet_core.io import store
 from alignet_core.errors import InputError, StoreError
 
 log = logging.getLogger(__name__)

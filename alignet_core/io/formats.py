@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from alignet_core import store
+from alignet_core.io import store
 from alignet_core.errors import InputError
 
 log = logging.getLogger(__name__)

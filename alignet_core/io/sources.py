@@ -93,7 +93,7 @@ class ImageSource:
 # ----------------------------------------------------------------------------- the demo set
 def demo_data_dir() -> Path:
     """The folder of the shipped emoji demo set (`metadata.csv`, `images/`)."""
-    return Path(__file__).resolve().parent / "data"
+    return Path(__file__).resolve().parent.parent / "data"
 
 
 def demo_metadata() -> list[dict[str, str]]:

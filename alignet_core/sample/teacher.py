@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from alignet_core.errors import InputError
-from alignet_core.formats import order_by_similarity
-from alignet_core.store import RawChunkReader
+from alignet_core.io.formats import order_by_similarity
+from alignet_core.io.store import RawChunkReader
 
 log = logging.getLogger(__name__)
 
