@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from alignet_core.io import sources, store
+from alignet_core.io import embedding_store, sources
 
 from alignet_core.pipeline import stages
 
@@ -162,7 +162,7 @@ def demo_teacher(cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """
     t0 = time.perf_counter()
     out = stages.run_embed(cfg)
-    g = store.open_embeddings(out.artifact)
+    g = embedding_store.open_embeddings(out.artifact)
     emb = np.asarray(g["embeddings"][:], dtype=np.float32)
     valid = np.asarray(g["valid"][:], dtype=bool)
     return emb, valid, {**out.metrics, "artifact": out.artifact, "seconds_this_call": round(time.perf_counter() - t0, 1)}

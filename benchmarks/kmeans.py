@@ -71,7 +71,7 @@ def run_pipeline(n: int, p: int, k: int, niter: int, seed: int = 0) -> dict:
     from sklearn.cluster import KMeans, kmeans_plusplus
     from sklearn.metrics import adjusted_rand_score
 
-    from alignet_core.io import store
+    from alignet_core.io import embedding_store
     from alignet_core.cluster.kmeans import greedy_kmeans_plusplus, run_kmeans
     from alignet_core.config import ClusterConfig
 
@@ -80,7 +80,7 @@ def run_pipeline(n: int, p: int, k: int, niter: int, seed: int = 0) -> dict:
     with tempfile.TemporaryDirectory(prefix="alignet-kmeans-") as tmp:
         url = os.path.join(tmp, "emb.zarr")
         ids = np.array([f"{i}" for i in range(n)])
-        g = store.create_embedding_store(url, n, p, ids, "float32", 65536, {"benchmark": "kmeans"}, compressed=False)
+        g = embedding_store.create_embedding_store(url, n, p, ids, "float32", 65536, {"benchmark": "kmeans"}, compressed=False)
         g["embeddings"][:] = x
         g["valid"][:] = True
         t0 = time.perf_counter()

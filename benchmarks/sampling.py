@@ -3,7 +3,7 @@
     python -m benchmarks.sampling --quick   # 100k × 256 store, 1M triplets
     python -m benchmarks.sampling --full    # 1M × 768 float16 store, 500 clusters, 10M triplets
 
-Setup (not timed): a float16 Zarr embedding store made with `store.create_embedding_store`
+Setup (not timed): a float16 Zarr embedding store made with `embedding_store.create_embedding_store`
 (Gaussian blobs around `k` centres, so the clusters are real) and a groups file of cluster ids.
 Then the real shard code (`dataset.run_shard`: sampling, chunk-aligned gathering of the rows
 from Zarr, dot products, odd-one-out order, atomic npz write) runs for every shard of
@@ -27,7 +27,7 @@ reports each size's median run (every run is listed in `runs`; peaks are the max
 
 `row_paths` times one shard's teacher similarities in this process, alternating `repeats` times
 between the two ways rows reach the dot products: gathered from the memory-mapped store (what
-shards do on a raw local store, `store.RawChunkReader.map_rows`) and copied out chunk by chunk
+shards do on a raw local store, `embedding_store.RawChunkReader.map_rows`) and copied out chunk by chunk
 first (`teacher.copied_row_similarities`, the path for compressed or remote stores); `ratio` = copied /
 mapped, medians. Both give the same similarities, bit for bit (checked).
 """
@@ -123,17 +123,17 @@ class PeakRSS:
 def make_store(root: str, n: int, p: int, k: int, chunk_rows: int, seed: int = 0, compressed: bool = False) -> tuple[str, str]:
     """A float16 store of n × p blob embeddings (k centres) and its (n,) cluster-id groups file.
 
-    Made by `store.create_embedding_store` as the transform stage makes its store: raw by
+    Made by `embedding_store.create_embedding_store` as the transform stage makes its store: raw by
     default (`compressed=False`, see `benchmarks/store_read.py`); `compressed=True` uses Zarr's
     default zstd codec instead, as the extraction stage does.
     """
-    from alignet_core.io import store
+    from alignet_core.io import embedding_store
     url = os.path.join(root, "emb.zarr")
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(k, p)).astype(np.float32) / np.sqrt(p)
     labels = rng.integers(0, k, n)
     ids = np.array([f"img/{i:07d}.jpg" for i in range(n)])
-    g = store.create_embedding_store(url, n, p, ids, "float16", chunk_rows, {"benchmark": "sampling"}, compressed=compressed)
+    g = embedding_store.create_embedding_store(url, n, p, ids, "float16", chunk_rows, {"benchmark": "sampling"}, compressed=compressed)
     for lo in range(0, n, 65536):
         hi = min(lo + 65536, n)
         x = centres[labels[lo:hi]] + 0.5 * rng.normal(size=(hi - lo, p)).astype(np.float32) / np.sqrt(p)
@@ -178,13 +178,13 @@ def run_on_cluster(n_workers: int, specs: list, groups: str, store_url: str, out
 
 def time_row_paths(store_url: str, groups_url: str, spec: object, repeats: int) -> dict:
     """Median seconds of one shard's similarities from the memory map vs from copied rows."""
-    from alignet_core.io import store
+    from alignet_core.io import embedding_store
     from alignet_core.sample.strategies import sample_shard
     from alignet_core.sample.teacher import copied_row_similarities, teacher_similarities
 
-    emb = store.open_embeddings(store_url)["embeddings"]
+    emb = embedding_store.open_embeddings(store_url)["embeddings"]
     triplets = sample_shard(spec.strategy, np.load(groups_url), spec.n, spec.seed, spec.index)
-    if store.RawChunkReader.for_array(emb) is None:
+    if embedding_store.RawChunkReader.for_array(emb) is None:
         return {"mapped": False}
     teacher_similarities(triplets[:1000], emb)  # untimed: imports torch, first touch of the maps
     mapped, copied = [], []

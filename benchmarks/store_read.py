@@ -4,13 +4,13 @@
 
 Clustering reads the transformed store whole (training sample, then assignment) and every
 sampling shard reads nearly all of its chunks, so a store's read speed is paid many times.
-Both stores are made by `store.create_embedding_store` (`compressed=True`: Zarr's default zstd;
+Both stores are made by `embedding_store.create_embedding_store` (`compressed=True`: Zarr's default zstd;
 `compressed=False`: raw), with the pipeline's chunking, from the same rows. "dense" rows are
 Gaussian, like the transformed (affine) embeddings; "relu" rows have their negative entries set
 to zero, like pooled CNN features, which is where compression pays. Times are medians of 5
 passes over the whole store chunk by chunk (files in the page cache), as clustering's assignment
 and a sampling shard read it: `raw_read_s` and `zstd_read_s` through Zarr (`embeddings[lo:hi]`),
-`raw_chunk_reader_s` with `store.RawChunkReader` (one `readinto` per chunk into a reused buffer),
+`raw_chunk_reader_s` with `embedding_store.RawChunkReader` (one `readinto` per chunk into a reused buffer),
 the path `teacher.gather_rows` takes on raw local stores. `read_ratio` = zstd / raw through Zarr.
 Writes `benchmarks/results/store_read.json` and prints one JSON line.
 """
@@ -34,11 +34,11 @@ def _dir_bytes(path: str) -> int:
 
 def _median_chunk_pass_s(url: str, raw_reader: bool, repeats: int = 5) -> float:
     """A pass over the store chunk by chunk, as `teacher.gather_rows` reads it: with
-    `store.RawChunkReader` into one reused buffer, or with Zarr (`embeddings[lo:hi]`)."""
-    from alignet_core.io import store
-    emb = store.open_embeddings(url)["embeddings"]
+    `embedding_store.RawChunkReader` into one reused buffer, or with Zarr (`embeddings[lo:hi]`)."""
+    from alignet_core.io import embedding_store
+    emb = embedding_store.open_embeddings(url)["embeddings"]
     n, rows = emb.shape[0], int(emb.chunks[0])
-    reader = store.RawChunkReader.for_array(emb) if raw_reader else None
+    reader = embedding_store.RawChunkReader.for_array(emb) if raw_reader else None
     buf = np.empty((rows, emb.shape[1]), dtype=emb.dtype)
     times = []
     for _ in range(repeats):
@@ -53,7 +53,7 @@ def _median_chunk_pass_s(url: str, raw_reader: bool, repeats: int = 5) -> float:
 
 
 def measure(n: int, p: int, dtype: str, kind: str, chunk_rows: int, root: str) -> dict:
-    from alignet_core.io import store
+    from alignet_core.io import embedding_store, store
     x = np.random.default_rng(0).standard_normal((n, p), dtype=np.float32)
     if kind == "relu":
         np.maximum(x, 0, out=x)
@@ -62,7 +62,7 @@ def measure(n: int, p: int, dtype: str, kind: str, chunk_rows: int, root: str) -
     row: dict = {"dtype": dtype, "rows": kind}
     for compressed in (False, True):
         url = os.path.join(root, f"{dtype}-{kind}-{compressed}.zarr")
-        g = store.create_embedding_store(url, n, p, ids, dtype, chunk_rows, {}, compressed=compressed)
+        g = embedding_store.create_embedding_store(url, n, p, ids, dtype, chunk_rows, {}, compressed=compressed)
         g["embeddings"][:] = x
         name = "zstd" if compressed else "raw"
         row[f"{name}_mib"] = round(_dir_bytes(os.path.join(url, "embeddings")) / 2**20, 1)

@@ -43,7 +43,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from alignet_core.io import store
+from alignet_core.io import embedding_store, store
 from alignet_core.config import ClusterConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import KMeansBackend, kmeans_backend
@@ -121,7 +121,7 @@ def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int,
     naming cluster.k when k exceeds the number of valid rows. `backend`: where to run (default
     `hardware.kmeans_backend(cfg.use_gpu)`).
     """
-    g = store.open_embeddings(store_url)
+    g = embedding_store.open_embeddings(store_url)
     emb = g["embeddings"]
     n, p = emb.shape
     valid_idx = np.flatnonzero(_valid_rows(g, store_url))
@@ -139,7 +139,7 @@ def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int,
         bad = rows[~np.isfinite(x).all(axis=1)]
         full = np.zeros((n, 1), dtype=np.float32)
         full[bad] = np.nan
-        store.check_finite_rows(full, np.ones(n, dtype=bool), store_url, np.asarray(g["ids"][:]))
+        embedding_store.check_finite_rows(full, np.ones(n, dtype=bool), store_url, np.asarray(g["ids"][:]))
     if cfg.spherical:
         _normalize(x)
     if n_train < 39 * cfg.k:
@@ -214,7 +214,7 @@ def assign_clusters(
     """
     if chunk_rows <= 0:
         raise ConfigError(f"cluster.chunk_rows: expected a positive number of rows, got {chunk_rows}")
-    g = store.open_embeddings(store_url)
+    g = embedding_store.open_embeddings(store_url)
     emb, valid_arr = g["embeddings"], g["valid"]
     n, p = emb.shape
     c = np.ascontiguousarray(centroids, dtype=np.float32)
@@ -230,14 +230,14 @@ def assign_clusters(
     assignments = np.full(n, -1, dtype=np.int64)
     distances = np.full(n, np.nan, dtype=np.float32)
     ids = None
-    for _, start, stop in store.iter_chunks(n, chunk_rows):
+    for _, start, stop in embedding_store.iter_chunks(n, chunk_rows):
         ok = np.asarray(valid_arr[start:stop], dtype=bool)
         if not ok.any():
             continue
         chunk = np.asarray(emb[start:stop])
         if not np.isfinite(chunk[ok]).all():
             ids = np.asarray(g["ids"][:]) if ids is None else ids
-            store.check_finite_rows(chunk, ok, store_url, ids, offset=start)
+            embedding_store.check_finite_rows(chunk, ok, store_url, ids, offset=start)
         every = bool(ok.all())
         x = np.ascontiguousarray(chunk if every else chunk[ok], dtype=np.float32)
         if spherical:

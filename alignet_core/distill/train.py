@@ -54,7 +54,7 @@ from torch import nn
 
 from alignet_core import models
 
-from alignet_core.io import sources
+from alignet_core.io.images import load_image
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.evaluate.metrics import triplet_accuracy
 from alignet_core.io.formats import AlignetTriplets
@@ -289,9 +289,9 @@ def eval_transform(model: nn.Module, image_size: int | None = None) -> Callable[
 
 
 def decode_images(paths: list[str], transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
-    """Decode and preprocess images with `sources.load_image` (the extraction code):
+    """Decode and preprocess images with `io.images.load_image` (the extraction code):
     paths (u,) → (u, 3, H, W) float32. An unreadable image is an `InputError` naming it."""
-    return torch.stack([transform(sources.load_image(p)) for p in paths])
+    return torch.stack([transform(load_image(p)) for p in paths])
 
 
 class TripletBatches(torch.utils.data.Dataset):

@@ -37,7 +37,7 @@ from collections.abc import Callable
 import dask
 import torch
 
-from alignet_core.io import store
+from alignet_core.io import embedding_store
 from alignet_core.config import EmbedConfig
 from alignet_core.embed.extract import embed_chunks
 from alignet_core.io.sources import ImageSource
@@ -83,8 +83,8 @@ def embed_on_devices(
 
     embed_chunks(source, cfg, store_url, torch.device("cpu"), chunks=[])  # create (or check) the store
     n = len(source)
-    every = list(store.iter_chunks(n, cfg.chunk_rows))
-    tracker = store.ChunkProgress(store_url)
+    every = list(embedding_store.iter_chunks(n, cfg.chunk_rows))
+    tracker = embedding_store.ChunkProgress(store_url)
 
     def report() -> None:
         if progress is not None:

@@ -1,6 +1,6 @@
 """Stage 0: teacher embeddings of every image, written chunk by chunk into a resumable Zarr store.
 
-The store (see `alignet_core.io.store.create_embedding_store`) holds `embeddings` (n, p) in the configured
+The store (see `alignet_core.io.embedding_store.create_embedding_store`) holds `embeddings` (n, p) in the configured
 dtype, `ids` (n,) str and `valid` (n,) bool. Rows are grouped in chunks of `cfg.chunk_rows`; a chunk is
 decoded, embedded and written whole, then marked done under `_progress/`. A killed run resumes at the
 first chunk without a marker, and because batches never cross a chunk boundary the bytes written are the
@@ -31,7 +31,7 @@ Options for scale (all off by default; see `EmbedConfig`):
 - `devices`: several devices, one Dask worker process each over disjoint chunk-aligned rows
   (`alignet_core.embed.devices`), calling `embed_chunks` below; the store is the one a single
   process writes.
-- `decode: torchvision`: loader workers only read bytes; whole JPEGs (`sources.is_plain_jpeg`) are
+- `decode: torchvision`: loader workers only read bytes; whole JPEGs (`images.is_plain_jpeg`) are
   decoded a batch at a time by `torchvision.io.decode_jpeg` on the extraction device (nvjpeg on a
   GPU, libjpeg on the CPU) and resized there (`models.build_tensor_transform`); every other file,
   and any JPEG the device decoder refuses, takes the PIL path image by image, so undecodable files
@@ -61,7 +61,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import alignet_core
-from alignet_core.io import store
+from alignet_core.io import embedding_store, store
 from alignet_core.config import EmbedConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import autocast_dtype, resolve_devices
@@ -75,7 +75,8 @@ from alignet_core.models import (
     pooled_features,
     resolve_weights,
 )
-from alignet_core.io.sources import ImageSource, decode_image_bytes, is_plain_jpeg, read_image_bytes
+from alignet_core.io.images import decode_image_bytes, is_plain_jpeg, read_image_bytes
+from alignet_core.io.sources import ImageSource
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def extract_embeddings(
 
 
 def _summary(store_url: str, t0: float) -> dict:
-    g = store.open_embeddings(store_url)
+    g = embedding_store.open_embeddings(store_url)
     n, dim = g["embeddings"].shape
     n_valid = int(np.count_nonzero(g["valid"][:]))
     skipped_all = _read_skipped(store_url)
@@ -350,14 +351,14 @@ def embed_chunks(
     model, n_folded = _inference_model(cfg, device, model)
     tensor_transform = build_tensor_transform(model) if cfg.decode == "torchvision" else None  # checked first
     n, dim = len(source), feature_dim(model)
-    g = store.create_embedding_store(
+    g = embedding_store.create_embedding_store(
         store_url, n, dim, source.ids(), cfg.store_dtype, cfg.chunk_rows, _provenance(cfg, model, source, n_folded)
     )
     emb, valid = g["embeddings"], g["valid"]
     layers = _layer_arrays(g, store_url, cfg, layer_dims(model, list(cfg.layers), device), n)
-    tracker = store.ChunkProgress(store_url)
+    tracker = embedding_store.ChunkProgress(store_url)
     done = tracker.done()
-    every = list(store.iter_chunks(n, cfg.chunk_rows))
+    every = list(embedding_store.iter_chunks(n, cfg.chunk_rows))
     wanted = every if chunks is None else [every[i] for i in chunks]
     todo = [c for c in wanted if c[0] not in done]
     rows_done = sum(stop - start for i, start, stop in every if i in done)

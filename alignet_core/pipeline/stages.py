@@ -25,7 +25,7 @@ from alignet_core.cluster import kmeans_torch
 from alignet_core.distill import train as distill
 from alignet_core.embed import extract as embed
 from alignet_core.evaluate import metrics as evaluate
-from alignet_core.io import formats, lock, sources, store
+from alignet_core.io import embedding_store, formats, lock, sources, store
 from alignet_core.sample import shards as dataset
 from alignet_core.sample import strategies as sampling
 from alignet_core.sample import teacher, versions
@@ -286,10 +286,10 @@ def _fit_teacher_transform(
     """Fit (and save) the transform on the human triplets; return it and the stage's metrics."""
     src = sources.source_from_config(cfg.source)
     data = load_human_data(cfg, src)
-    g = store.open_embeddings(emb.artifact)
+    g = embedding_store.open_embeddings(emb.artifact)
     valid = g["valid"][:]
     emb_all = np.asarray(g["embeddings"][:], dtype=np.float32)  # fit-time only; pool subsampled below
-    store.check_finite_rows(emb_all, valid, emb.artifact, np.asarray(g["ids"][:]))
+    embedding_store.check_finite_rows(emb_all, valid, emb.artifact, np.asarray(g["ids"][:]))
     ooi = np.where(valid, data.object_of_image, -1)
     objects = human.object_embeddings(emb_all, ooi, data.n_objects)
     tr, va = human.split_triplets(len(data.triplets), cfg.transform.val_fraction, cfg.seed)
@@ -389,7 +389,7 @@ def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> Samp
     code = (sampling, teacher, dataset, formats, store)
     plan = _plan(cfg, "sample", conf, [tfm.key, clu.key], *code)
     src = sources.source_from_config(cfg.source)
-    valid = store.open_embeddings(tfm.artifact)["valid"][:]
+    valid = embedding_store.open_embeddings(tfm.artifact)["valid"][:]
     labels = src.labels()
     class_groups = np.unique(labels, return_inverse=True)[1].astype(np.int64)
     class_groups[(labels == "") | ~valid] = -1

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from alignet_core.io import store
+from alignet_core.io import embedding_store, store
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.io.formats import savez_reproducible, write_alignet_npz
 from alignet_core.sample.strategies import STRATEGIES, sample_shard
@@ -131,7 +131,7 @@ def run_shard(spec: ShardSpec, groups_url: str, store_url: str, out_dir: str) ->
         log.debug("shard %s exists, skipped", spec.name)
         return path
     groups = _load_groups(groups_url)
-    g = store.open_embeddings(store_url)
+    g = embedding_store.open_embeddings(store_url)
     emb = g["embeddings"]
     if len(groups) != emb.shape[0]:
         raise InputError(f"{groups_url!r} has {len(groups)} group ids but {store_url!r} has {emb.shape[0]} rows")

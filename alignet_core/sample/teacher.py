@@ -10,7 +10,7 @@ The odd one out is the image outside the most similar pair; rows are reordered s
 metric counts a tie as wrong, so a row with a tied maximum has no defined answer and is dropped.
 
 Workers never copy a whole store. A raw local store (as the transform stage writes it) is
-memory-mapped (`store.RawChunkReader.map_rows`): the shard's rows are gathered straight from the
+memory-mapped (`embedding_store.RawChunkReader.map_rows`): the shard's rows are gathered straight from the
 kernel's page cache, shared by the workers of one machine, with no private copy. Any other store
 goes through `gather_rows`, which reads only the sorted unique rows a shard needs, chunk by chunk
 (one contiguous read per chunk holding any of them), in the store's dtype.
@@ -26,65 +26,13 @@ import numpy as np
 
 from alignet_core.errors import InputError
 from alignet_core.io.formats import order_by_similarity
-from alignet_core.io.store import RawChunkReader
+from alignet_core.io.embedding_store import RawChunkReader, gather_rows
 
 log = logging.getLogger(__name__)
 
-#: rows per read when gathering from a numpy array or a store without chunk information
-GATHER_BLOCK_ROWS = 65536
 #: triplets per block of dot products: buffers of 3 × 256 × p float16 + float32 rows (3.5 MB at
 #: p = 768); 256 and 512 ran 1.7× faster than 2048 for 500k triplets of 768-d rows
 DOT_BLOCK_TRIPLETS = 256
-
-
-def gather_rows(
-    array: Any, rows: np.ndarray, block_rows: int = GATHER_BLOCK_ROWS, dtype: Any = np.float32
-) -> np.ndarray:
-    """Read selected rows of a 2-d array (Zarr or numpy), chunk by chunk.
-
-    array: (n, p) zarr.Array or np.ndarray (float16/float32); rows: (u,) int, sorted and unique.
-    Returns (u, p) `dtype` (float32 by default; pass the store's float16 to halve the memory of
-    a large gather). For a Zarr array the reads are aligned to its row chunks: every chunk that
-    holds at least one requested row is read once, as one contiguous slice (one decode), and
-    the requested rows are copied out of it, so memory is one chunk plus the output (raw local
-    stores are read by `store.RawChunkReader` into one reused chunk buffer). Chunks holding none
-    of the rows are never read. `block_rows` only bounds the read size of arrays
-    without a chunk shape.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    n, p = array.shape
-    out = np.empty((len(rows), p), dtype=dtype)
-    if len(rows) == 0:
-        return out
-    if len(rows) > 1 and not (np.diff(rows) > 0).all():
-        raise InputError("rows: expected sorted, unique row indices")
-    if rows[0] < 0 or rows[-1] >= n:
-        raise InputError(f"rows: indices must lie in [0, {n}), got [{rows[0]}, {rows[-1]}]")
-    if isinstance(array, np.ndarray):
-        for lo in range(0, len(rows), block_rows):
-            out[lo : lo + block_rows] = array[rows[lo : lo + block_rows]]
-        return out
-    chunk = int(getattr(array, "chunks", (block_rows,))[0]) or block_rows
-    chunk_of = rows // chunk
-    # positions in `rows` where a new chunk starts
-    bounds = np.flatnonzero(np.diff(chunk_of)) + 1
-    starts = np.concatenate([[0], bounds])
-    stops = np.concatenate([bounds, [len(rows)]])
-    raw = RawChunkReader.for_array(array)
-    buf = np.empty((chunk, p), dtype=array.dtype) if raw is not None else None
-    for a, b in zip(starts.tolist(), stops.tolist()):
-        c = int(chunk_of[a])
-        lo, hi = c * chunk, min((c + 1) * chunk, n)
-        block = buf[: hi - lo] if raw is not None and raw.read(c, buf) else np.asarray(array[lo:hi])
-        if b - a == hi - lo:  # every row of the chunk
-            out[a:b] = block
-        elif out.dtype == block.dtype:  # straight into the output, no temporary
-            # mode="clip": rows are checked above, and take() buffers `out` in its default "raise" mode
-            # (2.7× slower here)
-            np.take(block, rows[a:b] - lo, axis=0, out=out[a:b], mode="clip")
-        else:
-            out[a:b] = block[rows[a:b] - lo]
-    return out
 
 
 def teacher_similarities(triplets: np.ndarray, embeddings: Any) -> np.ndarray:
@@ -94,7 +42,7 @@ def teacher_similarities(triplets: np.ndarray, embeddings: Any) -> np.ndarray:
     float16/float32 (the transformed teacher embeddings). Returns (m, 3) float32
     [s01, s02, s12] = [e0·e1, e0·e2, e1·e2], computed in float32 from the gathered rows.
     A raw local float16/float32 store is memory-mapped and its rows gathered from the map
-    (`store.RawChunkReader.map_rows`; the kernel pages in only the pages touched): 1.5× faster
+    (`embedding_store.RawChunkReader.map_rows`; the kernel pages in only the pages touched): 1.5× faster
     per shard than copying the rows out first (`row_paths` in
     `benchmarks/results/sampling_full.json`), and no private copy of them. Otherwise only the
     chunks holding rows named by the triplets are read (see `gather_rows`) and the rows kept in

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import save as st_save
 
-from alignet_core.io import store
+from alignet_core.io import embedding_store, store
 from alignet_core.config import TransformConfig
 from alignet_core.hardware import deterministic_torch
 from alignet_core.errors import InputError, StoreError
@@ -441,13 +441,13 @@ def apply_transform_to_store(
 
     Reads `embeddings` (n, p), `ids`, `valid` at in_url; writes a float32 store (n, p') at out_url
     with the input's attributes plus `transform` (mean, std, digest, info). Rows whose `valid` is
-    False stay zero and invalid. Finished chunks are recorded with `store.ChunkProgress` and
+    False stay zero and invalid. Finished chunks are recorded with `embedding_store.ChunkProgress` and
     skipped on a rerun, which must use the same chunk_rows and transform (else `StoreError`).
     Math in float32 on `device`. Returns {"n": rows, "dim": p', "chunks_written": this call's}.
     """
     if chunk_rows <= 0:
         raise InputError(f"chunk_rows: expected a positive count, got {chunk_rows}")
-    src = store.open_embeddings(in_url)
+    src = embedding_store.open_embeddings(in_url)
     emb, valid_arr = src["embeddings"], src["valid"]
     n, p = emb.shape
     if p != transform.weight.shape[0]:
@@ -457,17 +457,17 @@ def apply_transform_to_store(
     # keys sorted: a fit loaded back from its JSON and the same fit in memory give identical store bytes
     attrs = {**dict(src.attrs), "transform": json.loads(json.dumps(_jsonable(info), sort_keys=True))}
     # raw, not zstd: clustering and every sampling shard read this store whole
-    out = store.create_embedding_store(out_url, n, transform.dim, ids, "float32", chunk_rows, attrs, compressed=False)
+    out = embedding_store.create_embedding_store(out_url, n, transform.dim, ids, "float32", chunk_rows, attrs, compressed=False)
     prev = dict(out.attrs).get("transform", {})
     if prev.get("digest") != transform.digest() or out["embeddings"].chunks[0] != chunk_rows:
         raise StoreError(
             f"{out_url!r} holds a partial output of another transform or chunk size; remove it or use a new key"
         )
-    progress = store.ChunkProgress(out_url)
+    progress = embedding_store.ChunkProgress(out_url)
     done = progress.done()
     written = 0
     with torch.no_grad():
-        for i, start, stop in store.iter_chunks(n, chunk_rows):
+        for i, start, stop in embedding_store.iter_chunks(n, chunk_rows):
             if i in done:
                 continue
             v = np.asarray(valid_arr[start:stop], dtype=bool)

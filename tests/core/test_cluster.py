@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from alignet_core.io import store
+from alignet_core.io import embedding_store
 from alignet_core.cluster.kmeans import (
     _train_faiss,
     assign_clusters,
@@ -25,7 +25,7 @@ from alignet_core.errors import ConfigError
 def make_store(url: str, x: np.ndarray, valid: np.ndarray, chunk_rows: int = 64, dtype: str = "float32") -> str:
     """A real embedding store: invalid rows stay zero, as the embedder leaves them."""
     n, p = x.shape
-    g = store.create_embedding_store(url, n, p, np.array([f"img{i:05d}" for i in range(n)]), dtype, chunk_rows, {"model": "test"})
+    g = embedding_store.create_embedding_store(url, n, p, np.array([f"img{i:05d}" for i in range(n)]), dtype, chunk_rows, {"model": "test"})
     g["embeddings"][:] = np.where(valid[:, None], x, 0).astype(dtype)
     g["valid"][:] = valid
     return url
@@ -60,7 +60,7 @@ def test_kmeans_recovers_blobs(blob_store: tuple[str, np.ndarray, np.ndarray]) -
     assert 1 <= len(res.inertia_curve) <= 20  # FAISS stops early once the objective is unchanged
     assert all(b <= a * (1 + 1e-6) for a, b in zip(res.inertia_curve, res.inertia_curve[1:]))
     # squared L2 to the assigned centroid, recomputed directly
-    x = store.open_embeddings(url)["embeddings"][:].astype(np.float32)
+    x = embedding_store.open_embeddings(url)["embeddings"][:].astype(np.float32)
     d = ((x[valid] - res.centroids[res.assignments[valid]]) ** 2).sum(1)
     np.testing.assert_allclose(res.distances[valid], d, rtol=1e-3, atol=1e-2)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core.io import store
+from alignet_core.io import embedding_store, store
 from alignet_core.sample.shards import (
     ShardSpec,
     _first_occurrences,
@@ -41,7 +41,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> dict:
     x = rng.normal(size=(n, p)).astype(np.float32)
     valid = rng.random(n) > 0.1
     url = str(root / "emb.zarr")
-    g = store.create_embedding_store(url, n, p, np.array([f"img/{i:04d}.jpg" for i in range(n)]), "float16", 64, {})
+    g = embedding_store.create_embedding_store(url, n, p, np.array([f"img/{i:04d}.jpg" for i in range(n)]), "float16", 64, {})
     g["embeddings"][:] = np.where(valid[:, None], x, 0).astype(np.float16)
     g["valid"][:] = valid
     classes = rng.integers(0, 10, n)  # the groups file does not know about undecodable images

@@ -1,6 +1,6 @@
 """Stage 4 (distillation): losses, decay-to-init, data order, resume after a kill, export, learning.
 
-Everything runs for real: demo emoji images decoded by `sources.load_image`, real timm models
+Everything runs for real: demo emoji images decoded by `images.load_image`, real timm models
 (a random-init `resnet10t` at 32 px for speed; the packaged EfficientNet-Lite0 where the
 pretrained weights matter), real optimizer steps.
 """
@@ -26,7 +26,7 @@ from alignet_core import models
 
 from alignet_core.distill import train as distill  # RENAME
 
-from alignet_core.io import formats, sources
+from alignet_core.io import formats, images, sources
 from alignet_core.config import DistillConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.evaluate.metrics import triplet_accuracy
@@ -58,7 +58,7 @@ def pool() -> sources.ImageSource:
 
 def pixel_teacher(src: sources.ImageSource) -> np.ndarray:
     """A fixed 'teacher' embedding: the centred 4x4 RGB thumbnail of each image, (n, 48) float64."""
-    rows = [np.asarray(sources.load_image(r.path).resize((4, 4), PIL.Image.BILINEAR), np.float64).ravel() / 255.0
+    rows = [np.asarray(images.load_image(r.path).resize((4, 4), PIL.Image.BILINEAR), np.float64).ravel() / 255.0
             for r in src.records]
     e = np.stack(rows)
     return e - e.mean(0)

@@ -17,7 +17,7 @@ import torchvision
 import zarr
 
 import alignet_core
-from alignet_core.io import store
+from alignet_core.io import embedding_store
 from alignet_core.config import EmbedConfig, parse_config
 from alignet_core.embed.extract import _Extractor, extract_embeddings
 from alignet_core.embed.devices import _worker_env, shard_chunks
@@ -25,7 +25,8 @@ from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import resolve_devices
 from alignet_core.models import build_tensor_transform, build_transform, create_model, pooled_features, resolve_weights
 from alignet_core.io.store import file_sha256
-from alignet_core.io.sources import ImageSource, decode_image_bytes, demo_source, folder_source, load_image, tar_source
+from alignet_core.io.images import decode_image_bytes, load_image
+from alignet_core.io.sources import ImageSource, demo_source, folder_source, tar_source
 from tests.generated_images import write_jpeg_folder, write_odd_files
 
 CPU = torch.device("cpu")
@@ -95,7 +96,7 @@ def test_store_holds_pooled_features_ids_and_provenance(demo40: ImageSource, lit
     assert a["embeddings"].shape == (40, 1280) and a["embeddings"].dtype == np.float32
     assert list(a["ids"]) == list(demo40.ids())
     assert a["valid"].all()
-    assert store.ChunkProgress(url).done() == {0, 1, 2}
+    assert embedding_store.ChunkProgress(url).done() == {0, 1, 2}
 
     # rows are the model's pooled pre-logits of the right images, in source order
     t = build_transform(lite0)
@@ -148,7 +149,7 @@ def test_a_run_interrupted_between_chunks_resumes_to_the_identical_store(tiny_re
 
     with pytest.raises(Interrupted):
         extract_embeddings(demo40, TINY, url, CPU, model=tiny, progress=stop_after_first_chunk)
-    assert store.ChunkProgress(url).done() == {0}
+    assert embedding_store.ChunkProgress(url).done() == {0}
     assert not _arrays(url)["valid"][16:].any()
     extract_embeddings(demo40, TINY, url, CPU, model=tiny)
     _assert_same_store(url, tiny_reference)

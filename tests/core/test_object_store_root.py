@@ -8,7 +8,7 @@ import uuid
 
 import numpy as np
 
-from alignet_core.io import formats, sources, store
+from alignet_core.io import embedding_store, formats, sources, store
 
 from alignet_core.pipeline import stages
 
@@ -25,7 +25,7 @@ def test_cluster_sample_publish_and_verify_on_an_object_store_root():
     src = sources.source_from_config(cfg.source)
     # a transformed store as stage 1 leaves it, written to the object store
     url = store.join(root, "stages", "transform", "k0", "transformed.zarr")
-    g = store.create_embedding_store(url, len(src), 8, src.ids(), "float32", 16, {})
+    g = embedding_store.create_embedding_store(url, len(src), 8, src.ids(), "float32", 16, {})
     g["embeddings"][:] = np.random.default_rng(0).normal(size=(len(src), 8)).astype(np.float32)
     g["valid"][:] = True
     tfm = stages.StageOutput(stage="transform", key="k0", dir=store.join(root, "stages", "transform", "k0"),

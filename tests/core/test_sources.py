@@ -12,6 +12,7 @@ import pytest
 
 from alignet_core.config import SourceConfig
 from alignet_core.errors import InputError
+from alignet_core.io.images import load_image
 from alignet_core.io.sources import (
     ImageRecord,
     ImageSource,
@@ -19,7 +20,6 @@ from alignet_core.io.sources import (
     demo_source,
     filelist_source,
     folder_source,
-    load_image,
     source_from_config,
     tar_source,
 )

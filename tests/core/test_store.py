@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from alignet_core.io import store
+from alignet_core.io import embedding_store, store
 from alignet_core.errors import StoreError
 
 
@@ -42,27 +42,27 @@ def test_publish_dir_is_one_rename_and_never_overwrites(tmp_path):
 
 
 def test_chunk_progress(tmp_path):
-    p = store.ChunkProgress(str(tmp_path / "s.zarr"))
+    p = embedding_store.ChunkProgress(str(tmp_path / "s.zarr"))
     assert p.done() == set()
     p.mark(3)
     p.mark(0)
-    assert store.ChunkProgress(str(tmp_path / "s.zarr")).done() == {0, 3}
+    assert embedding_store.ChunkProgress(str(tmp_path / "s.zarr")).done() == {0, 3}
 
 
 def test_embedding_store_create_reopen_and_mismatch(tmp_path):
     url = str(tmp_path / "e.zarr")
     ids = np.array(["a", "b", "c"])
-    g = store.create_embedding_store(url, 3, 2, ids, "float16", 2, {"model": "m"})
+    g = embedding_store.create_embedding_store(url, 3, 2, ids, "float16", 2, {"model": "m"})
     g["embeddings"][0:2] = np.ones((2, 2))
-    g2 = store.create_embedding_store(url, 3, 2, ids, "float16", 2, {"model": "m"})
+    g2 = embedding_store.create_embedding_store(url, 3, 2, ids, "float16", 2, {"model": "m"})
     assert g2["embeddings"][0].tolist() == [1, 1]  # reopened, not wiped
-    r = store.open_embeddings(url)
+    r = embedding_store.open_embeddings(url)
     assert r.attrs["model"] == "m" and r["ids"][:].tolist() == ["a", "b", "c"] and not r["valid"][:].any()
     with pytest.raises(StoreError, match="another shape"):
-        store.create_embedding_store(url, 3, 4, ids, "float16", 2, {})
+        embedding_store.create_embedding_store(url, 3, 4, ids, "float16", 2, {})
     with pytest.raises(StoreError, match="not an embedding store"):
-        store.open_embeddings(str(tmp_path / "missing.zarr"))
-    assert list(store.iter_chunks(5, 2)) == [(0, 0, 2), (1, 2, 4), (2, 4, 5)]
+        embedding_store.open_embeddings(str(tmp_path / "missing.zarr"))
+    assert list(embedding_store.iter_chunks(5, 2)) == [(0, 0, 2), (1, 2, 4), (2, 4, 5)]
 
 
 def test_embedding_store_raw_or_compressed(tmp_path):
@@ -72,9 +72,9 @@ def test_embedding_store_raw_or_compressed(tmp_path):
     sizes = {}
     for compressed in (True, False):
         url = str(tmp_path / f"{compressed}.zarr")
-        g = store.create_embedding_store(url, 64, 32, ids, "float32", 32, {}, compressed=compressed)
+        g = embedding_store.create_embedding_store(url, 64, 32, ids, "float32", 32, {}, compressed=compressed)
         g["embeddings"][:] = x
         assert (len(g["embeddings"].compressors) > 0) == compressed
-        np.testing.assert_array_equal(store.open_embeddings(url)["embeddings"][:], x)
+        np.testing.assert_array_equal(embedding_store.open_embeddings(url)["embeddings"][:], x)
         sizes[compressed] = sum(f.stat().st_size for f in (tmp_path / f"{compressed}.zarr" / "embeddings" / "c").rglob("*") if f.is_file())
     assert sizes[False] == x.nbytes and sizes[True] < x.nbytes  # half the entries are zero

@@ -13,8 +13,9 @@ import pytest
 import zarr
 
 from alignet_core.errors import InputError
-from alignet_core.io.store import RawChunkReader
-from alignet_core.sample.teacher import _distinct_rows, gather_rows, order_triplets, pair_dots, teacher_similarities
+from alignet_core.io.embedding_store import RawChunkReader
+from alignet_core.io.embedding_store import gather_rows
+from alignet_core.sample.teacher import _distinct_rows, order_triplets, pair_dots, teacher_similarities
 
 
 def _direct(e: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 
-from alignet_core.io import store
+from alignet_core.io import embedding_store, store
 from alignet_core.config import TransformConfig
 from alignet_core.errors import InputError, StoreError
 from alignet_core.evaluate.metrics import pair_similarities
@@ -177,7 +177,7 @@ def _embedding_store(url: str, n: int = 50, p: int = 6) -> tuple[np.ndarray, np.
     valid = np.ones(n, bool)
     valid[[3, 17, 41]] = False
     emb[~valid] = 0
-    g = store.create_embedding_store(url, n, p, np.array([f"img{i}" for i in range(n)]), "float16", 16, {"model": "m"})
+    g = embedding_store.create_embedding_store(url, n, p, np.array([f"img{i}" for i in range(n)]), "float16", 16, {"model": "m"})
     g["embeddings"][:] = emb
     g["valid"][:] = valid
     return emb, valid
@@ -200,7 +200,7 @@ def test_apply_to_store_matches_apply_and_resumes(tmp_path) -> None:
     first = got.copy()
 
     # a killed run: two chunks lost their markers (and rows); the rerun redoes only those
-    progress = store.ChunkProgress(out)
+    progress = embedding_store.ChunkProgress(out)
     store.remove(store.join(progress.dir, "00000002.done"))
     store.remove(store.join(progress.dir, "00000006.done"))
     w = zarr.open_group(out, mode="r+")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core.io import store
+from alignet_core.io import embedding_store
 from alignet_core.sample.shards import assemble_dataset, plan_shards, run_shard
 
 NAMES = {"cluster_border": "cluster_border_6", "between_class": "between_class"}
@@ -30,7 +30,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> dict:
     n, p = 500, 16
     ids = np.array([f"img/{i:04d}.jpg" for i in range(n)])
     url = str(root / "emb.zarr")
-    g = store.create_embedding_store(url, n, p, ids, "float16", 64, {})
+    g = embedding_store.create_embedding_store(url, n, p, ids, "float16", 64, {})
     g["embeddings"][:] = rng.normal(size=(n, p)).astype(np.float16)
     g["valid"][:] = rng.random(n) > 0.05
     np.save(root / "clusters.npy", rng.integers(0, 6, n))

@@ -19,14 +19,15 @@ import zarr
 
 from alignet_core.cluster import kmeans as cluster  # RENAME
 
-from alignet_core.io import formats, store
+from alignet_core.io import embedding_store, formats
 
 from alignet_core.pipeline import stages
 
 from alignet_core.transform import affine as transform  # RENAME
 from alignet_core.config import ClusterConfig, parse_config
 from alignet_core.errors import InputError
-from alignet_core.io.sources import demo_source, filelist_source, load_image, source_from_config, tar_source
+from alignet_core.io.images import load_image
+from alignet_core.io.sources import demo_source, filelist_source, source_from_config, tar_source
 
 EMBED = {"model": "test_resnet", "weights": None, "batch_size": 4, "chunk_rows": 4}
 
@@ -130,7 +131,7 @@ def _store(url: str, ids: np.ndarray, bad_row: int | None, value: float) -> str:
     x = np.random.default_rng(0).normal(size=(len(ids), 8)).astype(np.float32)
     if bad_row is not None:
         x[bad_row, 3] = value
-    g = store.create_embedding_store(url, len(ids), 8, ids, "float32", 16, {})
+    g = embedding_store.create_embedding_store(url, len(ids), 8, ids, "float32", 16, {})
     g["embeddings"][:] = x
     g["valid"][:] = True
     return url

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alignet_core.io import store
+from alignet_core.io import embedding_store
 from alignet_core.sample.shards import assemble_dataset, plan_shards, run_shard, shard_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def _pool(root: Path) -> tuple[str, str, np.ndarray]:
     n, p = 400, 8
     ids = np.array([f"img/{i:04d}.jpg" for i in range(n)])
     url = str(root / "emb.zarr")
-    g = store.create_embedding_store(url, n, p, ids, "float16", 50, {})
+    g = embedding_store.create_embedding_store(url, n, p, ids, "float16", 50, {})
     g["embeddings"][:] = rng.normal(size=(n, p)).astype(np.float16)
     g["valid"][:] = True
     np.save(root / "clusters.npy", rng.integers(0, 5, n))
