@@ -63,6 +63,23 @@ def autocast_dtype(device: "torch.device") -> "torch.dtype | None":
     return None
 
 
+@dataclass(frozen=True)
+class ComputeIdentity:
+    """Where a computation runs, as far as it changes the numbers: the device kind ('cpu', 'cuda')
+    and the compute dtype ('float32', or 'bfloat16' under autocast on GPUs). Part of the keys and the
+    provenance of stages whose rows depend on it: GPU rows are bf16-autocast, CPU rows float32."""
+
+    device: str
+    dtype: str
+
+
+def compute_identity(device: "torch.device") -> ComputeIdentity:
+    """The `ComputeIdentity` of autocast computation on `device` (see `autocast_dtype`)."""
+    import torch
+
+    return ComputeIdentity(device=device.type, dtype=str(autocast_dtype(device) or torch.float32).removeprefix("torch."))
+
+
 def faiss_gpu_available(setting: str = "auto") -> bool:
     """True when FAISS was built with GPU support, sees a GPU, and the config allows it."""
     if setting == "never":

@@ -16,8 +16,8 @@ and writes benchmarks/results/alignment_quick.json (or alignment.json without --
 
 The same claims on the demo's real teacher (the demo config: Noto emoji, tf_efficientnet_lite2
 with its packaged weights) and its taxonomy-derived *proxy* triplets (not human data): the
-embeddings come from `stages.run_embed` (cached under --root), the triplets and their generating
-probabilities from `stages.load_human_data`, split as the transform stage splits them. Writes
+embeddings come from `run_embed` (cached under --root), the triplets and their generating
+probabilities from `load_human_data`, split as the transform stage splits them. Writes
 benchmarks/results/alignment_demo.json.
 """
 
@@ -31,7 +31,9 @@ import torch
 
 from alignet_core.io import embedding_store, sources
 
-from alignet_core.pipeline import stages
+from alignet_core.embed.stage import run_embed
+
+from alignet_core.transform.human_data import load_human_data
 
 from alignet_core.transform import human
 from alignet_core.config import PipelineConfig, TransformConfig, ViceConfig, parse_config, with_overrides
@@ -46,7 +48,7 @@ from alignet_core.evaluate.metrics import (
 )
 from alignet_core.transform.human import split_triplets
 from alignet_core.synthetic import ceiling_accuracy, make_synthetic_human
-from alignet_core.transform.affine import FitResult, fit_transform
+from alignet_core.transform.fit import FitResult, fit_transform
 from alignet_core.transform.vice import ViceModel, fit_vice
 from benchmarks._machine import machine_info, write_result
 
@@ -155,17 +157,17 @@ def run(quick: bool, seed: int = 0) -> dict:
 
 
 def demo_teacher(cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The demo teacher's embeddings, computed once by `stages.run_embed` and cached under cfg.root.
+    """The demo teacher's embeddings, computed once by `run_embed` and cached under cfg.root.
 
     Returns (embeddings (n, p) float32, valid (n,) bool, the embed stage's metrics plus the seconds
     this call took, i.e. ~0 when the store was already cached).
     """
     t0 = time.perf_counter()
-    out = stages.run_embed(cfg)
+    out = run_embed(cfg)
     g = embedding_store.open_embeddings(out.artifact)
     emb = np.asarray(g["embeddings"][:], dtype=np.float32)
     valid = np.asarray(g["valid"][:], dtype=bool)
-    return emb, valid, {**out.metrics, "artifact": out.artifact, "seconds_this_call": round(time.perf_counter() - t0, 1)}
+    return emb, valid, {**out.metrics.model_dump(mode="json"), "artifact": out.artifact, "seconds_this_call": round(time.perf_counter() - t0, 1)}
 
 
 def _fit_demo(
@@ -212,7 +214,7 @@ def run_demo(
     emb, valid, embed_info = demo_teacher(cfg)
     t_data = time.perf_counter()
     src = sources.source_from_config(cfg.source)
-    data = stages.load_human_data(cfg, src)
+    data = load_human_data(cfg, src)
     if data.probs is None:
         raise RuntimeError("the demo proxy returned no generating probabilities")
     objects = human.object_embeddings(emb, np.where(valid, data.object_of_image, -1), data.n_objects)

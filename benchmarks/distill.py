@@ -3,7 +3,7 @@ batches and in-memory data.
 
     python -m benchmarks.distill --quick    # demo student (EfficientNet-Lite0, 64 px), 16 triplets/step
 
-Ours: `distill.train_student` with `cache_images` (images decoded once, kept in memory), its
+Ours: `train_student` with `cache_images` (images decoded once, kept in memory), its
 deterministic data order, DataLoader, AdamDecayToInit, warm-up/cosine schedule, NaN guard,
 progress callback and a checkpoint halfway (a real run checkpoints every few hundred steps;
 one checkpoint per 15 steps here is already far more often). Its step time is the
@@ -26,7 +26,13 @@ import time
 import numpy as np
 import torch
 
-from alignet_core.distill import train as distill  # RENAME
+from alignet_core.distill.batches import decode_images, TripletBatches
+
+from alignet_core.distill.objective import alignet_loss, triplet_similarities
+
+from alignet_core.distill.student import build_student, eval_transform
+
+from alignet_core.distill.train import train_student
 
 from alignet_core.io import formats, sources
 from alignet_core.config import DistillConfig
@@ -47,13 +53,13 @@ def _triplets(src: sources.ImageSource, n: int, seed: int) -> formats.AlignetTri
 
 def _bare_loop(cfg: _Cfg, split: formats.AlignetTriplets, src: sources.ImageSource, seed: int) -> float:
     """Seconds for cfg.steps plain steps on pre-decoded images (setup excluded)."""
-    student = distill.build_student(cfg, seed).train()
-    tf = distill.eval_transform(student.backbone, cfg.image_size)
-    batches = distill.TripletBatches(split, src, tf, cfg.batch_triplets, seed)  # only for the same triplets per step
+    student = build_student(cfg, seed).train()
+    tf = eval_transform(student.backbone, cfg.image_size)
+    batches = TripletBatches(split, src, tf, cfg.batch_triplets, seed)  # only for the same triplets per step
     used = np.unique(split.indices)
     slot = np.full(len(src), -1, dtype=np.int64)
     slot[used] = np.arange(len(used))
-    images = distill.decode_images([src.records[u].path for u in used], tf)
+    images = decode_images([src.records[u].path for u in used], tf)
     sims_all = torch.from_numpy(split.similarities)
     plan = [batches.step_triplets(s) for s in range(cfg.steps)]
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
@@ -64,8 +70,8 @@ def _bare_loop(cfg: _Cfg, split: formats.AlignetTriplets, src: sources.ImageSour
         x = images[torch.from_numpy(slot[unique])]
         opt.zero_grad(set_to_none=True)
         out = student(x)
-        s = distill.triplet_similarities(out, torch.from_numpy(inverse.reshape(rows.shape)))
-        loss = distill.alignet_loss(s, sims_all[torch.from_numpy(ids)], cfg.loss, cfg.tau)
+        s = triplet_similarities(out, torch.from_numpy(inverse.reshape(rows.shape)))
+        loss = alignet_loss(s, sims_all[torch.from_numpy(ids)], cfg.loss, cfg.tau)
         loss.backward()
         opt.step()
     return time.perf_counter() - t0
@@ -75,7 +81,7 @@ def _our_loop(cfg: _Cfg, split: formats.AlignetTriplets, src: sources.ImageSourc
     """(training-loop seconds as logged, wall seconds of the whole call) in a fresh directory."""
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        log = distill.train_student(split, src, cfg, out, torch.device("cpu"), seed, progress=lambda s, l: None)
+        log = train_student(split, src, cfg, out, torch.device("cpu"), seed, progress=lambda s, l: None)
         return float(log["seconds"]), time.perf_counter() - t0
 
 

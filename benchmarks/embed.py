@@ -55,7 +55,8 @@ import timm
 import torch
 
 from alignet_core.config import EmbedConfig
-from alignet_core.embed.extract import _Extractor, _inference_model, extract_embeddings
+from alignet_core.embed.extract import extract_embeddings
+from alignet_core.embed.extractor import _Extractor, _inference_model
 from alignet_core.models import build_transform, create_model, pooled_features
 from alignet_core.io.images import load_image
 from alignet_core.io.sources import ImageSource, demo_source, folder_source, subset

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from alignet_core.config import PipelineConfig, load_config, parse_config, with_overrides
-from alignet_core.pipeline.stages import preflight
+from alignet_core.pipeline.preflight import preflight
 
 
 def resolve_config(config_path: str | None, overrides: dict[str, Any] | None) -> PipelineConfig:

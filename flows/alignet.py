@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow
 
+from alignet_core.pipeline.report import RunOutputs, RunSummary
 from flows._config import resolve_config
 from flows.sample import sample_on_dask
 from tasks.cluster import cluster
@@ -16,17 +17,15 @@ from tasks.transform import fit_transform
 
 
 @flow(name="alignet")
-def alignet(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def alignet(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> RunSummary:
     """Run every stage (each cached on its content key) and return the run's summary."""
     cfg = resolve_config(config_path, overrides)
     emb = embed(cfg)
     tfm = fit_transform(cfg, emb)
     clu = cluster(cfg, tfm)
     ds = sample_on_dask(cfg, tfm, clu)
-    outs = {"embed": emb, "transform": tfm, "cluster": clu, "sample": ds}
-    if cfg.distill.enabled:
-        outs["distill"] = distill(cfg, ds)
-    return report(cfg, outs)
+    student = distill(cfg, ds) if cfg.distill.enabled else None
+    return report(cfg, RunOutputs(embed=emb, transform=tfm, cluster=clu, sample=ds, distill=student))
 
 
 if __name__ == "__main__":

@@ -134,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     except AlignetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if isinstance(result, dict) and "report_dir" in result:
-        print(json.dumps({k: result[k] for k in ("transform_acc_before", "transform_acc_after", "cluster_nmi",
-                                                   "cluster_ari", "n_triplets", "student_acc_before",
-                                                   "student_acc_after", "stage_seconds")}, indent=2))
-        print(f"dataset: {result['dataset']}")
-        print(f"report:  {result['report_dir']}/report.md")
-        print(f"summary: {result['report_dir']}/summary.json")
+    if args.command in ("demo", "run"):
+        s = result.model_dump(mode="json")
+        print(json.dumps({k: s[k] for k in ("transform_acc_before", "transform_acc_after", "cluster_nmi",
+                                            "cluster_ari", "n_triplets", "student_acc_before",
+                                            "student_acc_after", "stage_seconds")}, indent=2))
+        print(f"dataset: {result.dataset}")
+        print(f"report:  {result.report_dir}/report.md")
+        print(f"summary: {result.report_dir}/summary.json")
     else:
         print(f"{result.stage}: {result.artifact}")
     return 0

@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow
 
-from alignet_core.pipeline.stages import StageOutput
+from alignet_core.distill.stage import DistillOutput
 from flows._config import resolve_config
 from flows.sample import sample_on_dask
 from tasks.cluster import cluster
@@ -20,7 +20,7 @@ from tasks.transform import fit_transform
 
 
 @flow(name="distill")
-def distill_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> StageOutput:
+def distill_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> DistillOutput:
     """Stage 4: finetune the student on `distill.dataset`, or on the pipeline's own dataset
     (earlier stages then come from the cache or are computed)."""
     cfg = resolve_config(config_path, overrides)

@@ -10,7 +10,9 @@ from prefect.settings import get_current_settings
 from prefect_dask import DaskTaskRunner
 
 from alignet_core.config import PipelineConfig
-from alignet_core.pipeline.stages import StageOutput
+from alignet_core.cluster.stage import ClusterOutput
+from alignet_core.sample.stage import SampleOutput
+from alignet_core.transform.stage import TransformOutput
 from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup
 from flows._config import resolve_config
 from tasks.cluster import cluster
@@ -42,7 +44,7 @@ def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
 
 
 @flow(name="sample-triplets")
-def sample_triplets(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StageOutput:
+def sample_triplets(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput) -> SampleOutput:
     """Plan shards, sample them in parallel, publish train/valid `.npz` files atomically as a
     dataset version and make it `latest`."""
     sp = plan_sampling(cfg, tfm, clu)
@@ -50,7 +52,7 @@ def sample_triplets(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> 
     return promote(cfg, publish(cfg, sp, wait_for=shards))
 
 
-def sample_on_dask(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StageOutput:
+def sample_on_dask(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput) -> SampleOutput:
     """Run `sample_triplets` on the configured Dask cluster. An existing cluster gets the
     `SamplingWorkerSetup` plugin first (the scheduler keeps it for workers that join later)."""
     if cfg.sample.dask_address:
@@ -62,7 +64,7 @@ def sample_on_dask(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> S
 
 
 @flow(name="sample")
-def sample_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> StageOutput:
+def sample_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> SampleOutput:
     """Stage 3 alone (earlier stages come from the cache or are computed)."""
     cfg = resolve_config(config_path, overrides)
     tfm = fit_transform(cfg, embed(cfg))

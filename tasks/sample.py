@@ -8,54 +8,62 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from alignet_core.io import store
-
-from alignet_core.pipeline import stages
+from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
-from tasks._cache import cached_call, cached_submit
+from alignet_core.pipeline.report import dataset_rows
+from alignet_core.sample.stage import (
+    SampleOutput,
+    SamplingPlan,
+    plan_sample,
+    promote_dataset,
+    publish_complete,
+    publish_sample,
+    run_sample_shard,
+    shard_done,
+)
+from alignet_core.transform.stage import TransformOutput
+from tasks._cache import Located, StageCache
 
 
 @task(name="plan-sampling", cache_policy=NO_CACHE)
-def plan_sampling(cfg: PipelineConfig, tfm: stages.StageOutput, clu: stages.StageOutput) -> stages.SamplingPlan:
-    return stages.plan_sample(cfg, tfm, clu)
+def plan_sampling(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput) -> SamplingPlan:
+    return plan_sample(cfg, tfm, clu)
 
 
-@task(name="sample-shard", persist_result=True, retries=2, retry_delay_seconds=2)
-def sample_shard_task(sp: stages.SamplingPlan, spec: dict[str, Any]) -> str:
-    return stages.run_sample_shard(sp, spec)
+def _shard(sp: SamplingPlan, index: int) -> Located:
+    """A shard: (stage key, shard number), complete when its file exists."""
+    return Located(key=f"{sp.plan.key}-{index}", dir=sp.plan.dir, complete=shard_done(sp, sp.specs[index]))
 
 
-@task(name="publish-dataset", persist_result=True, retries=1)
-def publish_task(cfg: PipelineConfig, sp: stages.SamplingPlan) -> stages.StageOutput:
-    out = stages.publish_sample(cfg, sp)
-    files = out.metrics.get("files", {})
-    create_table_artifact(
-        key="dataset-files",
-        table=[{"file": name, **{k: v for k, v in info.items() if k != "sha256"}} for name, info in files.items()],
-        description=f"Published AligNet dataset ({out.metrics['n_triplets']} triplets)",
-    )
+@task(name="sample-shard", cache_policy=StageCache(locate=_shard), persist_result=True, retries=2, retry_delay_seconds=2)
+def sample_shard(sp: SamplingPlan, index: int) -> str:
+    return run_sample_shard(sp, sp.specs[index])
+
+
+def _published(sp: SamplingPlan) -> Located:
+    """The published version: complete when the stage's manifest and the dataset folder exist."""
+    return Located(key=sp.plan.key, dir=sp.plan.dir, complete=publish_complete(sp))
+
+
+@task(name="publish-dataset", cache_policy=StageCache(locate=_published), persist_result=True, retries=1)
+def publish(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
+    out = publish_sample(cfg, sp)
+    create_table_artifact(key="dataset-files", table=dataset_rows(out),
+                          description=f"Published AligNet dataset ({out.metrics.n_triplets} triplets)")
     return out
 
 
 @task(name="promote-dataset", cache_policy=NO_CACHE)
-def promote(cfg: PipelineConfig, ds: stages.StageOutput) -> stages.StageOutput:
+def promote(cfg: PipelineConfig, ds: SampleOutput) -> SampleOutput:
     """Make this run's version `latest` (even when it was a cache hit) and apply retention."""
-    info = stages.promote_dataset(cfg, ds)
+    info = promote_dataset(cfg, ds)
     link = ds.artifact if "://" in ds.artifact else f"file://{ds.artifact}"
-    removed = f"; retention removed {info['removed']}" if info["removed"] else ""
+    removed = f"; retention removed {info.removed}" if info.removed else ""
     create_link_artifact(key="dataset-location", link=link, link_text=ds.artifact,
-                         description=f"Dataset {cfg.dataset_name!r}, version {info['version']} (now latest){removed}")
+                         description=f"Dataset {cfg.dataset_name!r}, version {info.version} (now latest){removed}")
     return ds
 
 
-def submit_shards(sp: stages.SamplingPlan) -> list[Any]:
-    """Submit every shard to the task runner; cache key = (stage key, shard name)."""
-    return [
-        cached_submit(sample_shard_task, f"{sp.plan.key}-{i}", stages.shard_done(sp, spec), sp, spec)
-        for i, spec in enumerate(sp.specs)
-    ]
-
-
-def publish(cfg: PipelineConfig, sp: stages.SamplingPlan, wait_for: list[Any]) -> stages.StageOutput:
-    complete = store.is_complete(sp.plan.dir) and store.exists(store.join(sp.publish_url, sp.folder))
-    return cached_call(publish_task, sp.plan.key, complete, cfg, sp, wait_for=wait_for)
+def submit_shards(sp: SamplingPlan) -> list[Any]:
+    """Submit every shard to the flow's task runner (futures)."""
+    return [sample_shard.submit(sp, i) for i in range(len(sp.specs))]

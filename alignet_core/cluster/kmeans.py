@@ -47,7 +47,7 @@ from alignet_core.io import embedding_store, store
 from alignet_core.config import ClusterConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import KMeansBackend, kmeans_backend
-from alignet_core.sample.teacher import gather_rows
+from alignet_core.io.embedding_store import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ _ARRAYS = ("centroids", "assignments", "distances", "sizes")
 def save_kmeans(result: KMeansResult, dir_url: str) -> dict:
     """Write a result as `<dir>/{centroids,assignments,distances,sizes}.npy` + `kmeans.json`.
 
-    `assignments.npy` is the (n,) int64 groups file that `dataset.run_shard` reads for the
+    `assignments.npy` is the (n,) int64 groups file that `sample.shards.run_shard` reads for the
     cluster strategies. Returns the JSON summary (k, sizes, inertia curve, final inertia).
     """
     store.makedirs(dir_url)

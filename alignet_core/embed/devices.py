@@ -3,7 +3,7 @@
 The rows of the source still to do are cut into as many contiguous runs of whole chunks as there
 are devices (`shard_chunks`). Every chunk is written by exactly one worker, so no two processes
 ever touch the same Zarr chunk, marker or skipped-list file, and each worker runs the very code a
-single process runs (`embed.embed_chunks`, which builds the model from the config, seeded for a
+single process runs (`extractor.embed_chunks`, which builds the model from the config, seeded for a
 random init). Batches never cross a chunk boundary, so the store is byte for byte the one a single
 process writes on the same kind of device, and a killed run resumes like a single-process one
 (by either kind of run).
@@ -23,7 +23,7 @@ The parent builds the store first (model on the CPU, for the shapes and the prov
 BatchNorm-folding check behind the provenance's `inference` line then runs on the CPU too), then only
 waits, reporting progress from the finished-chunk markers.
 
-`embed.devices` changes no output, so `stages.plan_embed` leaves it out of the stage's content key
+`embed.devices` changes no output, so `embed.stage.plan_embed` leaves it out of the stage's content key
 (as the sample stage leaves out `n_workers`): a store begun on two devices is reused, or resumed,
 by a run on one.
 """
@@ -39,7 +39,7 @@ import torch
 
 from alignet_core.io import embedding_store
 from alignet_core.config import EmbedConfig
-from alignet_core.embed.extract import embed_chunks
+from alignet_core.embed.extractor import embed_chunks
 from alignet_core.io.sources import ImageSource
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def embed_on_devices(
     """
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
-    embed_chunks(source, cfg, store_url, torch.device("cpu"), chunks=[])  # create (or check) the store
+    embed_chunks(source, cfg, store_url, torch.device("cpu"), chunks=[], rows_device=devices[0])  # create the store
     n = len(source)
     every = list(embedding_store.iter_chunks(n, cfg.chunk_rows))
     tracker = embedding_store.ChunkProgress(store_url)

@@ -162,6 +162,11 @@ def savez_reproducible(fileobj: "typing.BinaryIO", arrays: dict[str, np.ndarray]
                 np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
 
 
+def sampling_name(strategy: str, k: int) -> str:
+    """The official file name of a sampling: cluster strategies carry k (`cluster_border_500`)."""
+    return f"{strategy}_{k}" if strategy.startswith("cluster") else strategy
+
+
 def read_alignet_npz(url: str, n_images: int | None = None) -> AlignetTriplets:
     """Read and validate an official-format split; rows are reordered by their similarities.
 

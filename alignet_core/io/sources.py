@@ -12,6 +12,7 @@ then one seek per image). Decoding is `alignet_core.io.images`.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import posixpath
@@ -21,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from glob import has_magic
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -317,6 +318,16 @@ def source_from_config(cfg: SourceConfig) -> ImageSource:
     else:
         raise InputError(f"source.kind: expected 'demo', 'folder', 'filelist' or 'tar', got {cfg.kind!r}")
     return subset(src, cfg.limit) if cfg.limit else src
+
+
+def source_identity(cfg: SourceConfig) -> dict[str, Any]:
+    """What identifies a source's images in a content key: its config, plus the hash of the demo's
+    metadata for the shipped set (a rebuilt demo set is new data)."""
+    ident: dict[str, Any] = cfg.model_dump()
+    if cfg.kind == "demo":
+        h = hashlib.sha256((demo_data_dir() / "metadata.csv").read_bytes())
+        ident["data"] = h.hexdigest()
+    return ident
 
 
 def subset(src: ImageSource, limit: int) -> ImageSource:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import inspect
 import io
 import json
 import logging
@@ -25,7 +24,6 @@ import posixpath
 import re
 import uuid
 from collections.abc import Iterable, Iterator
-from types import ModuleType
 from typing import Any
 
 import fsspec
@@ -126,15 +124,6 @@ def local_path(url: str) -> str:
     if not isinstance(fs, LocalFileSystem):
         raise StoreError(f"{url!r}: this operation needs a local path, got a {type(fs).__name__} URL")
     return path
-
-
-# ----------------------------------------------------------------------------- keys
-def code_version(*modules: ModuleType) -> str:
-    """Hash of the source of the modules that compute a stage (changes when their code does)."""
-    h = hashlib.sha256()
-    for m in modules:
-        h.update(inspect.getsource(m).encode())
-    return h.hexdigest()[:16]
 
 
 def content_key(stage: str, config: Any, inputs: Iterable[str] = (), code: str = "") -> str:

@@ -11,15 +11,8 @@ import numpy as np
 import pytest
 
 from alignet_core.io import embedding_store, store
-from alignet_core.sample.shards import (
-    ShardSpec,
-    _first_occurrences,
-    _triplet_keys,
-    assemble_dataset,
-    plan_shards,
-    run_shard,
-    shard_path,
-)
+from alignet_core.sample.publish import _first_occurrences, _triplet_keys, assemble_dataset
+from alignet_core.sample.shards import ShardSpec, plan_shards, run_shard, shard_path
 from alignet_core.errors import ConfigError, StoreError
 from alignet_core.io.formats import read_alignet_npz
 

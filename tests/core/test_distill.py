@@ -24,27 +24,31 @@ from safetensors.torch import load_file
 
 from alignet_core import models
 
-from alignet_core.distill import train as distill  # RENAME
+from alignet_core.distill.batches import decode_images, join_by_filenames, TripletBatches
+
+from alignet_core.distill.checkpoints import HEAD_FILE, LOG_FILE, STUDENT_FILE
+
+from alignet_core.distill.evaluation import embed_images, evaluate_student
+
+from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, warmup_cosine
+
+from alignet_core.distill.student import build_student, eval_transform, load_student
+
+from alignet_core.distill.train import train_student
 
 from alignet_core.io import formats, images, sources
 from alignet_core.config import DistillConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
-from alignet_core.evaluate.metrics import triplet_accuracy
+from alignet_core.evaluate.metrics import pair_similarities, triplet_accuracy
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = "resnet10t"  # random init, 32 px: a few hundred ms per step on a 2-core CPU
 
 
-class Cfg(DistillConfig):
-    """DistillConfig plus the optional input-resolution override that distill reads."""
-
-    image_size: int | None = None
-
-
-def tiny_cfg(**kw) -> Cfg:
+def tiny_cfg(**kw) -> DistillConfig:
     base = dict(student=TINY, weights=None, head_dim=32, steps=6, batch_triplets=8, lr=1e-3,
                 warmup_steps=2, checkpoint_every=2, image_size=32)
-    return Cfg(**{**base, **kw})
+    return DistillConfig(**{**base, **kw})
 
 
 # ----------------------------------------------------------------------------- data
@@ -113,24 +117,24 @@ def test_losses_match_hand_computed_values():
     # a worked number for one row, by hand: p = softmax([2, .5, -1]) = [.7856, .1753, .0391]
     np.testing.assert_allclose(p[0], [0.785597, 0.175290, 0.039112], atol=1e-6)
     for kind, value in want.items():
-        got = distill.alignet_loss(torch.tensor(student), torch.tensor(teacher_sims), kind, tau=100.0)
+        got = alignet_loss(torch.tensor(student), torch.tensor(teacher_sims), kind, tau=100.0)
         assert got.ndim == 0
         np.testing.assert_allclose(float(got), value, rtol=1e-5, err_msg=kind)
     # identical distributions: both divergences vanish; JSD is symmetric and bounded by log 2
     same = torch.tensor(teacher_sims * 100.0)
-    assert abs(float(distill.alignet_loss(same, torch.tensor(teacher_sims), "kl"))) < 1e-6
-    assert abs(float(distill.alignet_loss(same, torch.tensor(teacher_sims), "jsd"))) < 1e-6
-    far = distill.alignet_loss(torch.tensor([[-1e4, 0.0, 1e4]]), torch.tensor([[50.0, 0.0, -50.0]]), "jsd")
+    assert abs(float(alignet_loss(same, torch.tensor(teacher_sims), "kl"))) < 1e-6
+    assert abs(float(alignet_loss(same, torch.tensor(teacher_sims), "jsd"))) < 1e-6
+    far = alignet_loss(torch.tensor([[-1e4, 0.0, 1e4]]), torch.tensor([[50.0, 0.0, -50.0]]), "jsd")
     assert 0.0 < float(far) <= np.log(2) + 1e-6
     with pytest.raises(ConfigError, match="distill.loss"):
-        distill.alignet_loss(torch.tensor(student), torch.tensor(teacher_sims), "mse")  # type: ignore[arg-type]
+        alignet_loss(torch.tensor(student), torch.tensor(teacher_sims), "mse")  # type: ignore[arg-type]
     with pytest.raises(InputError, match=r"\(b, 3\)"):
-        distill.alignet_loss(torch.zeros(2, 4), torch.zeros(2, 4))
+        alignet_loss(torch.zeros(2, 4), torch.zeros(2, 4))
 
 
 def test_loss_gradient_pushes_student_toward_teacher_pair():
     s = torch.zeros(1, 3, requires_grad=True)
-    distill.alignet_loss(s, torch.tensor([[5.0, 0.0, 0.0]]), "jsd").backward()
+    alignet_loss(s, torch.tensor([[5.0, 0.0, 0.0]]), "jsd").backward()
     assert s.grad[0, 0] < 0 < s.grad[0, 1] and s.grad[0, 2] > 0  # descending raises s01
 
 
@@ -140,7 +144,7 @@ def test_decay_to_init_with_zero_gradient_moves_exactly_lr_w_delta():
     layer = torch.nn.Linear(5, 3)
     theta0 = [p.detach().clone() for p in layer.parameters()]
     lr, w = 0.1, 0.5
-    opt = distill.AdamDecayToInit(layer.parameters(), lr=lr, decay_to_init=w)
+    opt = AdamDecayToInit(layer.parameters(), lr=lr, decay_to_init=w)
     with torch.no_grad():  # pretend training moved θ away from θ₀
         for p in layer.parameters():
             p.add_(torch.randn_like(p))
@@ -151,7 +155,7 @@ def test_decay_to_init_with_zero_gradient_moves_exactly_lr_w_delta():
     for p, b, t0 in zip(layer.parameters(), before, theta0):
         np.testing.assert_allclose(p.detach().numpy(), (b - lr * w * (b - t0)).numpy(), rtol=0, atol=1e-7)
     # no decay weight: a zero gradient leaves θ where it is
-    opt0 = distill.AdamDecayToInit([torch.nn.Parameter(torch.ones(4))], lr=lr, decay_to_init=0.0)
+    opt0 = AdamDecayToInit([torch.nn.Parameter(torch.ones(4))], lr=lr, decay_to_init=0.0)
     q = opt0.param_groups[0]["params"][0]
     q.grad = torch.zeros(4)
     opt0.step()
@@ -162,7 +166,7 @@ def test_adam_part_matches_torch_adam():
     torch.manual_seed(1)
     a = torch.nn.Parameter(torch.randn(50))
     b = torch.nn.Parameter(a.detach().clone())
-    ours = distill.AdamDecayToInit([a], lr=1e-2, decay_to_init=0.0)
+    ours = AdamDecayToInit([a], lr=1e-2, decay_to_init=0.0)
     ref = torch.optim.Adam([b], lr=1e-2, eps=1e-8)
     for k in range(5):
         g = torch.randn(50, generator=torch.Generator().manual_seed(k))
@@ -173,7 +177,7 @@ def test_adam_part_matches_torch_adam():
 
 
 def test_warmup_cosine_schedule():
-    f = distill.warmup_cosine(4, 14)
+    f = warmup_cosine(4, 14)
     np.testing.assert_allclose([f(s) for s in range(4)], [0.2, 0.4, 0.6, 0.8])
     assert f(4) == 1.0
     np.testing.assert_allclose(f(9), 0.5, atol=1e-12)
@@ -184,38 +188,38 @@ def test_warmup_cosine_schedule():
 def test_triplet_batches_decode_each_image_once_in_a_deterministic_order(pool, train_split):
     split, _ = train_split
     model = models.create_model(TINY, None)
-    tf = distill.eval_transform(model, 32)
-    a = distill.TripletBatches(split, pool, tf, 16, seed=3)
+    tf = eval_transform(model, 32)
+    a = TripletBatches(split, pool, tf, 16, seed=3)
     images, rows, sims, ids = a[0]
     assert images.shape[1:] == (3, 32, 32) and rows.shape == (16, 3) and sims.shape == (16, 3)
     # every unique image once, and rows point at the right decoded images
     want_pool_rows = split.indices[ids.numpy()]
     assert images.shape[0] == len(np.unique(want_pool_rows)) < 48
-    ref = distill.decode_images([pool.records[i].path for i in want_pool_rows[:, 2]], tf)
+    ref = decode_images([pool.records[i].path for i in want_pool_rows[:, 2]], tf)
     assert torch.equal(images[rows[:, 2]], ref)
     np.testing.assert_array_equal(sims.numpy(), split.similarities[ids.numpy()])
     # same (seed, step) → same batch, whoever asks and in whatever order
-    b = distill.TripletBatches(split, pool, tf, 16, seed=3)
+    b = TripletBatches(split, pool, tf, 16, seed=3)
     assert torch.equal(b[7][3], a[7][3]) and torch.equal(b[0][3], ids)
-    assert not torch.equal(distill.TripletBatches(split, pool, tf, 16, seed=4)[0][3], ids)
+    assert not torch.equal(TripletBatches(split, pool, tf, 16, seed=4)[0][3], ids)
     # an epoch is a permutation: each triplet once; the next epoch reshuffles
     epoch = np.concatenate([a[k][3].numpy() for k in range(len(a))])
     assert len(np.unique(epoch)) == len(epoch) == (len(split) // 16) * 16
     assert not np.array_equal(a[len(a)][3].numpy(), a[0][3].numpy())
     # grad accumulation cuts the same step into equal micro-batches
-    c = distill.TripletBatches(split, pool, tf, 16, seed=3, grad_accum=2)
+    c = TripletBatches(split, pool, tf, 16, seed=3, grad_accum=2)
     np.testing.assert_array_equal(np.concatenate([c[0][3], c[1][3]]), ids.numpy())
     with pytest.raises(ConfigError, match="grad_accum"):
-        distill.TripletBatches(split, pool, tf, 15, seed=3, grad_accum=2)
+        TripletBatches(split, pool, tf, 15, seed=3, grad_accum=2)
     with pytest.raises(InputError, match="fewer than"):
-        distill.TripletBatches(split, pool, tf, 10_000, seed=3)
+        TripletBatches(split, pool, tf, 10_000, seed=3)
 
 
 def test_cached_images_give_the_same_batches(pool, train_split):
     split, _ = train_split
-    tf = distill.eval_transform(models.create_model(TINY, None), 32)
-    plain = distill.TripletBatches(split, pool, tf, 16, seed=3, grad_accum=2)
-    cached = distill.TripletBatches(split, pool, tf, 16, seed=3, grad_accum=2, cache=True)
+    tf = eval_transform(models.create_model(TINY, None), 32)
+    plain = TripletBatches(split, pool, tf, 16, seed=3, grad_accum=2)
+    cached = TripletBatches(split, pool, tf, 16, seed=3, grad_accum=2, cache=True)
     assert cached._cache is not None and len(cached._cache) == len(np.unique(split.indices))
     for k in (0, 1, 5, len(plain) + 2):
         for x, y in zip(plain[k], cached[k]):
@@ -228,17 +232,17 @@ def test_join_by_filenames_points_foreign_triplets_at_the_source(pool):
     # a foreign file: indices number another pool (garbage here); names are our ids or file names
     names = np.array([[ids[0], bases[5], ids[9]], [bases[2], ids[3], ids[4]]])
     foreign = formats.AlignetTriplets(np.full((2, 3), 10_000), names, np.array([[3, 1, 0], [2, 1, 0]], np.float32))
-    joined = distill.join_by_filenames(foreign, pool, "x.npz")
+    joined = join_by_filenames(foreign, pool, "x.npz")
     np.testing.assert_array_equal(joined.indices, [[0, 5, 9], [2, 3, 4]])
     np.testing.assert_array_equal(joined.similarities, foreign.similarities)
     bad = formats.AlignetTriplets(foreign.indices, np.array([[ids[0], "n01440764_10026.JPEG", ids[1]]] * 2),
                                   foreign.similarities)
     with pytest.raises(InputError, match=r"x.npz: 1 of 3 filenames match no image.*n01440764_10026"):
-        distill.join_by_filenames(bad, pool, "x.npz")
+        join_by_filenames(bad, pool, "x.npz")
     # a file name two images share is ambiguous and never matches
     twin = sources.ImageSource((pool.records[0], sources.ImageRecord("other", "/elsewhere/" + bases[0])), "twins")
     with pytest.raises(InputError, match="match no image"):
-        distill.join_by_filenames(formats.AlignetTriplets(np.zeros((1, 3), int), np.array([[bases[0]] * 3]),
+        join_by_filenames(formats.AlignetTriplets(np.zeros((1, 3), int), np.array([[bases[0]] * 3]),
                                                           np.zeros((1, 3), np.float32)), twin, "y.npz")
 
 
@@ -247,12 +251,9 @@ _KILLED_RUN = textwrap.dedent(
     """
     import json, os, signal, sys
     import torch
-    from alignet_core.distill import train as distill  # RENAME
-    from alignet_core.io import formats, sources
     from alignet_core.config import DistillConfig
-
-    class Cfg(DistillConfig):
-        image_size: int | None = None
+    from alignet_core.distill.train import train_student
+    from alignet_core.io import formats, sources
 
     spec = json.loads(sys.argv[1])
     by_id = {r.id: r for r in sources.demo_source().records}
@@ -263,7 +264,7 @@ _KILLED_RUN = textwrap.dedent(
         if step == spec["kill_at"]:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
 
-    distill.train_student(split, pool, Cfg(**spec["cfg"]), spec["out"], torch.device("cpu"), spec["seed"], progress=die)
+    train_student(split, pool, DistillConfig(**spec["cfg"]), spec["out"], torch.device("cpu"), spec["seed"], progress=die)
     """
 )
 
@@ -272,7 +273,7 @@ def test_killed_run_resumes_on_the_same_trajectory(pool, train_split, tmp_path):
     split, url = train_split
     cfg = tiny_cfg(steps=6, checkpoint_every=2)
     cpu = torch.device("cpu")
-    straight = distill.train_student(split, pool, cfg, str(tmp_path / "straight"), cpu, seed=5)
+    straight = train_student(split, pool, cfg, str(tmp_path / "straight"), cpu, seed=5)
     assert straight["steps"] == 6 and len(straight["loss_curve"]) == 6
 
     out = tmp_path / "killed"
@@ -282,23 +283,23 @@ def test_killed_run_resumes_on_the_same_trajectory(pool, train_split, tmp_path):
     proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(spec)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert not (out / distill.STUDENT_FILE).exists()
+    assert not (out / STUDENT_FILE).exists()
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000004"]  # only the newest is kept
 
-    resumed = distill.train_student(split, pool, cfg, str(out), cpu, seed=5)  # a fresh process state
+    resumed = train_student(split, pool, cfg, str(out), cpu, seed=5)  # a fresh process state
     np.testing.assert_allclose(resumed["loss_curve"], straight["loss_curve"], rtol=1e-5, atol=1e-7)
-    for name in (distill.STUDENT_FILE, distill.HEAD_FILE):
+    for name in (STUDENT_FILE, HEAD_FILE):
         got, want = load_file(str(out / name)), load_file(str(tmp_path / "straight" / name))
         assert got.keys() == want.keys()
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
 
     # a finished run is returned as is, without training again
-    again = distill.train_student(split, pool, cfg, str(out), cpu, seed=5)
-    assert again == json.loads((out / distill.LOG_FILE).read_text()) and again["seconds"] == resumed["seconds"]
+    again = train_student(split, pool, cfg, str(out), cpu, seed=5)
+    assert again == json.loads((out / LOG_FILE).read_text()) and again["seconds"] == resumed["seconds"]
     # ... but never reused for another trajectory
     with pytest.raises(StoreError, match="another config"):
-        distill.train_student(split, pool, tiny_cfg(steps=6, checkpoint_every=2, lr=5e-4), str(out), cpu, seed=5)
+        train_student(split, pool, tiny_cfg(steps=6, checkpoint_every=2, lr=5e-4), str(out), cpu, seed=5)
 
 
 # ----------------------------------------------------------------------------- export + official format
@@ -307,49 +308,49 @@ def test_train_on_official_npz_and_export_reloads_in_timm(pool, train_split, tmp
     assert split.n_reordered == 0 and len(split) > 700
     cfg = tiny_cfg(steps=3, grad_accum=2, checkpoint_every=50, num_workers=1)
     out = tmp_path / "run"
-    log = distill.train_student(split, pool, cfg, str(out), torch.device("cpu"), seed=0)
+    log = train_student(split, pool, cfg, str(out), torch.device("cpu"), seed=0)
     assert log["complete"] and log["steps"] == 3 and np.isfinite(log["loss_curve"]).all()
-    assert json.loads((out / distill.LOG_FILE).read_text())["loss_curve"] == log["loss_curve"]
+    assert json.loads((out / LOG_FILE).read_text())["loss_curve"] == log["loss_curve"]
 
     # the exported backbone is a plain timm state dict
     backbone = timm.create_model(TINY, pretrained=False)
-    backbone.load_state_dict(load_file(str(out / distill.STUDENT_FILE)), strict=True)
-    head = load_file(str(out / distill.HEAD_FILE))
+    backbone.load_state_dict(load_file(str(out / STUDENT_FILE)), strict=True)
+    head = load_file(str(out / HEAD_FILE))
     assert head["weight"].shape == (32, models.feature_dim(backbone)) and head["bias"].shape == (32,)
 
-    student = distill.load_student(str(out), cfg)
+    student = load_student(str(out), cfg)
     assert student.image_size == 32
-    x = distill.decode_images([r.path for r in pool.records[:4]], distill.eval_transform(backbone, 32))
+    x = decode_images([r.path for r in pool.records[:4]], eval_transform(backbone, 32))
     with torch.no_grad():
         want = models.pooled_features(backbone.eval(), x) @ head["weight"].T + head["bias"]
         torch.testing.assert_close(student(x), want, rtol=1e-5, atol=1e-5)
 
     # evaluation embeds each unique image once and scores the dataset's row order
     valid = teacher_triplets(pixel_teacher(pool), 200, seed=9)
-    acc = distill.evaluate_student(student, valid, pool, torch.device("cpu"), batch_size=16)
-    emb = distill.embed_images(student, [r.path for r in pool.records], torch.device("cpu"))
-    sims = distill.triplet_similarities(torch.from_numpy(emb), torch.from_numpy(valid.indices)).numpy()
+    acc = evaluate_student(student, valid, pool, torch.device("cpu"), batch_size=16)
+    emb = embed_images(student, [r.path for r in pool.records], torch.device("cpu"))
+    sims = pair_similarities(emb, valid.indices)
     assert acc == triplet_accuracy(sims)
     assert 0.0 <= acc <= 1.0
     # a plain timm model is scored on its pooled features
-    plain = distill.evaluate_student(backbone, valid, pool, torch.device("cpu"), image_size=32, max_triplets=50)
+    plain = evaluate_student(backbone, valid, pool, torch.device("cpu"), image_size=32, max_triplets=50)
     assert 0.0 <= plain <= 1.0
 
     with pytest.raises(StoreError, match="no finished"):
-        distill.load_student(str(tmp_path / "nothing"), cfg)
+        load_student(str(tmp_path / "nothing"), cfg)
 
 
 def test_pretrained_lite0_student_decays_toward_its_packaged_weights(pool, train_split, tmp_path):
     split, _ = train_split
-    cfg = Cfg(head_dim=16, steps=2, batch_triplets=4, lr=1e-4, warmup_steps=0, image_size=64, checkpoint_every=50)
+    cfg = DistillConfig(head_dim=16, steps=2, batch_triplets=4, lr=1e-4, warmup_steps=0, image_size=64, checkpoint_every=50)
     out = tmp_path / "lite0"
-    distill.train_student(split, pool, cfg, str(out), torch.device("cpu"), seed=0)
+    train_student(split, pool, cfg, str(out), torch.device("cpu"), seed=0)
     lite0 = models.create_model("tf_efficientnet_lite0", "packaged")
     first, _ = next(lite0.named_parameters())  # the student's parameter 0 is the backbone's first
     packaged = lite0.state_dict()
     state = torch.load(out / "checkpoints" / "step_00000002" / "state.pt", weights_only=True)
     torch.testing.assert_close(state["optimizer"]["state"][0]["init"], packaged[first])
-    trained = load_file(str(out / distill.STUDENT_FILE))
+    trained = load_file(str(out / STUDENT_FILE))
     delta = (trained[first] - packaged[first]).abs().max()
     assert 0 < delta < 1e-3  # moved, a little, from the pretrained weights
 
@@ -360,9 +361,9 @@ def test_distillation_raises_held_out_triplet_accuracy(pool, teacher, train_spli
     held_out = teacher_triplets(teacher, 400, seed=2)
     cfg = tiny_cfg(steps=20, batch_triplets=16, lr=3e-3, warmup_steps=2, checkpoint_every=100)
     cpu = torch.device("cpu")
-    before = distill.evaluate_student(distill.build_student(cfg, 0), held_out, pool, cpu)
-    log = distill.train_student(split, pool, cfg, str(tmp_path / "learn"), cpu, seed=0)
-    after = distill.evaluate_student(distill.load_student(str(tmp_path / "learn"), cfg), held_out, pool, cpu)
+    before = evaluate_student(build_student(cfg, 0), held_out, pool, cpu)
+    log = train_student(split, pool, cfg, str(tmp_path / "learn"), cpu, seed=0)
+    after = evaluate_student(load_student(str(tmp_path / "learn"), cfg), held_out, pool, cpu)
     assert np.mean(log["loss_curve"][-5:]) < np.mean(log["loss_curve"][:5])
     assert after >= before + 0.12, (before, after)
 
@@ -373,9 +374,9 @@ def test_compiled_student_follows_the_eager_trajectory(pool, train_split, tmp_pa
     eager run's loss curve and weights within float tolerance."""
     split, _ = train_split
     cpu = torch.device("cpu")
-    eager = distill.train_student(split, pool, tiny_cfg(steps=3), str(tmp_path / "eager"), cpu, seed=1)
-    compiled = distill.train_student(split, pool, tiny_cfg(steps=3, compile=True), str(tmp_path / "compiled"), cpu, seed=1)
+    eager = train_student(split, pool, tiny_cfg(steps=3), str(tmp_path / "eager"), cpu, seed=1)
+    compiled = train_student(split, pool, tiny_cfg(steps=3, compile=True), str(tmp_path / "compiled"), cpu, seed=1)
     np.testing.assert_allclose(compiled["loss_curve"], eager["loss_curve"], rtol=1e-3, atol=1e-5)
-    a = load_file(str(tmp_path / "eager" / distill.HEAD_FILE))
-    b = load_file(str(tmp_path / "compiled" / distill.HEAD_FILE))
+    a = load_file(str(tmp_path / "eager" / HEAD_FILE))
+    b = load_file(str(tmp_path / "compiled" / HEAD_FILE))
     torch.testing.assert_close(b["weight"], a["weight"], rtol=1e-3, atol=1e-4)

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core.distill import train as distill  # RENAME
-
-from alignet_core.evaluate import metrics as evaluate  # RENAME
-
-from alignet_core.io import formats, sources, store
-
-from alignet_core.pipeline import stages
 from alignet_core.config import parse_config, with_overrides
+from alignet_core.distill.checkpoints import STUDENT_FILE
+from alignet_core.distill.evaluation import embed_images
+from alignet_core.distill.stage import distill_files, run_distill
+from alignet_core.distill.student import load_student
 from alignet_core.errors import InputError
+from alignet_core.evaluate.metrics import odd_one_out_accuracy
 from alignet_core.hardware import resolve_device
+from alignet_core.io import formats, sources, store
+from alignet_core.transform.human_data import human_test_split
 
 
 def _write_split(path: Path, src: sources.ImageSource, n: int, seed: int) -> None:
@@ -52,31 +52,31 @@ def cfg(tmp_path):
 
 
 def test_distill_stage_on_a_foreign_folder_scores_teacher_and_human_triplets(cfg):
-    out = stages.run_distill(cfg, None)
-    m = out.metrics
+    out = run_distill(cfg, None)
+    m = out.metrics.model_dump()
     assert m["sampling"] == "mine" and m["n_train"] == 300 and m["steps"] == 3
     assert set(m["acc_before"]) == set(m["acc_after"]) == {"mine", "other"}
     assert m["n_human_test"] == 50 and m["human_data"].startswith("taxonomy proxy")
     for k in ("human_acc_before", "human_acc_after"):
         assert 0.0 <= m[k] <= 1.0
-    assert (Path(out.artifact) / distill.STUDENT_FILE).exists()
+    assert (Path(out.artifact) / STUDENT_FILE).exists()
 
     # the human score is the odd-one-out accuracy of the trained student's embeddings
     src = sources.source_from_config(cfg.source)
-    test = stages.human_test_split(cfg, src)
-    student = distill.load_student(out.artifact, cfg.distill)
-    emb = distill.embed_images(student, src.paths(), resolve_device("cpu"))
-    assert m["human_acc_after"] == pytest.approx(evaluate.odd_one_out_accuracy(emb, test.triplets), abs=1e-6)
+    test = human_test_split(cfg, src)
+    student = load_student(out.artifact, cfg.distill)
+    emb = embed_images(student, src.paths(), resolve_device("cpu"))
+    assert m["human_acc_after"] == pytest.approx(odd_one_out_accuracy(emb, test.triplets), abs=1e-6)
 
     # rerun: the finished stage is reused; a changed input file makes a new key
-    assert stages.run_distill(cfg, None).key == out.key
-    files = stages.distill_files(cfg, None)
+    assert run_distill(cfg, None).key == out.key
+    files = distill_files(cfg, None)
     os.utime(files.train, (1, 1))
-    assert stages.distill_files(cfg, None).key != files.key
+    assert distill_files(cfg, None).key != files.key
 
 
 def test_distill_stage_names_a_missing_training_file(cfg):
     cfg = with_overrides(cfg, {"distill.sampling": "cluster_border_500"})
     with pytest.raises(InputError, match=r"train_cluster_border_500.npz.*does not exist.*train_mine.npz"):
-        stages.run_distill(cfg, None)
+        run_distill(cfg, None)
     assert not store.exists(store.join(cfg.root, "stages", "distill"))

@@ -19,7 +19,8 @@ import zarr
 import alignet_core
 from alignet_core.io import embedding_store
 from alignet_core.config import EmbedConfig, parse_config
-from alignet_core.embed.extract import _Extractor, extract_embeddings
+from alignet_core.embed.extract import extract_embeddings
+from alignet_core.embed.extractor import _Extractor
 from alignet_core.embed.devices import _worker_env, shard_chunks
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import resolve_devices
@@ -113,6 +114,7 @@ def test_store_holds_pooled_features_ids_and_provenance(demo40: ImageSource, lit
     assert attrs["data_config"]["input_size"] == [3, 224, 224] and attrs["data_config"]["interpolation"] == "bicubic"
     assert attrs["torch_version"] == torch.__version__ and attrs["timm_version"] == timm.__version__
     assert attrs["alignet_core_version"] == alignet_core.__version__
+    assert attrs["compute"] == {"device": "cpu", "dtype": "float32"}
 
 
 def test_float16_store_and_default_model_creation(demo40: ImageSource, tmp_path: Path) -> None:
@@ -443,7 +445,7 @@ def test_stage_key_ignores_devices_but_not_compile_or_decode(tmp_path: Path) -> 
     """Which devices run the extraction changes no stored value, so a store made on two workers
     is reused (or resumed) by a one-device run; compile and decode change rounding, so they key."""
     from alignet_core.config import PipelineConfig
-    from alignet_core.pipeline.stages import plan_embed
+    from alignet_core.embed.stage import plan_embed
 
     def key(**embed: object) -> str:
         return plan_embed(PipelineConfig(root=str(tmp_path), embed=embed)).key
@@ -451,3 +453,18 @@ def test_stage_key_ignores_devices_but_not_compile_or_decode(tmp_path: Path) -> 
     base = key()
     assert key(devices=["cpu", "cpu"]) == key(devices=["cpu"]) == base
     assert len({base, key(compile=True), key(decode="torchvision")}) == 3
+
+
+def test_stage_key_and_provenance_name_the_compute_device_and_dtype(tmp_path: Path) -> None:
+    """GPU rows are bf16-autocast, CPU rows float32: a store made on one is never served for the other."""
+    from alignet_core.config import PipelineConfig
+    from alignet_core.embed.stage import embed_compute, plan_embed
+    from alignet_core.hardware import ComputeIdentity
+
+    cfg = PipelineConfig(root=str(tmp_path), device="cpu")
+    assert embed_compute(cfg) == ComputeIdentity(device="cpu", dtype="float32")
+    cpu = plan_embed(cfg)
+    assert cpu.key == plan_embed(cfg, ComputeIdentity("cpu", "float32")).key
+    keys = {cpu.key, plan_embed(cfg, ComputeIdentity("cuda", "bfloat16")).key,
+            plan_embed(cfg, ComputeIdentity("cuda", "float32")).key, plan_embed(cfg, ComputeIdentity("cpu", "bfloat16")).key}
+    assert len(keys) == 4

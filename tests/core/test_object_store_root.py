@@ -10,7 +10,11 @@ import numpy as np
 
 from alignet_core.io import embedding_store, formats, sources, store
 
-from alignet_core.pipeline import stages
+from alignet_core.cluster.stage import run_cluster
+
+from alignet_core.transform.stage import TransformMetrics, TransformOutput
+
+from alignet_core.sample.stage import plan_sample, promote_dataset, publish_sample, run_sample_shard
 
 from alignet_core.sample import versions
 from alignet_core.config import parse_config, with_overrides
@@ -28,22 +32,22 @@ def test_cluster_sample_publish_and_verify_on_an_object_store_root():
     g = embedding_store.create_embedding_store(url, len(src), 8, src.ids(), "float32", 16, {})
     g["embeddings"][:] = np.random.default_rng(0).normal(size=(len(src), 8)).astype(np.float32)
     g["valid"][:] = True
-    tfm = stages.StageOutput(stage="transform", key="k0", dir=store.join(root, "stages", "transform", "k0"),
-                             artifact=url)
+    tfm = TransformOutput(stage="transform", key="k0", dir=store.join(root, "stages", "transform", "k0"),
+                          artifact=url, metrics=TransformMetrics(enabled=True, seconds=0.0))
 
-    clu = stages.run_cluster(cfg, tfm)
-    assert clu.artifact.startswith(root) and sum(clu.metrics["sizes"]) == 60
-    sp = stages.plan_sample(cfg, tfm, clu)
+    clu = run_cluster(cfg, tfm)
+    assert clu.artifact.startswith(root) and sum(clu.metrics.sizes) == 60
+    sp = plan_sample(cfg, tfm, clu)
     for spec in sp.specs:
-        stages.run_sample_shard(sp, spec)
-    ds = stages.publish_sample(cfg, sp)
-    info = stages.promote_dataset(cfg, ds)
+        run_sample_shard(sp, spec)
+    ds = publish_sample(cfg, sp)
+    info = promote_dataset(cfg, ds)
 
-    assert ds.artifact == store.join(root, "datasets", "demo", info["version"], "uncertainty_distillation")
-    assert versions.read_latest(root, "demo") == info["version"]
+    assert ds.artifact == store.join(root, "datasets", "demo", info.version, "uncertainty_distillation")
+    assert versions.read_latest(root, "demo") == info.version
     assert versions.verify(root, "demo") == []
     split = formats.read_alignet_npz(store.join(ds.artifact, "train_cluster_border_4.npz"), len(src))
     assert len(split) > 250 and split.n_reordered == 0
     # a rerun reuses the stage and the published version
-    assert stages.publish_sample(cfg, stages.plan_sample(cfg, tfm, stages.run_cluster(cfg, tfm))).key == ds.key
-    assert [r["version"] for r in versions.list_versions(root, "demo")] == [info["version"]]
+    assert publish_sample(cfg, plan_sample(cfg, tfm, run_cluster(cfg, tfm))).key == ds.key
+    assert [r["version"] for r in versions.list_versions(root, "demo")] == [info.version]

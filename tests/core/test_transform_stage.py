@@ -10,7 +10,11 @@ import pytest
 
 from alignet_core.io import formats, sources
 
-from alignet_core.pipeline import stages
+from alignet_core.embed.stage import run_embed
+
+from alignet_core.transform.human_data import load_human_data
+
+from alignet_core.transform.stage import run_transform
 
 from alignet_core.transform import vice
 from alignet_core.config import parse_config, with_overrides
@@ -28,8 +32,8 @@ def base(tmp_path_factory):
         "human.proxy_n_triplets": 1500, "transform.epochs": 3, "transform.batch_size": 256,
         "transform.local_batch": 64, "vice.epochs": 8, "vice.init_dims": 20,
     })
-    emb = stages.run_embed(cfg)
-    data = stages.load_human_data(cfg, sources.source_from_config(cfg.source))
+    emb = run_embed(cfg)
+    data = load_human_data(cfg, sources.source_from_config(cfg.source))
     path = root / "things_triplets.txt"
     formats.write_things_triplets(str(path), data.triplets)
     return cfg, emb, str(path)
@@ -38,8 +42,8 @@ def base(tmp_path_factory):
 def test_vice_soft_targets_when_the_human_file_has_no_probabilities(base):
     cfg, emb, path = base
     cfg = with_overrides(cfg, {"human.triplets": path, "transform.targets": "soft"})
-    out = stages.run_transform(cfg, emb)
-    m = out.metrics
+    out = run_transform(cfg, emb)
+    m = out.metrics.model_dump()
     assert m["soft_targets"] == "VICE posterior predictive"
     assert 1 / 3 < m["vice"]["val_acc"] <= 1.0 and 1 <= m["vice"]["dims"] <= 20
     model = vice.ViceModel.load(str(Path(out.dir) / "vice.safetensors"))
@@ -48,9 +52,9 @@ def test_vice_soft_targets_when_the_human_file_has_no_probabilities(base):
     assert m["hyperparameters"]["targets"] == "soft" and len(m["history"]) >= 1
 
     # hard targets fit no VICE; the proxy's own probabilities are used when there are some
-    hard = stages.run_transform(with_overrides(cfg, {"transform.targets": "hard"}), emb).metrics
-    assert hard["soft_targets"] == "none (hard targets)" and "vice" not in hard
-    proxy = stages.run_transform(with_overrides(base[0], {"transform.targets": "soft"}), emb).metrics
+    hard = run_transform(with_overrides(cfg, {"transform.targets": "hard"}), emb).metrics.model_dump()
+    assert hard["soft_targets"] == "none (hard targets)" and hard["vice"] is None
+    proxy = run_transform(with_overrides(base[0], {"transform.targets": "soft"}), emb).metrics.model_dump()
     assert proxy["soft_targets"] == "proxy response model"
 
 
@@ -58,7 +62,7 @@ def test_search_reports_every_setting_and_fits_the_chosen_one(base):
     cfg, emb, _ = base
     cfg = with_overrides(cfg, {"transform.search_alphas": [0.0, 0.5], "transform.search_lrs": [0.003],
                                "transform.search_folds": 2})
-    m = stages.run_transform(cfg, emb).metrics
+    m = run_transform(cfg, emb).metrics.model_dump()
     s = m["search"]
     assert s["n_folds"] == 2 and [(r["alpha"], r["lr"]) for r in s["settings"]] == [(0.0, 0.003), (0.5, 0.003)]
     assert all(0 <= r["transformed_mean"] <= 1 and 0 <= r["knn_overlap_mean"] <= 1 for r in s["settings"])

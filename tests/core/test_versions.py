@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core.sample import shards as dataset  # RENAME
+from alignet_core.sample.publish import assemble_dataset
 
 from alignet_core.sample import versions
-from alignet_core.sample.shards import ShardSpec
+from alignet_core.sample.shards import ShardSpec, _write_npz_atomic, shard_path
 from alignet_core.errors import InputError, StoreError
 from flows.cli import main
 
@@ -22,19 +22,18 @@ NAMES = {"between_class": "between_class"}
 def _publish(root: Path, version: str, seed: int) -> dict:
     """A real (tiny) version: one shard per split assembled into the official layout."""
     work = root / "work" / version
-    shards = work / "shards"
-    shards.mkdir(parents=True)
+    (work / "shards").mkdir(parents=True)
     g = np.random.default_rng(seed)
     specs = []
     for split, n in (("train", 40), ("valid", 10)):
         spec = ShardSpec(strategy="between_class", split=split, index=0, n=n, seed=seed)
         idx = np.stack([g.choice(30, 3, replace=False) for _ in range(n)])
         sims = np.sort(g.normal(size=(n, 3)), axis=1)[:, ::-1].astype(np.float32)
-        dataset._write_npz_atomic(dataset.shard_path(str(work), spec), indices=idx, similarities=sims,
+        _write_npz_atomic(shard_path(str(work), spec), indices=idx, similarities=sims,
                                   n_requested=np.int64(n), n_ties=np.int64(0))
         specs.append(spec)
     ids = np.array([f"img{i:03d}" for i in range(30)])
-    return dataset.assemble_dataset(str(work), specs, ids, versions.version_dir(str(root), "demo", version), NAMES,
+    return assemble_dataset(str(work), specs, ids, versions.version_dir(str(root), "demo", version), NAMES,
                                     subfolder="uncertainty_distillation",
                                     extra={"version": version, "published_at": f"2026-11-2{seed}T00:00:00+00:00"})
 

@@ -81,7 +81,7 @@ def test_vice_soft_targets_calibrate_the_transform_better_than_hard(fitted) -> N
     targets give a transform with lower held-out NLL and ECE than the one-hot choices."""
     from alignet_core.config import TransformConfig
     from alignet_core.evaluate.metrics import choice_probabilities_from_embeddings, expected_calibration_error
-    from alignet_core.transform.affine import fit_transform
+    from alignet_core.transform.fit import fit_transform
 
     s, tr, va, model = fitted
     few = tr[:800]  # few triplets: the probabilities carry much more information than the choices

@@ -73,7 +73,7 @@ def _task_states(flow_run_id) -> dict[str, set[str]]:
 def _run(overrides: dict):
     state = alignet(overrides=overrides, return_state=True)
     assert state.is_completed(), state
-    return state.result(), state.state_details.flow_run_id
+    return state.result().model_dump(mode="json"), state.state_details.flow_run_id
 
 
 def _digest(folder: str) -> dict[str, str]:
@@ -175,9 +175,9 @@ def test_distill_flow_runs_alone_on_an_existing_dataset_folder(harness, tmp_path
                          return_state=True)
     assert state.is_completed(), state
     out = state.result()
-    assert out.stage == "distill" and out.metrics["dataset"] == str(folder)
-    assert out.metrics["sampling"] == "cluster_border_5"
-    assert set(out.metrics["acc_after"]) == {"cluster_border_5", "between_class"}
+    assert out.stage == "distill" and out.metrics.dataset == str(folder)
+    assert out.metrics.sampling == "cluster_border_5"
+    assert set(out.metrics.acc_after) == {"cluster_border_5", "between_class"}
     assert sorted(p.name for p in (root / "stages").iterdir()) == ["distill"]
     states = _task_states(state.state_details.flow_run_id)
     assert set(states) == {"distill"}, states

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from alignet_core.io import embedding_store
-from alignet_core.sample.shards import assemble_dataset, plan_shards, run_shard
+from alignet_core.sample.publish import assemble_dataset
+from alignet_core.sample.shards import plan_shards, run_shard
 
 NAMES = {"cluster_border": "cluster_border_6", "between_class": "between_class"}
 

@@ -2,7 +2,7 @@
 
     python -m tests.reliability.stage_runner CONFIG_JSON STAGE [--pace MODULE:ATTR SECONDS]
 
-Upstream stages whose manifests are complete are reused (`alignet_core.pipeline.stages`). With `--pace`, the
+Upstream stages whose manifests are complete are reused (`alignet_core.pipeline.runner`). With `--pace`, the
 function `MODULE:ATTR` (`ATTR` may be `Class.method`) prints `paced <i>` after its i-th call and
 then sleeps SECONDS: a pause standing in for more real work per unit, so that a test can SIGKILL
 the process at a random point after real work started instead of racing a run that ends in a
@@ -30,26 +30,31 @@ STAGES = ("embed", "transform", "cluster", "sample")
 
 def run_until(cfg: Any, stage: str) -> Any:
     """Run (or reuse) every stage up to and including `stage`; return that stage's `StageOutput`."""
-    from alignet_core.pipeline import stages
-    emb = stages.run_embed(cfg)
+    from alignet_core.cluster.stage import run_cluster
+    from alignet_core.embed.stage import run_embed
+    from alignet_core.sample.stage import plan_sample, publish_sample, run_sample_shard
+    from alignet_core.transform.stage import run_transform
+
+    emb = run_embed(cfg)
     if stage == "embed":
         return emb
-    tfm = stages.run_transform(cfg, emb)
+    tfm = run_transform(cfg, emb)
     if stage == "transform":
         return tfm
-    clu = stages.run_cluster(cfg, tfm)
+    clu = run_cluster(cfg, tfm)
     if stage == "cluster":
         return clu
-    sp = stages.plan_sample(cfg, tfm, clu)
+    sp = plan_sample(cfg, tfm, clu)
     for spec in sp.specs:
-        stages.run_sample_shard(sp, spec)
-    return stages.publish_sample(cfg, sp)
+        run_sample_shard(sp, spec)
+    return publish_sample(cfg, sp)
 
 
 def paced_shard(sp: Any, spec: dict[str, Any], seconds: float) -> str:
     """One sampling shard on a Dask worker, then a pause (see the module doc)."""
-    from alignet_core.pipeline import stages
-    out = stages.run_sample_shard(sp, spec)
+    from alignet_core.sample.stage import run_sample_shard
+
+    out = run_sample_shard(sp, spec)
     time.sleep(seconds)
     return out
 

@@ -21,9 +21,14 @@ from alignet_core.cluster import kmeans as cluster  # RENAME
 
 from alignet_core.io import embedding_store, formats
 
-from alignet_core.pipeline import stages
+from alignet_core.embed.stage import EmbedMetrics, EmbedOutput, run_embed
 
-from alignet_core.transform import affine as transform  # RENAME
+from alignet_core.pipeline.preflight import preflight
+
+
+from alignet_core.transform.stage import run_transform
+
+from alignet_core.transform import affine
 from alignet_core.config import ClusterConfig, parse_config
 from alignet_core.errors import InputError
 from alignet_core.io.images import load_image
@@ -73,15 +78,15 @@ def test_broken_images_are_skipped_and_reported_other_rows_unchanged(good: Path,
         cfg = parse_config({"root": str(root), "device": "cpu", "source": {"kind": "folder", "path": str(folder)},
                             "embed": EMBED, "transform": {"enabled": False}, "cluster": {"k": 2},
                             "distill": {"enabled": False}})
-        stages.preflight(cfg)
-        return stages.run_embed(cfg)
+        preflight(cfg)
+        return run_embed(cfg)
 
     out, ref = run(dirty, tmp_path / "r1"), run(good, tmp_path / "r2")
-    reported = {s["id"]: s["reason"] for s in out.metrics["skipped"]}
+    reported = {s.id: s.reason for s in out.metrics.skipped}
     assert set(reported) == {f"c0/{name}" for name in BROKEN}
     for name, (_, word) in BROKEN.items():
         assert word in reported[f"c0/{name}"] and name in reported[f"c0/{name}"]
-    assert out.metrics["n_images"] == 11 and out.metrics["n_valid"] == 6
+    assert out.metrics.n_images == 11 and out.metrics.n_valid == 6
 
     g, r = zarr.open_group(out.artifact, mode="r"), zarr.open_group(ref.artifact, mode="r")
     ids, ref_ids = list(np.asarray(g["ids"][:])), list(np.asarray(r["ids"][:]))
@@ -153,17 +158,18 @@ def test_transform_stage_rejects_non_finite_embeddings(tmp_path: Path, one_torch
                         "human": {"proxy_n_triplets": 300}, "transform": {"epochs": 1}})
     ids = source_from_config(cfg.source).ids()
     url = _store(str(tmp_path / "e.zarr"), ids, 5, np.nan)
-    emb = stages.StageOutput(stage="embed", key="handmade", dir=str(tmp_path), artifact=url)
+    emb = EmbedOutput(stage="embed", key="handmade", dir=str(tmp_path), artifact=url,
+                      metrics=EmbedMetrics(n_images=len(ids), n_valid=len(ids), dim=8, skipped=[], seconds=0.0))
     with pytest.raises(InputError, match=rf"e.zarr: 1 valid embedding row.*row 5 \(id '{ids[5]}'\)"):
-        stages.run_transform(cfg, emb)
+        run_transform(cfg, emb)
 
 
 def test_transform_and_store_of_different_widths(tmp_path: Path) -> None:
     ids = np.array([f"img{i}" for i in range(20)])
     url = _store(str(tmp_path / "e.zarr"), ids, None, 0.0)  # width 8
-    tf = transform.AffineTransform(mean=0.0, std=1.0, weight=np.eye(6, dtype=np.float32), bias=np.zeros(6, np.float32))
+    tf = affine.AffineTransform(mean=0.0, std=1.0, weight=np.eye(6, dtype=np.float32), bias=np.zeros(6, np.float32))
     with pytest.raises(InputError, match="embeddings have dim 8, the transform expects 6"):
-        transform.apply_transform_to_store(url, str(tmp_path / "t.zarr"), tf, 4, torch.device("cpu"))
+        affine.apply_transform_to_store(url, str(tmp_path / "t.zarr"), tf, 4, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- human data, up front
@@ -185,7 +191,7 @@ def _human_cfg(good: Path, tmp_path: Path, **human: str) -> object:
 def test_bad_triplet_files_fail_in_preflight(content: str, message: str, good: Path, tmp_path: Path) -> None:
     (tmp_path / "t.txt").write_text(content)
     with pytest.raises(InputError, match=rf"human.triplets: .*t.txt.*{message}"):
-        stages.preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt")))
+        preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt")))
     assert not (tmp_path / "root").exists()
 
 
@@ -193,15 +199,15 @@ def test_bad_probabilities_and_objects_fail_in_preflight(good: Path, tmp_path: P
     (tmp_path / "t.txt").write_text("0 1 2\n3 4 5\n")
     np.save(tmp_path / "p3.npy", np.full((3, 3), 1 / 3))
     with pytest.raises(InputError, match=r"human.probabilities: .*p3.npy: expected shape \(2, 3\)"):
-        stages.preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt"),
+        preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt"),
                                     probabilities=str(tmp_path / "p3.npy")))
     np.save(tmp_path / "psum.npy", np.array([[0.9, 0.9, 0.1], [0.2, 0.3, 0.5]]))
     with pytest.raises(InputError, match="human.probabilities: .*sum to 1"):
-        stages.preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt"),
+        preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt"),
                                     probabilities=str(tmp_path / "psum.npy")))
     (tmp_path / "objects.csv").write_text("object,image_id\n0,c0/nope.png\n")
     with pytest.raises(InputError, match="human.objects: .*objects.csv: line 2: image_id 'c0/nope.png' is not in"):
-        stages.preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt"),
+        preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt"),
                                     objects=str(tmp_path / "objects.csv")))
 
 

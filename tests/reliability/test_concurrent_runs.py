@@ -14,7 +14,7 @@ import pytest
 
 from alignet_core.io import lock, store
 
-from alignet_core.pipeline import stages
+from alignet_core.cluster.stage import plan_cluster, run_cluster
 from alignet_core.errors import StoreError
 from tests.reliability.stage_runner import run_until
 from tests.reliability.test_stage_kills import SETTINGS, _cfg, assert_same_stage, digests
@@ -41,25 +41,25 @@ def test_second_run_fails_clearly_or_waits_and_reuses(tmp_path: Path, one_torch_
     root = tmp_path / "shared"
     cfg = _cfg(root)
     tfm = run_until(cfg, "transform")
-    plan = stages.plan_cluster(cfg, tfm)
+    plan = plan_cluster(cfg, tfm)
     holder = _start_holder(root, pause=4.0)
     try:
         # a second writer that may not wait, or only briefly: one clear error, nothing written
         for timeout in (0, 0.5):
             with pytest.raises(StoreError) as err:
-                stages.run_cluster(cfg.model_copy(update={"lock_timeout": timeout}), tfm)
+                run_cluster(cfg.model_copy(update={"lock_timeout": timeout}), tfm)
             msg = str(err.value)
             assert plan.dir in msg and lock.lock_path(plan.dir) in msg and "lock_timeout" in msg
             assert not (Path(plan.dir) / store.MANIFEST).exists()
         # a second run that waits (the default): it returns the first run's output, not a recomputation
-        out = stages.run_cluster(cfg, tfm)
+        out = run_cluster(cfg, tfm)
         assert holder.wait(timeout=120) == 0, holder.stderr.read()[-3000:]
     finally:
         if holder.poll() is None:
             holder.kill()
             holder.wait()
     manifest = json.loads((Path(plan.dir) / store.MANIFEST).read_text())
-    assert out.metrics == manifest["metrics"]  # including the holder's own wall time
+    assert out.metrics.model_dump(mode="json") == manifest["metrics"]  # including the holder's own wall time
 
     clean_root = tmp_path / "alone"
     alone = run_until(_cfg(clean_root), "cluster")
@@ -73,5 +73,5 @@ def test_lock_of_a_killed_holder_is_released(tmp_path: Path, one_torch_thread: N
     holder = _start_holder(root, pause=60.0)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    out = stages.run_cluster(cfg.model_copy(update={"lock_timeout": 0}), tfm)  # no stale lock
+    out = run_cluster(cfg.model_copy(update={"lock_timeout": 0}), tfm)  # no stale lock
     assert (Path(out.dir) / store.MANIFEST).exists() and digests(Path(out.dir))

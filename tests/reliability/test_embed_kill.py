@@ -1,6 +1,6 @@
 """SIGKILL the embed stage while it writes, rerun it, and get an uninterrupted run's store, bit for bit.
 
-The stage (`stages.run_embed`, through `stage_runner`, as the pipeline runs it) embeds a generated
+The stage (`embed.stage.run_embed`, through `stage_runner`, as the pipeline runs it) embeds a generated
 folder of 120 JPEGs plus odd files (a CMYK, a grayscale, an EXIF-rotated JPEG, a PNG, and three
 undecodable files) with timm's `test_resnet` (seeded random init), 8 rows per chunk, in a child
 process. The test polls the store's finished-chunk markers and kills the child (SIGKILL, no warning)
@@ -33,7 +33,7 @@ import zarr
 
 from alignet_core.io import store
 
-from alignet_core.pipeline import stages
+from alignet_core.embed.stage import plan_embed
 from alignet_core.config import PipelineConfig, parse_config
 from tests.generated_images import write_jpeg_folder, write_odd_files
 from tests.reliability.stage_runner import run_until
@@ -152,10 +152,10 @@ def test_sigkilled_embed_reruns_to_the_uninterrupted_store(
     clean_root, clean_out = clean
     root = tmp_path / "killed"
     cfg = _cfg(root, images, devices)
-    plan = stages.plan_embed(cfg)
+    plan = plan_embed(cfg)
     url = store.join(plan.dir, "embeddings.zarr")
-    n_chunks = -(-clean_out.metrics["n_images"] // EMBED["chunk_rows"])
-    chunk_seconds = clean_out.metrics["seconds"] / n_chunks
+    n_chunks = -(-clean_out.metrics.n_images // EMBED["chunk_rows"])
+    chunk_seconds = clean_out.metrics.seconds / n_chunks
     seed = 7 if devices is None else 8
     at_kill, where = kill_after_first_chunk(json.dumps(_settings(root, images, devices)), url, chunk_seconds, seed)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from distributed import Client, LocalCluster
 
-from alignet_core.pipeline import stages
+from alignet_core.sample.stage import plan_sample, publish_sample
 from tests.reliability.stage_runner import paced_shard, run_until
 from tests.reliability.test_stage_kills import _cfg, assert_same_stage, no_temporaries
 
@@ -25,7 +25,7 @@ def test_killed_worker_mid_sampling_gives_the_clean_dataset(tmp_path: Path, one_
 
     cfg = _cfg(root)
     tfm, clu = run_until(cfg, "transform"), run_until(cfg, "cluster")
-    sp = stages.plan_sample(cfg, tfm, clu)
+    sp = plan_sample(cfg, tfm, clu)
     shards = Path(sp.plan.dir) / "shards"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
@@ -46,6 +46,6 @@ def test_killed_worker_mid_sampling_gives_the_clean_dataset(tmp_path: Path, one_
         results = client.gather(futures)  # rescheduled shards finish elsewhere
         assert len(results) == len(sp.specs) == len(set(results))
         assert pids[victim] not in client.run(os.getpid).values()  # the worker really was lost
-    out = stages.publish_sample(cfg, sp)
+    out = publish_sample(cfg, sp)
     assert_same_stage(out, root, clean, clean_root)
     assert no_temporaries(root) == []

@@ -17,7 +17,7 @@ from alignet_core import models
 
 from alignet_core.io import formats, store
 
-from alignet_core.transform import affine as transform  # RENAME
+from alignet_core.transform import affine
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.config import parse_config
 from tests.reliability.stage_runner import run_until
@@ -72,7 +72,7 @@ def test_pickled_arrays_are_refused_without_running_them(tmp_path: Path) -> None
 def test_transform_files_are_safetensors_and_a_bad_one_is_an_input_error(tmp_path: Path) -> None:
     (tmp_path / "t.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(InputError, match="t.safetensors: not a safetensors transform file"):
-        transform.AffineTransform.load(str(tmp_path / "t.safetensors"))
+        affine.AffineTransform.load(str(tmp_path / "t.safetensors"))
 
 
 LOADERS = re.compile(r"\b(pickle|cloudpickle|dill|joblib)\.loads?\(|\btorch\.load\(|\bnp\.load\(")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from alignet_core.io import embedding_store
-from alignet_core.sample.shards import assemble_dataset, plan_shards, run_shard, shard_path
+from alignet_core.sample.publish import assemble_dataset
+from alignet_core.sample.shards import plan_shards, run_shard, shard_path
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = {"cluster_border": "cluster_border_5"}

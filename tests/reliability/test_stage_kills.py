@@ -1,6 +1,6 @@
 """SIGKILL the pipeline process in the middle of each stage, rerun, and get the clean run's bytes.
 
-Each case runs the real stage function (`alignet_core.pipeline.stages`) on a small real pipeline (48 demo
+Each case runs the real stage function (each package's `stage.py`) on a small real pipeline (48 demo
 emoji, timm's `test_resnet`, proxy triplets, FAISS k-means, two sampling strategies) in a child
 process, kills it with SIGKILL at a random point after real work started (after a random number
 of units of the paced function, plus a random delay), checks that nothing half-written is visible
@@ -46,12 +46,12 @@ SETTINGS: dict[str, Any] = {
 
 # (stage, paced function, units it is called in a clean run's stage, pause after each)
 CASES = {
-    "embed-chunks": ("embed", "alignet_core.io.store:ChunkProgress.mark", 6, 0.3),
-    "transform-fit": ("transform", "alignet_core.transform.affine:scaled_identity_penalty", 15, 0.05),
-    "transform-apply": ("transform", "alignet_core.io.store:ChunkProgress.mark", 8, 0.2),
+    "embed-chunks": ("embed", "alignet_core.io.embedding_store:ChunkProgress.mark", 6, 0.3),
+    "transform-fit": ("transform", "alignet_core.transform.fit:scaled_identity_penalty", 15, 0.05),
+    "transform-apply": ("transform", "alignet_core.io.embedding_store:ChunkProgress.mark", 8, 0.2),
     "cluster-save": ("cluster", "alignet_core.io.store:write_bytes_atomic", 4, 0.3),
-    "sample-shards": ("sample", "alignet_core.sample.shards:run_shard", 14, 0.15),
-    "sample-publish": ("sample", "alignet_core.sample.shards:write_alignet_npz", 4, 0.3),
+    "sample-shards": ("sample", "alignet_core.sample.stage:run_shard", 14, 0.15),
+    "sample-publish": ("sample", "alignet_core.sample.publish:write_alignet_npz", 4, 0.3),
 }
 FAST = {"transform-apply", "cluster-save"}
 

@@ -1,0 +1,62 @@
+"""Stage 2, cluster: k-means of the (transformed) store into superordinate categories.
+
+In: the transform stage's store (and the source's labels, for agreement). Out: `<dir>/assignments.npy`
+(n,) int64 (-1 for invalid rows; the groups file of the cluster sampling strategies), centroids,
+distances, sizes and `kmeans.json`. The key covers the k-means settings, the seed and where k-means
+runs (`hardware.kmeans_backend`: FAISS on the CPU, FAISS's GPUs, or torch on CUDA), since GPU sums
+are added in another order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from alignet_core.cluster.kmeans import run_kmeans, save_kmeans
+from alignet_core.config import PipelineConfig
+from alignet_core.evaluate import metrics
+from alignet_core.hardware import kmeans_backend
+from alignet_core.io import sources, store
+from alignet_core.pipeline.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
+
+
+class ClusterMetrics(StageMetrics):
+    """Cluster sizes, the k-means objective, and agreement with the source's labels when it has any."""
+
+    k: int
+    sizes: list[int]
+    inertia: float
+    inertia_curve: list[float]
+    nmi: float | None = None
+    ari: float | None = None
+
+
+class ClusterOutput(StageOutput):
+    metrics: ClusterMetrics
+
+
+def plan_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StagePlan:
+    conf = {"cluster": cfg.cluster.model_dump(), "seed": cfg.seed,
+            "backend": dataclasses.asdict(kmeans_backend(cfg.cluster.use_gpu))}
+    return plan_stage(cfg.root, "cluster", conf, [tfm.key], __name__)
+
+
+def run_cluster(cfg: PipelineConfig, tfm: StageOutput) -> ClusterOutput:
+    """k-means of the transformed store; agreement with the source's labels."""
+    plan = plan_cluster(cfg, tfm)
+    return once(plan, ClusterOutput, lambda: _cluster(cfg, tfm, plan), cfg.lock_timeout)
+
+
+def _cluster(cfg: PipelineConfig, tfm: StageOutput, plan: StagePlan) -> ClusterOutput:
+    """The stage's work, under its lock."""
+    t0 = time.perf_counter()
+    res = run_kmeans(tfm.artifact, cfg.cluster, cfg.seed)
+    summary = save_kmeans(res, plan.dir)
+    labels = sources.source_from_config(cfg.source).labels()
+    ok = (res.assignments >= 0) & (labels != "")
+    agreement = metrics.cluster_agreement(labels[ok], res.assignments[ok]) if ok.any() else {}
+    m = ClusterMetrics(k=summary["k"], sizes=summary["sizes"], inertia=summary["inertia"],
+                       inertia_curve=summary["inertia_curve"], **agreement,
+                       seconds=round(time.perf_counter() - t0, 2))
+    return finish(plan, ClusterOutput, store.join(plan.dir, "assignments.npy"), m,
+                  {"cluster": cfg.cluster.model_dump()}, [tfm.key])

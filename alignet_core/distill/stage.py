@@ -1,0 +1,152 @@
+"""Stage 4, distill: finetune a student with the AligNet loss on official-format triplets and
+measure it before and after.
+
+In: the dataset the sample stage published, or any folder of official-format files given as
+`distill.dataset` (a published AligNet release, joined to the images by `filenames` with
+`distill.join: filenames`), plus the image source and the held-out human triplets. Out, in the
+stage directory: `student.safetensors` (the backbone's timm state dict), `head.safetensors`,
+`train_log.json` and the checkpoints training resumes from. Metrics: triplet accuracy against
+the teacher on every `valid_*.npz`, and odd-one-out accuracy on the held-out human triplets (the
+demo's proxy, named so), before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import fsspec
+from pydantic import BaseModel, ConfigDict
+
+from alignet_core.config import PipelineConfig
+from alignet_core.distill.batches import join_by_filenames
+from alignet_core.distill.evaluation import student_accuracy
+from alignet_core.distill.student import build_student, load_student
+from alignet_core.distill.train import train_student
+from alignet_core.errors import ConfigError, InputError
+from alignet_core.hardware import compute_identity, resolve_device
+from alignet_core.io import formats, sources, store
+from alignet_core.io.formats import sampling_name
+from alignet_core.pipeline.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
+from alignet_core.transform.human_data import PROXY_NAME, human_test_split
+
+
+class DistillFiles(BaseModel):
+    """The official-format files a distillation run reads."""
+
+    model_config = ConfigDict(frozen=True)
+    folder: str
+    sampling: str  # the training file's sampling name: train_<sampling>.npz
+    train: str
+    valid: dict[str, str]  # sampling name → valid_<sampling>.npz
+    key: str  # identity of the input: the sampling stage's key, or a fingerprint of foreign files
+
+
+class DistillMetrics(StageMetrics):
+    """The student's held-out accuracies before and after training, and how training went."""
+
+    dataset: str
+    sampling: str
+    n_train: int
+    acc_before: dict[str, float]
+    acc_after: dict[str, float]
+    human_acc_before: float | None
+    human_acc_after: float | None
+    human_data: str | None
+    n_human_test: int
+    steps: int
+    final_loss: float
+    loss_curve: list[float]
+    train_seconds: float
+
+
+class DistillOutput(StageOutput):
+    metrics: DistillMetrics
+
+
+def distill_files(cfg: PipelineConfig, ds: StageOutput | None) -> DistillFiles:
+    """Where the stage's triplets are: `distill.dataset` when set, else the published dataset `ds`."""
+    d = cfg.distill
+    if d.dataset is None and ds is None:
+        raise ConfigError("distill.dataset: no dataset to train on; give a folder of AligNet .npz files "
+                          "or run the sampling stage first")
+    folder = d.dataset if d.dataset is not None else ds.artifact  # type: ignore[union-attr]
+    name = d.sampling or sampling_name(d.strategy, cfg.cluster.k)
+    train = store.join(folder, f"train_{name}.npz")
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not store.exists(train):
+        have = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}/train_*.npz"))
+        raise InputError(f"distill.dataset: {train!r} does not exist (found {have or 'no train_*.npz'}); "
+                         "set distill.sampling or distill.strategy to one of the files")
+    valid = {}
+    for p in sorted(fs.glob(f"{path}/valid_*.npz")):
+        base = p.rsplit("/", 1)[-1]
+        valid[base[len("valid_"):-len(".npz")]] = store.join(folder, base)
+    if d.dataset is None:
+        key = ds.key  # type: ignore[union-attr]
+    else:  # a foreign folder: its files' names, sizes and modification times
+        ident = [(u, fs.size(fsspec.core.url_to_fs(u)[1]), fs.modified(fsspec.core.url_to_fs(u)[1]).timestamp())
+                 for u in [train, *valid.values()]]
+        key = store.content_key("distill-input", ident)
+    return DistillFiles(folder=folder, sampling=name, train=train, valid=valid, key=key)
+
+
+def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
+    conf = {"distill": cfg.distill.model_dump(), "seed": cfg.seed, "source": sources.source_identity(cfg.source),
+            "compute": dataclasses.asdict(compute_identity(resolve_device(cfg.device)))}
+    return plan_stage(cfg.root, "distill", conf, [files.key], __name__)
+
+
+def run_distill(
+    cfg: PipelineConfig,
+    ds: StageOutput | None,
+    progress: Callable[[int, float], None] | None = None,
+) -> DistillOutput:
+    """Finetune the student on official-format triplets (the pipeline's own, or `distill.dataset`);
+    accuracies before and after. `progress(step, loss)` is called after every training step."""
+    files = distill_files(cfg, ds)
+    plan = plan_distill(cfg, files)
+    # training resumes from its own checkpoints: no temporaries to clear
+    return once(plan, DistillOutput, lambda: _distill(cfg, files, plan, progress), cfg.lock_timeout, clean=False)
+
+
+def _read_split(cfg: PipelineConfig, url: str, src: sources.ImageSource) -> formats.AlignetTriplets:
+    if cfg.distill.join == "filenames":
+        return join_by_filenames(formats.read_alignet_npz(url), src, url)
+    return formats.read_alignet_npz(url, len(src))
+
+
+def _distill(
+    cfg: PipelineConfig, files: DistillFiles, plan: StagePlan, progress: Callable[[int, float], None] | None
+) -> DistillOutput:
+    """The stage's work, under its lock (training resumes from its own checkpoints)."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    src = sources.source_from_config(cfg.source)
+    train = _read_split(cfg, files.train, src)
+    valids = {name: _read_split(cfg, url, src) for name, url in files.valid.items()}
+    test = human_test_split(cfg, src)
+    d = cfg.distill
+    student = build_student(d, cfg.seed)  # "before": the pretrained backbone's own features
+    before = student_accuracy(student, valids, test, src, device, False, d.n_eval, d.num_workers)
+    del student
+    log_ = train_student(train, src, d, plan.dir, device, cfg.seed, progress)
+    after = student_accuracy(load_student(plan.dir, d), valids, test, src, device, True, d.n_eval, d.num_workers)
+    metrics = DistillMetrics(
+        dataset=files.folder,
+        sampling=files.sampling,
+        n_train=len(train),
+        acc_before=before.by_sampling,
+        acc_after=after.by_sampling,
+        human_acc_before=before.human,
+        human_acc_after=after.human,
+        human_data=None if test is None else (PROXY_NAME if test.is_proxy else cfg.human.triplets),
+        n_human_test=0 if test is None else int(len(test.triplets)),
+        steps=log_["steps"],
+        final_loss=log_["final_loss"],
+        loss_curve=log_["loss_curve"],
+        train_seconds=log_["seconds"],
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    return finish(plan, DistillOutput, plan.dir, metrics, {"distill": d.model_dump()}, [files.key])

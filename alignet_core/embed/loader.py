@@ -1,0 +1,76 @@
+"""The extraction's data loading: images read (and, on the PIL path, decoded and transformed) in
+DataLoader workers, in batches that never cross a chunk boundary, with failures kept aside.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from alignet_core.errors import InputError
+from alignet_core.io.images import decode_image_bytes, is_plain_jpeg, read_image_bytes
+from alignet_core.io.sources import ImageSource
+
+
+class ImageDataset(Dataset):
+    """Item i → (i, (3, h, w) float32 tensor or None, JPEG bytes (m,) uint8 or None, reason or None).
+
+    With `jpeg_bytes`, a whole plain JPEG comes back undecoded (for a batched decode on the extraction
+    device); everything else is decoded and transformed here by PIL, or fails with its reason.
+    """
+
+    def __init__(self, source: ImageSource, transform: Callable[[Any], torch.Tensor], jpeg_bytes: bool = False) -> None:
+        self.records = source.records
+        self.transform = transform
+        self.jpeg_bytes = jpeg_bytes
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
+        path = self.records[i].path
+        try:
+            data = read_image_bytes(path)
+            if self.jpeg_bytes and is_plain_jpeg(data):
+                return i, None, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
+            return i, self.transform(decode_image_bytes(data, path)), None, None
+        except (InputError, OSError, ValueError) as err:
+            return i, None, None, str(err)
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]]) -> dict[str, Any]:
+    """Stack the decoded images of a batch; keep JPEG bytes and failures (with their reasons) aside."""
+    ok = [(i, x) for i, x, _, _ in items if x is not None]
+    return {
+        "index": torch.tensor([i for i, _ in ok], dtype=torch.long),
+        "x": torch.stack([x for _, x in ok]) if ok else None,
+        "jpeg_index": [i for i, _, b, _ in items if b is not None],
+        "jpeg": [b for _, _, b, _ in items if b is not None],
+        "failed": [(i, reason) for i, x, b, reason in items if x is None and b is None],
+    }
+
+
+def end_with_parent(parent_pid: int, _worker_id: int) -> None:
+    """DataLoader worker init: on Linux, have the kernel SIGKILL this loader worker when its parent dies.
+
+    torch's own watchdog looks only every 5 s, and a worker whose output pipe is full when its parent
+    is killed (SIGKILL, OOM killer) never gets there: it would linger forever, holding memory.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
+
+
+def row_batches(chunks: list[tuple[int, int, int]], batch_size: int) -> list[list[int]]:
+    """Row indices per batch; batches stay inside their chunk so the result never depends on resume."""
+    return [list(range(b, min(b + batch_size, stop))) for _, start, stop in chunks for b in range(start, stop, batch_size)]

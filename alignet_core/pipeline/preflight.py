@@ -1,0 +1,78 @@
+"""Preflight: everything about a run that can be checked before any work starts.
+
+Bad configs and inputs fail here, in seconds, with a message naming the field or path and what is
+expected, instead of after hours of embedding.
+"""
+
+from __future__ import annotations
+
+from alignet_core import models
+from alignet_core.config import PipelineConfig
+from alignet_core.errors import ConfigError, InputError
+from alignet_core.hardware import resolve_device, resolve_devices
+from alignet_core.io import sources, store
+from alignet_core.transform.human_data import load_human_data
+
+
+def preflight(cfg: PipelineConfig) -> None:
+    """Check what can be checked before any work: inputs exist, names resolve, sizes fit.
+
+    Raises `ConfigError` / `InputError` naming the field or path and what is expected."""
+    import timm
+
+    src = sources.source_from_config(cfg.source)
+    n = len(src)
+    if cfg.embed.devices is not None:
+        resolve_devices(cfg.embed.devices)
+    for field, name in (("embed.model", cfg.embed.model), ("distill.student", cfg.distill.student)):
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+            raise ConfigError(f"{field}: unknown timm model {name!r}" + (f"; close matches: {close}" if close else ""))
+    for section, name, weights, needed in (("embed", cfg.embed.model, cfg.embed.weights, True),
+                                           ("distill", cfg.distill.student, cfg.distill.weights, cfg.distill.enabled)):
+        try:
+            if needed:
+                models.resolve_weights(name, weights)
+        except InputError as err:  # "weights: ..." → "embed.weights: ...", naming the section
+            raise InputError(f"{section}.{err}" if str(err).startswith("weights:") else str(err)) from None
+    if cfg.distill.enabled:
+        if cfg.distill.dataset is not None and not store.exists(cfg.distill.dataset):
+            raise InputError(f"distill.dataset: folder {cfg.distill.dataset!r} does not exist")
+        if cfg.distill.dataset is None and cfg.distill.strategy not in cfg.sample.strategies:
+            raise ConfigError(f"distill.strategy: {cfg.distill.strategy!r} must be one of sample.strategies "
+                              f"{list(cfg.sample.strategies)}")
+    if cfg.cluster.k > n:
+        raise ConfigError(f"cluster.k: {cfg.cluster.k} clusters for {n} images; k must be at most the number of images")
+    h = cfg.human
+    for field in ("triplets", "probabilities", "objects"):
+        path = getattr(h, field)
+        if path is not None and not store.exists(path):
+            raise InputError(f"human.{field}: file {path!r} does not exist")
+    if h.probabilities and not h.triplets:
+        raise ConfigError("human.probabilities: given without human.triplets")
+    if h.triplets is None and cfg.source.kind != "demo" and cfg.transform.enabled:
+        raise ConfigError("human.triplets: a THINGS-format triplet file is required unless source.kind is 'demo' "
+                          "or transform.enabled is false")
+    if len(set(cfg.sample.strategies)) != len(cfg.sample.strategies):
+        raise ConfigError(f"sample.strategies: duplicates in {list(cfg.sample.strategies)}")
+    resolve_device(cfg.device)
+    if cfg.embed.layers:
+        import torch
+
+        with torch.device("meta"):  # the module tree only: no weights, no memory
+            names = {name for name, _ in timm.create_model(cfg.embed.model, pretrained=False).named_modules()}
+        unknown = [name for name in cfg.embed.layers if name not in names or not name]
+        if unknown:
+            raise ConfigError(f"embed.layers: {unknown} are not modules of {cfg.embed.model!r}; expected names "
+                              "as in model.named_modules(), e.g. 'blocks.3'")
+    d = cfg.distill
+    if d.enabled and d.batch_triplets % d.grad_accum:
+        raise ConfigError(f"distill.grad_accum: {d.grad_accum} must divide distill.batch_triplets "
+                          f"({d.batch_triplets}) into equal micro-batches")
+    if h.triplets is not None:  # read and check the human data now, not after hours of embedding
+        try:
+            load_human_data(cfg, src)
+        except InputError as err:
+            field = next((f for f in ("probabilities", "objects") if getattr(h, f) and getattr(h, f) in str(err)),
+                         "triplets")
+            raise InputError(f"human.{field}: {err}") from None

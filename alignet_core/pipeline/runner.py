@@ -1,0 +1,116 @@
+"""The stage runner: plan a stage's key and directory, reuse a complete output, or make it once.
+
+Every stage writes under `<root>/stages/<stage>/<key>/`, where the key hashes the stage's config
+section, the keys of its inputs and its code version (`code_version`: the source of every
+`alignet_core` module its `stage.py` imports, transitively, and its numeric libraries' versions).
+The manifest is written last (`finish`), so a directory without one is never trusted and the stage
+reruns, resuming from whatever chunks or shards it had finished. A stage's work runs while its run
+holds the directory's writer lock (`once`); a run that waited for another reuses what that one made.
+
+Each stage package defines its metrics (a `StageMetrics` model) and its output (a `StageOutput`
+whose `metrics` field has that type); manifests hold the metrics as JSON and `reuse` validates
+them back into the stage's own types.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from alignet_core.errors import StoreError
+from alignet_core.io import lock, store
+from alignet_core.pipeline.code_version import code_version
+
+log = logging.getLogger(__name__)
+
+
+class StagePlan(BaseModel):
+    """Where a stage's outputs live, under which content key, made by which code version."""
+
+    model_config = ConfigDict(frozen=True)
+    stage: str
+    key: str
+    dir: str
+    code_version: str
+
+
+class StageMetrics(BaseModel):
+    """The headline numbers of a stage (each stage subclasses it); `seconds` is its wall time."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    seconds: float
+
+
+class StageOutput(BaseModel):
+    """What a stage hands to the next: its key, directory, main artifact and metrics."""
+
+    model_config = ConfigDict(frozen=True)
+    stage: str
+    key: str
+    dir: str
+    artifact: str  # the main output: a store, a dataset folder, a checkpoint folder
+    metrics: StageMetrics
+
+
+Output = TypeVar("Output", bound=StageOutput)
+
+
+def plan_stage(root: str, stage: str, config: Any, inputs: Sequence[str], module: str) -> StagePlan:
+    """The plan of `stage` whose code is the module `module` (its `stage.py`, by dotted name):
+    key = hash(stage, config (JSON-able), input keys, code version of `module`)."""
+    code = code_version(module)
+    key = store.content_key(stage, config, list(inputs), code)
+    return StagePlan(stage=stage, key=key, dir=store.stage_dir(root, stage, key), code_version=code)
+
+
+def finish(
+    plan: StagePlan, output_type: type[Output], artifact: str, metrics: StageMetrics, config: Any, inputs: Sequence[str]
+) -> Output:
+    """Write the stage's manifest (last: it marks the directory complete) and return its output."""
+    out = output_type(stage=plan.stage, key=plan.key, dir=plan.dir, artifact=artifact, metrics=metrics)
+    store.write_manifest(plan.dir, {"stage": plan.stage, "key": plan.key, "code_version": plan.code_version,
+                                    "config": config, "inputs": list(inputs), "artifact": artifact,
+                                    "metrics": metrics.model_dump(mode="json")})
+    return out
+
+
+def reuse(plan: StagePlan, output_type: type[Output]) -> Output | None:
+    """The output of a complete stage directory, or None. A manifest is trusted only when it names this
+    stage and key and an artifact inside the artifact root (`StoreError` otherwise): a copied or edited
+    manifest can never point a run at files elsewhere."""
+    if not store.is_complete(plan.dir):
+        return None
+    m = store.read_manifest(plan.dir)
+    root = plan.dir.rstrip("/").rsplit("/", 3)[0]  # <root>/stages/<stage>/<key>
+    if m.get("stage") != plan.stage or m.get("key") != plan.key or not store.is_inside(m.get("artifact"), root):
+        raise StoreError(
+            f"{store.join(plan.dir, store.MANIFEST)}: names stage {m.get('stage')!r}, key {m.get('key')!r} and "
+            f"artifact {m.get('artifact')!r}; expected stage {plan.stage!r}, key {plan.key!r} and an artifact "
+            f"inside the root {root!r}. Delete {plan.dir!r} to recompute it"
+        )
+    log.info("%s: reusing complete output %s", plan.stage, plan.dir)
+    return output_type.model_validate({"stage": plan.stage, "key": plan.key, "dir": plan.dir,
+                                       "artifact": m["artifact"], "metrics": m["metrics"]})
+
+
+def once(
+    plan: StagePlan,
+    output_type: type[Output],
+    work: Callable[[], Output],
+    lock_timeout: float | None,
+    clean: bool = True,
+) -> Output:
+    """A stage's output: reused when its directory is complete, else made by `work()` while this
+    run holds the stage's writer lock (a run that waited for another reuses what that one made).
+    Disk-full errors become a `StoreError`; with `clean`, temporaries of a killed writer go first."""
+    if (done := reuse(plan, output_type)) is not None:
+        return done
+    with lock.stage_lock(plan.dir, lock_timeout), store.disk_full_as_store_error(plan.dir):
+        if (done := reuse(plan, output_type)) is not None:  # another run finished it while this one waited
+            return done
+        if clean:
+            store.remove_temporaries(plan.dir)
+        return work()

@@ -1,0 +1,173 @@
+"""Stage 3, sample: triplets sampled shard by shard (in parallel on Dask), labelled by the
+transformed teacher, published as a new dataset version in the official AligNet `.npz` format.
+
+In: the transform stage's store and the cluster stage's assignments (plus the source's labels for
+the class strategies and its ids for the files' `filenames`). Out: finished shards under
+`<dir>/shards/`, then `<root>/datasets/<name>/<key>/<folder>/{train,valid}_<sampling>.npz` (and
+their Zarr copy and manifest) published by one rename; `promote_dataset` points `latest` at it.
+`plan_sample` writes the group files its shards read; `run_sample_shard` is one shard (a Dask
+task); `publish_sample` assembles them. Which workers run the shards changes no output, so
+`sample.n_workers` and `sample.dask_address` are not in the key.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import fsspec
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from alignet_core.config import PipelineConfig
+from alignet_core.io import embedding_store, lock, sources, store
+from alignet_core.io.formats import sampling_name
+from alignet_core.pipeline.runner import StageMetrics, StageOutput, StagePlan, finish, plan_stage, reuse
+from alignet_core.sample import versions
+from alignet_core.sample.publish import assemble_dataset
+from alignet_core.sample.shards import ShardSpec, plan_shards, run_shard, shard_path
+
+log = logging.getLogger(__name__)
+
+TRANSFORMED_FOLDER = "uncertainty_distillation"
+UNTRANSFORMED_FOLDER = "untransformed"
+
+
+class DatasetFile(BaseModel):
+    """One published `.npz` file, as the dataset's manifest lists it."""
+
+    model_config = ConfigDict(frozen=True)
+    strategy: str
+    split: str
+    path: str
+    n_triplets: int
+    sha256: str
+    arrays_sha256: str
+
+
+class SampleMetrics(StageMetrics):
+    publish_url: str
+    version: str
+    files: dict[str, DatasetFile]
+    n_triplets: int
+
+
+class SampleOutput(StageOutput):
+    metrics: SampleMetrics
+
+
+class SamplingPlan(BaseModel):
+    """Everything a shard worker needs: paths and shard specs, no arrays."""
+
+    model_config = ConfigDict(frozen=True)
+    plan: StagePlan
+    store_url: str
+    groups_urls: dict[str, str]
+    names: dict[str, str]
+    specs: list[dict[str, Any]]
+    publish_url: str  # the version directory <root>/datasets/<name>/<key>
+    folder: str  # the official transform folder inside it, where the .npz files are
+    inputs: list[str]
+
+
+class Promotion(BaseModel):
+    """What `promote_dataset` did: the version now `latest`, its folder, versions retention removed."""
+
+    model_config = ConfigDict(frozen=True)
+    version: str
+    path: str
+    removed: list[str]
+
+
+def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> SamplingPlan:
+    """Plan the sampling stage and write the group files its shards read (cheap, idempotent)."""
+    s = cfg.sample
+    conf = {"sample": s.model_dump(exclude={"n_workers", "dask_address"}), "seed": cfg.seed,
+            "source": sources.source_identity(cfg.source)}
+    plan = plan_stage(cfg.root, "sample", conf, [tfm.key, clu.key], __name__)
+    src = sources.source_from_config(cfg.source)
+    valid = embedding_store.open_embeddings(tfm.artifact)["valid"][:]
+    labels = src.labels()
+    class_groups = np.unique(labels, return_inverse=True)[1].astype(np.int64)
+    class_groups[(labels == "") | ~valid] = -1
+    cluster_groups = store.read_npy(clu.artifact, "cluster assignments").astype(np.int64)
+    names, groups_urls = {}, {}
+    store.makedirs(plan.dir)
+    for strategy in s.strategies:
+        by_cluster = strategy.startswith("cluster")
+        names[strategy] = sampling_name(strategy, cfg.cluster.k)
+        url = store.join(plan.dir, f"groups_{'cluster' if by_cluster else 'class'}.npy")
+        if not store.exists(url):
+            store.write_npy(url, cluster_groups if by_cluster else class_groups)
+        groups_urls[strategy] = url
+    specs = plan_shards(list(s.strategies), s.n_train, s.n_valid, s.shard_size, cfg.seed)
+    folder = TRANSFORMED_FOLDER if cfg.transform.enabled else UNTRANSFORMED_FOLDER
+    return SamplingPlan(plan=plan, store_url=tfm.artifact, groups_urls=groups_urls, names=names,
+                        specs=[vars(sp) for sp in specs], publish_url=versions.version_dir(cfg.root, cfg.dataset_name, plan.key),
+                        folder=folder, inputs=[tfm.key, clu.key])
+
+
+def shard_done(sp: SamplingPlan, spec: dict[str, Any]) -> bool:
+    return store.exists(shard_path(sp.plan.dir, ShardSpec(**spec)))
+
+
+def run_sample_shard(sp: SamplingPlan, spec: dict[str, Any]) -> str:
+    """One shard: sample, teacher similarities, order; written atomically (skipped when present)."""
+    s = ShardSpec(**spec)
+    with store.disk_full_as_store_error(sp.plan.dir):
+        return run_shard(s, sp.groups_urls[s.strategy], sp.store_url, sp.plan.dir)
+
+
+def publish_complete(sp: SamplingPlan) -> bool:
+    """True when the stage's manifest and the published folder both exist."""
+    return store.is_complete(sp.plan.dir) and store.exists(store.join(sp.publish_url, sp.folder))
+
+
+def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
+    """Assemble finished shards into the official `.npz` files of a new dataset version
+    (`<root>/datasets/<name>/<key>/<folder>/`), published by one atomic rename with a manifest
+    naming the config, input keys and code version.
+
+    Holds the stage's writer lock; temporary dataset folders of an earlier, killed publication are
+    removed first (they were never visible under the published name)."""
+    if (done := reuse(sp.plan, SampleOutput)) is not None and store.exists(done.artifact):
+        return done
+    with lock.stage_lock(sp.plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(sp.publish_url):
+        if (done := reuse(sp.plan, SampleOutput)) is not None and store.exists(done.artifact):
+            return done
+        store.remove_temporaries(sp.plan.dir)  # shards cut by a kill (every shard of this key is finished)
+        store.remove_temporaries_of(sp.publish_url)  # a publication cut by a kill (never visible)
+        src = sources.source_from_config(cfg.source)
+        specs = [ShardSpec(**d) for d in sp.specs]
+        extra = {"dataset_name": cfg.dataset_name, "version": sp.plan.key, "published_at": versions.now_utc(),
+                 "inputs": {"transform": sp.inputs[0], "cluster": sp.inputs[1]}, "code_version": sp.plan.code_version,
+                 "config": cfg.model_dump(mode="json")}
+        manifest = assemble_dataset(sp.plan.dir, specs, src.ids(), sp.publish_url, sp.names,
+                                    subfolder=sp.folder, extra=extra)
+        files = {name: DatasetFile(**{k: info[k] for k in DatasetFile.model_fields})
+                 for name, info in manifest["files"].items()}
+        metrics = SampleMetrics(
+            publish_url=sp.publish_url,
+            version=sp.plan.key,
+            files=files,
+            n_triplets=int(sum(f.n_triplets for f in files.values())),
+            # wall time from planning (when the group files were written) to publication
+            seconds=round(time.time() - min(_mtime(u) for u in sp.groups_urls.values()), 2),
+        )
+        return finish(sp.plan, SampleOutput, store.join(sp.publish_url, sp.folder), metrics,
+                      {"sample": cfg.sample.model_dump()}, sp.inputs)
+
+
+def promote_dataset(cfg: PipelineConfig, ds: SampleOutput) -> Promotion:
+    """Point the dataset's `latest` at the version `ds` published (or reused), then apply `keep_versions`."""
+    version = ds.key  # a version is named by the sampling stage's content key
+    versions.set_latest(cfg.root, cfg.dataset_name, version)
+    removed = versions.apply_retention(cfg.root, cfg.dataset_name, cfg.keep_versions)
+    log.info("dataset %s: latest is %s%s", cfg.dataset_name, version, f"; removed {removed}" if removed else "")
+    return Promotion(version=version, path=versions.version_dir(cfg.root, cfg.dataset_name, version), removed=removed)
+
+
+def _mtime(url: str) -> float:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.modified(path).timestamp()
