@@ -5,7 +5,7 @@
 
 Setup (not timed): a float16 Zarr embedding store made with `embedding_store.create_embedding_store`
 (Gaussian blobs around `k` centres, so the clusters are real) and a groups file of cluster ids.
-Then the real shard code (`dataset.run_shard`: sampling, chunk-aligned gathering of the rows
+Then the real shard code (`sample.shards.run_shard`: sampling, chunk-aligned gathering of the rows
 from Zarr, dot products, odd-one-out order, atomic npz write) runs for every shard of
 `cluster_border` triplets on a `distributed.LocalCluster` of 1 worker and then of 2 workers
 (processes, 1 thread each), each with a fresh output folder. `wall_s` is the 2-worker time from
@@ -28,7 +28,7 @@ reports each size's median run (every run is listed in `runs`; peaks are the max
 `row_paths` times one shard's teacher similarities in this process, alternating `repeats` times
 between the two ways rows reach the dot products: gathered from the memory-mapped store (what
 shards do on a raw local store, `embedding_store.RawChunkReader.map_rows`) and copied out chunk by chunk
-first (`teacher.copied_row_similarities`, the path for compressed or remote stores); `ratio` = copied /
+first (`sample.teacher.copied_row_similarities`, the path for compressed or remote stores); `ratio` = copied /
 mapped, medians. Both give the same similarities, bit for bit (checked).
 """
 

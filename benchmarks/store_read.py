@@ -11,7 +11,7 @@ to zero, like pooled CNN features, which is where compression pays. Times are me
 passes over the whole store chunk by chunk (files in the page cache), as clustering's assignment
 and a sampling shard read it: `raw_read_s` and `zstd_read_s` through Zarr (`embeddings[lo:hi]`),
 `raw_chunk_reader_s` with `embedding_store.RawChunkReader` (one `readinto` per chunk into a reused buffer),
-the path `teacher.gather_rows` takes on raw local stores. `read_ratio` = zstd / raw through Zarr.
+the path `io.embedding_store.gather_rows` takes on raw local stores. `read_ratio` = zstd / raw through Zarr.
 Writes `benchmarks/results/store_read.json` and prints one JSON line.
 """
 
@@ -33,7 +33,7 @@ def _dir_bytes(path: str) -> int:
 
 
 def _median_chunk_pass_s(url: str, raw_reader: bool, repeats: int = 5) -> float:
-    """A pass over the store chunk by chunk, as `teacher.gather_rows` reads it: with
+    """A pass over the store chunk by chunk, as `io.embedding_store.gather_rows` reads it: with
     `embedding_store.RawChunkReader` into one reused buffer, or with Zarr (`embeddings[lo:hi]`)."""
     from alignet_core.io import embedding_store
     emb = embedding_store.open_embeddings(url)["embeddings"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from alignet_core import models
@@ -16,6 +15,7 @@ from alignet_core.errors import InputError
 from alignet_core.evaluate import metrics
 from alignet_core.hardware import autocast_dtype
 from alignet_core.io.formats import AlignetTriplets
+from alignet_core.pipeline.runner import Record
 from alignet_core.io.sources import ImageSource
 from alignet_core.transform.human import object_embeddings
 from alignet_core.transform.human_data import HumanTest
@@ -61,11 +61,10 @@ def embed_images(
     return np.zeros((0, width), np.float32)
 
 
-class StudentAccuracy(BaseModel):
+class StudentAccuracy(Record):
     """A student's held-out accuracies: triplet accuracy against the teacher per sampling, and
     odd-one-out accuracy on the held-out human triplets (None without human data)."""
 
-    model_config = ConfigDict(frozen=True)
     by_sampling: dict[str, float]
     human: float | None
 

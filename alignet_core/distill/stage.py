@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 
 import fsspec
-from pydantic import BaseModel, ConfigDict
 
 from alignet_core.config import PipelineConfig
 from alignet_core.distill.batches import join_by_filenames
@@ -28,14 +27,13 @@ from alignet_core.errors import ConfigError, InputError
 from alignet_core.hardware import compute_identity, resolve_device
 from alignet_core.io import formats, sources, store
 from alignet_core.io.formats import sampling_name
-from alignet_core.pipeline.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
+from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.transform.human_data import PROXY_NAME, human_test_split
 
 
-class DistillFiles(BaseModel):
+class DistillFiles(Record):
     """The official-format files a distillation run reads."""
 
-    model_config = ConfigDict(frozen=True)
     folder: str
     sampling: str  # the training file's sampling name: train_<sampling>.npz
     train: str

@@ -13,21 +13,19 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from pydantic import BaseModel, ConfigDict
 
 from alignet_core.config import PipelineConfig
 from alignet_core.embed.extract import extract_embeddings
 from alignet_core.hardware import ComputeIdentity, compute_identity, resolve_device, resolve_devices
 from alignet_core.io import sources, store
-from alignet_core.pipeline.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
+from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 
 STORE = "embeddings.zarr"
 
 
-class SkippedImage(BaseModel):
+class SkippedImage(Record):
     """An image that could not be decoded: its row stays zero and invalid."""
 
-    model_config = ConfigDict(frozen=True)
     id: str
     path: str
     reason: str

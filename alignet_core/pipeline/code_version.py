@@ -83,6 +83,26 @@ def _with_parents(name: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def _direct_imports(name: str, path: Path, files: dict[str, Path]) -> tuple[set[str], set[str]]:
+    """The package modules (parents included) and the numeric libraries that module `name` imports."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    modules: set[str] = set()
+    libraries: set[str] = set()
+    for imported in _imported_names(tree, name, path.name == "__init__.py"):
+        top = imported.split(".")[0]
+        if top == PACKAGE:
+            modules.update(n for n in _with_parents(imported) if n in files and n != name)
+        elif top in NUMERIC_LIBRARIES:
+            libraries.add(top)
+    return modules, libraries
+
+
+def import_graph(root: Path | None = None) -> dict[str, set[str]]:
+    """Every module of the package → the package modules it imports (parents included)."""
+    files = module_files(root or package_dir())
+    return {name: _direct_imports(name, path, files)[0] for name, path in files.items()}
+
+
 def import_closure(module: str, root: Path | None = None) -> ImportClosure:
     """The transitive `alignet_core` imports of `module` (a dotted name) in the package at `root`
     (default: the installed one), and the `NUMERIC_LIBRARIES` they import."""
@@ -97,14 +117,9 @@ def import_closure(module: str, root: Path | None = None) -> ImportClosure:
         if name in seen or name not in files:
             continue
         seen.add(name)
-        path = files[name]
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        for imported in _imported_names(tree, name, path.name == "__init__.py"):
-            top = imported.split(".")[0]
-            if top == PACKAGE:
-                todo.extend(n for n in _with_parents(imported) if n in files and n not in seen)
-            elif top in NUMERIC_LIBRARIES:
-                libraries.add(top)
+        modules, libs = _direct_imports(name, files[name], files)
+        todo.extend(modules - seen)
+        libraries |= libs
     return ImportClosure(modules=tuple(sorted(seen)), libraries=tuple(sorted(libraries)))
 
 

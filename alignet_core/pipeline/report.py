@@ -12,7 +12,6 @@ from typing import Any
 
 import fsspec
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from alignet_core import plots
 from alignet_core.cluster.stage import ClusterOutput
@@ -20,14 +19,14 @@ from alignet_core.config import PipelineConfig
 from alignet_core.distill.stage import DistillOutput
 from alignet_core.embed.stage import EmbedOutput
 from alignet_core.io import store
+from alignet_core.pipeline.runner import Record
 from alignet_core.sample.stage import DatasetFile, SampleOutput
 from alignet_core.transform.stage import TransformOutput
 
 
-class RunOutputs(BaseModel):
+class RunOutputs(Record):
     """Every stage output of one end-to-end run (distill is None when it is disabled)."""
 
-    model_config = ConfigDict(frozen=True)
     embed: EmbedOutput
     transform: TransformOutput
     cluster: ClusterOutput
@@ -40,10 +39,9 @@ class RunOutputs(BaseModel):
                                             ("distill", self.distill)) if out is not None}
 
 
-class RunSummary(BaseModel):
+class RunSummary(Record):
     """The machine-readable summary of one pipeline run (`summary.json`)."""
 
-    model_config = ConfigDict(frozen=True)
     dataset: str
     dataset_version: str
     transform_acc_before: float | None

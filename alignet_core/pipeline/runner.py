@@ -27,10 +27,15 @@ from alignet_core.pipeline.code_version import code_version
 log = logging.getLogger(__name__)
 
 
-class StagePlan(BaseModel):
-    """Where a stage's outputs live, under which content key, made by which code version."""
+class Record(BaseModel):
+    """A frozen pydantic model: the base of the plans, outputs and metrics stages hand on."""
 
     model_config = ConfigDict(frozen=True)
+
+
+class StagePlan(Record):
+    """Where a stage's outputs live, under which content key, made by which code version."""
+
     stage: str
     key: str
     dir: str
@@ -44,10 +49,9 @@ class StageMetrics(BaseModel):
     seconds: float
 
 
-class StageOutput(BaseModel):
+class StageOutput(Record):
     """What a stage hands to the next: its key, directory, main artifact and metrics."""
 
-    model_config = ConfigDict(frozen=True)
     stage: str
     key: str
     dir: str

@@ -18,12 +18,11 @@ from typing import Any
 
 import fsspec
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from alignet_core.config import PipelineConfig
 from alignet_core.io import embedding_store, lock, sources, store
 from alignet_core.io.formats import sampling_name
-from alignet_core.pipeline.runner import StageMetrics, StageOutput, StagePlan, finish, plan_stage, reuse
+from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, plan_stage, reuse
 from alignet_core.sample import versions
 from alignet_core.sample.publish import assemble_dataset
 from alignet_core.sample.shards import ShardSpec, plan_shards, run_shard, shard_path
@@ -34,10 +33,9 @@ TRANSFORMED_FOLDER = "uncertainty_distillation"
 UNTRANSFORMED_FOLDER = "untransformed"
 
 
-class DatasetFile(BaseModel):
+class DatasetFile(Record):
     """One published `.npz` file, as the dataset's manifest lists it."""
 
-    model_config = ConfigDict(frozen=True)
     strategy: str
     split: str
     path: str
@@ -57,10 +55,9 @@ class SampleOutput(StageOutput):
     metrics: SampleMetrics
 
 
-class SamplingPlan(BaseModel):
+class SamplingPlan(Record):
     """Everything a shard worker needs: paths and shard specs, no arrays."""
 
-    model_config = ConfigDict(frozen=True)
     plan: StagePlan
     store_url: str
     groups_urls: dict[str, str]
@@ -71,10 +68,9 @@ class SamplingPlan(BaseModel):
     inputs: list[str]
 
 
-class Promotion(BaseModel):
+class Promotion(Record):
     """What `promote_dataset` did: the version now `latest`, its folder, versions retention removed."""
 
-    model_config = ConfigDict(frozen=True)
     version: str
     path: str
     removed: list[str]

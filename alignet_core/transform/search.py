@@ -1,7 +1,7 @@
 """Model selection for the stage-1 transform: k-fold cross-validation over objects and a small
 grid over (alpha, lam, lr) that reports every setting.
 
-Cross-validation follows the ICLR 2023 protocol (`evaluate.object_folds`): a fold's test
+Cross-validation follows the ICLR 2023 protocol (`evaluate.metrics.object_folds`): a fold's test
 triplets have all three objects in the held-out fold, its training triplets none; early stopping
 uses a random `cfg.val_fraction` of the training triplets, never the test fold.
 """

@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 
 from alignet_core.config import PipelineConfig, TransformConfig
 from alignet_core.evaluate import metrics
 from alignet_core.hardware import resolve_device
 from alignet_core.io import embedding_store, formats, sources, store
-from alignet_core.pipeline.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage, reuse
+from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage, reuse
 from alignet_core.transform import human, vice
 from alignet_core.transform.affine import AffineTransform, apply_transform_to_store, load_saved_fit
 from alignet_core.transform.fit import fit_transform
@@ -39,10 +38,9 @@ STORE = "transformed.zarr"
 FIT_FILE = "transform.safetensors"
 
 
-class FitSettings(BaseModel):
+class FitSettings(Record):
     """The transform hyper-parameters a fit used (the configured ones, or a search's choice)."""
 
-    model_config = ConfigDict(frozen=True)
     targets: str
     alpha: float
     lam: float
@@ -54,16 +52,14 @@ class FitSettings(BaseModel):
     temperature: float
 
 
-class ViceSummary(BaseModel):
+class ViceSummary(Record):
     """VICE's held-out accuracy and kept dimensions, when VICE made the soft targets."""
 
-    model_config = ConfigDict(frozen=True)
     val_acc: float
     dims: int
 
 
-class SearchSetting(BaseModel):
-    model_config = ConfigDict(frozen=True)
+class SearchSetting(Record):
     alpha: float
     lam: float
     lr: float
@@ -72,10 +68,9 @@ class SearchSetting(BaseModel):
     knn_overlap_mean: float
 
 
-class SearchSummary(BaseModel):
+class SearchSummary(Record):
     """Every setting a cross-validated search over objects tried, and the one chosen."""
 
-    model_config = ConfigDict(frozen=True)
     n_folds: int
     settings: list[SearchSetting]
     best: dict[str, float]

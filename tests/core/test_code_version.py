@@ -3,6 +3,7 @@ stage's import closure and the numeric libraries it imports, computed from the i
 
 from __future__ import annotations
 
+import graphlib
 import json
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from alignet_core.pipeline.code_version import (
     NUMERIC_LIBRARIES,
     code_version,
     import_closure,
+    import_graph,
     installed_version,
     module_files,
     package_dir,
@@ -103,6 +105,13 @@ def test_library_versions_are_read_from_the_installed_distributions() -> None:
     assert installed_version("faiss").startswith("faiss")  # faiss-cpu here, faiss-gpu-* elsewhere
     assert installed_version("no_such_library") == "absent"
     assert set(NUMERIC_LIBRARIES) >= {"torch", "timm", "faiss", "numpy", "zarr"}
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    """Every import counts, those inside functions too; a package's own `__init__` is left out (its
+    submodules import it by construction)."""
+    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in import_graph().items()}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
 
 
 def test_a_relative_import_and_a_lazy_import_count(tmp_path: Path) -> None:
