@@ -1,1 +1,1 @@
-"""pipeline"""
+"""What runs the stages and is not a stage: the runner, computed code versions, preflight, the report."""
