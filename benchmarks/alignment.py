@@ -29,14 +29,8 @@ import time
 import numpy as np
 import torch
 
-from alignet_core.io import embedding_store, sources
-
-from alignet_core.embed.stage import run_embed
-
-from alignet_core.transform.human_data import load_human_data
-
-from alignet_core.transform import human
 from alignet_core.config import PipelineConfig, TransformConfig, ViceConfig, parse_config, with_overrides
+from alignet_core.embed.stage import run_embed
 from alignet_core.evaluate.metrics import (
     choice_nll,
     choice_probabilities_from_embeddings,
@@ -46,9 +40,12 @@ from alignet_core.evaluate.metrics import (
     odd_one_out_accuracy,
     triplet_accuracy,
 )
-from alignet_core.transform.human import split_triplets
+from alignet_core.io import embedding_store, sources
 from alignet_core.synthetic import ceiling_accuracy, make_synthetic_human
+from alignet_core.transform import human
 from alignet_core.transform.fit import FitResult, fit_transform
+from alignet_core.transform.human import split_triplets
+from alignet_core.transform.human_data import load_human_data
 from alignet_core.transform.vice import ViceModel, fit_vice
 from benchmarks._machine import machine_info, write_result
 

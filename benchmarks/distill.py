@@ -26,21 +26,13 @@ import time
 import numpy as np
 import torch
 
-from alignet_core.distill.batches import decode_images, TripletBatches
-
-from alignet_core.distill.objective import alignet_loss, triplet_similarities
-
-from alignet_core.distill.student import build_student, eval_transform
-
-from alignet_core.distill.train import train_student
-
-from alignet_core.io import formats, sources
 from alignet_core.config import DistillConfig
+from alignet_core.distill.batches import TripletBatches, decode_images
+from alignet_core.distill.objective import alignet_loss, triplet_similarities
+from alignet_core.distill.student import build_student, eval_transform
+from alignet_core.distill.train import train_student
+from alignet_core.io import formats, sources
 from benchmarks._machine import machine_info, write_result
-
-
-class _Cfg(DistillConfig):
-    image_size: int | None = None
 
 
 def _triplets(src: sources.ImageSource, n: int, seed: int) -> formats.AlignetTriplets:
@@ -51,7 +43,7 @@ def _triplets(src: sources.ImageSource, n: int, seed: int) -> formats.AlignetTri
     return formats.AlignetTriplets(idx, src.ids()[idx], sims.astype(np.float32))
 
 
-def _bare_loop(cfg: _Cfg, split: formats.AlignetTriplets, src: sources.ImageSource, seed: int) -> float:
+def _bare_loop(cfg: DistillConfig, split: formats.AlignetTriplets, src: sources.ImageSource, seed: int) -> float:
     """Seconds for cfg.steps plain steps on pre-decoded images (setup excluded)."""
     student = build_student(cfg, seed).train()
     tf = eval_transform(student.backbone, cfg.image_size)
@@ -77,7 +69,7 @@ def _bare_loop(cfg: _Cfg, split: formats.AlignetTriplets, src: sources.ImageSour
     return time.perf_counter() - t0
 
 
-def _our_loop(cfg: _Cfg, split: formats.AlignetTriplets, src: sources.ImageSource, seed: int) -> tuple[float, float]:
+def _our_loop(cfg: DistillConfig, split: formats.AlignetTriplets, src: sources.ImageSource, seed: int) -> tuple[float, float]:
     """(training-loop seconds as logged, wall seconds of the whole call) in a fresh directory."""
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
@@ -88,10 +80,10 @@ def _our_loop(cfg: _Cfg, split: formats.AlignetTriplets, src: sources.ImageSourc
 def run(steps: int, batch: int, image_size: int, repeats: int, n_images: int, seed: int = 0) -> dict:
     src = sources.subset(sources.demo_source(), n_images)
     split = _triplets(src, 4000, seed)
-    cfg = _Cfg(student="tf_efficientnet_lite0", weights="packaged", steps=steps, batch_triplets=batch,
+    cfg = DistillConfig(student="tf_efficientnet_lite0", weights="packaged", steps=steps, batch_triplets=batch,
                image_size=image_size, warmup_steps=max(1, steps // 10), lr=3e-4,
                checkpoint_every=max(1, steps // 2), cache_images=True)
-    warm = _Cfg(**{**cfg.model_dump(), "steps": 2, "checkpoint_every": 50})
+    warm = DistillConfig(**{**cfg.model_dump(), "steps": 2, "checkpoint_every": 50})
     _bare_loop(warm, split, src, seed)  # first-call costs (allocator, kernels) out of the timings
     bare, ours, ours_wall = [], [], []
     for _ in range(repeats):

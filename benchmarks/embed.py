@@ -57,10 +57,10 @@ import torch
 from alignet_core.config import EmbedConfig
 from alignet_core.embed.extract import extract_embeddings
 from alignet_core.embed.extractor import _Extractor, _inference_model
-from alignet_core.models import build_transform, create_model, pooled_features
+from alignet_core.io.embedding_store import open_embeddings
 from alignet_core.io.images import load_image
 from alignet_core.io.sources import ImageSource, demo_source, folder_source, subset
-from alignet_core.io.embedding_store import open_embeddings
+from alignet_core.models import build_transform, create_model, pooled_features
 from benchmarks._machine import machine_info, write_result
 
 CPU = torch.device("cpu")

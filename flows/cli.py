@@ -63,8 +63,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _datasets(args: argparse.Namespace) -> int:
     """`alignet datasets list|show|verify`: read-only views of `<root>/datasets/`."""
-    from alignet_core.sample import versions
     from alignet_core.config import load_config, parse_config
+    from alignet_core.sample import versions
 
     cfg = load_config(args.config) if args.config else parse_config({})
     root = args.root or cfg.root

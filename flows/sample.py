@@ -9,12 +9,12 @@ from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import get_current_settings
 from prefect_dask import DaskTaskRunner
 
-from alignet_core.config import PipelineConfig
 from alignet_core.cluster.stage import ClusterOutput
+from alignet_core.config import PipelineConfig
 from alignet_core.sample.stage import SampleOutput
 from alignet_core.transform.stage import TransformOutput
-from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup
 from flows._config import resolve_config
+from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup
 from tasks.cluster import cluster
 from tasks.embed import embed
 from tasks.sample import plan_sampling, promote, publish, submit_shards

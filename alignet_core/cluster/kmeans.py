@@ -43,10 +43,10 @@ import fsspec
 import numpy as np
 import zarr
 
-from alignet_core.io import embedding_store, store
 from alignet_core.config import ClusterConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import KMeansBackend, kmeans_backend
+from alignet_core.io import embedding_store, store
 from alignet_core.io.embedding_store import gather_rows
 
 log = logging.getLogger(__name__)

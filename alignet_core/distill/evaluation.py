@@ -15,11 +15,10 @@ from alignet_core.errors import InputError
 from alignet_core.evaluate import metrics
 from alignet_core.hardware import autocast_dtype
 from alignet_core.io.formats import AlignetTriplets
-from alignet_core.pipeline.runner import Record
 from alignet_core.io.sources import ImageSource
+from alignet_core.pipeline.runner import Record
 from alignet_core.transform.human import object_embeddings
 from alignet_core.transform.human_data import HumanTest
-
 
 
 @torch.no_grad()

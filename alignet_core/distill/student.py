@@ -29,6 +29,7 @@ from alignet_core.config import DistillConfig
 from alignet_core.distill.checkpoints import HEAD_FILE, LOG_FILE, STUDENT_FILE, read_train_log
 from alignet_core.errors import ConfigError, StoreError
 
+
 class TripletStudent(nn.Module):
     """A timm backbone plus a new linear triplet head.
 

@@ -37,9 +37,9 @@ from collections.abc import Callable
 import dask
 import torch
 
-from alignet_core.io import embedding_store
 from alignet_core.config import EmbedConfig
 from alignet_core.embed.extractor import embed_chunks
+from alignet_core.io import embedding_store
 from alignet_core.io.sources import ImageSource
 
 log = logging.getLogger(__name__)

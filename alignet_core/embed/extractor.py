@@ -59,12 +59,14 @@ import torch
 from torch.utils.data import DataLoader
 
 import alignet_core
-from alignet_core.io import embedding_store, store
 from alignet_core.config import EmbedConfig
 from alignet_core.embed.layers import LayerCapture, layer_arrays, layer_dims
 from alignet_core.embed.loader import ImageDataset, collate, end_with_parent, row_batches
 from alignet_core.errors import InputError
 from alignet_core.hardware import ComputeIdentity, autocast_dtype, compute_identity
+from alignet_core.io import embedding_store, store
+from alignet_core.io.images import decode_image_bytes
+from alignet_core.io.sources import ImageSource
 from alignet_core.models import (
     build_tensor_transform,
     build_transform,
@@ -75,8 +77,6 @@ from alignet_core.models import (
     pooled_features,
     resolve_weights,
 )
-from alignet_core.io.images import decode_image_bytes
-from alignet_core.io.sources import ImageSource
 
 log = logging.getLogger(__name__)
 

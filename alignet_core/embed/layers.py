@@ -14,7 +14,6 @@ from alignet_core.config import EmbedConfig
 from alignet_core.errors import InputError, StoreError
 from alignet_core.models import data_config, pooled_features
 
-
 LAYERS_GROUP = "layers"
 
 

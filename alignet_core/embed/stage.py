@@ -13,7 +13,6 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-
 from alignet_core.config import PipelineConfig
 from alignet_core.embed.extract import extract_embeddings
 from alignet_core.hardware import ComputeIdentity, compute_identity, resolve_device, resolve_devices

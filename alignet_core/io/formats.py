@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from alignet_core.io import store
 from alignet_core.errors import InputError
+from alignet_core.io import store
 
 log = logging.getLogger(__name__)
 

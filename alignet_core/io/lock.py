@@ -21,8 +21,8 @@ import os
 from collections.abc import Iterator
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 from filelock import FileLock, Timeout
+from fsspec.implementations.local import LocalFileSystem
 
 from alignet_core.errors import StoreError
 

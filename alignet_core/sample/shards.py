@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 
-from alignet_core.io import embedding_store, store
 from alignet_core.errors import ConfigError, InputError, StoreError
+from alignet_core.io import embedding_store, store
 from alignet_core.io.formats import savez_reproducible
 from alignet_core.sample.strategies import STRATEGIES, sample_shard
 from alignet_core.sample.teacher import order_triplets, teacher_similarities

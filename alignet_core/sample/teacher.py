@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from alignet_core.errors import InputError
-from alignet_core.io.formats import order_by_similarity
 from alignet_core.io.embedding_store import RawChunkReader, gather_rows
+from alignet_core.io.formats import order_by_similarity
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import fsspec
 
-from alignet_core.io import store
 from alignet_core.errors import InputError, StoreError
+from alignet_core.io import store
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from safetensors.numpy import save as st_save
 
-from alignet_core.io import embedding_store, store
 from alignet_core.errors import InputError, StoreError
+from alignet_core.io import embedding_store, store
 
 log = logging.getLogger(__name__)
 

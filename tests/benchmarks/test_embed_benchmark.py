@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.embed import peak_bf16_flops
 from benchmarks._machine import RESULTS
+from benchmarks.embed import peak_bf16_flops
 
 REPO = Path(__file__).resolve().parents[2]
 

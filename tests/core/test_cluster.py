@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from alignet_core.io import embedding_store
 from alignet_core.cluster.kmeans import (
     _train_faiss,
     assign_clusters,
@@ -20,6 +19,7 @@ from alignet_core.cluster.kmeans import (
 )
 from alignet_core.config import ClusterConfig
 from alignet_core.errors import ConfigError
+from alignet_core.io import embedding_store
 
 
 def make_store(url: str, x: np.ndarray, valid: np.ndarray, chunk_rows: int = 64, dtype: str = "float32") -> str:

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from alignet_core.errors import ConfigError, StoreError
 from alignet_core.io import embedding_store, store
+from alignet_core.io.formats import read_alignet_npz
 from alignet_core.sample.publish import _first_occurrences, _triplet_keys, assemble_dataset
 from alignet_core.sample.shards import ShardSpec, plan_shards, run_shard, shard_path
-from alignet_core.errors import ConfigError, StoreError
-from alignet_core.io.formats import read_alignet_npz
 
 CHECKER = "/work/shared/tools/check_alignet_npz.py"
 NAMES = {"cluster_border": "cluster_border_4", "between_class": "between_class", "within_class": "within_class"}

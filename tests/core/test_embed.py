@@ -17,17 +17,17 @@ import torchvision
 import zarr
 
 import alignet_core
-from alignet_core.io import embedding_store
 from alignet_core.config import EmbedConfig, parse_config
+from alignet_core.embed.devices import _worker_env, shard_chunks
 from alignet_core.embed.extract import extract_embeddings
 from alignet_core.embed.extractor import _Extractor
-from alignet_core.embed.devices import _worker_env, shard_chunks
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import resolve_devices
-from alignet_core.models import build_tensor_transform, build_transform, create_model, pooled_features, resolve_weights
-from alignet_core.io.store import file_sha256
+from alignet_core.io import embedding_store
 from alignet_core.io.images import decode_image_bytes, load_image
 from alignet_core.io.sources import ImageSource, demo_source, folder_source, tar_source
+from alignet_core.io.store import file_sha256
+from alignet_core.models import build_tensor_transform, build_transform, create_model, pooled_features, resolve_weights
 from tests.generated_images import write_jpeg_folder, write_odd_files
 
 CPU = torch.device("cpu")

@@ -17,7 +17,6 @@ from alignet_core.evaluate.metrics import (
 )
 from alignet_core.synthetic import make_synthetic_human
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core.io import formats
 from alignet_core.errors import InputError
+from alignet_core.io import formats
 
 CHECKER = Path(__file__).resolve().parents[3] / "shared" / "tools" / "check_alignet_npz.py"
 

@@ -8,16 +8,12 @@ import uuid
 
 import numpy as np
 
-from alignet_core.io import embedding_store, formats, sources, store
-
 from alignet_core.cluster.stage import run_cluster
-
-from alignet_core.transform.stage import TransformMetrics, TransformOutput
-
-from alignet_core.sample.stage import plan_sample, promote_dataset, publish_sample, run_sample_shard
-
-from alignet_core.sample import versions
 from alignet_core.config import parse_config, with_overrides
+from alignet_core.io import embedding_store, formats, sources, store
+from alignet_core.sample import versions
+from alignet_core.sample.stage import plan_sample, promote_dataset, publish_sample, run_sample_shard
+from alignet_core.transform.stage import TransformMetrics, TransformOutput
 
 
 def test_cluster_sample_publish_and_verify_on_an_object_store_root():

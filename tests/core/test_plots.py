@@ -1,12 +1,14 @@
 """Charts for artifacts: real PNGs, embedded as data URIs, and the moving average they draw."""
 
 import base64
+import io
 
 import numpy as np
 import PIL.Image
-import io
 
 from alignet_core import plots
+
+
 def _image(png: bytes) -> PIL.Image.Image:
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     return PIL.Image.open(io.BytesIO(png))

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from alignet_core.io import embedding_store, store
 from alignet_core.errors import StoreError
+from alignet_core.io import embedding_store, store
 
 
 def test_content_key_changes_with_config_inputs_and_code():

@@ -13,8 +13,7 @@ import pytest
 import zarr
 
 from alignet_core.errors import InputError
-from alignet_core.io.embedding_store import RawChunkReader
-from alignet_core.io.embedding_store import gather_rows
+from alignet_core.io.embedding_store import RawChunkReader, gather_rows
 from alignet_core.sample.teacher import _distinct_rows, order_triplets, pair_dots, teacher_similarities
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core.sample.publish import assemble_dataset
-
-from alignet_core.sample import versions
-from alignet_core.sample.shards import ShardSpec, _write_npz_atomic, shard_path
 from alignet_core.errors import InputError, StoreError
+from alignet_core.sample import versions
+from alignet_core.sample.publish import assemble_dataset
+from alignet_core.sample.shards import ShardSpec, _write_npz_atomic, shard_path
 from flows.cli import main
 
 NAMES = {"between_class": "between_class"}

@@ -8,8 +8,8 @@ import torch
 
 from alignet_core.config import ViceConfig
 from alignet_core.errors import InputError
-from alignet_core.transform.human import split_triplets
 from alignet_core.synthetic import ceiling_accuracy, make_synthetic_human
+from alignet_core.transform.human import split_triplets
 from alignet_core.transform.vice import ViceModel, fit_vice, spike_and_slab_log_prior
 
 CPU = torch.device("cpu")

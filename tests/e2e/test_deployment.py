@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from alignet_core.sample import versions
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DEPLOYMENTS = {"alignet/demo", "embed/demo", "transform/demo", "cluster/demo", "sample/demo", "distill/demo"}

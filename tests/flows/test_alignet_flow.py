@@ -17,7 +17,6 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from prefect.testing.utilities import prefect_test_harness
 
 from alignet_core.io import formats
-
 from alignet_core.sample import versions
 from flows.alignet import alignet
 

@@ -18,21 +18,15 @@ import torch
 import zarr
 
 from alignet_core.cluster import kmeans as cluster  # RENAME
-
-from alignet_core.io import embedding_store, formats
-
-from alignet_core.embed.stage import EmbedMetrics, EmbedOutput, run_embed
-
-from alignet_core.pipeline.preflight import preflight
-
-
-from alignet_core.transform.stage import run_transform
-
-from alignet_core.transform import affine
 from alignet_core.config import ClusterConfig, parse_config
+from alignet_core.embed.stage import EmbedMetrics, EmbedOutput, run_embed
 from alignet_core.errors import InputError
+from alignet_core.io import embedding_store, formats
 from alignet_core.io.images import load_image
 from alignet_core.io.sources import demo_source, filelist_source, source_from_config, tar_source
+from alignet_core.pipeline.preflight import preflight
+from alignet_core.transform import affine
+from alignet_core.transform.stage import run_transform
 
 EMBED = {"model": "test_resnet", "weights": None, "batch_size": 4, "chunk_rows": 4}
 

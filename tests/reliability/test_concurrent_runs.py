@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from alignet_core.io import lock, store
-
 from alignet_core.cluster.stage import plan_cluster, run_cluster
 from alignet_core.errors import StoreError
+from alignet_core.io import lock, store
 from tests.reliability.stage_runner import run_until
 from tests.reliability.test_stage_kills import SETTINGS, _cfg, assert_same_stage, digests
 

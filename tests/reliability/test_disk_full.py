@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from alignet_core.io import store
 from alignet_core.errors import StoreError
+from alignet_core.io import store
 from tests.reliability.stage_runner import STAGES, run_until
 from tests.reliability.test_stage_kills import _cfg, assert_same_stage, no_temporaries
 

@@ -31,10 +31,9 @@ import psutil
 import pytest
 import zarr
 
-from alignet_core.io import store
-
-from alignet_core.embed.stage import plan_embed
 from alignet_core.config import PipelineConfig, parse_config
+from alignet_core.embed.stage import plan_embed
+from alignet_core.io import store
 from tests.generated_images import write_jpeg_folder, write_odd_files
 from tests.reliability.stage_runner import run_until
 from tests.reliability.test_stage_kills import comparable_manifest, digests

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from alignet_core.io import store
 from alignet_core.config import PipelineConfig, parse_config
+from alignet_core.io import store
 from tests.reliability.stage_runner import STAGES, run_until
 
 REPO = Path(__file__).resolve().parents[2]
