@@ -95,7 +95,7 @@ def test_prefect_dask_runner_byte_identical_on_1_2_and_4_worker_processes(tmp_pa
                      "sample.shard_size": 200, "sample.n_workers": workers, "distill.enabled": False}
         state = alignet(overrides=overrides, return_state=True)
         assert state.is_completed(), state
-        return _digest(state.result()["dataset"])
+        return _digest(state.result().dataset)
 
     with prefect_test_harness(server_startup_timeout=120):
         digests = {w: run(tmp_path / f"w{w}", w) for w in (1, 2, 4)}
@@ -121,7 +121,7 @@ def test_pipeline_on_an_existing_dask_cluster_by_address(tmp_path: Path) -> None
     def run(root: Path, **extra: object) -> dict[str, str]:
         state = alignet(overrides={**overrides, "root": str(root), **extra}, return_state=True)
         assert state.is_completed(), state
-        return _digest(state.result()["dataset"])
+        return _digest(state.result().dataset)
 
     with prefect_test_harness(server_startup_timeout=120):
         env = {"PREFECT_API_URL": str(get_current_settings().api.url)}
