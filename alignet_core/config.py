@@ -109,8 +109,12 @@ def device_list_problem(devices: list[str]) -> str | None:
     return None
 
 
+ProxyLevel = Literal["global", "local", "class_boundary"]
+
+
 class HumanConfig(_Config):
-    """Human odd-one-out triplets (THINGS format) or the demo's taxonomy-derived proxy."""
+    """Human odd-one-out triplets (THINGS format) or the demo's taxonomy-derived proxy, and how the
+    objects are split so that held-out figures never involve an object a fit has seen."""
 
     triplets: str | None = Field(
         None, description="THINGS-format triplet file (rows 'i j k', k the odd one); null: make the demo proxy"
@@ -121,11 +125,31 @@ class HumanConfig(_Config):
     objects: str | None = Field(
         None, description="CSV 'object,image_id' mapping object ids to images; null: object i is image i"
     )
-    proxy_n_triplets: int = Field(20000, gt=0, description="demo proxy: number of triplets to make")
-    proxy_level: Literal["category", "subcategory"] = Field(
-        "subcategory", description="demo proxy: the taxonomy level that defines 'same kind'"
+    folds: int = Field(
+        5, ge=3, description="objects are dealt into this many folds (seeded): one test fold, one validation fold "
+        "(early stopping, model choice), the rest train; a triplet belongs to a role only when all its objects do"
+    )
+    test_fold: int = Field(0, ge=0, description="the fold held out for every reported human figure; the next "
+                           "fold (mod folds) is the validation fold")
+    proxy_n_triplets: int = Field(20000, gt=0, description="demo proxy: number of triplets to make (over all roles)")
+    proxy_mix: dict[ProxyLevel, float] = Field(
+        default_factory=lambda: {"global": 0.5, "local": 0.5},
+        description="demo proxy: weight of each abstraction level (global, local, class_boundary; see "
+        "alignet_core.evaluate.levels) among the proxy triplets",
     )
     proxy_noise: float = Field(0.1, ge=0.0, lt=1.0, description="demo proxy: fraction of responses flipped at random")
+
+    @model_validator(mode="after")
+    def _fold_and_mix(self) -> "HumanConfig":
+        if self.test_fold >= self.folds:
+            raise ValueError(f"human.test_fold: {self.test_fold} must be below human.folds ({self.folds})")
+        if any(v < 0 for v in self.proxy_mix.values()) or not sum(self.proxy_mix.values()) > 0:
+            raise ValueError(f"human.proxy_mix: weights must be non-negative with a positive sum, got {self.proxy_mix}")
+        return self
+
+    @property
+    def val_fold(self) -> int:
+        return (self.test_fold + 1) % self.folds
 
 
 class TransformConfig(_Config):
@@ -145,7 +169,10 @@ class TransformConfig(_Config):
     tau: float = Field(0.1, gt=0.0, description="temperature of the local term")
     temperature: float = Field(1.0, gt=0.0, description="temperature T of the global term")
     patience: int = Field(3, gt=0, description="early stopping: epochs without held-out improvement")
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of triplets held out")
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="share of the training triplets held out by triplet (objects seen in the "
+        "fit): VICE's early stopping and the secondary, triplet-split figure; reported figures use human.folds"
+    )
     chunk_rows: int = Field(4096, gt=0, description="rows per chunk when applying the transform to a store")
     soft_targets: Literal["auto", "vice"] = Field(
         "auto", description="with targets 'soft': auto = human.probabilities (or the demo proxy's) when there are "
@@ -173,6 +200,12 @@ class ViceConfig(_Config):
     pi: float = Field(0.5, gt=0.0, lt=1.0, description="prior weight of the spike")
     init_scale: float = Field(0.5, gt=0.0, description="initial posterior means ~ |N(0, init_scale^2)|")
     init_log_sigma: float = Field(-3.0, description="initial posterior log-scales")
+    prune: Literal["bh", "threshold"] = Field(
+        "bh", description="pruning rule: bh = the reference's (per dimension, Benjamini–Hochberg over objects of "
+        "P(weight <= 0) under the posterior at prune_alpha; kept when at least prune_min_objects objects are "
+        "significant); threshold = mu/sigma > prune_z and mu > prune_min_value in prune_min_objects objects"
+    )
+    prune_alpha: float = Field(0.05, gt=0.0, lt=1.0, description="pruning (bh): false discovery rate per dimension")
     prune_min_objects: int = Field(5, ge=1, description="pruning: keep a dim active in at least this many objects")
     prune_z: float = Field(2.0, gt=0.0, description="pruning: an object uses a dim when mu / sigma exceeds this")
     prune_min_value: float = Field(0.1, ge=0.0, description="pruning: ... and its posterior mean exceeds this")

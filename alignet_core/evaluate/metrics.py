@@ -16,7 +16,25 @@ def pair_similarities(embeddings: np.ndarray, triplets: np.ndarray) -> np.ndarra
     return np.stack([(a * b).sum(1), (a * c).sum(1), (b * c).sum(1)], axis=1)
 
 
-def odd_one_out_accuracy(embeddings: np.ndarray, triplets: np.ndarray) -> float:
+def unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    """(n, p) → (n, p) float32 rows scaled to unit length (zero rows stay zero): dot products of
+    these are cosine similarities."""
+    e = np.asarray(embeddings, dtype=np.float32)
+    return e / np.clip(np.linalg.norm(e, axis=1, keepdims=True), 1e-12, None)
+
+
+def odd_one_out_correct(embeddings: np.ndarray, triplets: np.ndarray, similarity: str = "dot") -> np.ndarray:
+    """(t,) bool: whether each triplet's most similar pair (strictly) is (0, 1), i.e. the model
+    picks column 2 as the odd one out. similarity: 'dot' (dot products of the rows) or 'cosine'
+    (gLocal's zero-shot protocol on raw features)."""
+    if similarity not in ("dot", "cosine"):
+        raise ValueError(f"similarity: expected 'dot' or 'cosine', got {similarity!r}")
+    e = unit_rows(embeddings) if similarity == "cosine" else embeddings
+    s = pair_similarities(e, np.asarray(triplets))
+    return (s[:, 0] > s[:, 1]) & (s[:, 0] > s[:, 2])
+
+
+def odd_one_out_accuracy(embeddings: np.ndarray, triplets: np.ndarray, similarity: str = "dot") -> float:
     """Fraction of human triplets (odd one in column 2) whose most similar pair is (0, 1).
 
     This is the zero-shot odd-one-out accuracy of the ICLR 2023 paper (chance 1/3). A tie for
@@ -24,7 +42,7 @@ def odd_one_out_accuracy(embeddings: np.ndarray, triplets: np.ndarray) -> float:
     """
     if len(triplets) == 0:
         return float("nan")
-    return triplet_accuracy(pair_similarities(embeddings, triplets))
+    return float(odd_one_out_correct(embeddings, triplets, similarity).mean())
 
 
 def triplet_accuracy(student_sims: np.ndarray) -> float:

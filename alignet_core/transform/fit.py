@@ -299,16 +299,26 @@ def fit_transform(
         seconds=time.perf_counter() - t_start,
     )
     if calibration["p_pred"] < _NEAR_UNIFORM:
-        log.warning(
-            "transform: held-out choice probabilities stayed near uniform (mean p(i,j) = %.3f); the dot "
-            "products did not reach a calibrated scale - raise transform.lr or transform.epochs",
-            calibration["p_pred"],
-        )
+        log.warning("transform: %s", near_uniform_message(len(history), cfg.epochs, best_epoch, calibration["p_pred"]))
     log.info(
         "transform fitted in %.1fs: val acc %.3f -> %.3f, val loss %.3f -> %.3f, best epoch %d",
         result.seconds, result.val_acc_before, result.val_acc_after, val_loss_before, val_loss_after, best_epoch,
     )
     return result
+
+
+def near_uniform_message(epochs_run: int, max_epochs: int, best_epoch: int, p_pred: float) -> str:
+    """What happened when the kept weights leave the held-out choices near uniform (mean p(i,j) =
+    `p_pred` < 0.4): early stopping chose an early epoch (more epochs would not help: the held-out
+    loss rose after it), or the fit ran out of epochs while still improving (they would)."""
+    if best_epoch == epochs_run - 1 and epochs_run == max_epochs:
+        return (f"the held-out loss was still falling at the last epoch ({max_epochs}) and the held-out choice "
+                f"probabilities are still near uniform (mean p(i,j) = {p_pred:.3f}): raise transform.epochs or "
+                "transform.lr")
+    return (f"early stopping kept epoch {best_epoch + 1} of the {epochs_run} run (the held-out loss was lowest there "
+            f"and rose after it); at that epoch the held-out choice probabilities are near uniform (mean p(i,j) = "
+            f"{p_pred:.3f}): the held-out triplets give the transform little to sharpen, and more epochs or a higher "
+            "learning rate would not change that")
 
 
 def fit_info(result: FitResult, cfg: TransformConfig) -> dict[str, Any]:

@@ -1,34 +1,42 @@
-"""Human odd-one-out data for stage 1: the demo's taxonomy-derived *proxy* triplets, train/val
-splits and object embeddings.
+"""Human odd-one-out data for stage 1: the taxonomy *proxy* triplets, object-disjoint splits and
+object embeddings.
 
 Real THINGS triplets cannot ship with the package, so the demo builds triplets that stand in for
-human odd-one-out judgments from a taxonomy of the images (e.g. emoji subcategory within
-category). They are a **proxy**, not human data: everything they produce must be named as such.
+human odd-one-out judgments from a taxonomy of the images (emoji category → subcategory). They
+are a **proxy**, not human data: everything they produce must be named as such.
 
-The proxy models a noisy human. Each triplet takes two objects i, j from one fine group and an
-odd one k from another group. With a coarse level given, half of the odd ones are *hard* (another
-fine group of the same coarse group) and half *easy* (another coarse group). The "human"
-response distribution over the pairs [(i, j), (i, k), (j, k)] (the convention of
-`alignet_core.io.formats`) puts 1 − w on the taxonomic pair (i, j) and w / 2 on each other pair,
-where the error mass w = noise · d grows with difficulty d (hard 1.5, easy 0.5, no coarse level
-1.0, rescaled so the mean of d over the drawn triplets is 1, then capped at the chance mass 2/3).
-An observed response is then sampled from that distribution, so about a `noise` fraction of the
-returned rows disagree with the taxonomy, and the row is reordered so the *chosen* odd one is in
-column 2, with its probability row permuted to match.
+The proxy is a stated mix of abstraction levels (`evaluate.levels`: global, local,
+class-boundary), because human choices across diverse objects follow coarse categories first and
+finer distinctions within them; a proxy drawn at one level teaches only that level. It models a
+noisy human: the response distribution over the pairs [(i, j), (i, k), (j, k)] (the convention of
+`alignet_core.io.formats`) of a triplet whose taxonomic pair is (i, j) puts 1 − w on (i, j) and
+w / 2 on each other pair, where the error mass w = noise · d grows with the level's difficulty d
+(`LEVEL_DIFFICULTY`, rescaled so that the mean over the drawn triplets is 1, then capped at the
+chance mass 2/3). An observed response is sampled from that distribution, so about a `noise`
+fraction of the rows disagree with the taxonomy, and each row is reordered so the *chosen* odd one
+is in column 2, with its probability row permuted to match.
+
+Held-out figures must never involve objects a fit has seen: `object_folds` deals the objects into
+folds and `split_by_objects` keeps, for each role (train, validation, test), only the triplets
+whose three objects all belong to it. With a fixed triplet file only about f³ of the triplets
+survive in a role holding a fraction f of the objects; proxy triplets are drawn per role instead.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from alignet_core.errors import InputError
+from alignet_core.evaluate.levels import LEVELS, admits, level_triplets
 
 log = logging.getLogger(__name__)
 
-HARD_DIFFICULTY = 1.5
-EASY_DIFFICULTY = 0.5
+#: relative difficulty of each level for the noisy-human response model (error mass ∝ difficulty)
+LEVEL_DIFFICULTY = {"global": 1.0, "local": 1.5, "class_boundary": 0.5}
 CHANCE_ERROR_MASS = 2.0 / 3.0
 
 # For an observed choice c of the most similar pair among [(i,j), (i,k), (j,k)] of (i, j, k):
@@ -39,114 +47,115 @@ _IMAGE_PERM = np.array([[0, 1, 2], [0, 2, 1], [1, 2, 0]])
 _PAIR_PERM = np.array([[0, 1, 2], [1, 0, 2], [2, 0, 1]])
 
 
-def _as_labels(x: np.ndarray, what: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.ndim != 1:
-        raise InputError(f"{what}: expected a 1-d array of group ids, got shape {a.shape}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        raise InputError(f"{what}: group ids must be integers, got {a.dtype}")
-    return a.astype(np.int64)
+def apportion(weights: Mapping[str, float], total: int) -> dict[str, int]:
+    """`total` split over the keys of `weights` in proportion to them (largest remainders; the
+    counts sum to `total`). Weights must be non-negative with a positive sum."""
+    w = {k: float(v) for k, v in weights.items()}
+    if any(v < 0 for v in w.values()) or not sum(w.values()) > 0:
+        raise InputError(f"weights must be non-negative with a positive sum, got {dict(weights)}")
+    exact = {k: total * v / sum(w.values()) for k, v in w.items()}
+    counts = {k: int(np.floor(x)) for k, x in exact.items()}
+    for k in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[: total - sum(counts.values())]:
+        counts[k] += 1
+    return counts
 
 
-def _draw_outside(
-    rng: np.random.Generator, order: np.ndarray, lo: np.ndarray, hi: np.ndarray, start: np.ndarray, stop: np.ndarray
-) -> np.ndarray:
-    """Uniform draw from `order[lo:hi]` minus the sub-range `order[start:stop]` (row-wise, vectorized)."""
-    width = (hi - lo) - (stop - start)
-    r = lo + np.floor(rng.random(len(lo)) * width).astype(np.int64)
-    r = np.where(r >= start, r + (stop - start), r)
-    return order[np.minimum(r, len(order) - 1)]  # rows with an empty range are discarded by the caller
+def level_counts(mix: Mapping[str, float], n_triplets: int) -> dict[str, int]:
+    """Split `n_triplets` over the levels of `mix` in proportion to its weights."""
+    unknown = sorted(set(mix) - set(LEVELS))
+    if unknown:
+        raise InputError(f"proxy mix: unknown levels {unknown}; expected some of {list(LEVELS)}")
+    return apportion(mix, n_triplets)
 
 
 def make_proxy_triplets(
-    fine: np.ndarray, coarse: np.ndarray | None, n_triplets: int, noise: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Sample taxonomy-derived proxy triplets with a noisy-human response model.
+    coarse: np.ndarray,
+    fine: np.ndarray,
+    mix: Mapping[str, float],
+    n_triplets: int,
+    noise: float,
+    seed: int,
+    pool: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Taxonomy proxy triplets at a mix of levels, answered by a noisy-human response model.
 
-    fine: (n,) int fine group id per object (object i = image i in the demo); coarse: (n,) int
-    coarse group id or None. Fine groups must nest in coarse groups (one coarse id per fine
-    group). The pair (i, j) is drawn by a uniform anchor i among objects whose fine group has at
-    least 2 members and a uniform partner j from that group; the odd one k is hard or easy (see
-    the module docstring), falling back to the other kind when an anchor has no candidate of the
-    drawn kind. `noise` in [0, 1) is the mean error mass of the response model.
+    coarse, fine: (n,) labels of every object (fine classes nest in coarse categories); mix:
+    level → weight (e.g. {'global': 0.5, 'local': 0.5}); pool: the objects to draw from (default
+    all); `noise` in [0, 1): the mean error mass of the response model.
 
-    Returns (triplets, probs): triplets (n_triplets, 3) int64 with the *observed* (sampled) odd one
-    in column 2; probs (n_triplets, 3) float32, rows summing to 1, the probabilities of the pairs
-    [(t0, t1), (t0, t2), (t1, t2)] of the returned row. Deterministic for a seed.
+    Returns (triplets, probs, level_of): triplets (n_triplets, 3) int64 with the *observed*
+    (sampled) odd one in column 2; probs (n_triplets, 3) float32, rows summing to 1, the
+    probabilities of the pairs [(t0, t1), (t0, t2), (t1, t2)] of the returned row; level_of
+    (n_triplets,) str, each row's level. Deterministic for a seed.
     """
-    fine = _as_labels(fine, "fine")
-    n = len(fine)
-    if coarse is not None:
-        coarse = _as_labels(coarse, "coarse")
-        if len(coarse) != n:
-            raise InputError(f"coarse: {len(coarse)} ids for {n} objects in fine")
     if n_triplets < 0:
         raise InputError(f"n_triplets: expected a non-negative count, got {n_triplets}")
     if not 0.0 <= noise < 1.0:
         raise InputError(f"noise: expected a value in [0, 1), got {noise}")
+    level_counts(mix, n_triplets)  # checks the mix: known levels, non-negative weights with a positive sum
     rng = np.random.default_rng(seed)
-
-    # Sort objects by (coarse, fine): every coarse group and, inside it, every fine group is a
-    # contiguous range of `order`, so "outside my group" draws are index arithmetic.
-    c = coarse if coarse is not None else np.zeros(n, dtype=np.int64)
-    if coarse is not None and n:
-        pairs = np.unique(np.stack([fine, c], 1), axis=0)
-        if len(np.unique(pairs[:, 0])) != len(pairs):
-            bad = pairs[np.flatnonzero(np.diff(pairs[:, 0]) == 0)[0], 0]
-            raise InputError(f"fine group {int(bad)} spans several coarse groups; fine groups must nest in coarse ones")
-    order = np.lexsort((fine, c))
-    f_sorted, c_sorted = fine[order], c[order]
-    pos = np.empty(n, dtype=np.int64)
-    pos[order] = np.arange(n)
-    # range [f_start, f_stop) of each object's fine group and [c_start, c_stop) of its coarse group
-    f_key = np.r_[True, (f_sorted[1:] != f_sorted[:-1]) | (c_sorted[1:] != c_sorted[:-1])] if n else np.zeros(0, bool)
-    c_key = np.r_[True, c_sorted[1:] != c_sorted[:-1]] if n else np.zeros(0, bool)
-    f_starts, c_starts = np.flatnonzero(f_key), np.flatnonzero(c_key)
-    f_id, c_id = np.cumsum(f_key) - 1, np.cumsum(c_key) - 1
-    f_bounds, c_bounds = np.r_[f_starts, n], np.r_[c_starts, n]
-    f_start, f_stop = f_bounds[f_id], f_bounds[f_id + 1]  # indexed by sorted position
-    c_start, c_stop = c_bounds[c_id], c_bounds[c_id + 1]
-
-    anchors = np.flatnonzero(f_stop - f_start >= 2)  # sorted positions that can give a pair
-    if len(anchors) == 0:
-        raise InputError("fine: no group has 2 or more objects, so no same-group pair can be drawn")
-    if len(f_starts) < 2:
-        raise InputError("fine: only one group, so no odd one from another group can be drawn")
-    if n_triplets == 0:
-        return np.zeros((0, 3), np.int64), np.zeros((0, 3), np.float32)
-
-    a = anchors[rng.integers(0, len(anchors), n_triplets)]
-    fs, fe, cs, ce = f_start[a], f_stop[a], c_start[a], c_stop[a]
-    size = fe - fs
-    b = fs + (a - fs + 1 + np.floor(rng.random(n_triplets) * (size - 1)).astype(np.int64)) % size
-
-    if coarse is None:
-        k = _draw_outside(rng, order, np.zeros_like(fs), np.full_like(fs, n), fs, fe)
-        difficulty = np.ones(n_triplets)
-    else:
-        has_hard = (ce - cs) - size > 0
-        has_easy = n - (ce - cs) > 0
-        want_hard = rng.random(n_triplets) < 0.5
-        hard = (want_hard & has_hard) | ~has_easy
-        k_hard = _draw_outside(rng, order, cs, ce, fs, fe)  # same coarse group, other fine group
-        k_easy = _draw_outside(rng, order, np.zeros_like(cs), np.full_like(cs, n), cs, ce)  # other coarse group
-        k = np.where(hard, k_hard, k_easy)
-        difficulty = np.where(hard, HARD_DIFFICULTY, EASY_DIFFICULTY)
-        difficulty = difficulty / difficulty.mean()
-    i, j = order[a], order[b]
-
+    drawable = {lv: w for lv, w in mix.items() if w and admits(coarse, fine, lv, pool)}  # type: ignore[arg-type]
+    if not drawable and n_triplets:
+        raise InputError(f"proxy mix: none of the levels {sorted(mix)} can be drawn from these objects (their "
+                         "categories and classes do not admit one)")
+    if set(drawable) != {lv for lv, w in mix.items() if w}:
+        log.warning("proxy: levels %s have no triplet among these %s objects; their share goes to %s",
+                    sorted(set(mix) - set(drawable)), "all" if pool is None else len(pool), sorted(drawable))
+    parts, levels = [], []
+    for level, count in (level_counts(drawable, n_triplets) if drawable else {}).items():
+        if count:
+            parts.append(level_triplets(coarse, fine, level, count, rng, pool))  # type: ignore[arg-type]
+            levels += [level] * count
+    if not parts:
+        return np.zeros((0, 3), np.int64), np.zeros((0, 3), np.float32), np.zeros(0, dtype=str)
+    order = rng.permutation(n_triplets)  # levels interleaved
+    triplets = np.concatenate(parts)[order]
+    level_of = np.asarray(levels, dtype=str)[order]
+    difficulty = np.array([LEVEL_DIFFICULTY[lv] for lv in level_of])
+    difficulty = difficulty / difficulty.mean()
     wrong = np.minimum(noise * difficulty, CHANCE_ERROR_MASS)
     probs = np.stack([1.0 - wrong, wrong / 2.0, wrong / 2.0], axis=1)  # over [(i,j), (i,k), (j,k)]
     u = rng.random(n_triplets)
     choice = (u >= probs[:, 0]).astype(np.int64) + (u >= probs[:, 0] + probs[:, 1]).astype(np.int64)
-    triplets = np.stack([i, j, k], axis=1)
     triplets = np.take_along_axis(triplets, _IMAGE_PERM[choice], axis=1).astype(np.int64)
     probs = np.take_along_axis(probs, _PAIR_PERM[choice], axis=1).astype(np.float32)
-    log.debug(
-        "proxy triplets: %d rows, %.3f disagree with the taxonomy (noise %.3f)",
-        n_triplets, float(np.mean(choice != 0)), noise,
-    )
-    return triplets, probs
+    log.debug("proxy triplets: %d rows, %.3f disagree with the taxonomy (noise %.3f)",
+              n_triplets, float(np.mean(choice != 0)), noise)
+    return triplets, probs, level_of
+
+
+def object_folds(n_objects: int, folds: int, seed: int) -> np.ndarray:
+    """(n_objects,) int64 fold of each object: a seeded permutation dealt round-robin into `folds`
+    folds of near-equal size."""
+    if folds < 2:
+        raise InputError(f"folds: expected at least 2, got {folds}")
+    fold_of = np.empty(n_objects, dtype=np.int64)
+    fold_of[np.random.default_rng([seed, 17]).permutation(n_objects)] = np.arange(n_objects) % folds
+    return fold_of
+
+
+@dataclass(frozen=True)
+class TripletSplit:
+    """Rows of a triplet array by role: every triplet's three objects lie in its role's objects.
+
+    train, val, test: (.,) int64 sorted row indices; n_mixed: rows dropped because their objects
+    span roles."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    n_mixed: int
+
+
+def split_by_objects(triplets: np.ndarray, fold_of: np.ndarray, test_fold: int, val_fold: int) -> TripletSplit:
+    """Object-disjoint roles: test = all three objects in `test_fold`, val = all three in
+    `val_fold`, train = none in either; other rows are dropped (`n_mixed`)."""
+    f = np.asarray(fold_of)[np.asarray(triplets, dtype=np.int64)]  # (t, 3)
+    test = (f == test_fold).all(1)
+    val = (f == val_fold).all(1)
+    train = ((f != test_fold) & (f != val_fold)).all(1)
+    return TripletSplit(train=np.flatnonzero(train), val=np.flatnonzero(val), test=np.flatnonzero(test),
+                        n_mixed=int(len(f) - train.sum() - val.sum() - test.sum()))
 
 
 def split_triplets(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

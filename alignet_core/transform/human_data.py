@@ -1,13 +1,18 @@
 """The human odd-one-out data of a run: THINGS-format triplets (with optional choice probabilities
-and an object ↔ image table), or, for the demo, the taxonomy-derived proxy (`human.make_proxy_triplets`).
+and an object ↔ image table), or, for the demo, the taxonomy proxy (`human.make_proxy_triplets`),
+split into object-disjoint roles.
 
-The transform stage fits on the training triplets of `human.split_triplets`; distillation scores
-the student on the same held-out triplets (`human_test_split`).
+The objects are dealt into `human.folds` folds (seeded by the run's seed); the test fold
+(`human.test_fold`) is held out of every fit and is the only one any reported human figure uses,
+the validation fold (the next one) chooses epochs and settings, the other folds train. A file's
+triplets keep the role all their objects share (the others are counted and dropped); proxy
+triplets are drawn inside each role, in proportion to its objects, so the split wastes none.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 
 import fsspec
 import numpy as np
@@ -17,18 +22,26 @@ from alignet_core.config import PipelineConfig
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.io import formats, sources
 from alignet_core.transform import human
+from alignet_core.transform.human import TripletSplit
+
+log = logging.getLogger(__name__)
 
 PROXY_NAME = "taxonomy proxy (not human)"
+ROLES = ("train", "val", "test")
 
 
 class HumanData(BaseModel):
-    """Odd-one-out triplets over objects, the object of each image and optional probabilities."""
+    """Odd-one-out triplets over objects, their object-disjoint split, the object of each image and
+    optional choice probabilities."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
     triplets: np.ndarray  # (t, 3) int64, odd one in column 2
     probs: np.ndarray | None  # (t, 3) float over pairs [(0,1), (0,2), (1,2)]
     object_of_image: np.ndarray  # (n,) int64, -1 for images of no object
     n_objects: int
+    fold_of: np.ndarray  # (n_objects,) int64 fold of each object
+    split: TripletSplit  # rows of `triplets` by role
+    level_of: np.ndarray | None  # (t,) str abstraction level of each proxy triplet; None for files
     is_proxy: bool
 
     def name(self, cfg: PipelineConfig) -> str:
@@ -36,27 +49,65 @@ class HumanData(BaseModel):
         return PROXY_NAME if self.is_proxy else str(cfg.human.triplets)
 
 
+def taxonomy(cfg: PipelineConfig, src: sources.ImageSource) -> tuple[np.ndarray, np.ndarray] | None:
+    """(coarse, fine) labels of the source's images in source order — the demo's category and
+    subcategory — or None for a source without a two-level taxonomy."""
+    if cfg.source.kind != "demo":
+        return None
+    by_id = {m["id"]: m for m in sources.demo_metadata()}
+    meta = [by_id[i] for i in src.ids().tolist()]
+    return (np.asarray([m["category"] for m in meta], dtype=str), np.asarray([m["subcategory"] for m in meta], dtype=str))
+
+
 def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
-    """Read THINGS-format triplets (or make the demo's taxonomy proxy when none are given)."""
+    """Read THINGS-format triplets (or make the demo's taxonomy proxy when none are given) and split
+    them by objects."""
     h = cfg.human
     n = len(src)
     if h.triplets is None:
-        if cfg.source.kind != "demo":
+        labels = taxonomy(cfg, src)
+        if labels is None:
             raise ConfigError("human.triplets: a triplet file is required unless source.kind is 'demo'")
-        by_id = {m["id"]: m for m in sources.demo_metadata()}
-        meta = [by_id[i] for i in src.ids().tolist()]
-        fine = np.unique([m[h.proxy_level] for m in meta], return_inverse=True)[1]
-        coarse = np.unique([m["category"] for m in meta], return_inverse=True)[1]
-        coarse_arg = None if h.proxy_level == "category" else coarse
-        trip, probs = human.make_proxy_triplets(fine, coarse_arg, h.proxy_n_triplets, h.proxy_noise, cfg.seed)
-        return HumanData(triplets=trip, probs=probs, object_of_image=np.arange(n), n_objects=n, is_proxy=True)
+        return _proxy(cfg, labels, n)
     if h.objects is None:
         object_of_image, n_objects = np.arange(n), n
     else:
         object_of_image, n_objects = read_objects_table(h.objects, src)
     trip = formats.read_things_triplets(h.triplets, n_objects)
     probs = formats.read_probabilities(h.probabilities, len(trip)) if h.probabilities else None
-    return HumanData(triplets=trip, probs=probs, object_of_image=object_of_image, n_objects=n_objects, is_proxy=False)
+    fold_of = human.object_folds(n_objects, h.folds, cfg.seed)
+    split = human.split_by_objects(trip, fold_of, h.test_fold, h.val_fold)
+    log.info("human triplets: %d over %d objects; object-disjoint roles: %d train, %d validation, %d test, "
+             "%d dropped (objects in two roles)", len(trip), n_objects, len(split.train), len(split.val),
+             len(split.test), split.n_mixed)
+    for role in ("val", "test"):
+        if len(getattr(split, role)) == 0:
+            raise InputError(f"human.triplets: no triplet has all three objects in the {role} fold of {h.folds}; "
+                             "with a fixed file only about 1/folds³ of the triplets survive: use fewer human.folds "
+                             "or more triplets")
+    return HumanData(triplets=trip, probs=probs, object_of_image=object_of_image, n_objects=n_objects,
+                     fold_of=fold_of, split=split, level_of=None, is_proxy=False)
+
+
+def _proxy(cfg: PipelineConfig, labels: tuple[np.ndarray, np.ndarray], n: int) -> HumanData:
+    """The demo proxy (objects = images), drawn role by role over each role's own objects."""
+    h = cfg.human
+    coarse, fine = labels
+    fold_of = human.object_folds(n, h.folds, cfg.seed)
+    pools = {"train": np.flatnonzero((fold_of != h.test_fold) & (fold_of != h.val_fold)),
+             "val": np.flatnonzero(fold_of == h.val_fold), "test": np.flatnonzero(fold_of == h.test_fold)}
+    counts = human.apportion({role: len(pool) for role, pool in pools.items()}, h.proxy_n_triplets)
+    parts, rows, start = [], {}, 0
+    for r, role in enumerate(ROLES):
+        t, p, lv = human.make_proxy_triplets(coarse, fine, h.proxy_mix, counts[role], h.proxy_noise,
+                                             seed=cfg.seed * 1000 + r, pool=pools[role])
+        parts.append((t, p, lv))
+        rows[role] = np.arange(start, start + len(t))
+        start += len(t)
+    split = TripletSplit(train=rows["train"], val=rows["val"], test=rows["test"], n_mixed=0)
+    return HumanData(triplets=np.concatenate([x[0] for x in parts]), probs=np.concatenate([x[1] for x in parts]),
+                     object_of_image=np.arange(n), n_objects=n, fold_of=fold_of, split=split,
+                     level_of=np.concatenate([x[2] for x in parts]), is_proxy=True)
 
 
 def read_objects_table(url: str, src: sources.ImageSource) -> tuple[np.ndarray, int]:
@@ -82,18 +133,20 @@ def read_objects_table(url: str, src: sources.ImageSource) -> tuple[np.ndarray, 
 
 
 class HumanTest(BaseModel):
-    """Held-out human (or proxy) triplets over objects, for zero-shot odd-one-out accuracy."""
+    """The held-out (test-fold) human triplets over objects, for zero-shot odd-one-out accuracy."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
-    triplets: np.ndarray  # (t, 3) object ids, odd one in column 2
+    triplets: np.ndarray  # (t, 3) object ids, odd one in column 2; every object in the test fold
+    probs: np.ndarray | None  # (t, 3) human choice probabilities, when known
     object_of_image: np.ndarray  # (n,) object id of each image, -1 for none
     is_proxy: bool
 
 
 def human_test_split(cfg: PipelineConfig, src: sources.ImageSource) -> HumanTest | None:
-    """The held-out human triplets of the transform stage (same split), or None without human data."""
+    """The test-fold human triplets of the transform stage (same split), or None without human data."""
     if cfg.human.triplets is None and cfg.source.kind != "demo":
         return None
     data = load_human_data(cfg, src)
-    _, va = human.split_triplets(len(data.triplets), cfg.transform.val_fraction, cfg.seed)
-    return HumanTest(triplets=data.triplets[va], object_of_image=data.object_of_image, is_proxy=data.is_proxy)
+    te = data.split.test
+    return HumanTest(triplets=data.triplets[te], probs=None if data.probs is None else data.probs[te],
+                     object_of_image=data.object_of_image, is_proxy=data.is_proxy)

@@ -27,6 +27,14 @@ from alignet_core.transform import human, vice
 from alignet_core.transform.affine import AffineTransform, apply_transform_to_store, load_saved_fit
 from alignet_core.transform.fit import fit_transform
 from alignet_core.transform.human_data import HumanData, load_human_data
+from alignet_core.transform.heldout import (
+    HeldOut,
+    TripletSplitFigures,
+    UncertaintyFigures,
+    heldout_figures,
+    triplet_split_figures,
+    uncertainty_figures,
+)
 from alignet_core.transform.search import grid_search_transform
 
 log = logging.getLogger(__name__)
@@ -53,10 +61,12 @@ class FitSettings(Record):
 
 
 class ViceSummary(Record):
-    """VICE's held-out accuracy and kept dimensions, when VICE made the soft targets."""
+    """VICE's accuracy on held-out triplets of the training objects (VICE embeds each object, so it
+    cannot predict for objects it never saw) and its kept dimensions, when VICE made the soft targets."""
 
     val_acc: float
     dims: int
+    val_split: str = "held-out triplets of the training objects"
 
 
 class SearchSetting(Record):
@@ -69,26 +79,45 @@ class SearchSetting(Record):
 
 
 class SearchSummary(Record):
-    """Every setting a cross-validated search over objects tried, and the one chosen."""
+    """Every setting a cross-validated search over the training objects tried, and the one chosen.
+    Its accuracies are selection scores (inner folds of the training objects), not held-out figures."""
 
     n_folds: int
     settings: list[SearchSetting]
     best: dict[str, float]
 
 
+class RoleCounts(Record):
+    """How the human triplets were split by objects (`human.folds`)."""
+
+    folds: int
+    test_fold: int
+    train: int
+    val: int
+    test: int
+    dropped: int  # triplets whose objects span two roles
+
+
 class TransformMetrics(StageMetrics):
-    """Held-out odd-one-out accuracy before/after the transform and how the fit was made; only
-    `enabled` and `seconds` when the transform is off."""
+    """Held-out odd-one-out accuracy before/after the transform (object-disjoint, with intervals)
+    and how the fit was made; only `enabled` and `seconds` when the transform is off.
+
+    `acc_before` / `acc_after` are the headline: the test fold's zero-shot (reference protocol) and
+    transformed accuracies (`heldout` has them with intervals, per level and beside the other
+    protocol)."""
 
     enabled: bool
     human_data: str | None = None
     n_triplets: int | None = None
-    n_train: int | None = None
-    n_heldout: int | None = None
+    roles: RoleCounts | None = None
     acc_before: float | None = None
     acc_after: float | None = None
+    heldout: HeldOut | None = None
+    triplet_split: TripletSplitFigures | None = None
+    uncertainty: UncertaintyFigures | None = None
     train_acc_after: float | None = None
     best_epoch: int | None = None
+    epochs_run: int | None = None
     knn_k: int | None = None
     knn_overlap: float | None = None
     soft_targets: str | None = None
@@ -141,21 +170,25 @@ def _transform(cfg: PipelineConfig, emb: StageOutput, plan: StagePlan) -> Transf
 
 
 def _soft_targets(
-    cfg: PipelineConfig, data: HumanData, tr: np.ndarray, va: np.ndarray, plan: StagePlan, device: torch.device
+    cfg: PipelineConfig, data: HumanData, fit_rows: np.ndarray, held_rows: np.ndarray, plan: StagePlan,
+    device: torch.device,
 ) -> tuple[np.ndarray | None, np.ndarray | None, str, ViceSummary | None]:
-    """Soft targets of the training and held-out triplets, where they come from, and VICE's
-    held-out accuracy and dims when VICE made them (fitted on the training triplets only)."""
+    """Soft targets of the fitting and validation triplets and where they come from. VICE is fitted
+    on the fitting triplets (checked on `held_rows`, held-out triplets of the same objects) and
+    predicts targets for those only: it has no embedding for objects it never saw, so the
+    validation fold is then scored on its observed choices."""
+    val = data.split.val
     if cfg.transform.targets == "hard":
         return None, None, "none (hard targets)", None
     if data.probs is not None and cfg.transform.soft_targets == "auto":
         source = "proxy response model" if data.is_proxy else "human.probabilities"
-        return data.probs[tr], data.probs[va], source, None
-    model = vice.fit_vice(data.triplets[tr], data.n_objects, cfg.vice, cfg.seed, device, val=data.triplets[va])
+        return data.probs[fit_rows], data.probs[val], source, None
+    model = vice.fit_vice(data.triplets[fit_rows], data.n_objects, cfg.vice, cfg.seed, device,
+                          val=data.triplets[held_rows])
     model.save(store.join(plan.dir, "vice.safetensors"))
-    p_tr = model.predict_probabilities(data.triplets[tr], seed=cfg.seed)
-    p_va = model.predict_probabilities(data.triplets[va], seed=cfg.seed)
-    acc = metrics.triplet_accuracy(p_va)  # the observed pair (column 0) is the most probable one
-    return p_tr, p_va, "VICE posterior predictive", ViceSummary(val_acc=acc, dims=model.dim)
+    p_fit = model.predict_probabilities(data.triplets[fit_rows], seed=cfg.seed)
+    acc = metrics.triplet_accuracy(model.predict_probabilities(data.triplets[held_rows], seed=cfg.seed))
+    return p_fit, None, "VICE posterior predictive", ViceSummary(val_acc=acc, dims=model.dim)
 
 
 def _search(
@@ -179,7 +212,8 @@ def _search(
 def _fit(
     cfg: PipelineConfig, emb: StageOutput, plan: StagePlan, device: torch.device, fit_url: str
 ) -> tuple[AffineTransform, TransformMetrics]:
-    """Fit (and save) the transform on the human triplets; return it and the stage's metrics."""
+    """Fit (and save) the transform on the training objects' triplets, stop early on the validation
+    fold, score it on the test fold; return it and the stage's metrics."""
     src = sources.source_from_config(cfg.source)
     data = load_human_data(cfg, src)
     g = embedding_store.open_embeddings(emb.artifact)
@@ -187,30 +221,43 @@ def _fit(
     emb_all = np.asarray(g["embeddings"][:], dtype=np.float32)  # fit-time only; pool subsampled below
     embedding_store.check_finite_rows(emb_all, valid, emb.artifact, np.asarray(g["ids"][:]))
     objects = human.object_embeddings(emb_all, np.where(valid, data.object_of_image, -1), data.n_objects)
-    tr, va = human.split_triplets(len(data.triplets), cfg.transform.val_fraction, cfg.seed)
+    sp = data.split
+    fit_i, held_i = human.split_triplets(len(sp.train), cfg.transform.val_fraction, cfg.seed)
+    fit_rows, held_rows = sp.train[fit_i], sp.train[held_i]
     rng = np.random.default_rng(cfg.seed)
-    pool_rows = np.flatnonzero(valid)
+    pool_rows = np.flatnonzero(valid & ~np.isin(data.object_of_image, _held_out(cfg, data)))
     if len(pool_rows) > POOL_ROWS:
         pool_rows = np.sort(rng.choice(pool_rows, POOL_ROWS, replace=False))
-    pool = emb_all[pool_rows]
+    pool = emb_all[pool_rows]  # the local term's rows: no image of a validation or test object
     store.makedirs(plan.dir)
-    train_p, val_p, soft_source, vice_summary = _soft_targets(cfg, data, tr, va, plan, device)
-    tcfg, search = _search(cfg, objects, data.triplets[tr], train_p, device)
-    fit = fit_transform(objects, data.triplets[tr], data.triplets[va], tcfg, cfg.seed, device,
-                        train_probs=train_p, val_probs=val_p, pool=pool)
+    fit_p, val_p, soft_source, vice_summary = _soft_targets(cfg, data, fit_rows, held_rows, plan, device)
+    tcfg, search = _search(cfg, objects, data.triplets[fit_rows], fit_p, device)
+    fit = fit_transform(objects, data.triplets[fit_rows], data.triplets[sp.val], tcfg, cfg.seed, device,
+                        train_probs=fit_p, val_probs=val_p, pool=pool)
     knn_rows = pool if len(pool) <= KNN_ROWS else pool[np.sort(rng.choice(len(pool), KNN_ROWS, replace=False))]
     standardized = (knn_rows - knn_rows.mean()) / knn_rows.std()
+    test = data.triplets[sp.test]
+    held = heldout_figures(objects, fit.transform, test, cfg.seed,
+                           None if data.level_of is None else data.level_of[sp.test])
+    unc = None
+    if data.probs is not None:
+        unc = uncertainty_figures(objects, fit.transform, test, data.probs[sp.test], data.triplets[fit_rows],
+                                  tcfg.temperature)
     fit_metrics = TransformMetrics(
         enabled=True,
         seconds=0.0,  # set when the stage finishes
         human_data=data.name(cfg),
         n_triplets=int(len(data.triplets)),
-        n_train=int(len(tr)),
-        n_heldout=int(len(va)),
-        acc_before=fit.val_acc_before,
-        acc_after=fit.val_acc_after,
+        roles=RoleCounts(folds=cfg.human.folds, test_fold=cfg.human.test_fold, train=len(sp.train),
+                         val=len(sp.val), test=len(sp.test), dropped=sp.n_mixed),
+        acc_before=held.zero_shot.value,
+        acc_after=held.transformed.value,
+        heldout=held,
+        triplet_split=triplet_split_figures(objects, fit.transform, data.triplets[held_rows], cfg.seed),
+        uncertainty=unc,
         train_acc_after=fit.train_acc_after,
         best_epoch=fit.best_epoch,
+        epochs_run=len(fit.history),
         knn_k=KNN_K,
         knn_overlap=metrics.knn_overlap(standardized, fit.transform.apply(knn_rows), KNN_K),
         soft_targets=soft_source,
@@ -219,9 +266,16 @@ def _fit(
         vice=vice_summary,
         search=search,
     )
+    log.info("transform: test fold (%d objects, %d triplets): zero-shot %s → transformed %s (%s)",
+             held.n_objects, held.transformed.n, held.zero_shot.text(), held.transformed.text(), held.gain.text())
     formats.write_things_triplets(store.join(plan.dir, "human_triplets.txt"), data.triplets)
     if data.probs is not None:
         formats.write_probabilities(store.join(plan.dir, "human_probabilities.npy"), data.probs)
     fit.transform.save(fit_url, {"config": tcfg.model_dump(), "history": fit.history, "best_epoch": fit.best_epoch,
                                  "metrics": fit_metrics.model_dump(mode="json")})
     return fit.transform, fit_metrics
+
+
+def _held_out(cfg: PipelineConfig, data: HumanData) -> np.ndarray:
+    """Object ids of the validation and test folds: no image of theirs enters the fit."""
+    return np.flatnonzero(np.isin(data.fold_of, [cfg.human.val_fold, cfg.human.test_fold]))

@@ -10,9 +10,10 @@ reparameterised Monte-Carlo samples:
 
     loss = mean_triplets(−log p(choice | relu(X))) + (log q(X) − log p(X)) / n_train
 
-After training, dimensions that carry no information are pruned: a dimension is kept when at
-least `prune_min_objects` objects use it (posterior mean above `prune_min_value` and at least
-`prune_z` posterior std above zero). Posterior-predictive probabilities over the pairs
+After training, dimensions that carry no information are pruned as the reference does: per
+dimension, the p-values Φ(−μ/σ) that each object's weight is not positive are corrected by
+Benjamini–Hochberg over the objects, and the dimension is kept when at least `prune_min_objects`
+objects are significant (`prune_dimensions`; a simpler threshold rule is an option). Posterior-predictive probabilities over the pairs
 [(i, j), (i, k), (j, k)] (the convention of `alignet_core.io.formats`) average the softmax over
 MC samples of the pruned posterior (25 by default): these are the soft targets of
 uncertainty distillation.
@@ -136,16 +137,34 @@ class ViceModel:
         return cls(mu=tensors["mu"], log_sigma=tensors["log_sigma"], info=meta.get("info", {}))
 
 
+def _bh_rejections(pvals: np.ndarray, alpha: float) -> np.ndarray:
+    """(m, D) p-values → (D,) number of objects whose test rejects at false discovery rate `alpha`
+    (Benjamini–Hochberg within each dimension: the largest k with p_(k) ≤ k·alpha/m)."""
+    m = pvals.shape[0]
+    ordered = np.sort(pvals, axis=0)
+    below = ordered <= (np.arange(1, m + 1)[:, None] * alpha / m)
+    # the largest rank that passes, per column (0 when none does)
+    return np.where(below.any(0), m - np.argmax(below[::-1], axis=0), 0)
+
+
 def prune_dimensions(mu: np.ndarray, log_sigma: np.ndarray, cfg: ViceConfig) -> np.ndarray:
     """Indices of the informative dimensions, most important first.
 
-    mu, log_sigma: (m, D). An object uses dimension d when mu > cfg.prune_min_value and
-    mu / sigma > cfg.prune_z; a dimension is kept when at least cfg.prune_min_objects objects use
-    it. Importance = sum over objects of relu(mu).
+    mu, log_sigma: (m, D). cfg.prune 'bh' (the reference VICE's rule): the p-value that object o's
+    weight in dimension d is ≤ 0 under its posterior, Φ(−μ/σ), Benjamini–Hochberg-corrected over
+    the objects of each dimension at cfg.prune_alpha; a dimension is kept when at least
+    cfg.prune_min_objects objects reject. 'threshold': an object uses d when mu > cfg.prune_min_value
+    and mu / sigma > cfg.prune_z, and d is kept when at least cfg.prune_min_objects do.
+    Importance = sum over objects of relu(mu).
     """
     sigma = np.exp(log_sigma)
-    used = (mu > cfg.prune_min_value) & (mu / sigma > cfg.prune_z)
-    keep = np.flatnonzero(used.sum(0) >= cfg.prune_min_objects)
+    if cfg.prune == "bh":
+        from scipy.stats import norm
+
+        count = _bh_rejections(norm.cdf(-mu / sigma), cfg.prune_alpha)
+    else:
+        count = ((mu > cfg.prune_min_value) & (mu / sigma > cfg.prune_z)).sum(0)
+    keep = np.flatnonzero(count >= cfg.prune_min_objects)
     importance = np.maximum(mu[:, keep], 0).sum(0)
     return keep[np.argsort(-importance, kind="stable")]
 

@@ -1,4 +1,4 @@
-"""The demo's taxonomy-derived proxy triplets, the train/val split and object embeddings."""
+"""The taxonomy proxy triplets at a mix of levels, the train/val split and object embeddings."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from alignet_core.errors import InputError
+from alignet_core.evaluate.levels import check_level
 from alignet_core.transform.human import make_proxy_triplets, object_embeddings, split_triplets
 
 
@@ -20,49 +21,39 @@ def _taxonomy(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return fine, coarse
 
 
-def _same_pair(fine: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """(m, 3) bool: which of the pairs [(0,1), (0,2), (1,2)] of each row shares a fine group."""
-    f = fine[t]
-    return np.stack([f[:, 0] == f[:, 1], f[:, 0] == f[:, 2], f[:, 1] == f[:, 2]], 1)
+MIX = {"global": 0.4, "local": 0.4, "class_boundary": 0.2}
 
 
-def test_without_noise_pair_shares_a_group_and_odd_one_does_not() -> None:
+def test_without_noise_every_row_satisfies_its_level() -> None:
     fine, coarse = _taxonomy()
-    for c in (coarse, None):
-        t, p = make_proxy_triplets(fine, c, 5000, noise=0.0, seed=1)
-        assert t.shape == (5000, 3) and t.dtype == np.int64 and p.dtype == np.float32
-        assert (fine[t[:, 0]] == fine[t[:, 1]]).all()
-        assert (fine[t[:, 2]] != fine[t[:, 0]]).all()
-        assert np.allclose(p, [1.0, 0.0, 0.0])
-        assert not np.isin(t[:, :2], [0, 190]).any()  # singletons cannot give the pair
-    t, _ = make_proxy_triplets(fine, coarse, 20000, noise=0.0, seed=2)
-    hard = coarse[t[:, 2]] == coarse[t[:, 0]]
-    assert 0.45 < hard.mean() < 0.55  # half the odd ones from the same category
+    t, p, level = make_proxy_triplets(coarse, fine, MIX, 5000, noise=0.0, seed=1)
+    assert t.shape == (5000, 3) and t.dtype == np.int64 and p.dtype == np.float32
+    assert np.allclose(p, [1.0, 0.0, 0.0])
+    assert {lv: int((level == lv).sum()) for lv in MIX} == {"global": 2000, "local": 2000, "class_boundary": 1000}
+    for lv in MIX:
+        assert check_level(coarse, fine, lv, t[level == lv]).all(), lv
+    assert not np.isin(t[level != "global"][:, :2], [0, 190]).any()  # singletons cannot give a same-class pair
 
 
 def test_noise_fraction_and_difficulty() -> None:
     fine, coarse = _taxonomy()
-    t, p = make_proxy_triplets(fine, coarse, 20000, noise=0.2, seed=3)
-    same = _same_pair(fine, t)
-    assert (same.sum(1) == 1).all()  # exactly one taxonomic pair in every row
-    wrong = ~same[:, 0]  # the observed odd one is not the taxonomic one
+    t, p, level = make_proxy_triplets(coarse, fine, {"global": 0.5, "local": 0.5}, 20000, noise=0.2, seed=3)
+    truth, _, _ = make_proxy_triplets(coarse, fine, {"global": 0.5, "local": 0.5}, 20000, noise=0.0, seed=3)
+    # the same draws (same seed): a row is answered against the taxonomy when its odd one moved
+    wrong = t[:, 2] != truth[:, 2]
     assert abs(wrong.mean() - 0.2) < 0.015
-    # hard triplets (odd one from the same category) are answered against taxonomy more often
-    tax_odd = np.where(same[:, 0], t[:, 2], np.where(same[:, 1], t[:, 1], t[:, 0]))
-    pair_member = np.where(same[:, 2], t[:, 1], t[:, 0])
-    hard = coarse[tax_odd] == coarse[pair_member]
-    assert wrong[hard].mean() > 2 * wrong[~hard].mean()
+    assert wrong[level == "local"].mean() > 1.3 * wrong[level == "global"].mean()  # local is harder (1.5 vs 1.0)
 
 
 def test_probabilities_sum_to_one_and_follow_the_row_order() -> None:
     fine, coarse = _taxonomy()
-    t, p = make_proxy_triplets(fine, coarse, 20000, noise=0.3, seed=4)
+    t, p, _ = make_proxy_triplets(coarse, fine, MIX, 20000, noise=0.3, seed=4)
+    truth, _, _ = make_proxy_triplets(coarse, fine, MIX, 20000, noise=0.0, seed=4)
     assert np.allclose(p.sum(1), 1.0, atol=1e-6) and (p >= 0).all()
-    same = _same_pair(fine, t)
-    p_tax = p[same]  # the probability sitting on the taxonomic pair, wherever the row put it
-    p_other = p[~same].reshape(-1, 2)
-    assert (p_tax[:, None] > p_other).all()
-    assert np.allclose(p_other[:, 0], p_other[:, 1])
+    # the probability of the taxonomic pair (the pair without the taxonomic odd one) is the largest
+    tax_pair = np.where(t[:, 2] == truth[:, 2], 0, np.where(t[:, 1] == truth[:, 2], 1, 2))
+    p_tax = p[np.arange(len(p)), tax_pair]
+    assert (p_tax[:, None] >= p).all()
     # the response was drawn from the probabilities: the chosen pair (0,1) has mean prob ≈ P(chosen)
     assert abs(p[:, 0].mean() - np.mean(np.sum(p * p, 1))) < 0.02
 
@@ -70,27 +61,31 @@ def test_probabilities_sum_to_one_and_follow_the_row_order() -> None:
 def test_deterministic_for_a_seed_and_fast() -> None:
     fine, coarse = _taxonomy()
     start = time.perf_counter()
-    a = make_proxy_triplets(fine, coarse, 20000, noise=0.1, seed=5)
+    a = make_proxy_triplets(coarse, fine, MIX, 20000, noise=0.1, seed=5)
     assert time.perf_counter() - start < 0.5
-    b = make_proxy_triplets(fine, coarse, 20000, noise=0.1, seed=5)
-    c = make_proxy_triplets(fine, coarse, 20000, noise=0.1, seed=6)
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    b = make_proxy_triplets(coarse, fine, MIX, 20000, noise=0.1, seed=5)
+    c = make_proxy_triplets(coarse, fine, MIX, 20000, noise=0.1, seed=6)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0])
 
 
-def test_bad_taxonomies_are_input_errors() -> None:
-    with pytest.raises(InputError, match="2 or more"):
-        make_proxy_triplets(np.arange(5), None, 10, 0.1, 0)
-    with pytest.raises(InputError, match="only one group"):
-        make_proxy_triplets(np.zeros(5, int), None, 10, 0.1, 0)
+def test_bad_taxonomies_and_mixes_are_input_errors() -> None:
+    with pytest.raises(InputError, match=r"none of the levels \['local'\] can be drawn"):
+        make_proxy_triplets(np.zeros(5, int), np.arange(5), {"local": 1.0}, 10, 0.1, 0)
+    with pytest.raises(InputError, match="none of the levels"):
+        make_proxy_triplets(np.zeros(5, int), np.array([0, 0, 1, 1, 2]), {"global": 1.0}, 10, 0.1, 0)
+    # a level the objects do not admit gives its share to the others (and says so)
+    t, _, level = make_proxy_triplets(np.zeros(5, int), np.array([0, 0, 1, 1, 2]), {"global": 0.5, "local": 0.5},
+                                      10, 0.0, 0)
+    assert (level == "local").all() and len(t) == 10
     with pytest.raises(InputError, match="nest"):
-        make_proxy_triplets(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), 10, 0.1, 0)
+        make_proxy_triplets(np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]), {"local": 1.0}, 10, 0.1, 0)
     with pytest.raises(InputError, match="noise"):
-        make_proxy_triplets(np.array([0, 0, 1, 1]), None, 10, 1.0, 0)
-    # one category only: every odd one is a hard one, still valid
-    fine = np.array([0, 0, 1, 1, 2])
-    t, _ = make_proxy_triplets(fine, np.zeros(5, int), 50, 0.0, 0)
-    assert (fine[t[:, 2]] != fine[t[:, 0]]).all()
+        make_proxy_triplets(np.zeros(4, int), np.array([0, 0, 1, 1]), {"local": 1.0}, 10, 1.0, 0)
+    with pytest.raises(InputError, match="unknown levels"):
+        make_proxy_triplets(np.zeros(4, int), np.array([0, 0, 1, 1]), {"subcategory": 1.0}, 10, 0.1, 0)
+    with pytest.raises(InputError, match="positive sum"):
+        make_proxy_triplets(np.zeros(4, int), np.array([0, 0, 1, 1]), {"local": 0.0}, 10, 0.1, 0)
 
 
 def test_split_triplets() -> None:

@@ -211,3 +211,21 @@ def test_apply_to_store_matches_apply_and_resumes(tmp_path) -> None:
         apply_transform_to_store(src, out, _random_transform(seed=5), chunk_rows=8, device=CPU)
     with pytest.raises(StoreError):
         apply_transform_to_store(src, out, t, chunk_rows=16, device=CPU)
+
+
+def test_the_near_uniform_warning_says_what_happened(data, caplog) -> None:
+    """Early stopping that keeps an early epoch is not told to raise the learning rate or the epochs."""
+    from alignet_core.transform.fit import near_uniform_message
+
+    early = near_uniform_message(epochs_run=5, max_epochs=16, best_epoch=1, p_pred=0.34)
+    assert "early stopping kept epoch 2 of the 5 run" in early and "would not change that" in early
+    assert "raise" not in early
+    late = near_uniform_message(epochs_run=16, max_epochs=16, best_epoch=15, p_pred=0.34)
+    assert "still falling at the last epoch (16)" in late and "raise transform.epochs" in late
+    # a real fit whose held-out choices are noise: early stopping keeps epoch 1, and says so
+    x, tr, va, _, _ = data
+    noise = np.random.default_rng(9).permuted(va, axis=1)
+    with caplog.at_level("WARNING", logger="alignet_core.transform.fit"):
+        r = fit_transform(x, tr, noise, _cfg(targets="hard", alpha=0.0, lr=1e-3, patience=2), 0, CPU)
+    assert r.calibration["p_pred"] < 0.4 and r.best_epoch < len(r.history) - 1
+    assert any("early stopping kept epoch" in rec.message for rec in caplog.records)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from alignet_core.config import parse_config, with_overrides
@@ -65,3 +66,28 @@ def test_search_reports_every_setting_and_fits_the_chosen_one(base):
     best = max(s["settings"], key=lambda r: r["transformed_mean"])
     assert s["best"]["alpha"] == best["alpha"] == m["hyperparameters"]["alpha"]
     assert m["hyperparameters"]["lam"] == cfg.transform.lam  # not searched: the config's value
+
+
+def test_reported_figures_are_on_held_out_objects_with_intervals(base):
+    """The proxy run: every reported figure is on the test fold (objects no fit saw), with object-
+    bootstrap intervals, per level, with the human-uncertainty agreement; the triplet-split figure
+    is kept only as a labelled secondary line."""
+    cfg, emb, _ = base
+    out = run_transform(cfg, emb)
+    m = out.metrics
+    data = load_human_data(cfg, sources.source_from_config(cfg.source))
+    test_objects = set(data.triplets[data.split.test].ravel().tolist())
+    assert all(data.fold_of[o] == cfg.human.test_fold for o in test_objects)
+    h = m.heldout
+    assert h.n_objects == len(test_objects) and h.transformed.n == len(data.split.test) == m.roles.test
+    for est in (h.zero_shot, h.zero_shot_dot, h.transformed):
+        assert est.unit == "objects" and est.low <= est.value <= est.high
+    assert m.acc_before == h.zero_shot.value and m.acc_after == h.transformed.value
+    assert h.gain.value == pytest.approx(h.transformed.value - h.zero_shot.value)
+    assert "cosine" in h.zero_shot_protocol
+    assert set(h.by_level) <= {"global", "local"} and h.by_level
+    assert sum(lv.transformed.n for lv in h.by_level.values()) == h.transformed.n
+    assert "training objects" in m.triplet_split.label and m.triplet_split.transformed.unit == "triplets"
+    u = m.uncertainty
+    assert u is not None and u.transformed.n == h.transformed.n and np.isfinite(u.transformed.nll)
+    assert m.roles.train + m.roles.val + m.roles.test == m.n_triplets and m.roles.dropped == 0

@@ -101,3 +101,17 @@ def test_vice_soft_targets_calibrate_the_transform_better_than_hard(fitted) -> N
     (nll_soft, ece_soft), (nll_hard, ece_hard) = scores(soft), scores(hard)
     assert nll_soft < nll_hard - 0.01, (nll_soft, nll_hard)
     assert ece_soft < ece_hard, (ece_soft, ece_hard)
+
+
+def test_bh_pruning_counts_match_benjamini_hochberg() -> None:
+    """Per dimension, the number of objects rejected at FDR 0.05 equals scipy's BH-adjusted count."""
+    from scipy.stats import false_discovery_control
+
+    from alignet_core.transform.vice import _bh_rejections
+
+    p = np.array([[0.01, 0.04, 0.3], [0.02, 0.04, 0.2], [0.03, 0.04, 0.9], [0.5, 0.04, 0.8]])
+    assert _bh_rejections(p, 0.05).tolist() == [3, 4, 0]  # step-up: p(4) = .04 ≤ 4·.05/4 passes all
+    rng = np.random.default_rng(0)
+    q = np.concatenate([rng.random((40, 6)), rng.random((10, 6)) * 1e-3])
+    want = [(false_discovery_control(q[:, d], method="bh") <= 0.05).sum() for d in range(6)]
+    assert _bh_rejections(q, 0.05).tolist() == want
