@@ -4,6 +4,8 @@ odd-one-out accuracy on held-out human triplets, each image the evaluation needs
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -16,7 +18,6 @@ from alignet_core.evaluate import metrics
 from alignet_core.hardware import autocast_dtype
 from alignet_core.io.formats import AlignetTriplets
 from alignet_core.io.sources import ImageSource
-from alignet_core.pipeline.runner import Record
 from alignet_core.transform.human import object_embeddings
 from alignet_core.transform.human_data import HumanTest
 
@@ -60,15 +61,16 @@ def embed_images(
     return np.zeros((0, width), np.float32)
 
 
-class StudentAccuracy(Record):
-    """A student's held-out accuracies: triplet accuracy against the teacher per sampling, and
-    odd-one-out accuracy on the held-out human triplets (None without human data)."""
+@dataclass(frozen=True)
+class StudentOutcomes:
+    """Per-triplet outcomes of one model under one similarity: by_sampling[name] (t,) bool against
+    the teacher's odd one; human (t,) bool on the held-out human triplets (None without them)."""
 
-    by_sampling: dict[str, float]
-    human: float | None
+    by_sampling: dict[str, np.ndarray]
+    human: np.ndarray | None
 
 
-def student_accuracy(
+def student_outcomes(
     model: TripletStudent | nn.Module,
     valids: dict[str, AlignetTriplets],
     test: HumanTest | None,
@@ -77,13 +79,14 @@ def student_accuracy(
     use_head: bool = True,
     max_triplets: int | None = None,
     num_workers: int = 0,
+    similarities: tuple[str, ...] = ("dot",),
     batch_size: int = 256,
     image_size: int | None = None,
-) -> StudentAccuracy:
-    """Triplet accuracy against the teacher on the first `max_triplets` rows of each held-out split
-    (rows ordered with the teacher's odd one out last; the student is right when its s01 is strictly
-    largest, `metrics.triplet_accuracy`), and odd-one-out accuracy on the held-out human triplets
-    (an object is the mean of its images' embeddings), embedding every image needed once.
+) -> dict[str, StudentOutcomes]:
+    """Outcomes on the first `max_triplets` rows of each held-out split (rows ordered with the
+    teacher's odd one out last; right when the model's s01 is strictly largest) and on the held-out
+    human triplets (an object is the mean of its images' embeddings), for each similarity ('dot',
+    'cosine'), embedding every image needed once.
 
     use_head=False scores the backbone's pooled pre-logits (the pretrained student before
     training; a plain timm model is always scored that way). image_size: input resolution; None →
@@ -105,13 +108,16 @@ def student_accuracy(
                        image_size, num_workers)
     pool = np.zeros((n_pool, emb.shape[1]), dtype=np.float32)  # (n, d): rows not needed stay zero
     pool[used] = emb
-    accs = {name: metrics.triplet_accuracy(metrics.pair_similarities(pool, rows)) for name, rows in idx.items()}
-    if test is None:
-        return StudentAccuracy(by_sampling=accs, human=None)
-    img = np.flatnonzero(np.isin(test.object_of_image, objs))
-    obj_emb = object_embeddings(pool[img], np.searchsorted(objs, test.object_of_image[img]), len(objs))
-    return StudentAccuracy(by_sampling=accs,
-                           human=metrics.odd_one_out_accuracy(obj_emb, np.searchsorted(objs, test.triplets)))
+    obj_emb = None
+    if test is not None:
+        img = np.flatnonzero(np.isin(test.object_of_image, objs))
+        obj_emb = object_embeddings(pool[img], np.searchsorted(objs, test.object_of_image[img]), len(objs))
+    out = {}
+    for sim in similarities:
+        by = {name: metrics.odd_one_out_correct(pool, rows, sim) for name, rows in idx.items()}
+        human = None if obj_emb is None else metrics.odd_one_out_correct(obj_emb, np.searchsorted(objs, test.triplets), sim)
+        out[sim] = StudentOutcomes(by_sampling=by, human=human)
+    return out
 
 
 def evaluate_student(
@@ -125,7 +131,8 @@ def evaluate_student(
     image_size: int | None = None,
 ) -> float:
     """Triplet accuracy of the student against the teacher on one held-out split (see
-    `student_accuracy`); NaN for an empty split."""
-    acc = student_accuracy(model, {"split": split}, None, source, device, use_head, max_triplets,
-                           batch_size=batch_size, image_size=image_size)
-    return acc.by_sampling["split"]
+    `student_outcomes`); NaN for an empty split."""
+    out = student_outcomes(model, {"split": split}, None, source, device, use_head, max_triplets,
+                           batch_size=batch_size, image_size=image_size)["dot"]
+    correct = out.by_sampling["split"]
+    return float(correct.mean()) if len(correct) else float("nan")

@@ -20,10 +20,11 @@ import fsspec
 
 from alignet_core.config import PipelineConfig
 from alignet_core.distill.batches import join_by_filenames
-from alignet_core.distill.evaluation import student_accuracy
+from alignet_core.distill.evaluation import student_outcomes
 from alignet_core.distill.student import build_student, load_student
 from alignet_core.distill.train import train_student
 from alignet_core.errors import ConfigError, InputError
+from alignet_core.evaluate.bootstrap import Comparison, Estimate, accuracy, compare
 from alignet_core.hardware import compute_identity, resolve_device
 from alignet_core.io import formats, sources, store
 from alignet_core.io.formats import sampling_name
@@ -42,7 +43,14 @@ class DistillFiles(Record):
 
 
 class DistillMetrics(StageMetrics):
-    """The student's held-out accuracies before and after training, and how training went."""
+    """The student's held-out accuracies before and after training, and how training went.
+
+    `heldout[sampling]` and `human` hold each figure with its 95% interval and the paired change
+    (triplets resampled for the teacher's triplets; objects for the human ones, all from the test
+    fold). "Before" is the pretrained backbone scored by the reference zero-shot protocol (cosine of
+    its pooled features); the same with dot products is beside it (`*_before_dot`). "After" is the
+    trained head's dot products, the similarity it was trained on. `acc_*` and `human_acc_*` repeat
+    the point values."""
 
     dataset: str
     sampling: str
@@ -51,12 +59,17 @@ class DistillMetrics(StageMetrics):
     acc_after: dict[str, float]
     human_acc_before: float | None
     human_acc_after: float | None
+    heldout: dict[str, Comparison]
+    heldout_before_dot: dict[str, Estimate]
+    human: Comparison | None
+    human_before_dot: Estimate | None
     human_data: str | None
     n_human_test: int
     steps: int
     final_loss: float
     loss_curve: list[float]
     train_seconds: float
+    before_protocol: str = "cosine similarity of the pretrained backbone's pooled features (reference zero-shot)"
 
 
 class DistillOutput(StageOutput):
@@ -127,18 +140,28 @@ def _distill(
     test = human_test_split(cfg, src)
     d = cfg.distill
     student = build_student(d, cfg.seed)  # "before": the pretrained backbone's own features
-    before = student_accuracy(student, valids, test, src, device, False, d.n_eval, d.num_workers)
+    before = student_outcomes(student, valids, test, src, device, False, d.n_eval, d.num_workers, ("cosine", "dot"))
     del student
     log_ = train_student(train, src, d, plan.dir, device, cfg.seed, progress)
-    after = student_accuracy(load_student(plan.dir, d), valids, test, src, device, True, d.n_eval, d.num_workers)
+    after = student_outcomes(load_student(plan.dir, d), valids, test, src, device, True, d.n_eval,
+                             d.num_workers)["dot"]
+    ref, dot = before["cosine"], before["dot"]
+    heldout = {s: compare(ref.by_sampling[s], after.by_sampling[s], cfg.seed) for s in valids}
+    human = None
+    if test is not None:
+        human = compare(ref.human, after.human, cfg.seed, triplets=test.triplets)
     metrics = DistillMetrics(
         dataset=files.folder,
         sampling=files.sampling,
         n_train=len(train),
-        acc_before=before.by_sampling,
-        acc_after=after.by_sampling,
-        human_acc_before=before.human,
-        human_acc_after=after.human,
+        acc_before={s: c.before.value for s, c in heldout.items()},
+        acc_after={s: c.after.value for s, c in heldout.items()},
+        human_acc_before=None if human is None else human.before.value,
+        human_acc_after=None if human is None else human.after.value,
+        heldout=heldout,
+        heldout_before_dot={s: accuracy(dot.by_sampling[s], cfg.seed) for s in valids},
+        human=human,
+        human_before_dot=None if test is None else accuracy(dot.human, cfg.seed, triplets=test.triplets),
         human_data=None if test is None else (PROXY_NAME if test.is_proxy else cfg.human.triplets),
         n_human_test=0 if test is None else int(len(test.triplets)),
         steps=log_["steps"],

@@ -142,3 +142,17 @@ def paired_difference(
     low, high = _bounds(samples, level)
     return Difference(value=float(delta.mean()), low=low, high=high, n=n, unit=unit,
                       significant=bool(low > 0 or high < 0))
+
+
+class Comparison(Record):
+    """A before/after pair of accuracies on the same triplets and the paired change."""
+
+    before: Estimate
+    after: Estimate
+    change: Difference
+
+
+def compare(before: np.ndarray, after: np.ndarray, seed: int, triplets: np.ndarray | None = None) -> Comparison:
+    """`Comparison` of two (t,) outcome arrays on the same triplets (objects resampled with `triplets`)."""
+    return Comparison(before=accuracy(before, seed, triplets), after=accuracy(after, seed, triplets),
+                      change=paired_difference(before, after, seed, triplets))

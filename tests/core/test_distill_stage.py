@@ -56,14 +56,21 @@ def test_distill_stage_on_a_foreign_folder_scores_teacher_and_human_triplets(cfg
     m = out.metrics.model_dump()
     assert m["sampling"] == "mine" and m["n_train"] == 300 and m["steps"] == 3
     assert set(m["acc_before"]) == set(m["acc_after"]) == {"mine", "other"}
-    assert m["n_human_test"] == 50 and m["human_data"].startswith("taxonomy proxy")
+    src = sources.source_from_config(cfg.source)
+    test = human_test_split(cfg, src)
+    assert m["n_human_test"] == len(test.triplets) == 100 and m["human_data"].startswith("taxonomy proxy")
+    # every figure with its interval; the human one resamples the test fold's objects
+    h = out.metrics.human
+    assert h.before.unit == h.after.unit == h.change.unit == "objects" and h.after.value == m["human_acc_after"]
+    assert h.after.low <= h.after.value <= h.after.high
+    assert h.change.value == pytest.approx(h.after.value - h.before.value)
+    assert out.metrics.heldout["mine"].before.unit == "triplets" and out.metrics.heldout["mine"].after.n == 60
+    assert "cosine" in out.metrics.before_protocol and set(out.metrics.heldout_before_dot) == {"mine", "other"}
     for k in ("human_acc_before", "human_acc_after"):
         assert 0.0 <= m[k] <= 1.0
     assert (Path(out.artifact) / STUDENT_FILE).exists()
 
     # the human score is the odd-one-out accuracy of the trained student's embeddings
-    src = sources.source_from_config(cfg.source)
-    test = human_test_split(cfg, src)
     student = load_student(out.artifact, cfg.distill)
     emb = embed_images(student, src.paths(), resolve_device("cpu"))
     assert m["human_acc_after"] == pytest.approx(odd_one_out_accuracy(emb, test.triplets), abs=1e-6)
