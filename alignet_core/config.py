@@ -284,6 +284,35 @@ class DistillConfig(_Config):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
 
 
+class EvalSetConfig(_Config):
+    """An evaluation set of odd-one-out triplets from a file the pipeline did not make."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the set's column name in reports")
+    triplets: str = Field(description="THINGS-format file: rows 'i j k' of image rows (0-based, source order), "
+                          "k the odd one out")
+    probabilities: str | None = Field(None, description=".npy (n, 3) human choice probabilities of the pairs "
+                                      "(i,j), (i,k), (j,k) of each row (optional)")
+
+
+class EvaluateConfig(_Config):
+    """The evaluation stage: alignment of the teacher and the student, before and after, at three
+    levels of abstraction, on held-out human triplets and on any given set."""
+
+    enabled: bool = Field(True, description="false: no evaluation stage")
+    levels: list[ProxyLevel] = Field(
+        default_factory=lambda: ["global", "local", "class_boundary"],
+        description="abstraction levels to build from the source's two-level taxonomy, over the test fold's images "
+        "(alignet_core.evaluate.levels)",
+    )
+    n_per_level: int = Field(1000, gt=0, description="triplets per level")
+    student: str | None = Field(
+        None, description="a distillation output folder (student.safetensors, head.safetensors, train_log.json) of "
+        "distill.student to evaluate; null: the pipeline's own student (none when distill is disabled)"
+    )
+    sets: list[EvalSetConfig] = Field(default_factory=list, description="more evaluation sets from files")
+    batch_size: int = Field(128, gt=0, description="images per forward pass when the students embed them")
+
+
 class PipelineConfig(_Config):
     """The whole pipeline: where artifacts go, the seed, the hardware and every stage."""
 
@@ -313,6 +342,7 @@ class PipelineConfig(_Config):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
     @field_validator("root")
     @classmethod

@@ -1,4 +1,4 @@
-"""The end-to-end AligNet flow: images → embeddings → transform → clusters → triplets → student."""
+"""The end-to-end AligNet flow: images → embeddings → transform → clusters → triplets → student → evaluation."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from flows.sample import sample_on_dask
 from tasks.cluster import cluster
 from tasks.distill import distill
 from tasks.embed import embed
+from tasks.evaluate import evaluate
 from tasks.report import report
 from tasks.transform import fit_transform
 
@@ -25,7 +26,9 @@ def alignet(config_path: str | None = None, overrides: dict[str, Any] | None = N
     clu = cluster(cfg, tfm)
     ds = sample_on_dask(cfg, tfm, clu)
     student = distill(cfg, ds) if cfg.distill.enabled else None
-    return report(cfg, RunOutputs(embed=emb, transform=tfm, cluster=clu, sample=ds, distill=student))
+    alignment = evaluate(cfg, emb, tfm, student) if cfg.evaluate.enabled else None
+    return report(cfg, RunOutputs(embed=emb, transform=tfm, cluster=clu, sample=ds, distill=student,
+                                  evaluate=alignment))
 
 
 if __name__ == "__main__":

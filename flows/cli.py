@@ -44,6 +44,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ("cluster", "stage 2: k-means clusters"),
         ("sample", "stage 3: triplets, published as AligNet .npz"),
         ("distill", "stage 4: finetune the student"),
+        ("evaluate", "stage 5: alignment at every level, before and after, with 95% intervals"),
         ("validate", "check a config (and its input paths) without running anything"),
     ]:
         sp = sub.add_parser(name, help=help_)
@@ -144,17 +145,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"summary: {result.report_dir}/summary.json")
     else:
         print(f"{result.stage}: {result.artifact}")
+    if args.command == "evaluate":
+        from alignet_core.pipeline.report import alignment_markdown
+
+        print(alignment_markdown(result))
     return 0
 
 
 def _run(command: str, config_path: str | None, overrides: dict[str, Any]) -> Any:
     from flows.alignet import alignet
     from flows.distill import distill_flow
+    from flows.evaluate import evaluate_flow
     from flows.sample import sample_flow
     from flows.stages import cluster_flow, embed_flow, transform_flow
 
     flows = {"demo": alignet, "run": alignet, "embed": embed_flow, "transform": transform_flow,
-             "cluster": cluster_flow, "sample": sample_flow, "distill": distill_flow}
+             "cluster": cluster_flow, "sample": sample_flow, "distill": distill_flow, "evaluate": evaluate_flow}
     return flows[command](config_path=config_path, overrides=overrides or None)
 
 

@@ -10,7 +10,7 @@ from alignet_core import models
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.hardware import resolve_device, resolve_devices
-from alignet_core.io import sources, store
+from alignet_core.io import formats, sources, store
 from alignet_core.transform.human_data import load_human_data
 
 
@@ -76,3 +76,21 @@ def preflight(cfg: PipelineConfig) -> None:
             field = next((f for f in ("probabilities", "objects") if getattr(h, f) and getattr(h, f) in str(err)),
                          "triplets")
             raise InputError(f"human.{field}: {err}") from None
+    e = cfg.evaluate
+    if e.enabled and e.student is not None:
+        missing = [f for f in ("student.safetensors", "head.safetensors", "train_log.json")
+                   if not store.exists(store.join(e.student, f))]
+        if missing:
+            raise InputError(f"evaluate.student: {e.student!r} is not a distillation output folder (missing "
+                             f"{missing}); give the folder a distill run wrote")
+    for i, s in enumerate(e.sets if e.enabled else []):
+        for field in ("triplets", "probabilities"):
+            path = getattr(s, field)
+            if path is not None and not store.exists(path):
+                raise InputError(f"evaluate.sets[{i}].{field}: file {path!r} does not exist")
+        try:
+            trip = formats.read_things_triplets(s.triplets, n)
+            if s.probabilities:
+                formats.read_probabilities(s.probabilities, len(trip))
+        except InputError as err:
+            raise InputError(f"evaluate.sets[{i}] ({s.name}): {err}") from None

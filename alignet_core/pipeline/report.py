@@ -18,35 +18,51 @@ from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
 from alignet_core.distill.stage import DistillOutput
 from alignet_core.embed.stage import EmbedOutput
+from alignet_core.evaluate.bootstrap import Comparison, Difference, Estimate
+from alignet_core.evaluate.stage import EvaluateOutput
 from alignet_core.io import store
 from alignet_core.pipeline.runner import Record
 from alignet_core.sample.stage import DatasetFile, SampleOutput
+from alignet_core.transform.heldout import HeldOut, TripletSplitFigures
 from alignet_core.transform.stage import TransformOutput
 
 
 class RunOutputs(Record):
-    """Every stage output of one end-to-end run (distill is None when it is disabled)."""
+    """Every stage output of one end-to-end run (distill and evaluate are None when disabled)."""
 
     embed: EmbedOutput
     transform: TransformOutput
     cluster: ClusterOutput
     sample: SampleOutput
     distill: DistillOutput | None = None
+    evaluate: EvaluateOutput | None = None
 
     def stages(self) -> dict[str, Any]:
         return {name: out for name, out in (("embed", self.embed), ("transform", self.transform),
                                             ("cluster", self.cluster), ("sample", self.sample),
-                                            ("distill", self.distill)) if out is not None}
+                                            ("distill", self.distill), ("evaluate", self.evaluate)) if out is not None}
 
 
 class RunSummary(Record):
-    """The machine-readable summary of one pipeline run (`summary.json`)."""
+    """The machine-readable summary of one pipeline run (`summary.json`).
+
+    The headline is `alignment`: every model's accuracy at every abstraction level and on the
+    held-out human (or proxy) triplets, object-disjoint, with 95% intervals, and the aligned − raw
+    changes with paired intervals (`alignment_changes`). The point values of the earlier summary
+    are kept (`transform_acc_*`: the test fold's zero-shot (cosine) and transformed accuracies;
+    `student_*`), with their intervals beside them (`transform_heldout`, `student_heldout`,
+    `student_human`)."""
 
     dataset: str
     dataset_version: str
+    human_data: str | None
+    alignment: dict[str, dict[str, Estimate]] | None
+    alignment_changes: dict[str, dict[str, Difference]] | None
+    alignment_models: dict[str, str] | None
     transform_acc_before: float | None
     transform_acc_after: float | None
-    human_data: str | None
+    transform_heldout: HeldOut | None
+    transform_triplet_split: TripletSplitFigures | None
     cluster_nmi: float | None
     cluster_ari: float | None
     cluster_sizes: list[int]
@@ -55,8 +71,10 @@ class RunSummary(Record):
     student_strategy: str
     student_acc_before: float | None
     student_acc_after: float | None
+    student_heldout: Comparison | None
     student_human_acc_before: float | None
     student_human_acc_after: float | None
+    student_human: Comparison | None
     student_acc_before_by_sampling: dict[str, float] | None
     student_acc_after_by_sampling: dict[str, float] | None
     stage_seconds: dict[str, float]
@@ -68,13 +86,19 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
     """The summary of one run; `report_dir` is where its report is written."""
     t, c, s = outs.transform.metrics, outs.cluster.metrics, outs.sample.metrics
     d = outs.distill.metrics if outs.distill is not None else None
+    ev = outs.evaluate.metrics if outs.evaluate is not None else None
     strategy = d.sampling if d is not None else cfg.distill.strategy
     return RunSummary(
         dataset=outs.sample.artifact,
         dataset_version=s.version,
+        human_data=t.human_data,
+        alignment=None if ev is None else ev.scores,
+        alignment_changes=None if ev is None else ev.changes,
+        alignment_models=None if ev is None else ev.models,
         transform_acc_before=t.acc_before,
         transform_acc_after=t.acc_after,
-        human_data=t.human_data,
+        transform_heldout=t.heldout,
+        transform_triplet_split=t.triplet_split,
         cluster_nmi=c.nmi,
         cluster_ari=c.ari,
         cluster_sizes=c.sizes,
@@ -83,8 +107,10 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
         student_strategy=strategy,
         student_acc_before=None if d is None else d.acc_before.get(strategy),
         student_acc_after=None if d is None else d.acc_after.get(strategy),
+        student_heldout=None if d is None else d.heldout.get(strategy),
         student_human_acc_before=None if d is None else d.human_acc_before,
         student_human_acc_after=None if d is None else d.human_acc_after,
+        student_human=None if d is None else d.human,
         student_acc_before_by_sampling=None if d is None else d.acc_before,
         student_acc_after_by_sampling=None if d is None else d.acc_after,
         stage_seconds={name: o.metrics.seconds for name, o in outs.stages().items()},
@@ -95,12 +121,15 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
 
 def write_report(cfg: PipelineConfig, outs: RunOutputs) -> RunSummary:
     """Write `<root>/reports/<dataset>/<last key>/{report.md,summary.json}`; return the summary."""
-    last = outs.distill or outs.sample
+    last = outs.evaluate or outs.distill or outs.sample
     folder = store.join(cfg.root, "reports", cfg.dataset_name, last.key)
     summary = summarize(cfg, outs, folder)
     store.write_json_atomic(store.join(folder, "summary.json"), summary.model_dump(mode="json"))
+    text = run_markdown(summary)
+    if outs.evaluate is not None:
+        text += "\n" + alignment_markdown(outs.evaluate)
     with fsspec.open(store.join(folder, "report.md"), "w") as f:
-        f.write(run_markdown(summary))
+        f.write(text)
     return summary
 
 
@@ -112,22 +141,39 @@ def _fmt(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
+def _est(e: Estimate | None) -> str:
+    return "n/a" if e is None else e.text()
+
+
+def _cmp_row(name: str, c: Comparison | None) -> str:
+    if c is None:
+        return f"| {name} | n/a | n/a | n/a |"
+    return f"| {name} | {c.before.text()} | {c.after.text()} | {c.change.text()} |"
+
+
 def run_markdown(summary: RunSummary) -> str:
-    """A short markdown report of a run (`report.md`, and the `alignet-report` artifact)."""
+    """A short markdown report of a run (`report.md`, and the `alignet-report` artifact). Every
+    accuracy carries its 95% interval; a change whose interval covers 0 says so in words."""
     s = summary
+    h = s.transform_heldout
+    teacher = None if h is None else Comparison(before=h.zero_shot, after=h.transformed, change=h.gain)
     lines = [
         "# AligNet pipeline report",
         "",
-        f"Dataset: `{s.dataset}` ({s.n_triplets} triplets)",
+        f"Dataset: `{s.dataset}` ({s.n_triplets} triplets). Human data: {s.human_data}.",
         "",
-        "| measure | before | after |",
-        "|---|---|---|",
-        f"| teacher held-out odd-one-out accuracy ({s.human_data}) | {_pct(s.transform_acc_before)} "
-        f"| {_pct(s.transform_acc_after)} |",
-        f"| student triplet accuracy vs teacher ({s.student_strategy}) | "
-        f"{_pct(s.student_acc_before)} | {_pct(s.student_acc_after)} |",
-        f"| student odd-one-out accuracy on held-out human triplets ({s.human_data}) | "
-        f"{_pct(s.student_human_acc_before)} | {_pct(s.student_human_acc_after)} |",
+        "| held-out accuracy (95% interval) | before | after | change |",
+        "|---|---|---|---|",
+        _cmp_row(f"teacher, odd-one-out on test-fold objects ({h.n_objects if h else 0} objects never fitted)",
+                 teacher),
+        _cmp_row(f"student, triplet accuracy vs the teacher ({s.student_strategy})", s.student_heldout),
+        _cmp_row("student, odd-one-out on test-fold objects", s.student_human),
+        "",
+        "Before: the reference zero-shot protocol (cosine similarity of raw features); after: dot products of the "
+        "aligned representation. "
+        + ("" if s.transform_triplet_split is None else
+           f"Secondary, not object-disjoint: {s.transform_triplet_split.label}: "
+           f"{s.transform_triplet_split.zero_shot.text()} → {s.transform_triplet_split.transformed.text()}."),
         "",
         "Clusters vs labels: " + ("no labels" if s.cluster_nmi is None else
                                   f"NMI {s.cluster_nmi:.3f}, ARI {s.cluster_ari:.3f}"),
@@ -139,6 +185,35 @@ def run_markdown(summary: RunSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def alignment_markdown(out: EvaluateOutput) -> str:
+    """The `alignment-levels` table: one row per model, one column per evaluation set (accuracy
+    with its 95% interval), the aligned − raw changes, the paper's reference ranges and, where
+    human choice probabilities exist, the uncertainty agreement."""
+    m = out.metrics
+    names = list(m.sets)
+    lines = ["# Alignment by level of abstraction (held-out objects, 95% intervals)", "",
+             "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {m.models[model]} | " + " | ".join(_est(by_set.get(n)) for n in names) + " |"
+              for model, by_set in m.scores.items()]
+    if m.changes:
+        lines += ["", "| change, aligned − raw | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {side} | " + " | ".join(by_set[n].text() for n in names) + " |" for side, by_set in m.changes.items()]
+    if m.reference:
+        lines += ["", "The AligNet paper, for reference: " + "; ".join(f"{k}: {v}" for k, v in m.reference.items()) + "."]
+    lines += ["", *[f"- `{n}` ({i.kind}, {i.n_triplets} triplets, intervals resample {i.resample}): {i.definition}"
+                    for n, i in m.sets.items()]]
+    if m.human_data and "proxy" in m.human_data:
+        lines += ["", f"The `human` column is the {m.human_data}: its figures say how well the models follow a "
+                  "taxonomy, not people."]
+    rows = [(model, n, u) for model, by_set in m.uncertainty.items() for n, u in by_set.items()]
+    if rows:
+        lines += ["", "| uncertainty vs human choice probabilities | set | T | NLL | JSD | entropy Spearman | ECE |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {m.models[model]} | {n} | {m.temperatures.get(model, float('nan')):.3g} | {u.nll:.3f} | "
+                  f"{u.jsd:.3f} | {u.entropy_spearman:.3f} | {u.ece:.3f} |" for model, n, u in rows]
+    return "\n".join(lines) + "\n"
+
+
 def embed_rows(out: EmbedOutput) -> list[dict[str, Any]]:
     """The `embed-summary` table: one row."""
     m = out.metrics
@@ -147,40 +222,55 @@ def embed_rows(out: EmbedOutput) -> list[dict[str, Any]]:
 
 
 def transform_markdown(out: TransformOutput) -> str:
-    """Before/after accuracy, the local-structure score, the hyper-parameters used (and every
-    setting a search tried), and the held-out accuracy per epoch."""
+    """Held-out accuracy on the test fold (objects never fitted) with intervals, per level, beside
+    both zero-shot protocols; the uncertainty agreement; the local-structure score; the
+    hyper-parameters used (and every setting a search tried); the validation accuracy per epoch."""
     m = out.metrics
-    rows = [
-        ("human data", m.human_data),
-        ("held-out triplets", m.n_heldout),
-        ("odd-one-out accuracy before", _pct(m.acc_before)),
-        ("odd-one-out accuracy after", _pct(m.acc_after)),
-        (f"local structure: {m.knn_k}-NN overlap before/after", f"{m.knn_overlap:.3f}"),
-        ("soft targets", m.soft_targets or "n/a"),
-    ]
+    h = m.heldout
+    r = m.roles
+    lines = [f"# Transform: test-fold accuracy {_est(h.zero_shot if h else None)} → {_est(h.transformed if h else None)}",
+             "", f"Human data: {m.human_data}."]
+    if r is not None and h is not None:
+        lines += [f"Objects in {r.folds} folds: triplets {r.train} train, {r.val} validation (early stopping), "
+                  f"{r.test} test on {h.n_objects} objects no fit saw; {r.dropped} dropped (objects in two roles).", "",
+                  "| test fold (95% interval, objects resampled) | accuracy |", "|---|---|",
+                  f"| zero-shot: {h.zero_shot_protocol} | {h.zero_shot.text()} |",
+                  f"| zero-shot: {h.zero_shot_dot_protocol} | {h.zero_shot_dot.text()} |",
+                  f"| transformed (dot products) | {h.transformed.text()} |",
+                  f"| change vs the reference zero-shot | {h.gain.text()} |"]
+        for level, f in (h.by_level or {}).items():
+            lines.append(f"| level `{level}`: zero-shot → transformed | {f.zero_shot.text()} → {f.transformed.text()} "
+                         f"({f.gain.text()}) |")
+    if m.triplet_split is not None:
+        lines += ["", f"Secondary ({m.triplet_split.label}): {m.triplet_split.zero_shot.text()} → "
+                  f"{m.triplet_split.transformed.text()}."]
+    if m.uncertainty is not None:
+        u = m.uncertainty
+        lines += ["", "| uncertainty vs the human probabilities (test fold) | T | NLL | JSD | entropy Spearman | ECE |",
+                  "|---|---|---|---|---|---|"]
+        for name, a, temp in (("zero-shot (cosine)", u.zero_shot, u.zero_shot_temperature),
+                              ("transformed", u.transformed, u.transformed_temperature)):
+            lines.append(f"| {name} | {temp:.3g} | {a.nll:.3f} | {a.jsd:.3f} | {a.entropy_spearman:.3f} | {a.ece:.3f} |")
+    rows = [(f"local structure: {m.knn_k}-NN overlap before/after", f"{m.knn_overlap:.3f}"),
+            ("soft targets", m.soft_targets or "n/a"),
+            ("kept epoch / epochs run", f"{(m.best_epoch or 0) + 1} / {m.epochs_run}")]
     if m.vice is not None:
-        rows.append(("VICE held-out accuracy / dims", f"{_pct(m.vice.val_acc)} / {m.vice.dims}"))
+        rows.append((f"VICE accuracy on {m.vice.val_split} / dims", f"{_pct(m.vice.val_acc)} / {m.vice.dims}"))
     hp = m.hyperparameters.model_dump() if m.hyperparameters is not None else {}
-    lines = [
-        f"# Transform: held-out accuracy {_pct(m.acc_before)} → {_pct(m.acc_after)}",
-        "",
-        "| measure | value |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in rows],
-        "",
-        "Hyper-parameters used: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in hp.items()),
-    ]
+    lines += ["", "| fit | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+              "Hyper-parameters used: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in hp.items())]
     if m.search is not None:
         best = m.search.best
-        lines += ["", f"Search ({m.search.n_folds}-fold cross-validation over objects; chosen: alpha = "
-                  f"{best['alpha']}, lam = {best['lam']}, lr = {best['lr']}):", "",
-                  "| alpha | lam | lr | held-out accuracy | k-NN overlap |", "|---|---|---|---|---|"]
+        lines += ["", f"Search ({m.search.n_folds}-fold cross-validation over the training objects; selection "
+                  f"scores, not held-out figures; chosen: alpha = {best['alpha']}, lam = {best['lam']}, "
+                  f"lr = {best['lr']}):", "",
+                  "| alpha | lam | lr | selection accuracy | k-NN overlap |", "|---|---|---|---|---|"]
         lines += [f"| {r.alpha} | {r.lam} | {r.lr} | {r.transformed_mean:.3f} | {r.knn_overlap_mean:.3f} |"
                   for r in m.search.settings]
-    curve = [h["val_acc"] for h in m.history if "val_acc" in h]
+    curve = [h_["val_acc"] for h_ in m.history if "val_acc" in h_]
     if curve:
-        lines += ["", plots.markdown_image(plots.curve_png({"held-out accuracy": curve}, "epoch", "accuracy",
-                                                           "transform fit"), "held-out accuracy per epoch")]
+        lines += ["", plots.markdown_image(plots.curve_png({"validation-fold accuracy": curve}, "epoch", "accuracy",
+                                                           "transform fit"), "validation accuracy per epoch")]
     return "\n".join(lines) + "\n"
 
 
@@ -209,22 +299,25 @@ def dataset_rows(out: SampleOutput) -> list[dict[str, Any]]:
 
 
 def student_markdown(out: DistillOutput) -> str:
-    """The student's accuracy table, accuracy bars and loss curve, as one markdown document."""
+    """The student's accuracies with intervals and paired changes, accuracy bars and loss curve."""
     m = out.metrics
-    rows = [(s, f"triplets vs teacher: {s}", m.acc_before[s], m.acc_after[s]) for s in m.acc_after]
-    if m.human_acc_after is not None:
-        rows.append(("human", f"human odd-one-out ({m.human_data}, {m.n_human_test} held out)",
-                     m.human_acc_before, m.human_acc_after))
+    comps = [(s, f"triplets vs teacher: {s}", c) for s, c in m.heldout.items()]
+    if m.human is not None:
+        comps.append(("human", f"odd-one-out, test-fold objects ({m.human_data}, {m.n_human_test} triplets)", m.human))
     lines = [
         f"# Student after {m.steps} steps on `{m.sampling}` ({m.n_train} training triplets)",
         "",
-        "| held-out accuracy | before | after |",
-        "|---|---|---|",
-        *[f"| {name} | {_pct(b)} | {_pct(a)} |" for _, name, b, a in rows],
+        "| held-out accuracy (95% interval) | before | after | change |",
+        "|---|---|---|---|",
+        *[_cmp_row(name, c) for _, name, c in comps],
+        "",
+        f"Before: {m.before_protocol}; with dot products instead: "
+        + ", ".join(f"{s} {e.text()}" for s, e in m.heldout_before_dot.items())
+        + ("" if m.human_before_dot is None else f", human {m.human_before_dot.text()}") + ".",
         "",
         f"Final loss {m.final_loss:.5f}; training {m.train_seconds:.1f} s, stage {m.seconds:.1f} s.",
         "",
-        plots.markdown_image(plots.before_after_png({short: (b, a) for short, _, b, a in rows},
+        plots.markdown_image(plots.before_after_png({short: (c.before.value, c.after.value) for short, _, c in comps},
                                                     "student accuracy (held out)", chance=1 / 3),
                              "student accuracy before and after"),
         "",

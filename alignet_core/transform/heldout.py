@@ -27,7 +27,7 @@ from alignet_core.transform.affine import AffineTransform
 ZERO_SHOT = "cosine similarity of the raw embeddings (gLocal's zero-shot protocol)"
 ZERO_SHOT_DOT = "dot products of the globally standardized embeddings (where the transform starts)"
 TRIPLET_SPLIT = "held-out triplets of the training objects (every object was fitted): not a held-out-object figure"
-_TEMPERATURES = np.logspace(-4, 2, 61)
+_TEMPERATURES = np.logspace(-4, 4, 81)
 
 
 class LevelFigures(Record):
@@ -106,7 +106,7 @@ def triplet_split_figures(objects: np.ndarray, transform: AffineTransform, tripl
 
 def fit_temperature(similarities: np.ndarray) -> float:
     """The T minimizing the NLL of the observed choices (column 0) under softmax(s / T), over a
-    log grid from 1e-4 to 100. similarities: (t, 3)."""
+    log grid from 1e-4 to 1e4. similarities: (t, 3)."""
     s = np.asarray(similarities, dtype=np.float64)
     nll = [-np.log(np.clip(choice_distribution(s, t)[:, 0], 1e-12, None)).mean() for t in _TEMPERATURES]
     return float(_TEMPERATURES[int(np.argmin(nll))])

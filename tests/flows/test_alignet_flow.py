@@ -21,7 +21,7 @@ from alignet_core.sample import versions
 from flows.alignet import alignet
 
 CHECKER = Path(__file__).resolve().parents[3] / "shared" / "tools" / "check_alignet_npz.py"
-STAGE_TASKS = ("embed", "fit-transform", "cluster", "sample-shard", "publish-dataset", "distill")
+STAGE_TASKS = ("embed", "fit-transform", "cluster", "sample-shard", "publish-dataset", "distill", "evaluate")
 
 
 def tiny(root: Path, **extra) -> dict:
@@ -41,6 +41,7 @@ def tiny(root: Path, **extra) -> dict:
         "distill.checkpoint_every": 2,
         "distill.n_eval": 200,
         "distill.image_size": 64,
+        "evaluate.n_per_level": 200,
         **extra,
     }
 
@@ -86,7 +87,14 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
                 "student_acc_before", "student_acc_after", "student_human_acc_before", "student_human_acc_after",
                 "stage_seconds"):
         assert summary[key] is not None, key
-    assert set(summary["stage_seconds"]) == {"embed", "transform", "cluster", "sample", "distill"}
+    assert set(summary["stage_seconds"]) == {"embed", "transform", "cluster", "sample", "distill", "evaluate"}
+    # the headline: every model at every level and on the test-fold human triplets, with intervals
+    assert set(summary["alignment"]) == {"teacher_raw", "teacher_aligned", "student_raw", "student_aligned"}
+    for by_set in summary["alignment"].values():
+        assert set(by_set) <= {"global", "local", "class_boundary", "human"} and "human" in by_set
+        assert all(e["low"] <= e["value"] <= e["high"] for e in by_set.values() if e["n"])
+    assert set(summary["alignment_changes"]) == {"teacher", "student"}
+    assert summary["transform_heldout"]["transformed"]["unit"] == "objects"
     assert (Path(summary["report_dir"]) / "summary.json").exists()
     assert (Path(summary["report_dir"]) / "report.md").read_text().startswith("# AligNet")
 
@@ -123,7 +131,7 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     summary3, run_id3 = _run(tiny(tmp_path / "a", **{"cluster.k": 6}))
     third = _task_states(run_id3)
     assert third["embed"] == {"Cached"} and third["fit-transform"] == {"Cached"}
-    for name in ("cluster", "sample-shard", "publish-dataset", "distill"):
+    for name in ("cluster", "sample-shard", "publish-dataset", "distill", "evaluate"):
         assert third[name] == {"Completed"}, (name, third[name])
     assert summary3["stage_keys"]["transform"] == summary["stage_keys"]["transform"]
     assert summary3["stage_keys"]["cluster"] != summary["stage_keys"]["cluster"]
@@ -180,3 +188,45 @@ def test_distill_flow_runs_alone_on_an_existing_dataset_folder(harness, tmp_path
     assert sorted(p.name for p in (root / "stages").iterdir()) == ["distill"]
     states = _task_states(state.state_details.flow_run_id)
     assert set(states) == {"distill"}, states
+
+
+def test_evaluate_alone_on_a_checkpoint_and_a_set_the_pipeline_did_not_make(harness, tmp_path, capsys):
+    """`alignet evaluate` on a student folder trained elsewhere and a THINGS-format file of
+    triplets (with probabilities) written by hand: only embed, transform and evaluate run."""
+    import json
+
+    import torch
+
+    from alignet_core.config import DistillConfig
+    from alignet_core.distill.train import train_student
+    from alignet_core.io import sources
+    from flows.cli import main
+
+    src = sources.subset(sources.demo_source(), 120)
+    g = np.random.default_rng(0)
+    idx = np.stack([g.choice(len(src), 3, replace=False) for _ in range(64)])
+    idx, sims, _ = formats.order_by_similarity(idx, g.normal(size=(64, 3)).astype(np.float32))
+    split = formats.AlignetTriplets(idx, src.ids()[idx], sims.astype(np.float32))
+    student_cfg = DistillConfig(student="tf_efficientnet_lite0", head_dim=16, steps=2, batch_triplets=8,
+                                warmup_steps=0, image_size=32)
+    folder = tmp_path / "elsewhere" / "student"
+    train_student(split, src, student_cfg, str(folder), torch.device("cpu"), seed=3)
+    rows = np.stack([g.choice(len(src), 3, replace=False) for _ in range(150)])
+    formats.write_things_triplets(str(tmp_path / "mine.txt"), rows)
+    np.save(tmp_path / "mine.npy", g.dirichlet([2, 1, 1], size=150).astype(np.float32))
+    root = tmp_path / "root"
+    args = ["evaluate", "--root", str(root)]
+    for k, v in {**tiny(root), "distill.head_dim": 16, "distill.image_size": 32, "evaluate.student": str(folder),
+                 "evaluate.sets": json.dumps([{"name": "mine", "triplets": str(tmp_path / "mine.txt"),
+                                               "probabilities": str(tmp_path / "mine.npy")}])}.items():
+        args += ["--set", f"{k}={v}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| model | global | local | class_boundary | human | mine |" in out
+    assert sorted(p.name for p in (root / "stages").iterdir()) == ["embed", "evaluate", "transform"]
+    m = json.loads(next((root / "stages" / "evaluate").glob("*/alignment.json")).read_text())
+    assert set(m["scores"]) == {"teacher_raw", "teacher_aligned", "student_raw", "student_aligned"}
+    mine = m["scores"]["student_aligned"]["mine"]
+    assert mine["n"] == 150 and mine["unit"] == "triplets" and mine["low"] <= mine["value"] <= mine["high"]
+    assert set(m["uncertainty"]["student_aligned"]) == {"human", "mine"}
+    assert (root / "stages" / "evaluate").glob("*/sets/mine.txt")

@@ -1,0 +1,209 @@
+"""Stage 5, evaluate: the alignment of the teacher and the student, before and after, at three levels
+of abstraction, on the held-out human triplets and on any given set — every figure with its 95%
+interval, every before/after change with a paired one.
+
+In: the embed stage's store (the raw teacher), the transform stage's store (the aligned teacher),
+and a student: the pipeline's own distillation output, or any folder given as `evaluate.student`
+(the pretrained `distill.student` is the student's "before"). Out: `<dir>/alignment.json` (the
+metrics) and the evaluation sets it used, as THINGS-format files under `<dir>/sets/`.
+
+Protocols, named in the output: the raw models are scored by the reference zero-shot protocol
+(gLocal: cosine similarity of their features); the aligned teacher by dot products of its
+transformed embeddings (what the dataset's similarities are) and the AligNet student by dot
+products of its head (what it was trained on). Where human choice probabilities exist, each
+model's choice distribution is softmax(similarity / T) with T fitted on the training objects'
+triplets, compared with the human one (`evaluate.uncertainty`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import numpy as np
+import torch
+
+from alignet_core.config import PipelineConfig
+from alignet_core.distill.evaluation import embed_images
+from alignet_core.distill.student import build_student, load_student
+from alignet_core.evaluate import bootstrap
+from alignet_core.evaluate.bootstrap import Difference, Estimate
+from alignet_core.evaluate.metrics import odd_one_out_correct, pair_similarities, unit_rows
+from alignet_core.evaluate.sets import EvalSet, build_sets, human_data_or_none, needed_images
+from alignet_core.evaluate.uncertainty import UncertaintyAgreement, choice_distribution, uncertainty_agreement
+from alignet_core.hardware import resolve_device
+from alignet_core.io import embedding_store, formats, sources, store
+from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
+from alignet_core.transform.heldout import fit_temperature
+from alignet_core.transform.human import object_embeddings
+from alignet_core.transform.human_data import HumanData
+
+log = logging.getLogger(__name__)
+
+#: model → (how reports name it, the similarity it is scored by)
+MODELS = {
+    "teacher_raw": ("teacher, raw features", "cosine"),
+    "teacher_aligned": ("teacher, human-aligned transform", "dot"),
+    "student_raw": ("student, pretrained", "cosine"),
+    "student_aligned": ("student, AligNet-distilled", "dot"),
+}
+#: the AligNet paper's figures at each level (before → after alignment), for the reports
+REFERENCE = {
+    "global": "36–57% → 66–69% (human-to-human reliability 61.9%)",
+    "local": "46–58% → 59–63%",
+    "class_boundary": "93–94% after (noise ceiling 89.2%)",
+}
+
+
+class SetInfo(Record):
+    kind: str
+    n_triplets: int
+    resample: str
+    definition: str
+
+
+class EvaluateMetrics(StageMetrics):
+    """scores[model][set] (with intervals); changes['teacher' | 'student'][set] = aligned − raw,
+    paired; uncertainty[model][set] where the set has human choice probabilities."""
+
+    sets: dict[str, SetInfo]
+    models: dict[str, str]  # model → name and protocol
+    scores: dict[str, dict[str, Estimate]]
+    changes: dict[str, dict[str, Difference]]
+    uncertainty: dict[str, dict[str, UncertaintyAgreement]]
+    temperatures: dict[str, float]
+    reference: dict[str, str]
+    human_data: str | None
+
+
+class EvaluateOutput(StageOutput):
+    metrics: EvaluateMetrics
+
+
+def _student_identity(cfg: PipelineConfig, student: StageOutput | None) -> str | None:
+    """The key of the student evaluated: the distill stage's, or a fingerprint of a given folder."""
+    if cfg.evaluate.student is not None:
+        files = [store.join(cfg.evaluate.student, f) for f in ("student.safetensors", "head.safetensors")]
+        return store.content_key("student-files", [store.file_sha256(u) for u in files])
+    return None if student is None else student.key
+
+
+def _inputs(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> list[str]:
+    return [emb.key, tfm.key] + ([sid] if (sid := _student_identity(cfg, student)) else [])
+
+
+def plan_evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> StagePlan:
+    conf = {"evaluate": cfg.evaluate.model_dump(), "human": cfg.human.model_dump(), "seed": cfg.seed,
+            "source": sources.source_identity(cfg.source), "student": cfg.distill.student,
+            "weights": cfg.distill.weights, "image_size": cfg.distill.image_size,
+            "device": resolve_device(cfg.device).type}
+    return plan_stage(cfg.root, "evaluate", conf, _inputs(cfg, emb, tfm, student), __name__)
+
+
+def run_evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> EvaluateOutput:
+    """Score every model on every evaluation set (see the module doc)."""
+    plan = plan_evaluate(cfg, emb, tfm, student)
+    return once(plan, EvaluateOutput, lambda: _evaluate(cfg, emb, tfm, student, plan), cfg.lock_timeout)
+
+
+def _store_rows(url: str, rows: np.ndarray, n: int) -> np.ndarray:
+    """(n, p) float32: the store's rows at `rows`, zeros elsewhere."""
+    arr = embedding_store.open_embeddings(url)["embeddings"]
+    out = np.zeros((n, arr.shape[1]), dtype=np.float32)
+    out[rows] = embedding_store.gather_rows(arr, rows)
+    return out
+
+
+def _student_rows(model: torch.nn.Module, src: sources.ImageSource, rows: np.ndarray, device: torch.device,
+                  use_head: bool, batch_size: int) -> np.ndarray:
+    emb = embed_images(model, [src.records[int(r)].path for r in rows], device, batch_size, use_head)
+    out = np.zeros((len(src), emb.shape[1]), dtype=np.float32)
+    out[rows] = emb
+    return out
+
+
+def _model_images(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None,
+                  src: sources.ImageSource, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Every model's (n, p) image embeddings at `rows` (zeros elsewhere)."""
+    device = resolve_device(cfg.device)
+    out = {"teacher_raw": _store_rows(emb.artifact, rows, len(src)),
+           "teacher_aligned": _store_rows(tfm.artifact, rows, len(src))}
+    folder = cfg.evaluate.student or (None if student is None else student.artifact)
+    if folder is not None:
+        bs = cfg.evaluate.batch_size
+        out["student_raw"] = _student_rows(build_student(cfg.distill, cfg.seed), src, rows, device, False, bs)
+        out["student_aligned"] = _student_rows(load_student(folder, cfg.distill), src, rows, device, True, bs)
+    return out
+
+
+def _similarities(e: np.ndarray, triplets: np.ndarray, similarity: str) -> np.ndarray:
+    return pair_similarities(unit_rows(e) if similarity == "cosine" else e, triplets)
+
+
+def _evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None,
+              plan: StagePlan) -> EvaluateOutput:
+    t0 = time.perf_counter()
+    src = sources.source_from_config(cfg.source)
+    data = human_data_or_none(cfg, src)
+    sets = build_sets(cfg, src, data)
+    fit_t = data is not None and data.probs is not None
+    images = _model_images(cfg, emb, tfm, student, src, needed_images(sets, data, with_train_objects=fit_t))
+    scores: dict[str, dict[str, Estimate]] = {m: {} for m in images}
+    outcomes: dict[str, dict[str, np.ndarray]] = {m: {} for m in images}
+    uncertainty: dict[str, dict[str, UncertaintyAgreement]] = {m: {} for m in images}
+    temperatures: dict[str, float] = {}
+    for model, e in images.items():
+        similarity = MODELS[model][1]
+        if fit_t:
+            temperatures[model] = _fit_temperature(e, data, similarity)  # type: ignore[arg-type]
+        for s in sets:
+            x, t = _set_embeddings(e, s, data)
+            correct = odd_one_out_correct(x, t, similarity)
+            outcomes[model][s.name] = correct
+            scores[model][s.name] = bootstrap.accuracy(correct, cfg.seed, _unit(s))
+            if s.probs is not None and model in temperatures:
+                q = choice_distribution(_similarities(x, t, similarity), temperatures[model])
+                uncertainty[model][s.name] = uncertainty_agreement(s.probs, q)
+    changes = {side: {s.name: bootstrap.paired_difference(outcomes[f"{side}_raw"][s.name],
+                                                          outcomes[f"{side}_aligned"][s.name], cfg.seed, _unit(s))
+                      for s in sets} for side in ("teacher", "student") if f"{side}_aligned" in images}
+    store.makedirs(plan.dir)
+    for s in sets:
+        formats.write_things_triplets(store.join(plan.dir, "sets", f"{s.name}.txt"), s.triplets)
+    metrics = EvaluateMetrics(
+        sets={s.name: SetInfo(kind=s.kind, n_triplets=len(s.triplets), resample=s.resample, definition=s.definition)
+              for s in sets},
+        models={m: f"{MODELS[m][0]} ({MODELS[m][1]})" for m in images},
+        scores=scores, changes=changes, uncertainty=uncertainty, temperatures=temperatures,
+        reference={k: v for k, v in REFERENCE.items() if k in {s.name for s in sets}},
+        human_data=None if data is None else data.name(cfg),
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    store.write_json_atomic(store.join(plan.dir, "alignment.json"), metrics.model_dump(mode="json"))
+    for side, by_set in changes.items():
+        log.info("evaluate: %s aligned − raw: %s", side, {k: d.text() for k, d in by_set.items()})
+    return finish(plan, EvaluateOutput, store.join(plan.dir, "alignment.json"), metrics,
+                  {"evaluate": cfg.evaluate.model_dump()}, _inputs(cfg, emb, tfm, student))
+
+
+def _unit(s: EvalSet) -> np.ndarray | None:
+    """The triplets whose items the bootstrap resamples (None: resample the triplets)."""
+    return s.triplets if s.resample == "objects" else None
+
+
+def _set_embeddings(e: np.ndarray, s: EvalSet, data: HumanData | None) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, triplets) a set is scored on: the image rows, or its objects' mean embeddings
+    with the triplets renumbered to them."""
+    if not s.on_objects or data is None:
+        return e, s.triplets
+    objs = np.unique(s.triplets)
+    img = np.flatnonzero(np.isin(data.object_of_image, objs))
+    x = object_embeddings(e[img], np.searchsorted(objs, data.object_of_image[img]), len(objs))
+    return x, np.searchsorted(objs, s.triplets)
+
+
+def _fit_temperature(e: np.ndarray, data: HumanData, similarity: str) -> float:
+    """T of softmax(similarity / T) fitted on the training objects' triplets (observed choices)."""
+    train = EvalSet(name="train", kind="human", triplets=data.triplets[data.split.train], probs=None,
+                    on_objects=True, resample="objects", definition="")
+    x, t = _set_embeddings(e, train, data)
+    return fit_temperature(_similarities(x, t, similarity))

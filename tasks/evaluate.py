@@ -1,0 +1,21 @@
+"""Task: alignment of the teacher and the student at every level, with intervals (stage 5)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+from alignet_core.config import PipelineConfig
+from alignet_core.evaluate.stage import EvaluateOutput, plan_evaluate, run_evaluate
+from alignet_core.pipeline.runner import StageOutput
+from alignet_core.pipeline.report import alignment_markdown
+from tasks._cache import StageCache, stage_output
+
+
+@task(name="evaluate", cache_policy=StageCache(locate=stage_output(plan_evaluate)), persist_result=True, retries=1,
+      retry_delay_seconds=5)
+def evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> EvaluateOutput:
+    out = run_evaluate(cfg, emb, tfm, student)
+    create_markdown_artifact(key="alignment-levels", markdown=alignment_markdown(out),
+                             description="Alignment at each level of abstraction, before and after, with 95% intervals")
+    return out
