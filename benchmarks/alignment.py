@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import numpy as np
 import torch
 
 from alignet_core.config import PipelineConfig, TransformConfig, ViceConfig, parse_config, with_overrides
 from alignet_core.embed.stage import run_embed
+from alignet_core.evaluate import bootstrap
 from alignet_core.evaluate.metrics import (
     choice_nll,
     choice_probabilities_from_embeddings,
@@ -38,6 +40,7 @@ from alignet_core.evaluate.metrics import (
     knn_overlap,
     linear_probe,
     odd_one_out_accuracy,
+    odd_one_out_correct,
     triplet_accuracy,
 )
 from alignet_core.io import embedding_store, sources
@@ -66,6 +69,43 @@ def linear_oracle_accuracy(features: np.ndarray, embedding: np.ndarray, triplets
     f = np.c_[features, np.ones(len(features))]
     b, *_ = np.linalg.lstsq(f, embedding, rcond=None)
     return odd_one_out_accuracy(f @ b, triplets)
+
+
+def _object_disjoint(data: Any, vcfg: ViceConfig, tcfg: TransformConfig, seed: int) -> dict:
+    """The same claims on triplets whose three objects were all held out of every fit: objects in 5
+    folds (fold 0 test, fold 1 early stopping, the rest train), VICE and the transform fitted on the
+    training objects' triplets only; accuracies with object-bootstrap 95% intervals. The linear
+    oracle's readout is fitted on the training objects only."""
+    x, t = data.features, data.triplets
+    fold_of = human.object_folds(data.n_objects, 5, seed)
+    sp = human.split_by_objects(t, fold_of, test_fold=0, val_fold=1)
+    train, val, test = t[sp.train], t[sp.val], t[sp.test]
+    vice = fit_vice(train, data.n_objects, vcfg, seed, CPU)
+    fit = fit_transform(x, train, val, tcfg, seed, CPU, vice.predict_probabilities(train, n_samples=25, seed=seed))
+    train_objects = np.flatnonzero(~np.isin(fold_of, [0, 1]))
+    f = np.c_[x, np.ones(len(x))]
+    b, *_ = np.linalg.lstsq(f[train_objects], data.embedding[train_objects], rcond=None)
+    z0 = (x - x.mean()) / x.std()
+    ceiling = (np.asarray(data.probs)[sp.test].argmax(1) == 0)
+
+    def est(correct: np.ndarray) -> dict:
+        return bootstrap.accuracy(correct, seed, triplets=test).model_dump()
+
+    return {
+        "n_objects_test": int((fold_of == 0).sum()),
+        "n_test_triplets": int(len(test)),
+        "n_train_triplets": int(len(train)),
+        "n_dropped_mixed": sp.n_mixed,
+        "ceiling": est(ceiling),
+        "zero_shot_cosine": est(odd_one_out_correct(x, test, "cosine")),
+        "zero_shot_dot": est(odd_one_out_correct(z0, test, "dot")),
+        "linear_oracle": est(odd_one_out_correct(f @ b, test, "dot")),
+        "transformed": est(odd_one_out_correct(fit.transform.apply(x), test, "dot")),
+        "gain": bootstrap.paired_difference(odd_one_out_correct(x, test, "cosine"),
+                                            odd_one_out_correct(fit.transform.apply(x), test, "dot"), seed,
+                                            triplets=test).model_dump(),
+        "best_epoch": fit.best_epoch,
+    }
 
 
 def run(quick: bool, seed: int = 0) -> dict:
@@ -104,11 +144,14 @@ def run(quick: bool, seed: int = 0) -> dict:
         return choice_probabilities_from_embeddings(fits[name].transform.apply(x), val)
 
     q_soft, q_hard = held_out("soft_local"), held_out("hard_local")
+    object_disjoint = _object_disjoint(data, vcfg, TransformConfig(targets="soft", alpha=alpha, **base), seed)
     t0 = time.perf_counter()
     probe = linear_probe(x, t, n_folds=3, epochs=10, seed=seed)
     probe_s = time.perf_counter() - t0
     result = {
         "benchmark": "alignment_quick" if quick else "alignment",
+        "object_disjoint": object_disjoint,
+        "triplet_split_note": "the figures below hold out 10% of the triplets; every object was fitted",
         "ceiling_acc": ceiling_accuracy(data.probs[va]),
         "zero_shot_acc": odd_one_out_accuracy(z0, val),
         "linear_oracle_acc": linear_oracle_accuracy(x, data.embedding, val),
@@ -170,25 +213,16 @@ def demo_teacher(cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray, dict]:
 def _fit_demo(
     objects: np.ndarray,
     train: np.ndarray,
+    val: np.ndarray,
     train_probs: np.ndarray | None,
+    val_probs: np.ndarray | None,
     cfg: TransformConfig,
     seed: int,
     pool: np.ndarray,
 ) -> FitResult:
-    """fit_transform on the training triplets, early-stopping on a 10% slice of them (seed + 1):
-    the reported held-out triplets are never seen by a fit."""
-    fit_rows, stop_rows = split_triplets(len(train), 0.1, seed + 1)
-    return fit_transform(
-        objects,
-        train[fit_rows],
-        train[stop_rows],
-        cfg,
-        seed,
-        CPU,
-        None if train_probs is None else train_probs[fit_rows],
-        None if train_probs is None else train_probs[stop_rows],
-        pool=pool,
-    )
+    """fit_transform on the training objects' triplets, early-stopping on the validation fold's:
+    the reported test-fold triplets are never seen by a fit."""
+    return fit_transform(objects, train, val, cfg, seed, CPU, train_probs, val_probs, pool=pool)
 
 
 def run_demo(
@@ -196,8 +230,8 @@ def run_demo(
 ) -> dict:
     """Stage-1 claims on the demo teacher and its taxonomy proxy triplets.
 
-    Held-out = the transform stage's split (`human.split_triplets(n, cfg.transform.val_fraction,
-    cfg.seed)`). Measures: the proxy's own ceiling (argmax of the generating probabilities), the
+    Held-out = the transform stage's test fold (`human.folds`: objects never fitted; early stopping on
+    the validation fold). Measures: the proxy's own ceiling (argmax of the generating probabilities), the
     standardized teacher zero-shot, VICE fitted on the training split, the demo transform fitted
     with hard targets, soft proxy targets and soft VICE targets, their held-out NLL / ECE, and the
     k-NN overlap (teacher vs transformed objects) of a global-only fit (alpha 0) vs the demo's
@@ -215,18 +249,20 @@ def run_demo(
     if data.probs is None:
         raise RuntimeError("the demo proxy returned no generating probabilities")
     objects = human.object_embeddings(emb, np.where(valid, data.object_of_image, -1), data.n_objects)
-    pool = emb[np.flatnonzero(valid)]  # run_transform's local-term pool (it subsamples above 20000 rows)
+    held_objects = np.flatnonzero(np.isin(data.fold_of, [cfg.human.val_fold, cfg.human.test_fold]))
+    pool = emb[np.flatnonzero(valid & ~np.isin(data.object_of_image, held_objects))]  # as run_transform's pool
     t = data.triplets
-    tr, va = split_triplets(len(t), cfg.transform.val_fraction, seed)
+    tr, vl, va = data.split.train, data.split.val, data.split.test
     train, val = t[tr], t[va]
+    vice_fit, vice_check = split_triplets(len(tr), cfg.transform.val_fraction, seed)  # VICE sees training objects only
     data_s = time.perf_counter() - t_data
 
     vcfg = ViceConfig(epochs=vice_epochs)
     t0 = time.perf_counter()
-    vice: ViceModel = fit_vice(train, data.n_objects, vcfg, seed, CPU)
+    vice: ViceModel = fit_vice(train[vice_fit], data.n_objects, vcfg, seed, CPU)
     vice_s = time.perf_counter() - t0
     p_train = vice.predict_probabilities(train, n_samples=25, seed=seed)
-    p_val = vice.predict_probabilities(val, n_samples=25, seed=seed + 1)
+    p_vice_check = vice.predict_probabilities(train[vice_check], n_samples=25, seed=seed + 1)
 
     tcfg = cfg.transform
     runs = {
@@ -239,13 +275,15 @@ def run_demo(
     fit_s: dict[str, float] = {}
     for name, (c, probs) in runs.items():
         t0 = time.perf_counter()
-        fits[name] = _fit_demo(objects, train, probs, c, seed, pool)
+        fits[name] = _fit_demo(objects, train, t[vl], probs, None if probs is p_train or probs is None
+                               else data.probs[vl], c, seed, pool)
         fit_s[name] = round(time.perf_counter() - t0, 1)
     if longer_epochs > 0:
         for name in ("hard", "soft_proxy"):
             c, probs = runs[name]
             t0 = time.perf_counter()
-            fits[f"{name}_longer"] = _fit_demo(objects, train, probs, c.model_copy(update={"epochs": longer_epochs}), seed, pool)
+            fits[f"{name}_longer"] = _fit_demo(objects, train, t[vl], probs, None if probs is None else data.probs[vl],
+                                               c.model_copy(update={"epochs": longer_epochs}), seed, pool)
             fit_s[f"{name}_longer"] = round(time.perf_counter() - t0, 1)
     after = {name: f.transform.apply(objects) for name, f in fits.items()}
     q = {name: choice_probabilities_from_embeddings(z, val, tcfg.temperature) for name, z in after.items()}
@@ -257,8 +295,12 @@ def run_demo(
         "benchmark": "alignment_demo",
         "human_data": "taxonomy proxy (not human)" if data.is_proxy else cfg.human.triplets,
         "ceiling_acc": ceiling_accuracy(data.probs[va]),
+        "held_out": "the test fold: objects no fit saw (human.folds); intervals resample its objects",
         "zero_shot_acc": odd_one_out_accuracy(z0, val),
-        "vice_acc": triplet_accuracy(p_val),
+        "zero_shot_cosine": bootstrap.accuracy(odd_one_out_correct(objects, val, "cosine"), seed, val).model_dump(),
+        "transformed": {name: bootstrap.accuracy(odd_one_out_correct(z, val), seed, val).model_dump()
+                        for name, z in after.items()},
+        "vice_acc_training_objects": triplet_accuracy(p_vice_check),
         "vice_dims": vice.dim,
         "transformed_acc_hard": odd_one_out_accuracy(after["hard"], val),
         "transformed_acc_soft_proxy": odd_one_out_accuracy(after["soft_proxy"], val),
@@ -270,12 +312,10 @@ def run_demo(
         "calibration": {
             **{f"nll_{name}": choice_nll(q[name]) for name in ("hard", "soft_proxy", "soft_vice")},
             **{f"ece_{name}": expected_calibration_error(q[name]) for name in ("hard", "soft_proxy", "soft_vice")},
-            "nll_vice": choice_nll(p_val),
-            "ece_vice": expected_calibration_error(p_val),
             "nll_generating_model": choice_nll(data.probs[va]),
             "ece_generating_model": expected_calibration_error(data.probs[va]),
             "mean_p_chosen": {name: float(q[name][:, 0].mean()) for name in q}
-            | {"vice": float(p_val[:, 0].mean()), "generating_model": float(data.probs[va][:, 0].mean())},
+            | {"generating_model": float(data.probs[va][:, 0].mean())},
         },
         "longer_fit": {
             name: {
@@ -294,7 +334,7 @@ def run_demo(
                 "best_epoch": f.best_epoch,
                 "epochs_run": len(f.history),
                 "train_acc": f.train_acc_after,
-                "early_stop_slice_acc": f.history[f.best_epoch]["val_acc"] if f.best_epoch >= 0 else None,
+                "validation_fold_acc": f.history[f.best_epoch]["val_acc"] if f.best_epoch >= 0 else None,
             }
             for name, f in fits.items()
         },
@@ -310,14 +350,15 @@ def run_demo(
             "n_triplets": int(len(t)),
             "n_train": int(len(tr)),
             "held_out": int(len(va)),
-            "proxy": {"level": cfg.human.proxy_level, "noise": cfg.human.proxy_noise},
-            "split": f"human.split_triplets(n, {tcfg.val_fraction}, seed={seed}) as in run_transform",
-            "early_stopping": "a 10% slice of the training triplets (split seed + 1); the held-out split is "
-            "never seen by VICE or a transform fit",
+            "proxy": {"mix": cfg.human.proxy_mix, "noise": cfg.human.proxy_noise},
+            "split": f"objects in {cfg.human.folds} folds (seed {seed}): test fold {cfg.human.test_fold}, validation "
+            f"fold {cfg.human.val_fold}, as in run_transform",
+            "early_stopping": "the validation fold's triplets; VICE is fitted on the training objects' triplets and "
+            "checked on held-out triplets of those objects (it has no embedding for unseen objects)",
             "vice": vcfg.model_dump() | {"posterior_samples": 25},
             "transform": tcfg.model_dump(),
             "global_only_alpha": 0.0,
-            "local_pool": f"the {int(valid.sum())} valid image embeddings (as run_transform)",
+            "local_pool": f"the {len(pool)} valid images of training objects (as run_transform)",
             "knn": f"cosine k={knn_k}, standardized teacher objects vs transformed objects; with_local = "
             f"the {local_name} fit at alpha {tcfg.alpha}",
             "threads": torch.get_num_threads(),
