@@ -19,6 +19,11 @@ with its packaged weights) and its taxonomy-derived *proxy* triplets (not human 
 embeddings come from `run_embed` (cached under --root), the triplets and their generating
 probabilities from `load_human_data`, split as the transform stage splits them. Writes
 benchmarks/results/alignment_demo.json.
+
+    python -m benchmarks.alignment --mixes [--root /tmp/alignet-bench-root]
+
+What the taxonomy proxy's mix of levels does to each level's figures (`run_mixes`). Writes
+benchmarks/results/alignment_mixes.json.
 """
 
 from __future__ import annotations
@@ -375,11 +380,59 @@ def run_demo(
     }
 
 
+#: proxy mixes compared by `--mixes`: one level alone, the default half global / half local, and a
+#: mix like the earlier single-level proxy (same-class pairs; odd ones from sibling or any classes)
+MIXES = {
+    "global": {"global": 1.0},
+    "local": {"local": 1.0},
+    "class_boundary": {"class_boundary": 1.0},
+    "global+local (default)": {"global": 0.5, "local": 0.5},
+    "local+class_boundary": {"local": 0.5, "class_boundary": 0.5},
+}
+
+
+def run_mixes(root: str = DEMO_ROOT, seed: int | None = None) -> dict:
+    """What the proxy's level mix does to each level's figures: for each mix in `MIXES`, the demo
+    transform stage fitted on proxy triplets of that mix (`run_transform`), then the evaluation
+    stage's teacher rows (raw vs aligned) at every level and on the mix's own test-fold triplets,
+    all on held-out objects with object-bootstrap 95% intervals."""
+    from alignet_core.evaluate.stage import run_evaluate
+    from alignet_core.transform.stage import run_transform
+
+    t_all = time.perf_counter()
+    base = with_overrides(parse_config({}), {"root": root, "distill.enabled": False}
+                          | ({} if seed is None else {"seed": seed}))
+    emb = run_embed(base)
+    out: dict[str, Any] = {"benchmark": "alignment_mixes", "human_data": "taxonomy proxy (not human)", "mixes": {}}
+    for name, mix in MIXES.items():
+        cfg = with_overrides(base, {"human.proxy_mix": mix})
+        t0 = time.perf_counter()
+        tfm = run_transform(cfg, emb)
+        ev = run_evaluate(cfg, emb, tfm, None).metrics
+        h = tfm.metrics.heldout
+        out["mixes"][name] = {
+            "mix": mix,
+            "test_fold_proxy": {"zero_shot": h.zero_shot.model_dump(), "transformed": h.transformed.model_dump(),
+                                "gain": h.gain.model_dump()},
+            "levels_raw": {k: v.model_dump() for k, v in ev.scores["teacher_raw"].items() if k != "human"},
+            "levels_aligned": {k: v.model_dump() for k, v in ev.scores["teacher_aligned"].items() if k != "human"},
+            "levels_change": {k: v.model_dump() for k, v in ev.changes["teacher"].items() if k != "human"},
+            "best_epoch": tfm.metrics.best_epoch, "epochs_run": tfm.metrics.epochs_run,
+            "train_acc_after": tfm.metrics.train_acc_after,
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    out["settings"] = {"config": "the demo config, distill disabled", "seed": base.seed, "folds": base.human.folds,
+                       "n_per_level": base.evaluate.n_per_level}
+    out["seconds_total"] = round(time.perf_counter() - t_all, 1)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small synthetic problem (a few minutes on a laptop CPU)")
     mode.add_argument("--demo", action="store_true", help="the demo teacher and its taxonomy proxy triplets")
+    mode.add_argument("--mixes", action="store_true", help="the demo transform fitted on proxies of each level mix")
     parser.add_argument("--seed", type=int, default=None, help="synthetic modes: default 0; --demo: the config's seed")
     parser.add_argument("--root", default=DEMO_ROOT, help="--demo: artifact root caching the teacher embeddings")
     parser.add_argument("--vice-epochs", type=int, default=DEMO_VICE_EPOCHS, help="--demo: VICE passes")
@@ -394,6 +447,8 @@ def main() -> None:
     try:
         if args.demo:
             result = run_demo(args.root, args.vice_epochs, args.seed, args.longer_epochs)
+        elif args.mixes:
+            result = run_mixes(args.root, args.seed)
         else:
             result = run(args.quick, 0 if args.seed is None else args.seed)
     finally:

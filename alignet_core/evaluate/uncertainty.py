@@ -74,7 +74,8 @@ def uncertainty_agreement(human: np.ndarray, model: np.ndarray) -> UncertaintyAg
     from scipy.stats import spearmanr
 
     hp, hq = entropy(p), entropy(q)
-    rho = float(spearmanr(hp, hq).statistic) if hp.std() > 0 and hq.std() > 0 else float("nan")
+    # entropies that differ only by rounding have no ranking: no correlation to report
+    rho = float(spearmanr(hp, hq).statistic) if np.ptp(hp) > 1e-9 and np.ptp(hq) > 1e-9 else float("nan")
     return UncertaintyAgreement(
         nll=float(-(p * np.log(np.clip(q, _EPS, None))).sum(1).mean()),
         jsd=float(jsd(p, q).mean()),
