@@ -256,9 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda", help="--gpu: the torch device (cpu for a small trial run)")
     ap.add_argument("--n", type=int, default=1_280_000, help="--gpu: rows")
     ap.add_argument("--p", type=int, default=1152, help="--gpu: dimensions")
+    ap.add_argument("--k", type=int, default=500, help="--gpu: clusters")
+    ap.add_argument("--niter", type=int, default=20, help="--gpu: Lloyd iterations")
     args = ap.parse_args(argv)
     if args.gpu:
-        result = run_gpu(args.n, args.p, 500, 20, args.device)
+        result = run_gpu(args.n, args.p, args.k, args.niter, args.device)
         if args.device.startswith("cuda"):
             write_result("kmeans_gpu", result, RESULTS_GPU)
         else:  # a trial of the code, not a figure to keep
