@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported by the GPU benchmarks only, never here
+    import argparse
+
     import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -121,6 +123,27 @@ def machine_info() -> dict:
         "executable": sys.executable,
         "gpu": gpu_info(),
     }
+
+
+def check_gpu_device(parser: "argparse.ArgumentParser", device: str, dry_run: str) -> None:
+    """Refuse (argparse error, exit 2) a `--device` that is not 'cuda', 'cuda:<i>' or 'cpu', or CUDA when torch
+    sees no GPU; `dry_run` is the command line that runs the same code small on the CPU instead."""
+    import torch
+
+    if not re.fullmatch(r"cuda(:\d+)?|cpu", device):
+        parser.error(f"--device: expected 'cuda', 'cuda:<index>' or 'cpu', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"a CUDA GPU is needed and torch sees none (torch.cuda.is_available() is False). To check the "
+                     f"same code on the CPU: {dry_run}")
+
+
+def report_gpu_result(name: str, result: dict, device: str) -> Path | None:
+    """A GPU benchmark's result: written to `RESULTS_GPU/<name>.json` when it ran on a CUDA device; a CPU dry
+    run's is printed with a note and never written (CPU numbers are not GPU results)."""
+    if device.startswith("cuda"):
+        return write_result(name, result, RESULTS_GPU)
+    print(json.dumps({**result, "note": "CPU dry run of the GPU benchmark's code: not a GPU result, not written"}))
+    return None
 
 
 def write_result(name: str, result: dict, folder: Path = RESULTS) -> Path:

@@ -36,7 +36,6 @@ code small (e.g. `--model test_vit --image-size 32 --batch 4 --steps 2`): printe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -51,7 +50,14 @@ from alignet_core.distill.student import build_student, eval_transform
 from alignet_core.distill.train import train_student
 from alignet_core.hardware import autocast_dtype
 from alignet_core.io import formats, sources
-from benchmarks._machine import RESULTS_GPU, machine_info, peak_bf16_flops, synchronize, write_result
+from benchmarks._machine import (
+    check_gpu_device,
+    machine_info,
+    peak_bf16_flops,
+    report_gpu_result,
+    synchronize,
+    write_result,
+)
 
 CPU = torch.device("cpu")
 
@@ -255,17 +261,11 @@ def main(argv: list[str] | None = None) -> None:
                    "the GPU's name, benchmarks._machine.PEAK_BF16_DENSE)")
     args = p.parse_args(argv)
     if args.gpu:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            p.error("--gpu needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False). To check the "
-                    "same code on the CPU: --gpu --device cpu --model test_vit --image-size 32 --batch 4 --steps 2")
+        check_gpu_device(p, args.device, "--gpu --device cpu --model test_vit --image-size 32 --batch 4 --steps 2")
         args.steps = args.steps or 30
         args.repeats = args.repeats or 2
         args.workers = args.workers if args.workers is not None else min(8, len(os.sched_getaffinity(0)))
-        result = run_gpu(args)
-        if not args.device.startswith("cuda"):
-            print(json.dumps({**result, "note": "CPU dry run of the GPU benchmark's code: not a GPU result, not written"}))
-            return
-        write_result("distill_gpu", result, RESULTS_GPU)
+        report_gpu_result("distill_gpu", run_gpu(args), args.device)
         return
     steps = args.steps or (30 if args.quick else 120)
     result = run(steps=steps, batch=16, image_size=64, repeats=args.repeats or 5, n_images=600)

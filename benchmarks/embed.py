@@ -38,7 +38,6 @@ written as a result. GPU runs write `benchmarks/results/gpu/embed_gpu[_compile][
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -60,7 +59,14 @@ from alignet_core.io.embedding_store import open_embeddings
 from alignet_core.io.images import load_image
 from alignet_core.io.sources import ImageSource, demo_source, folder_source, subset
 from alignet_core.models import build_transform, create_model, pooled_features
-from benchmarks._machine import RESULTS_GPU, machine_info, peak_bf16_flops, synchronize, write_result
+from benchmarks._machine import (
+    check_gpu_device,
+    machine_info,
+    peak_bf16_flops,
+    report_gpu_result,
+    synchronize,
+    write_result,
+)
 
 CPU = torch.device("cpu")
 
@@ -312,20 +318,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
     if args.gpu:
-        if not args.device.startswith("cuda") and args.device != "cpu":
-            parser.error(f"--device: expected 'cuda', 'cuda:<index>' or 'cpu', got {args.device!r}")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            parser.error("--gpu needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False). To check "
-                         "the same code on the CPU: --gpu --device cpu --model test_vit --images 128 --batch-size 8")
+        check_gpu_device(parser, args.device, "--gpu --device cpu --model test_vit --images 128 --batch-size 8")
         args.images = args.images or 5000
         args.batch_size = args.batch_size or 256
         args.workers = args.workers if args.workers is not None else min(16, len(os.sched_getaffinity(0)))
-        result = run_gpu(args)
-        if args.device == "cpu":
-            print(json.dumps({**result, "note": "CPU dry run of the GPU benchmark's code: not a GPU result, not written"}))
-            return
         suffix = ("_compile" if args.compile else "") + ("_torchvision" if args.decode == "torchvision" else "")
-        write_result(f"embed_gpu{suffix}", result, RESULTS_GPU)
+        report_gpu_result(f"embed_gpu{suffix}", run_gpu(args), args.device)
         return
     result = run(args.model or "tf_efficientnet_lite0", args.images or 256, args.batch_size or 32,
                  1 if args.workers is None else args.workers, args.repeats)

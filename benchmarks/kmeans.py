@@ -41,7 +41,6 @@ on the CPU (how the tests run it).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -52,7 +51,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 
-from benchmarks._machine import RESULTS_GPU, machine_info, write_result
+from benchmarks._machine import check_gpu_device, machine_info, report_gpu_result, write_result
 
 
 def _blobs(n: int, p: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,11 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--niter", type=int, default=20, help="--gpu: Lloyd iterations")
     args = ap.parse_args(argv)
     if args.gpu:
-        result = run_gpu(args.n, args.p, args.k, args.niter, args.device)
-        if args.device.startswith("cuda"):
-            write_result("kmeans_gpu", result, RESULTS_GPU)
-        else:  # a trial of the code, not a figure to keep
-            print(json.dumps(result))
+        check_gpu_device(ap, args.device, "--gpu --device cpu --n 4000 --p 16 --k 20")
+        report_gpu_result("kmeans_gpu", run_gpu(args.n, args.p, args.k, args.niter, args.device), args.device)
     elif args.full:  # pipeline part: 1.28M × 256, k = 500
         write_result("kmeans_full", run(500_000, 256, 500, 20))
     else:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import shutil
@@ -68,7 +67,7 @@ from alignet_core.sample.stage import plan_sample, publish_sample, run_sample_sh
 from alignet_core.transform.affine import AffineTransform, apply_transform_to_store
 from alignet_core.transform.human import make_proxy_triplets
 from alignet_core.transform.stage import FIT_FILE, run_transform
-from benchmarks._machine import RESULTS_GPU, machine_info, write_result
+from benchmarks._machine import check_gpu_device, machine_info, report_gpu_result
 from benchmarks.distill import mean_unique_images
 from benchmarks.embed import write_jpegs
 
@@ -290,16 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", default=None, help="working folder (default: a temporary one, removed after)")
     p.add_argument("--keep", action="store_true", help="keep the working folder")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda: torch sees no CUDA GPU; for a dry run of the code: --device cpu with small sizes "
-                "(see the module doc)")
+    check_gpu_device(p, args.device, "--device cpu with small sizes (see the module doc)")
     args.workers = args.workers or len(os.sched_getaffinity(0))
     os.environ.setdefault("TQDM_DISABLE", "1")
-    result = run(args)
-    if not args.device.startswith("cuda"):
-        print(json.dumps({**result, "note": "CPU dry run of the rehearsal's code: not a GPU result, not written"}))
-        return
-    write_result("rehearsal_gpu", result, RESULTS_GPU)
+    report_gpu_result("rehearsal_gpu", run(args), args.device)
 
 
 if __name__ == "__main__":

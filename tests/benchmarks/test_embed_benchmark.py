@@ -34,7 +34,7 @@ def test_peak_flops_table_by_device_name() -> None:
 def test_gpu_mode_refuses_without_cuda() -> None:
     out = _bench("--gpu")
     assert out.returncode == 2
-    assert "--gpu needs a CUDA GPU and torch sees none" in out.stderr and "--device cpu" in out.stderr
+    assert "a CUDA GPU is needed and torch sees none" in out.stderr and "--device cpu" in out.stderr
 
 
 @pytest.mark.slow

@@ -9,12 +9,8 @@ to the CPU test's tolerance (`tests/core/test_distill.py`).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -27,36 +23,13 @@ from alignet_core.distill.checkpoints import HEAD_FILE, STUDENT_FILE
 from alignet_core.distill.student import build_student
 from alignet_core.distill.train import train_student
 from alignet_core.io import formats, sources
+from tests.killed_distillation import run_until_killed
 
 pytestmark = pytest.mark.gpu
 
-REPO = Path(__file__).resolve().parents[2]
 RESUME_TOLERANCE = 0.01
 CFG = DistillConfig(student="resnet10t", weights=None, head_dim=32, steps=6, batch_triplets=8, lr=1e-3,
                     warmup_steps=2, checkpoint_every=2, image_size=32)
-
-_KILLED_RUN = textwrap.dedent(
-    """
-    import json, os, signal, sys
-    import torch
-    from alignet_core.config import DistillConfig
-    from alignet_core.distill.train import train_student
-    from alignet_core.io import formats, sources
-
-    spec = json.loads(sys.argv[1])
-    by_id = {r.id: r for r in sources.demo_source().records}
-    pool = sources.ImageSource(tuple(by_id[i] for i in spec["ids"]), "demo subset")
-    split = formats.read_alignet_npz(spec["npz"], len(pool))
-
-    def die(step, loss):
-        if step == spec["kill_at"]:
-            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
-
-    train_student(split, pool, DistillConfig(**spec["cfg"]), spec["out"], torch.device(spec["device"]), spec["seed"],
-                  progress=die)
-    """
-)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[sources.ImageSource, formats.AlignetTriplets, str]:
@@ -84,9 +57,7 @@ def test_distillation_on_the_device_resumes_after_a_kill(device: torch.device, d
     out = tmp_path / "killed"
     spec = {"ids": [r.id for r in pool.records], "npz": url, "cfg": CFG.model_dump(), "out": str(out), "seed": 5,
             "kill_at": 5, "device": str(device)}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(spec)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_until_killed(spec)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (out / STUDENT_FILE).exists()
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000004"]

@@ -4,8 +4,9 @@ sharing the GPUs, pinned host memory, and every tensor where it was asked to be 
 Models are random-init timm models (nothing is downloaded): ViT-B/16 and ResNet-50 on a GPU, their
 tiny test versions in a CPU dry run. Tolerances (`BF16`, `FP16`) are stated relative to the spread of the
 features between images, so that an autocast that destroyed the signal could not pass: measured on the
-CPU (oneDNN bf16/fp16, float32 accumulation, as tensor cores) the error was ≤ 0.04 of the spread for
-bf16 and ≤ 0.006 for fp16 on 16 demo images; the bounds leave 2.5-3x for the GPU's other kernels.
+CPU (oneDNN bf16/fp16, float32 accumulation, as tensor cores), on 16 demo images, the largest error was
+0.058 of the spread for bf16 (ResNet-50; ViT-B/16 0.028) and 0.007 for fp16, the smallest centred cosine
+0.9983 and 0.99998; the bounds leave 2.5-4x for the GPU's other kernels (and BatchNorm folding).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from tests.generated_images import write_jpeg_folder, write_odd_files
 pytestmark = pytest.mark.gpu
 
 #: (max error / between-image spread, min centred cosine) of autocast rows against float32 rows
-BF16 = (0.10, 0.995)
-FP16 = (0.02, 0.9995)
+BF16 = (0.15, 0.99)
+FP16 = (0.03, 0.999)
 TINY = EmbedConfig(model="test_resnet", weights=None, batch_size=8, chunk_rows=16)
 
 
