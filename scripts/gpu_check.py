@@ -218,9 +218,11 @@ def requirements(pins: dict[str, str]) -> list[str]:
     return out
 
 
-def install(pins: dict[str, str], folder: Path, site: Path, python: str = sys.executable) -> dict:
+def install(pins: dict[str, str], folder: Path, site: Path, python: str = sys.executable,
+            wanted: list[str] | None = None) -> dict:
     """Install into `site` (fresh) the carried wheels that pip's resolver, against the machine's own packages,
-    finds missing or too old for `requirements(pins)`; nothing from a network. Returns what was installed."""
+    finds missing or too old for `wanted` (default `requirements(pins)`); nothing from a network. Returns
+    what was installed."""
     problems = check_wheelhouse(pins, folder)
     if site.exists():
         shutil.rmtree(site)
@@ -228,7 +230,10 @@ def install(pins: dict[str, str], folder: Path, site: Path, python: str = sys.ex
         report = Path(tmp) / "report.json"
         plan = subprocess.run(
             [python, "-m", "pip", "install", "--dry-run", "--quiet", "--no-index", "--find-links", str(folder),
-             "--report", str(report), *requirements(pins)], capture_output=True, text=True, timeout=120)
+             "--report", str(report), *(requirements(pins) if wanted is None else wanted)], capture_output=True,
+            text=True, timeout=120)
+        if plan.returncode != 0 and "--report" in plan.stderr:  # a pip older than 22.2: no resolver report
+            return _install_absent(pins, folder, site, python)
         if plan.returncode != 0:
             raise RuntimeError(f"pip cannot resolve the requirements from {folder}:\n{plan.stderr[-3000:]}")
         chosen = json.loads(report.read_text())["install"]
@@ -238,6 +243,21 @@ def install(pins: dict[str, str], folder: Path, site: Path, python: str = sys.ex
                         "--target", str(site), *wheels], check=True, capture_output=True, text=True, timeout=300)
     return {"installed": sorted(f"{i['metadata']['name']}=={i['metadata']['version']}" for i in chosen),
             "site": str(site), "wheelhouse_problems": problems}
+
+
+def _install_absent(pins: dict[str, str], folder: Path, site: Path, python: str) -> dict:
+    """`install` for a pip without `--report`: every carried wheel whose distribution `python` lacks."""
+    listed = subprocess.run([python, "-c", "import importlib.metadata as m, json; "
+                             "print(json.dumps([d.metadata['Name'] for d in m.distributions()]))"],
+                            capture_output=True, text=True, check=True, timeout=120)
+    have = {normalize(n) for n in json.loads(listed.stdout) if n}
+    wheels = [p for p in sorted(folder.glob("*.whl")) if wheel_metadata(p)["name"] not in have]
+    if wheels:
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+                        "--target", str(site), *map(str, wheels)], check=True, capture_output=True, text=True,
+                       timeout=300)
+    return {"installed": [p.name for p in wheels], "site": str(site), "rule": "absent (pip has no --report)",
+            "wheelhouse_problems": check_wheelhouse(pins, folder)}
 
 
 def check_imports(env: dict[str, str], python: str = sys.executable) -> dict:

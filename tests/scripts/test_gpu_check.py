@@ -164,6 +164,28 @@ def test_wheelhouse_check_finds_every_kind_of_problem(tmp_path: Path) -> None:
     assert gpu_check.resolve_offline({"alpha": "1.0", "beta": "2.1"}, house).returncode != 0
 
 
+def test_install_takes_from_the_wheelhouse_what_the_interpreter_lacks(tmp_path: Path) -> None:
+    """pip resolves the wanted requirements against this interpreter's packages, offline, and the wheels it
+    picks (here both: this interpreter has neither) land in the site folder, importable from there; so do
+    they with the fallback for a pip without `--report`."""
+    house = tmp_path / "wheels"
+    house.mkdir()
+    _wheel(house, "alpha-gc", "1.0", ["beta-gc>=2", "packaging"])  # packaging: this interpreter has it
+    _wheel(house, "beta-gc", "2.1", [])
+    pins = {"alpha-gc": "1.0", "beta-gc": "2.1"}
+    for site, how in ((tmp_path / "site", gpu_check.install), (tmp_path / "site2", gpu_check._install_absent)):
+        site.mkdir()  # replaced: the install starts from an empty folder
+        (site / "stale.py").write_text("")
+        info = how(pins, house, site, sys.executable, ["alpha-gc>=1"]) if how is gpu_check.install else how(
+            pins, house, site, sys.executable)
+        assert info["wheelhouse_problems"] == []
+        assert len(info["installed"]) == 2
+        assert (site / "alpha_gc.py").is_file() and (site / "beta_gc.py").is_file()
+    assert not (tmp_path / "site" / "stale.py").exists()
+    assert sorted(gpu_check.install(pins, house, tmp_path / "site", sys.executable, ["alpha-gc>=1"])["installed"]) == [
+        "alpha-gc==1.0", "beta-gc==2.1"]
+
+
 @pytest.mark.skipif(not any(gpu_check.WHEELHOUSE.glob("*.whl")), reason="no .gpu-wheels/ here (make gpu-wheels builds it)")
 def test_built_wheelhouse_is_complete_small_and_resolves_offline() -> None:
     pins = gpu_check.read_manifest()
