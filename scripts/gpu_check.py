@@ -15,7 +15,9 @@ its commands: the benchmarks' own options, e.g. `--extra rehearsal="--images 200
 Time plan on one H100 SXM (989 TFLOP/s dense bf16, ~50 TFLOP/s float32; the H200 computes alike).
 ESTIMATES, not measurements: from the FLOPs below at 40-50% of peak, plus each process's start
 (Python, torch, CUDA: ~6 s) and model builds (ViT-B/16, random init: ~2 s). ViT-B/16 at 224 px costs
-35 GFLOP per image forward, 101 forward + backward (FlopCounterMode).
+35 GFLOP per image forward, 101 forward + backward (FlopCounterMode). The GPU's arithmetic is the smaller
+share: ~1 s for k-means, ~2 s for the embed part, ~10 s for the distill part's 4 PFLOP, ~22 s for the
+rehearsal's 9 PFLOP at 400 TFLOP/s; the rest is process starts, JPEG decoding on 16 cores, sampling, files.
 
 | part      | what                                                                  | estimate | timeout |
 |-----------|-----------------------------------------------------------------------|---------:|--------:|
