@@ -202,9 +202,9 @@ def _write_jpeg_range(folder: Path, start: int, stop: int, size: int, seed: int)
 
 def write_jpegs(folder: Path, n: int, size: int = 224, seed: int = 0, workers: int = 1) -> Path:
     """`n` size×size JPEGs (smooth random colour fields + noise, quality 90) in `folder`, in 100 class
-    folders (image i in `<i % 100>/`), made once by `workers` processes (forked: call it before CUDA is
-    initialised). The images do not depend on `workers`. A `.complete` file marks a finished folder, so
-    later runs reuse it."""
+    folders (image i in `<i % 100>/`), made once by `workers` forked processes (they touch no CUDA, so, like
+    DataLoader workers, they may be forked after it was initialised). The images do not depend on `workers`.
+    A `.complete` file marks a finished folder, so later runs reuse it."""
     if (folder / ".complete").is_file() and len(list(folder.glob("*/*.jpg"))) == n:
         return folder
     bounds = np.linspace(0, n, max(1, min(workers, n)) * 4 + 1).astype(int)  # a few ranges per worker
