@@ -81,10 +81,13 @@ def compute_identity(device: "torch.device") -> ComputeIdentity:
 
 
 def faiss_gpu_available(setting: str = "auto") -> bool:
-    """True when FAISS was built with GPU support, sees a GPU, and the config allows it."""
+    """True when FAISS is installed, was built with GPU support, sees a GPU, and the config allows it."""
     if setting == "never":
         return False
-    import faiss
+    try:
+        import faiss
+    except ImportError:  # no FAISS at all (a GPU image may have none): torch's k-means can still use the GPU
+        return False
 
     n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     return n > 0

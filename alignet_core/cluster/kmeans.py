@@ -37,8 +37,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import faiss
 import fsspec
 import numpy as np
 import zarr
@@ -50,6 +51,22 @@ from alignet_core.io import embedding_store, store
 from alignet_core.io.embedding_store import gather_rows
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import faiss
+
+
+def _faiss() -> ModuleType:
+    """FAISS, imported where it is used, so that the torch path (a CUDA GPU) runs where FAISS is not
+    installed (the GPU machines' images have none); `ConfigError` when the FAISS path needs it."""
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError(
+            "cluster: k-means on the CPU needs FAISS, which is not installed (pip install faiss-cpu); "
+            "on a machine where torch sees a CUDA GPU, cluster.use_gpu 'auto' runs it in torch instead"
+        ) from None
+    return faiss
 
 
 @dataclass
@@ -160,6 +177,7 @@ def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int,
 
 def _train_faiss(x: np.ndarray, cfg: ClusterConfig, state: int, device: str) -> tuple[np.ndarray, list[float]]:
     """One FAISS k-means run on the training rows from a greedy k-means++ init seeded by `state`."""
+    faiss = _faiss()
     init = greedy_kmeans_plusplus(x, cfg.k, state)
     run = faiss.Kmeans(x.shape[1], cfg.k, niter=cfg.niter, seed=state % (2**31), spherical=cfg.spherical,
                        gpu=device == "gpu", max_points_per_centroid=cfg.max_points_per_centroid,
@@ -179,7 +197,8 @@ def _train_torch(x: np.ndarray, cfg: ClusterConfig, state: int, device: str) -> 
     return centroids.cpu().numpy(), curve
 
 
-def _flat_index(centroids: np.ndarray, spherical: bool, on_gpu: bool) -> faiss.Index:
+def _flat_index(centroids: np.ndarray, spherical: bool, on_gpu: bool) -> "faiss.Index":
+    faiss = _faiss()
     k, p = centroids.shape
     index: faiss.Index = faiss.IndexFlatIP(p) if spherical else faiss.IndexFlatL2(p)
     if on_gpu:

@@ -34,7 +34,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import dask
 import torch
 
 from alignet_core.config import EmbedConfig
@@ -79,6 +78,7 @@ def embed_on_devices(
     `devices` come from `hardware.resolve_devices` (checked, one kind). `progress(done_rows, total_rows)`
     is called about every second from the finished-chunk markers. A worker's error is raised here.
     """
+    import dask  # here, not with the module: one-device extraction runs where Dask is not installed
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
     embed_chunks(source, cfg, store_url, torch.device("cpu"), chunks=[], rows_device=devices[0])  # create the store

@@ -45,7 +45,6 @@ Options for scale (all off by default; see `EmbedConfig`):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -56,12 +55,11 @@ from typing import Any
 import numpy as np
 import timm
 import torch
-from torch.utils.data import DataLoader
 
 import alignet_core
 from alignet_core.config import EmbedConfig
 from alignet_core.embed.layers import LayerCapture, layer_arrays, layer_dims
-from alignet_core.embed.loader import ImageDataset, collate, end_with_parent, row_batches
+from alignet_core.embed.loader import image_loader
 from alignet_core.errors import InputError
 from alignet_core.hardware import ComputeIdentity, autocast_dtype, compute_identity
 from alignet_core.io import embedding_store, store
@@ -170,14 +168,8 @@ def embed_chunks(
 
     pil_transform = build_transform(model)
     run = _Extractor(model, cfg, device, source, pil_transform, tensor_transform, {k: a.shape[1] for k, a in layers.items()})
-    loader = DataLoader(
-        ImageDataset(source, pil_transform, jpeg_bytes=tensor_transform is not None),
-        batch_sampler=row_batches(todo, cfg.batch_size),
-        num_workers=cfg.num_workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        worker_init_fn=functools.partial(end_with_parent, os.getpid()),
-    )
+    loader = image_loader(source, pil_transform, tensor_transform is not None, todo, cfg.batch_size, cfg.num_workers,
+                          device)
     bar = _progress_bar(n, rows_done)
     batches = iter(loader)
     with run.capture:

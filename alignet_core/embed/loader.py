@@ -4,6 +4,7 @@ DataLoader workers, in batches that never cross a chunk boundary, with failures 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from alignet_core.errors import InputError
 from alignet_core.io.images import decode_image_bytes, is_plain_jpeg, read_image_bytes
@@ -74,3 +75,25 @@ def end_with_parent(parent_pid: int, _worker_id: int) -> None:
 def row_batches(chunks: list[tuple[int, int, int]], batch_size: int) -> list[list[int]]:
     """Row indices per batch; batches stay inside their chunk so the result never depends on resume."""
     return [list(range(b, min(b + batch_size, stop))) for _, start, stop in chunks for b in range(start, stop, batch_size)]
+
+
+def image_loader(
+    source: ImageSource,
+    transform: Callable[[Any], torch.Tensor],
+    jpeg_bytes: bool,
+    chunks: list[tuple[int, int, int]],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> DataLoader:
+    """The extraction's DataLoader over the rows of `chunks` ((index, start, stop) each): batches of
+    `collate` dicts from `num_workers` processes, in pinned host memory when `device` is a GPU (so the
+    copy to it can overlap the forward pass of the batch before)."""
+    return DataLoader(
+        ImageDataset(source, transform, jpeg_bytes=jpeg_bytes),
+        batch_sampler=row_batches(chunks, batch_size),
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=functools.partial(end_with_parent, os.getpid()),
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
 def pair_similarities(embeddings: np.ndarray, triplets: np.ndarray) -> np.ndarray:
@@ -55,7 +54,12 @@ def triplet_accuracy(student_sims: np.ndarray) -> float:
 
 
 def cluster_agreement(labels: np.ndarray, assignments: np.ndarray) -> dict[str, float]:
-    """NMI and ARI between reference labels (n,) and cluster assignments (n,)."""
+    """NMI and ARI between reference labels (n,) and cluster assignments (n,).
+
+    scikit-learn is imported here, not with the module: the stages that import this module (cluster,
+    transform) then load on a GPU image without it (`make gpu-check`)."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
     return {
         "nmi": float(normalized_mutual_info_score(labels, assignments)),
         "ari": float(adjusted_rand_score(labels, assignments)),

@@ -28,7 +28,7 @@ def test_ceiling_counts_distance_products() -> None:
 
 def test_gpu_benchmark_code_runs_small_on_the_cpu() -> None:
     """The --gpu benchmark's code (torch k-means at any scale) on a small CPU trial; the GPU
-    figure itself comes from a GPU machine (benchmarks/results/kmeans_gpu.json)."""
+    figure itself comes from a GPU machine (benchmarks/results/gpu/kmeans_gpu.json)."""
     result = kmeans.run_gpu(n=4000, p=16, k=20, niter=5, device="cpu")
     assert result["lloyd_s"]["torch"] > 0 and result["stage_s"] > 0
     first, last = result["objective_first_last"]

@@ -10,10 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -33,8 +29,8 @@ from alignet_core.distill.train import train_student
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.evaluate.metrics import pair_similarities, triplet_accuracy
 from alignet_core.io import formats, images, sources
+from tests.killed_distillation import run_until_killed
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = "resnet10t"  # random init, 32 px: a few hundred ms per step on a 2-core CPU
 
 
@@ -240,28 +236,6 @@ def test_join_by_filenames_points_foreign_triplets_at_the_source(pool):
 
 
 # ----------------------------------------------------------------------------- resume after a kill
-_KILLED_RUN = textwrap.dedent(
-    """
-    import json, os, signal, sys
-    import torch
-    from alignet_core.config import DistillConfig
-    from alignet_core.distill.train import train_student
-    from alignet_core.io import formats, sources
-
-    spec = json.loads(sys.argv[1])
-    by_id = {r.id: r for r in sources.demo_source().records}
-    pool = sources.ImageSource(tuple(by_id[i] for i in spec["ids"]), "demo subset (60)")
-    split = formats.read_alignet_npz(spec["npz"], len(pool))
-
-    def die(step, loss):
-        if step == spec["kill_at"]:
-            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
-
-    train_student(split, pool, DistillConfig(**spec["cfg"]), spec["out"], torch.device("cpu"), spec["seed"], progress=die)
-    """
-)
-
-
 def test_killed_run_resumes_on_the_same_trajectory(pool, train_split, tmp_path):
     split, url = train_split
     cfg = tiny_cfg(steps=6, checkpoint_every=2)
@@ -272,9 +246,7 @@ def test_killed_run_resumes_on_the_same_trajectory(pool, train_split, tmp_path):
     out = tmp_path / "killed"
     spec = {"ids": [r.id for r in pool.records], "npz": url, "cfg": cfg.model_dump(), "out": str(out),
             "seed": 5, "kill_at": 5}
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, json.dumps(spec)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_until_killed(spec, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not (out / STUDENT_FILE).exists()
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000004"]  # only the newest is kept

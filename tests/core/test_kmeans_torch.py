@@ -14,7 +14,7 @@ from alignet_core.cluster import kmeans_torch
 from alignet_core.cluster.kmeans import greedy_kmeans_plusplus, run_kmeans
 from alignet_core.config import ClusterConfig
 from alignet_core.hardware import KMeansBackend, faiss_gpu_available, kmeans_backend
-from tests.core.test_cluster import blobs, make_store
+from tests.generated_embeddings import blobs, make_store
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
