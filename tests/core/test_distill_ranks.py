@@ -279,8 +279,8 @@ def _killed_then_resumed(rank: int, data: tuple[Path, str], two_ranks: dict, tmp
             os.kill(pids[0], signal.SIGKILL)
             killed.append(step)
 
-    with pytest.raises(DistributedError, match=rf"distill\.devices: a training rank failed .*after step \d+; the run "
-                                               r"resumes from the checkpoint at step \d+"):
+    with pytest.raises(DistributedError, match=rf"distill\.devices: a training rank failed \(rank {rank} was killed by "
+                                               r"signal 9\) after step \d+; the run resumes from the checkpoint at step \d+"):
         train_on_ranks(cfg, url, str(out), kill_at_3)
     assert killed and not (out / LOG_FILE).exists()
     at_kill = [s for s, _ in list_checkpoints(str(out / "checkpoints"))]
