@@ -1,0 +1,187 @@
+"""Data-parallel distillation: training steps per second on 1 and on N ranks, same global batch.
+
+    python -m benchmarks.distill_ranks           # CPU: 1 process vs 2 gloo ranks on this machine
+    python -m benchmarks.distill_ranks --gpu     # every CUDA GPU of the machine: 1 GPU vs N GPUs (NCCL)
+
+CPU mode: the demo student (packaged EfficientNet-Lite0, 64 px, images decoded once and kept in memory),
+16 triplets per step, on three set-ups run alternately (so load on a shared machine hits all three):
+`one_rank_1_thread` (`train_student` in this process on one CPU thread: one rank's share of the machine),
+`one_rank_all_threads` (the same on every usable core: what a single process gets here), and `two_ranks`
+(the stage's launcher: torchrun, two gloo ranks, `hardware.rank_threads` threads each, 8 triplets per
+rank per step). Steps/s come from the training-loop time rank 0 logs (setup, the one-off decode and the
+export excluded; the launcher's start-up is reported apart as `*_wall_s`). Medians over the repeats:
+`efficiency` = two_ranks ÷ (2 × one_rank_1_thread), the scaling efficiency at equal resources per rank
+(target ≥ 0.8 on a machine with a core per rank); `speedup_vs_one_process` = two_ranks ÷
+one_rank_all_threads, what splitting this machine into ranks buys over one process using all of it.
+
+GPU mode (needs a machine with at least two CUDA GPUs; not run on this project's GPU-less machine): a
+random-init ViT-B/16 student at 224 px (no download), 512 triplets per step in bf16 autocast, 1 GPU with
+grad_accum N (micro-batches of 512/N triplets) against N GPUs with one micro-batch each: the same
+micro-batch size per GPU, so `efficiency` = N-GPU steps/s ÷ (N × 1-GPU steps/s) is strong scaling at equal
+work per device. Writes `benchmarks/results/distill_ranks.json` (CPU) or `distill_ranks_gpu.json` and
+prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from alignet_core.config import PipelineConfig, parse_config
+from alignet_core.distill.batches import read_split
+from alignet_core.distill.launch import train_on_ranks
+from alignet_core.distill.train import train_student
+from alignet_core.hardware import rank_threads
+from alignet_core.io import formats, sources
+from benchmarks._machine import machine_info, write_result
+
+
+def _dataset(folder: str, n_images: int, n: int, seed: int) -> tuple[str, sources.ImageSource]:
+    """Random triplets over the first-n_images demo subset, teacher similarities random, odd one last,
+    written in the official format: (url, source)."""
+    src = sources.subset(sources.demo_source(), n_images)
+    g = np.random.default_rng(seed)
+    idx = np.stack([g.choice(len(src), 3, replace=False) for _ in range(n)])
+    idx, sims, _ = formats.order_by_similarity(idx, g.normal(size=(n, 3)).astype(np.float32))
+    url = f"{folder}/train_bench.npz"
+    formats.write_alignet_npz(url, idx, src.ids()[idx], sims.astype(np.float32))
+    return url, src
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _one_process(cfg: PipelineConfig, url: str, src: sources.ImageSource, device: torch.device) -> tuple[float, float]:
+    """(training-loop seconds as logged, wall seconds) of one run in this process, in a fresh directory."""
+    split = read_split(url, src, "indices")
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        log = train_student(split, src, cfg.distill, out, device, cfg.seed)
+        return float(log["seconds"]), time.perf_counter() - t0
+
+
+def _ranks(cfg: PipelineConfig, url: str) -> tuple[float, float]:
+    """(rank 0's training-loop seconds, wall seconds including torchrun's start) of one launched run."""
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        log = train_on_ranks(cfg, url, out)
+        assert log["ranks"] == len(cfg.distill.devices or [])
+        return float(log["seconds"]), time.perf_counter() - t0
+
+
+def _summary(name: str, steps: int, loop_s: list[float], wall_s: list[float]) -> dict[str, Any]:
+    return {f"{name}_s": [round(x, 3) for x in loop_s], f"{name}_wall_s": [round(x, 3) for x in wall_s],
+            f"{name}_steps_per_s": round(steps / float(np.median(loop_s)), 3)}
+
+
+def run_cpu(steps: int, repeats: int, n_images: int = 600, seed: int = 0) -> dict[str, Any]:
+    cores = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as folder:
+        url, src = _dataset(folder, n_images, 4000, seed)
+        base = {"source": {"limit": n_images}, "seed": seed, "device": "cpu",
+                "distill": {"student": "tf_efficientnet_lite0", "weights": "packaged", "steps": steps,
+                            "batch_triplets": 16, "image_size": 64, "warmup_steps": max(1, steps // 10),
+                            "lr": 3e-4, "checkpoint_every": steps, "cache_images": True}}
+        one = parse_config(base)
+        two = parse_config({**base, "distill": {**base["distill"], "devices": ["cpu", "cpu"]}})
+        cpu = torch.device("cpu")
+        with _threads(1):  # first-call costs out of the timings
+            _one_process(parse_config({**base, "distill": {**base["distill"], "steps": 2}}), url, src, cpu)
+        runs: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in
+                                                            ("one_rank_1_thread", "one_rank_all_threads", "two_ranks")}
+        for _ in range(repeats):
+            for name in runs:
+                if name == "two_ranks":
+                    loop_s, wall_s = _ranks(two, url)
+                else:
+                    with _threads(1 if name == "one_rank_1_thread" else cores):
+                        loop_s, wall_s = _one_process(one, url, src, cpu)
+                runs[name][0].append(loop_s)
+                runs[name][1].append(wall_s)
+    result: dict[str, Any] = {
+        "benchmark": "distill_ranks", "mode": "cpu", "backend": "gloo",
+        "student": "tf_efficientnet_lite0", "image_size": 64, "batch_triplets": 16, "steps": steps,
+        "pool_images": n_images, "repeats": repeats, "order": "alternating (1 thread, all threads, 2 ranks) × repeats",
+        "torch_threads_all": cores, "threads_per_rank": rank_threads(cpu, 2),
+    }
+    for name, (loop_s, wall_s) in runs.items():
+        result.update(_summary(name, steps, loop_s, wall_s))
+    one_1 = np.median(runs["one_rank_1_thread"][0])
+    one_all = np.median(runs["one_rank_all_threads"][0])
+    two_ = np.median(runs["two_ranks"][0])
+    result["efficiency"] = round(float(one_1 / two_ / 2), 3)  # (steps/two) / (2 · steps/one_1)
+    result["speedup_vs_one_process"] = round(float(one_all / two_), 3)
+    result["efficiency_per_repeat"] = [round(a / b / 2, 3) for a, b in zip(runs["one_rank_1_thread"][0],
+                                                                            runs["two_ranks"][0])]
+    result["target_efficiency"] = 0.8
+    result["torch"] = torch.__version__
+    result["machine"] = machine_info()
+    return result
+
+
+def run_gpu(steps: int, repeats: int, n_images: int = 1906, seed: int = 0) -> dict[str, Any]:
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n < 2:
+        raise SystemExit(f"--gpu needs a machine with at least 2 CUDA GPUs; torch sees {n}")
+    batch = 512 - 512 % n
+    with tempfile.TemporaryDirectory() as folder:
+        url, src = _dataset(folder, n_images, 20000, seed)
+        base = {"source": {"limit": n_images}, "seed": seed, "device": "cuda",
+                "distill": {"student": "vit_base_patch16_224", "weights": None, "steps": steps,
+                            "batch_triplets": batch, "warmup_steps": max(1, steps // 10), "lr": 3e-5,
+                            "checkpoint_every": steps, "cache_images": True, "num_workers": 4}}
+        one = parse_config({**base, "distill": {**base["distill"], "grad_accum": n}})
+        many = parse_config({**base, "distill": {**base["distill"], "devices": [f"cuda:{i}" for i in range(n)]}})
+        gpu = torch.device("cuda:0")
+        _one_process(parse_config({**base, "distill": {**base["distill"], "grad_accum": n, "steps": 2}}), url, src, gpu)
+        runs: dict[str, tuple[list[float], list[float]]] = {"one_gpu": ([], []), "all_gpus": ([], [])}
+        for _ in range(repeats):
+            loop_s, wall_s = _one_process(one, url, src, gpu)
+            runs["one_gpu"][0].append(loop_s)
+            runs["one_gpu"][1].append(wall_s)
+            loop_s, wall_s = _ranks(many, url)
+            runs["all_gpus"][0].append(loop_s)
+            runs["all_gpus"][1].append(wall_s)
+    result: dict[str, Any] = {
+        "benchmark": "distill_ranks", "mode": "gpu", "backend": "nccl", "gpus": n,
+        "gpu_name": torch.cuda.get_device_name(0), "student": "vit_base_patch16_224 (random init)",
+        "image_size": 224, "batch_triplets": batch, "micro_batch_triplets": batch // n, "steps": steps,
+        "repeats": repeats, "autocast": "bfloat16",
+    }
+    for name, (loop_s, wall_s) in runs.items():
+        result.update(_summary(name, steps, loop_s, wall_s))
+    result["efficiency"] = round(float(np.median(runs["one_gpu"][0]) / np.median(runs["all_gpus"][0]) / n), 3)
+    result["target_efficiency"] = 0.8
+    result["torch"] = torch.__version__
+    result["machine"] = machine_info()
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpu", action="store_true", help="1 GPU vs every GPU of the machine (needs at least 2)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (CPU: 40, GPU: 50)")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    if args.gpu:
+        write_result("distill_ranks_gpu", run_gpu(args.steps or 50, args.repeats))
+    else:
+        write_result("distill_ranks", run_cpu(args.steps or 40, args.repeats))
+
+
+if __name__ == "__main__":
+    main()
