@@ -13,6 +13,9 @@ export excluded; the launcher's start-up is reported apart as `*_wall_s`). Media
 `efficiency` = two_ranks ÷ (2 × one_rank_1_thread), the scaling efficiency at equal resources per rank
 (target ≥ 0.8 on a machine with a core per rank); `speedup_vs_one_process` = two_ranks ÷
 one_rank_all_threads, what splitting this machine into ranks buys over one process using all of it.
+Wall time on a shared machine moves with other load, so `cpu_efficiency` also compares the CPU time of a
+step (rank 0's process, all its threads): one rank's share against the whole step in one process, halved
+(1.0 when splitting the batch adds no work: the all-reduce, per-rank overheads).
 
 GPU mode (needs a machine with at least two CUDA GPUs; not run on this project's GPU-less machine): a
 random-init ViT-B/16 student at 224 px (no download), 512 triplets per step in bf16 autocast, 1 GPU with
@@ -65,27 +68,36 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _one_process(cfg: PipelineConfig, url: str, src: sources.ImageSource, device: torch.device) -> tuple[float, float]:
-    """(training-loop seconds as logged, wall seconds) of one run in this process, in a fresh directory."""
+Timing = tuple[float, float, float]  # (training-loop seconds, its CPU seconds (rank 0's), wall seconds)
+
+
+def _one_process(cfg: PipelineConfig, url: str, src: sources.ImageSource, device: torch.device) -> Timing:
+    """The timings of one run in this process, in a fresh directory."""
     split = read_split(url, src, "indices")
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         log = train_student(split, src, cfg.distill, out, device, cfg.seed)
-        return float(log["seconds"]), time.perf_counter() - t0
+        return float(log["seconds"]), float(log["cpu_seconds"]), time.perf_counter() - t0
 
 
-def _ranks(cfg: PipelineConfig, url: str) -> tuple[float, float]:
-    """(rank 0's training-loop seconds, wall seconds including torchrun's start) of one launched run."""
+def _ranks(cfg: PipelineConfig, url: str) -> Timing:
+    """The timings of one launched run (rank 0's loop; the wall time includes torchrun's start)."""
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         log = train_on_ranks(cfg, url, out)
         assert log["ranks"] == len(cfg.distill.devices or [])
-        return float(log["seconds"]), time.perf_counter() - t0
+        return float(log["seconds"]), float(log["cpu_seconds"]), time.perf_counter() - t0
 
 
-def _summary(name: str, steps: int, loop_s: list[float], wall_s: list[float]) -> dict[str, Any]:
-    return {f"{name}_s": [round(x, 3) for x in loop_s], f"{name}_wall_s": [round(x, 3) for x in wall_s],
+def _summary(name: str, steps: int, runs: list[Timing]) -> dict[str, Any]:
+    loop_s, cpu_s, wall_s = (list(x) for x in zip(*runs))
+    return {f"{name}_s": [round(x, 3) for x in loop_s], f"{name}_cpu_s": [round(x, 3) for x in cpu_s],
+            f"{name}_wall_s": [round(x, 3) for x in wall_s],
             f"{name}_steps_per_s": round(steps / float(np.median(loop_s)), 3)}
+
+
+def _median(runs: list[Timing], k: int) -> float:
+    return float(np.median([r[k] for r in runs]))
 
 
 def run_cpu(steps: int, repeats: int, n_images: int = 600, seed: int = 0) -> dict[str, Any]:
@@ -101,32 +113,29 @@ def run_cpu(steps: int, repeats: int, n_images: int = 600, seed: int = 0) -> dic
         cpu = torch.device("cpu")
         with _threads(1):  # first-call costs out of the timings
             _one_process(parse_config({**base, "distill": {**base["distill"], "steps": 2}}), url, src, cpu)
-        runs: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in
-                                                            ("one_rank_1_thread", "one_rank_all_threads", "two_ranks")}
+        runs: dict[str, list[Timing]] = {k: [] for k in ("one_rank_1_thread", "one_rank_all_threads", "two_ranks")}
         for _ in range(repeats):
             for name in runs:
                 if name == "two_ranks":
-                    loop_s, wall_s = _ranks(two, url)
+                    runs[name].append(_ranks(two, url))
                 else:
                     with _threads(1 if name == "one_rank_1_thread" else cores):
-                        loop_s, wall_s = _one_process(one, url, src, cpu)
-                runs[name][0].append(loop_s)
-                runs[name][1].append(wall_s)
+                        runs[name].append(_one_process(one, url, src, cpu))
     result: dict[str, Any] = {
         "benchmark": "distill_ranks", "mode": "cpu", "backend": "gloo",
         "student": "tf_efficientnet_lite0", "image_size": 64, "batch_triplets": 16, "steps": steps,
         "pool_images": n_images, "repeats": repeats, "order": "alternating (1 thread, all threads, 2 ranks) × repeats",
         "torch_threads_all": cores, "threads_per_rank": rank_threads(cpu, 2),
     }
-    for name, (loop_s, wall_s) in runs.items():
-        result.update(_summary(name, steps, loop_s, wall_s))
-    one_1 = np.median(runs["one_rank_1_thread"][0])
-    one_all = np.median(runs["one_rank_all_threads"][0])
-    two_ = np.median(runs["two_ranks"][0])
-    result["efficiency"] = round(float(one_1 / two_ / 2), 3)  # (steps/two) / (2 · steps/one_1)
-    result["speedup_vs_one_process"] = round(float(one_all / two_), 3)
-    result["efficiency_per_repeat"] = [round(a / b / 2, 3) for a, b in zip(runs["one_rank_1_thread"][0],
-                                                                            runs["two_ranks"][0])]
+    for name, timings in runs.items():
+        result.update(_summary(name, steps, timings))
+    one_1, two_ = runs["one_rank_1_thread"], runs["two_ranks"]
+    result["efficiency"] = round(_median(one_1, 0) / _median(two_, 0) / 2, 3)  # (steps/two) / (2 · steps/one)
+    result["speedup_vs_one_process"] = round(_median(runs["one_rank_all_threads"], 0) / _median(two_, 0), 3)
+    result["efficiency_per_repeat"] = [round(a[0] / b[0] / 2, 3) for a, b in zip(one_1, two_)]
+    # CPU time a step costs, one rank's share against the whole step in one process: 1.0 when splitting the
+    # batch adds no work (gradient all-reduce, per-rank overheads); unlike wall time, unmoved by other load
+    result["cpu_efficiency"] = round(_median(one_1, 1) / _median(two_, 1) / 2, 3)
     result["target_efficiency"] = 0.8
     result["torch"] = torch.__version__
     result["machine"] = machine_info()
@@ -148,23 +157,19 @@ def run_gpu(steps: int, repeats: int, n_images: int = 1906, seed: int = 0) -> di
         many = parse_config({**base, "distill": {**base["distill"], "devices": [f"cuda:{i}" for i in range(n)]}})
         gpu = torch.device("cuda:0")
         _one_process(parse_config({**base, "distill": {**base["distill"], "grad_accum": n, "steps": 2}}), url, src, gpu)
-        runs: dict[str, tuple[list[float], list[float]]] = {"one_gpu": ([], []), "all_gpus": ([], [])}
+        runs: dict[str, list[Timing]] = {"one_gpu": [], "all_gpus": []}
         for _ in range(repeats):
-            loop_s, wall_s = _one_process(one, url, src, gpu)
-            runs["one_gpu"][0].append(loop_s)
-            runs["one_gpu"][1].append(wall_s)
-            loop_s, wall_s = _ranks(many, url)
-            runs["all_gpus"][0].append(loop_s)
-            runs["all_gpus"][1].append(wall_s)
+            runs["one_gpu"].append(_one_process(one, url, src, gpu))
+            runs["all_gpus"].append(_ranks(many, url))
     result: dict[str, Any] = {
         "benchmark": "distill_ranks", "mode": "gpu", "backend": "nccl", "gpus": n,
         "gpu_name": torch.cuda.get_device_name(0), "student": "vit_base_patch16_224 (random init)",
         "image_size": 224, "batch_triplets": batch, "micro_batch_triplets": batch // n, "steps": steps,
         "repeats": repeats, "autocast": "bfloat16",
     }
-    for name, (loop_s, wall_s) in runs.items():
-        result.update(_summary(name, steps, loop_s, wall_s))
-    result["efficiency"] = round(float(np.median(runs["one_gpu"][0]) / np.median(runs["all_gpus"][0]) / n), 3)
+    for name, timings in runs.items():
+        result.update(_summary(name, steps, timings))
+    result["efficiency"] = round(_median(runs["one_gpu"], 0) / _median(runs["all_gpus"], 0) / n, 3)
     result["target_efficiency"] = 0.8
     result["torch"] = torch.__version__
     result["machine"] = machine_info()

@@ -86,6 +86,7 @@ def save_checkpoint(
     seconds: float,
     trajectory: dict[str, Any],
     ranks: int = 1,
+    cpu_seconds: float = 0.0,
 ) -> str:
     """Write checkpoints/step_<step>/{model.safetensors, state.pt} by one directory rename,
     then delete older checkpoints (the newest one is kept). Called by one process: the run's only
@@ -102,6 +103,7 @@ def save_checkpoint(
         "rng_cpu": torch.get_rng_state(),
         "loss_history": [float(x) for x in history],
         "seconds": float(seconds),
+        "cpu_seconds": float(cpu_seconds),
         "trajectory": json.dumps(trajectory, sort_keys=True, default=str),
         "ranks": int(ranks),
     }

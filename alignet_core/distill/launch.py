@@ -199,6 +199,8 @@ def train_on_ranks(
         return done
     if layout.nodes > 1:
         raise nodes_need_torchrun(layout)
+    if torch.cuda.is_initialized():  # what this process cached on the GPUs (the evaluation before) goes back to them
+        torch.cuda.empty_cache()
     launch_dir = os.path.join(out_dir, LAUNCH_DIR)
     os.makedirs(launch_dir, exist_ok=True)
     for name in os.listdir(launch_dir):  # the last attempt's progress and errors
@@ -219,12 +221,14 @@ def train_on_ranks(
                             text=True, errors="replace")
     reader = threading.Thread(target=_forward, args=(proc.stderr, tail), daemon=True)
     reader.start()
-    seen = 0
+    seen, partial = 0, ""
     try:
         with open(spec["progress"]) as lines:
             while True:
                 finished = proc.poll() is not None
-                for line in lines.readlines():
+                partial += lines.read()
+                *complete, partial = partial.split("\n")  # a line still being written waits for its end
+                for line in complete:
                     step, loss = line.split()
                     seen = int(step)
                     if progress is not None:

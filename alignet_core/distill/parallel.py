@@ -25,6 +25,7 @@ work, a layout whose micro-batches would not cut the batch evenly.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ def rank_layout(cfg: PipelineConfig) -> RankLayout:
     whose N·grad_accum micro-batches do not cut `distill.batch_triplets` into equal shares."""
     d = cfg.distill
     devices = resolve_devices(d.devices, "distill.devices") if d.devices else [resolve_device(cfg.device)]
+    devices = [torch.device("cuda", 0) if x.type == "cuda" and x.index is None else x for x in devices]
     layout = RankLayout(tuple(devices), d.nodes)
     check_micro_batches(d.batch_triplets, d.grad_accum, layout.ranks, d.nodes)
     return layout
@@ -144,13 +146,12 @@ def data_parallel(student: nn.Module, device: torch.device, world: World) -> nn.
     eval mode: its statistics never change); unused parameters (the backbone's classifier) are expected."""
     if world.size == 1:
         return student
-    return nn.parallel.DistributedDataParallel(
-        student,
-        device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
-        if device.type == "cuda" else None,
-        find_unused_parameters=True,
-        forward_sync_buffers=False,
-    )
+    ddp = nn.parallel.DistributedDataParallel
+    # torch ≥ 2.13 calls it forward_sync_buffers (broadcast_buffers is deprecated there)
+    no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                      else {"broadcast_buffers": False})
+    return ddp(student, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True,
+               **no_buffer_sync)
 
 
 def accumulating(model: nn.Module, last: bool) -> contextlib.AbstractContextManager[Any]:

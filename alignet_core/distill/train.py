@@ -92,7 +92,8 @@ def train_student(
     `progress` is called on every rank with the step's mean loss over the global batch.
 
     Returns {"steps", "final_loss", "loss_curve" (per step), "seconds" (training time summed
-    over resumes), "ranks", ...}.
+    over resumes), "cpu_seconds" (the CPU time of this process's threads over the same loops: rank 0's
+    on several ranks), "ranks", ...}.
     """
     if not isinstance(out_dir, str) or ("://" in out_dir and not out_dir.startswith("file://")):
         raise StoreError(f"distill output {out_dir!r}: training checkpoints need a local directory")
@@ -123,7 +124,7 @@ def train_student(
     student = build_student(cfg, seed).to(device).train()
     opt = AdamDecayToInit(student.parameters(), lr=cfg.lr, decay_to_init=cfg.decay_to_init)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps))
-    start, history, seconds = 0, [], 0.0
+    start, history, seconds, cpu_seconds = 0, [], 0.0, 0.0
     if resume is not None:
         weights, state = load_checkpoint(resume)
         if state.get("trajectory") != json.dumps(trajectory, sort_keys=True, default=str):
@@ -136,6 +137,7 @@ def train_student(
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
         start, history, seconds = int(state["step"]), list(state["loss_history"]), float(state["seconds"])
+        cpu_seconds = float(state.get("cpu_seconds", 0.0))
         made_by = int(state.get("ranks", 1))
         log.info("distill: rank %d resuming from %s (step %d of %d%s)", world.rank, resume, start, cfg.steps,
                  "" if made_by == world.size else
@@ -148,7 +150,7 @@ def train_student(
     amp = autocast_dtype(device)
     model = data_parallel(student, device, world)
     forward = torch.compile(model) if cfg.compile else model  # same parameters
-    t_last = time.perf_counter()
+    t_last, cpu_last = time.perf_counter(), time.process_time()
     micro = iter(())
     if start < cfg.steps:
         mine = RankMicroBatches(start, cfg.steps, cfg.grad_accum, world.rank, world.size)
@@ -175,13 +177,15 @@ def train_student(
         if progress is not None:
             progress(step + 1, step_loss)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            now = time.perf_counter()
-            seconds += now - t_last
-            t_last = now
+            now, cpu_now = time.perf_counter(), time.process_time()
+            seconds, cpu_seconds = seconds + now - t_last, cpu_seconds + cpu_now - cpu_last
+            t_last, cpu_last = now, cpu_now
             if world.is_writer:
-                save_checkpoint(ckpt_dir, step + 1, student, opt, sched, history, seconds, trajectory, world.size)
+                save_checkpoint(ckpt_dir, step + 1, student, opt, sched, history, seconds, trajectory, world.size,
+                                cpu_seconds)
                 log.debug("distill: checkpoint at step %d, loss %.5f", step + 1, step_loss)
     seconds += time.perf_counter() - t_last
+    cpu_seconds += time.process_time() - cpu_last
 
     student.eval()
     result = {
@@ -190,6 +194,7 @@ def train_student(
         "final_loss": float(history[-1]) if history else float("nan"),
         "loss_curve": [float(x) for x in history],
         "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
         "ranks": world.size,
         "student": cfg.student,
         "image_size": student.image_size,
@@ -200,7 +205,8 @@ def train_student(
         save_safetensors_atomic(student.backbone.state_dict(), os.path.join(out_dir, STUDENT_FILE))
         save_safetensors_atomic(student.head.state_dict(), os.path.join(out_dir, HEAD_FILE))
         if cfg.steps > start or resume is None:
-            save_checkpoint(ckpt_dir, cfg.steps, student, opt, sched, history, seconds, trajectory, world.size)
+            save_checkpoint(ckpt_dir, cfg.steps, student, opt, sched, history, seconds, trajectory, world.size,
+                            cpu_seconds)
         write_json_atomic(os.path.join(out_dir, LOG_FILE), result)
         log.info("distill: %d steps in %.1f s on %d rank(s), final loss %.5f", cfg.steps, seconds, world.size,
                  result["final_loss"])
