@@ -13,6 +13,10 @@ export excluded; the launcher's start-up is reported apart as `*_wall_s`). Media
 `efficiency` = two_ranks ÷ (2 × one_rank_1_thread), the scaling efficiency at equal resources per rank
 (target ≥ 0.8 on a machine with a core per rank); `speedup_vs_one_process` = two_ranks ÷
 one_rank_all_threads, what splitting this machine into ranks buys over one process using all of it.
+`independent_halves`: two independent 1-thread processes training at once, each on half the batch, no
+communication (the ranks' computation alone): `machine_ceiling` = its steps/s ÷ (2 × one_rank_1_thread),
+what this machine's cores allow two ranks at best (shared caches, memory bandwidth, a virtual machine's
+cores), and `efficiency_vs_ceiling` = two_ranks ÷ independent_halves, what DDP itself costs.
 Wall time on a shared machine moves with other load, so `cpu_efficiency` also compares the CPU time of a
 step (rank 0's process, all its threads): one rank's share against the whole step in one process, halved
 (1.0 when splitting the batch adds no work: the all-reduce, per-rank overheads).
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import tempfile
 import time
 from collections.abc import Iterator
@@ -89,6 +94,29 @@ def _ranks(cfg: PipelineConfig, url: str) -> Timing:
         return float(log["seconds"]), float(log["cpu_seconds"]), time.perf_counter() - t0
 
 
+def _half_process(cfg_data: dict[str, Any], url: str, n_images: int, start: Any, out: Any) -> None:
+    """One of `_independent_pair`'s processes: a 1-thread run in this process once both are ready."""
+    torch.set_num_threads(1)
+    src = sources.subset(sources.demo_source(), n_images)
+    start.wait()
+    out.put(_one_process(parse_config(cfg_data), url, src, torch.device("cpu")))
+
+
+def _independent_pair(cfg_data: dict[str, Any], url: str, n_images: int) -> Timing:
+    """Two independent 1-thread processes training at once (each `cfg_data`: half the batch), no
+    communication: the ranks' computation alone, so its steps/s is what this machine allows two ranks.
+    The timings of the slower one."""
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_half_process, args=(cfg_data, url, n_images, start, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    timings = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return max(timings)
+
+
 def _summary(name: str, steps: int, runs: list[Timing]) -> dict[str, Any]:
     loop_s, cpu_s, wall_s = (list(x) for x in zip(*runs))
     return {f"{name}_s": [round(x, 3) for x in loop_s], f"{name}_cpu_s": [round(x, 3) for x in cpu_s],
@@ -113,18 +141,23 @@ def run_cpu(steps: int, repeats: int, n_images: int = 600, seed: int = 0) -> dic
         cpu = torch.device("cpu")
         with _threads(1):  # first-call costs out of the timings
             _one_process(parse_config({**base, "distill": {**base["distill"], "steps": 2}}), url, src, cpu)
-        runs: dict[str, list[Timing]] = {k: [] for k in ("one_rank_1_thread", "one_rank_all_threads", "two_ranks")}
+        half = {**base, "distill": {**base["distill"], "batch_triplets": 8}}
+        runs: dict[str, list[Timing]] = {k: [] for k in ("one_rank_1_thread", "one_rank_all_threads", "two_ranks",
+                                                         "independent_halves")}
         for _ in range(repeats):
             for name in runs:
                 if name == "two_ranks":
                     runs[name].append(_ranks(two, url))
+                elif name == "independent_halves":
+                    runs[name].append(_independent_pair(half, url, n_images))
                 else:
                     with _threads(1 if name == "one_rank_1_thread" else cores):
                         runs[name].append(_one_process(one, url, src, cpu))
     result: dict[str, Any] = {
         "benchmark": "distill_ranks", "mode": "cpu", "backend": "gloo",
         "student": "tf_efficientnet_lite0", "image_size": 64, "batch_triplets": 16, "steps": steps,
-        "pool_images": n_images, "repeats": repeats, "order": "alternating (1 thread, all threads, 2 ranks) × repeats",
+        "pool_images": n_images, "repeats": repeats,
+        "order": "alternating (1 thread, all threads, 2 ranks, independent halves) × repeats",
         "torch_threads_all": cores, "threads_per_rank": rank_threads(cpu, 2),
     }
     for name, timings in runs.items():
@@ -136,6 +169,9 @@ def run_cpu(steps: int, repeats: int, n_images: int = 600, seed: int = 0) -> dic
     # CPU time a step costs, one rank's share against the whole step in one process: 1.0 when splitting the
     # batch adds no work (gradient all-reduce, per-rank overheads); unlike wall time, unmoved by other load
     result["cpu_efficiency"] = round(_median(one_1, 1) / _median(two_, 1) / 2, 3)
+    # what this machine allows at best: two independent 1-thread processes, each half a step, no communication
+    result["machine_ceiling"] = round(_median(one_1, 0) / _median(runs["independent_halves"], 0) / 2, 3)
+    result["efficiency_vs_ceiling"] = round(_median(runs["independent_halves"], 0) / _median(two_, 0), 3)
     result["target_efficiency"] = 0.8
     result["torch"] = torch.__version__
     result["machine"] = machine_info()
