@@ -2,6 +2,7 @@
 
     python -m benchmarks.distill_ranks           # CPU: 1 process vs 2 gloo ranks on this machine
     python -m benchmarks.distill_ranks --gpu     # every CUDA GPU of the machine: 1 GPU vs N GPUs (NCCL)
+    python -m benchmarks.distill_ranks --gpu --dry-run --repeats 1   # the GPU mode's code on 2 CPU ranks
 
 CPU mode: the demo student (packaged EfficientNet-Lite0, 64 px, images decoded once and kept in memory),
 16 triplets per step, on three set-ups run alternately (so load on a shared machine hits all three):
@@ -25,14 +26,15 @@ GPU mode (needs a machine with at least two CUDA GPUs; not run on this project's
 random-init ViT-B/16 student at 224 px (no download), 512 triplets per step in bf16 autocast, 1 GPU with
 grad_accum N (micro-batches of 512/N triplets) against N GPUs with one micro-batch each: the same
 micro-batch size per GPU, so `efficiency` = N-GPU steps/s ÷ (N × 1-GPU steps/s) is strong scaling at equal
-work per device. Writes `benchmarks/results/distill_ranks.json` (CPU) or `distill_ranks_gpu.json` and
-prints one JSON line.
+work per device. `--dry-run` runs that code on two CPU ranks with a tiny ViT and writes nothing. Writes
+`benchmarks/results/distill_ranks.json` (CPU) or `distill_ranks_gpu.json` and prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import multiprocessing
 import tempfile
 import time
@@ -46,7 +48,7 @@ from alignet_core.config import PipelineConfig, parse_config
 from alignet_core.distill.batches import read_split
 from alignet_core.distill.launch import train_on_ranks
 from alignet_core.distill.train import train_student
-from alignet_core.hardware import rank_threads
+from alignet_core.hardware import autocast_dtype, process_group_backend, rank_threads
 from alignet_core.io import formats, sources
 from benchmarks._machine import machine_info, write_result
 
@@ -178,34 +180,46 @@ def run_cpu(steps: int, repeats: int, n_images: int = 600, seed: int = 0) -> dic
     return result
 
 
-def run_gpu(steps: int, repeats: int, n_images: int = 1906, seed: int = 0) -> dict[str, Any]:
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n < 2:
-        raise SystemExit(f"--gpu needs a machine with at least 2 CUDA GPUs; torch sees {n}")
-    batch = 512 - 512 % n
+def run_gpu(steps: int, repeats: int, dry_run: bool = False, seed: int = 0) -> dict[str, Any]:
+    """1 GPU (grad_accum N) vs every GPU of the machine (N NCCL ranks), same global batch and micro-batch size.
+    dry_run: the same code on two CPU ranks with a tiny ViT (`test_vit`, 32 px, 16 triplets, 60 images): a
+    check that it runs, not a GPU result."""
+    if dry_run:
+        devices, student, image_size, batch, n_images = ["cpu", "cpu"], "test_vit", 32, 16, 60
+    else:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count < 2:
+            raise SystemExit(f"--gpu needs a machine with at least 2 CUDA GPUs; torch sees {count} "
+                             "(--dry-run runs its code on two CPU ranks)")
+        devices, student, image_size, batch, n_images = [f"cuda:{i}" for i in range(count)], "vit_base_patch16_224", \
+            224, 512 - 512 % count, 1906
+    n = len(devices)
     with tempfile.TemporaryDirectory() as folder:
-        url, src = _dataset(folder, n_images, 20000, seed)
-        base = {"source": {"limit": n_images}, "seed": seed, "device": "cuda",
-                "distill": {"student": "vit_base_patch16_224", "weights": None, "steps": steps,
+        url, src = _dataset(folder, n_images, 20 * batch, seed)
+        base = {"source": {"limit": n_images}, "seed": seed, "device": devices[0].split(":")[0],
+                "distill": {"student": student, "weights": None, "steps": steps, "image_size": image_size,
                             "batch_triplets": batch, "warmup_steps": max(1, steps // 10), "lr": 3e-5,
-                            "checkpoint_every": steps, "cache_images": True, "num_workers": 4}}
+                            "checkpoint_every": steps, "cache_images": True, "num_workers": 0 if dry_run else 4}}
         one = parse_config({**base, "distill": {**base["distill"], "grad_accum": n}})
-        many = parse_config({**base, "distill": {**base["distill"], "devices": [f"cuda:{i}" for i in range(n)]}})
-        gpu = torch.device("cuda:0")
-        _one_process(parse_config({**base, "distill": {**base["distill"], "grad_accum": n, "steps": 2}}), url, src, gpu)
-        runs: dict[str, list[Timing]] = {"one_gpu": [], "all_gpus": []}
-        for _ in range(repeats):
-            runs["one_gpu"].append(_one_process(one, url, src, gpu))
-            runs["all_gpus"].append(_ranks(many, url))
+        many = parse_config({**base, "distill": {**base["distill"], "devices": devices}})
+        first = torch.device(devices[0])
+        _one_process(parse_config({**base, "distill": {**base["distill"], "grad_accum": n, "steps": 2}}), url, src,
+                     first)
+        runs: dict[str, list[Timing]] = {"one_device": [], "all_devices": []}
+        for _ in range(repeats):  # alternating
+            runs["one_device"].append(_one_process(one, url, src, first))
+            runs["all_devices"].append(_ranks(many, url))
     result: dict[str, Any] = {
-        "benchmark": "distill_ranks", "mode": "gpu", "backend": "nccl", "gpus": n,
-        "gpu_name": torch.cuda.get_device_name(0), "student": "vit_base_patch16_224 (random init)",
-        "image_size": 224, "batch_triplets": batch, "micro_batch_triplets": batch // n, "steps": steps,
-        "repeats": repeats, "autocast": "bfloat16",
+        "benchmark": "distill_ranks", "mode": "gpu (dry run on CPU ranks: not a GPU result)" if dry_run else "gpu",
+        "backend": process_group_backend(first), "devices": n,
+        "device_name": torch.cuda.get_device_name(0) if first.type == "cuda" else "cpu",
+        "student": f"{student} (random init)", "image_size": image_size, "batch_triplets": batch,
+        "micro_batch_triplets": batch // n, "steps": steps, "repeats": repeats,
+        "autocast": str(autocast_dtype(first) or "float32").removeprefix("torch."),
     }
     for name, timings in runs.items():
         result.update(_summary(name, steps, timings))
-    result["efficiency"] = round(_median(runs["one_gpu"], 0) / _median(runs["all_gpus"], 0) / n, 3)
+    result["efficiency"] = round(_median(runs["one_device"], 0) / _median(runs["all_devices"], 0) / n, 3)
     result["target_efficiency"] = 0.8
     result["torch"] = torch.__version__
     result["machine"] = machine_info()
@@ -215,10 +229,13 @@ def run_gpu(steps: int, repeats: int, n_images: int = 1906, seed: int = 0) -> di
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", action="store_true", help="1 GPU vs every GPU of the machine (needs at least 2)")
+    p.add_argument("--dry-run", action="store_true", help="with --gpu: its code on two CPU ranks, nothing written")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (CPU: 40, GPU: 50)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    if args.gpu:
+    if args.gpu and args.dry_run:
+        print(json.dumps(run_gpu(args.steps or 2, args.repeats, dry_run=True)))
+    elif args.gpu:
         write_result("distill_ranks_gpu", run_gpu(args.steps or 50, args.repeats))
     else:
         write_result("distill_ranks", run_cpu(args.steps or 40, args.repeats))
