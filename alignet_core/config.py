@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,51 @@ SamplingStrategy = Literal[
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# why one list of devices must be of one kind, per use
+_ONE_KIND_EMBED = "GPUs embed in bf16, the CPU in float32, so one store would hold rows of two precisions"
+_ONE_KIND_RANKS = ("all ranks join one process group (NCCL for GPUs, gloo for CPUs) and must compute in one "
+                   "precision (GPUs train in bf16, the CPU in float32) to follow one trajectory")
+
+
+def device_list_problem(devices: list[str], one_kind_because: str = _ONE_KIND_EMBED) -> str | None:
+    """What is wrong with a list of device strings ('cpu' or 'cuda' / 'cuda:<i>', one kind), or None.
+    `one_kind_because` says, in the message for a mix of cpu and cuda, why one kind is needed."""
+    if not devices:
+        return "an empty list; give devices such as ['cuda:0', 'cuda:1'] or null"
+    bad = [d for d in devices if not isinstance(d, str) or not re.fullmatch(r"cpu|cuda(:[0-9]+)?", d)]
+    if bad:
+        return f"{bad} are not devices; expected 'cpu', 'cuda' or 'cuda:<index>'"
+    if len({d.split(":")[0] for d in devices}) > 1:
+        return f"{list(devices)} mixes cpu and cuda; use one kind ({one_kind_because})"
+    return None
+
+
+def rank_devices_problem(devices: list[str]) -> str | None:
+    """What is wrong with `distill.devices` as one training rank per entry, or None: `device_list_problem`,
+    and a GPU named twice (NCCL runs one rank per GPU; 'cuda' is 'cuda:0'). CPU ranks may repeat 'cpu'."""
+    problem = device_list_problem(devices, _ONE_KIND_RANKS)
+    if problem:
+        return problem
+    gpus = ["cuda:0" if d == "cuda" else d for d in devices if d.startswith("cuda")]
+    twice = sorted({d for d in gpus if gpus.count(d) > 1})
+    if twice:
+        return f"{twice} named more than once; NCCL runs one rank per GPU, so give each GPU once"
+    return None
+
+
+def _devices_validator(problem_of: Callable[[list[str]], str | None]) -> Any:
+    """A validator of a `devices` field: the strings are checked when the config loads (`problem_of`);
+    whether the GPUs exist is checked before the stage runs (`hardware.resolve_devices`)."""
+
+    def check(cls: type, v: list[str] | None) -> list[str] | None:
+        problem = None if v is None else problem_of(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    return field_validator("devices")(check)
 
 
 class SourceConfig(_Config):
@@ -86,27 +132,7 @@ class EmbedConfig(_Config):
         "decoded in batches on the extraction device (nvjpeg on GPUs) and resized there (other files: PIL)",
     )
 
-    @field_validator("devices")
-    @classmethod
-    def _known_devices(cls, v: list[str] | None) -> list[str] | None:
-        """Device strings are checked at load time; whether the GPUs exist is checked before the stage runs."""
-        problem = None if v is None else device_list_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
-
-
-def device_list_problem(devices: list[str]) -> str | None:
-    """What is wrong with a list of device strings ('cpu' or 'cuda' / 'cuda:<i>', one kind), or None."""
-    if not devices:
-        return "an empty list; give devices such as ['cuda:0', 'cuda:1'] or null"
-    bad = [d for d in devices if not isinstance(d, str) or not re.fullmatch(r"cpu|cuda(:[0-9]+)?", d)]
-    if bad:
-        return f"{bad} are not devices; expected 'cpu', 'cuda' or 'cuda:<index>'"
-    if len({d.split(":")[0] for d in devices}) > 1:
-        return (f"{list(devices)} mixes cpu and cuda; use one kind (GPUs embed in bf16, the CPU in float32, "
-                "so one store would hold rows of two precisions)")
-    return None
+    _known_devices = _devices_validator(device_list_problem)
 
 
 ProxyLevel = Literal["global", "local", "class_boundary"]
@@ -281,7 +307,19 @@ class DistillConfig(_Config):
     decay_to_init: float = Field(1.0, ge=0.0, description="weight of the decoupled decay toward pretrained weights")
     checkpoint_every: int = Field(50, gt=0, description="steps between checkpoints")
     n_eval: int = Field(1000, gt=0, description="held-out triplets per sampling for evaluation")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (per rank)")
+    devices: list[str] | None = Field(
+        None,
+        description="data-parallel training, one rank per entry: e.g. ['cuda:0', 'cuda:1'] (NCCL) or ['cpu', 'cpu'] "
+        "(gloo), started by torchrun; each rank takes its share of every step's batch_triplets, so the run follows "
+        "the one-process trajectory; null: one process on the pipeline's `device`",
+    )
+    nodes: int = Field(
+        1, gt=0, description="machines training together, each running `devices`; above 1 the ranks are started "
+        "by torchrun on every node (README, 'Scaling out'), not by the stage",
+    )
+
+    _rank_devices = _devices_validator(rank_devices_problem)
 
 
 class EvalSetConfig(_Config):

@@ -15,3 +15,7 @@ class InputError(AlignetError, ValueError):
 
 class StoreError(AlignetError, RuntimeError):
     """An artifact store is missing, incomplete or inconsistent with what was asked."""
+
+
+class DistributedError(AlignetError, RuntimeError):
+    """A rank of a data-parallel run died or failed without an error of its own (killed, out of memory)."""

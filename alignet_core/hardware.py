@@ -54,6 +54,28 @@ def resolve_devices(settings: list[str], field: str = "embed.devices") -> "list[
     return devices
 
 
+def process_group_backend(device: "torch.device") -> Literal["nccl", "gloo"]:
+    """The `torch.distributed` backend for ranks on `device`'s kind: NCCL between GPUs, gloo between CPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_threads(device: "torch.device", local_ranks: int) -> int | None:
+    """CPU threads for each of `local_ranks` training ranks on one machine, or None to leave torch's choice.
+
+    CPU ranks share the machine's usable cores (⌊cores / ranks⌋, at least 1): torchrun's default of one
+    thread each would leave cores idle, and every rank taking all cores oversubscribes them. GPU ranks: None
+    (torchrun's one thread; the GPU computes, DataLoader workers decode)."""
+    if device.type == "cuda":
+        return None
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_ranks))
+
+
 def autocast_dtype(device: "torch.device") -> "torch.dtype | None":
     """bf16 autocast on GPUs that support it; full float32 on CPU (where bf16 is slower)."""
     import torch

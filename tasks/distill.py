@@ -21,7 +21,8 @@ def _locate(cfg: PipelineConfig, ds: SampleOutput | None) -> Located:
 
 @task(name="distill", cache_policy=StageCache(locate=_locate), persist_result=True, retries=1, retry_delay_seconds=5)
 def distill(cfg: PipelineConfig, ds: SampleOutput | None) -> DistillOutput:
-    """Train the student with a progress artifact; publish its accuracy and loss curve."""
+    """Train the student with a progress artifact; publish its accuracy and loss curve. With several
+    `distill.devices` the library starts torchrun's ranks as a child process and reports their steps here."""
     total = cfg.distill.steps
     artifact_id = create_progress_artifact(progress=0.0, key="distill-progress", description="student training steps")
     every = max(1, total // 50)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from alignet_core.errors import ConfigError, InputError
+from alignet_core.io import formats
 from alignet_core.io.formats import AlignetTriplets
 from alignet_core.io.images import load_image
 from alignet_core.io.sources import ImageSource
@@ -144,8 +145,19 @@ def join_by_filenames(split: AlignetTriplets, source: ImageSource, what: str) ->
     return AlignetTriplets(indices, split.filenames, split.similarities, split.n_reordered)
 
 
-def loader(dataset: torch.utils.data.Dataset, ks: range, num_workers: int, device: torch.device) -> Iterator[Any]:
-    """Items `ks` of a map-style dataset, in order, decoded by `num_workers` processes."""
+def read_split(url: str, source: ImageSource, join: str) -> AlignetTriplets:
+    """An official-format split (`formats.read_alignet_npz`) with its indices pointing at rows of `source`:
+    as stored (join 'indices', our own datasets) or by the files' filenames (join 'filenames')."""
+    if join == "filenames":
+        return join_by_filenames(formats.read_alignet_npz(url), source, url)
+    return formats.read_alignet_npz(url, len(source))
+
+
+def loader(
+    dataset: torch.utils.data.Dataset, ks: Sequence[int], num_workers: int, device: torch.device
+) -> Iterator[Any]:
+    """Items `ks` of a map-style dataset (a `range`, or one rank's `parallel.RankMicroBatches`), in order,
+    decoded by `num_workers` processes."""
     return iter(
         torch.utils.data.DataLoader(
             dataset,

@@ -85,9 +85,12 @@ def save_checkpoint(
     history: list[float],
     seconds: float,
     trajectory: dict[str, Any],
+    ranks: int = 1,
+    cpu_seconds: float = 0.0,
 ) -> str:
     """Write checkpoints/step_<step>/{model.safetensors, state.pt} by one directory rename,
-    then delete older checkpoints (the newest one is kept)."""
+    then delete older checkpoints (the newest one is kept). Called by one process: the run's only
+    process, or rank 0 of `ranks` (whose weights and optimizer state every rank shares)."""
     os.makedirs(ckpt_dir, exist_ok=True)
     tmp = os.path.join(ckpt_dir, f".tmp-{uuid.uuid4().hex}")
     os.makedirs(tmp)
@@ -100,7 +103,9 @@ def save_checkpoint(
         "rng_cpu": torch.get_rng_state(),
         "loss_history": [float(x) for x in history],
         "seconds": float(seconds),
+        "cpu_seconds": float(cpu_seconds),
         "trajectory": json.dumps(trajectory, sort_keys=True, default=str),
+        "ranks": int(ranks),
     }
     with open(os.path.join(tmp, "state.pt"), "wb") as f:
         torch.save(state, f)
@@ -136,6 +141,18 @@ def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     except Exception as err:  # noqa: BLE001 — any reader failure means an unusable checkpoint
         raise StoreError(f"checkpoint {path!r} cannot be read: {err}") from None
     return weights, state
+
+
+def finished_run(out_dir: str, trajectory: dict[str, Any]) -> dict[str, Any] | None:
+    """The log of the finished run in out_dir if there is one (None otherwise); `StoreError` if that run
+    followed another trajectory (config, seed or data)."""
+    done = read_train_log(out_dir)
+    if done is not None and done.get("trajectory") != json.loads(json.dumps(trajectory, default=str)):
+        raise StoreError(
+            f"{out_dir!r} holds a finished distillation run with another config, seed or dataset; "
+            "use a new output directory"
+        )
+    return done
 
 
 def read_train_log(out_dir: str) -> dict[str, Any] | None:

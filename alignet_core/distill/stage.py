@@ -8,6 +8,10 @@ stage directory: `student.safetensors` (the backbone's timm state dict), `head.s
 `train_log.json` and the checkpoints training resumes from. Metrics: triplet accuracy against
 the teacher on every `valid_*.npz`, and odd-one-out accuracy on the held-out human triplets (the
 demo's proxy, named so), before and after.
+
+Training runs in this process, or, with several `distill.devices`, on one rank per device started
+by torchrun (`launch.train_on_ranks`; `distill.nodes` > 1: by torchrun on every node, README). The
+evaluations run once, here, on the first training device.
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ from collections.abc import Callable
 import fsspec
 
 from alignet_core.config import PipelineConfig
-from alignet_core.distill.batches import join_by_filenames
+from alignet_core.distill.batches import read_split
+from alignet_core.distill.checkpoints import read_train_log
 from alignet_core.distill.evaluation import student_outcomes
+from alignet_core.distill.launch import nodes_need_torchrun, train_on_ranks
+from alignet_core.distill.parallel import rank_layout
 from alignet_core.distill.student import build_student, load_student
 from alignet_core.distill.train import train_student
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.evaluate.bootstrap import Comparison, Estimate, accuracy, compare
-from alignet_core.hardware import compute_identity, resolve_device
-from alignet_core.io import formats, sources, store
+from alignet_core.hardware import compute_identity
+from alignet_core.io import sources, store
 from alignet_core.io.formats import sampling_name
 from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.transform.human_data import PROXY_NAME, human_test_split
@@ -104,8 +111,22 @@ def distill_files(cfg: PipelineConfig, ds: StageOutput | None) -> DistillFiles:
 
 
 def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
-    conf = {"distill": cfg.distill.model_dump(), "seed": cfg.seed, "source": sources.source_identity(cfg.source),
-            "compute": dataclasses.asdict(compute_identity(resolve_device(cfg.device)))}
+    """The distill stage's plan. Its key: the `distill` section except `devices` and `nodes`, the seed,
+    the image source, the input's key, the compute identity of the training devices (kind and autocast
+    dtype) and the rank count, nodes × devices.
+
+    The rank count is part of the key, like `compile`: N ranks follow the one-process trajectory (same
+    global batch, same schedule, same decay to init) only up to reduction order. Their gradients are
+    averaged by an all-reduce that sums per-rank partial gradients, not one process's running sum over
+    micro-batches, and their kernels run on other thread counts, so the weights differ in their last float
+    bits (tests/core/test_distill_ranks.py measures it). A key names the exact files under it, so a
+    1-rank and a 2-rank run are two outputs, and a run killed on N ranks resumes on N ranks. Which
+    devices of a kind (cuda:0,1 or cuda:2,3) changes nothing and is left out, as `embed.devices` is.
+    """
+    layout = rank_layout(cfg)
+    conf = {"distill": cfg.distill.model_dump(exclude={"devices", "nodes"}), "seed": cfg.seed,
+            "source": sources.source_identity(cfg.source),
+            "compute": dataclasses.asdict(compute_identity(layout.devices[0])), "ranks": layout.ranks}
     return plan_stage(cfg.root, "distill", conf, [files.key], __name__)
 
 
@@ -115,17 +136,18 @@ def run_distill(
     progress: Callable[[int, float], None] | None = None,
 ) -> DistillOutput:
     """Finetune the student on official-format triplets (the pipeline's own, or `distill.dataset`);
-    accuracies before and after. `progress(step, loss)` is called after every training step."""
+    accuracies before and after. `progress(step, loss)` is called after every training step.
+
+    The training devices are checked first (`parallel.rank_layout`): a bad `distill.devices` is a
+    `ConfigError` before anything is read or written. With `distill.nodes` > 1 the training must have
+    been run by torchrun on every node (README); the stage then only evaluates it."""
+    layout = rank_layout(cfg)
     files = distill_files(cfg, ds)
     plan = plan_distill(cfg, files)
+    if layout.nodes > 1 and not store.is_complete(plan.dir) and read_train_log(plan.dir) is None:
+        raise nodes_need_torchrun(layout)
     # training resumes from its own checkpoints: no temporaries to clear
     return once(plan, DistillOutput, lambda: _distill(cfg, files, plan, progress), cfg.lock_timeout, clean=False)
-
-
-def _read_split(cfg: PipelineConfig, url: str, src: sources.ImageSource) -> formats.AlignetTriplets:
-    if cfg.distill.join == "filenames":
-        return join_by_filenames(formats.read_alignet_npz(url), src, url)
-    return formats.read_alignet_npz(url, len(src))
 
 
 def _distill(
@@ -133,16 +155,20 @@ def _distill(
 ) -> DistillOutput:
     """The stage's work, under its lock (training resumes from its own checkpoints)."""
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
+    layout = rank_layout(cfg)
+    device = layout.devices[0]
     src = sources.source_from_config(cfg.source)
-    train = _read_split(cfg, files.train, src)
-    valids = {name: _read_split(cfg, url, src) for name, url in files.valid.items()}
-    test = human_test_split(cfg, src)
     d = cfg.distill
+    train = read_split(files.train, src, d.join)
+    valids = {name: read_split(url, src, d.join) for name, url in files.valid.items()}
+    test = human_test_split(cfg, src)
     student = build_student(d, cfg.seed)  # "before": the pretrained backbone's own features
     before = student_outcomes(student, valids, test, src, device, False, d.n_eval, d.num_workers, ("cosine", "dot"))
     del student
-    log_ = train_student(train, src, d, plan.dir, device, cfg.seed, progress)
+    if layout.ranks == 1:
+        log_ = train_student(train, src, d, plan.dir, device, cfg.seed, progress)
+    else:  # one rank per device, started by torchrun; a finished run in plan.dir is returned as is
+        log_ = train_on_ranks(cfg, files.train, plan.dir, progress)
     after = student_outcomes(load_student(plan.dir, d), valids, test, src, device, True, d.n_eval,
                              d.num_workers)["dot"]
     ref, dot = before["cosine"], before["dot"]

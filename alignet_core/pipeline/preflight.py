@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from alignet_core import models
 from alignet_core.config import PipelineConfig
+from alignet_core.distill.parallel import rank_layout
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.hardware import resolve_device, resolve_devices
 from alignet_core.io import formats, sources, store
@@ -65,10 +66,8 @@ def preflight(cfg: PipelineConfig) -> None:
         if unknown:
             raise ConfigError(f"embed.layers: {unknown} are not modules of {cfg.embed.model!r}; expected names "
                               "as in model.named_modules(), e.g. 'blocks.3'")
-    d = cfg.distill
-    if d.enabled and d.batch_triplets % d.grad_accum:
-        raise ConfigError(f"distill.grad_accum: {d.grad_accum} must divide distill.batch_triplets "
-                          f"({d.batch_triplets}) into equal micro-batches")
+    if cfg.distill.enabled:  # the training devices exist, and ranks × grad_accum cut the batch evenly
+        rank_layout(cfg)
     if h.triplets is not None:  # read and check the human data now, not after hours of embedding
         try:
             load_human_data(cfg, src)

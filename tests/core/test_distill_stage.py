@@ -3,22 +3,29 @@ image source by filenames, scored against the teacher and on held-out (proxy) hu
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from alignet_core.config import parse_config, with_overrides
-from alignet_core.distill.checkpoints import STUDENT_FILE
+from alignet_core.distill.checkpoints import LOG_FILE, STUDENT_FILE
 from alignet_core.distill.evaluation import embed_images
-from alignet_core.distill.stage import distill_files, run_distill
+from alignet_core.distill.stage import distill_files, plan_distill, run_distill
 from alignet_core.distill.student import load_student
 from alignet_core.errors import InputError
 from alignet_core.evaluate.metrics import odd_one_out_accuracy
 from alignet_core.hardware import resolve_device
 from alignet_core.io import formats, sources, store
 from alignet_core.transform.human_data import human_test_split
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _write_split(path: Path, src: sources.ImageSource, n: int, seed: int) -> None:
@@ -87,3 +94,55 @@ def test_distill_stage_names_a_missing_training_file(cfg):
     with pytest.raises(InputError, match=r"train_cluster_border_500.npz.*does not exist.*train_mine.npz"):
         run_distill(cfg, None)
     assert not store.exists(store.join(cfg.root, "stages", "distill"))
+
+
+def test_distill_stage_on_two_cpu_ranks(cfg):
+    """`distill.devices: [cpu, cpu]`: the stage starts two gloo ranks under torchrun, reports every step,
+    evaluates once here and keys the output by the rank count (not by which devices)."""
+    two = with_overrides(cfg, {"distill.devices": ["cpu", "cpu"]})
+    steps = []
+    out = run_distill(two, None, lambda s, loss: steps.append(s))
+    assert steps == [1, 2, 3]
+    m = out.metrics
+    assert m.steps == 3 and m.n_train == 300 and set(m.acc_after) == {"mine", "other"}
+    assert 0.0 <= m.human_acc_after <= 1.0
+    assert json.loads((Path(out.artifact) / LOG_FILE).read_text())["ranks"] == 2
+    assert store.is_complete(out.dir)
+    files = distill_files(cfg, None)
+    one = plan_distill(cfg, files).key
+    assert out.key != one  # 2 ranks round differently from 1: two outputs
+    assert plan_distill(with_overrides(cfg, {"distill.devices": ["cpu"]}), files).key == one  # 1 rank, named or not
+    assert run_distill(two, None).key == out.key  # reused: no second launch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_started_by_torchrun_then_evaluated_once(cfg, tmp_path):
+    """The cluster recipe on one machine: two torchrun agents (`--nnodes 2`, c10d rendezvous), one CPU rank
+    each, run `python -m alignet_core.distill -c my.yaml`; rank 0 then finishes the stage. The output's key is
+    that of any 2-rank run, so the same config on one node with two devices reuses it."""
+    nodes = with_overrides(cfg, {"distill.devices": ["cpu"], "distill.nodes": 2})
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump(nodes.model_dump(mode="json")))
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "alignet-test",
+                                "-m", "alignet_core.distill", "-c", str(path)],
+                               env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    outputs = [a.communicate(timeout=300)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    plan = plan_distill(nodes, distill_files(nodes, None))
+    assert store.is_complete(plan.dir)
+    log_ = json.loads((Path(plan.dir) / LOG_FILE).read_text())
+    assert log_["ranks"] == 2 and log_["steps"] == 3
+    assert sum("distill: finished" in o for o in outputs) == 1  # evaluated once, by rank 0
+    one_node = with_overrides(cfg, {"distill.devices": ["cpu", "cpu"]})
+    assert plan_distill(one_node, distill_files(one_node, None)).key == plan.key
+    assert run_distill(one_node, None).metrics == run_distill(nodes, None).metrics  # both reuse the manifest

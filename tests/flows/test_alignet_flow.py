@@ -6,6 +6,7 @@ byte-identical files."""
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -188,13 +189,18 @@ def test_distill_flow_runs_alone_on_an_existing_dataset_folder(harness, tmp_path
     assert sorted(p.name for p in (root / "stages").iterdir()) == ["distill"]
     states = _task_states(state.state_details.flow_run_id)
     assert set(states) == {"distill"}, states
+    # the same task on two CPU ranks: it starts torchrun's gloo ranks as a child process and waits for them
+    state = distill_flow(overrides=tiny(root, **{"distill.dataset": str(folder), "distill.join": "filenames",
+                                                 "distill.devices": ["cpu", "cpu"]}), return_state=True)
+    assert state.is_completed(), state
+    two = state.result()
+    assert two.key != out.key and two.metrics.steps == 4 and set(two.metrics.acc_after) == set(out.metrics.acc_after)
+    assert json.loads((Path(two.artifact) / "train_log.json").read_text())["ranks"] == 2
 
 
 def test_evaluate_alone_on_a_checkpoint_and_a_set_the_pipeline_did_not_make(harness, tmp_path, capsys):
     """`alignet evaluate` on a student folder trained elsewhere and a THINGS-format file of
     triplets (with probabilities) written by hand: only embed, transform and evaluate run."""
-    import json
-
     import torch
 
     from alignet_core.config import DistillConfig

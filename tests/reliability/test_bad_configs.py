@@ -65,6 +65,13 @@ CASES: list[tuple[str, Any, list[str]]] = [
      ["distill.strategy", "must be one of sample.strategies"]),
     ("grad_accum does not divide the batch", {"distill": {"batch_triplets": 10, "grad_accum": 3}},
      ["distill.grad_accum", "must divide", "(10)"]),
+    ("unknown training device", {"distill": {"devices": ["cpu", "tpu:0"]}},
+     ["distill.devices", "'tpu:0'", "expected 'cpu', 'cuda' or 'cuda:<index>'"]),
+    ("training devices of two kinds", {"distill": {"devices": ["cuda:0", "cpu"]}},
+     ["distill.devices", "mixes cpu and cuda", "one kind"]),
+    ("training GPUs without a GPU", {"distill": {"devices": ["cuda:0", "cuda:1"]}}, ["distill.devices", "no CUDA GPU"]),
+    ("rank count does not divide the batch", {"distill": {"devices": ["cpu", "cpu", "cpu"], "batch_triplets": 32}},
+     ["distill.devices", "3 ranks", "must divide distill.batch_triplets (32)"]),
     ("human triplets file missing", {"human": {"triplets": "/nope/t.txt"}}, ["human.triplets", "does not exist"]),
     ("probabilities without triplets", {"human": {"probabilities": f"{FOLDER}/probs.npy"}},
      ["human.probabilities", "without human.triplets"]),
@@ -102,7 +109,8 @@ def test_at_least_fifteen_distinct_mistakes() -> None:
 
 @pytest.mark.parametrize("case, config, needles", CASES, ids=[c[0] for c in CASES])
 def test_bad_config_fails_before_any_work_naming_the_field(case, config, needles, folder, tmp_path, capsys) -> None:
-    if case in ("cuda without a GPU", "GPU devices without a GPU") and torch.cuda.is_available():
+    if case in ("cuda without a GPU", "GPU devices without a GPU", "training GPUs without a GPU") \
+            and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     root = tmp_path / "root"
     path = tmp_path / "config.yaml"

@@ -1,0 +1,356 @@
+"""Data-parallel distillation (`distill.devices`): real ranks, started by the stage's launcher under real
+torchrun, joined by gloo over this machine's CPUs, training a real timm model (random-init `resnet10t`
+at 32 px) on real demo images.
+
+What holds, measured here (6 steps, lr 1e-3, weights of order 1):
+- two ranks follow the one-process trajectory (same global batch of 8 triplets): max |Δw| over every weight
+  1.8e-7 against one process on the same two micro-batches (`TOL` = 1e-6), and 1.2e-5 against one process
+  taking the whole batch at once, exactly what one process cutting the batch in two differs by
+  (`TOL_WHOLE` = 1e-4 = lr/10; Adam turns float-level gradient differences near zero into lr-scale steps);
+- a rank (1, or 0 in the slow variant) killed by SIGKILL mid-run: the run resumes on every rank at the same
+  checkpoint and ends on the uninterrupted run's weights bit for bit (max |Δw| = 0; checked against `TOL`);
+- only rank 0 writes under the run's directory (an audit hook in every rank records its writes);
+- a bad `distill.devices` is refused before anything is read or written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignet_core import models
+from alignet_core.config import PipelineConfig, parse_config, with_overrides
+from alignet_core.distill.batches import TripletBatches, read_split
+from alignet_core.distill.checkpoints import HEAD_FILE, LOG_FILE, STUDENT_FILE, list_checkpoints
+from alignet_core.distill.launch import rank_device, train_on_ranks
+from alignet_core.distill.parallel import RankMicroBatches, rank_layout
+from alignet_core.distill.stage import run_distill
+from alignet_core.distill.student import eval_transform
+from alignet_core.distill.train import train_student
+from alignet_core.errors import ConfigError, DistributedError
+from alignet_core.io import formats, sources
+from alignet_core.pipeline.preflight import preflight
+from tests.core.test_distill import pixel_teacher, teacher_triplets
+
+TOL = 1e-6  # max |Δ| allowed between runs on the same micro-batches that differ only in reduction order
+TOL_WHOLE = 1e-4  # ... and against one process taking the whole batch at once (lr / 10)
+N_POOL = 60
+STEPS = 6
+RUN = dict(student="resnet10t", weights=None, head_dim=32, steps=STEPS, batch_triplets=8, lr=1e-3, warmup_steps=2,
+           checkpoint_every=2, image_size=32)
+
+# Installed in every rank through PYTHONPATH: records each write (open for writing, mkdir, rename, remove)
+# under AUDIT_UNDER, and dumps them to AUDIT_OUT/rank<R>.json when the rank exits.
+_AUDIT = textwrap.dedent(
+    """
+    import atexit, json, os, sys
+
+    _under, _out, _rank = os.environ.get("AUDIT_UNDER"), os.environ.get("AUDIT_OUT"), os.environ.get("RANK")
+    if _under and _out and _rank is not None:
+        _events = []
+        _changes = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate"}
+        _flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+        def _hook(event, args):
+            if event == "open":
+                path, mode, flags = args
+                writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool((flags or 0) & _flags)
+                paths = [path] if writes else []
+            elif event in _changes:
+                paths = list(args[:2]) if event == "os.rename" else [args[0]]
+            else:
+                return
+            for p in paths:
+                if isinstance(p, (str, bytes, os.PathLike)) and os.path.abspath(os.fsdecode(p)).startswith(_under):
+                    _events.append([event, os.fsdecode(p)])
+
+        sys.addaudithook(_hook)
+
+        def _dump():
+            with open(os.path.join(_out, f"rank{_rank}.json"), "w") as f:
+                json.dump(_events, f)
+
+        atexit.register(_dump)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A demo pool of N_POOL images (`source.limit`) and 400 teacher triplets over it in the official format."""
+    src = sources.subset(sources.demo_source(), N_POOL)
+    t = teacher_triplets(pixel_teacher(src), 400, seed=1)
+    folder = tmp_path_factory.mktemp("ranks")
+    url = str(folder / "train_mine.npz")
+    formats.write_alignet_npz(url, t.indices, src.ids()[t.indices], t.similarities)
+    return folder, url
+
+
+def _cfg(root: Path, **distill) -> PipelineConfig:
+    return parse_config({"root": str(root), "source": {"limit": N_POOL}, "distill": {**RUN, **distill}})
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return {**{f"backbone.{k}": v for k, v in load_file(str(run_dir / STUDENT_FILE)).items()},
+            **{f"head.{k}": v for k, v in load_file(str(run_dir / HEAD_FILE)).items()}}
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One uninterrupted 2-rank run (gloo, 2 CPU processes) with every rank's writes audited."""
+    folder, url = data
+    base = tmp_path_factory.mktemp("two")
+    out, audit = base / "run", base / "audit"
+    audit.mkdir()
+    (base / "site").mkdir()
+    (base / "site" / "sitecustomize.py").write_text(_AUDIT)
+    steps: list[tuple[int, float]] = []
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(base / "site"), os.environ.get("PYTHONPATH")])),
+           "AUDIT_UNDER": str(out), "AUDIT_OUT": str(audit)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        t0 = time.perf_counter()
+        result = train_on_ranks(_cfg(base, devices=["cpu", "cpu"]), url, str(out), lambda s, l: steps.append((s, l)))
+        wall = time.perf_counter() - t0
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"out": out, "log": result, "steps": steps, "audit": audit, "wall": wall}
+
+
+# ----------------------------------------------------------------------------- refused before any work
+def test_bad_distill_devices_are_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for devices, message in [
+        (["cpu", "gpu"], r"distill\.devices.*\['gpu'\] are not devices; expected 'cpu', 'cuda' or 'cuda:<index>'"),
+        (["cpu", "cuda:0"], r"distill\.devices.*mixes cpu and cuda; use one kind.*NCCL for GPUs, gloo for CPUs"),
+        (["cuda:1", "cuda:1"], r"distill\.devices.*\['cuda:1'\] named more than once; NCCL runs one rank per GPU"),
+        ([], r"distill\.devices.*an empty list"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"distill": {"devices": devices}})
+    root = tmp_path / "root"
+    uneven = with_overrides(parse_config({}), {"root": str(root), "distill.devices": ["cpu"] * 3})  # 3 ∤ 32
+    want = r"distill\.devices: 3 ranks × distill\.grad_accum 1 = 3 micro-batches must divide distill\.batch_triplets \(32\)"
+    with pytest.raises(ConfigError, match=want):
+        preflight(uneven)
+    with pytest.raises(ConfigError, match=want):
+        run_distill(uneven, None)
+    nodes = with_overrides(uneven, {"distill.devices": ["cpu", "cpu"], "distill.nodes": 3, "distill.grad_accum": 2})
+    with pytest.raises(ConfigError, match=r"6 ranks \(3 nodes × 2 devices\) × distill\.grad_accum 2 = 12 micro"):
+        run_distill(nodes, None)
+    if not torch.cuda.is_available():
+        gpus = with_overrides(parse_config({}), {"root": str(root), "distill.devices": ["cuda:0", "cuda:1"]})
+        with pytest.raises(ConfigError, match=r"distill\.devices: \['cuda:0', 'cuda:1'\] asks for CUDA but torch sees no"):
+            preflight(gpus)
+        with pytest.raises(ConfigError, match=r"distill\.devices.*no CUDA GPU"):
+            run_distill(gpus, None)
+    else:  # more GPUs than exist
+        many = [f"cuda:{i}" for i in range(torch.cuda.device_count() + 1)]
+        with pytest.raises(ConfigError, match=r"distill\.devices.*torch sees"):
+            preflight(with_overrides(parse_config({}), {"distill.devices": many}))
+    # several nodes: the stage does not start them; it says how, before any work
+    two_nodes = with_overrides(parse_config({}), {"root": str(root), "distill.devices": ["cpu"], "distill.nodes": 2,
+                                                  "distill.dataset": str(tmp_path)})
+    (tmp_path / "train_cluster_border_12.npz").write_bytes(b"")  # exists; never read
+    with pytest.raises(ConfigError, match=r"distill\.nodes: 2 machines.*torchrun --nnodes 2 --nproc-per-node 1 "
+                                          r"--rdzv-backend c10d"):
+        run_distill(two_nodes, None)
+    assert not root.exists()  # nothing was created under the root
+    # a rank started by a torchrun whose world is not the config's refuses before joining it
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ConfigError, match=r"torchrun started 3 ranks, 3 per node.*--nnodes 1 --nproc-per-node 2"):
+        rank_device(rank_layout(with_overrides(parse_config({}), {"distill.devices": ["cpu", "cpu"]})))
+
+
+def test_each_rank_takes_a_disjoint_share_of_every_step(data: tuple[Path, str]) -> None:
+    """Rank r of N computes micro-batches r·G … r·G+G−1 of the step's N·G: together, in rank order, exactly
+    the step's triplets, whatever N and G."""
+    _, url = data
+    src = sources.subset(sources.demo_source(), N_POOL)
+    split = read_split(url, src, "indices")
+    tf = eval_transform(models.create_model("resnet10t", None), 16)
+    whole = TripletBatches(split, src, tf, 8, seed=3)
+    for ranks, accum in [(1, 1), (2, 1), (2, 2), (4, 2)]:
+        batches = TripletBatches(split, src, tf, 8, seed=3, grad_accum=ranks * accum)
+        shares = [RankMicroBatches(5, 7, accum, r, ranks) for r in range(ranks)]
+        for s, step in enumerate((5, 6)):
+            ids = [batches[share[s * accum + i]][3].numpy() for share in shares for i in range(accum)]
+            np.testing.assert_array_equal(np.concatenate(ids), whole.step_triplets(step))
+            assert all(len(x) == 8 // (ranks * accum) for x in ids)
+    assert len(RankMicroBatches(5, 7, 2, 1, 4)) == 4 and list(RankMicroBatches(0, 2, 1, 1, 2)) == [1, 3]
+
+
+# ----------------------------------------------------------------------------- the trajectory
+def test_two_gloo_ranks_follow_the_one_process_trajectory(two_ranks: dict, data: tuple[Path, str],
+                                                          tmp_path: Path) -> None:
+    _, url = data
+    src = sources.subset(sources.demo_source(), N_POOL)
+    split = read_split(url, src, "indices")
+    cpu = torch.device("cpu")
+    log_ = two_ranks["log"]
+    assert log_["complete"] and log_["ranks"] == 2 and len(log_["loss_curve"]) == STEPS
+    assert [s for s, _ in two_ranks["steps"]] == list(range(1, STEPS + 1))  # progress for every step, here
+    np.testing.assert_allclose([loss for _, loss in two_ranks["steps"]], log_["loss_curve"], rtol=0, atol=0)
+    two = _weights(two_ranks["out"])
+    one = {}
+    for accum in (2, 1):  # the ranks' micro-batches in one process, and the whole batch at once
+        run = train_student(split, src, _cfg(tmp_path, grad_accum=accum).distill, str(tmp_path / f"one{accum}"),
+                            cpu, seed=0)
+        np.testing.assert_allclose(log_["loss_curve"], run["loss_curve"], rtol=1e-5)
+        one[accum] = _weights(tmp_path / f"one{accum}")
+    same_micro = max_abs_diff(two, one[2])
+    whole = max_abs_diff(two, one[1])
+    cut_alone = max_abs_diff(one[2], one[1])
+    print(f"{STEPS} steps, max |dw|: 2 ranks vs 1 process, same micro-batches {same_micro:.3g}; vs the whole batch "
+          f"at once {whole:.3g}; 1 process, 2 micro-batches vs the whole batch {cut_alone:.3g}")
+    assert same_micro < TOL
+    # against the whole batch the ranks differ no more than cutting the batch in two does in one process (Adam
+    # turns float-level differences of gradients near zero into steps of order lr·ε/(|g| + ε))
+    assert whole <= 2 * cut_alone + TOL and whole < TOL_WHOLE
+    # training moved the weights far more than the tolerance: the comparison has teeth
+    init = train_student(split, src, _cfg(tmp_path, steps=1, lr=1e-9, warmup_steps=0).distill,
+                         str(tmp_path / "init"), cpu, seed=0)
+    assert init["steps"] == 1 and max_abs_diff(two, _weights(tmp_path / "init")) > 1000 * TOL
+
+
+def test_only_rank_0_writes_the_checkpoints(two_ranks: dict) -> None:
+    out, audit = two_ranks["out"], two_ranks["audit"]
+    writes = {r: json.loads((audit / f"rank{r}.json").read_text()) for r in (0, 1)}
+    assert writes[1] == []  # rank 1 read the checkpoints' directory at most; it never wrote under it
+    renamed = [dst for event, dst in writes[0] if event == "os.rename" and "/checkpoints/step_" in dst]
+    assert renamed == [str(out / "checkpoints" / f"step_{s:08d}") for s in (2, 4, 6)]  # one writer, atomically
+    assert any(event == "os.mkdir" and p == str(out) for event, p in writes[0])
+    assert [s for s, _ in list_checkpoints(str(out / "checkpoints"))] == [STEPS]
+    state = torch.load(out / "checkpoints" / f"step_{STEPS:08d}" / "state.pt", weights_only=True)
+    assert state["ranks"] == 2 and state["step"] == STEPS
+
+
+# ----------------------------------------------------------------------------- a rank killed mid-run
+def rank_pids(rank: int) -> list[int]:
+    """Pids of the training ranks `rank` that this process's launcher started (from their environment)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_text().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if env.get("ALIGNET_DISTILL_PARENT") == str(os.getpid()) and env.get("RANK") == str(rank) \
+                and "ALIGNET_DISTILL_AGENT" in env:
+            found.append(int(entry.name))
+    return found
+
+
+def _killed_then_resumed(rank: int, data: tuple[Path, str], two_ranks: dict, tmp_path: Path,
+                         caplog: pytest.LogCaptureFixture) -> None:
+    """Kill rank `rank` (SIGKILL, from outside) once rank 0 reports step 3; run again; compare."""
+    _, url = data
+    cfg = _cfg(tmp_path, devices=["cpu", "cpu"])
+    out = tmp_path / "run"
+    killed: list[int] = []
+
+    def kill_at_3(step: int, loss: float) -> None:
+        if step >= 3 and not killed:
+            pids = rank_pids(rank)
+            assert len(pids) == 1, pids
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(step)
+
+    with pytest.raises(DistributedError, match=rf"distill\.devices: a training rank failed \(rank {rank} was killed by "
+                                               r"signal 9\) after step \d+; the run resumes from the checkpoint at step \d+"):
+        train_on_ranks(cfg, url, str(out), kill_at_3)
+    assert killed and not (out / LOG_FILE).exists()
+    at_kill = [s for s, _ in list_checkpoints(str(out / "checkpoints"))]
+    assert len(at_kill) == 1 and 2 <= at_kill[0] < STEPS
+
+    caplog.set_level(logging.INFO, logger="alignet_core.distill.launch")
+    resumed = train_on_ranks(cfg, url, str(out))
+    starts = {int(r): int(s) for r, s in re.findall(r"rank (\d) resuming from \S+ \(step (\d+) of", caplog.text)}
+    assert starts == {0: at_kill[0], 1: at_kill[0]}  # every rank at the same step
+    np.testing.assert_allclose(resumed["loss_curve"], two_ranks["log"]["loss_curve"], rtol=0, atol=1e-7)
+    diff = max_abs_diff(_weights(out), _weights(two_ranks["out"]))
+    print(f"rank {rank} killed after step {killed[0]}, resumed at {at_kill[0]}: max |dw| vs uninterrupted = {diff:.3g}")
+    assert diff < TOL
+
+
+def test_a_killed_rank_resumes_every_rank_at_the_same_step(data, two_ranks, tmp_path, caplog) -> None:
+    _killed_then_resumed(1, data, two_ranks, tmp_path, caplog)
+
+
+@pytest.mark.slow
+def test_killing_rank_0_mid_run_resumes_the_same_way(data, two_ranks, tmp_path, caplog) -> None:
+    _killed_then_resumed(0, data, two_ranks, tmp_path, caplog)
+
+
+# ----------------------------------------------------------------------------- a killed parent
+_PARENT = textwrap.dedent(
+    """
+    import os, sys, json
+    from alignet_core.config import parse_config
+    from alignet_core.distill.launch import train_on_ranks
+
+    spec = json.loads(sys.argv[1])
+
+    def report(step, loss):
+        print(step, flush=True)
+
+    train_on_ranks(parse_config(spec["cfg"]), spec["url"], spec["out"], report)
+    """
+)
+
+
+def _descendants_alive(parent: int) -> list[int]:
+    """Processes whose environment names `parent` as the launcher's process (the agent and the ranks)."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_text()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if f"ALIGNET_DISTILL_PARENT={parent}\0" in environ and state != "Z":
+                alive.append(int(entry.name))
+    return alive
+
+
+@pytest.mark.slow
+def test_a_killed_parent_leaves_no_orphan_ranks(data: tuple[Path, str], tmp_path: Path) -> None:
+    _, url = data
+    cfg = _cfg(tmp_path, devices=["cpu", "cpu"], steps=40, checkpoint_every=100)
+    spec = {"cfg": cfg.model_dump(mode="json"), "url": url, "out": str(tmp_path / "run")}
+    proc = subprocess.Popen([sys.executable, "-c", _PARENT, json.dumps(spec)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "1"  # training has started on both ranks
+    assert len(_descendants_alive(proc.pid)) == 3  # the agent and two ranks
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while _descendants_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _descendants_alive(proc.pid) == []
+    assert not (tmp_path / "run" / LOG_FILE).exists()
