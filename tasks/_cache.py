@@ -1,9 +1,11 @@
-"""Prefect's cache keyed on a stage's content key, never pointing at missing files.
+"""Prefect's cache keyed on a stage's content key and root, and a hit only when it tells the truth.
 
 `StageCache(locate=...)` is the cache policy on every stage task's decorator. `locate(**task
 inputs)` gives the stage's content key (the key that names its output directory), that directory,
-and whether the task's output is complete on disk. The cache key is the content key plus the
-directory's *generation*: the id of the flow run that made the output, kept in
+whether the task's output is complete on disk, and `expected`: what the task returns when it reuses
+that output (for a stage: `runner.reuse`, the manifest check). The cache key is the content key, a
+hash of the directory's resolved path (so a moved or re-pointed root never hits a record naming the
+old place) and the directory's *generation*: the id of the flow run that made the output, kept in
 `<dir>/cache-generation.json`.
 
 - Output complete: the generation file names the run that made it, so a rerun finds that run's
@@ -13,33 +15,51 @@ directory's *generation*: the id of the flow run that made the output, kept in
   library resumes or reuses what it finds) and its result is recorded under the key the next run
   will compute. This is the refresh-when-incomplete rule, kept without per-call options.
 
+A hit goes through the same check as a reuse: before Prefect reads the record at the key, its raw
+bytes are parsed as plain JSON (nothing is unpickled or imported) and it is trusted only when its
+serializer is exactly the JSON serializer the stage tasks write with (`RESULT_SERIALIZER`) and its
+value equals `expected()`. Any other record (a pickle, another serializer, a stale or edited value)
+is never handed to Prefect: the generation is refreshed so the key moves past it and the task runs.
+
 Every task of one flow run on one directory (the shards and the publication of the sample stage)
 shares the generation, so their keys agree within the run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
+from prefect.results import get_default_result_storage
+from prefect.serializers import JSONSerializer
 
 from alignet_core.io import store
-from alignet_core.pipeline.runner import StagePlan
+from alignet_core.pipeline.runner import StageOutput, StagePlan, reuse
 
 GENERATION_FILE = "cache-generation.json"
+RESULT_SERIALIZER = "json"  # every stage task's `result_serializer`: records are JSON, never pickles
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Located:
-    """Where a task's output is: the stage's content key, its directory, whether it is complete."""
+    """Where a task's output is: the stage's content key, its directory, whether it is complete, and
+    `expected()`: the value the task returns when it reuses that output (None when it cannot)."""
 
     key: str
     dir: str
     complete: bool
+    expected: Callable[[], Any] = field(default=lambda: None, compare=False)
 
 
 def generation(dir_url: str, complete: bool, flow_run_id: str) -> str:
@@ -53,9 +73,48 @@ def generation(dir_url: str, complete: bool, flow_run_id: str) -> str:
     return flow_run_id
 
 
+def place(dir_url: str) -> str:
+    """A short hash of where `dir_url` really is (a local path resolved through symlinks, '..' and
+    the working directory; a URL as written)."""
+    try:
+        where = os.path.realpath(store.local_path(dir_url))
+    except Exception:  # noqa: BLE001 - a remote URL is its own identity
+        where = dir_url
+    return hashlib.sha256(where.encode()).hexdigest()[:12]
+
+
+def _record_bytes(task_ctx: TaskRunContext, key: str) -> bytes | None:
+    """The raw bytes of the result record stored under `key`, or None when there is none."""
+    storage = task_ctx.result_store.result_storage or get_default_result_storage(_sync=True)
+    try:
+        data = call_explicitly_sync_block_method(storage, "read_path", (key,), {})
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    return data if isinstance(data, bytes) else None
+
+
+_SERIALIZER = JSONSerializer()
+
+
+def trusted(record: bytes, expected: Any) -> bool:
+    """True when `record` (a Prefect result record's raw bytes) holds exactly `expected`, written by
+    the plain JSON serializer. Parses with `json` only: nothing is unpickled, imported or called."""
+    if expected is None:
+        return False
+    try:
+        doc = json.loads(record)
+        meta, payload = doc["metadata"], doc["result"]
+        if meta.get("serializer") != _SERIALIZER.model_dump(mode="json"):
+            return False
+        return isinstance(payload, str) and json.loads(payload) == json.loads(_SERIALIZER.dumps(expected))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
+
+
 @dataclass
 class StageCache(CachePolicy):
-    """Cache key = the stage's content key and the output's generation (see the module doc).
+    """Cache key = the stage's content key, where its directory is and the output's generation;
+    a record at that key is a hit only when `trusted` (see the module doc).
 
     locate: called with the task's inputs that it names as parameters.
     """
@@ -65,18 +124,33 @@ class StageCache(CachePolicy):
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
+        if task_ctx.result_store.metadata_storage is not None:
+            log.warning("result metadata storage is set: stage results are not cached (their records "
+                        "could not be checked before Prefect reads them)")
+            return None
         wanted = inspect.signature(self.locate).parameters
         where = self.locate(**{name: inputs[name] for name in wanted if name in inputs})
-        run = task_ctx.task_run.flow_run_id
-        return f"{where.key}-{generation(where.dir, where.complete, str(run or task_ctx.task_run.id))}"
+        run = str(task_ctx.task_run.flow_run_id or task_ctx.task_run.id)
+        base = f"{where.key}-{place(where.dir)}"
+        key = f"{base}-{generation(where.dir, where.complete, run)}"
+        record = _record_bytes(task_ctx, key)
+        if record is None or trusted(record, where.expected() if where.complete else None):
+            return key
+        log.warning("%s: the cached result %s does not match the output on disk; recomputing", where.dir, key)
+        key = f"{base}-{generation(where.dir, False, run)}"
+        if _record_bytes(task_ctx, key) is not None:
+            raise RuntimeError(f"an untrusted Prefect result record is stored under {key!r}; delete it")
+        return key
 
 
-def stage_output(plan: Callable[..., StagePlan]) -> Callable[..., Located]:
-    """`locate` for a stage planned by `plan`: complete when its directory has a manifest."""
+def stage_output(plan: Callable[..., StagePlan], output_type: type[StageOutput]) -> Callable[..., Located]:
+    """`locate` for a stage planned by `plan` whose task returns `output_type`: complete when its
+    directory has a manifest; `expected` is the manifest-checked reuse of that output."""
 
     def locate(*args: Any, **kwargs: Any) -> Located:
         p = plan(*args, **kwargs)
-        return Located(key=p.key, dir=p.dir, complete=store.is_complete(p.dir))
+        return Located(key=p.key, dir=p.dir, complete=store.is_complete(p.dir),
+                       expected=lambda: reuse(p, output_type))
 
     locate.__signature__ = inspect.signature(plan)  # type: ignore[attr-defined]
     return locate

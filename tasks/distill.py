@@ -9,17 +9,20 @@ from alignet_core.config import PipelineConfig
 from alignet_core.distill.stage import DistillOutput, distill_files, plan_distill, run_distill
 from alignet_core.io import store
 from alignet_core.pipeline.report import student_markdown
+from alignet_core.pipeline.runner import reuse
 from alignet_core.sample.stage import SampleOutput
-from tasks._cache import Located, StageCache
+from tasks._cache import RESULT_SERIALIZER, Located, StageCache
 
 
 def _locate(cfg: PipelineConfig, ds: SampleOutput | None) -> Located:
     """Stage 4's output: trained on `ds`, or on `distill.dataset` when set."""
     plan = plan_distill(cfg, distill_files(cfg, ds))
-    return Located(key=plan.key, dir=plan.dir, complete=store.is_complete(plan.dir))
+    return Located(key=plan.key, dir=plan.dir, complete=store.is_complete(plan.dir),
+                   expected=lambda: reuse(plan, DistillOutput))
 
 
-@task(name="distill", cache_policy=StageCache(locate=_locate), persist_result=True, retries=1, retry_delay_seconds=5)
+@task(name="distill", cache_policy=StageCache(locate=_locate),
+      persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
 def distill(cfg: PipelineConfig, ds: SampleOutput | None) -> DistillOutput:
     """Train the student with a progress artifact; publish its accuracy and loss curve. With several
     `distill.devices` the library starts torchrun's ranks as a child process and reports their steps here."""

@@ -8,11 +8,11 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from alignet_core.config import PipelineConfig
 from alignet_core.embed.stage import EmbedOutput, plan_embed, run_embed
 from alignet_core.pipeline.report import embed_rows
-from tasks._cache import StageCache, stage_output
+from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
 
 
-@task(name="embed", cache_policy=StageCache(locate=stage_output(plan_embed)), persist_result=True, retries=1,
-      retry_delay_seconds=5)
+@task(name="embed", cache_policy=StageCache(locate=stage_output(plan_embed, EmbedOutput)),
+      persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
 def embed(cfg: PipelineConfig) -> EmbedOutput:
     """Extract embeddings, reporting progress as a Prefect progress artifact."""
     artifact_id = create_progress_artifact(progress=0.0, key="embed-progress", description="images embedded")

@@ -9,11 +9,11 @@ from alignet_core.config import PipelineConfig
 from alignet_core.evaluate.stage import EvaluateOutput, plan_evaluate, run_evaluate
 from alignet_core.pipeline.runner import StageOutput
 from alignet_core.pipeline.report import alignment_markdown
-from tasks._cache import StageCache, stage_output
+from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
 
 
-@task(name="evaluate", cache_policy=StageCache(locate=stage_output(plan_evaluate)), persist_result=True, retries=1,
-      retry_delay_seconds=5)
+@task(name="evaluate", cache_policy=StageCache(locate=stage_output(plan_evaluate, EvaluateOutput)),
+      persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
 def evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> EvaluateOutput:
     out = run_evaluate(cfg, emb, tfm, student)
     create_markdown_artifact(key="alignment-levels", markdown=alignment_markdown(out),

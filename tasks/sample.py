@@ -18,11 +18,12 @@ from alignet_core.sample.stage import (
     promote_dataset,
     publish_complete,
     publish_sample,
+    reuse_sample,
     run_sample_shard,
     shard_done,
 )
 from alignet_core.transform.stage import TransformOutput
-from tasks._cache import Located, StageCache
+from tasks._cache import RESULT_SERIALIZER, Located, StageCache
 
 
 @task(name="plan-sampling", cache_policy=NO_CACHE)
@@ -32,20 +33,25 @@ def plan_sampling(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput)
 
 def _shard(sp: SamplingPlan, index: int) -> Located:
     """A shard: (stage key, shard number), complete when its file exists."""
-    return Located(key=f"{sp.plan.key}-{index}", dir=sp.plan.dir, complete=shard_done(sp, sp.specs[index]))
+    done = shard_done(sp, sp.specs[index])
+    return Located(key=f"{sp.plan.key}-{index}", dir=sp.plan.dir, complete=done,
+                   expected=lambda: run_sample_shard(sp, sp.specs[index]) if done else None)
 
 
-@task(name="sample-shard", cache_policy=StageCache(locate=_shard), persist_result=True, retries=2, retry_delay_seconds=2)
+@task(name="sample-shard", cache_policy=StageCache(locate=_shard),
+      persist_result=True, result_serializer=RESULT_SERIALIZER, retries=2, retry_delay_seconds=2)
 def sample_shard(sp: SamplingPlan, index: int) -> str:
     return run_sample_shard(sp, sp.specs[index])
 
 
 def _published(sp: SamplingPlan) -> Located:
     """The published version: complete when the stage's manifest and the dataset folder exist."""
-    return Located(key=sp.plan.key, dir=sp.plan.dir, complete=publish_complete(sp))
+    return Located(key=sp.plan.key, dir=sp.plan.dir, complete=publish_complete(sp),
+                   expected=lambda: reuse_sample(sp))
 
 
-@task(name="publish-dataset", cache_policy=StageCache(locate=_published), persist_result=True, retries=1)
+@task(name="publish-dataset", cache_policy=StageCache(locate=_published),
+      persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1)
 def publish(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
     out = publish_sample(cfg, sp)
     create_table_artifact(key="dataset-files", table=dataset_rows(out),

@@ -83,6 +83,27 @@ def is_inside(url: str, root: str) -> bool:
     return p_u == p_r or p_u.startswith(p_r.rstrip("/") + "/")
 
 
+def relative_to(url: str, base: str) -> str:
+    """`url` written relative to the folder `base` (both on one file system, `url` under `base`'s
+    root), e.g. `embeddings.zarr` or `../../embed/<key>/embeddings.zarr`: what a manifest stores so
+    that a moved root still finds its files."""
+    _, p_u = fsspec.core.split_protocol(url)
+    _, p_b = fsspec.core.split_protocol(base)
+    return posixpath.relpath(posixpath.normpath(p_u), posixpath.normpath(p_b))
+
+
+def resolve_relative(base: str, rel: str) -> str:
+    """The inverse of `relative_to`: `rel` joined to the folder `base`, '..' collapsed, the protocol kept."""
+    protocol, p_b = fsspec.core.split_protocol(base)
+    path = posixpath.normpath(posixpath.join(p_b, rel))
+    return f"{protocol}://{path}" if protocol else path
+
+
+def is_relative(path: str) -> bool:
+    """True for a relative path (no protocol, no leading '/')."""
+    return "://" not in path and not path.startswith("/")
+
+
 _TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{32}$")
 
 

@@ -61,6 +61,8 @@ class StageOutput(Record):
 
 Output = TypeVar("Output", bound=StageOutput)
 
+RELOCATABLE = "artifact_relative_to_stage_dir"  # manifest flag: `artifact` is relative to the stage directory
+
 
 def plan_stage(root: str, stage: str, config: Any, inputs: Sequence[str], module: str) -> StagePlan:
     """The plan of `stage` whose code is the module `module` (its `stage.py`, by dotted name):
@@ -73,23 +75,38 @@ def plan_stage(root: str, stage: str, config: Any, inputs: Sequence[str], module
 def finish(
     plan: StagePlan, output_type: type[Output], artifact: str, metrics: StageMetrics, config: Any, inputs: Sequence[str]
 ) -> Output:
-    """Write the stage's manifest (last: it marks the directory complete) and return its output."""
+    """Write the stage's manifest (last: it marks the directory complete) and return its output. The
+    manifest names the artifact relative to the stage directory, so a moved root reuses it."""
+    relocatable = store.is_inside(artifact, stage_root(plan))
+    stored = store.relative_to(artifact, plan.dir) if relocatable else artifact
+    if relocatable:  # the path a reuse resolves, so a first run and a reuse hand on the same output
+        artifact = store.resolve_relative(plan.dir, stored)
     out = output_type(stage=plan.stage, key=plan.key, dir=plan.dir, artifact=artifact, metrics=metrics)
     store.write_manifest(plan.dir, {"stage": plan.stage, "key": plan.key, "code_version": plan.code_version,
-                                    "config": config, "inputs": list(inputs), "artifact": artifact,
+                                    "config": config, "inputs": list(inputs), "artifact": stored,
+                                    RELOCATABLE: relocatable,
                                     "metrics": metrics.model_dump(mode="json")})
     return out
+
+
+def stage_root(plan: StagePlan) -> str:
+    """The artifact root a stage directory `<root>/stages/<stage>/<key>` lies in."""
+    return plan.dir.rstrip("/").rsplit("/", 3)[0]
 
 
 def reuse(plan: StagePlan, output_type: type[Output]) -> Output | None:
     """The output of a complete stage directory, or None. A manifest is trusted only when it names this
     stage and key and an artifact inside the artifact root (`StoreError` otherwise): a copied or edited
-    manifest can never point a run at files elsewhere."""
+    manifest can never point a run at files elsewhere. A relative artifact (what `finish` writes) is
+    resolved against the stage directory, so a moved root is reused as it is."""
     if not store.is_complete(plan.dir):
         return None
     m = store.read_manifest(plan.dir)
-    root = plan.dir.rstrip("/").rsplit("/", 3)[0]  # <root>/stages/<stage>/<key>
-    if m.get("stage") != plan.stage or m.get("key") != plan.key or not store.is_inside(m.get("artifact"), root):
+    root = stage_root(plan)
+    artifact = m.get("artifact")
+    if m.get(RELOCATABLE) and isinstance(artifact, str) and artifact and store.is_relative(artifact):
+        artifact = store.resolve_relative(plan.dir, artifact)
+    if m.get("stage") != plan.stage or m.get("key") != plan.key or not store.is_inside(artifact, root):
         raise StoreError(
             f"{store.join(plan.dir, store.MANIFEST)}: names stage {m.get('stage')!r}, key {m.get('key')!r} and "
             f"artifact {m.get('artifact')!r}; expected stage {plan.stage!r}, key {plan.key!r} and an artifact "
@@ -97,7 +114,7 @@ def reuse(plan: StagePlan, output_type: type[Output]) -> Output | None:
         )
     log.info("%s: reusing complete output %s", plan.stage, plan.dir)
     return output_type.model_validate({"stage": plan.stage, "key": plan.key, "dir": plan.dir,
-                                       "artifact": m["artifact"], "metrics": m["metrics"]})
+                                       "artifact": artifact, "metrics": m["metrics"]})
 
 
 def once(

@@ -120,6 +120,15 @@ def publish_complete(sp: SamplingPlan) -> bool:
     return store.is_complete(sp.plan.dir) and store.exists(store.join(sp.publish_url, sp.folder))
 
 
+def reuse_sample(sp: SamplingPlan) -> SampleOutput | None:
+    """The published output when the stage is complete and its dataset folder is there (else None);
+    its `publish_url` is this plan's, so a moved root hands on where the version is now."""
+    done = reuse(sp.plan, SampleOutput)
+    if done is None or not store.exists(done.artifact):
+        return None
+    return done.model_copy(update={"metrics": done.metrics.model_copy(update={"publish_url": sp.publish_url})})
+
+
 def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
     """Assemble finished shards into the official `.npz` files of a new dataset version
     (`<root>/datasets/<name>/<key>/<folder>/`), published by one atomic rename with a manifest
@@ -127,10 +136,10 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
 
     Holds the stage's writer lock; temporary dataset folders of an earlier, killed publication are
     removed first (they were never visible under the published name)."""
-    if (done := reuse(sp.plan, SampleOutput)) is not None and store.exists(done.artifact):
+    if (done := reuse_sample(sp)) is not None:
         return done
     with lock.stage_lock(sp.plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(sp.publish_url):
-        if (done := reuse(sp.plan, SampleOutput)) is not None and store.exists(done.artifact):
+        if (done := reuse_sample(sp)) is not None:
             return done
         store.remove_temporaries(sp.plan.dir)  # shards cut by a kill (every shard of this key is finished)
         store.remove_temporaries_of(sp.publish_url)  # a publication cut by a kill (never visible)
