@@ -10,6 +10,7 @@ the versions, replaced atomically. Everything goes through fsspec, so roots may 
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -22,6 +23,18 @@ from alignet_core.io import store
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+# a version id (and a dataset name) is one plain folder name: no '/', no leading '.', so never '..'
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def checked_name(value: object, what: str) -> str:
+    """`value` when it is one plain folder name; `InputError` naming `what` otherwise (a version or a
+    dataset name can never lead out of the dataset's folder)."""
+    if not isinstance(value, str) or not NAME.match(value):
+        shown = repr(value)[:80]
+        raise InputError(f"{what}: {shown} is not a plain folder name (letters, digits, '.', '_', '-'; "
+                         "no '/', no leading '.'); refusing a path outside the dataset's folder")
+    return value
 
 
 def datasets_dir(root: str) -> str:
@@ -72,23 +85,30 @@ def list_versions(root: str, name: str) -> list[dict[str, Any]]:
 
 def read_latest(root: str, name: str) -> str | None:
     """The version `latest` points at, or None when nothing was published yet."""
-    url = store.join(datasets_dir(root), name, LATEST)
+    url = store.join(datasets_dir(root), checked_name(name, "dataset name"), LATEST)
     if not store.exists(url):
         return None
-    return str(store.read_json(url)["version"])
+    try:
+        return checked_name(store.read_json(url).get("version"), f"{url}: version")
+    except (InputError, AttributeError) as err:
+        raise StoreError(f"{url!r} does not name a version of this dataset ({err}); "
+                         "point it at a published version or delete it") from None
 
 
 def set_latest(root: str, name: str, version: str) -> None:
     """Point `latest` at a published version (one atomic replace)."""
     url = version_dir(root, name, version)
-    if not store.is_complete(url):
+    if not (isinstance(version, str) and NAME.match(version)) or not store.is_complete(url):
         raise StoreError(f"{url!r} is not a published version (no manifest); `latest` left unchanged")
     store.write_json_atomic(store.join(datasets_dir(root), name, LATEST),
                             {"version": version, "path": url, "updated_at": now_utc()})
 
 
 def resolve(root: str, name: str, version: str = LATEST) -> str:
-    """A version id: `version` itself, or what `latest` points at. `InputError` if absent."""
+    """A version id: `version` itself, or what `latest` points at. `InputError` if absent or not a
+    plain version id (e.g. `../other`)."""
+    checked_name(name, "dataset name")
+    checked_name(version, "version")
     if version == LATEST:
         v = read_latest(root, name)
         if v is None:
@@ -115,8 +135,11 @@ def verify(root: str, name: str, version: str = LATEST) -> list[str]:
     m = manifest(root, name, version)
     problems = []
     for fname, info in sorted(m.get("files", {}).items()):
-        url = store.join(m["path"], info.get("path", fname))
-        if not store.exists(url):
+        rel = info.get("path", fname)
+        url = store.join(m["path"], rel) if isinstance(rel, str) else ""
+        if not (isinstance(rel, str) and store.is_relative(rel) and store.is_inside(url, m["path"])):
+            problems.append(f"{str(rel)[:200]}: points outside the version folder; not read")
+        elif not store.exists(url):
             problems.append(f"{info.get('path', fname)}: missing")
         elif store.file_sha256(url) != info["sha256"]:
             problems.append(f"{info.get('path', fname)}: sha256 differs from the manifest")

@@ -96,3 +96,39 @@ def test_datasets_cli_lists_shows_and_verifies(tmp_path, capsys):
     assert "FAILED uncertainty_distillation/valid_between_class.npz" in capsys.readouterr().out
     assert main(["datasets", "show", "nope", "--root", str(tmp_path)]) == 2
     assert "error: dataset 'nope' has no published version" in capsys.readouterr().err
+
+
+def test_latest_versions_and_manifest_entries_are_confined_to_the_dataset(tmp_path, capsys):
+    """A `latest` naming `../../../outside`, a `--version ../x` and a manifest entry naming a file
+    outside the version folder are refused; the outside file is never hashed (no `ok`)."""
+    root = tmp_path / "root"
+    _publish(root, "v1", 1)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "manifest.json").write_text(json.dumps({"files": {}, "complete": True}))
+    latest = root / "datasets/demo/latest"
+    latest.write_text(json.dumps({"version": "../../../outside"}))
+    with pytest.raises(StoreError, match="does not name a version of this dataset"):
+        versions.verify(str(root), "demo")
+    assert main(["datasets", "verify", "--root", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "ok:" not in err
+
+    versions.set_latest(str(root), "demo", "v1")
+    for bad in ("../../../outside", "/etc", ".hidden", "v1/../../x"):
+        with pytest.raises(InputError, match="version: .* not a plain folder name"):
+            versions.resolve(str(root), "demo", bad)
+        assert main(["datasets", "verify", "--version", bad, "--root", str(root)]) == 2
+        assert "not a plain folder name" in capsys.readouterr().err
+
+    m = json.loads((root / "datasets/demo/v1/manifest.json").read_text())
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of the dataset")
+    m["files"]["train_between_class.npz"]["path"] = "../../../../secret.txt"
+    m["files"]["valid_between_class.npz"]["path"] = str(secret)
+    (root / "datasets/demo/v1/manifest.json").write_text(json.dumps(m))
+    problems = versions.verify(str(root), "demo")
+    assert problems == ["../../../../secret.txt: points outside the version folder; not read",
+                        f"{secret}: points outside the version folder; not read"]
+    assert main(["datasets", "verify", "--root", str(root)]) == 1
+    assert "ok:" not in capsys.readouterr().out
