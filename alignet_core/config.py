@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from alignet_core.errors import ConfigError
+from alignet_core.io.limits import MAX_CONFIG_BYTES, load_yaml, short
 
 Device = Literal["auto", "cpu", "cuda"]
 SamplingStrategy = Literal[
@@ -402,6 +403,9 @@ def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+MAX_PROBLEMS = 5  # problems one config error lists (a file of thousands of bad fields stays one short line)
+
+
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -413,9 +417,10 @@ def _describe(err: ValidationError) -> str:
             lines.append(f"{where}: unknown field{hint}; expected one of {allowed}")
             continue
         got = e.get("input")
-        got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+        got_s = "" if isinstance(got, dict) else f" (got {short(got)})"
         lines.append(f"{where}: {e['msg']}{got_s}")
-    return "; ".join(lines)
+    more = f"; and {len(lines) - MAX_PROBLEMS} more problem(s)" if len(lines) > MAX_PROBLEMS else ""
+    return "; ".join(lines[:MAX_PROBLEMS]) + more
 
 
 def parse_config(data: dict[str, Any] | None) -> PipelineConfig:
@@ -435,8 +440,11 @@ def load_config(path: str | Path) -> PipelineConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(p)!r}: {p.stat().st_size} bytes, more than the {MAX_CONFIG_BYTES} "
+                          "a config may have")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = load_yaml(p.read_text(), f"config file {str(p)!r}")
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from alignet_core.errors import ConfigError
+from alignet_core.io.limits import load_yaml
+
 
 def _setup_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -29,7 +32,10 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise SystemExit(f"error: --set expects key=value (e.g. cluster.k=20), got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = load_yaml(value, f"--set {key.strip()}")
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key.strip()}: not a YAML value ({str(err).splitlines()[0]})") from None
     return out
 
 
@@ -123,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         from alignet_core.io.sources import demo_data_dir
 
         args.config = str(demo_data_dir() / "demo.yaml")
-    overrides = _parse_overrides(args.set)
-    if args.root:
-        overrides["root"] = str(Path(args.root).resolve()) if "://" not in args.root else args.root
     try:
+        overrides = _parse_overrides(args.set)
+        if args.root:
+            overrides["root"] = str(Path(args.root).resolve()) if "://" not in args.root else args.root
         resolve_config(args.config, overrides)
         if args.command == "validate":
             print(f"config ok: {args.config or '(demo defaults)'}")

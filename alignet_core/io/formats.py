@@ -26,7 +26,7 @@ import fsspec
 import numpy as np
 
 from alignet_core.errors import InputError
-from alignet_core.io import store
+from alignet_core.io import limits, store
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def read_things_triplets(url: str, n_objects: int | None = None) -> np.ndarray:
     try:
         with fsspec.open(url, "rb") as f:
             if url.endswith(".npy"):
+                limits.check_npy(f, url)
                 arr = np.load(f, allow_pickle=False)
             else:
                 text = f.read().decode()
@@ -174,6 +175,7 @@ def read_alignet_npz(url: str, n_images: int | None = None) -> AlignetTriplets:
     """
     try:
         with fsspec.open(url, "rb") as f:
+            limits.check_npz(f, url)
             z = np.load(f, allow_pickle=False)
             missing = [k for k in ALIGNET_KEYS if k not in z.files]
             if missing:

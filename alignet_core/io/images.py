@@ -18,26 +18,44 @@ import PIL.Image
 import PIL.ImageOps
 
 from alignet_core.errors import InputError
+from alignet_core.io import limits
 from alignet_core.io.sources import TAR_PREFIX, read_tar_member
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- decoding
+def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grey image (h, w) → uint8 (h, w), 256 rows at a time, so the
+    only full-size copy is the uint8 result (a 16-bit PNG never goes through a float64 image).
+
+    16-bit values (and 32-bit integers above 255) map 0..65535 to 0..255 by round(v / 257), computed
+    exactly in integers as (v + 128) // 257; floats in [0, 1] scale by 255, other floats are clipped."""
+    if mode == "F":
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
+    elif mode == "I" and a.size and a.max() <= 255:
+        scale = None  # 8-bit values stored as 32-bit ints
+    else:
+        scale = 0.0  # the 16-bit range
+    out = np.empty(a.shape, np.uint8)
+    for r in range(0, a.shape[0], 256):
+        block = a[r:r + 256]
+        if scale is None:
+            out[r:r + 256] = np.clip(block, 0, 255)
+        elif scale == 0.0:
+            out[r:r + 256] = np.clip((block.astype(np.int64) + 128) // 257, 0, 255)
+        else:
+            out[r:r + 256] = np.clip(np.rint(block.astype(np.float64) * scale), 0, 255)
+    return out
+
+
 def _to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     """Any PIL mode → 8-bit RGB; transparency is composited on white."""
     mode = img.mode
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        if mode == "F":
-            a = a * 255.0 if a.size and a.max() <= 1.0 else a
-        elif mode == "I" and a.size and a.max() <= 255:
-            pass  # 8-bit values stored as 32-bit ints
-        else:
-            a = a / 257.0  # 16-bit range → 8-bit
-        return PIL.Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+        return PIL.Image.fromarray(_to_uint8(np.asarray(img), mode), "L").convert("RGB")
     if mode == "P" or mode == "PA":
         img = img.convert("RGBA")
         mode = "RGBA"
@@ -57,8 +75,11 @@ def read_image_bytes(path: str) -> bytes:
         if path.startswith(TAR_PREFIX):
             data = read_tar_member(path)
         else:
-            with fsspec.open(path, "rb") as f:
-                data = f.read()
+            fs, fpath = fsspec.core.url_to_fs(path)
+            limits.check_image_size(fs.size(fpath), path)
+            with fs.open(fpath, "rb") as f:
+                data = f.read(limits.MAX_IMAGE_BYTES + 1)
+                limits.check_image_size(len(data), path)
     except FileNotFoundError:
         raise InputError(f"{path}: image file does not exist") from None
     except OSError as err:

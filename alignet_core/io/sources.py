@@ -29,6 +29,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from alignet_core.errors import InputError
+from alignet_core.io import limits
 
 if TYPE_CHECKING:
     from alignet_core.config import SourceConfig
@@ -236,6 +237,7 @@ def read_tar_member(url: str) -> bytes:
     info = _tar_index(shard).get(member)
     if info is None:
         raise InputError(f"{url}: image file does not exist (no member {member!r} in tar shard {shard!r})")
+    limits.check_image_size(info.size, url)
     with fsspec.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
         member_file = tf.extractfile(info)
         return member_file.read() if member_file is not None else b""

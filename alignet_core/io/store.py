@@ -31,6 +31,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from alignet_core.errors import InputError, StoreError
+from alignet_core.io import limits
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ def read_npy(url: str, what: str) -> np.ndarray:
     """Load a `.npy` array without pickles; `InputError` naming `what` and the file otherwise."""
     try:
         with fsspec.open(url, "rb") as f:
+            limits.check_npy(f, url)
             return np.load(f, allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"{what} file {url!r} does not exist") from None

@@ -236,3 +236,37 @@ def test_evaluate_alone_on_a_checkpoint_and_a_set_the_pipeline_did_not_make(harn
     assert mine["n"] == 150 and mine["unit"] == "triplets" and mine["low"] <= mine["value"] <= mine["high"]
     assert set(m["uncertainty"]["student_aligned"]) == {"human", "mine"}
     assert (root / "stages" / "evaluate").glob("*/sets/mine.txt")
+
+
+def _stage_files(root: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under `root/stages` (but the cache generation files): mtime and, for manifests, bytes."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.name == "manifest.json" else b"")
+            for p in sorted((root / "stages").rglob("*")) if p.is_file() and p.name != "cache-generation.json"}
+
+
+def test_a_moved_root_and_a_relative_root_reuse_every_stage(harness, tmp_path, monkeypatch):
+    """`mv a b` and a run on b (given as a relative root), then b moved again and run from another
+    working directory: every stage is reused from its manifest (no file under stages/ rewritten, no
+    new file), nothing handed on names the old place, and the next run is all cache hits."""
+    import shutil
+
+    summary, _ = _run(tiny(tmp_path / "a"))
+    before = _stage_files(tmp_path / "a")
+    digest = _digest(summary["dataset"])
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    for where, cwd in (("b", tmp_path), ("b", tmp_path / "x")):
+        if cwd != tmp_path:
+            cwd.mkdir()
+            shutil.move(tmp_path / "b", cwd / "b")
+            monkeypatch.chdir(cwd)
+        moved, run_id = _run(tiny(Path(where)))
+        states = _task_states(run_id)
+        for name in STAGE_TASKS:
+            assert states[name] == {"Completed"}, (name, states[name])  # a new place: no record of the old one
+        assert _stage_files(cwd / "b") == before  # ... and every stage reused, nothing recomputed
+        assert Path(moved["dataset"]).resolve().is_relative_to(cwd / "b") and _digest(moved["dataset"]) == digest
+        assert str(tmp_path / "a") not in json.dumps(moved)
+        assert versions.verify(where, "demo") == []
+    again, run_id = _run(tiny(Path("b")))
+    assert all(_task_states(run_id)[name] == {"Cached"} for name in STAGE_TASKS)

@@ -1,0 +1,221 @@
+"""Small files that would cost gigabytes are refused in bounded memory with a one-line error.
+
+Each case runs in a child process under `RLIMIT_AS` (so an unbounded read fails as a MemoryError
+instead of swapping the machine) and reports its peak resident memory (`ru_maxrss` from `wait4`);
+the assertions are on that peak and on the one line the reader prints."""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import textwrap
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+AS_LIMIT = 3 << 30  # address space of a reader child: the unbounded reads needed 1.5 to 2.2 GB of data more
+CLI_AS_LIMIT = 12 << 30  # the CLI imports torch, which reserves several GB of address space it never touches
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _child(code: str, *args: str, as_limit: int = AS_LIMIT) -> tuple[int, str, int]:
+    """(exit status, stderr+stdout, peak RSS in MiB) of `python -c code args` under `as_limit`."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (as_limit, as_limit))
+
+    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], cwd=REPO, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=limit)
+    out = p.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return p.returncode, out, usage.ru_maxrss // 1024
+
+
+READ = """
+import resource, sys
+from alignet_core.errors import AlignetError
+from alignet_core.io import formats, images, sources
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+try:
+    {call}
+except AlignetError as err:
+    print(f"error: {{err}}")
+    print(f"before={{before}}")
+    sys.exit(2)
+print("accepted")
+"""
+
+
+def _read(call: str, path: Path) -> tuple[int, str, int, int]:
+    code, out, peak = _child(READ.format(call=call), str(path))
+    lines = out.strip().splitlines()
+    before = int(lines[-1].split("=")[1]) if lines and lines[-1].startswith("before=") else 0
+    return code, "\n".join(lines[:-1]), peak, before
+
+
+def _cli(*args: str) -> tuple[int, str, int]:
+    return _child("import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))", *args,
+                  as_limit=CLI_AS_LIMIT)
+
+
+BOMB = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+seed: *i
+"""
+
+
+CLI_CASES = """
+import contextlib, io, json, sys
+from flows.cli import main
+out = {}
+for case, args in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
+        try:
+            code = main(args)
+        except BaseException as e:  # a traceback is a failure the test reports
+            code, _ = 1, err.write(f"{type(e).__name__}: {str(e)[:500]}")
+    out[case] = [code, err.getvalue()[-3000:]]
+print(json.dumps(out))
+"""
+
+
+def test_config_bombs_are_one_line_errors_in_bounded_memory(tmp_path):
+    """The 471-byte alias bomb gave a 522-million-character message; 20,000 `[` a RecursionError
+    traceback. Now each is exit 2 and one short line naming the problem, all in one small peak (one
+    child process runs the CLI on every case)."""
+    import json
+
+    files = {"alias-bomb": BOMB, "deep-nesting": "seed: " + "[" * 20000 + "]" * 20000 + "\n",
+             "deep-override": "seed: 1\n", "huge-file": "# padding\n" * 200_000 + "seed: 1\n"}
+    assert len(BOMB) < 500
+    cases = {}
+    for case, text in files.items():
+        (tmp_path / f"{case}.yaml").write_text(text)
+        cases[case] = ["validate", "-c", str(tmp_path / f"{case}.yaml")]
+    cases["deep-override"] += ["--set", "seed=" + "[" * 20000]
+    code, out, peak = _child(CLI_CASES, json.dumps(cases), as_limit=CLI_AS_LIMIT)
+    assert code == 0, out[-3000:]
+    results = json.loads(out.strip().splitlines()[-1])
+    expected = {"alias-bomb": "seed", "deep-nesting": "nested deeper than 64", "deep-override": "--set seed",
+                "huge-file": "more than the 1048576"}
+    for case, (status, text) in results.items():
+        lines = text.strip().splitlines()
+        assert status == 2, (case, text)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) < 1500, (case, text[:2000])
+        assert expected[case] in lines[0], (case, lines[0])
+    assert peak < 1000, peak  # torch, timm and Prefect imported: ~0.6 GB; the bomb's message alone was 1.5 GB
+
+
+def _npz_claiming(path: Path, rows: int) -> None:
+    """A real AligNet .npz whose 'indices' header claims `rows` rows (the data holds 4)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros((4, 3), np.int64))
+    header = buf.getvalue().replace(b"(4, 3)", f"({rows}, 3)".encode())
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("indices.npy", header)
+        for key, arr in (("filenames", np.array([["a", "b", "c"]] * 4)), ("similarities", np.zeros((4, 3), np.float32))):
+            b = io.BytesIO()
+            np.lib.format.write_array(b, arr)
+            zf.writestr(f"{key}.npy", b.getvalue())
+
+
+def test_npz_header_claiming_2_to_40_rows_is_refused(tmp_path):
+    f = tmp_path / "liar.npz"
+    _npz_claiming(f, 2**40)
+    assert f.stat().st_size < 1500
+    code, out, peak, before = _read("formats.read_alignet_npz(sys.argv[1])", f)
+    assert code == 2 and "declares" in out and "(1099511627776, 3)" in out and "MemoryError" not in out, out
+    assert len(out.splitlines()) == 1 and peak - before < 100, (peak, before)
+
+
+def test_npy_header_claiming_more_than_the_file_is_refused(tmp_path):
+    f = tmp_path / "triplets.npy"
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros((4, 3), np.int64))
+    f.write_bytes(buf.getvalue().replace(b"(4, 3)", b"(1099511627776, 3)"))
+    code, out, peak, before = _read("formats.read_things_triplets(sys.argv[1])", f)
+    assert code == 2 and "declares an array of shape (1099511627776, 3)" in out and peak - before < 100, out
+
+
+def test_deflate_bomb_is_refused_before_inflating(tmp_path):
+    """1.5 MB that inflates to 1.5 GB of float32 similarities (an honest header): refused from the
+    zip directory, not misreported as 'holds Python objects'."""
+    f = tmp_path / "bomb.npz"
+    n = (1536 << 20) // 12
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key, arr in (("indices", np.zeros((4, 3), np.int64)), ("filenames", np.array([["a", "b", "c"]] * 4))):
+            b = io.BytesIO()
+            np.lib.format.write_array(b, arr)
+            zf.writestr(f"{key}.npy", b.getvalue())
+        with zf.open("similarities.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": (n, 3)})
+            zeros = bytes(1 << 24)
+            for _ in range((n * 12) // len(zeros)):
+                member.write(zeros)
+            member.write(bytes(n * 12 - ((n * 12) // len(zeros)) * len(zeros)))
+    assert f.stat().st_size < 3 << 20
+    code, out, peak, before = _read("formats.read_alignet_npz(sys.argv[1])", f)
+    assert code == 2 and "compression bomb" in out and "Python objects" not in out, out
+    assert peak - before < 100, (peak, before)
+
+
+def _sparse(path: Path, size: int, head: bytes = b"") -> None:
+    with open(path, "wb") as fh:
+        fh.write(head)
+        fh.truncate(size)  # the rest is a hole: no disk used
+
+
+def test_oversized_tar_member_and_image_file_are_refused_before_reading(tmp_path):
+    big = (256 << 20) + 1
+    shard = tmp_path / "shard.tar"
+    info = tarfile.TarInfo("0001.png")
+    info.size = big
+    header = info.tobuf(format=tarfile.USTAR_FORMAT)
+    _sparse(shard, len(header) + ((big + 511) // 512) * 512 + 1024, header)  # zero blocks end the archive
+    code, out, peak, before = _read("images.load_image(sources.tar_member_url(sys.argv[1], '0001.png'))", shard)
+    assert code == 2 and "image file too large (268435457 bytes" in out and peak - before < 100, (out, peak, before)
+    png = tmp_path / "huge.png"
+    _sparse(png, big, b"\x89PNG\r\n\x1a\n")
+    code, out, peak, before = _read("images.load_image(sys.argv[1])", png)
+    assert code == 2 and "image file too large" in out and peak - before < 100, (out, peak, before)
+
+
+def test_16_bit_png_decodes_without_a_float64_image(tmp_path):
+    """36 Mpx of 16-bit grey: a float64 copy alone is 288 MB; the peak stays well under it and the
+    pixels are round(v / 257)."""
+    h = w = 6000
+    a = (np.arange(w, dtype=np.uint32) * 65535 // (w - 1)).astype(np.uint16)[None, :].repeat(h, 0)
+    path = tmp_path / "deep.png"
+    PIL.Image.fromarray(a).save(path)
+    assert path.stat().st_size < 2 << 20
+    code, out, peak = _child("""
+        import resource, sys
+        import numpy as np
+        from alignet_core.io import images
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        img = np.asarray(images.load_image(sys.argv[1]))
+        row = img[0, :, 0]
+        ok = img.shape == (6000, 6000, 3) and bool((row == (np.arange(6000) * 65535 // 5999 + 128) // 257).all())
+        print(before, ok)
+    """, str(path))
+    before, ok = out.split()[-2:]
+    assert code == 0 and ok == "True", out
+    assert peak - int(before) < 280, (peak, before)  # 16-bit image 72 + its copy 72 + uint8 36 + RGB 108 MB
