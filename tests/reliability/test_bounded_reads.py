@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 AS_LIMIT = 3 << 30  # address space of a reader child: the unbounded reads needed 1.5 to 2.2 GB of data more
