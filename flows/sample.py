@@ -49,7 +49,7 @@ def sample_triplets(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutpu
     dataset version and make it `latest`."""
     sp = plan_sampling(cfg, tfm, clu)
     shards = submit_shards(sp)
-    return promote(cfg, publish(cfg, sp, wait_for=shards))
+    return promote(cfg, publish(cfg, sp, wait_for=shards), sp)
 
 
 def sample_on_dask(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput) -> SampleOutput:

@@ -18,6 +18,7 @@ from alignet_core.sample.stage import (
     promote_dataset,
     publish_complete,
     publish_sample,
+    reserve_version,
     reuse_sample,
     run_sample_shard,
     shard_done,
@@ -28,7 +29,8 @@ from tasks._cache import RESULT_SERIALIZER, Located, StageCache
 
 @task(name="plan-sampling", cache_policy=NO_CACHE)
 def plan_sampling(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput) -> SamplingPlan:
-    return plan_sample(cfg, tfm, clu)
+    """Plan the shards and pin the version this run will promote (no other run's retention deletes it)."""
+    return reserve_version(cfg, plan_sample(cfg, tfm, clu))
 
 
 def _shard(sp: SamplingPlan, index: int) -> Located:
@@ -60,9 +62,10 @@ def publish(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
 
 
 @task(name="promote-dataset", cache_policy=NO_CACHE)
-def promote(cfg: PipelineConfig, ds: SampleOutput) -> SampleOutput:
-    """Make this run's version `latest` (even when it was a cache hit) and apply retention."""
-    info = promote_dataset(cfg, ds)
+def promote(cfg: PipelineConfig, ds: SampleOutput, sp: SamplingPlan) -> SampleOutput:
+    """Make this run's version `latest` (even when it was a cache hit) and apply retention, under the
+    dataset's lock, releasing the version's pin."""
+    info = promote_dataset(cfg, ds, sp.pin)
     link = ds.artifact if "://" in ds.artifact else f"file://{ds.artifact}"
     removed = f"; retention removed {info.removed}" if info.removed else ""
     create_link_artifact(key="dataset-location", link=link, link_text=ds.artifact,

@@ -66,6 +66,7 @@ class SamplingPlan(Record):
     publish_url: str  # the version directory <root>/datasets/<name>/<key>
     folder: str  # the official transform folder inside it, where the .npz files are
     inputs: list[str]
+    pin: str | None = None  # this run's pin on the version (`reserve_version`), released by promotion
 
 
 class Promotion(Record):
@@ -164,11 +165,17 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
                       {"sample": cfg.sample.model_dump()}, sp.inputs)
 
 
-def promote_dataset(cfg: PipelineConfig, ds: SampleOutput) -> Promotion:
-    """Point the dataset's `latest` at the version `ds` published (or reused), then apply `keep_versions`."""
+def reserve_version(cfg: PipelineConfig, sp: SamplingPlan) -> SamplingPlan:
+    """`sp` holding a pin on the version it will publish or reuse: no other run's retention deletes
+    that version before this run's `promote_dataset` (which drops the pin)."""
+    return sp.model_copy(update={"pin": versions.pin(cfg.root, cfg.dataset_name, sp.plan.key)})
+
+
+def promote_dataset(cfg: PipelineConfig, ds: SampleOutput, pin: str | None = None) -> Promotion:
+    """Point the dataset's `latest` at the version `ds` published (or reused), then apply `keep_versions`,
+    both under the dataset's lock; `pin` (from `reserve_version`) is released there."""
     version = ds.key  # a version is named by the sampling stage's content key
-    versions.set_latest(cfg.root, cfg.dataset_name, version)
-    removed = versions.apply_retention(cfg.root, cfg.dataset_name, cfg.keep_versions)
+    removed = versions.promote(cfg.root, cfg.dataset_name, version, cfg.keep_versions, pin, cfg.lock_timeout)
     log.info("dataset %s: latest is %s%s", cfg.dataset_name, version, f"; removed {removed}" if removed else "")
     return Promotion(version=version, path=versions.version_dir(cfg.root, cfg.dataset_name, version), removed=removed)
 

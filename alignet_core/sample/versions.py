@@ -9,8 +9,10 @@ the versions, replaced atomically. Everything goes through fsspec, so roots may 
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -18,11 +20,13 @@ from typing import Any
 import fsspec
 
 from alignet_core.errors import InputError, StoreError
-from alignet_core.io import store
+from alignet_core.io import lock, store
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+PINS = ".pins"  # <root>/datasets/<name>/.pins/<version>.<id>: a run will promote that version
+PIN_TTL_SECONDS = 7 * 24 * 3600  # a pin older than this (its run was killed) no longer holds retention off
 # a version id (and a dataset name) is one plain folder name: no '/', no leading '.', so never '..'
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -148,14 +152,16 @@ def verify(root: str, name: str, version: str = LATEST) -> list[str]:
 
 def apply_retention(root: str, name: str, keep: int | None) -> list[str]:
     """Delete the oldest versions beyond the newest `keep` (None: keep all); the version `latest`
-    points at is never deleted. A version disappears by one rename before its files are removed,
+    points at, and versions another run has pinned (`pin`), are never deleted. Call it under
+    `dataset_lock` (`promote` does). A version disappears by one rename before its files are removed,
     so readers see it whole or not at all. Returns the deleted version ids."""
     if keep is None:
         return []
     if keep < 1:
         raise InputError(f"keep_versions: expected at least 1, got {keep}")
     versions = list_versions(root, name)
-    doomed = [r for r in versions[: max(0, len(versions) - keep)] if not r["latest"]]
+    pinned = _pinned(root, name)
+    doomed = [r for r in versions[: max(0, len(versions) - keep)] if not r["latest"] and r["version"] not in pinned]
     fs, _ = fsspec.core.url_to_fs(root)
     removed = []
     for r in doomed:
@@ -166,3 +172,48 @@ def apply_retention(root: str, name: str, keep: int | None) -> list[str]:
         removed.append(r["version"])
         log.info("retention: removed version %s of dataset %s", r["version"], name)
     return removed
+
+
+def dataset_lock(root: str, name: str, timeout: float | None = None):  # noqa: ANN201 - a context manager
+    """The lock of a dataset's `latest` and retention: `<root>/datasets/<name>.lock` (see `io.lock`)."""
+    return lock.stage_lock(store.join(datasets_dir(root), checked_name(name, "dataset name")), timeout)
+
+
+def pin(root: str, name: str, version: str) -> str:
+    """Keep `version` from retention until `unpin`: a run pins the version it is about to publish or
+    reuse (when it plans sampling) and unpins it once it is `latest`. Returns the pin's id."""
+    pin_id = f"{checked_name(version, 'version')}.{uuid.uuid4().hex}"
+    with dataset_lock(root, name):
+        store.write_json_atomic(store.join(datasets_dir(root), name, PINS, pin_id), {"pinned_at": time.time()})
+    return pin_id
+
+
+def _pinned(root: str, name: str) -> set[str]:
+    """Versions some run has pinned (pins older than `PIN_TTL_SECONDS` ignored)."""
+    url = store.join(datasets_dir(root), name, PINS)
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return set()
+    out = set()
+    for p in fs.ls(path, detail=False):
+        base = p.rstrip("/").rsplit("/", 1)[-1]
+        if ".tmp-" in base:
+            continue
+        try:
+            fresh = time.time() - json.loads(fs.cat_file(p))["pinned_at"] < PIN_TTL_SECONDS
+        except (ValueError, KeyError, TypeError, OSError):
+            fresh = False
+        if fresh:
+            out.add(base.rsplit(".", 1)[0])
+    return out
+
+
+def promote(root: str, name: str, version: str, keep: int | None, pin_id: str | None = None,
+            timeout: float | None = None) -> list[str]:
+    """Under the dataset's lock: point `latest` at `version`, drop this run's pin, apply retention
+    (which never deletes a version another run has pinned). Returns the deleted version ids."""
+    with dataset_lock(root, name, timeout):
+        set_latest(root, name, version)
+        if pin_id is not None:
+            store.remove(store.join(datasets_dir(root), name, PINS, checked_name(pin_id, "pin")))
+        return apply_retention(root, name, keep)

@@ -132,3 +132,51 @@ def test_latest_versions_and_manifest_entries_are_confined_to_the_dataset(tmp_pa
                         f"{secret}: points outside the version folder; not read"]
     assert main(["datasets", "verify", "--root", str(root)]) == 1
     assert "ok:" not in capsys.readouterr().out
+
+
+def test_retention_never_deletes_a_version_another_run_is_promoting(tmp_path):
+    """The issue's interleaving, step by step: run A plans (pins) and publishes v1; run B publishes v2
+    and promotes it with keep_versions 1; A's v1 survives B's retention and A's promotion succeeds."""
+    root = str(tmp_path)
+    pin_a = versions.pin(root, "demo", "v1")
+    _publish(tmp_path, "v1", 1)
+    pin_b = versions.pin(root, "demo", "v2")
+    _publish(tmp_path, "v2", 2)
+    assert versions.promote(root, "demo", "v2", 1, pin_b) == []  # v1 is pinned by A
+    assert versions.promote(root, "demo", "v1", 1, pin_a) == []  # v2 is the newest: kept
+    assert versions.read_latest(root, "demo") == "v1"
+    assert not list((tmp_path / "datasets/demo/.pins").iterdir())
+    assert versions.promote(root, "demo", "v2", 1) == ["v1"]  # no pin left: retention works again
+    with pytest.raises(InputError, match="not a plain folder name"):
+        versions.pin(root, "demo", "../v3")
+
+
+RACER = """
+import sys
+from tests.core.test_versions import _publish
+from alignet_core.sample import versions
+from pathlib import Path
+root, who = Path(sys.argv[1]), sys.argv[2]
+for i in range(6):
+    v = f"{who}{i}"
+    p = versions.pin(str(root), "demo", v)
+    _publish(root, v, i % 3 + 1)
+    versions.promote(str(root), "demo", v, 1, p)
+"""
+
+
+def test_two_publishers_racing_with_keep_versions_1_never_fail(tmp_path):
+    """Two processes publish and promote six versions each on one dataset name with keep_versions 1:
+    promotion and retention are serialized by the dataset lock and pins, so neither fails and what is
+    left is `latest` (intact) plus at most the other run's newest version."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), who], cwd=repo,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for who in ("a", "b")]
+    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    left = versions.list_versions(str(tmp_path), "demo")
+    assert 1 <= len(left) <= 2 and sum(r["latest"] for r in left) == 1
+    assert versions.verify(str(tmp_path), "demo") == []
