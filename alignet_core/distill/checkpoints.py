@@ -22,6 +22,7 @@ from torch import nn
 
 from alignet_core.config import DistillConfig
 from alignet_core.errors import StoreError
+from alignet_core.io import store
 from alignet_core.io.formats import AlignetTriplets
 
 STUDENT_FILE = "student.safetensors"
@@ -114,7 +115,9 @@ def save_checkpoint(
     final = os.path.join(ckpt_dir, f"step_{step:08d}")
     if os.path.exists(final):
         shutil.rmtree(final)
+    store.fsync_tree(tmp)
     os.rename(tmp, final)
+    store.fsync_dir(ckpt_dir)
     for s, path in list_checkpoints(ckpt_dir):
         if s != step:
             shutil.rmtree(path, ignore_errors=True)
@@ -175,9 +178,12 @@ def write_json_atomic(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    store.fsync_dir(os.path.dirname(path) or ".")
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+    store.fsync_tree(tmp)
     os.replace(tmp, path)
+    store.fsync_dir(os.path.dirname(path) or ".")

@@ -151,7 +151,7 @@ def write_alignet_npz(url: str, indices: np.ndarray, filenames: np.ndarray, simi
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with fs.open(tmp, "wb") as f:
         savez_reproducible(f, {"indices": indices, "filenames": filenames, "similarities": similarities})
-    fs.mv(tmp, path)
+    store.replace_durably(fs, tmp, path)
 
 
 def savez_reproducible(fileobj: "typing.BinaryIO", arrays: dict[str, np.ndarray]) -> None:

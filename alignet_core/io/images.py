@@ -12,13 +12,12 @@ import io
 import logging
 import warnings
 
-import fsspec
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
 from alignet_core.errors import InputError
-from alignet_core.io import limits
+from alignet_core.io import limits, store
 from alignet_core.io.sources import TAR_PREFIX, read_tar_member
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ def read_image_bytes(path: str) -> bytes:
         if path.startswith(TAR_PREFIX):
             data = read_tar_member(path)
         else:
-            fs, fpath = fsspec.core.url_to_fs(path)
+            fs, fpath = store.url_to_fs(path)
             limits.check_image_size(fs.size(fpath), path)
             with fs.open(fpath, "rb") as f:
                 data = f.read(limits.MAX_IMAGE_BYTES + 1)

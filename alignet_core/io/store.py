@@ -39,9 +39,16 @@ MANIFEST = "manifest.json"
 
 
 # ----------------------------------------------------------------------------- paths
-def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(file system, path) of a path or fsspec URL. A path without '://' is a local path taken
+    literally: a '::' in a file name is part of the name, not fsspec's URL chaining."""
+    if "://" not in url:
+        fs = LocalFileSystem()
+        return fs, fs._strip_protocol(url)
+    return fsspec.core.url_to_fs(url)
+
+
+_fs = url_to_fs
 
 
 def join(base: str, *parts: str) -> str:
@@ -162,6 +169,43 @@ def stage_dir(root: str, stage: str, key: str) -> str:
     return join(root, "stages", stage, key)
 
 
+# ----------------------------------------------------------------------------- durability
+def fsync_dir(path: str) -> None:
+    """Flush a local directory's entries (names created or renamed in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    """Flush a local file, or every file and folder under a local folder, to disk: called before the
+    rename that publishes them, so after a power loss a manifest never outlives its data."""
+    if not os.path.isdir(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fsync_tree(os.path.join(folder, name))
+        fsync_dir(folder)
+
+
+def replace_durably(fs: fsspec.AbstractFileSystem, tmp: str, path: str) -> None:
+    """Rename the written temporary `tmp` to `path`. Locally the data is flushed to disk before the
+    rename and the rename after it (`fsync_tree`, `fsync_dir`); object stores replace whole objects."""
+    if isinstance(fs, LocalFileSystem):
+        fsync_tree(tmp)
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path) or ".")
+    else:
+        fs.mv(tmp, path)
+
+
 # ----------------------------------------------------------------------------- json + manifests
 def write_json_atomic(url: str, obj: Any) -> None:
     """Write JSON so that readers see the old file or the whole new one, never a part."""
@@ -176,6 +220,7 @@ def write_json_atomic(url: str, obj: Any) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            fsync_dir(os.path.dirname(path) or ".")
         except BaseException:
             _discard(fs, tmp)
             raise
@@ -194,7 +239,7 @@ def write_bytes_atomic(url: str, payload: bytes) -> None:
     try:
         with fs.open(tmp, "wb") as f:
             f.write(payload)
-        fs.mv(tmp, path)
+        replace_durably(fs, tmp, path)
     except BaseException:  # a full disk or an interrupt: leave no temporary file behind
         _discard(fs, tmp)
         raise
@@ -308,7 +353,9 @@ def publish_dir(tmp_url: str, final_url: str) -> None:
         raise StoreError(f"{final_url!r} already exists; refusing to overwrite a published artifact")
     fs.makedirs(os.path.dirname(final), exist_ok=True)
     if isinstance(fs, LocalFileSystem):
+        fsync_tree(tmp)  # every file and folder on disk before the rename publishes them
         os.rename(tmp, final)
+        fsync_dir(os.path.dirname(final))
     else:
         fs.mv(tmp, final, recursive=True)
 

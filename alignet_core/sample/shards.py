@@ -103,7 +103,7 @@ def _write_npz_atomic(url: str, **arrays: np.ndarray) -> None:
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with fs.open(tmp, "wb") as f:
         savez_reproducible(f, arrays)
-    fs.mv(tmp, path)
+    store.replace_durably(fs, tmp, path)
 
 
 def run_shard(spec: ShardSpec, groups_url: str, store_url: str, out_dir: str) -> str:

@@ -326,3 +326,12 @@ def test_broken_files_raise_input_error_naming_the_file(tmp_path: Path, make, re
 def test_missing_file_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         load_image(str(tmp_path / "gone.png"))
+
+
+def test_a_local_file_name_with_double_colons_is_read(tmp_path: Path) -> None:
+    """`a::b.png` is a file name, not fsspec's URL chaining (which made it a missing file `a`)."""
+    (tmp_path / "c0").mkdir()
+    PIL.Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "c0" / "a::b.png")
+    src = folder_source(str(tmp_path))
+    assert src.ids().tolist() == ["c0/a::b.png"]
+    assert np.asarray(load_image(src.paths()[0]))[0, 0].tolist() == [255, 0, 0]

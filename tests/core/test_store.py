@@ -71,3 +71,34 @@ def test_embedding_store_raw_or_compressed(tmp_path):
         np.testing.assert_array_equal(embedding_store.open_embeddings(url)["embeddings"][:], x)
         sizes[compressed] = sum(f.stat().st_size for f in (tmp_path / f"{compressed}.zarr" / "embeddings" / "c").rglob("*") if f.is_file())
     assert sizes[False] == x.nbytes and sizes[True] < x.nbytes  # half the entries are zero
+
+
+def test_files_and_folders_reach_the_disk_before_the_rename_that_publishes_them(tmp_path, monkeypatch):
+    """fsync of each file and folder of a published dataset folder happens while it is still the
+    temporary, then of the parent after the rename (so a manifest cannot outlive its data after a
+    power loss); the same for an atomic file write. Calls are recorded around the real `os.fsync`."""
+    import os
+
+    from alignet_core.io import store
+
+    calls: list[tuple[str, bool]] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        calls.append((path, os.path.exists(path)))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    tmp = tmp_path / "v1.tmp-0"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "manifest.json").write_text("{}")
+    (tmp / "sub" / "train.npz").write_bytes(b"data")
+    store.publish_dir(str(tmp), str(tmp_path / "datasets" / "v1"))
+    synced = [p for p, _ in calls]
+    for p in (tmp / "manifest.json", tmp / "sub" / "train.npz", tmp / "sub", tmp):
+        assert str(p) in synced, (p, synced)
+    assert synced[-1] == str(tmp_path / "datasets") and all(existed for _, existed in calls)
+    calls.clear()
+    store.write_bytes_atomic(str(tmp_path / "x.bin"), b"abc")
+    assert calls[0][0].startswith(str(tmp_path / "x.bin.tmp-")) and calls[-1][0] == str(tmp_path)
