@@ -14,6 +14,8 @@ import ctypes.util
 import importlib
 import logging
 
+import dask
+from distributed import LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,12 @@ TRIM_THRESHOLD = 32 * 2**20
 #: Dask config for the pipeline's own sampling workers: no statistical profiler (it samples the
 #: task thread's stack every 10 ms, worker CPU that competes with the shards on small machines,
 #: and the local cluster has no dashboard to show it)
-WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False, "distributed.worker.http.routes": []}
+
+#: Dask config for the local cluster: its scheduler and workers serve nothing over HTTP (no
+#: dashboard, no /metrics, no /info); a user who wants a dashboard points `sample.dask_address`
+#: at a cluster of their own
+NO_HTTP = {"distributed.scheduler.http.routes": [], "distributed.worker.http.routes": []}
 
 
 def reuse_freed_buffers() -> bool:
@@ -59,3 +66,11 @@ class SamplingWorkerSetup(WorkerPlugin):
     def setup(self, worker: object) -> None:
         reuse_freed_buffers()
         importlib.import_module("torch")
+
+
+def quiet_local_cluster(**kwargs: object) -> LocalCluster:
+    """`distributed.LocalCluster(**kwargs)` whose scheduler and workers have no HTTP routes (`NO_HTTP`):
+    the HTTP servers distributed always starts answer 404 to everything, on a loopback address."""
+    scheduler = {"dashboard": False, **dict(kwargs.pop("scheduler_kwargs", None) or {})}  # type: ignore[call-overload]
+    with dask.config.set(NO_HTTP):
+        return LocalCluster(**{"dashboard_address": "127.0.0.1:0", **kwargs}, scheduler_kwargs=scheduler)

@@ -14,7 +14,7 @@ from alignet_core.config import PipelineConfig
 from alignet_core.sample.stage import SampleOutput
 from alignet_core.transform.stage import TransformOutput
 from flows._config import resolve_config
-from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup
+from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
 from tasks.cluster import cluster
 from tasks.embed import embed
 from tasks.sample import plan_sampling, promote, publish, submit_shards
@@ -36,9 +36,9 @@ def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
     if cfg.sample.dask_address:
         return DaskTaskRunner(address=cfg.sample.dask_address)
     return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
+        cluster_class=quiet_local_cluster,
         cluster_kwargs={"n_workers": cfg.sample.n_workers, "threads_per_worker": 1, "processes": True,
-                        "dashboard_address": None, "env": _worker_env(), "plugins": (SamplingWorkerSetup(),),
+                        "env": _worker_env(), "plugins": (SamplingWorkerSetup(),),
                         "config": WORKER_CONFIG},
     )
 

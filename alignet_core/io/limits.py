@@ -127,7 +127,7 @@ def check_npz(f: IO[bytes], url: str) -> None:
                     shape, _, dtype = _read_header(member, version)
                     header = member.tell()
                 if dtype.hasobject:
-                    raise InputError(f"{url}: entry {info.filename!r} holds Python objects; refused")
+                    raise InputError(f"{url}: an array holds Python objects, refused (entry {info.filename!r})")
                 declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
                 if declared != info.file_size - header:
                     raise InputError(f"{url}: entry {info.filename!r} declares {short(shape)} {dtype} "

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from alignet_core.errors import StoreError
 from alignet_core.io import lock, store
+from alignet_core.io.redact import redact
 from alignet_core.pipeline.code_version import code_version
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def finish(
         artifact = store.resolve_relative(plan.dir, stored)
     out = output_type(stage=plan.stage, key=plan.key, dir=plan.dir, artifact=artifact, metrics=metrics)
     store.write_manifest(plan.dir, {"stage": plan.stage, "key": plan.key, "code_version": plan.code_version,
-                                    "config": config, "inputs": list(inputs), "artifact": stored,
+                                    "config": redact(config), "inputs": list(inputs), "artifact": stored,
                                     RELOCATABLE: relocatable,
                                     "metrics": metrics.model_dump(mode="json")})
     return out

@@ -22,6 +22,7 @@ import numpy as np
 from alignet_core.config import PipelineConfig
 from alignet_core.io import embedding_store, lock, sources, store
 from alignet_core.io.formats import sampling_name
+from alignet_core.io.redact import redact
 from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, plan_stage, reuse
 from alignet_core.sample import versions
 from alignet_core.sample.publish import assemble_dataset
@@ -148,7 +149,7 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
         specs = [ShardSpec(**d) for d in sp.specs]
         extra = {"dataset_name": cfg.dataset_name, "version": sp.plan.key, "published_at": versions.now_utc(),
                  "inputs": {"transform": sp.inputs[0], "cluster": sp.inputs[1]}, "code_version": sp.plan.code_version,
-                 "config": cfg.model_dump(mode="json")}
+                 "config": redact(cfg.model_dump(mode="json"))}
         manifest = assemble_dataset(sp.plan.dir, specs, src.ids(), sp.publish_url, sp.names,
                                     subfolder=sp.folder, extra=extra)
         files = {name: DatasetFile(**{k: info[k] for k in DatasetFile.model_fields})
