@@ -6,7 +6,12 @@
 #   scripts/serve.sh                 # or: make serve
 #   PORT=4300 scripts/serve.sh       # another port
 #
-# Then, from another shell (same PREFECT_API_URL):
+# Locked down: the API needs the auth string generated on the first serve and kept in
+# $PREFECT_HOME/api-auth-string (mode 600; .prefect/ is gitignored; the UI asks for it once),
+# CSRF protection is on and CORS admits only the UI's own origin.
+#
+# Then, from another shell (same PREFECT_API_URL, and the auth string):
+#   export PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$(cat .prefect/api-auth-string)"
 #   .venv/bin/prefect deployment run 'alignet/demo' --watch
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +19,19 @@ BIN="${BIN:-$PWD/.venv/bin}"
 PORT="${PORT:-4200}"
 export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"
 export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 export PWD  # deployments pull into the directory they were deployed from
+
+AUTH_FILE="$PREFECT_HOME/api-auth-string"
+if [ ! -s "$AUTH_FILE" ]; then
+  mkdir -p "$PREFECT_HOME"
+  (umask 077 && "$BIN/python" -c "import secrets; print(secrets.token_urlsafe(32))" > "$AUTH_FILE")
+  echo "serve: generated the API auth string in $AUTH_FILE"
+fi
+PREFECT_SERVER_API_AUTH_STRING="$(cat "$AUTH_FILE")"
+export PREFECT_SERVER_API_AUTH_STRING PREFECT_API_AUTH_STRING="$PREFECT_SERVER_API_AUTH_STRING"
+export PREFECT_SERVER_CSRF_PROTECTION_ENABLED=true PREFECT_CLIENT_CSRF_SUPPORT_ENABLED=true
+export PREFECT_SERVER_CORS_ALLOWED_ORIGINS="http://127.0.0.1:${PORT}"
 
 "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" &
 SERVER=$!
@@ -30,7 +46,7 @@ for _ in $(seq 180); do
 done
 "$BIN/prefect" work-pool create alignet-process --type process --overwrite
 "$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml
-echo "serve: UI at http://127.0.0.1:${PORT}; API ${PREFECT_API_URL}; starting the worker"
+echo "serve: UI at http://127.0.0.1:${PORT} (sign in with the string in $AUTH_FILE); API ${PREFECT_API_URL}; starting the worker"
 "$BIN/prefect" worker start --pool alignet-process &
 WORKER=$!
 trap 'kill $WORKER $SERVER 2>/dev/null; wait $WORKER $SERVER 2>/dev/null' EXIT INT TERM

@@ -9,6 +9,7 @@ Slow (a server, a worker and flow runs in subprocesses): behind the `slow` marke
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -47,6 +49,16 @@ def _wait(what: str, check, log: Path, timeout: float = 300) -> None:
     pytest.fail(f"{what} not ready after {timeout} s:\n" + log.read_text()[-4000:])
 
 
+def _client(env: dict) -> httpx.Client:
+    """An API client as the UI and CLI are: the auth string (Basic) and a CSRF token."""
+    auth = base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()
+    c = httpx.Client(base_url=env["PREFECT_API_URL"], headers={"Authorization": f"Basic {auth}"}, timeout=30)
+    cid = str(uuid.uuid4())
+    c.headers.update({"Prefect-Csrf-Token": c.get("/csrf-token", params={"client": cid}).json()["token"],
+                      "Prefect-Csrf-Client": cid})
+    return c
+
+
 @pytest.fixture()
 def service(tmp_path):
     """`scripts/serve.sh` on a free port with a private PREFECT_HOME; stopped (and checked
@@ -59,14 +71,18 @@ def service(tmp_path):
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     api = env["PREFECT_API_URL"]
 
+    auth_file = tmp_path / "prefect-home" / "api-auth-string"
+
     def deployed() -> bool:
-        return DEPLOYMENTS <= _deployment_names(api)
+        return DEPLOYMENTS <= _deployment_names(_client(env))
 
     def polling() -> bool:
-        workers = httpx.post(f"{api}/work_pools/alignet-process/workers/filter", json={}, timeout=10).json()
+        workers = _client(env).post("/work_pools/alignet-process/workers/filter", json={}).json()
         return any(w.get("status") == "ONLINE" for w in workers)
 
     try:
+        _wait("the auth string", auth_file.exists, log)
+        env["PREFECT_API_AUTH_STRING"] = auth_file.read_text().strip()
         _wait("deployments", deployed, log)
         _wait("worker", polling, log)
         yield env, log
@@ -81,10 +97,9 @@ def service(tmp_path):
         httpx.get(f"{api}/health", timeout=2)
 
 
-def _deployment_names(api: str) -> set[str]:
-    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
-    return {f"{flows.get(d['flow_id'], '?')}/{d['name']}"
-            for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
+def _deployment_names(c: httpx.Client) -> set[str]:
+    flows = {f["id"]: f["name"] for f in c.post("/flows/filter", json={}).json()}
+    return {f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in c.post("/deployments/filter", json={}).json()}
 
 
 def _cli(env: dict, *args: str, timeout: int = 300) -> str:
@@ -93,16 +108,15 @@ def _cli(env: dict, *args: str, timeout: int = 300) -> str:
     return res.stdout
 
 
-def _latest_run(api: str, flow: str) -> dict:
-    runs = httpx.post(f"{api}/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 20}, timeout=30).json()
-    flows = {f["id"]: f["name"] for f in httpx.post(f"{api}/flows/filter", json={}, timeout=10).json()}
+def _latest_run(c: httpx.Client, flow: str) -> dict:
+    runs = c.post("/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 20}).json()
+    flows = {f["id"]: f["name"] for f in c.post("/flows/filter", json={}).json()}
     return next(r for r in runs if flows.get(r["flow_id"]) == flow)
 
 
 @pytest.mark.slow
 def test_service_walkthrough(service, tmp_path):
     env, log = service
-    api = env["PREFECT_API_URL"]
     prefect = str(BIN / "prefect")
     root = tmp_path / "data"
     overrides = {"root": str(root), "source.limit": 120, "human.proxy_n_triplets": 3000, "transform.epochs": 4,
@@ -111,7 +125,7 @@ def test_service_walkthrough(service, tmp_path):
     out = _cli(env, prefect, "deployment", "run", "alignet/demo", "--param", f"overrides={json.dumps(overrides)}",
                "--watch", "--watch-timeout", "900", timeout=960)
     assert "Completed" in out, out[-3000:] + log.read_text()[-3000:]
-    run = _latest_run(api, "alignet")
+    run = _latest_run(_client(env), "alignet")
     assert run["state"]["type"] == "COMPLETED"
 
     # the published version, `latest`, and its checksums through the CLI
@@ -123,7 +137,7 @@ def test_service_walkthrough(service, tmp_path):
         "train_between_class.npz", "train_cluster_border_5.npz", "valid_between_class.npz", "valid_cluster_border_5.npz"]
 
     # artifacts a person reads in the UI
-    arts = httpx.post(f"{api}/artifacts/filter", json={}, timeout=30).json()
+    arts = _client(env).post("/artifacts/filter", json={}).json()
     by_key = {a["key"]: a for a in arts if a.get("key")}
     assert {"alignet-report", "dataset-files", "dataset-location", "student-accuracy", "transform-accuracy",
             "cluster-sizes", "embed-progress", "distill-progress"} <= set(by_key)
@@ -143,7 +157,7 @@ def test_service_walkthrough(service, tmp_path):
 
     # the weekly regeneration: present, off, then on with one command
     def schedules() -> list[dict]:
-        deps = httpx.post(f"{api}/deployments/filter", json={}, timeout=30).json()
+        deps = _client(env).post("/deployments/filter", json={}).json()
         return [s for d in deps for s in d["schedules"]]
 
     assert [s["active"] for s in schedules()] == [False]
@@ -151,3 +165,38 @@ def test_service_walkthrough(service, tmp_path):
     assert [s["active"] for s in schedules()] == [True]
     _cli(env, prefect, "--no-prompt", "deployment", "schedule", "pause", "--all")
     assert [s["active"] for s in schedules()] == [False]
+
+
+@pytest.mark.slow
+def test_the_service_is_locked_down(service, tmp_path):
+    """`make serve`'s API: a request without the auth string, a wrong one, and a state-changing request
+    without a CSRF token are refused; a foreign page's Origin gets no CORS grant; the UI's own origin
+    does; the auth string is kept in the project's Prefect home, readable by its owner only; a
+    deployment run through the CLI with the auth string completes."""
+    env, log = service
+    api = env["PREFECT_API_URL"]
+    auth_file = Path(env["PREFECT_HOME"]) / "api-auth-string"
+    assert oct(auth_file.stat().st_mode & 0o777) == "0o600" and len(env["PREFECT_API_AUTH_STRING"]) >= 40
+
+    assert httpx.post(f"{api}/flows/filter", json={}, timeout=10).status_code == 401
+    wrong = base64.b64encode(b"guess").decode()
+    assert httpx.post(f"{api}/flows/filter", json={}, headers={"Authorization": f"Basic {wrong}"},
+                      timeout=10).status_code == 401
+    right = {"Authorization": "Basic " + base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()}
+    no_csrf = httpx.post(f"{api}/flows/", json={"name": "intruder"}, headers=right, timeout=10)
+    assert no_csrf.status_code == 403 and "CSRF" in no_csrf.text, no_csrf.text
+
+    ui = api.removesuffix("/api")
+    for origin, granted in (("http://evil.example", False), (ui, True)):
+        pre = httpx.options(f"{api}/deployments/filter", timeout=10,
+                            headers={"Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert (pre.headers.get("access-control-allow-origin") == origin) is granted, (origin, pre.headers)
+    assert httpx.get(f"{api}/health", timeout=10, headers={"Origin": "http://evil.example"}).headers.get(
+        "access-control-allow-origin") is None
+
+    root = tmp_path / "data"
+    overrides = {"root": str(root), "source.limit": 24, "embed.batch_size": 8}
+    out = _cli(env, str(BIN / "prefect"), "deployment", "run", "embed/demo", "--param",
+               f"overrides={json.dumps(overrides)}", "--watch", "--watch-timeout", "600", timeout=660)
+    assert "Completed" in out, out[-3000:] + log.read_text()[-3000:]
+    assert (root / "stages" / "embed").is_dir()
