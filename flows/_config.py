@@ -1,18 +1,55 @@
-"""Flow parameters → a validated `PipelineConfig` (a YAML path plus dotted overrides)."""
+"""Flow parameters → a validated `PipelineConfig` (a YAML path plus dotted overrides).
+
+`Overrides` is the flows' `overrides` parameter type: every dotted field of the config (sections and
+leaves, e.g. `cluster` and `cluster.k`) with its type, nothing else. Prefect puts its JSON schema in
+each deployment's parameter schema, so the server refuses a run whose overrides name an unknown field
+or give a wrong type before the run is created; inside the flow the whole config is validated again
+(ranges, cross-field rules) before any work.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
 from alignet_core.config import PipelineConfig, load_config, parse_config, with_overrides
 from alignet_core.pipeline.preflight import preflight
 
 
-def resolve_config(config_path: str | None, overrides: dict[str, Any] | None) -> PipelineConfig:
+def _dotted_fields(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """dotted name → the field's annotation, for every field of `model` and of its sections."""
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        out[dotted] = info.annotation
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            out.update(_dotted_fields(info.annotation, f"{dotted}."))
+    return out
+
+
+Overrides = create_model(
+    "Overrides",
+    __config__=ConfigDict(extra="forbid", populate_by_name=True),
+    __doc__="Dotted config fields to set for this run, e.g. {\"cluster.k\": 500}; unknown fields are refused.",
+    **{d.replace(".", "__"): (ann | None, Field(None, alias=d)) for d, ann in _dotted_fields(PipelineConfig).items()},
+)
+
+
+def as_dict(overrides: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
+    """The overrides as `{dotted field: value}`: only the fields that were given."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, BaseModel):
+        return overrides.model_dump(by_alias=True, exclude_unset=True)
+    return dict(overrides)
+
+
+def resolve_config(config_path: str | None, overrides: BaseModel | dict[str, Any] | None) -> PipelineConfig:
     """Defaults (the demo) or the YAML file, then the overrides; validated and preflighted
     before any work starts."""
     cfg = load_config(config_path) if config_path else parse_config({})
-    if overrides:
-        cfg = with_overrides(cfg, overrides)
+    if given := as_dict(overrides):
+        cfg = with_overrides(cfg, given)
     preflight(cfg)
     return cfg

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 
 from alignet_core.pipeline.report import RunOutputs, RunSummary
-from flows._config import resolve_config
+from flows._config import Overrides, resolve_config
 from flows.sample import sample_on_dask
 from tasks.cluster import cluster
 from tasks.distill import distill
@@ -18,7 +16,7 @@ from tasks.transform import fit_transform
 
 
 @flow(name="alignet")
-def alignet(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> RunSummary:
+def alignet(config_path: str | None = None, overrides: Overrides | None = None) -> RunSummary:
     """Run every stage (each cached on its content key) and return the run's summary."""
     cfg = resolve_config(config_path, overrides)
     emb = embed(cfg)

@@ -6,12 +6,10 @@ deployment can send it to a GPU work pool without rerunning (or even having) ear
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 
 from alignet_core.distill.stage import DistillOutput
-from flows._config import resolve_config
+from flows._config import Overrides, resolve_config
 from flows.sample import sample_on_dask
 from tasks.cluster import cluster
 from tasks.distill import distill
@@ -20,7 +18,7 @@ from tasks.transform import fit_transform
 
 
 @flow(name="distill")
-def distill_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> DistillOutput:
+def distill_flow(config_path: str | None = None, overrides: Overrides | None = None) -> DistillOutput:
     """Stage 4: finetune the student on `distill.dataset`, or on the pipeline's own dataset
     (earlier stages then come from the cache or are computed)."""
     cfg = resolve_config(config_path, overrides)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 
 from alignet_core.evaluate.stage import EvaluateOutput
-from flows._config import resolve_config
+from flows._config import Overrides, resolve_config
 from flows.sample import sample_on_dask
 from tasks.cluster import cluster
 from tasks.distill import distill
@@ -17,7 +15,7 @@ from tasks.transform import fit_transform
 
 
 @flow(name="evaluate")
-def evaluate_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> EvaluateOutput:
+def evaluate_flow(config_path: str | None = None, overrides: Overrides | None = None) -> EvaluateOutput:
     """Stage 5: the teacher (raw and aligned) and a student (pretrained and distilled) on every
     evaluation set. The student is `evaluate.student` when given; else the pipeline's own (its
     stages come from the cache or are computed); none when distillation is disabled."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import get_current_settings
@@ -13,7 +11,7 @@ from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
 from alignet_core.sample.stage import SampleOutput
 from alignet_core.transform.stage import TransformOutput
-from flows._config import resolve_config
+from flows._config import Overrides, resolve_config
 from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
 from tasks.cluster import cluster
 from tasks.embed import embed
@@ -64,7 +62,7 @@ def sample_on_dask(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput
 
 
 @flow(name="sample")
-def sample_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> SampleOutput:
+def sample_flow(config_path: str | None = None, overrides: Overrides | None = None) -> SampleOutput:
     """Stage 3 alone (earlier stages come from the cache or are computed)."""
     cfg = resolve_config(config_path, overrides)
     tfm = fit_transform(cfg, embed(cfg))

@@ -2,34 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from prefect import flow
 
 from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.embed.stage import EmbedOutput
 from alignet_core.transform.stage import TransformOutput
-from flows._config import resolve_config
+from flows._config import Overrides, resolve_config
 from tasks.cluster import cluster
 from tasks.embed import embed
 from tasks.transform import fit_transform
 
 
 @flow(name="embed")
-def embed_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> EmbedOutput:
+def embed_flow(config_path: str | None = None, overrides: Overrides | None = None) -> EmbedOutput:
     """Stage 0: teacher embeddings of every image."""
     return embed(resolve_config(config_path, overrides))
 
 
 @flow(name="transform")
-def transform_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> TransformOutput:
+def transform_flow(config_path: str | None = None, overrides: Overrides | None = None) -> TransformOutput:
     """Stage 1: the human-aligned teacher transform."""
     cfg = resolve_config(config_path, overrides)
     return fit_transform(cfg, embed(cfg))
 
 
 @flow(name="cluster")
-def cluster_flow(config_path: str | None = None, overrides: dict[str, Any] | None = None) -> ClusterOutput:
+def cluster_flow(config_path: str | None = None, overrides: Overrides | None = None) -> ClusterOutput:
     """Stage 2: k-means clusters of the transformed embeddings."""
     cfg = resolve_config(config_path, overrides)
     return cluster(cfg, fit_transform(cfg, embed(cfg)))
