@@ -83,7 +83,7 @@ def service(tmp_path):
     try:
         _wait("the auth string", auth_file.exists, log)
         env["PREFECT_API_AUTH_STRING"] = auth_file.read_text().strip()
-        _wait("deployments", deployed, log)
+        _wait("deployments", deployed, log, timeout=600)  # seven deployments; slow on a shared 2-core machine
         _wait("worker", polling, log)
         yield env, log
     finally:
