@@ -32,6 +32,8 @@ PREFECT_SERVER_API_AUTH_STRING="$(cat "$AUTH_FILE")"
 export PREFECT_SERVER_API_AUTH_STRING PREFECT_API_AUTH_STRING="$PREFECT_SERVER_API_AUTH_STRING"
 export PREFECT_SERVER_CSRF_PROTECTION_ENABLED=true PREFECT_CLIENT_CSRF_SUPPORT_ENABLED=true
 export PREFECT_SERVER_CORS_ALLOWED_ORIGINS="http://127.0.0.1:${PORT}"
+# SQLite under a busy machine: wait longer for its lock (the CSRF tokens add writes)
+export PREFECT_SERVER_DATABASE_TIMEOUT="${PREFECT_SERVER_DATABASE_TIMEOUT:-60}"
 
 "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" &
 SERVER=$!
@@ -45,7 +47,11 @@ for _ in $(seq 180); do
   sleep 1
 done
 "$BIN/prefect" work-pool create alignet-process --type process --overwrite
-"$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml
+for attempt in 1 2 3; do  # a deployment refused with 503 (SQLite busy) is retried; deploying is idempotent
+  "$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml && break
+  [ "$attempt" = 3 ] && { echo "serve: deploying failed three times" >&2; exit 1; }
+  sleep 5
+done
 echo "serve: UI at http://127.0.0.1:${PORT} (sign in with the string in $AUTH_FILE); API ${PREFECT_API_URL}; starting the worker"
 "$BIN/prefect" worker start --pool alignet-process &
 WORKER=$!
