@@ -175,11 +175,14 @@ def _human_cfg(good: Path, tmp_path: Path, **human: str) -> object:
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("0 1 2\n3 4 9\n", r"object id out of range \[0, 6\) in row 1"),
-        ("0 1 2\n4 4 5\n", "an object appears twice in row 1"),
-        ("0 1 2\n0 -1 2\n", "negative object id in row 1"),
+        ("0 1 2\n3 4 9\n", r"object id out of range \[0, 6\) in line 2: \[3, 4, 9\]"),
+        ("0 1 2\n4 4 5\n", "an object appears twice in line 2"),
+        ("0 1 2\n0 -1 2\n", "negative object id in line 2"),
         ("0 1 2\n3 4\n", "line 2 has 2 fields, expected 3"),
-        ("0 1 x\n", "object ids must be integers"),
+        ("0 1 x\n", "line 1: object ids must be integers, got '0 1 x'"),
+        # the line an editor shows, counting comments and blank lines
+        ("# i j k\n\n0 1 2\n3 4 9\n", r"out of range \[0, 6\) in line 4"),
+        ("# i j k\n0 1 2\n\n3 4\n", "line 4 has 2 fields"),
     ],
 )
 def test_bad_triplet_files_fail_in_preflight(content: str, message: str, good: Path, tmp_path: Path) -> None:
@@ -218,7 +221,7 @@ OK = {"indices": np.array([[0, 1, 2]]), "filenames": np.array([["a", "b", "c"]])
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"indices": np.array([[0, 1, 7]])}, r"out of range \[0, 5\) in row 0"),
+        ({"indices": np.array([[0, 1, 7]])}, r"out of range \[0, 5\) in row 0 \(0-based\)"),
         ({"filenames": np.array([[1, 2, 3]])}, "'filenames' must be strings"),
         ({"similarities": np.array([[3, 2, 1]])}, "'similarities' must be finite floats"),
         ({"similarities": np.array([[np.inf, 0.0, 0.0]])}, "'similarities' must be finite floats"),
