@@ -60,6 +60,23 @@ def rank_devices_problem(devices: list[str]) -> str | None:
     return None
 
 
+def check_micro_batches(batch_triplets: int, grad_accum: int, ranks: int, nodes: int = 1) -> None:
+    """`ConfigError` unless ranks·grad_accum micro-batches cut batch_triplets into equal shares; it names
+    distill.grad_accum for one rank, distill.devices (and nodes) for several."""
+    micro = ranks * grad_accum
+    if batch_triplets % micro == 0:
+        return
+    if ranks == 1:
+        raise ConfigError(f"distill.grad_accum: {grad_accum} must divide distill.batch_triplets "
+                          f"({batch_triplets}) into equal micro-batches")
+    where = f"{ranks} ranks ({nodes} nodes × {ranks // nodes} devices)" if nodes > 1 else f"{ranks} ranks"
+    raise ConfigError(
+        f"distill.devices: {where} × distill.grad_accum {grad_accum} = {micro} micro-batches must divide "
+        f"distill.batch_triplets ({batch_triplets}) into equal shares; use a rank count (or grad_accum) that "
+        f"divides it, or a batch_triplets that is a multiple of {micro}"
+    )
+
+
 def _devices_validator(problem_of: Callable[[list[str]], str | None]) -> Any:
     """A validator of a `devices` field: the strings are checked when the config loads (`problem_of`);
     whether the GPUs exist is checked before the stage runs (`hardware.resolve_devices`)."""
