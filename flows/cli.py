@@ -75,7 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ("validate", "check a config (and its input paths) without running anything"),
     ]:
         note = f"\n\n{_STAGE_NOTE}" if name not in ("demo", "run", "validate") else ""
-        sp = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + "." + note,
+        sp = sub.add_parser(name, help=help_.replace("%", "%%"), description=help_[0].upper() + help_[1:] + "." + note,
                             epilog=f"example:\n  {_EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("--config", "-c", help="YAML pipeline config (default: the demo config)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
