@@ -143,6 +143,12 @@ class EmbedConfig(_Config):
         "num_workers loader processes) over its own chunk-aligned rows, into the same store; null: the pipeline's "
         "`device`",
     )
+    max_skipped_fraction: float = Field(
+        0.01, ge=0, le=1,
+        description="the run fails (after the embeddings are kept) when more than this fraction of the images "
+        "could not be read or decoded, naming the count and the reasons; 0: any skipped image fails, 1: never. "
+        "Not part of the stage's key: raising it and rerunning reuses the embeddings",
+    )
     decode: Literal["pil", "torchvision"] = Field(
         "pil",
         description="pil: decode + resize in DataLoader workers; torchvision: workers only read bytes, JPEGs are "

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from alignet_core.config import PipelineConfig
-from alignet_core.embed.stage import EmbedOutput, plan_embed, run_embed
+from alignet_core.embed.stage import EmbedOutput, check_skipped, plan_embed, run_embed
 from alignet_core.pipeline.report import embed_rows
 from tasks._cache import StageCache, stage_output
 
@@ -23,4 +23,18 @@ def embed(cfg: PipelineConfig) -> EmbedOutput:
     out = run_embed(cfg, progress=progress)
     update_progress_artifact(artifact_id=artifact_id, progress=100.0)
     create_table_artifact(key="embed-summary", table=embed_rows(out), description="Teacher embeddings")
+    if out.metrics.skipped:
+        create_table_artifact(
+            key="embed-skipped", table=[s.model_dump() for s in out.metrics.skipped[:1000]],
+            description=f"{len(out.metrics.skipped)} images skipped (could not be read or decoded; their rows are "
+                        "invalid and no later stage uses them); the first 1,000")
+    return out
+
+
+def embedded(cfg: PipelineConfig) -> EmbedOutput:
+    """The embed task's output, refused (`InputError`, the run fails) when more than
+    `embed.max_skipped_fraction` of the images were skipped: checked here, in the flow, because a cache
+    hit returns the task's output without running its body."""
+    out = embed(cfg)
+    check_skipped(out.metrics, cfg.embed.max_skipped_fraction)
     return out

@@ -55,6 +55,9 @@ class RunSummary(Record):
 
     dataset: str
     dataset_version: str
+    images: int = 0
+    images_skipped: int = 0
+    skipped_reasons: dict[str, int] = {}
     human_data: str | None
     alignment: dict[str, dict[str, Estimate]] | None
     alignment_changes: dict[str, dict[str, Difference]] | None
@@ -91,6 +94,9 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
     return RunSummary(
         dataset=outs.sample.artifact,
         dataset_version=s.version,
+        images=outs.embed.metrics.n_images,
+        images_skipped=len(outs.embed.metrics.skipped),
+        skipped_reasons=outs.embed.metrics.skipped_reasons(),
         human_data=t.human_data,
         alignment=None if ev is None else ev.scores,
         alignment_changes=None if ev is None else ev.changes,
@@ -162,6 +168,8 @@ def run_markdown(summary: RunSummary) -> str:
         "",
         f"Dataset: `{s.dataset}` ({s.n_triplets} triplets). Human data: {s.human_data}.",
         "",
+        _skipped_line(s),
+        "",
         "| held-out accuracy (95% interval) | before | after | change |",
         "|---|---|---|---|",
         _cmp_row(f"teacher, odd-one-out on test-fold objects ({h.n_objects if h else 0} objects never fitted)",
@@ -183,6 +191,14 @@ def run_markdown(summary: RunSummary) -> str:
     ]
     lines += [f"| {name} | {sec} | `{s.stage_keys[name]}` |" for name, sec in s.stage_seconds.items()]
     return "\n".join(lines) + "\n"
+
+
+def _skipped_line(s: RunSummary) -> str:
+    if not s.images_skipped:
+        return f"Images: {s.images}, none skipped."
+    reasons = "; ".join(f"{n} × {r}" for r, n in s.skipped_reasons.items())
+    return (f"**Images: {s.images}, {s.images_skipped} skipped ({100 * s.images_skipped / max(s.images, 1):.1f}%)**, "
+            f"their rows unused by every stage (the `embed-skipped` artifact lists them). Reasons: {reasons}.")
 
 
 def alignment_markdown(out: EvaluateOutput) -> str:

@@ -236,3 +236,44 @@ def test_evaluate_alone_on_a_checkpoint_and_a_set_the_pipeline_did_not_make(harn
     assert mine["n"] == 150 and mine["unit"] == "triplets" and mine["low"] <= mine["value"] <= mine["high"]
     assert set(m["uncertainty"]["student_aligned"]) == {"human", "mine"}
     assert (root / "stages" / "evaluate").glob("*/sets/mine.txt")
+
+
+def test_too_many_skipped_images_fail_the_run_naming_the_count(harness, tmp_path, capsys):
+    """A folder where 3 of 10 images cannot be decoded: `alignet embed` fails (exit 2) naming the count, the
+    limit and the reasons, with the embeddings kept; raising `embed.max_skipped_fraction` reuses them (the
+    store's chunks are not rewritten), and the summary's count reaches the report's line."""
+    import shutil
+
+    from alignet_core.embed.stage import EmbedMetrics, SkippedImage
+    from alignet_core.io import sources
+    from alignet_core.pipeline.report import RunSummary, _skipped_line
+    from flows.cli import main
+
+    folder = tmp_path / "images"
+    for i, rec in enumerate(sources.demo_source().records[:7]):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(rec.path, folder / f"c{i % 2}" / Path(rec.path).name)
+    (folder / "bad").mkdir()
+    (folder / "bad" / "empty.png").write_bytes(b"")
+    (folder / "bad" / "text.png").write_text("not a picture\n")
+    (folder / "bad" / "text2.png").write_text("not a picture either\n")
+    root = tmp_path / "root"
+    args = ["embed", "--root", str(root), "--set", "source.kind=folder", "--set", f"source.path={folder}",
+            "--set", "cluster.k=2", "--set", "transform.enabled=false", "--set", "embed.model=tf_efficientnet_lite0",
+            "--set", "embed.batch_size=4", "--set", "embed.chunk_rows=4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: embed.max_skipped_fraction: 3 of 10 images (30.0%)")
+    assert "more than the limit 1%" in err and "bad/" in err
+    chunks = sorted((root / "stages" / "embed").glob("*/embeddings.zarr/embeddings/c/*/*"))
+    assert chunks and (root / "stages" / "embed").glob("*/manifest.json")
+    mtimes = [p.stat().st_mtime_ns for p in chunks]
+    assert main([*args, "--set", "embed.max_skipped_fraction=0.5"]) == 0
+    assert [p.stat().st_mtime_ns for p in chunks] == mtimes
+
+    m = EmbedMetrics(n_images=10, n_valid=7, dim=4, seconds=1.0,
+                     skipped=[SkippedImage(id=f"bad/{n}", path=f"/x/bad/{n}", reason=f"/x/bad/{n}: not a readable image")
+                              for n in ("a.png", "b.png", "c.png")])
+    assert m.skipped_reasons() == {"<file>: not a readable image": 3}
+    line = _skipped_line(RunSummary.model_construct(images=10, images_skipped=3, skipped_reasons=m.skipped_reasons()))
+    assert line.startswith("**Images: 10, 3 skipped (30.0%)**") and "3 × <file>: not a readable image" in line
