@@ -98,6 +98,16 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     assert summary["transform_heldout"]["transformed"]["unit"] == "objects"
     assert (Path(summary["report_dir"]) / "summary.json").exists()
     assert (Path(summary["report_dir"]) / "report.md").read_text().startswith("# AligNet")
+    assert summary["images"] == 120 and summary["images_skipped"] == 0
+    # progress an operator reads: the count and the time, not only a percentage
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["embed-progress",
+                                                                                                 "distill-progress"])))
+    descriptions = {a.key: a.description for a in arts}
+    assert descriptions["embed-progress"].startswith("embed: done, 120 images in ")
+    assert descriptions["distill-progress"].startswith("distill: done, 4 steps in ")
 
     dataset = Path(summary["dataset"])
     assert dataset.name == "uncertainty_distillation"
