@@ -166,7 +166,17 @@ class HumanConfig(_Config):
         None, description=".npy (n, 3) probabilities that pair (i,j), (i,k), (j,k) is the most similar"
     )
     objects: str | None = Field(
-        None, description="CSV 'object,image_id' mapping object ids to images; null: object i is image i"
+        None, description="CSV 'object,image_id' mapping the triplet file's object ids to image ids (one row per "
+        "image of an object)"
+    )
+    concepts: str | None = Field(
+        None, description="THINGS concept-order file (one concept per line as THINGS' unique_id.txt, or a CSV/TSV "
+        "with a 'uniqueID' column as things_concepts.tsv): object i = concept i, whose images are the source's "
+        "images in a folder named after it (object_images/<concept>/<concept>_NN.jpg), averaged"
+    )
+    positional: bool = Field(
+        False, description="declare that object i of the triplet file is image i of the source (its order); never "
+        "assumed: a triplet file needs human.concepts, human.objects or this"
     )
     folds: int = Field(
         5, ge=3, description="objects are dealt into this many folds (seeded): one test fold, one validation fold "
@@ -184,6 +194,10 @@ class HumanConfig(_Config):
 
     @model_validator(mode="after")
     def _fold_and_mix(self) -> "HumanConfig":
+        declared = [f for f in ("concepts", "objects") if getattr(self, f)] + (["positional"] if self.positional else [])
+        if len(declared) > 1:
+            raise ValueError(f"human: {' and '.join('human.' + f for f in declared)} each declare how objects attach "
+                             "to images; give one")
         if self.test_fold >= self.folds:
             raise ValueError(f"human.test_fold: {self.test_fold} must be below human.folds ({self.folds})")
         if any(v < 0 for v in self.proxy_mix.values()) or not sum(self.proxy_mix.values()) > 0:

@@ -41,7 +41,7 @@ def preflight(cfg: PipelineConfig) -> None:
     if cfg.cluster.k > n:
         raise ConfigError(f"cluster.k: {cfg.cluster.k} clusters for {n} images; k must be at most the number of images")
     h = cfg.human
-    for field in ("triplets", "probabilities", "objects"):
+    for field in ("triplets", "probabilities", "objects", "concepts"):
         path = getattr(h, field)
         if path is not None and not store.exists(path):
             raise InputError(f"human.{field}: file {path!r} does not exist")
@@ -78,8 +78,9 @@ def preflight(cfg: PipelineConfig) -> None:
         try:
             load_human_data(cfg, src)
         except InputError as err:
-            field = next((f for f in ("probabilities", "objects") if getattr(h, f) and getattr(h, f) in str(err)),
-                         "triplets")
+            if str(err).startswith("human."):
+                raise
+            field = next((f for f in ("probabilities",) if getattr(h, f) and getattr(h, f) in str(err)), "triplets")
             raise InputError(f"human.{field}: {err}") from None
     e = cfg.evaluate
     if e.enabled and e.student is not None:

@@ -230,6 +230,8 @@ def transform_markdown(out: TransformOutput) -> str:
     r = m.roles
     lines = [f"# Transform: test-fold accuracy {_est(h.zero_shot if h else None)} → {_est(h.transformed if h else None)}",
              "", f"Human data: {m.human_data}."]
+    if m.objects is not None:
+        lines += ["", *(f"    {line}" for line in m.objects.lines())]
     if r is not None and h is not None:
         lines += [f"Objects in {r.folds} folds: triplets {r.train} train, {r.val} validation (early stopping), "
                   f"{r.test} test on {h.n_objects} objects no fit saw; {r.dropped} dropped (objects in two roles).", "",

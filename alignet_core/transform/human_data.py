@@ -1,5 +1,5 @@
-"""The human odd-one-out data of a run: THINGS-format triplets (with optional choice probabilities
-and an object ↔ image table), or, for the demo, the taxonomy proxy (`human.make_proxy_triplets`),
+"""The human odd-one-out data of a run: THINGS-format triplets (with optional choice probabilities,
+their objects attached to images by a declared, checked mapping: `objects.py`), or, for the demo, the taxonomy proxy (`human.make_proxy_triplets`),
 split into object-disjoint roles.
 
 The objects are dealt into `human.folds` folds (seeded by the run's seed); the test fold
@@ -11,10 +11,8 @@ triplets are drawn inside each role, in proportion to its objects, so the split 
 
 from __future__ import annotations
 
-import csv
 import logging
 
-import fsspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
@@ -23,6 +21,7 @@ from alignet_core.errors import ConfigError, InputError
 from alignet_core.io import formats, sources
 from alignet_core.transform import human
 from alignet_core.transform.human import TripletSplit
+from alignet_core.transform.objects import MappingSummary, object_mapping
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +42,7 @@ class HumanData(BaseModel):
     split: TripletSplit  # rows of `triplets` by role
     level_of: np.ndarray | None  # (t,) str abstraction level of each proxy triplet; None for files
     is_proxy: bool
+    mapping: MappingSummary | None = None  # how a file's objects attach to images; None for the proxy
 
     def name(self, cfg: PipelineConfig) -> str:
         """How reports name the data: the proxy is always called a proxy."""
@@ -69,12 +69,20 @@ def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
         if labels is None:
             raise ConfigError("human.triplets: a triplet file is required unless source.kind is 'demo'")
         return _proxy(cfg, labels, n)
-    if h.objects is None:
-        object_of_image, n_objects = np.arange(n), n
-    else:
-        object_of_image, n_objects = read_objects_table(h.objects, src)
-    trip = formats.read_things_triplets(h.triplets, n_objects)
-    probs = formats.read_probabilities(h.probabilities, len(trip)) if h.probabilities else None
+    mapping = object_mapping(h, cfg.source, src)
+    file_trip = formats.read_things_triplets(h.triplets, mapping.summary.n_declared)
+    probs = formats.read_probabilities(h.probabilities, len(file_trip)) if h.probabilities else None
+    kept, trip = mapping.map_triplets(file_trip)
+    if probs is not None:
+        probs = probs[kept]
+    summary = mapping.summary.model_copy(update={"triplets_in_file": len(file_trip), "triplets_kept": len(kept)})
+    for line in summary.lines():
+        log.info("%s", line)
+    if len(trip) == 0:
+        raise InputError(f"human.triplets: none of the {len(file_trip)} triplets has all three objects among the "
+                         f"{summary.n_objects} objects with images ({summary.kind})")
+    n_objects = summary.n_objects
+    object_of_image = mapping.object_of_image
     fold_of = human.object_folds(n_objects, h.folds, cfg.seed)
     split = human.split_by_objects(trip, fold_of, h.test_fold, h.val_fold)
     log.info("human triplets: %d over %d objects; object-disjoint roles: %d train, %d validation, %d test, "
@@ -86,7 +94,7 @@ def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
                              "with a fixed file only about 1/folds³ of the triplets survive: use fewer human.folds "
                              "or more triplets")
     return HumanData(triplets=trip, probs=probs, object_of_image=object_of_image, n_objects=n_objects,
-                     fold_of=fold_of, split=split, level_of=None, is_proxy=False)
+                     fold_of=fold_of, split=split, level_of=None, is_proxy=False, mapping=summary)
 
 
 def _proxy(cfg: PipelineConfig, labels: tuple[np.ndarray, np.ndarray], n: int) -> HumanData:
@@ -108,28 +116,6 @@ def _proxy(cfg: PipelineConfig, labels: tuple[np.ndarray, np.ndarray], n: int) -
     return HumanData(triplets=np.concatenate([x[0] for x in parts]), probs=np.concatenate([x[1] for x in parts]),
                      object_of_image=np.arange(n), n_objects=n, fold_of=fold_of, split=split,
                      level_of=np.concatenate([x[2] for x in parts]), is_proxy=True)
-
-
-def read_objects_table(url: str, src: sources.ImageSource) -> tuple[np.ndarray, int]:
-    """CSV `object,image_id`: object ids 0..m-1, image ids as in the source.
-    Returns (object_of_image (n,) int64 with -1 for images of no object, m)."""
-    index = {i: r for r, i in enumerate(src.ids().tolist())}
-    object_of_image = np.full(len(src), -1, dtype=np.int64)
-    try:
-        with fsspec.open(url, "r") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise InputError(f"human.objects: file {url!r} does not exist") from None
-    for line, row in enumerate(rows, start=2):
-        try:
-            obj, img = int(row["object"]), row["image_id"]
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{url}: line {line}: expected columns 'object' (int) and 'image_id'") from None
-        if img not in index:
-            raise InputError(f"{url}: line {line}: image_id {img!r} is not in the image source")
-        object_of_image[index[img]] = obj
-    n_objects = int(object_of_image.max()) + 1 if len(rows) else 0
-    return object_of_image, n_objects
 
 
 class HumanTest(BaseModel):
