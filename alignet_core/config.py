@@ -316,10 +316,11 @@ class DistillConfig(_Config):
         description="with distill.dataset: the file name's sampling (train_<sampling>.npz, e.g. cluster_border_500); "
         "null: from distill.strategy and cluster.k",
     )
-    join: Literal["indices", "filenames"] = Field(
-        "indices",
-        description="how triplets find their images: 'indices' = rows of the image source (our own datasets); "
-        "'filenames' = the files' filenames matched to the source's image ids or file names (datasets from elsewhere)",
+    join: Literal["auto", "indices", "filenames"] = Field(
+        "auto",
+        description="how triplets find their images: 'indices' = rows of the image source, their filenames checked "
+        "against those rows' ids; 'filenames' = the files' filenames matched to the source's image ids or file names; "
+        "auto = filenames for distill.dataset (a folder the pipeline did not publish), indices for its own",
     )
     cache_images: bool = Field(
         False, description="decode every training image once and keep it in memory (pools that fit in RAM)"
