@@ -101,8 +101,19 @@ class SourceConfig(_Config):
     path: str | None = Field(
         None, description="folder root, file-list path, or tar shard URL/glob (fsspec URL); unused for demo"
     )
-    label_level: Literal["category", "subcategory"] = Field(
-        "category", description="demo only: which emoji metadata column is the image's class label"
+    label_level: Literal["category", "subcategory"] | None = Field(
+        None, description="demo only: which emoji metadata column is the image's class label (null: category)"
+    )
+    path_column: str = Field("path", description="CSV file list only: the column of image paths (relative to the "
+                             "list's folder, or absolute)")
+    label_columns: list[str] | None = Field(
+        None, description="CSV file list only: one or two label columns, coarse → fine (e.g. [category, "
+        "subcategory]); the first is the image's class label (class strategies, cluster agreement), both together "
+        "the taxonomy of the proxy and the evaluation levels; null: the 'label' column when there is one"
+    )
+    id_column: str | None = Field(
+        None, description="CSV file list only: the column of stable image ids (null: the path relative to the list's "
+        "folder, or the absolute path for a file outside it)"
     )
     limit: int | None = Field(
         None, gt=2, description="use an evenly spaced subset of this many images (quick runs and tests)"
@@ -112,6 +123,19 @@ class SourceConfig(_Config):
     def _path_needed(self) -> "SourceConfig":
         if self.kind != "demo" and not self.path:
             raise ValueError(f"source.path is required when source.kind is '{self.kind}'")
+        if self.label_level is not None and self.kind != "demo":
+            raise ValueError(f"source.label_level applies to the demo set only, not to source.kind '{self.kind}'; "
+                             "for a CSV file list give source.label_columns")
+        csv_list = self.kind == "filelist" and str(self.path).lower().endswith(".csv")
+        given = [f for f, default in (("path_column", "path"), ("label_columns", None), ("id_column", None))
+                 if getattr(self, f) != default]
+        if given and not csv_list:
+            raise ValueError(f"source.{given[0]} applies to a CSV file list (source.kind 'filelist' with a .csv "
+                             f"source.path) only, not to source.kind '{self.kind}' with path {self.path!r}")
+        if self.label_columns is not None and not (1 <= len(self.label_columns) <= 2
+                                                   and len(set(self.label_columns)) == len(self.label_columns)):
+            raise ValueError(f"source.label_columns: expected one or two distinct columns (coarse, fine), got "
+                             f"{self.label_columns}")
         return self
 
 

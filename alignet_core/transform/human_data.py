@@ -51,9 +51,10 @@ class HumanData(BaseModel):
 
 def taxonomy(cfg: PipelineConfig, src: sources.ImageSource) -> tuple[np.ndarray, np.ndarray] | None:
     """(coarse, fine) labels of the source's images in source order — the demo's category and
-    subcategory — or None for a source without a two-level taxonomy."""
+    subcategory, a CSV file list's two `source.label_columns` — or None for a source without a
+    two-level taxonomy."""
     if cfg.source.kind != "demo":
-        return None
+        return src.taxonomy()
     by_id = {m["id"]: m for m in sources.demo_metadata()}
     meta = [by_id[i] for i in src.ids().tolist()]
     return (np.asarray([m["category"] for m in meta], dtype=str), np.asarray([m["subcategory"] for m in meta], dtype=str))
