@@ -180,11 +180,12 @@ ProxyLevel = Literal["global", "local", "class_boundary"]
 
 
 class HumanConfig(_Config):
-    """Human odd-one-out triplets (THINGS format) or the demo's taxonomy-derived proxy, and how the
+    """Human odd-one-out triplets (THINGS format) or the taxonomy-derived proxy, and how the
     objects are split so that held-out figures never involve an object a fit has seen."""
 
     triplets: str | None = Field(
-        None, description="THINGS-format triplet file (rows 'i j k', k the odd one); null: make the demo proxy"
+        None, description="THINGS-format triplet file (rows 'i j k', k the odd one); null: the taxonomy proxy from the source's "
+        "labels (demo, class folders, CSV label_columns), named a proxy in every report"
     )
     probabilities: str | None = Field(
         None, description=".npy (n, 3) probabilities that pair (i,j), (i,k), (j,k) is the most similar"
@@ -208,13 +209,13 @@ class HumanConfig(_Config):
     )
     test_fold: int = Field(0, ge=0, description="the fold held out for every reported human figure; the next "
                            "fold (mod folds) is the validation fold")
-    proxy_n_triplets: int = Field(20000, gt=0, description="demo proxy: number of triplets to make (over all roles)")
+    proxy_n_triplets: int = Field(20000, gt=0, description="taxonomy proxy: number of triplets to make (over all roles)")
     proxy_mix: dict[ProxyLevel, float] = Field(
         default_factory=lambda: {"global": 0.5, "local": 0.5},
-        description="demo proxy: weight of each abstraction level (global, local, class_boundary; see "
+        description="taxonomy proxy: weight of each abstraction level (global, local, class_boundary; see "
         "alignet_core.evaluate.levels) among the proxy triplets",
     )
-    proxy_noise: float = Field(0.1, ge=0.0, lt=1.0, description="demo proxy: fraction of responses flipped at random")
+    proxy_noise: float = Field(0.1, ge=0.0, lt=1.0, description="taxonomy proxy: fraction of responses flipped at random")
 
     @model_validator(mode="after")
     def _fold_and_mix(self) -> "HumanConfig":

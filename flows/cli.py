@@ -205,11 +205,16 @@ def _human_summary(cfg: Any) -> list[str]:
     """What `validate` shows of the human data: the object ↔ image mapping of a triplet file (objects
     with images, triplets kept, unknown ids), or that the taxonomy proxy stands in for human data."""
     from alignet_core.io.sources import source_from_config
-    from alignet_core.transform.human_data import PROXY_NAME, load_human_data
+    from alignet_core.transform.human_data import PROXY_NAME, load_human_data, proxy_taxonomy
 
+    src = source_from_config(cfg.source)
     if cfg.human.triplets is None:
-        return [f"human data: {PROXY_NAME}" if cfg.source.kind == "demo" else "human data: none"]
-    data = load_human_data(cfg, source_from_config(cfg.source))
+        labels = proxy_taxonomy(cfg, src)
+        if labels is None:
+            return ["human data: none (the source has unlabelled images)"]
+        return [f"human data: the {PROXY_NAME}, drawn from the source's labels: {len(set(labels[0]))} coarse "
+                f"categories, {len(set(labels[1]))} classes"]
+    data = load_human_data(cfg, src)
     return data.mapping.lines() if data.mapping is not None else []
 
 

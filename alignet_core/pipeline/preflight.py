@@ -12,7 +12,7 @@ from alignet_core.config import PipelineConfig, check_micro_batches, device_list
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.io import formats, sources, store
 from alignet_core.model_refs import check_model_name, resolve_weights
-from alignet_core.transform.human_data import load_human_data
+from alignet_core.transform.human_data import load_human_data, no_human_data_message, proxy_taxonomy
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -47,9 +47,8 @@ def preflight(cfg: PipelineConfig) -> None:
             raise InputError(f"human.{field}: file {path!r} does not exist")
     if h.probabilities and not h.triplets:
         raise ConfigError("human.probabilities: given without human.triplets")
-    if h.triplets is None and cfg.source.kind != "demo" and cfg.transform.enabled:
-        raise ConfigError("human.triplets: a THINGS-format triplet file is required unless source.kind is 'demo' "
-                          "or transform.enabled is false")
+    if h.triplets is None and cfg.transform.enabled and proxy_taxonomy(cfg, src) is None:
+        raise ConfigError(no_human_data_message(src))
     if len(set(cfg.sample.strategies)) != len(cfg.sample.strategies):
         raise ConfigError(f"sample.strategies: duplicates in {list(cfg.sample.strategies)}")
     if cfg.device == "cuda":

@@ -1,6 +1,7 @@
 """The human odd-one-out data of a run: THINGS-format triplets (with optional choice probabilities,
 their objects attached to images by a declared, checked mapping: `objects.py`), or, for the demo, the taxonomy proxy (`human.make_proxy_triplets`),
-split into object-disjoint roles.
+split into object-disjoint roles. Without a triplet file, the taxonomy proxy of any labelled source
+(`proxy_taxonomy`) stands in, named a proxy wherever its figures appear.
 
 The objects are dealt into `human.folds` folds (seeded by the run's seed); the test fold
 (`human.test_fold`) is held out of every fit and is the only one any reported human figure uses,
@@ -60,15 +61,41 @@ def taxonomy(cfg: PipelineConfig, src: sources.ImageSource) -> tuple[np.ndarray,
     return (np.asarray([m["category"] for m in meta], dtype=str), np.asarray([m["subcategory"] for m in meta], dtype=str))
 
 
+ONE_CATEGORY = "(all)"  # the coarse label of every image of a one-level source, for the proxy
+
+
+def proxy_taxonomy(cfg: PipelineConfig, src: sources.ImageSource) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (coarse, fine) labels the taxonomy proxy draws from: the two-level taxonomy (`taxonomy`), else,
+    when every image has a class label (class folders, one CSV label column, tar labels), each image's
+    class under one category, so only class-level triplets (local, class_boundary) can be drawn. None
+    when some image has no label (a flat folder): no proxy can stand in for human data there."""
+    two = taxonomy(cfg, src)
+    if two is not None:
+        return two
+    labels = src.labels()
+    if (labels == "").any():
+        return None
+    return np.full(len(labels), ONE_CATEGORY), labels
+
+
+def no_human_data_message(src: sources.ImageSource) -> str:
+    """Why a source without a triplet file has no human data, and the fixes."""
+    unlabelled = int((src.labels() == "").sum())
+    return (f"human.triplets: a THINGS-format triplet file is required: {unlabelled} of the {len(src)} images of "
+            f"{src.description} have no label (a flat folder has none), so no taxonomy proxy can stand in for human "
+            "data; give human.triplets, label the images (class folders, source.label_columns of a CSV list), or set "
+            "transform.enabled: false")
+
+
 def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
-    """Read THINGS-format triplets (or make the demo's taxonomy proxy when none are given) and split
-    them by objects."""
+    """Read THINGS-format triplets (or, when none are given, make the taxonomy proxy from the source's
+    labels) and split them by objects."""
     h = cfg.human
     n = len(src)
     if h.triplets is None:
-        labels = taxonomy(cfg, src)
+        labels = proxy_taxonomy(cfg, src)
         if labels is None:
-            raise ConfigError("human.triplets: a triplet file is required unless source.kind is 'demo'")
+            raise ConfigError(no_human_data_message(src))
         return _proxy(cfg, labels, n)
     mapping = object_mapping(h, cfg.source, src)
     file_trip = formats.read_things_triplets(h.triplets, mapping.summary.n_declared)
@@ -99,7 +126,7 @@ def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
 
 
 def _proxy(cfg: PipelineConfig, labels: tuple[np.ndarray, np.ndarray], n: int) -> HumanData:
-    """The demo proxy (objects = images), drawn role by role over each role's own objects."""
+    """The taxonomy proxy (objects = images), drawn role by role over each role's own objects."""
     h = cfg.human
     coarse, fine = labels
     fold_of = human.object_folds(n, h.folds, cfg.seed)
@@ -131,7 +158,7 @@ class HumanTest(BaseModel):
 
 def human_test_split(cfg: PipelineConfig, src: sources.ImageSource) -> HumanTest | None:
     """The test-fold human triplets of the transform stage (same split), or None without human data."""
-    if cfg.human.triplets is None and cfg.source.kind != "demo":
+    if cfg.human.triplets is None and proxy_taxonomy(cfg, src) is None:
         return None
     data = load_human_data(cfg, src)
     te = data.split.test

@@ -139,3 +139,43 @@ def test_validate_prints_the_mapping_before_any_work(tmp_path: Path, capsys: pyt
     assert "object ↔ image mapping: THINGS concepts" in out and "objects with images: 9 of 10" in out
     assert "objects without images: 1, e.g. ['yak']" in out and "config ok" in out
     assert not (tmp_path / "root").exists()
+
+
+# ----------------------------------------------------------------------------- the proxy of any labelled source
+def _labelled_images(root: Path, n_per: int = 6) -> Path:
+    """A CSV list over a THINGS-like tree: two categories of three classes, `n_per` images per class."""
+    classes = {"animal": ["yak", "zebra", "kiwi"], "food": ["apple", "mango", "fig"]}
+    tree = things_tree(root, {c: n_per for cs in classes.values() for c in cs})
+    rows = [f"{tree}/{c}/{c}_{k + 1:02d}b.jpg,{cat},{c}" for cat, cs in classes.items() for c in cs for k in range(n_per)]
+    (root / "meta.csv").write_text("image,category,subcategory\n" + "\n".join(rows) + "\n")
+    return root / "meta.csv"
+
+
+def test_a_labelled_csv_source_gets_the_taxonomy_proxy_at_every_level(tmp_path: Path) -> None:
+    meta = _labelled_images(tmp_path)
+    cfg = parse_config({"root": str(tmp_path / "root"), "cluster": {"k": 2},
+                        "source": {"kind": "filelist", "path": str(meta), "path_column": "image",
+                                   "label_columns": ["category", "subcategory"]},
+                        "human": {"folds": 3, "proxy_n_triplets": 600,
+                                  "proxy_mix": {"global": 1, "local": 1, "class_boundary": 1}}})
+    data = load_human_data(cfg, sources.source_from_config(cfg.source))
+    assert data.is_proxy and data.name(cfg) == "taxonomy proxy (not human)" and len(data.triplets) == 600
+    assert set(data.level_of.tolist()) == {"global", "local", "class_boundary"}
+
+
+def test_class_folders_get_a_class_level_proxy_and_a_flat_folder_none(tmp_path: Path, capsys) -> None:
+    tree = things_tree(tmp_path, {c: 5 for c in ("apple", "kiwi", "mango", "fig", "yak", "zebra")})
+    cfg = _cfg(tmp_path, tree, proxy_n_triplets=300)
+    data = load_human_data(cfg, sources.source_from_config(cfg.source))
+    assert data.is_proxy and set(data.level_of.tolist()) <= {"local", "class_boundary"} and len(data.triplets) == 300
+    args = ["validate", "--root", str(tmp_path / "root"), "--set", "source.kind=folder", "--set", f"source.path={tree}",
+            "--set", "cluster.k=2", "--set", "human.folds=3"]
+    assert main(args) == 0
+    assert "human data: the taxonomy proxy (not human), drawn from the source's labels: 1 coarse categories, 6 classes" \
+        in capsys.readouterr().out
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(tree.glob("*/*.jpg"))[:6]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(ConfigError, match=r"human.triplets: .*6 of the 6 images .* have no label .*no taxonomy proxy"):
+        load_human_data(_cfg(tmp_path, flat), sources.source_from_config(_cfg(tmp_path, flat).source))
