@@ -287,6 +287,10 @@ def cluster_markdown(out: ClusterOutput) -> str:
         "",
         f"{agreement}; inertia {m.inertia:.4g}.",
         "",
+        f"Minimum cluster size {m.min_cluster_size}: "
+        + (f"{len(m.reseeded)} smaller cluster(s) re-seeded ({', '.join(str(r['size']) for r in m.reseeded)} images)."
+           if m.reseeded else "no cluster was smaller."),
+        "",
         "| smallest | median | largest | empty |",
         "|---|---|---|---|",
         f"| {sizes.min()} | {int(np.median(sizes))} | {sizes.max()} | {int((sizes == 0).sum())} |",
