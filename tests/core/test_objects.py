@@ -11,6 +11,7 @@ import pytest
 
 from alignet_core.config import parse_config
 from alignet_core.errors import ConfigError, InputError
+from alignet_core.evaluate.sets import build_sets
 from alignet_core.io import sources
 from alignet_core.transform import human
 from alignet_core.transform.human_data import load_human_data
@@ -158,9 +159,16 @@ def test_a_labelled_csv_source_gets_the_taxonomy_proxy_at_every_level(tmp_path: 
                                    "label_columns": ["category", "subcategory"]},
                         "human": {"folds": 3, "proxy_n_triplets": 600,
                                   "proxy_mix": {"global": 1, "local": 1, "class_boundary": 1}}})
-    data = load_human_data(cfg, sources.source_from_config(cfg.source))
+    src = sources.source_from_config(cfg.source)
+    data = load_human_data(cfg, src)
     assert data.is_proxy and data.name(cfg) == "taxonomy proxy (not human)" and len(data.triplets) == 600
     assert set(data.level_of.tolist()) == {"global", "local", "class_boundary"}
+    # the same two label columns build the evaluation levels, over the test fold's images
+    sets = {s.name: s for s in build_sets(cfg, src, data)}
+    assert {"global", "local", "class_boundary", "human"} <= set(sets)
+    coarse = np.asarray(src.labels())
+    g = sets["global"].triplets
+    assert (coarse[g[:, 0]] == coarse[g[:, 1]]).all() and (coarse[g[:, 2]] != coarse[g[:, 0]]).all()
 
 
 def test_class_folders_get_a_class_level_proxy_and_a_flat_folder_none(tmp_path: Path, capsys) -> None:
