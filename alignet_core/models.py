@@ -229,8 +229,9 @@ def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, keep: set[str]
 
 
 def feature_dim(model: torch.nn.Module) -> int:
-    """Width p of `pooled_features`."""
-    return int(model.num_features)
+    """Width p of `pooled_features`: the pre-logits width, timm's `head_hidden_size` where a model has a
+    hidden head layer (`mobilenetv3_small_050`: 1,024, while `num_features` is 288), else `num_features`."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def data_config(model: torch.nn.Module) -> dict:

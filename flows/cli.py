@@ -174,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.root:
         overrides["root"] = str(Path(args.root).resolve()) if "://" not in args.root else args.root
     try:
-        resolve_config(args.config, overrides)
+        cfg = resolve_config(args.config, overrides)
         if args.command == "validate":
+            for line in _human_summary(cfg):
+                print(line)
             print(f"config ok: {args.config or '(demo defaults)'}")
             return 0
         result = _run(args.command, args.config, overrides)
@@ -197,6 +199,23 @@ def main(argv: list[str] | None = None) -> int:
 
         print(alignment_markdown(result))
     return 0
+
+
+def _human_summary(cfg: Any) -> list[str]:
+    """What `validate` shows of the human data: the object ↔ image mapping of a triplet file (objects
+    with images, triplets kept, unknown ids), or that the taxonomy proxy stands in for human data."""
+    from alignet_core.io.sources import source_from_config
+    from alignet_core.transform.human_data import PROXY_NAME, load_human_data, proxy_taxonomy
+
+    src = source_from_config(cfg.source)
+    if cfg.human.triplets is None:
+        labels = proxy_taxonomy(cfg, src)
+        if labels is None:
+            return ["human data: none (the source has unlabelled images)"]
+        return [f"human data: the {PROXY_NAME}, drawn from the source's labels: {len(set(labels[0]))} coarse "
+                f"categories, {len(set(labels[1]))} classes"]
+    data = load_human_data(cfg, src)
+    return data.mapping.lines() if data.mapping is not None else []
 
 
 def _run(command: str, config_path: str | None, overrides: dict[str, Any]) -> Any:

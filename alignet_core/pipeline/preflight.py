@@ -12,7 +12,7 @@ from alignet_core.config import PipelineConfig, check_micro_batches, device_list
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.io import formats, sources, store
 from alignet_core.model_refs import check_model_name, resolve_weights
-from alignet_core.transform.human_data import load_human_data
+from alignet_core.transform.human_data import load_human_data, no_human_data_message, proxy_taxonomy
 
 
 def preflight(cfg: PipelineConfig) -> None:
@@ -41,15 +41,14 @@ def preflight(cfg: PipelineConfig) -> None:
     if cfg.cluster.k > n:
         raise ConfigError(f"cluster.k: {cfg.cluster.k} clusters for {n} images; k must be at most the number of images")
     h = cfg.human
-    for field in ("triplets", "probabilities", "objects"):
+    for field in ("triplets", "probabilities", "objects", "concepts"):
         path = getattr(h, field)
         if path is not None and not store.exists(path):
             raise InputError(f"human.{field}: file {path!r} does not exist")
     if h.probabilities and not h.triplets:
         raise ConfigError("human.probabilities: given without human.triplets")
-    if h.triplets is None and cfg.source.kind != "demo" and cfg.transform.enabled:
-        raise ConfigError("human.triplets: a THINGS-format triplet file is required unless source.kind is 'demo' "
-                          "or transform.enabled is false")
+    if h.triplets is None and cfg.transform.enabled and proxy_taxonomy(cfg, src) is None:
+        raise ConfigError(no_human_data_message(src))
     if len(set(cfg.sample.strategies)) != len(cfg.sample.strategies):
         raise ConfigError(f"sample.strategies: duplicates in {list(cfg.sample.strategies)}")
     if cfg.device == "cuda":
@@ -78,8 +77,9 @@ def preflight(cfg: PipelineConfig) -> None:
         try:
             load_human_data(cfg, src)
         except InputError as err:
-            field = next((f for f in ("probabilities", "objects") if getattr(h, f) and getattr(h, f) in str(err)),
-                         "triplets")
+            if str(err).startswith("human."):
+                raise
+            field = next((f for f in ("probabilities",) if getattr(h, f) and getattr(h, f) in str(err)), "triplets")
             raise InputError(f"human.{field}: {err}") from None
     e = cfg.evaluate
     if e.enabled and e.student is not None:

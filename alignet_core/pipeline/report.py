@@ -246,6 +246,8 @@ def transform_markdown(out: TransformOutput) -> str:
     r = m.roles
     lines = [f"# Transform: test-fold accuracy {_est(h.zero_shot if h else None)} → {_est(h.transformed if h else None)}",
              "", f"Human data: {m.human_data}."]
+    if m.objects is not None:
+        lines += ["", *(f"    {line}" for line in m.objects.lines())]
     if r is not None and h is not None:
         lines += [f"Objects in {r.folds} folds: triplets {r.train} train, {r.val} validation (early stopping), "
                   f"{r.test} test on {h.n_objects} objects no fit saw; {r.dropped} dropped (objects in two roles).", "",
@@ -300,6 +302,10 @@ def cluster_markdown(out: ClusterOutput) -> str:
         f"# k-means, k = {m.k}",
         "",
         f"{agreement}; inertia {m.inertia:.4g}.",
+        "",
+        f"Minimum cluster size {m.min_cluster_size}: "
+        + (f"{len(m.reseeded)} smaller cluster(s) re-seeded ({', '.join(str(r['size']) for r in m.reseeded)} images)."
+           if m.reseeded else "no cluster was smaller."),
         "",
         "| smallest | median | largest | empty |",
         "|---|---|---|---|",

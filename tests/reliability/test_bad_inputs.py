@@ -70,7 +70,7 @@ def test_broken_images_are_skipped_and_reported_other_rows_unchanged(good: Path,
 
     def run(folder: Path, root: Path):
         cfg = parse_config({"root": str(root), "device": "cpu", "source": {"kind": "folder", "path": str(folder)},
-                            "embed": EMBED, "transform": {"enabled": False}, "cluster": {"k": 2},
+                            "embed": {**EMBED, "max_skipped_fraction": 1.0}, "transform": {"enabled": False}, "cluster": {"k": 2},
                             "distill": {"enabled": False}})
         preflight(cfg)
         return run_embed(cfg)
@@ -167,7 +167,9 @@ def test_transform_and_store_of_different_widths(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- human data, up front
-def _human_cfg(good: Path, tmp_path: Path, **human: str) -> object:
+def _human_cfg(good: Path, tmp_path: Path, **human: str | bool) -> object:
+    if "objects" not in human:
+        human["positional"] = True
     return parse_config({"root": str(tmp_path / "root"), "source": {"kind": "folder", "path": str(good)},
                          "cluster": {"k": 2}, "human": human})
 
@@ -203,7 +205,8 @@ def test_bad_probabilities_and_objects_fail_in_preflight(good: Path, tmp_path: P
         preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt"),
                                     probabilities=str(tmp_path / "psum.npy")))
     (tmp_path / "objects.csv").write_text("object,image_id\n0,c0/nope.png\n")
-    with pytest.raises(InputError, match="human.objects: .*objects.csv: line 2: image_id 'c0/nope.png' is not in"):
+    with pytest.raises(InputError, match="human.objects: .*objects.csv: no image_id is in the image source "
+                                         r"\(e.g. line 2: image_id 'c0/nope.png' is not in"):
         preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt"),
                                     objects=str(tmp_path / "objects.csv")))
 
