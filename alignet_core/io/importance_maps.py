@@ -212,7 +212,7 @@ def _alpha(path: str) -> np.ndarray | None:
         img = img.convert("RGBA")
     if img.mode not in ("RGBA", "LA", "RGBa", "La"):
         return None
-    return np.asarray(img.getchannel("A"), dtype=np.float32) / 255.0
+    return np.array(img.getchannel("A"), dtype=np.float32) / 255.0
 
 
 def _map_file(folder: str, image_id: str) -> np.ndarray | None | str:
@@ -234,7 +234,7 @@ def _map_file(folder: str, image_id: str) -> np.ndarray | None | str:
             img.load()
         except (OSError, SyntaxError, ValueError):
             return "undecodable PNG"
-        return np.asarray(img.convert("F"), dtype=np.float32)
+        return np.array(img.convert("F"), dtype=np.float32)
     return None
 
 

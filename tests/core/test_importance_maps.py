@@ -145,9 +145,11 @@ def test_proxy_maps_are_blurred_alpha_silhouettes(tmp_path):
     src = _source(tmp_path)
     maps, tokens, rep = M.source_maps(src, "proxy", _geometry_transform(20))
     assert maps.shape == (3, 20, 20) and tokens.tolist() == [1.0, 1.0, 1.0] and rep.read == 3
-    # inside the silhouette is brighter than outside; the blur leaves no hard edge
+    # inside the silhouette is brighter than outside; the blur leaves soft edges (values between 0 and
+    # the top); the reference's 10-pixel kernel (at 64×64) does not reach far corners
     assert maps[0, 10, 6] > maps[0, 2, 18]
-    assert 0 < maps[0].min() < maps[0].max() < 1
+    assert maps[0].min() == 0 and maps[0].max() <= 1
+    assert ((maps[0] > 0.05) & (maps[0] < 0.95 * maps[0].max())).sum() > 10
     (tmp_path / "plain").mkdir()
     plain = _source(tmp_path / "plain", alpha=False)
     with pytest.raises(InputError, match="distill.harmonize.maps: none of the 3 images"):
