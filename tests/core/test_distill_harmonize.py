@@ -59,8 +59,9 @@ def test_student_term_is_the_harmonization_term_of_the_classifier_saliency(pool,
 
 def test_harmonized_training_runs_and_differs_from_plain(pool, split, tmp_path):
     cpu = torch.device("cpu")
-    plain = train_student(split, pool, _cfg(harmonize=None), str(tmp_path / "plain"), cpu, seed=0)
-    harm = train_student(split, pool, _cfg(), str(tmp_path / "harm"), cpu, seed=0)
+    plain = train_student(split, pool, _cfg(harmonize=None, steps=2, checkpoint_every=100), str(tmp_path / "plain"), cpu,
+                          seed=0)
+    harm = train_student(split, pool, _cfg(steps=2, checkpoint_every=100), str(tmp_path / "harm"), cpu, seed=0)
     assert all(np.isfinite(harm["loss_curve"]))
     assert harm["trajectory"]["harmonize"] == {"weight": 1.0, "levels": 3, "maps": "proxy", "labels": "top1"}
     assert "harmonize" not in plain["trajectory"]
