@@ -383,6 +383,12 @@ class EvaluateConfig(_Config):
     )
     sets: list[EvalSetConfig] = Field(default_factory=list, description="more evaluation sets from files")
     batch_size: int = Field(128, gt=0, description="images per forward pass when the students embed them")
+    saliency_maps: str | None = Field(
+        None, description="the 'where' metric: 'proxy' (the demo's blurred alpha silhouettes, a proxy) or a folder of "
+        "<image id>.png/.npy importance maps; Spearman and top-10% IoU/Dice of the raw and finetuned students' "
+        "saliency against them on test-fold images the distillation did not train on; null: off",
+    )
+    saliency_images: int = Field(256, gt=0, description="at most this many images for the 'where' metric")
 
 
 class PipelineConfig(_Config):

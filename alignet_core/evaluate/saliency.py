@@ -30,6 +30,7 @@ from alignet_core.evaluate.bootstrap import MeanEstimate, mean_interval
 from alignet_core.io.importance_maps import source_maps
 from alignet_core.io.sources import ImageSource
 from alignet_core.pipeline.runner import Record
+from alignet_core.plots import saliency_grid_png
 
 TOP_PERCENT = 10
 EPSILON = 1e-9
@@ -106,6 +107,7 @@ class SaliencyAlignment(Record):
     before: SaliencyScores
     after: SaliencyScores
     spearman_change: MeanEstimate  # mean of per-image (after − before), paired interval
+    images: str = ""  # which images, and whether training saw them
 
 
 def per_image_scores(sal: torch.Tensor, human: torch.Tensor) -> dict[str, np.ndarray]:
@@ -146,3 +148,25 @@ def student_saliency(student: TripletStudent, source: ImageSource, rows: np.ndar
     backbone = student.backbone.eval().to(device)
     sal, _labels = explain(lambda x: backbone(x), images.to(device), None, batch_size)
     return sal, human[torch.from_numpy(keep)], torch.from_numpy(rows)
+
+
+LABEL_RULE = "top-1 class of each model's own ImageNet classifier"
+
+
+def where_metric(raw: TripletStudent, tuned: TripletStudent, source: ImageSource, rows: np.ndarray, maps: str,
+                 device: torch.device, seed: int, maps_name: str, n_pictures: int = 4
+                 ) -> tuple[SaliencyAlignment, bytes | None]:
+    """The "where" metric of the pretrained (`raw`) and finetuned (`tuned`) student on source rows
+    (those with a map), and a PNG of `n_pictures` images side by side (image, map, saliency before,
+    after; None when no image has a map). `maps_name` is how reports name the maps."""
+    before_sal, human, kept = student_saliency(raw, source, rows, maps, device)
+    after_sal, _, _ = student_saliency(tuned, source, rows, maps, device)
+    result = saliency_alignment(per_image_scores(before_sal, human), per_image_scores(after_sal, human), maps_name,
+                                LABEL_RULE, seed)
+    picks = kept[:n_pictures]
+    if not len(picks):
+        return result, None
+    transform = eval_transform(raw.backbone, raw.image_size)
+    images = decode_images([source.records[int(r)].path for r in picks], transform)
+    png = saliency_grid_png(images, human[:len(picks)], before_sal[:len(picks)], after_sal[:len(picks)])
+    return result, png

@@ -68,3 +68,29 @@ def test_alignment_summary_and_paired_change():
     assert res.spearman_change.low > 0
     est = mean_interval(np.array([1.0, 2.0, np.nan, 3.0]), seed=0)
     assert est.value == pytest.approx(2.0) and est.n == 3 and 1.0 <= est.low <= est.high <= 3.0
+
+
+def test_where_metric_on_demo_emoji_with_proxy_maps():
+    """Real demo emoji, their proxy maps, a tiny real timm student: the same student before and after
+    has a zero paired change; a picture comes back; the markdown names the proxy."""
+    from alignet_core.config import DistillConfig
+    from alignet_core.distill.student import build_student
+    from alignet_core.evaluate.bootstrap import MeanEstimate
+    from alignet_core.evaluate.stage import EvaluateMetrics, EvaluateOutput
+    from alignet_core.io import sources
+    from alignet_core.io.importance_maps import PROXY_NAME
+    from alignet_core.pipeline.report import saliency_markdown
+
+    demo = sources.demo_source()
+    src = sources.ImageSource(demo.records[:12], "demo (12)")
+    cfg = DistillConfig(student="resnet10t", weights=None, head_dim=8, image_size=32)
+    student = build_student(cfg, 0)
+    res, png = S.where_metric(student, student, src, np.arange(12), "proxy", torch.device("cpu"), 0, PROXY_NAME, 3)
+    assert res.n_images == 12 and png is not None and png[:4] == b"\x89PNG"
+    assert res.spearman_change.value == pytest.approx(0.0, abs=1e-12)
+    assert isinstance(res.before.spearman, MeanEstimate) and -1 <= res.before.spearman.value <= 1
+    metrics = EvaluateMetrics(sets={}, models={}, scores={}, changes={}, uncertainty={}, temperatures={}, reference={},
+                              human_data=None, saliency=res, seconds=0.0)
+    out = EvaluateOutput(stage="evaluate", key="k", dir="/nowhere", artifact="/nowhere/a.json", metrics=metrics)
+    text = saliency_markdown(out)
+    assert "PROXY" in text and "no significant change" in text and "| pretrained |" in text
