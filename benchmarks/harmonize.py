@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 import tempfile
 import time
 
@@ -99,14 +101,18 @@ def step_seconds(cfg: DistillConfig, train: formats.AlignetTriplets, src: source
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pool", type=int, default=600, help="demo images used")
-    ap.add_argument("--steps", type=int, default=120, help="training steps of each student (the demo's 120)")
-    ap.add_argument("--n-train", type=int, default=6000)
-    ap.add_argument("--n-heldout", type=int, default=1000)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--pool", type=int, default=300, help="demo images used")
+    ap.add_argument("--steps", type=int, default=40, help="training steps of each student (the demo runs 120)")
+    ap.add_argument("--batch", type=int, default=4, help="triplets per step (the demo's 16)")
+    ap.add_argument("--image-size", type=int, default=32, help="student input pixels (the demo's 64)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the demo's 3e-4)")
+    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--n-heldout", type=int, default=600)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-write", action="store_true", help="print the result, do not write it")
     args = ap.parse_args()
-    write = args.pool == 600 and args.steps == 120
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     torch.manual_seed(args.seed)
     cpu = torch.device("cpu")
     demo = sources.demo_source()
@@ -124,18 +130,22 @@ def main() -> None:
     held = ordered_triplets(temb, held_rows, args.n_heldout, args.seed + 3)
     teacher_s = time.perf_counter() - t0
 
-    base = dict(student="tf_efficientnet_lite0", weights="packaged", image_size=64, batch_triplets=16,
-                steps=args.steps, warmup_steps=max(1, args.steps // 10), lr=3e-4, checkpoint_every=10**6)
+    base = dict(student="tf_efficientnet_lite0", weights="packaged", image_size=args.image_size,
+                batch_triplets=args.batch, steps=args.steps, warmup_steps=max(1, args.steps // 10), lr=args.lr,
+                checkpoint_every=10**6)
     plain_cfg = DistillConfig(**base)
     harm_cfg = DistillConfig(**base, harmonize=HarmonizeConfig(weight=1.0, levels=5, maps="proxy"))
 
+    logging.info("teacher and triplets: %.1f s", teacher_s)
     cost = step_seconds(harm_cfg, train, src, args.reps)
+    logging.info("step cost: %s", {k: cost[k] for k in ("plain_s", "harmonized_s", "cost_ratio")})
 
     out: dict = {}
     students = {"pretrained": build_student(plain_cfg, args.seed)}
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in (("plain", plain_cfg), ("harmonized", harm_cfg)):
-            log = train_student(train, src, cfg, f"{tmp}/{name}", cpu, args.seed)
+            log = train_student(train, src, cfg, f"{tmp}/{name}", cpu, args.seed,
+                                progress=lambda i, loss, name=name: logging.info("%s step %d loss %.4f", name, i, loss))
             out[f"{name}_train"] = {"loop_s": log["seconds"], "s_per_step": round(log["seconds"] / cfg.steps, 3),
                                     "final_loss": log["final_loss"]}
             students[name] = load_student(f"{tmp}/{name}", cfg)
@@ -165,7 +175,8 @@ def main() -> None:
         "setup": {"pool": args.pool, "train_images": int(len(train_rows)), "heldout_images": int(len(held_rows)),
                   "train_triplets": int(len(train)), "heldout_triplets": int(len(held)), "steps": args.steps,
                   "teacher": "tf_efficientnet_lite2 packaged, pooled features at 128 px, cosine",
-                  "student": "tf_efficientnet_lite0 packaged at 64 px, batch 16, lr 3e-4",
+                  "student": f"tf_efficientnet_lite0 packaged at {args.image_size} px, batch {args.batch} triplets, "
+                             f"lr {args.lr}",
                   "harmonize": harm_cfg.harmonize.model_dump(), "teacher_s": round(teacher_s, 1)},
         "spearman_vs_proxy_maps": where,
         "spearman_change": change,
@@ -176,10 +187,10 @@ def main() -> None:
         **out,
         "machine": machine_info(),
     }
-    if write:
-        write_result("harmonize", result)
+    if args.no_write:
+        print(json.dumps(result))
     else:
-        print(json.dumps({**result, "note": "a smoke run (not --pool 600 --steps 120): printed, not written"}))
+        write_result("harmonize", result)
 
 
 if __name__ == "__main__":
