@@ -202,7 +202,8 @@ def _where(cfg: PipelineConfig, src: sources.ImageSource, student: StageOutput |
     if ev.saliency_maps is None or folder is None:
         return None, None
     rows = np.asarray(test_rows, dtype=np.int64)
-    dataset, sampling = getattr(student.metrics, "dataset", None), getattr(student.metrics, "sampling", None)
+    metrics = None if student is None else student.metrics
+    dataset, sampling = getattr(metrics, "dataset", None), getattr(metrics, "sampling", None)
     images = "test-fold images (the student's training triplets are unknown here: they may include these)"
     if ev.student is None and dataset and sampling:  # images the distillation trained on are not held out
         trained = read_split(store.join(dataset, f"train_{sampling}.npz"), src, cfg.distill.join).indices
