@@ -330,6 +330,23 @@ class SampleConfig(_Config):
     dask_address: str | None = Field(None, description="address of an existing Dask scheduler")
 
 
+class HarmonizeConfig(_Config):
+    """The neural harmonizer beside the AligNet loss (alignet_core/distill/harmonizer.py): align where the
+    student looks (its saliency) with importance maps."""
+
+    weight: float = Field(1.0, gt=0.0, description="λ of the pyramidal saliency term (the reference's 1.0)")
+    levels: int = Field(5, ge=1, le=8, description="levels of the binomial pyramid the term compares maps on")
+    maps: str = Field(
+        "proxy", min_length=1,
+        description="'proxy' (the demo: each image's blurred alpha silhouette, a proxy for where the object is) or a "
+        "folder of <image id>.png / <image id>.npy maps; images without a map do not enter the term",
+    )
+    labels: Literal["top1"] = Field(
+        "top1", description="whose logit's saliency: 'top1' = the backbone classifier's own top-1 class (the only "
+        "choice: triplet datasets carry no class indices of the backbone's classifier)",
+    )
+
+
 class DistillConfig(_Config):
     """Stage 4: finetune a student on the published triplets."""
 
@@ -386,7 +403,24 @@ class DistillConfig(_Config):
         "by torchrun on every node (README, 'Scaling out'), not by the stage",
     )
 
+    harmonize: HarmonizeConfig | None = Field(
+        None, description="the neural harmonizer's saliency term beside the AligNet loss (one process only); "
+        "null: off",
+    )
+
     _rank_devices = _devices_validator(rank_devices_problem)
+
+    @model_validator(mode="after")
+    def _harmonize_in_one_process(self) -> "DistillConfig":
+        if self.harmonize is None:
+            return self
+        if (self.devices is not None and len(self.devices) > 1) or self.nodes > 1:
+            raise ValueError("distill.harmonize: the harmonizer trains in one process; set distill.devices to one "
+                             "device and distill.nodes to 1, or distill.harmonize to null")
+        if self.compile:
+            raise ValueError("distill.harmonize: the harmonizer's double backward runs uncompiled; set "
+                             "distill.compile to false")
+        return self
 
 
 class EvalSetConfig(_Config):
@@ -416,6 +450,12 @@ class EvaluateConfig(_Config):
     )
     sets: list[EvalSetConfig] = Field(default_factory=list, description="more evaluation sets from files")
     batch_size: int = Field(128, gt=0, description="images per forward pass when the students embed them")
+    saliency_maps: str | None = Field(
+        None, description="the 'where' metric: 'proxy' (the demo's blurred alpha silhouettes, a proxy) or a folder of "
+        "<image id>.png/.npy importance maps; Spearman and top-10% IoU/Dice of the raw and finetuned students' "
+        "saliency against them on test-fold images the distillation did not train on; null: off",
+    )
+    saliency_images: int = Field(256, gt=0, description="at most this many images for the 'where' metric")
 
 
 class PipelineConfig(_Config):

@@ -113,7 +113,7 @@ def distill_files(cfg: PipelineConfig, ds: StageOutput | None) -> DistillFiles:
 def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
     """The distill stage's plan. Its key: the `distill` section except `devices` and `nodes`, the seed,
     the image source, the input's key, the compute identity of the training devices (kind and autocast
-    dtype) and the rank count, nodes × devices.
+    dtype) and the rank count, nodes × devices. `distill.harmonize` enters the key when it is on.
 
     The rank count is part of the key, like `compile`: N ranks follow the one-process trajectory (same
     global batch, same schedule, same decay to init) only up to reduction order. Their gradients are
@@ -124,7 +124,8 @@ def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
     devices of a kind (cuda:0,1 or cuda:2,3) changes nothing and is left out, as `embed.devices` is.
     """
     layout = rank_layout(cfg)
-    conf = {"distill": cfg.distill.model_dump(exclude={"devices", "nodes"}), "seed": cfg.seed,
+    off = {"harmonize"} if cfg.distill.harmonize is None else set()  # keys of runs without it stay as they were
+    conf = {"distill": cfg.distill.model_dump(exclude={"devices", "nodes"} | off), "seed": cfg.seed,
             "source": sources.source_identity(cfg.source),
             "compute": dataclasses.asdict(compute_identity(layout.devices[0])), "ranks": layout.ranks}
     return plan_stage(cfg.root, "distill", conf, [files.key], __name__)

@@ -134,6 +134,8 @@ def write_report(cfg: PipelineConfig, outs: RunOutputs) -> RunSummary:
     text = run_markdown(summary)
     if outs.evaluate is not None:
         text += "\n" + alignment_markdown(outs.evaluate)
+        if outs.evaluate.metrics.saliency is not None:
+            text += "\n" + saliency_markdown(outs.evaluate, picture=False)
     with fsspec.open(store.join(folder, "report.md"), "w") as f:
         f.write(text)
     return summary
@@ -227,6 +229,34 @@ def alignment_markdown(out: EvaluateOutput) -> str:
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {m.models[model]} | {n} | {m.temperatures.get(model, float('nan')):.3g} | {u.nll:.3f} | "
                   f"{u.jsd:.3f} | {u.entropy_spearman:.3f} | {u.ece:.3f} |" for model, n, u in rows]
+    return "\n".join(lines) + "\n"
+
+
+def saliency_markdown(out: EvaluateOutput, picture: bool = True) -> str:
+    """The `saliency-alignment` artifact: the "where" metric of the pretrained and finetuned student
+    (Spearman and top-10% IoU/Dice of saliency vs importance maps, means with 95% intervals), the
+    paired change, and (with `picture`) a few images side by side."""
+    a = out.metrics.saliency
+    if a is None:
+        return ""
+    proxy = "proxy" in a.maps
+    title = "Where the student looks" + (" (against PROXY maps)" if proxy else "")
+    lines = [f"# {title}", "", f"Maps: {a.maps}. Images: {a.n_images} {a.images}. Saliency: max |∂ logit / ∂ pixel| "
+             f"of the {a.label_rule}.", "",
+             "| student | Spearman | IoU top 10% | Dice top 10% |", "|---|---|---|---|"]
+    for name, sc in (("pretrained", a.before), ("finetuned", a.after)):
+        lines.append(f"| {name} | {sc.spearman.text()} | {sc.iou_top10.text()} | {sc.dice_top10.text()} |")
+    c = a.spearman_change
+    lines += ["", f"Spearman change, finetuned − pretrained (paired): {c.text()}"
+              + ("" if c.n == 0 or c.low > 0 or c.high < 0 else ", no significant change") + "."]
+    if proxy:
+        lines += ["", "The maps are a proxy (the emoji's silhouettes): they say where the object is, not which of its "
+                  "parts people find diagnostic."]
+    if picture and out.metrics.saliency_picture:
+        png = store.join(out.dir, out.metrics.saliency_picture)
+        if store.exists(png):
+            with fsspec.open(png, "rb") as f:
+                lines += ["", plots.markdown_image(f.read(), "image, map, saliency before, after")]
     return "\n".join(lines) + "\n"
 
 

@@ -233,6 +233,7 @@ def test_evaluate_alone_on_a_checkpoint_and_a_set_the_pipeline_did_not_make(harn
     root = tmp_path / "root"
     args = ["evaluate", "--root", str(root)]
     for k, v in {**tiny(root), "distill.head_dim": 16, "distill.image_size": 32, "evaluate.student": str(folder),
+                 "evaluate.saliency_maps": "proxy", "evaluate.saliency_images": 6,
                  "evaluate.sets": json.dumps([{"name": "mine", "triplets": str(tmp_path / "mine.txt"),
                                                "probabilities": str(tmp_path / "mine.npy")}])}.items():
         args += ["--set", f"{k}={v}"]
@@ -246,6 +247,11 @@ def test_evaluate_alone_on_a_checkpoint_and_a_set_the_pipeline_did_not_make(harn
     assert mine["n"] == 150 and mine["unit"] == "triplets" and mine["low"] <= mine["value"] <= mine["high"]
     assert set(m["uncertainty"]["student_aligned"]) == {"human", "mine"}
     assert (root / "stages" / "evaluate").glob("*/sets/mine.txt")
+    # the "where" metric against the proxy maps, named a proxy, with a picture beside the metrics
+    sal = m["saliency"]
+    assert sal["n_images"] == 6 and "proxy" in sal["maps"] and "unknown here" in sal["images"]
+    assert sal["before"]["spearman"]["low"] <= sal["before"]["spearman"]["value"] <= sal["before"]["spearman"]["high"]
+    assert next((root / "stages" / "evaluate").glob("*/saliency.png")).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_too_many_skipped_images_fail_the_run_naming_the_count(harness, tmp_path, capsys):
