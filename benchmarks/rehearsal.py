@@ -85,7 +85,7 @@ def pipeline_config(args: argparse.Namespace, root: str, images: str, human: tup
         "source": {"kind": "folder", "path": images},
         "embed": {"model": args.model, "weights": None, "batch_size": args.embed_batch, "chunk_rows": 4 * args.embed_batch,
                   "num_workers": args.workers, "store_dtype": "float16"},
-        "human": {"triplets": human[0], "probabilities": human[1]},
+        "human": {"triplets": human[0], "probabilities": human[1], "positional": True},
         "transform": {"targets": "soft", "epochs": args.transform_epochs, "chunk_rows": 8192},
         "cluster": {"k": args.k, "niter": 20},
         "sample": {"strategies": ["cluster_border"], "n_train": args.triplets, "n_valid": max(100, args.triplets // 100),

@@ -9,6 +9,7 @@ or give a wrong type before the run is created; inside the flow the whole config
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -48,8 +49,18 @@ def as_dict(overrides: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
 def resolve_config(config_path: str | None, overrides: BaseModel | dict[str, Any] | None) -> PipelineConfig:
     """Defaults (the demo) or the YAML file, then the overrides; validated and preflighted
     before any work starts."""
+    _pipeline_lines_at_info()
     cfg = load_config(config_path) if config_path else parse_config({})
     if given := as_dict(overrides):
         cfg = with_overrides(cfg, given)
     preflight(cfg)
     return cfg
+
+
+def _pipeline_lines_at_info() -> None:
+    """The library's INFO lines (images embedded, fit results, dataset paths) reach the run's logs: Prefect
+    hands `PREFECT_LOGGING_EXTRA_LOGGERS` its API handler but not a level, and Python's default is WARNING.
+    A level set by the caller (the CLI's -v) is kept."""
+    lib = logging.getLogger("alignet_core")
+    if lib.level == logging.NOTSET:
+        lib.setLevel(logging.INFO)

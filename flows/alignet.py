@@ -9,7 +9,7 @@ from flows._config import Overrides, resolve_config
 from flows.sample import sample_on_dask
 from tasks.cluster import cluster
 from tasks.distill import distill
-from tasks.embed import embed
+from tasks.embed import embedded
 from tasks.evaluate import evaluate
 from tasks.report import report
 from tasks.transform import fit_transform
@@ -19,7 +19,7 @@ from tasks.transform import fit_transform
 def alignet(config_path: str | None = None, overrides: Overrides | None = None) -> RunSummary:
     """Run every stage (each cached on its content key) and return the run's summary."""
     cfg = resolve_config(config_path, overrides)
-    emb = embed(cfg)
+    emb = embedded(cfg)
     tfm = fit_transform(cfg, emb)
     clu = cluster(cfg, tfm)
     ds = sample_on_dask(cfg, tfm, clu)

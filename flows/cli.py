@@ -27,22 +27,47 @@ def _setup_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+class UsageError(ValueError):
+    """A command line that cannot be run as written (exit 2, one line)."""
+
+
 def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"error: --set expects key=value (e.g. cluster.k=20), got {pair!r}")
+            raise UsageError(f"--set expects KEY=VALUE (e.g. --set cluster.k=20), got {pair!r}")
         key, value = pair.split("=", 1)
         try:
             out[key.strip()] = load_yaml(value, f"--set {key.strip()}")
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key.strip()}: not a YAML value ({str(err).splitlines()[0]})") from None
+            raise UsageError(f"--set {key.strip()}: the value {value[:80]!r} is not YAML "
+                             f"({str(err).splitlines()[0]})") from None
     return out
 
 
+_EXAMPLES = {
+    "demo": "alignet demo --root alignet-data",
+    "run": "alignet run -c my.yaml --set cluster.k=20 --set sample.n_triplets=100000",
+    "embed": "alignet embed -c my.yaml --set embed.batch_size=128",
+    "transform": "alignet transform -c my.yaml --set transform.epochs=30",
+    "cluster": "alignet cluster -c my.yaml --set cluster.k=50",
+    "sample": "alignet sample -c my.yaml --set sample.n_triplets=1000000",
+    "distill": "alignet distill -c my.yaml --set distill.steps=2000",
+    "evaluate": "alignet evaluate -c my.yaml --set evaluate.student=runs/student",
+    "validate": "alignet validate -c my.yaml   # checks fields, paths, model names, human data; runs nothing",
+}
+_STAGE_NOTE = ("Each stage reuses the finished stages before it (same config, same code) and computes "
+               "the missing ones.")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alignet", description="AligNet dataset generation and distillation pipeline")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="alignet", description="AligNet dataset generation and distillation pipeline",
+                                epilog="examples:\n  alignet demo\n  alignet validate -c my.yaml\n"
+                                       "  alignet run -c my.yaml\n  alignet datasets list",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log lines: -v every library line, -vv also Prefect's and Dask's")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_ in [
         ("demo", "run the whole pipeline on the shipped emoji demo config (no network)"),
         ("run", "run the whole pipeline from a YAML config"),
@@ -54,12 +79,19 @@ def _build_parser() -> argparse.ArgumentParser:
         ("evaluate", "stage 5: alignment at every level, before and after, with 95% intervals"),
         ("validate", "check a config (and its input paths) without running anything"),
     ]:
-        sp = sub.add_parser(name, help=help_)
+        note = f"\n\n{_STAGE_NOTE}" if name not in ("demo", "run", "validate") else ""
+        sp = sub.add_parser(name, help=help_.replace("%", "%%"), description=help_[0].upper() + help_[1:] + "." + note,
+                            epilog=f"example:\n  {_EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("--config", "-c", help="YAML pipeline config (default: the demo config)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set cluster.k=20 (repeatable)")
         sp.add_argument("--root", help="artifact root (overrides the config's root)")
-    ds = sub.add_parser("datasets", help="list, show and verify published dataset versions")
+    ds = sub.add_parser("datasets", help="list, show and verify published dataset versions",
+                        description="List, show and verify published dataset versions (read-only).",
+                        epilog="examples:\n  alignet datasets list --root alignet-data\n"
+                               "  alignet datasets show demo --version latest\n"
+                               "  alignet datasets verify demo   # re-hashes every file against its manifest",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ds.add_argument("action", choices=["list", "show", "verify"])
     ds.add_argument("name", nargs="?", help="dataset name (default: the config's dataset_name)")
     ds.add_argument("--version", default="latest", help="a version id, or 'latest' (default)")
@@ -67,6 +99,17 @@ def _build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--root", help="artifact root (default: the config's root)")
     ds.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return p
+
+
+def _setup_logging(verbose: int) -> None:
+    """INFO lines of the pipeline's own loggers; -v adds DEBUG, -vv Prefect's and Dask's INFO lines."""
+    logging.basicConfig(level=logging.INFO if verbose >= 2 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("alignet_core", "flows", "tasks"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+    if verbose < 2:
+        for noisy in ("httpx", "distributed", "faiss.loader", "prefect"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _datasets(args: argparse.Namespace) -> int:
@@ -112,9 +155,12 @@ def _datasets(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "distributed", "faiss.loader"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _setup_logging(args.verbose)
+    try:
+        overrides = _parse_overrides(getattr(args, "set", []))
+    except (UsageError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
     from alignet_core.errors import AlignetError
     from flows._config import resolve_config
@@ -130,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         from alignet_core.io.sources import demo_data_dir
 
         args.config = str(demo_data_dir() / "demo.yaml")
+    if args.root:
+        overrides["root"] = str(Path(args.root).resolve()) if "://" not in args.root else args.root
     try:
-        overrides = _parse_overrides(args.set)
-        if args.root:
-            overrides["root"] = str(Path(args.root).resolve()) if "://" not in args.root else args.root
-        resolve_config(args.config, overrides)
+        cfg = resolve_config(args.config, overrides)
         if args.command == "validate":
+            for line in _human_summary(cfg):
+                print(line)
             print(f"config ok: {args.config or '(demo defaults)'}")
             return 0
         result = _run(args.command, args.config, overrides)
@@ -157,6 +204,23 @@ def main(argv: list[str] | None = None) -> int:
 
         print(alignment_markdown(result))
     return 0
+
+
+def _human_summary(cfg: Any) -> list[str]:
+    """What `validate` shows of the human data: the object ↔ image mapping of a triplet file (objects
+    with images, triplets kept, unknown ids), or that the taxonomy proxy stands in for human data."""
+    from alignet_core.io.sources import source_from_config
+    from alignet_core.transform.human_data import PROXY_NAME, load_human_data, proxy_taxonomy
+
+    src = source_from_config(cfg.source)
+    if cfg.human.triplets is None:
+        labels = proxy_taxonomy(cfg, src)
+        if labels is None:
+            return ["human data: none (the source has unlabelled images)"]
+        return [f"human data: the {PROXY_NAME}, drawn from the source's labels: {len(set(labels[0]))} coarse "
+                f"categories, {len(set(labels[1]))} classes"]
+    data = load_human_data(cfg, src)
+    return data.mapping.lines() if data.mapping is not None else []
 
 
 def _run(command: str, config_path: str | None, overrides: dict[str, Any]) -> Any:

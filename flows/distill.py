@@ -13,7 +13,7 @@ from flows._config import Overrides, resolve_config
 from flows.sample import sample_on_dask
 from tasks.cluster import cluster
 from tasks.distill import distill
-from tasks.embed import embed
+from tasks.embed import embedded
 from tasks.transform import fit_transform
 
 
@@ -24,5 +24,5 @@ def distill_flow(config_path: str | None = None, overrides: Overrides | None = N
     cfg = resolve_config(config_path, overrides)
     if cfg.distill.dataset is not None:
         return distill(cfg, None)
-    tfm = fit_transform(cfg, embed(cfg))
+    tfm = fit_transform(cfg, embedded(cfg))
     return distill(cfg, sample_on_dask(cfg, tfm, cluster(cfg, tfm)))

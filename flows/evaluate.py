@@ -9,7 +9,7 @@ from flows._config import Overrides, resolve_config
 from flows.sample import sample_on_dask
 from tasks.cluster import cluster
 from tasks.distill import distill
-from tasks.embed import embed
+from tasks.embed import embedded
 from tasks.evaluate import evaluate
 from tasks.transform import fit_transform
 
@@ -20,7 +20,7 @@ def evaluate_flow(config_path: str | None = None, overrides: Overrides | None = 
     evaluation set. The student is `evaluate.student` when given; else the pipeline's own (its
     stages come from the cache or are computed); none when distillation is disabled."""
     cfg = resolve_config(config_path, overrides)
-    emb = embed(cfg)
+    emb = embedded(cfg)
     tfm = fit_transform(cfg, emb)
     student = None
     if cfg.evaluate.student is None and cfg.distill.enabled:

@@ -14,7 +14,7 @@ from alignet_core.transform.stage import TransformOutput
 from flows._config import Overrides, resolve_config
 from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
 from tasks.cluster import cluster
-from tasks.embed import embed
+from tasks.embed import embedded
 from tasks.sample import plan_sampling, promote, publish, submit_shards
 from tasks.transform import fit_transform
 
@@ -65,5 +65,5 @@ def sample_on_dask(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput
 def sample_flow(config_path: str | None = None, overrides: Overrides | None = None) -> SampleOutput:
     """Stage 3 alone (earlier stages come from the cache or are computed)."""
     cfg = resolve_config(config_path, overrides)
-    tfm = fit_transform(cfg, embed(cfg))
+    tfm = fit_transform(cfg, embedded(cfg))
     return sample_on_dask(cfg, tfm, cluster(cfg, tfm))

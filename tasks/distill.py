@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact
 
 from alignet_core.config import PipelineConfig
 from alignet_core.distill.stage import DistillOutput, distill_files, plan_distill, run_distill
@@ -12,6 +12,7 @@ from alignet_core.pipeline.report import student_markdown
 from alignet_core.pipeline.runner import reuse
 from alignet_core.sample.stage import SampleOutput
 from tasks._cache import RESULT_SERIALIZER, Located, StageCache
+from tasks._progress import Progress
 
 
 def _locate(cfg: PipelineConfig, ds: SampleOutput | None) -> Located:
@@ -27,15 +28,9 @@ def distill(cfg: PipelineConfig, ds: SampleOutput | None) -> DistillOutput:
     """Train the student with a progress artifact; publish its accuracy and loss curve. With several
     `distill.devices` the library starts torchrun's ranks as a child process and reports their steps here."""
     total = cfg.distill.steps
-    artifact_id = create_progress_artifact(progress=0.0, key="distill-progress", description="student training steps")
-    every = max(1, total // 50)
-
-    def progress(step: int, loss: float) -> None:
-        if step % every == 0 or step == total:
-            update_progress_artifact(artifact_id=artifact_id, progress=100.0 * step / total)
-
-    out = run_distill(cfg, ds, progress)
-    update_progress_artifact(artifact_id=artifact_id, progress=100.0)
+    steps = Progress("distill-progress", "distill", "steps", total)
+    out = run_distill(cfg, ds, lambda step, loss: steps.update(step))
+    steps.finish()
     create_markdown_artifact(key="student-accuracy", markdown=student_markdown(out),
                              description="Student accuracy before and after distillation, and its loss curve")
     return out

@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_table_artifact
 
 from alignet_core.config import PipelineConfig
-from alignet_core.embed.stage import EmbedOutput, plan_embed, run_embed
+from alignet_core.embed.stage import EmbedOutput, check_skipped, plan_embed, run_embed
 from alignet_core.pipeline.report import embed_rows
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
+from tasks._progress import Progress
 
 
 @task(name="embed", cache_policy=StageCache(locate=stage_output(plan_embed, EmbedOutput)),
       persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
 def embed(cfg: PipelineConfig) -> EmbedOutput:
-    """Extract embeddings, reporting progress as a Prefect progress artifact."""
-    artifact_id = create_progress_artifact(progress=0.0, key="embed-progress", description="images embedded")
-
-    def progress(done: int, total: int) -> None:
-        update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(total, 1))
-
-    out = run_embed(cfg, progress=progress)
-    update_progress_artifact(artifact_id=artifact_id, progress=100.0)
+    """Extract embeddings, reporting progress (count, rate, time left) as a Prefect progress artifact."""
+    progress = Progress("embed-progress", "embed", "images", 0)
+    out = run_embed(cfg, progress=progress.update)
+    progress.finish()
     create_table_artifact(key="embed-summary", table=embed_rows(out), description="Teacher embeddings")
+    if out.metrics.skipped:
+        create_table_artifact(
+            key="embed-skipped", table=[s.model_dump() for s in out.metrics.skipped[:1000]],
+            description=f"{len(out.metrics.skipped)} images skipped (could not be read or decoded; their rows are "
+                        "invalid and no later stage uses them); the first 1,000")
+    return out
+
+
+def embedded(cfg: PipelineConfig) -> EmbedOutput:
+    """The embed task's output, refused (`InputError`, the run fails) when more than
+    `embed.max_skipped_fraction` of the images were skipped: checked here, in the flow, because a cache
+    hit returns the task's output without running its body."""
+    out = embed(cfg)
+    check_skipped(out.metrics, cfg.embed.max_skipped_fraction)
     return out

@@ -8,7 +8,7 @@ from prefect.artifacts import create_markdown_artifact
 from alignet_core.config import PipelineConfig
 from alignet_core.evaluate.stage import EvaluateOutput, plan_evaluate, run_evaluate
 from alignet_core.pipeline.runner import StageOutput
-from alignet_core.pipeline.report import alignment_markdown
+from alignet_core.pipeline.report import alignment_markdown, saliency_markdown
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
 
 
@@ -18,4 +18,7 @@ def evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: S
     out = run_evaluate(cfg, emb, tfm, student)
     create_markdown_artifact(key="alignment-levels", markdown=alignment_markdown(out),
                              description="Alignment at each level of abstraction, before and after, with 95% intervals")
+    if out.metrics.saliency is not None:
+        create_markdown_artifact(key="saliency-alignment", markdown=saliency_markdown(out),
+                                 description="Where the student looks: saliency vs importance maps, before and after")
     return out

@@ -20,6 +20,8 @@ k = 500) and samples "cluster" and "cluster border" triplets from the clusters. 
   (`benchmarks/results/kmeans_quick.json`, `pipeline.init`).
 - `assign_clusters` then streams the whole store chunk by chunk and assigns every valid row to
   its nearest centroid with an exact flat index; memory is one chunk plus the (n,) outputs.
+- `min_size.enforce_min_cluster_size` then re-seeds any cluster below `cluster.min_cluster_size`
+  (dissolved into its neighbours, replaced by one half of the largest cluster).
 - Rows with valid = False (undecodable images, stored as zeros) are never trained on and get
   assignment -1 and distance NaN, so they can never be sampled.
 
@@ -44,6 +46,7 @@ import fsspec
 import numpy as np
 import zarr
 
+from alignet_core.cluster.min_size import enforce_min_cluster_size
 from alignet_core.config import ClusterConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import KMeansBackend, kmeans_backend
@@ -78,6 +81,8 @@ class KMeansResult:
     distances: np.ndarray  # (n,) float32 squared L2 (or 1 - cosine when spherical), nan for invalid
     sizes: np.ndarray  # (k,) int64
     inertia_curve: list[float] = field(default_factory=list)  # objective per iteration (faiss obj)
+    min_cluster_size: int = 0  # the minimum enforced after assignment (`min_size`)
+    reseeded: list[dict[str, int]] = field(default_factory=list)  # clusters re-seeded to reach it
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
@@ -273,10 +278,12 @@ def run_kmeans(store_url: str, cfg: ClusterConfig, seed: int, backend: KMeansBac
     backend = backend or kmeans_backend(cfg.use_gpu)
     centroids, curve = fit_kmeans(store_url, cfg, seed, backend)
     assignments, distances = assign_clusters(store_url, centroids, cfg.chunk_rows, cfg.spherical, backend=backend)
+    centroids, assignments, distances, min_size, reseeded = enforce_min_cluster_size(
+        store_url, centroids, assignments, distances, cfg.min_cluster_size, cfg.spherical)
     sizes = np.bincount(assignments[assignments >= 0], minlength=cfg.k).astype(np.int64)
     if (sizes == 0).any():
         log.warning("k-means: %d of %d clusters are empty after assignment", int((sizes == 0).sum()), cfg.k)
-    return KMeansResult(centroids, assignments, distances, sizes, curve)
+    return KMeansResult(centroids, assignments, distances, sizes, curve, min_size, reseeded)
 
 
 # ----------------------------------------------------------------------------- persistence
@@ -299,6 +306,8 @@ def save_kmeans(result: KMeansResult, dir_url: str) -> dict:
         "sizes": result.sizes.tolist(),
         "inertia_curve": list(result.inertia_curve),
         "inertia": float(np.nansum(result.distances)),
+        "min_cluster_size": int(result.min_cluster_size),
+        "reseeded": list(result.reseeded),
     }
     store.write_json_atomic(store.join(dir_url, "kmeans.json"), summary)
     return summary
@@ -315,4 +324,6 @@ def load_kmeans(dir_url: str) -> KMeansResult:
         except FileNotFoundError:
             raise StoreError(f"{url!r} does not exist: the clustering stage did not finish") from None
     summary = store.read_json(store.join(dir_url, "kmeans.json"))
-    return KMeansResult(inertia_curve=[float(v) for v in summary["inertia_curve"]], **arrays)
+    return KMeansResult(inertia_curve=[float(v) for v in summary["inertia_curve"]],
+                        min_cluster_size=int(summary.get("min_cluster_size", 0)),
+                        reseeded=list(summary.get("reseeded", [])), **arrays)

@@ -10,6 +10,7 @@ are added in another order.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 from alignet_core.cluster.kmeans import run_kmeans, save_kmeans
@@ -18,6 +19,8 @@ from alignet_core.evaluate import metrics
 from alignet_core.hardware import kmeans_backend
 from alignet_core.io import sources, store
 from alignet_core.pipeline.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
+
+log = logging.getLogger(__name__)
 
 
 class ClusterMetrics(StageMetrics):
@@ -29,6 +32,8 @@ class ClusterMetrics(StageMetrics):
     inertia_curve: list[float]
     nmi: float | None = None
     ari: float | None = None
+    min_cluster_size: int = 0
+    reseeded: list[dict[str, int]] = []  # clusters below min_cluster_size, re-seeded ({cluster, size, split})
 
 
 class ClusterOutput(StageOutput):
@@ -54,9 +59,13 @@ def _cluster(cfg: PipelineConfig, tfm: StageOutput, plan: StagePlan) -> ClusterO
     summary = save_kmeans(res, plan.dir)
     labels = sources.source_from_config(cfg.source).labels()
     ok = (res.assignments >= 0) & (labels != "")
+    if not ok.any():
+        log.warning("cluster: the source's images have no labels (a flat folder?): no agreement of the clusters "
+                    "with labels is reported; class folders or source.label_columns give some")
     agreement = metrics.cluster_agreement(labels[ok], res.assignments[ok]) if ok.any() else {}
     m = ClusterMetrics(k=summary["k"], sizes=summary["sizes"], inertia=summary["inertia"],
                        inertia_curve=summary["inertia_curve"], **agreement,
+                       min_cluster_size=summary["min_cluster_size"], reseeded=summary["reseeded"],
                        seconds=round(time.perf_counter() - t0, 2))
     return finish(plan, ClusterOutput, store.join(plan.dir, "assignments.npy"), m,
                   {"cluster": cfg.cluster.model_dump()}, [tfm.key])

@@ -145,12 +145,52 @@ def join_by_filenames(split: AlignetTriplets, source: ImageSource, what: str) ->
     return AlignetTriplets(indices, split.filenames, split.similarities, split.n_reordered)
 
 
+def check_filenames(split: AlignetTriplets, source: ImageSource, what: str) -> None:
+    """Refuse a split whose `filenames` disagree with the images its indices point at.
+
+    An entry agrees when it is the image's id or has the base name of the image's path (datasets
+    that carry no names, all '', are not checked). A dataset made from other images, or from the same
+    images in another order, would otherwise train the student on the similarities of other images:
+    an `InputError` names the count and a few examples, before any training."""
+    names = split.filenames
+    if names.size == 0 or not (names != "").any():
+        return
+    ids = source.ids()
+    bases = np.asarray([posixpath.basename(str(r.path)) for r in source.records], dtype=str)
+    idx = split.indices
+    bad = (names != ids[idx]) & (names != "")
+    if bad.any():  # a second chance by base name, for the entries that are not ids
+        r, c = np.nonzero(bad)
+        by_base = np.asarray([posixpath.basename(n) for n in names[r, c].tolist()], dtype=str) == bases[idx[r, c]]
+        bad[r[by_base], c[by_base]] = False
+    if bad.any():
+        r, c = np.nonzero(bad)
+        eg = [f"row {i}: index {idx[i, j]} is {ids[idx[i, j]]!r}, the file says {names[i, j]!r}"
+              for i, j in zip(r[:3].tolist(), c[:3].tolist())]
+        raise InputError(
+            f"{what}: {len(r)} of {names.size} filenames disagree with the source's images at their indices "
+            f"({'; '.join(eg)}); the dataset was made from other images or another order: point source.path at its "
+            "images, or join by filenames (distill.join: filenames)"
+        )
+
+
+def join_mode(dataset: str | None, join: str) -> str:
+    """How a split finds its images: `distill.join`, where 'auto' is 'filenames' for a dataset folder the
+    pipeline did not publish (`distill.dataset`) and 'indices' for the pipeline's own."""
+    if join != "auto":
+        return join
+    return "filenames" if dataset is not None else "indices"
+
+
 def read_split(url: str, source: ImageSource, join: str) -> AlignetTriplets:
     """An official-format split (`formats.read_alignet_npz`) with its indices pointing at rows of `source`:
-    as stored (join 'indices', our own datasets) or by the files' filenames (join 'filenames')."""
+    as stored (join 'indices', our own datasets; the filenames are checked against those rows) or by the
+    files' filenames (join 'filenames')."""
     if join == "filenames":
         return join_by_filenames(formats.read_alignet_npz(url), source, url)
-    return formats.read_alignet_npz(url, len(source))
+    split = formats.read_alignet_npz(url, len(source))
+    check_filenames(split, source, url)
+    return split
 
 
 def loader(

@@ -60,6 +60,8 @@ def trajectory_of(cfg: DistillConfig, seed: int, data_key: str) -> dict[str, Any
     out: dict[str, Any] = cfg.model_dump(include=set(_TRAJECTORY_FIELDS))
     out["seed"] = int(seed)
     out["data"] = data_key
+    if cfg.harmonize is not None:  # only when on, so runs without it keep their trajectories
+        out["harmonize"] = cfg.harmonize.model_dump()
     return out
 
 

@@ -46,7 +46,7 @@ import torch
 from alignet_core import errors
 from alignet_core.config import PipelineConfig
 from alignet_core.distill.agent import AGENT_ENV, PARENT_ENV, die_with_parent
-from alignet_core.distill.batches import read_split
+from alignet_core.distill.batches import join_mode, read_split
 from alignet_core.distill.checkpoints import CHECKPOINT_DIR, list_checkpoints, read_train_log
 from alignet_core.distill.parallel import RankLayout, rank_layout
 from alignet_core.distill.train import train_student
@@ -108,7 +108,7 @@ def train_this_rank(
     device = rank_device(layout)
     with process_group(device):
         src = sources.source_from_config(cfg.source)
-        train = read_split(train_url, src, cfg.distill.join)
+        train = read_split(train_url, src, join_mode(cfg.distill.dataset, cfg.distill.join))
         return train_student(train, src, cfg.distill, out_dir, device, cfg.seed, progress)
 
 

@@ -34,8 +34,8 @@ from typing import Any, TypeVar, overload
 import torch
 from torch import nn
 
-from alignet_core.config import PipelineConfig
-from alignet_core.errors import AlignetError, ConfigError
+from alignet_core.config import PipelineConfig, check_micro_batches
+from alignet_core.errors import AlignetError
 from alignet_core.hardware import resolve_device, resolve_devices
 
 log = logging.getLogger(__name__)
@@ -91,23 +91,6 @@ def rank_layout(cfg: PipelineConfig) -> RankLayout:
     layout = RankLayout(tuple(devices), d.nodes)
     check_micro_batches(d.batch_triplets, d.grad_accum, layout.ranks, d.nodes)
     return layout
-
-
-def check_micro_batches(batch_triplets: int, grad_accum: int, ranks: int, nodes: int = 1) -> None:
-    """`ConfigError` unless ranks·grad_accum micro-batches cut batch_triplets into equal shares; it names
-    distill.grad_accum for one rank, distill.devices (and nodes) for several."""
-    micro = ranks * grad_accum
-    if batch_triplets % micro == 0:
-        return
-    if ranks == 1:
-        raise ConfigError(f"distill.grad_accum: {grad_accum} must divide distill.batch_triplets "
-                          f"({batch_triplets}) into equal micro-batches")
-    where = f"{ranks} ranks ({nodes} nodes × {ranks // nodes} devices)" if nodes > 1 else f"{ranks} ranks"
-    raise ConfigError(
-        f"distill.devices: {where} × distill.grad_accum {grad_accum} = {micro} micro-batches must divide "
-        f"distill.batch_triplets ({batch_triplets}) into equal shares; use a rank count (or grad_accum) that "
-        f"divides it, or a batch_triplets that is a multiple of {micro}"
-    )
 
 
 class RankMicroBatches(Sequence[int]):

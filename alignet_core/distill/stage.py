@@ -2,8 +2,8 @@
 measure it before and after.
 
 In: the dataset the sample stage published, or any folder of official-format files given as
-`distill.dataset` (a published AligNet release, joined to the images by `filenames` with
-`distill.join: filenames`), plus the image source and the held-out human triplets. Out, in the
+`distill.dataset` (a published AligNet release, joined to the images by its `filenames` by
+default; with `distill.join: indices` its filenames are still checked against those rows), plus the image source and the held-out human triplets. Out, in the
 stage directory: `student.safetensors` (the backbone's timm state dict), `head.safetensors`,
 `train_log.json` and the checkpoints training resumes from. Metrics: triplet accuracy against
 the teacher on every `valid_*.npz`, and odd-one-out accuracy on the held-out human triplets (the
@@ -23,7 +23,7 @@ from collections.abc import Callable
 import fsspec
 
 from alignet_core.config import PipelineConfig
-from alignet_core.distill.batches import read_split
+from alignet_core.distill.batches import join_mode, read_split
 from alignet_core.distill.checkpoints import read_train_log
 from alignet_core.distill.evaluation import student_outcomes
 from alignet_core.distill.launch import nodes_need_torchrun, train_on_ranks
@@ -113,7 +113,7 @@ def distill_files(cfg: PipelineConfig, ds: StageOutput | None) -> DistillFiles:
 def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
     """The distill stage's plan. Its key: the `distill` section except `devices` and `nodes`, the seed,
     the image source, the input's key, the compute identity of the training devices (kind and autocast
-    dtype) and the rank count, nodes × devices.
+    dtype) and the rank count, nodes × devices. `distill.harmonize` enters the key when it is on.
 
     The rank count is part of the key, like `compile`: N ranks follow the one-process trajectory (same
     global batch, same schedule, same decay to init) only up to reduction order. Their gradients are
@@ -124,7 +124,8 @@ def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
     devices of a kind (cuda:0,1 or cuda:2,3) changes nothing and is left out, as `embed.devices` is.
     """
     layout = rank_layout(cfg)
-    conf = {"distill": cfg.distill.model_dump(exclude={"devices", "nodes"}), "seed": cfg.seed,
+    off = {"harmonize"} if cfg.distill.harmonize is None else set()  # keys of runs without it stay as they were
+    conf = {"distill": cfg.distill.model_dump(exclude={"devices", "nodes"} | off), "seed": cfg.seed,
             "source": sources.source_identity(cfg.source),
             "compute": dataclasses.asdict(compute_identity(layout.devices[0])), "ranks": layout.ranks}
     return plan_stage(cfg.root, "distill", conf, [files.key], __name__)
@@ -159,8 +160,9 @@ def _distill(
     device = layout.devices[0]
     src = sources.source_from_config(cfg.source)
     d = cfg.distill
-    train = read_split(files.train, src, d.join)
-    valids = {name: read_split(url, src, d.join) for name, url in files.valid.items()}
+    join = join_mode(d.dataset, d.join)
+    train = read_split(files.train, src, join)
+    valids = {name: read_split(url, src, join) for name, url in files.valid.items()}
     test = human_test_split(cfg, src)
     student = build_student(d, cfg.seed)  # "before": the pretrained backbone's own features
     before = student_outcomes(student, valids, test, src, device, False, d.n_eval, d.num_workers, ("cosine", "dot"))

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from alignet_core.config import DistillConfig
@@ -37,6 +38,7 @@ from alignet_core.distill.checkpoints import (
     trajectory_of,
     write_json_atomic,
 )
+from alignet_core.distill.harmonizer import training_harmonizer
 from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, triplet_similarities, warmup_cosine
 from alignet_core.distill.parallel import (
     RankMicroBatches,
@@ -144,6 +146,7 @@ def train_student(
                  f"; made by {made_by} ranks, continued by {world.size}: the same steps up to reduction order")
 
     transform = eval_transform(student.backbone, student.image_size)
+    harmonizer = training_harmonizer(cfg, train, source, transform)
     # the step's triplets in world.size·grad_accum micro-batches; this rank computes its grad_accum of them
     batches = TripletBatches(train, source, transform, cfg.batch_triplets, seed, cfg.grad_accum * world.size,
                              cache=cfg.cache_images)
@@ -164,8 +167,14 @@ def train_student(
             rows, sims = rows.to(device), sims.to(device)
             with accumulating(model, last=j == cfg.grad_accum - 1):  # ranks all-reduce once per step
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    out = forward(images)
+                    if harmonizer is None:
+                        out = forward(images)
+                    else:  # one process (config-checked): the student itself, with its saliency term
+                        pool_rows = torch.from_numpy(np.unique(batches.indices[_ids.numpy()]))
+                        out, term = harmonizer.forward(student, images, pool_rows)
                 loss = alignet_loss(triplet_similarities(out, rows), sims, cfg.loss, cfg.tau)
+                if harmonizer is not None:
+                    loss = loss + cfg.harmonize.weight * term  # type: ignore[union-attr]
                 (loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum
         step_loss = mean_over_ranks(step_loss, world, device)  # the global batch's loss, the same on every rank

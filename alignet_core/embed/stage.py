@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from alignet_core.config import PipelineConfig
+from alignet_core.errors import InputError
 from alignet_core.embed.extract import extract_embeddings
 from alignet_core.hardware import ComputeIdentity, compute_identity, resolve_device, resolve_devices
 from alignet_core.io import sources, store
@@ -36,6 +38,14 @@ class EmbedMetrics(StageMetrics):
     dim: int
     skipped: list[SkippedImage]
 
+    def skipped_fraction(self) -> float:
+        return len(self.skipped) / max(self.n_images, 1)
+
+    def skipped_reasons(self) -> dict[str, int]:
+        """How many images were skipped for each reason (the file's own path taken out), most common first."""
+        counts = Counter(s.reason.replace(s.path, "<file>")[:160] for s in self.skipped)
+        return dict(counts.most_common())
+
 
 class EmbedOutput(StageOutput):
     metrics: EmbedMetrics
@@ -50,15 +60,35 @@ def embed_compute(cfg: PipelineConfig) -> ComputeIdentity:
 def plan_embed(cfg: PipelineConfig, compute: ComputeIdentity | None = None) -> StagePlan:
     """The embed stage's plan; `compute` defaults to this machine's (`embed_compute`)."""
     compute = compute or embed_compute(cfg)
-    conf = {"source": sources.source_identity(cfg.source), "embed": cfg.embed.model_dump(exclude={"devices"}),
+    conf = {"source": sources.source_identity(cfg.source),
+            "embed": cfg.embed.model_dump(exclude={"devices", "max_skipped_fraction"}),
             "compute": dataclasses.asdict(compute)}
     return plan_stage(cfg.root, "embed", conf, [], __name__)
 
 
 def run_embed(cfg: PipelineConfig, progress: Callable[[int, int], None] | None = None) -> EmbedOutput:
-    """Embed every image (resuming a killed run); `progress(done_rows, total_rows)` after each chunk."""
+    """Embed every image (resuming a killed run); `progress(done_rows, total_rows)` after each chunk.
+
+    `InputError` when more than `embed.max_skipped_fraction` of the images were skipped; the store is kept
+    (finished), so a rerun with the images fixed (a new source key) or a higher limit loses nothing."""
     plan = plan_embed(cfg)
-    return once(plan, EmbedOutput, lambda: _embed(cfg, plan, progress), cfg.lock_timeout)
+    out = once(plan, EmbedOutput, lambda: _embed(cfg, plan, progress), cfg.lock_timeout)
+    check_skipped(out.metrics, cfg.embed.max_skipped_fraction)
+    return out
+
+
+def check_skipped(m: EmbedMetrics, limit: float) -> None:
+    """`InputError` naming the count, the fraction, the reasons and a few files when more than `limit` of
+    the images were skipped."""
+    if not m.skipped or m.skipped_fraction() <= limit:
+        return
+    reasons = "; ".join(f"{n} × {r}" for r, n in list(m.skipped_reasons().items())[:3])
+    examples = ", ".join(s.path for s in m.skipped[:3])
+    raise InputError(
+        f"embed.max_skipped_fraction: {len(m.skipped)} of {m.n_images} images ({100 * m.skipped_fraction():.1f}%) "
+        f"could not be read or decoded, more than the limit {100 * limit:g}% (reasons: {reasons}; e.g. {examples}). "
+        "Fix or remove them, or raise embed.max_skipped_fraction; the embeddings of the others are kept"
+    )
 
 
 def _embed(cfg: PipelineConfig, plan: StagePlan, progress: Callable[[int, int], None] | None) -> EmbedOutput:

@@ -156,3 +156,33 @@ def compare(before: np.ndarray, after: np.ndarray, seed: int, triplets: np.ndarr
     """`Comparison` of two (t,) outcome arrays on the same triplets (objects resampled with `triplets`)."""
     return Comparison(before=accuracy(before, seed, triplets), after=accuracy(after, seed, triplets),
                       change=paired_difference(before, after, seed, triplets))
+
+
+class MeanEstimate(Record):
+    """The mean of a per-item score (e.g. a per-image correlation) with its bootstrap interval."""
+
+    value: float
+    low: float
+    high: float
+    n: int  # items with a finite score
+
+    def text(self, digits: int = 3) -> str:
+        """e.g. '0.412 [0.395, 0.430]' (95% interval)."""
+        if self.n == 0:
+            return "n/a"
+        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+def mean_interval(values: np.ndarray, seed: int, n_boot: int = N_BOOT, level: float = LEVEL) -> MeanEstimate:
+    """The mean of the finite entries of `values` (t,) with a percentile bootstrap interval
+    (items resampled with replacement). For a paired before/after change pass after − before."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1:
+        raise InputError(f"mean_interval: expected a 1-d array of per-item scores, got shape {v.shape}")
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return MeanEstimate(value=float("nan"), low=float("nan"), high=float("nan"), n=0)
+    rng = np.random.default_rng(seed)
+    samples = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
+    low, high = _bounds(samples, level)
+    return MeanEstimate(value=float(v.mean()), low=low, high=high, n=len(v))

@@ -22,7 +22,7 @@ from alignet_core.config import PipelineConfig
 from alignet_core.errors import InputError
 from alignet_core.evaluate.levels import admits, level_triplets
 from alignet_core.io import formats, sources
-from alignet_core.transform.human_data import HumanData, load_human_data, taxonomy
+from alignet_core.transform.human_data import HumanData, load_human_data, proxy_taxonomy, taxonomy
 
 LEVEL_DEFINITIONS = {
     "global": "two images of one category from different classes; the odd one from another category",
@@ -47,7 +47,7 @@ class EvalSet:
 
 def human_data_or_none(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData | None:
     """The run's human data (the demo's proxy without a file), or None when there is none."""
-    if cfg.human.triplets is None and cfg.source.kind != "demo":
+    if cfg.human.triplets is None and proxy_taxonomy(cfg, src) is None:
         return None
     return load_human_data(cfg, src)
 

@@ -28,10 +28,13 @@ from alignet_core.distill.student import build_student, load_student
 from alignet_core.evaluate import bootstrap
 from alignet_core.evaluate.bootstrap import Difference, Estimate
 from alignet_core.evaluate.metrics import odd_one_out_correct, pair_similarities, unit_rows
+from alignet_core.evaluate.saliency import SaliencyAlignment, where_metric
 from alignet_core.evaluate.sets import EvalSet, build_sets, human_data_or_none, needed_images
 from alignet_core.evaluate.uncertainty import UncertaintyAgreement, choice_distribution, uncertainty_agreement
 from alignet_core.hardware import resolve_device
+from alignet_core.distill.batches import read_split
 from alignet_core.io import embedding_store, formats, sources, store
+from alignet_core.io.importance_maps import PROXY_NAME
 from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.transform.heldout import fit_temperature
 from alignet_core.transform.human import object_embeddings
@@ -73,6 +76,8 @@ class EvaluateMetrics(StageMetrics):
     temperatures: dict[str, float]
     reference: dict[str, str]
     human_data: str | None
+    saliency: SaliencyAlignment | None = None  # the "where" metric (evaluate.saliency_maps)
+    saliency_picture: str | None = None  # its side-by-side PNG, beside alignment.json
 
 
 class EvaluateOutput(StageOutput):
@@ -167,6 +172,7 @@ def _evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: 
                                                           outcomes[f"{side}_aligned"][s.name], cfg.seed, _unit(s))
                       for s in sets} for side in ("teacher", "student") if f"{side}_aligned" in images}
     store.makedirs(plan.dir)
+    saliency, picture = _where(cfg, src, student, needed_images(sets, data, with_train_objects=False), plan.dir)
     for s in sets:
         formats.write_things_triplets(store.join(plan.dir, "sets", f"{s.name}.txt"), s.triplets)
     metrics = EvaluateMetrics(
@@ -176,6 +182,7 @@ def _evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: 
         scores=scores, changes=changes, uncertainty=uncertainty, temperatures=temperatures,
         reference={k: v for k, v in REFERENCE.items() if k in {s.name for s in sets}},
         human_data=None if data is None else data.name(cfg),
+        saliency=saliency, saliency_picture=picture,
         seconds=round(time.perf_counter() - t0, 2),
     )
     store.write_json_atomic(store.join(plan.dir, "alignment.json"), metrics.model_dump(mode="json"))
@@ -183,6 +190,41 @@ def _evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: 
         log.info("evaluate: %s aligned − raw: %s", side, {k: d.text() for k, d in by_set.items()})
     return finish(plan, EvaluateOutput, store.join(plan.dir, "alignment.json"), metrics,
                   {"evaluate": cfg.evaluate.model_dump()}, _inputs(cfg, emb, tfm, student))
+
+
+def _where(cfg: PipelineConfig, src: sources.ImageSource, student: StageOutput | None, test_rows: np.ndarray,
+           out_dir: str) -> tuple[SaliencyAlignment | None, str | None]:
+    """The "where" metric (`evaluate.saliency_maps`) on up to `evaluate.saliency_images` test-fold images, those
+    in no training triplet of the pipeline's own student when there are any (`images` says which were used);
+    its picture written to out_dir/saliency.png."""
+    ev = cfg.evaluate
+    folder = ev.student or (None if student is None else student.artifact)
+    if ev.saliency_maps is None or folder is None:
+        return None, None
+    rows = np.asarray(test_rows, dtype=np.int64)
+    metrics = None if student is None else student.metrics
+    dataset, sampling = getattr(metrics, "dataset", None), getattr(metrics, "sampling", None)
+    images = "test-fold images (the student's training triplets are unknown here: they may include these)"
+    if ev.student is None and dataset and sampling:  # images the distillation trained on are not held out
+        trained = read_split(store.join(dataset, f"train_{sampling}.npz"), src, cfg.distill.join).indices
+        held = np.setdiff1d(rows, np.asarray(trained).ravel())
+        if len(held):
+            rows, images = held, "test-fold images in no training triplet of the student (held out)"
+        else:
+            images = ("test-fold images, every one also in the student's training triplets (not held out: a "
+                      "harmonized student saw their maps)")
+    rng = np.random.default_rng(cfg.seed)
+    rows = np.sort(rng.choice(rows, min(len(rows), ev.saliency_images), replace=False)) if len(rows) else rows
+    if not len(rows):
+        return None, None
+    name = PROXY_NAME if ev.saliency_maps == "proxy" else ev.saliency_maps
+    result, png = where_metric(build_student(cfg.distill, cfg.seed), load_student(folder, cfg.distill), src, rows,
+                               ev.saliency_maps, resolve_device(cfg.device), cfg.seed, name)
+    result = result.model_copy(update={"images": images})
+    if png is None:
+        return result, None
+    store.write_bytes_atomic(store.join(out_dir, "saliency.png"), png)
+    return result, "saliency.png"
 
 
 def _unit(s: EvalSet) -> np.ndarray | None:

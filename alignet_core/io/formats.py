@@ -34,8 +34,12 @@ ALIGNET_KEYS = ("indices", "filenames", "similarities")
 
 
 # ----------------------------------------------------------------------------- THINGS triplets
-def validate_triplets(triplets: np.ndarray, n_objects: int | None, what: str) -> np.ndarray:
-    """Check shape (n, 3), integer ids, range and distinctness; return int64 triplets."""
+def validate_triplets(triplets: np.ndarray, n_objects: int | None, what: str,
+                      lines: list[int] | None = None) -> np.ndarray:
+    """Check shape (n, 3), integer ids, range and distinctness; return int64 triplets.
+
+    `lines` are the 1-based file lines of the rows (text files), so that an error names the line an
+    editor shows; without them an error names the row's 0-based array index."""
     t = np.asarray(triplets)
     if t.ndim != 2 or t.shape[1] != 3:
         raise InputError(f"{what}: expected shape (n, 3), got {t.shape}")
@@ -43,16 +47,21 @@ def validate_triplets(triplets: np.ndarray, n_objects: int | None, what: str) ->
         if not np.all(np.isfinite(t)) or not np.all(t == np.round(t)):
             raise InputError(f"{what}: object ids must be integers")
     t = t.astype(np.int64)
+
+    def where(mask: np.ndarray) -> tuple[str, list[int]]:
+        row = int(np.argwhere(mask)[0, 0])
+        return (f"line {lines[row]}" if lines is not None else f"row {row} (0-based)"), t[row].tolist()
+
     if (t < 0).any():
-        row = int(np.argwhere((t < 0).any(1))[0, 0])
-        raise InputError(f"{what}: negative object id in row {row}: {t[row].tolist()}")
+        at, ids = where((t < 0).any(1))
+        raise InputError(f"{what}: negative object id in {at}: {ids}")
     if n_objects is not None and (t >= n_objects).any():
-        row = int(np.argwhere((t >= n_objects).any(1))[0, 0])
-        raise InputError(f"{what}: object id out of range [0, {n_objects}) in row {row}: {t[row].tolist()}")
+        at, ids = where((t >= n_objects).any(1))
+        raise InputError(f"{what}: object id out of range [0, {n_objects}) in {at}: {ids}")
     dup = (t[:, 0] == t[:, 1]) | (t[:, 0] == t[:, 2]) | (t[:, 1] == t[:, 2])
     if dup.any():
-        row = int(np.argwhere(dup)[0, 0])
-        raise InputError(f"{what}: an object appears twice in row {row}: {t[row].tolist()}")
+        at, ids = where(dup)
+        raise InputError(f"{what}: an object appears twice in {at}: {ids}")
     return t
 
 
@@ -60,26 +69,32 @@ def read_things_triplets(url: str, n_objects: int | None = None) -> np.ndarray:
     """Read THINGS triplets (text or .npy) as int64 (n, 3), the odd one out in column 2."""
     try:
         with fsspec.open(url, "rb") as f:
+            lines = None
             if url.endswith(".npy"):
                 limits.check_npy(f, url)
                 arr = np.load(f, allow_pickle=False)
             else:
                 text = f.read().decode()
-                rows = [ln.replace(",", " ").split() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-                bad = next((i for i, r in enumerate(rows) if len(r) != 3), None)
+                numbered = [(i, ln.replace(",", " ").split()) for i, ln in enumerate(text.splitlines(), start=1)
+                            if ln.strip() and not ln.startswith("#")]
+                lines = [i for i, _ in numbered]
+                rows = [r for _, r in numbered]
+                bad = next((k for k, r in enumerate(rows) if len(r) != 3), None)
                 if bad is not None:
-                    raise InputError(f"{url}: line {bad + 1} has {len(rows[bad])} fields, expected 3 ('i j k')")
+                    raise InputError(f"{url}: line {lines[bad]} has {len(rows[bad])} fields, expected 3 ('i j k')")
                 try:
                     arr = np.array(rows, dtype=np.int64).reshape(-1, 3)
                 except ValueError:
-                    raise InputError(f"{url}: object ids must be integers") from None
+                    bad = next(k for k, r in enumerate(rows) if not all(v.lstrip("-").isdigit() for v in r))
+                    raise InputError(f"{url}: line {lines[bad]}: object ids must be integers, got "
+                                     f"{' '.join(rows[bad])[:80]!r}") from None
     except FileNotFoundError:
         raise InputError(f"triplet file {url!r} does not exist") from None
     except ValueError as err:
         if isinstance(err, InputError):
             raise
         raise InputError(f"{url}: not a readable triplet file ({err})") from None
-    return validate_triplets(arr, n_objects, url)
+    return validate_triplets(arr, n_objects, url, lines)
 
 
 def write_things_triplets(url: str, triplets: np.ndarray) -> None:

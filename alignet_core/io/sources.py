@@ -2,8 +2,8 @@
 
 A source is an ordered, immutable list of `ImageRecord(id, path, label)`. The id is what ties a row of
 an embedding store to its image, so it must be unique and must not depend on where the data lives:
-the emoji id for the demo set, the path relative to the root (folder) or to the list's folder
-(file list), `<shard>/<key>` for webdataset-style tar shards. Paths may be fsspec URLs; local paths
+the emoji id for the demo set, the path relative to the root (folder), a CSV list's id column or the
+path relative to the list's folder (absolute for a file outside it), `<shard>/<key>` for webdataset-style tar shards. Paths may be fsspec URLs; local paths
 are the main case. An image inside a tar shard is named by fsspec's chained URL
 `tar://<member>::<shard url>`, which `read_tar_member` reads (one index per shard and process,
 then one seek per image). Decoding is `alignet_core.io.images`.
@@ -42,11 +42,13 @@ LABEL_LEVELS = ("category", "subcategory")
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image: a stable unique id, where its bytes are (path or fsspec URL), an optional class label."""
+    """One image: a stable unique id, where its bytes are (path or fsspec URL), an optional class label
+    and, for a two-level taxonomy (coarse → fine), the finer label."""
 
     id: str
     path: str
     label: str | None = None
+    fine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,12 @@ class ImageSource:
         """(n,) str: class labels in source order, '' where unknown."""
         return np.asarray([r.label or "" for r in self.records], dtype=str)
 
+    def taxonomy(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(coarse, fine) (n,) str labels when every image has both levels, else None."""
+        if not all(r.label and r.fine for r in self.records):
+            return None
+        return self.labels(), np.asarray([r.fine for r in self.records], dtype=str)
+
 
 # ----------------------------------------------------------------------------- the demo set
 def demo_data_dir() -> Path:
@@ -105,7 +113,9 @@ def demo_source(label_level: str = "category") -> ImageSource:
         raise InputError(f"source.label_level: expected one of {LABEL_LEVELS}, got {label_level!r}")
     images = demo_data_dir() / "images"
     records = tuple(
-        ImageRecord(id=row["id"], path=str(images / row["image"]), label=row[label_level]) for row in demo_metadata()
+        ImageRecord(id=row["id"], path=str(images / row["image"]), label=row[label_level],
+                    fine=row["subcategory"] if label_level == "category" else None)
+        for row in demo_metadata()
     )
     return ImageSource(records, description=f"demo emoji set ({demo_data_dir()})")
 
@@ -144,25 +154,53 @@ def folder_source(root: str) -> ImageSource:
     return ImageSource(tuple(records), description=f"folder {root!r}")
 
 
-def _resolve_in(base: str, entry: str, list_path: str, line: int) -> tuple[str, str]:
-    """(relative id, absolute path) of a list entry; InputError when it leaves `base`."""
+def _resolve(base: str, entry: str) -> tuple[str, str]:
+    """(id, path) of a list entry: relative paths resolve against the list's folder `base`; the id is
+    the path relative to `base`, or the normalized absolute path (or URL) of a file outside it."""
     entry = entry.strip().replace("\\", "/")
+    if "://" in entry:
+        return entry, entry
     full = posixpath.normpath(entry if posixpath.isabs(entry) else posixpath.join(base, entry))
-    rel = posixpath.relpath(full, base)
-    if "://" in entry or rel == ".." or rel.startswith("../") or posixpath.isabs(rel):
-        raise InputError(
-            f"{list_path}, line {line}: path {entry!r} points outside the list's folder {base!r}; "
-            "entries must be files inside it"
-        )
-    return rel, full
+    rel = posixpath.relpath(full, base) if posixpath.isabs(full) == posixpath.isabs(base) else ".."
+    inside = not (rel == ".." or rel.startswith("../") or posixpath.isabs(rel))
+    return (rel if inside else full), full
 
 
-def filelist_source(path: str) -> ImageSource:
+def _csv_entries(text: str, path: str, path_column: str, label_columns: list[str] | None,
+                 id_column: str | None) -> list[tuple[str, str | None, str | None, str | None]]:
+    """(path, id or None, coarse label, fine label) of each CSV row with a path; the columns are checked
+    against the header first, each refusal naming its `source.*` field."""
+    reader = csv.DictReader(io.StringIO(text))
+    fields = [c.strip() for c in (reader.fieldnames or [])]
+    levels = label_columns if label_columns is not None else (["label"] if "label" in fields else [])
+    for field, cols in (("path_column", [path_column]), ("label_columns", levels),
+                        ("id_column", [id_column] if id_column else [])):
+        missing = [c for c in cols if c not in fields]
+        if missing:
+            raise InputError(f"source.{field}: {path}: the CSV header has no column {missing[0]!r}; its columns are "
+                             f"{fields} (set source.path_column, source.label_columns, source.id_column to match)")
+    out = []
+    for row in reader:
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        if not row.get(path_column):
+            continue
+        if id_column and not row.get(id_column):
+            raise InputError(f"source.id_column: {path}, line {reader.line_num}: empty {id_column!r}")
+        names = [row.get(c) or None for c in levels]
+        out.append((row[path_column], row.get(id_column) if id_column else None, *(names + [None, None])[:2]))
+    return out
+
+
+def filelist_source(path: str, path_column: str = "path", label_columns: list[str] | None = None,
+                    id_column: str | None = None) -> ImageSource:
     """Images named in a list file, in file order.
 
-    `.csv`: a header with a `path` column and an optional `label` column; any other extension: one
-    path per line (blank lines and lines starting with '#' skipped). Relative paths resolve against
-    the list's folder and no path may escape it. id = the path relative to that folder.
+    `.csv`: a header with the `path_column`, optional label columns (`label_columns`, coarse → fine;
+    by default a `label` column) and an optional `id_column`; any other extension: one path per line
+    (blank lines and lines starting with '#' skipped). Relative paths resolve against the list's folder;
+    absolute paths and paths outside that folder are read where they are (a read-only image tree needs
+    no copy). id = the `id_column`, else the path relative to the list's folder, else (outside it) the
+    normalized absolute path. Reading only: nothing is ever written next to the images.
     """
     fs, lpath = fsspec.core.url_to_fs(path)
     if not fs.isfile(lpath):
@@ -170,26 +208,15 @@ def filelist_source(path: str) -> ImageSource:
     base = posixpath.dirname(posixpath.normpath(lpath.replace("\\", "/"))) or "."
     with fs.open(lpath, "rt", encoding="utf-8", newline="") as f:
         text = f.read()
-    entries: list[tuple[int, str, str | None]] = []  # (line number, path, label)
     if lpath.lower().endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text))
-        fields = [c.strip() for c in (reader.fieldnames or [])]
-        if "path" not in fields:
-            raise InputError(f"{path}: CSV header must have a 'path' column (and optionally 'label'), got {fields}")
-        for row in reader:
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            if not row.get("path"):
-                continue
-            entries.append((reader.line_num, row["path"], row.get("label") or None))
+        entries = _csv_entries(text, path, path_column, label_columns, id_column)
     else:
-        for n, line in enumerate(text.splitlines(), start=1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                entries.append((n, line, None))
+        entries = [(ln.strip(), None, None, None) for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
     records = []
-    for n, entry, label in entries:
-        rel, full = _resolve_in(base, entry, path, n)
-        records.append(ImageRecord(id=rel, path=_url(fs, full), label=label))
+    for entry, given_id, coarse, fine in entries:
+        rel, full = _resolve(base, entry)
+        records.append(ImageRecord(id=given_id or rel, path=full if "://" in full else _url(fs, full),
+                                   label=coarse, fine=fine))
     return ImageSource(tuple(records), description=f"file list {path!r}")
 
 
@@ -310,11 +337,11 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
 def source_from_config(cfg: SourceConfig) -> ImageSource:
     """The source a `SourceConfig` describes (an evenly spaced subset when `limit` is set)."""
     if cfg.kind == "demo":
-        src = demo_source(cfg.label_level)
+        src = demo_source(cfg.label_level or "category")
     elif cfg.kind == "folder":
         src = folder_source(str(cfg.path))
     elif cfg.kind == "filelist":
-        src = filelist_source(str(cfg.path))
+        src = filelist_source(str(cfg.path), cfg.path_column, cfg.label_columns, cfg.id_column)
     elif cfg.kind == "tar":
         src = tar_source(str(cfg.path))
     else:

@@ -1,39 +1,35 @@
 """Preflight: everything about a run that can be checked before any work starts.
 
 Bad configs and inputs fail here, in seconds, with a message naming the field or path and what is
-expected, instead of after hours of embedding.
+expected, instead of after hours of embedding. torch and timm are imported only by the checks that need
+them (a named CUDA device, `embed.layers`), so `alignet validate` answers in about a
+second on a CPU config.
 """
 
 from __future__ import annotations
 
-from alignet_core import models
-from alignet_core.config import PipelineConfig
-from alignet_core.distill.parallel import rank_layout
+from alignet_core.config import PipelineConfig, check_micro_batches, device_list_problem
 from alignet_core.errors import ConfigError, InputError
-from alignet_core.hardware import resolve_device, resolve_devices
 from alignet_core.io import formats, sources, store
-from alignet_core.transform.human_data import load_human_data
+from alignet_core.model_refs import check_model_name, resolve_weights
+from alignet_core.transform.human_data import load_human_data, no_human_data_message, proxy_taxonomy
 
 
 def preflight(cfg: PipelineConfig) -> None:
     """Check what can be checked before any work: inputs exist, names resolve, sizes fit.
 
     Raises `ConfigError` / `InputError` naming the field or path and what is expected."""
-    import timm
-
     src = sources.source_from_config(cfg.source)
     n = len(src)
     if cfg.embed.devices is not None:
-        resolve_devices(cfg.embed.devices)
+        _check_devices(cfg.embed.devices, "embed.devices")
     for field, name in (("embed.model", cfg.embed.model), ("distill.student", cfg.distill.student)):
-        if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-            raise ConfigError(f"{field}: unknown timm model {name!r}" + (f"; close matches: {close}" if close else ""))
+        check_model_name(name, field)
     for section, name, weights, needed in (("embed", cfg.embed.model, cfg.embed.weights, True),
                                            ("distill", cfg.distill.student, cfg.distill.weights, cfg.distill.enabled)):
         try:
             if needed:
-                models.resolve_weights(name, weights)
+                resolve_weights(name, weights)
         except InputError as err:  # "weights: ..." → "embed.weights: ...", naming the section
             raise InputError(f"{section}.{err}" if str(err).startswith("weights:") else str(err)) from None
     if cfg.distill.enabled:
@@ -45,19 +41,22 @@ def preflight(cfg: PipelineConfig) -> None:
     if cfg.cluster.k > n:
         raise ConfigError(f"cluster.k: {cfg.cluster.k} clusters for {n} images; k must be at most the number of images")
     h = cfg.human
-    for field in ("triplets", "probabilities", "objects"):
+    for field in ("triplets", "probabilities", "objects", "concepts"):
         path = getattr(h, field)
         if path is not None and not store.exists(path):
             raise InputError(f"human.{field}: file {path!r} does not exist")
     if h.probabilities and not h.triplets:
         raise ConfigError("human.probabilities: given without human.triplets")
-    if h.triplets is None and cfg.source.kind != "demo" and cfg.transform.enabled:
-        raise ConfigError("human.triplets: a THINGS-format triplet file is required unless source.kind is 'demo' "
-                          "or transform.enabled is false")
+    if h.triplets is None and cfg.transform.enabled and proxy_taxonomy(cfg, src) is None:
+        raise ConfigError(no_human_data_message(src))
     if len(set(cfg.sample.strategies)) != len(cfg.sample.strategies):
         raise ConfigError(f"sample.strategies: duplicates in {list(cfg.sample.strategies)}")
-    resolve_device(cfg.device)
+    if cfg.device == "cuda":
+        from alignet_core.hardware import resolve_device
+
+        resolve_device(cfg.device)
     if cfg.embed.layers:
+        import timm
         import torch
 
         with torch.device("meta"):  # the module tree only: no weights, no memory
@@ -67,13 +66,20 @@ def preflight(cfg: PipelineConfig) -> None:
             raise ConfigError(f"embed.layers: {unknown} are not modules of {cfg.embed.model!r}; expected names "
                               "as in model.named_modules(), e.g. 'blocks.3'")
     if cfg.distill.enabled:  # the training devices exist, and ranks × grad_accum cut the batch evenly
-        rank_layout(cfg)
+        d = cfg.distill
+        if any(s.startswith("cuda") for s in d.devices or [cfg.device]):
+            from alignet_core.distill.parallel import rank_layout
+
+            rank_layout(cfg)
+        else:
+            check_micro_batches(d.batch_triplets, d.grad_accum, len(d.devices or [cfg.device]) * d.nodes, d.nodes)
     if h.triplets is not None:  # read and check the human data now, not after hours of embedding
         try:
             load_human_data(cfg, src)
         except InputError as err:
-            field = next((f for f in ("probabilities", "objects") if getattr(h, f) and getattr(h, f) in str(err)),
-                         "triplets")
+            if str(err).startswith("human."):
+                raise
+            field = next((f for f in ("probabilities",) if getattr(h, f) and getattr(h, f) in str(err)), "triplets")
             raise InputError(f"human.{field}: {err}") from None
     e = cfg.evaluate
     if e.enabled and e.student is not None:
@@ -93,3 +99,13 @@ def preflight(cfg: PipelineConfig) -> None:
                 formats.read_probabilities(s.probabilities, len(trip))
         except InputError as err:
             raise InputError(f"evaluate.sets[{i}] ({s.name}): {err}") from None
+
+
+def _check_devices(settings: list[str], field: str) -> None:
+    """A device list's strings here; whether its GPUs exist only when it names one (that needs torch)."""
+    if any(isinstance(s, str) and s.startswith("cuda") for s in settings):
+        from alignet_core.hardware import resolve_devices
+
+        resolve_devices(settings, field)
+    elif problem := device_list_problem(settings):
+        raise ConfigError(f"{field}: {problem}")

@@ -55,6 +55,9 @@ class RunSummary(Record):
 
     dataset: str
     dataset_version: str
+    images: int = 0
+    images_skipped: int = 0
+    skipped_reasons: dict[str, int] = {}
     human_data: str | None
     alignment: dict[str, dict[str, Estimate]] | None
     alignment_changes: dict[str, dict[str, Difference]] | None
@@ -91,6 +94,9 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
     return RunSummary(
         dataset=outs.sample.artifact,
         dataset_version=s.version,
+        images=outs.embed.metrics.n_images,
+        images_skipped=len(outs.embed.metrics.skipped),
+        skipped_reasons=outs.embed.metrics.skipped_reasons(),
         human_data=t.human_data,
         alignment=None if ev is None else ev.scores,
         alignment_changes=None if ev is None else ev.changes,
@@ -128,6 +134,8 @@ def write_report(cfg: PipelineConfig, outs: RunOutputs) -> RunSummary:
     text = run_markdown(summary)
     if outs.evaluate is not None:
         text += "\n" + alignment_markdown(outs.evaluate)
+        if outs.evaluate.metrics.saliency is not None:
+            text += "\n" + saliency_markdown(outs.evaluate, picture=False)
     with fsspec.open(store.join(folder, "report.md"), "w") as f:
         f.write(text)
     return summary
@@ -162,6 +170,8 @@ def run_markdown(summary: RunSummary) -> str:
         "",
         f"Dataset: `{s.dataset}` ({s.n_triplets} triplets). Human data: {s.human_data}.",
         "",
+        _skipped_line(s),
+        "",
         "| held-out accuracy (95% interval) | before | after | change |",
         "|---|---|---|---|",
         _cmp_row(f"teacher, odd-one-out on test-fold objects ({h.n_objects if h else 0} objects never fitted)",
@@ -183,6 +193,14 @@ def run_markdown(summary: RunSummary) -> str:
     ]
     lines += [f"| {name} | {sec} | `{s.stage_keys[name]}` |" for name, sec in s.stage_seconds.items()]
     return "\n".join(lines) + "\n"
+
+
+def _skipped_line(s: RunSummary) -> str:
+    if not s.images_skipped:
+        return f"Images: {s.images}, none skipped."
+    reasons = "; ".join(f"{n} × {r}" for r, n in s.skipped_reasons.items())
+    return (f"**Images: {s.images}, {s.images_skipped} skipped ({100 * s.images_skipped / max(s.images, 1):.1f}%)**, "
+            f"their rows unused by every stage (the `embed-skipped` artifact lists them). Reasons: {reasons}.")
 
 
 def alignment_markdown(out: EvaluateOutput) -> str:
@@ -214,6 +232,34 @@ def alignment_markdown(out: EvaluateOutput) -> str:
     return "\n".join(lines) + "\n"
 
 
+def saliency_markdown(out: EvaluateOutput, picture: bool = True) -> str:
+    """The `saliency-alignment` artifact: the "where" metric of the pretrained and finetuned student
+    (Spearman and top-10% IoU/Dice of saliency vs importance maps, means with 95% intervals), the
+    paired change, and (with `picture`) a few images side by side."""
+    a = out.metrics.saliency
+    if a is None:
+        return ""
+    proxy = "proxy" in a.maps
+    title = "Where the student looks" + (" (against PROXY maps)" if proxy else "")
+    lines = [f"# {title}", "", f"Maps: {a.maps}. Images: {a.n_images} {a.images}. Saliency: max |∂ logit / ∂ pixel| "
+             f"of the {a.label_rule}.", "",
+             "| student | Spearman | IoU top 10% | Dice top 10% |", "|---|---|---|---|"]
+    for name, sc in (("pretrained", a.before), ("finetuned", a.after)):
+        lines.append(f"| {name} | {sc.spearman.text()} | {sc.iou_top10.text()} | {sc.dice_top10.text()} |")
+    c = a.spearman_change
+    lines += ["", f"Spearman change, finetuned − pretrained (paired): {c.text()}"
+              + ("" if c.n == 0 or c.low > 0 or c.high < 0 else ", no significant change") + "."]
+    if proxy:
+        lines += ["", "The maps are a proxy (the emoji's silhouettes): they say where the object is, not which of its "
+                  "parts people find diagnostic."]
+    if picture and out.metrics.saliency_picture:
+        png = store.join(out.dir, out.metrics.saliency_picture)
+        if store.exists(png):
+            with fsspec.open(png, "rb") as f:
+                lines += ["", plots.markdown_image(f.read(), "image, map, saliency before, after")]
+    return "\n".join(lines) + "\n"
+
+
 def embed_rows(out: EmbedOutput) -> list[dict[str, Any]]:
     """The `embed-summary` table: one row."""
     m = out.metrics
@@ -230,6 +276,8 @@ def transform_markdown(out: TransformOutput) -> str:
     r = m.roles
     lines = [f"# Transform: test-fold accuracy {_est(h.zero_shot if h else None)} → {_est(h.transformed if h else None)}",
              "", f"Human data: {m.human_data}."]
+    if m.objects is not None:
+        lines += ["", *(f"    {line}" for line in m.objects.lines())]
     if r is not None and h is not None:
         lines += [f"Objects in {r.folds} folds: triplets {r.train} train, {r.val} validation (early stopping), "
                   f"{r.test} test on {h.n_objects} objects no fit saw; {r.dropped} dropped (objects in two roles).", "",
@@ -284,6 +332,10 @@ def cluster_markdown(out: ClusterOutput) -> str:
         f"# k-means, k = {m.k}",
         "",
         f"{agreement}; inertia {m.inertia:.4g}.",
+        "",
+        f"Minimum cluster size {m.min_cluster_size}: "
+        + (f"{len(m.reseeded)} smaller cluster(s) re-seeded ({', '.join(str(r['size']) for r in m.reseeded)} images)."
+           if m.reseeded else "no cluster was smaller."),
         "",
         "| smallest | median | largest | empty |",
         "|---|---|---|---|",

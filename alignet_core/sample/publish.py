@@ -2,7 +2,8 @@
 
 `assemble_dataset` concatenates each strategy's shards in index order, removes duplicate
 triplets (as unordered image sets) inside train and inside valid, removes from valid every
-triplet that also occurs in train (no leakage, always), writes `train_<name>.npz` and
+triplet that also occurs in train (no leakage, always), tops each split up to the count asked
+(`distinct.py`), writes `train_<name>.npz` and
 `valid_<name>.npz` with `formats.write_alignet_npz`, the same arrays as a Zarr copy
 (`dataset.zarr`, one group per file) and `manifest.json` into a temporary directory, and
 publishes it with one atomic rename: readers see the whole dataset or nothing.
@@ -16,38 +17,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.io import store
 from alignet_core.io.formats import write_alignet_npz
-from alignet_core.sample.shards import SPLITS, ShardSpec, read_shard, shard_path
+from alignet_core.sample.distinct import distinct_split
+from alignet_core.sample.shards import SPLITS, ShardSpec
 
 log = logging.getLogger(__name__)
-
-
-def _triplet_keys(indices: np.ndarray, n_images: int) -> np.ndarray:
-    """One comparable key per triplet, equal for the same unordered set of images.
-
-    indices: (m, 3) int in [0, n_images). Returns (m,) int64 (three 21-bit fields) when
-    n_images ≤ 2**21, else a structured array of three sorted int64 fields; the key type
-    depends only on n_images, so keys of two splits of one pool are always comparable.
-    """
-    s = np.sort(np.asarray(indices, dtype=np.int64), axis=1)
-    if n_images <= (1 << 21):
-        return (s[:, 0] << 42) | (s[:, 1] << 21) | s[:, 2]
-    keys = np.empty(len(s), dtype=[("a", np.int64), ("b", np.int64), ("c", np.int64)])
-    keys["a"], keys["b"], keys["c"] = s[:, 0], s[:, 1], s[:, 2]
-    return keys
-
-
-def _first_occurrences(keys: np.ndarray) -> np.ndarray:
-    """Sorted row numbers of the first occurrence of each distinct key. keys: (m,)."""
-    if len(keys) == 0:
-        return np.zeros(0, dtype=np.int64)
-    _, first = np.unique(keys, return_index=True)
-    return np.sort(first)
 
 
 def _arrays_sha256(indices: np.ndarray, similarities: np.ndarray) -> str:
@@ -57,18 +37,6 @@ def _arrays_sha256(indices: np.ndarray, similarities: np.ndarray) -> str:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-def _concat_split(out_dir: str, specs: list[ShardSpec]) -> tuple[np.ndarray, np.ndarray, int, int]:
-    indices = sorted(s.index for s in specs)
-    if len(set(indices)) != len(indices):
-        raise ConfigError(f"shard specs repeat an index for {specs[0].strategy}/{specs[0].split}: {indices}")
-    parts = [read_shard(shard_path(out_dir, s)) for s in sorted(specs, key=lambda s: s.index)]
-    if not parts:
-        return np.zeros((0, 3), np.int64), np.zeros((0, 3), np.float32), 0, 0
-    idx = np.concatenate([p[0] for p in parts]).astype(np.int64)
-    sims = np.concatenate([p[1] for p in parts]).astype(np.float32)
-    return idx, sims, sum(p[2] for p in parts), sum(p[3] for p in parts)
 
 
 #: the Zarr copy of the published splits, inside the published folder
@@ -104,13 +72,16 @@ def assemble_dataset(
     dedupe: bool = True,
     subfolder: str = "",
     extra: dict | None = None,
+    top_up: Callable[[ShardSpec], object] | None = None,
 ) -> dict:
     """Publish the shards as official AligNet files: `train_<name>.npz`, `valid_<name>.npz`.
 
     filenames: (n,) str, the image pool's file names (row i ↔ index i). sampling_names maps a
     strategy to its official name, e.g. {'cluster_border': 'cluster_border_500'}. With
     `dedupe`, duplicate triplets (same three images in any order) are removed inside each split
-    (first occurrence kept); valid triplets that also occur in train are always removed.
+    (first occurrence kept); valid triplets that also occur in train are always removed. With
+    `top_up` (makes one shard's file; the stage's), each split is topped up to exactly the count its
+    shards asked for, or an `InputError` says the pool cannot supply it (`distinct.distinct_split`).
     The same arrays are also written as a Zarr copy, `dataset.zarr/<split>_<name>/{indices,
     similarities,filenames}` (listed under the manifest's `zarr` key), for chunked readers.
     The files go into `publish_url/<subfolder>/` (e.g. `uncertainty_distillation`, the official
@@ -155,22 +126,12 @@ def assemble_dataset(
     try:
         for strategy, name in zip(strategies, names):
             stats: dict = {"name": name}
-            split_data = {}
+            train_keys = None
             for split in SPLITS:
-                idx, sims, requested, ties = _concat_split(out_dir, [s for s in specs if s.strategy == strategy and s.split == split])
-                if len(idx) and idx.max() >= len(filenames):
-                    raise InputError(f"{strategy}/{split}: index {int(idx.max())} but only {len(filenames)} filenames")
-                keys = _triplet_keys(idx, len(filenames))
-                n_before = len(idx)
-                if dedupe:
-                    keep = _first_occurrences(keys)
-                    idx, sims, keys = idx[keep], sims[keep], keys[keep]
-                st = {"requested": requested, "ties_dropped": ties, "duplicates_removed": n_before - len(idx)}
-                if split == "valid":
-                    leak = np.isin(keys, split_data["train"][2]) if len(keys) else np.zeros(0, bool)
-                    idx, sims = idx[~leak], sims[~leak]
-                    st["in_train_removed"] = int(leak.sum())
-                split_data[split] = (idx, sims, keys)
+                idx, sims, keys, st = distinct_split(
+                    out_dir, [s for s in specs if s.strategy == strategy and s.split == split], len(filenames),
+                    dedupe, train_keys if split == "valid" else None, top_up)
+                train_keys = keys if split == "train" else train_keys
                 fname = f"{split}_{name}.npz"
                 url = store.join(files_dir, fname)
                 write_alignet_npz(url, idx, filenames[idx], sims)
@@ -185,6 +146,8 @@ def assemble_dataset(
                     "n_triplets": int(len(idx)),
                     "sha256": store.file_sha256(url),
                     "arrays_sha256": _arrays_sha256(idx, sims),
+                    "duplicates_drawn": st["duplicates_removed"],
+                    "top_up_shards": st["top_up_shards"],
                 }
             manifest["strategies"][strategy] = stats
         manifest["zarr"] = {

@@ -43,6 +43,8 @@ class DatasetFile(Record):
     n_triplets: int
     sha256: str
     arrays_sha256: str
+    duplicates_drawn: int = 0  # draws that repeated a triplet (removed; the split was topped up)
+    top_up_shards: int = 0  # shards drawn after the planned ones to reach the count asked
 
 
 class SampleMetrics(StageMetrics):
@@ -151,7 +153,8 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
                  "inputs": {"transform": sp.inputs[0], "cluster": sp.inputs[1]}, "code_version": sp.plan.code_version,
                  "config": redact(cfg.model_dump(mode="json"))}
         manifest = assemble_dataset(sp.plan.dir, specs, src.ids(), sp.publish_url, sp.names,
-                                    subfolder=sp.folder, extra=extra)
+                                    subfolder=sp.folder, extra=extra,
+                                    top_up=lambda spec: run_sample_shard(sp, vars(spec)))
         files = {name: DatasetFile(**{k: info[k] for k in DatasetFile.model_fields})
                  for name, info in manifest["files"].items()}
         metrics = SampleMetrics(

@@ -1,6 +1,7 @@
-"""The human odd-one-out data of a run: THINGS-format triplets (with optional choice probabilities
-and an object ↔ image table), or, for the demo, the taxonomy proxy (`human.make_proxy_triplets`),
-split into object-disjoint roles.
+"""The human odd-one-out data of a run: THINGS-format triplets (with optional choice probabilities,
+their objects attached to images by a declared, checked mapping: `objects.py`), or, for the demo, the taxonomy proxy (`human.make_proxy_triplets`),
+split into object-disjoint roles. Without a triplet file, the taxonomy proxy of any labelled source
+(`proxy_taxonomy`) stands in, named a proxy wherever its figures appear.
 
 The objects are dealt into `human.folds` folds (seeded by the run's seed); the test fold
 (`human.test_fold`) is held out of every fit and is the only one any reported human figure uses,
@@ -11,10 +12,8 @@ triplets are drawn inside each role, in proportion to its objects, so the split 
 
 from __future__ import annotations
 
-import csv
 import logging
 
-import fsspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
@@ -23,6 +22,7 @@ from alignet_core.errors import ConfigError, InputError
 from alignet_core.io import formats, sources
 from alignet_core.transform import human
 from alignet_core.transform.human import TripletSplit
+from alignet_core.transform.objects import MappingSummary, object_mapping
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class HumanData(BaseModel):
     split: TripletSplit  # rows of `triplets` by role
     level_of: np.ndarray | None  # (t,) str abstraction level of each proxy triplet; None for files
     is_proxy: bool
+    mapping: MappingSummary | None = None  # how a file's objects attach to images; None for the proxy
 
     def name(self, cfg: PipelineConfig) -> str:
         """How reports name the data: the proxy is always called a proxy."""
@@ -51,30 +52,65 @@ class HumanData(BaseModel):
 
 def taxonomy(cfg: PipelineConfig, src: sources.ImageSource) -> tuple[np.ndarray, np.ndarray] | None:
     """(coarse, fine) labels of the source's images in source order — the demo's category and
-    subcategory — or None for a source without a two-level taxonomy."""
+    subcategory, a CSV file list's two `source.label_columns` — or None for a source without a
+    two-level taxonomy."""
     if cfg.source.kind != "demo":
-        return None
+        return src.taxonomy()
     by_id = {m["id"]: m for m in sources.demo_metadata()}
     meta = [by_id[i] for i in src.ids().tolist()]
     return (np.asarray([m["category"] for m in meta], dtype=str), np.asarray([m["subcategory"] for m in meta], dtype=str))
 
 
+ONE_CATEGORY = "(all)"  # the coarse label of every image of a one-level source, for the proxy
+
+
+def proxy_taxonomy(cfg: PipelineConfig, src: sources.ImageSource) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (coarse, fine) labels the taxonomy proxy draws from: the two-level taxonomy (`taxonomy`), else,
+    when every image has a class label (class folders, one CSV label column, tar labels), each image's
+    class under one category, so only class-level triplets (local, class_boundary) can be drawn. None
+    when some image has no label (a flat folder): no proxy can stand in for human data there."""
+    two = taxonomy(cfg, src)
+    if two is not None:
+        return two
+    labels = src.labels()
+    if (labels == "").any():
+        return None
+    return np.full(len(labels), ONE_CATEGORY), labels
+
+
+def no_human_data_message(src: sources.ImageSource) -> str:
+    """Why a source without a triplet file has no human data, and the fixes."""
+    unlabelled = int((src.labels() == "").sum())
+    return (f"human.triplets: a THINGS-format triplet file is required: {unlabelled} of the {len(src)} images of "
+            f"{src.description} have no label (a flat folder has none), so no taxonomy proxy can stand in for human "
+            "data; give human.triplets, label the images (class folders, source.label_columns of a CSV list), or set "
+            "transform.enabled: false")
+
+
 def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
-    """Read THINGS-format triplets (or make the demo's taxonomy proxy when none are given) and split
-    them by objects."""
+    """Read THINGS-format triplets (or, when none are given, make the taxonomy proxy from the source's
+    labels) and split them by objects."""
     h = cfg.human
     n = len(src)
     if h.triplets is None:
-        labels = taxonomy(cfg, src)
+        labels = proxy_taxonomy(cfg, src)
         if labels is None:
-            raise ConfigError("human.triplets: a triplet file is required unless source.kind is 'demo'")
+            raise ConfigError(no_human_data_message(src))
         return _proxy(cfg, labels, n)
-    if h.objects is None:
-        object_of_image, n_objects = np.arange(n), n
-    else:
-        object_of_image, n_objects = read_objects_table(h.objects, src)
-    trip = formats.read_things_triplets(h.triplets, n_objects)
-    probs = formats.read_probabilities(h.probabilities, len(trip)) if h.probabilities else None
+    mapping = object_mapping(h, cfg.source, src)
+    file_trip = formats.read_things_triplets(h.triplets, mapping.summary.n_declared)
+    probs = formats.read_probabilities(h.probabilities, len(file_trip)) if h.probabilities else None
+    kept, trip = mapping.map_triplets(file_trip)
+    if probs is not None:
+        probs = probs[kept]
+    summary = mapping.summary.model_copy(update={"triplets_in_file": len(file_trip), "triplets_kept": len(kept)})
+    for line in summary.lines():
+        log.info("%s", line)
+    if len(trip) == 0:
+        raise InputError(f"human.triplets: none of the {len(file_trip)} triplets has all three objects among the "
+                         f"{summary.n_objects} objects with images ({summary.kind})")
+    n_objects = summary.n_objects
+    object_of_image = mapping.object_of_image
     fold_of = human.object_folds(n_objects, h.folds, cfg.seed)
     split = human.split_by_objects(trip, fold_of, h.test_fold, h.val_fold)
     log.info("human triplets: %d over %d objects; object-disjoint roles: %d train, %d validation, %d test, "
@@ -86,11 +122,11 @@ def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
                              "with a fixed file only about 1/folds³ of the triplets survive: use fewer human.folds "
                              "or more triplets")
     return HumanData(triplets=trip, probs=probs, object_of_image=object_of_image, n_objects=n_objects,
-                     fold_of=fold_of, split=split, level_of=None, is_proxy=False)
+                     fold_of=fold_of, split=split, level_of=None, is_proxy=False, mapping=summary)
 
 
 def _proxy(cfg: PipelineConfig, labels: tuple[np.ndarray, np.ndarray], n: int) -> HumanData:
-    """The demo proxy (objects = images), drawn role by role over each role's own objects."""
+    """The taxonomy proxy (objects = images), drawn role by role over each role's own objects."""
     h = cfg.human
     coarse, fine = labels
     fold_of = human.object_folds(n, h.folds, cfg.seed)
@@ -110,28 +146,6 @@ def _proxy(cfg: PipelineConfig, labels: tuple[np.ndarray, np.ndarray], n: int) -
                      level_of=np.concatenate([x[2] for x in parts]), is_proxy=True)
 
 
-def read_objects_table(url: str, src: sources.ImageSource) -> tuple[np.ndarray, int]:
-    """CSV `object,image_id`: object ids 0..m-1, image ids as in the source.
-    Returns (object_of_image (n,) int64 with -1 for images of no object, m)."""
-    index = {i: r for r, i in enumerate(src.ids().tolist())}
-    object_of_image = np.full(len(src), -1, dtype=np.int64)
-    try:
-        with fsspec.open(url, "r") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise InputError(f"human.objects: file {url!r} does not exist") from None
-    for line, row in enumerate(rows, start=2):
-        try:
-            obj, img = int(row["object"]), row["image_id"]
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{url}: line {line}: expected columns 'object' (int) and 'image_id'") from None
-        if img not in index:
-            raise InputError(f"{url}: line {line}: image_id {img!r} is not in the image source")
-        object_of_image[index[img]] = obj
-    n_objects = int(object_of_image.max()) + 1 if len(rows) else 0
-    return object_of_image, n_objects
-
-
 class HumanTest(BaseModel):
     """The held-out (test-fold) human triplets over objects, for zero-shot odd-one-out accuracy."""
 
@@ -144,7 +158,7 @@ class HumanTest(BaseModel):
 
 def human_test_split(cfg: PipelineConfig, src: sources.ImageSource) -> HumanTest | None:
     """The test-fold human triplets of the transform stage (same split), or None without human data."""
-    if cfg.human.triplets is None and cfg.source.kind != "demo":
+    if cfg.human.triplets is None and proxy_taxonomy(cfg, src) is None:
         return None
     data = load_human_data(cfg, src)
     te = data.split.test

@@ -27,6 +27,7 @@ from alignet_core.transform import human, vice
 from alignet_core.transform.affine import AffineTransform, apply_transform_to_store, load_saved_fit
 from alignet_core.transform.fit import fit_transform
 from alignet_core.transform.human_data import HumanData, load_human_data
+from alignet_core.transform.objects import MappingSummary
 from alignet_core.transform.heldout import (
     HeldOut,
     TripletSplitFigures,
@@ -125,6 +126,7 @@ class TransformMetrics(StageMetrics):
     history: list[dict[str, float]] = []
     vice: ViceSummary | None = None
     search: SearchSummary | None = None
+    objects: MappingSummary | None = None  # how a triplet file's objects attach to images (None: proxy)
 
 
 class TransformOutput(StageOutput):
@@ -136,6 +138,9 @@ def plan_transform(cfg: PipelineConfig, emb: StageOutput) -> StagePlan:
                             "device": resolve_device(cfg.device).type}
     if cfg.human.triplets:
         conf["human_sha256"] = store.file_sha256(cfg.human.triplets)
+    for field in ("probabilities", "objects", "concepts"):  # the files that change the data, by content
+        if getattr(cfg.human, field):
+            conf[f"{field}_sha256"] = store.file_sha256(getattr(cfg.human, field))
     if cfg.transform.targets == "soft":
         conf["vice"] = cfg.vice.model_dump()
     return plan_stage(cfg.root, "transform", conf, [emb.key], __name__)
@@ -265,6 +270,7 @@ def _fit(
         history=fit.history,
         vice=vice_summary,
         search=search,
+        objects=data.mapping,
     )
     log.info("transform: test fold (%d objects, %d triplets): zero-shot %s → transformed %s (%s)",
              held.n_objects, held.transformed.n, held.zero_shot.text(), held.transformed.text(), held.gain.text())

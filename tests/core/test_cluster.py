@@ -206,3 +206,27 @@ def test_assignment_reads_at_most_chunk_rows_of_a_store_larger_than_the_budget(
     # outputs (n int64 + n float32 = 96 kB) + one chunk (51 kB) + FAISS/zarr overheads; the store is 2 MB
     assert peak < store_bytes / 4, (peak, store_bytes)
     np.testing.assert_array_equal(assignments, assign_clusters(url, centroids, n, spherical=False)[0])
+
+
+def test_no_cluster_ends_below_the_minimum_size(tmp_path: Path) -> None:
+    """Three big blobs and a 2-point outlier pair far away: k = 4 gives the pair its own cluster; with
+    min_cluster_size 5 it is dissolved and a big blob split instead, and the artifact says so (the minimum enforced and what was re-seeded)."""
+    x, _ = blobs(600, 3, 8, seed=3)
+    x = np.concatenate([x, np.full((2, 8), 40.0, np.float32) + np.arange(2)[:, None]]).astype(np.float32)
+    url = make_store(str(tmp_path / "e.zarr"), x, np.ones(len(x), bool), dtype="float32")
+    plain = run_kmeans(url, ClusterConfig(k=4, niter=20, use_gpu="never", min_cluster_size=0), seed=0)
+    assert plain.sizes.min() == 2 and plain.reseeded == []
+    res = run_kmeans(url, ClusterConfig(k=4, niter=20, use_gpu="never", min_cluster_size=5), seed=0)
+    assert res.sizes.min() >= 5 and res.sizes.sum() == len(x) and len(res.sizes) == 4
+    (small,) = np.flatnonzero(plain.sizes == 2)
+    assert res.reseeded == [{"cluster": int(small), "size": 2, "split": int(np.argmax(plain.sizes))}]
+    # each row's stored distance is to its own (possibly new) centroid
+    want = ((x - res.centroids[res.assignments]) ** 2).sum(1)
+    np.testing.assert_allclose(res.distances, want, rtol=1e-3, atol=1e-3)
+    summary = save_kmeans(res, str(tmp_path / "out"))
+    assert summary["min_cluster_size"] == 5 and summary["reseeded"] == res.reseeded
+    assert load_kmeans(str(tmp_path / "out")).reseeded == res.reseeded
+    assert res.min_cluster_size == 5
+    # a minimum the pool cannot hold with room to split is lowered to n // (2k), and reported
+    big = run_kmeans(url, ClusterConfig(k=4, niter=5, use_gpu="never", min_cluster_size=400), seed=0)
+    assert big.min_cluster_size == 602 // 8 and big.sizes.min() >= 602 // 8

@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignet_core.errors import ConfigError, StoreError
+from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.io import embedding_store, store
 from alignet_core.io.formats import read_alignet_npz
-from alignet_core.sample.publish import _first_occurrences, _triplet_keys, assemble_dataset
+from alignet_core.sample.distinct import MAX_TOP_UPS
+from alignet_core.sample.distinct import first_occurrences as _first_occurrences
+from alignet_core.sample.distinct import triplet_keys as _triplet_keys
+from alignet_core.sample.publish import assemble_dataset
 from alignet_core.sample.shards import ShardSpec, plan_shards, run_shard, shard_path
 
 CHECKER = "/work/shared/tools/check_alignet_npz.py"
@@ -133,8 +136,9 @@ def test_no_duplicates_and_no_leakage(published: dict) -> None:
         assert not np.isin(vk, tk).any()
         for split in ("train", "valid"):
             s = st[split]
-            lost = s["ties_dropped"] + s["duplicates_removed"] + s.get("in_train_removed", 0)
-            assert s["requested"] - lost == s["n_triplets"]
+            lost = s["ties_dropped"] + s["duplicates_removed"] + s["in_train_removed"] + s["surplus_dropped"]
+            assert s["drawn"] - lost == s["n_triplets"]
+            assert s["drawn"] == s["requested"] and s["top_up_shards"] == 0  # no top-up asked for here
     # a 300-image pool with 4 clusters: duplicates and leakage do occur and were removed
     cb = manifest["strategies"]["cluster_border"]
     assert cb["train"]["duplicates_removed"] > 0 or cb["valid"]["in_train_removed"] > 0
@@ -197,3 +201,58 @@ def test_zarr_copy_matches_the_npz_files(published: dict) -> None:
         np.testing.assert_array_equal(g["indices"][:], split.indices)
         np.testing.assert_array_equal(g["similarities"][:], split.similarities)
         assert np.asarray(g["filenames"][:]).tolist() == np.asarray(split.filenames).tolist()
+
+
+# ----------------------------------------------------------------------------- exact counts
+@pytest.fixture(scope="module")
+def tiny_pool(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """12 images in 3 clusters of 4: exactly 3 · C(4,2) · 8 = 144 distinct cluster-border triplets."""
+    root = tmp_path_factory.mktemp("tiny")
+    n = 12
+    x = np.random.default_rng(1).normal(size=(n, 8)).astype(np.float32)
+    url = str(root / "emb.zarr")
+    g = embedding_store.create_embedding_store(url, n, 8, np.array([f"t/{i:02d}.jpg" for i in range(n)]), "float32", 64, {})
+    g["embeddings"][:] = x
+    g["valid"][:] = True
+    return {"store": url, "filenames": np.array([f"t/{i:02d}.jpg" for i in range(n)]),
+            "groups": _write_npy(root / "clusters.npy", np.arange(n) % 3)}
+
+
+def _publish_exact(pool: dict, work: Path, url: str, n_train: int, n_valid: int) -> dict:
+    specs = plan_shards(["cluster_border"], n_train, n_valid, 40, seed=2)
+    run = lambda s: run_shard(s, pool["groups"], pool["store"], str(work))  # noqa: E731
+    for s in specs:
+        run(s)
+    return assemble_dataset(str(work), specs, pool["filenames"], url, NAMES, top_up=run)
+
+
+def test_each_split_holds_exactly_the_distinct_triplets_asked(tiny_pool: dict, tmp_path: Path) -> None:
+    """100 train + 30 valid of the 144 possible: the planned draws repeat themselves heavily."""
+    m = _publish_exact(tiny_pool, tmp_path / "w1", str(tmp_path / "d1"), 100, 30)
+    st = m["strategies"]["cluster_border"]
+    train = read_alignet_npz(str(tmp_path / "d1" / "train_cluster_border_4.npz")).indices
+    valid = read_alignet_npz(str(tmp_path / "d1" / "valid_cluster_border_4.npz")).indices
+    assert len(train) == 100 and len(valid) == 30
+    tk, vk = _triplet_keys(train, 12), _triplet_keys(valid, 12)
+    assert len(np.unique(tk)) == 100 and len(np.unique(vk)) == 30 and not np.isin(vk, tk).any()
+    for split in ("train", "valid"):
+        s = st[split]
+        assert s["n_triplets"] == s["requested"] and s["top_up_shards"] >= 1 and s["duplicates_removed"] > 0
+        lost = s["ties_dropped"] + s["duplicates_removed"] + s["in_train_removed"] + s["surplus_dropped"]
+        assert s["drawn"] - lost == s["n_triplets"]
+        f = m["files"][f"{split}_cluster_border_4.npz"]
+        assert f["duplicates_drawn"] == s["duplicates_removed"] and f["top_up_shards"] == s["top_up_shards"]
+    # deterministic: a rerun from scratch publishes byte-identical files
+    again = _publish_exact(tiny_pool, tmp_path / "w2", str(tmp_path / "d2"), 100, 30)
+    for fname, info in m["files"].items():
+        assert again["files"][fname]["sha256"] == info["sha256"]
+        assert (tmp_path / "d1" / fname).read_bytes() == (tmp_path / "d2" / fname).read_bytes()
+
+
+def test_a_count_the_pool_cannot_supply_is_a_clear_error(tiny_pool: dict, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"sample.n_train: cluster_border can supply only 144 distinct train "
+                                         rf"triplets of the 150 asked, after \d+ draws \({MAX_TOP_UPS} top-up shards\)"):
+        _publish_exact(tiny_pool, tmp_path / "w", str(tmp_path / "d"), 150, 10)
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob("d.tmp-*"))
+    with pytest.raises(InputError, match=r"sample.n_valid: .* distinct valid triplets not in train of the 10 asked"):
+        _publish_exact(tiny_pool, tmp_path / "w3", str(tmp_path / "d3"), 140, 10)

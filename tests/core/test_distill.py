@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from alignet_core import models
 from alignet_core.config import DistillConfig
-from alignet_core.distill.batches import TripletBatches, decode_images, join_by_filenames
+from alignet_core.distill.batches import TripletBatches, decode_images, join_by_filenames, join_mode, read_split
 from alignet_core.distill.checkpoints import HEAD_FILE, LOG_FILE, STUDENT_FILE
 from alignet_core.distill.evaluation import embed_images, evaluate_student
 from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, warmup_cosine
@@ -233,6 +233,34 @@ def test_join_by_filenames_points_foreign_triplets_at_the_source(pool):
     with pytest.raises(InputError, match="match no image"):
         join_by_filenames(formats.AlignetTriplets(np.zeros((1, 3), int), np.array([[bases[0]] * 3]),
                                                           np.zeros((1, 3), np.float32)), twin, "y.npz")
+
+
+def test_filenames_that_disagree_with_the_images_at_their_indices_are_refused(pool, train_split, tmp_path):
+    split, url = train_split
+    assert len(read_split(url, pool, "indices")) == len(split)  # names = the rows' file names: agrees
+    # the same triplets over the images in another order (a release whose images are not in source order)
+    perm = np.random.default_rng(0).permutation(len(pool))
+    shuffled = str(tmp_path / "train_x.npz")
+    formats.write_alignet_npz(shuffled, perm[split.indices], split.filenames, split.similarities)
+    with pytest.raises(InputError, match=rf"train_x.npz: \d+ of {split.filenames.size} filenames disagree with the "
+                                         r"source's images at their indices \(row 0: index"):
+        read_split(shuffled, pool, "indices")
+    # joined by what the file says, the triplets land on the right images again
+    np.testing.assert_array_equal(read_split(shuffled, pool, "filenames").indices, split.indices)
+    assert join_mode("/a/release", "auto") == "filenames" and join_mode(None, "auto") == "indices"
+    assert join_mode("/a/release", "indices") == "indices"
+
+
+def test_a_student_whose_pre_logits_width_is_not_num_features_trains(pool, train_split, tmp_path):
+    """mobilenetv3_small_050: a hidden head layer makes the pooled pre-logits 1,024 wide, num_features 288."""
+    split, _ = train_split
+    assert timm.create_model("mobilenetv3_small_050", pretrained=False).num_features == 288
+    cfg = tiny_cfg(student="mobilenetv3_small_050", steps=2, checkpoint_every=50)
+    student = build_student(cfg, seed=0)
+    assert student.head.in_features == models.feature_dim(student.backbone) == 1024
+    log = train_student(split, pool, cfg, str(tmp_path / "mnv3"), torch.device("cpu"), seed=0)
+    assert log["complete"] and log["steps"] == 2 and np.isfinite(log["loss_curve"]).all()
+    assert load_student(str(tmp_path / "mnv3"), cfg).head.in_features == 1024
 
 
 # ----------------------------------------------------------------------------- resume after a kill

@@ -146,3 +146,20 @@ def test_two_nodes_started_by_torchrun_then_evaluated_once(cfg, tmp_path):
     one_node = with_overrides(cfg, {"distill.devices": ["cpu", "cpu"]})
     assert plan_distill(one_node, distill_files(one_node, None)).key == plan.key
     assert run_distill(one_node, None).metrics == run_distill(nodes, None).metrics  # both reuse the manifest
+
+
+def test_a_foreign_dataset_whose_filenames_disagree_is_refused_before_training(cfg, tmp_path):
+    """Indices in range, but the files name other images (the release's image order is not the source's):
+    joined by indices, the stage refuses before building or training anything."""
+    src = sources.source_from_config(cfg.source)
+    folder = tmp_path / "reordered"
+    folder.mkdir()
+    g = np.random.default_rng(3)
+    idx = np.stack([g.choice(len(src), 3, replace=False) for _ in range(40)])
+    other = src.ids()[g.permutation(len(src))]
+    sims = np.tile(np.float32([3.0, 1.0, 0.0]), (40, 1))
+    formats.write_alignet_npz(str(folder / "train_mine.npz"), idx, other[idx], sims)
+    bad = with_overrides(cfg, {"distill.dataset": str(folder), "distill.join": "indices"})
+    with pytest.raises(InputError, match=r"train_mine.npz: \d+ of 120 filenames disagree with the source's images"):
+        run_distill(bad, None)
+    assert not list((tmp_path / "root").rglob("student.safetensors")) and not list((tmp_path / "root").rglob("step_*"))

@@ -38,7 +38,7 @@ def base(tmp_path_factory):
 
 def test_vice_soft_targets_when_the_human_file_has_no_probabilities(base):
     cfg, emb, path = base
-    cfg = with_overrides(cfg, {"human.triplets": path, "transform.targets": "soft"})
+    cfg = with_overrides(cfg, {"human.triplets": path, "human.positional": True, "transform.targets": "soft"})
     out = run_transform(cfg, emb)
     m = out.metrics.model_dump()
     assert m["soft_targets"] == "VICE posterior predictive"

@@ -66,6 +66,7 @@ def service(tmp_path):
     port = _free_port()
     env = {**os.environ, "PORT": str(port), "BIN": str(BIN), "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_LOGGING_EXTRA_LOGGERS", None)  # what the deployments set, not this test's process
     log = tmp_path / "serve.log"
     proc = subprocess.Popen([str(REPO / "scripts" / "serve.sh")], cwd=REPO, env=env, start_new_session=True,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -125,8 +126,14 @@ def test_service_walkthrough(service, tmp_path):
     out = _cli(env, prefect, "deployment", "run", "alignet/demo", "--param", f"overrides={json.dumps(overrides)}",
                "--watch", "--watch-timeout", "900", timeout=960)
     assert "Completed" in out, out[-3000:] + log.read_text()[-3000:]
-    run = _latest_run(_client(env), "alignet")
+    client = _client(env)
+    run = _latest_run(client, "alignet")
     assert run["state"]["type"] == "COMPLETED"
+
+    # the pipeline's own log lines reach the run's logs (what the UI shows), not only Prefect's
+    logs = client.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}).json()
+    lines = "\n".join(entry["message"] for entry in logs)
+    assert "images embedded" in lines and "transformed store" in lines, lines[-3000:]
 
     # the published version, `latest`, and its checksums through the CLI
     listed = versions.list_versions(str(root), "demo")

@@ -98,6 +98,16 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     assert summary["transform_heldout"]["transformed"]["unit"] == "objects"
     assert (Path(summary["report_dir"]) / "summary.json").exists()
     assert (Path(summary["report_dir"]) / "report.md").read_text().startswith("# AligNet")
+    assert summary["images"] == 120 and summary["images_skipped"] == 0
+    # progress an operator reads: the count and the time, not only a percentage
+    with get_client(sync_client=True) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["embed-progress",
+                                                                                                 "distill-progress"])))
+    descriptions = {a.key: a.description for a in arts}
+    assert descriptions["embed-progress"].startswith("embed: done, 120 images in ")
+    assert descriptions["distill-progress"].startswith("distill: done, 4 steps in ")
 
     dataset = Path(summary["dataset"])
     assert dataset.name == "uncertainty_distillation"
@@ -223,6 +233,7 @@ def test_evaluate_alone_on_a_checkpoint_and_a_set_the_pipeline_did_not_make(harn
     root = tmp_path / "root"
     args = ["evaluate", "--root", str(root)]
     for k, v in {**tiny(root), "distill.head_dim": 16, "distill.image_size": 32, "evaluate.student": str(folder),
+                 "evaluate.saliency_maps": "proxy", "evaluate.saliency_images": 6,
                  "evaluate.sets": json.dumps([{"name": "mine", "triplets": str(tmp_path / "mine.txt"),
                                                "probabilities": str(tmp_path / "mine.npy")}])}.items():
         args += ["--set", f"{k}={v}"]
@@ -236,6 +247,52 @@ def test_evaluate_alone_on_a_checkpoint_and_a_set_the_pipeline_did_not_make(harn
     assert mine["n"] == 150 and mine["unit"] == "triplets" and mine["low"] <= mine["value"] <= mine["high"]
     assert set(m["uncertainty"]["student_aligned"]) == {"human", "mine"}
     assert (root / "stages" / "evaluate").glob("*/sets/mine.txt")
+    # the "where" metric against the proxy maps, named a proxy, with a picture beside the metrics
+    sal = m["saliency"]
+    assert sal["n_images"] == 6 and "proxy" in sal["maps"] and "unknown here" in sal["images"]
+    assert sal["before"]["spearman"]["low"] <= sal["before"]["spearman"]["value"] <= sal["before"]["spearman"]["high"]
+    assert next((root / "stages" / "evaluate").glob("*/saliency.png")).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_too_many_skipped_images_fail_the_run_naming_the_count(harness, tmp_path, capsys):
+    """A folder where 3 of 10 images cannot be decoded: `alignet embed` fails (exit 2) naming the count, the
+    limit and the reasons, with the embeddings kept; raising `embed.max_skipped_fraction` reuses them (the
+    store's chunks are not rewritten), and the summary's count reaches the report's line."""
+    import shutil
+
+    from alignet_core.embed.stage import EmbedMetrics, SkippedImage
+    from alignet_core.io import sources
+    from alignet_core.pipeline.report import RunSummary, _skipped_line
+    from flows.cli import main
+
+    folder = tmp_path / "images"
+    for i, rec in enumerate(sources.demo_source().records[:7]):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(rec.path, folder / f"c{i % 2}" / Path(rec.path).name)
+    (folder / "bad").mkdir()
+    (folder / "bad" / "empty.png").write_bytes(b"")
+    (folder / "bad" / "text.png").write_text("not a picture\n")
+    (folder / "bad" / "text2.png").write_text("not a picture either\n")
+    root = tmp_path / "root"
+    args = ["embed", "--root", str(root), "--set", "source.kind=folder", "--set", f"source.path={folder}",
+            "--set", "cluster.k=2", "--set", "transform.enabled=false", "--set", "embed.model=tf_efficientnet_lite0",
+            "--set", "embed.batch_size=4", "--set", "embed.chunk_rows=4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: embed.max_skipped_fraction: 3 of 10 images (30.0%)")
+    assert "more than the limit 1%" in err and "bad/" in err
+    chunks = sorted((root / "stages" / "embed").glob("*/embeddings.zarr/embeddings/c/*/*"))
+    assert chunks and (root / "stages" / "embed").glob("*/manifest.json")
+    mtimes = [p.stat().st_mtime_ns for p in chunks]
+    assert main([*args, "--set", "embed.max_skipped_fraction=0.5"]) == 0
+    assert [p.stat().st_mtime_ns for p in chunks] == mtimes
+
+    m = EmbedMetrics(n_images=10, n_valid=7, dim=4, seconds=1.0,
+                     skipped=[SkippedImage(id=f"bad/{n}", path=f"/x/bad/{n}", reason=f"/x/bad/{n}: not a readable image")
+                              for n in ("a.png", "b.png", "c.png")])
+    assert m.skipped_reasons() == {"<file>: not a readable image": 3}
+    line = _skipped_line(RunSummary.model_construct(images=10, images_skipped=3, skipped_reasons=m.skipped_reasons()))
+    assert line.startswith("**Images: 10, 3 skipped (30.0%)**") and "3 × <file>: not a readable image" in line
 
 
 def _stage_files(root: Path) -> dict[str, tuple[int, bytes]]:

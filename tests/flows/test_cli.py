@@ -37,3 +37,57 @@ def test_entry_point_exits_2_without_traceback():
     res = subprocess.run([sys.executable, "-m", "flows.cli", "validate", "--set", "cluster.k=-1"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "cluster.k" in res.stderr
+
+
+def test_set_without_equals_is_a_usage_error(capsys):
+    assert main(["run", "--set", "cluster.k"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --set expects KEY=VALUE (e.g. --set cluster.k=20), got 'cluster.k'\n"
+
+
+def test_misspelt_model_names_get_close_matches(capsys):
+    assert main(["validate", "--set", "embed.model=resnt50"]) == 2
+    err = capsys.readouterr().err
+    assert "embed.model: unknown timm model 'resnt50'; did you mean 'resnet50'" in err and err.count("\n") == 1
+    assert main(["validate", "--set", "distill.student=tf_efficientnet_lite00"]) == 2
+    assert "did you mean 'tf_efficientnet_lite0'" in capsys.readouterr().err
+
+
+def test_model_names_are_cached_per_timm_version(tmp_path, monkeypatch):
+    """The first check lists timm's names (importing it) into the cache; later checks read only the file,
+    and a tag (`.augreg_in21k`) or a deprecated alias is accepted as timm.is_model accepts it."""
+    import timm
+
+    from alignet_core import model_refs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model_refs.check_model_name("vit_base_patch16_224.augreg_in21k", "embed.model")
+    (cached,) = (tmp_path / "alignet").glob(f"timm-{timm.__version__}-models.json")
+    assert "vit_base_patch16_224" in cached.read_text()
+    for name in ("convnext_tiny_in22ft1k", "resnet18", "tf_efficientnet_lite0"):
+        assert timm.is_model(name)
+        model_refs.check_model_name(name, "embed.model")
+    cached.write_text('["only_this_model"]')  # the cache, not timm, answers from now on
+    model_refs.check_model_name("only_this_model", "embed.model")
+
+
+def test_validate_and_errors_do_not_import_torch():
+    """`alignet validate` of a CPU config, an error and `datasets list` answer without importing torch or
+    timm (seconds of imports); their latency is recorded by `python -m benchmarks.cli`."""
+    probe = ("import sys; from flows.cli import main; rc = main({args!r}); "
+             "print(rc, sorted(m for m in ('torch', 'timm', 'torchvision', 'prefect', 'dask', 'zarr') if m in sys.modules))")
+    for args, rc in ((["validate"], 0), (["validate", "--set", "cluster.k=-1"], 2),
+                     (["validate", "--set", "embed.model=resnt50"], 2), (["run", "--set", "cluster.k"], 2),
+                     (["datasets", "list", "--root", "/nonexistent-root"], 0)):
+        res = subprocess.run([sys.executable, "-c", probe.format(args=args)], capture_output=True, text=True, timeout=300)
+        assert res.stdout.strip().splitlines()[-1] == f"{rc} []", (args, res.stdout, res.stderr)
+
+
+@pytest.mark.parametrize("command", ["run", "embed", "transform", "cluster", "sample", "distill", "evaluate",
+                                     "validate", "datasets"])
+def test_every_subcommand_help_has_a_description_and_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "example" in out and f"alignet {command}" in out.split("example", 1)[1]

@@ -22,11 +22,13 @@ from flows.cli import main
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six real demo images in two class folders, and an empty folder beside them."""
+    """Six real demo images in two class folders, the same six in a flat folder, and an empty folder."""
     base = tmp_path_factory.mktemp("images")
     for i, rec in enumerate(demo_source().records[::300][:6]):
         (base / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         shutil.copy(rec.path, base / "imgs" / f"c{i % 2}" / Path(rec.path).name)
+        (base / "flat").mkdir(exist_ok=True)
+        shutil.copy(rec.path, base / "flat" / Path(rec.path).name)
     (base / "empty").mkdir()
     np.save(base / "probs.npy", np.full((2, 3), 1 / 3))
     return base
@@ -75,8 +77,11 @@ CASES: list[tuple[str, Any, list[str]]] = [
     ("human triplets file missing", {"human": {"triplets": "/nope/t.txt"}}, ["human.triplets", "does not exist"]),
     ("probabilities without triplets", {"human": {"probabilities": f"{FOLDER}/probs.npy"}},
      ["human.probabilities", "without human.triplets"]),
-    ("own images without human triplets", {"source": {"kind": "folder", "path": f"{FOLDER}/imgs"}, "cluster": {"k": 2}},
-     ["human.triplets", "required unless"]),
+    ("unlabelled images without human triplets", {"source": {"kind": "folder", "path": f"{FOLDER}/flat"},
+                                                   "cluster": {"k": 2}},
+     ["human.triplets", "6 of the 6 images", "have no label", "no taxonomy proxy"]),
+    ("demo-only field on a folder", {"source": {"kind": "folder", "path": f"{FOLDER}/imgs", "label_level": "category"}},
+     ["source.label_level applies to the demo set only"]),
     ("transform weight out of range", {"transform": {"alpha": 1.5}}, ["transform.alpha", "less than or equal to 1"]),
     ("negative seed", {"seed": -1}, ["seed", "greater than or equal to 0"]),
     ("unknown device", {"device": "tpu"}, ["device", "'auto', 'cpu' or 'cuda'"]),

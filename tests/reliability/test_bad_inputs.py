@@ -70,7 +70,7 @@ def test_broken_images_are_skipped_and_reported_other_rows_unchanged(good: Path,
 
     def run(folder: Path, root: Path):
         cfg = parse_config({"root": str(root), "device": "cpu", "source": {"kind": "folder", "path": str(folder)},
-                            "embed": EMBED, "transform": {"enabled": False}, "cluster": {"k": 2},
+                            "embed": {**EMBED, "max_skipped_fraction": 1.0}, "transform": {"enabled": False}, "cluster": {"k": 2},
                             "distill": {"enabled": False}})
         preflight(cfg)
         return run_embed(cfg)
@@ -167,7 +167,9 @@ def test_transform_and_store_of_different_widths(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- human data, up front
-def _human_cfg(good: Path, tmp_path: Path, **human: str) -> object:
+def _human_cfg(good: Path, tmp_path: Path, **human: str | bool) -> object:
+    if "objects" not in human:
+        human["positional"] = True
     return parse_config({"root": str(tmp_path / "root"), "source": {"kind": "folder", "path": str(good)},
                          "cluster": {"k": 2}, "human": human})
 
@@ -175,11 +177,14 @@ def _human_cfg(good: Path, tmp_path: Path, **human: str) -> object:
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("0 1 2\n3 4 9\n", r"object id out of range \[0, 6\) in row 1"),
-        ("0 1 2\n4 4 5\n", "an object appears twice in row 1"),
-        ("0 1 2\n0 -1 2\n", "negative object id in row 1"),
+        ("0 1 2\n3 4 9\n", r"object id out of range \[0, 6\) in line 2: \[3, 4, 9\]"),
+        ("0 1 2\n4 4 5\n", "an object appears twice in line 2"),
+        ("0 1 2\n0 -1 2\n", "negative object id in line 2"),
         ("0 1 2\n3 4\n", "line 2 has 2 fields, expected 3"),
-        ("0 1 x\n", "object ids must be integers"),
+        ("0 1 x\n", "line 1: object ids must be integers, got '0 1 x'"),
+        # the line an editor shows, counting comments and blank lines
+        ("# i j k\n\n0 1 2\n3 4 9\n", r"out of range \[0, 6\) in line 4"),
+        ("# i j k\n0 1 2\n\n3 4\n", "line 4 has 2 fields"),
     ],
 )
 def test_bad_triplet_files_fail_in_preflight(content: str, message: str, good: Path, tmp_path: Path) -> None:
@@ -200,7 +205,8 @@ def test_bad_probabilities_and_objects_fail_in_preflight(good: Path, tmp_path: P
         preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt"),
                                     probabilities=str(tmp_path / "psum.npy")))
     (tmp_path / "objects.csv").write_text("object,image_id\n0,c0/nope.png\n")
-    with pytest.raises(InputError, match="human.objects: .*objects.csv: line 2: image_id 'c0/nope.png' is not in"):
+    with pytest.raises(InputError, match="human.objects: .*objects.csv: no image_id is in the image source "
+                                         r"\(e.g. line 2: image_id 'c0/nope.png' is not in"):
         preflight(_human_cfg(good, tmp_path, triplets=str(tmp_path / "t.txt"),
                                     objects=str(tmp_path / "objects.csv")))
 
@@ -218,7 +224,7 @@ OK = {"indices": np.array([[0, 1, 2]]), "filenames": np.array([["a", "b", "c"]])
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"indices": np.array([[0, 1, 7]])}, r"out of range \[0, 5\) in row 0"),
+        ({"indices": np.array([[0, 1, 7]])}, r"out of range \[0, 5\) in row 0 \(0-based\)"),
         ({"filenames": np.array([[1, 2, 3]])}, "'filenames' must be strings"),
         ({"similarities": np.array([[3, 2, 1]])}, "'similarities' must be finite floats"),
         ({"similarities": np.array([[np.inf, 0.0, 0.0]])}, "'similarities' must be finite floats"),

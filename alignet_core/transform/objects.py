@@ -1,0 +1,207 @@
+"""The explicit, checked mapping of a triplet file's objects to the images of the source.
+
+A THINGS-format triplet file names objects by index (0..m-1), not images. Which images show object
+i must be declared, never guessed from the source's order (a folder source is sorted by path, so
+"object i = image i" silently attaches THINGS choices to the wrong images):
+
+- `human.concepts`: the THINGS convention. The file lists the concepts in THINGS order (one per
+  line, like THINGS' `unique_id.txt`, or a CSV/TSV with a `uniqueID` column, like
+  `things_concepts.tsv`); object i is concept i, and its images are those whose parent folder is
+  named after it (`object_images/<concept>/<concept>_NN*.jpg`). Several images per object are
+  averaged by the transform (`human.object_embeddings`).
+- `human.objects`: a CSV `object,image_id` (one row per image of an object).
+- `human.positional: true`: object i is image i of the source, by declaration only.
+
+Objects with no image and the triplets that name them are dropped, counted and named; the kept
+objects are renumbered 0..k-1 in file order (the identity when every object has an image), so every
+later step sees only objects it can embed. `MappingSummary` is what `alignet validate` prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import posixpath
+
+import fsspec
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from alignet_core.config import HumanConfig, SourceConfig
+from alignet_core.errors import ConfigError, InputError
+from alignet_core.io import sources
+from alignet_core.pipeline.runner import Record
+
+log = logging.getLogger(__name__)
+
+CONCEPT_COLUMN = "uniqueID"  # things_concepts.tsv's column of concept names (= image folder names)
+NAMED = 5  # examples named in a summary or a message
+
+
+class MappingSummary(Record):
+    """How a triplet file's objects attach to the images: what `alignet validate` prints before any work."""
+
+    kind: str  # 'THINGS concepts (<file>)', 'table (<file>)', 'positional (declared)'
+    n_declared: int  # objects the mapping declares (concepts, table objects, or source images)
+    n_objects: int  # of those, objects with at least one image: the objects every later step uses
+    missing: list[str]  # first NAMED objects with no image (concept names or indices)
+    n_missing: int
+    images_mapped: int  # source images tied to an object
+    images_unmapped: int  # source images tied to none (not in the table, folder not a concept)
+    unknown: list[str]  # first NAMED ids the mapping names that the source lacks (table image ids,
+    n_unknown: int      # or image folders that are no concept)
+    images_per_object: tuple[int, float, int]  # (min, median, max) over the kept objects
+    triplets_in_file: int = 0
+    triplets_kept: int = 0  # triplets whose three objects all have images
+
+    def lines(self) -> list[str]:
+        """The summary as lines for a terminal or a report."""
+        lo, med, hi = self.images_per_object
+        out = [f"object ↔ image mapping: {self.kind}",
+               f"  objects with images: {self.n_objects} of {self.n_declared} "
+               f"(images per object: min {lo}, median {med:g}, max {hi})",
+               f"  images tied to an object: {self.images_mapped}; tied to none: {self.images_unmapped}"]
+        if self.n_missing:
+            out.append(f"  objects without images: {self.n_missing}, e.g. {self.missing}")
+        if self.n_unknown:
+            out.append(f"  unknown ids (named by the mapping, not in the source): {self.n_unknown}, e.g. {self.unknown}")
+        out.append(f"  triplets kept: {self.triplets_kept} of {self.triplets_in_file} "
+                   f"({self.triplets_in_file - self.triplets_kept} name an object without images)")
+        return out
+
+
+class ObjectMapping(BaseModel):
+    """The object of each image (compact ids 0..k-1 over the objects that have images) and how the
+    triplet file's object indices map onto them."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    object_of_image: np.ndarray  # (n,) int64 compact object id per source image, -1 for none
+    compact_of: np.ndarray  # (n_declared,) int64 compact id of each declared object, -1 without images
+    summary: MappingSummary
+
+    @property
+    def n_objects(self) -> int:
+        return self.summary.n_objects
+
+    def map_triplets(self, triplets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(kept rows (k,) of `triplets`, those rows in compact object ids (k, 3)); `triplets` (t, 3)
+        are the file's object indices, already checked to lie in [0, n_declared)."""
+        c = self.compact_of[triplets]
+        keep = np.flatnonzero((c >= 0).all(axis=1))
+        return keep, c[keep]
+
+
+def undeclared_message(source: SourceConfig) -> str:
+    """Why a triplet file without a declared mapping is refused, and the fix."""
+    why = ("a folder source lists its images sorted by path, which is not the order of a triplet file's objects, so "
+           "object i would attach to whichever image sorts into slot i" if source.kind == "folder" else
+           "object i would attach to image i of the source by position, unchecked")
+    return (f"human.triplets: how the file's object ids attach to images is not declared ({why}); set "
+            "human.concepts to the THINGS concept-order file (e.g. unique_id.txt, or things_concepts.tsv) with "
+            "source.path the THINGS object_images/ tree (objects = concepts, images of object_images/<concept>/ "
+            "averaged), or human.objects to a CSV 'object,image_id', or human.positional: true if image i of the "
+            "source really is object i")
+
+
+def object_mapping(h: HumanConfig, source: SourceConfig, src: sources.ImageSource) -> ObjectMapping:
+    """The declared mapping of `h` (concepts, table or positional) over the images of `src`.
+
+    Raises `ConfigError` when none is declared (see `undeclared_message`), `InputError` when the
+    mapping's file is unreadable or ties no image to any object."""
+    if h.concepts is not None:
+        return _from_concepts(h.concepts, src)
+    if h.objects is not None:
+        return _from_table(h.objects, src)
+    if h.positional:
+        return _build(np.arange(len(src)), len(src), "positional (declared: object i = image i of the source)",
+                      [str(i) for i in range(len(src))], [], 0)
+    raise ConfigError(undeclared_message(source))
+
+
+def read_concepts(url: str) -> list[str]:
+    """The concept names of a THINGS concept-order file, in order: one per line (`unique_id.txt`), or a
+    CSV/TSV with a `uniqueID` column (`things_concepts.tsv`)."""
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8", newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise InputError(f"human.concepts: file {url!r} does not exist") from None
+    if url.lower().endswith((".tsv", ".csv")):
+        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if url.lower().endswith(".tsv") else ",")
+        fields = [c.strip() for c in reader.fieldnames or []]
+        if CONCEPT_COLUMN not in fields:
+            raise InputError(f"human.concepts: {url}: expected a '{CONCEPT_COLUMN}' column (the concept names, as the "
+                             f"image folders are named), got {fields}")
+        names = [(row.get(CONCEPT_COLUMN) or "").strip() for row in reader]
+    else:
+        names = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if not names or any(not n for n in names):
+        raise InputError(f"human.concepts: {url}: expected one non-empty concept name per object, in THINGS order")
+    dup = sorted({n for n in names if names.count(n) > 1}) if len(set(names)) < len(names) else []
+    if dup:
+        raise InputError(f"human.concepts: {url}: {len(dup)} concept name(s) listed twice, e.g. {dup[:NAMED]}")
+    return names
+
+
+def _from_concepts(url: str, src: sources.ImageSource) -> ObjectMapping:
+    """Objects = concepts in file order; an image belongs to the concept its parent folder names."""
+    names = read_concepts(url)
+    index = {name: i for i, name in enumerate(names)}
+    folders = [posixpath.basename(posixpath.dirname(i)) for i in src.ids().tolist()]
+    obj = np.asarray([index.get(f, -1) for f in folders], dtype=np.int64)
+    unknown = sorted({f for f in folders if f not in index})
+    if (obj < 0).all():
+        raise InputError(f"human.concepts: no image of the source is in a folder named after a concept of {url!r} "
+                         f"(expected object_images/<concept>/<concept>_NN.jpg); concepts e.g. {names[:NAMED]}, "
+                         f"image folders e.g. {unknown[:NAMED] or ['(none: images directly in source.path)']}")
+    return _build(obj, len(names), f"THINGS concepts ({url})", names, unknown, len(unknown))
+
+
+def _from_table(url: str, src: sources.ImageSource) -> ObjectMapping:
+    """CSV `object,image_id`: object ids 0..m-1, image ids as in the source (unknown ids counted)."""
+    index = {i: r for r, i in enumerate(src.ids().tolist())}
+    obj = np.full(len(src), -1, dtype=np.int64)
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise InputError(f"human.objects: file {url!r} does not exist") from None
+    unknown: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            o, img = int(row["object"]), str(row["image_id"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"human.objects: {url}: line {line}: expected columns 'object' (int) and "
+                             "'image_id'") from None
+        if o < 0:
+            raise InputError(f"human.objects: {url}: line {line}: object {o} is negative")
+        if img not in index:
+            unknown.append(img)
+            continue
+        obj[index[img]] = o
+    if (obj < 0).all():
+        raise InputError(f"human.objects: {url}: no image_id is in the image source (e.g. line 2: image_id "
+                         f"{unknown[0]!r} is not in {src.description}); ids are as the source names them, e.g. "
+                         f"{src.ids()[:3].tolist()}" if unknown else f"human.objects: {url}: no rows")
+    n_declared = max(int(r["object"]) for r in rows) + 1
+    return _build(obj, n_declared, f"table ({url})", [str(i) for i in range(n_declared)], unknown[:NAMED],
+                  len(unknown))
+
+
+def _build(obj: np.ndarray, n_declared: int, kind: str, names: list[str], unknown: list[str],
+           n_unknown: int) -> ObjectMapping:
+    """Renumber the declared objects that have images to 0..k-1 (in declared order) and summarise."""
+    counts = np.bincount(obj[obj >= 0], minlength=n_declared)
+    has = counts > 0
+    compact_of = np.where(has, np.cumsum(has) - 1, -1).astype(np.int64)
+    object_of_image = np.where(obj >= 0, compact_of[np.maximum(obj, 0)], -1).astype(np.int64)
+    missing = np.flatnonzero(~has)
+    kept = counts[has]
+    summary = MappingSummary(
+        kind=kind, n_declared=n_declared, n_objects=int(has.sum()),
+        missing=[names[i] for i in missing[:NAMED]], n_missing=int(len(missing)),
+        images_mapped=int((obj >= 0).sum()), images_unmapped=int((obj < 0).sum()),
+        unknown=list(unknown[:NAMED]), n_unknown=int(n_unknown),
+        images_per_object=(int(kept.min()), float(np.median(kept)), int(kept.max())))
+    return ObjectMapping(object_of_image=object_of_image, compact_of=compact_of, summary=summary)
