@@ -110,6 +110,10 @@ def _setup_logging(verbose: int) -> None:
     if verbose < 2:
         for noisy in ("httpx", "distributed", "faiss.loader", "prefect"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # Prefect and Dask set their loggers' levels when they load (later, lazily): their consoles are
+        # quieted where they read it. The runs' logs in the UI keep every INFO line.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 
 def _datasets(args: argparse.Namespace) -> int:
