@@ -84,7 +84,7 @@ def test_validate_and_errors_do_not_import_torch():
 
 
 @pytest.mark.parametrize("command", ["run", "embed", "transform", "cluster", "sample", "distill", "evaluate",
-                                     "validate", "datasets"])
+                                     "validate", "datasets", "watch"])
 def test_every_subcommand_help_has_a_description_and_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
