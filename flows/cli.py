@@ -134,11 +134,31 @@ def _watch(args: argparse.Namespace) -> int:
     return 1
 
 
+_OWN = ("alignet_core", "flows", "tasks")  # the pipeline's own loggers
+
+
+class _OwnLinesOnly(logging.Filter):
+    """The console without -vv: every line of the pipeline's own loggers, others' warnings and errors only
+    (Prefect and Dask set their loggers' levels when they load, so levels alone do not hold them), and not
+    the nanny's "still alive after 4.0 seconds, killing": the sampling cluster's workers are killed at
+    close, after every shard is written, by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] in _OWN:
+            return True
+        if record.name == "distributed.nanny" and "still alive after" in record.getMessage():
+            return False
+        return record.levelno >= logging.WARNING
+
+
 def _setup_logging(verbose: int) -> None:
     """INFO lines of the pipeline's own loggers; -v adds DEBUG, -vv Prefect's and Dask's INFO lines."""
     logging.basicConfig(level=logging.INFO if verbose >= 2 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("alignet_core", "flows", "tasks"):
+    if verbose < 2:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_OwnLinesOnly())
+    for name in _OWN:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     if verbose < 2:
         for noisy in ("httpx", "distributed", "faiss.loader", "prefect"):
