@@ -3,8 +3,10 @@
 The store is the one extraction writes (`io.embedding_store`: `embeddings` (n, p) `embed.store_dtype`,
 `ids`, `valid` all True), so every later stage runs unchanged. Rows are copied chunk by chunk
 (`embed.chunk_rows` rows, the store's chunk), each chunk marked done after it is written
-(`ChunkProgress`), so memory is one chunk whatever n is and a killed import resumes where it stopped,
-ending with the very bytes an uninterrupted import writes. The store is raw (no codec): dense
+(`ChunkProgress`), so a killed import resumes where it stopped, ending with the very bytes an
+uninterrupted import writes. Consecutive chunks are read and written together, up to about 64 MB
+(`embedding_sources.BLOCK_BYTES`): one Zarr write per chunk cost more than the copy itself. Memory is
+one such block whatever n is. The store is raw (no codec): dense
 embeddings barely compress and every later stage reads them whole.
 
 Casting: the store holds `embed.store_dtype`. float16 input stays float16 in a float16 store and is
@@ -80,16 +82,32 @@ def import_embeddings(cfg: PipelineConfig, store_url: str, progress: Callable[[i
     if todo and not embedding_sources.unchanged(info):
         raise InputError(f"source.path: {info.path!r} changed since it was checked (size, mtime or inode); rerun to "
                          "check it again")
+    per_run = max(1, embedding_sources.BLOCK_BYTES // (dim * np.dtype(cfg.embed.store_dtype).itemsize * rows))
     with embedding_sources.open_array(a) as reader:
-        for i, start, stop in todo:
-            copy_chunk(reader, emb, start, stop, cfg.embed.store_dtype)
-            valid[start:stop] = True
-            tracker.mark(i)
-            rows_done += stop - start
-            if progress is not None:
-                progress(rows_done, n)
+        for run in _runs(todo, per_run):
+            start, stop = run[0][1], run[-1][2]
+            copy_chunk(reader, emb, start, stop, cfg.embed.store_dtype)  # one write of several whole chunks
+            reader.release(start, stop)
+            for i, first, last in run:
+                tracker.mark(i)
+                rows_done += last - first
+                if progress is not None:
+                    progress(rows_done, n)
+    valid[:] = True  # every row is valid; written once (the same bytes whatever chunks a kill cut)
     if not todo and progress is not None:
         progress(n, n)
     seconds = time.perf_counter() - t0
     log.info("embed: imported %d rows (dim %d) from %s in %.1f s", n, dim, info.path, seconds)
     return {"n": n, "dim": dim, "n_valid": n, "skipped": [], "seconds": seconds, "imported": info.provenance()}
+
+
+def _runs(todo: list[tuple[int, int, int]], most: int) -> list[list[tuple[int, int, int]]]:
+    """The chunks to do, (index, start, stop), cut into runs of at most `most` consecutive chunks: one read
+    and one Zarr write per run (a write per chunk cost more than the copy), each chunk marked after it."""
+    out: list[list[tuple[int, int, int]]] = []
+    for c in todo:
+        if out and out[-1][-1][0] == c[0] - 1 and len(out[-1]) < most:
+            out[-1].append(c)
+        else:
+            out.append([c])
+    return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -142,6 +143,30 @@ class ArrayReader:
         p = self.shape[1] if len(self.shape) > 1 else 1
         return max(1, BLOCK_BYTES // max(1, p * 8))
 
+    def release(self, start: int, stop: int) -> None:
+        """Done with rows [start, stop): a memory map drops their pages from this process (no-op here)."""
+
+
+class MappedNpyReader(ArrayReader):
+    """A C-order .npy memory map whose pages are handed back after each block (`release`): reading the
+    whole file through a map would otherwise leave all of it resident in this process (file-backed
+    pages the kernel counts as the process's memory until it needs them back)."""
+
+    def __init__(self, mm: np.memmap, dtype: str) -> None:
+        super().__init__(mm, dtype)
+        self._map = getattr(mm, "_mmap", None)
+        self._start = int(mm.offset) % mmap.ALLOCATIONGRANULARITY  # where the data begins in the map
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * mm.dtype.itemsize
+
+    def release(self, start: int, stop: int) -> None:
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        lo = self._start + start * self._row_bytes
+        lo -= lo % mmap.PAGESIZE
+        hi = min(self._start + stop * self._row_bytes, len(self._map))
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
 
 def _npy_header(path: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """(shape, fortran_order, dtype, data offset) of a .npy file, read from its header only."""
@@ -180,8 +205,11 @@ def open_array(a: ArrayFile) -> Iterator[ArrayReader]:
         if dtype.hasobject:
             raise InputError(f"source.path: {a.path!r} holds Python objects (dtype {dtype}); expected a numeric "
                              "(n, p) array")
-        mm = np.load(a.path, mmap_mode="r") if np.prod(shape) else np.zeros(shape, dtype)
-        yield ArrayReader(mm, str(dtype))
+        if not np.prod(shape):
+            yield ArrayReader(np.zeros(shape, dtype), str(dtype))
+            return
+        mm = np.load(a.path, mmap_mode="r")
+        yield MappedNpyReader(mm, str(dtype)) if mm.flags.c_contiguous else ArrayReader(mm, str(dtype))
     elif a.format == "hdf5":
         try:
             import h5py
@@ -345,6 +373,7 @@ def _scan(reader: ArrayReader, a: ArrayFile) -> _Scan:
         out.n_bad, out.n_big = out.n_bad + len(bad), out.n_big + len(big)
         out.bad.extend(int(start + r) for r in bad[: max(0, 5 - len(out.bad))])
         out.big.extend(int(start + r) for r in big[: max(0, 5 - len(out.big))])
+        reader.release(start, min(start + step, n))
     if h is not None and tail_from is not None:
         with open(a.path, "rb") as f:
             f.seek(tail_from)

@@ -202,8 +202,9 @@ def test_labels_and_an_image_source_joined_by_id(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_import_resumes_to_the_same_store(tmp_path: Path) -> None:
-    """An import stopped by an exception after 2 of 6 chunks (raised from its own progress callback, as a
-    Ctrl-C would land) resumes, copying only the chunks not done, to an uninterrupted import's bytes."""
+    """An import stopped by an exception after 2 of 6 chunks were marked (raised from its own progress
+    callback, as a Ctrl-C would land; the other 4 were written in the same block but not marked) resumes,
+    copying only the chunks not marked, to an uninterrupted import's bytes."""
     from tests.reliability.test_stage_kills import digests
 
     x = rows(n=96)
