@@ -27,7 +27,8 @@ def preflight(cfg: PipelineConfig) -> None:
     distills = cfg.distill.enabled and sources.has_images(cfg.source)  # else the flow skips it, saying why
     if cfg.embed.devices is not None and not imported:
         _check_devices(cfg.embed.devices, "embed.devices")
-    for field, name, needed in (("embed.model", cfg.embed.model, not imported), ("distill.student", cfg.distill.student, distills or not imported)):
+    for field, name, needed in (("embed.model", cfg.embed.model, not imported),
+                                ("distill.student", cfg.distill.student, distills or not imported)):
         if needed:
             check_model_name(name, field)
     for section, name, weights, needed in (("embed", cfg.embed.model, cfg.embed.weights, not imported),
