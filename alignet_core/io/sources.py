@@ -362,8 +362,9 @@ def embeddings_source(cfg: SourceConfig) -> ImageSource:
     `source.labels`), joined by id to `source.images` when given (a row's path is its image there, its
     label the labels file's or else the image source's); without images every path is `NO_IMAGE`.
 
-    Remembered per config and file state in this process: every stage asks for it, and 1M ids take
-    seconds to read. `InputError` naming `source.images` when some rows have no image there."""
+    Without images it is remembered per config and ids/labels file state in this process: every stage
+    asks for it, and 1M ids take seconds to read (a joined image source is listed anew, as every image
+    source is). `InputError` naming `source.images` when some rows have no image there."""
     from alignet_core.io import embedding_sources
 
     a = embedding_sources.locate(cfg)
@@ -389,7 +390,8 @@ def embeddings_source(cfg: SourceConfig) -> ImageSource:
                                     fine=None if labels else by_id[i].fine) for r, i in enumerate(ids))
         desc += f" joined to {images.description}"
     src = ImageSource(records, description=desc)
-    _EMBEDDINGS_SOURCES[memo] = src
+    if cfg.images is None:
+        _EMBEDDINGS_SOURCES[memo] = src
     return src
 
 
