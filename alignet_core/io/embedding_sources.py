@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from alignet_core.errors import InputError
+from alignet_core.io.store import file_sha256
 
 if TYPE_CHECKING:
     from alignet_core.config import SourceConfig
@@ -294,14 +295,6 @@ def read_ids(a: ArrayFile) -> list[str]:
     return ids
 
 
-def _text_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- the inspection
 def file_state(path: str) -> dict[str, int]:
     """A file's (or a folder's newest file's) size, mtime in ns and inode: what says it is unchanged."""
@@ -319,7 +312,7 @@ def _files_sha256(path: str) -> str:
     """sha256 of a file's bytes, or of a folder's files (relative path, then bytes, in sorted order)."""
     p = Path(path)
     if p.is_file():
-        return _text_sha256(path)
+        return file_sha256(path)
     h = hashlib.sha256()
     for q in sorted(x for x in p.rglob("*") if x.is_file()):
         h.update(q.relative_to(p).as_posix().encode() + b"\0")
@@ -453,8 +446,8 @@ def _inspect(a: ArrayFile, labels: str | None) -> ArrayInfo:
     sha = scan.sha256 or _files_sha256(a.path)
     log.info("embeddings %s: %s %s (%s), sha256 %s", a.path, shape, dtype, a.format, sha[:12])
     return ArrayInfo(format=a.format, path=a.path, dataset=a.dataset, shape=(int(shape[0]), int(shape[1])),
-                     dtype=str(dtype), sha256=sha, ids_sha256=_text_sha256(str(a.ids)),
-                     labels_sha256=None if labels is None else _text_sha256(labels), n_float16_overflow=scan.n_big,
+                     dtype=str(dtype), sha256=sha, ids_sha256=file_sha256(str(a.ids)),
+                     labels_sha256=None if labels is None else file_sha256(labels), n_float16_overflow=scan.n_big,
                      float16_overflow=[(r, ids[r]) for r in scan.big], state=file_state(a.path))
 
 
