@@ -103,8 +103,8 @@ class SourceConfig(_Config):
     )
     path: str | None = Field(
         None, description="folder root, file-list path, or tar shard URL/glob (fsspec URL); unused for demo; "
-        "embeddings: the array (.npy memory-mapped, .h5/.hdf5, .zarr array or group, .pt tensor) or a "
-        "thingsvision output folder (features.npy/.hdf5/.pt + file_names.txt)"
+        "embeddings: the array, a local path (.npy memory-mapped, .h5/.hdf5, .zarr array or group, .pt tensor) or "
+        "a thingsvision output folder (features.npy/.hdf5/.pt + file_names.txt)"
     )
     format: Literal["auto", "npy", "hdf5", "zarr", "pt", "thingsvision"] = Field(
         "auto", description="embeddings only: the array's format; auto: by extension, a folder holding "

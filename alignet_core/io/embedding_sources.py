@@ -197,6 +197,20 @@ def _pick(names: list[str], is_2d: dict[str, bool], dataset: str | None, where: 
                      f"{list(DEFAULT_NAMES)}; set source.dataset to the embeddings' name")
 
 
+def _torch_load(path: str) -> Any:
+    """torch.load(weights_only=True), memory-mapped; a file in torch's legacy (pre-zip) format cannot be
+    mapped and is loaded whole, with a warning."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "zipfile" not in str(err):
+            raise
+    log.warning("%s is in torch's legacy format, which cannot be memory-mapped: loading it whole", path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 @contextmanager
 def open_array(a: ArrayFile) -> Iterator[ArrayReader]:
     """An `ArrayReader` over the array `a` names, closed on exit; `InputError` naming the field when the
@@ -244,7 +258,7 @@ def open_array(a: ArrayFile) -> Iterator[ArrayReader]:
         import torch
 
         try:
-            obj = torch.load(a.path, map_location="cpu", weights_only=True, mmap=True)
+            obj = _torch_load(a.path)
         except Exception as err:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
             raise InputError(f"source.path: {a.path!r} is not a tensor file torch.load(weights_only=True) can read: "
                              f"{str(err).splitlines()[0][:200]}") from None

@@ -91,6 +91,14 @@ def _pt(tmp_path: Path, x: np.ndarray) -> tuple[str, str | None]:
     return str(tmp_path / "emb.pt"), write_ids(tmp_path / "ids.txt")
 
 
+def _pt_legacy(tmp_path: Path, x: np.ndarray) -> tuple[str, str | None]:
+    """torch's pre-zip format: cannot be memory-mapped, loaded whole."""
+    import torch
+
+    torch.save(torch.from_numpy(x), tmp_path / "emb.pt", _use_new_zipfile_serialization=False)
+    return str(tmp_path / "emb.pt"), write_ids(tmp_path / "ids.txt")
+
+
 def _pt_dict(tmp_path: Path, x: np.ndarray) -> tuple[str, str | None]:
     import torch
 
@@ -119,7 +127,7 @@ def _thingsvision(kind: str) -> Any:
 
 
 FORMATS = {"npy": _npy, "hdf5": _hdf5, "zarr-array": _zarr_array, "zarr-group": _zarr_group, "pt": _pt,
-           "pt-dict": _pt_dict, "thingsvision-npy": _thingsvision("npy"),
+           "pt-legacy": _pt_legacy, "pt-dict": _pt_dict, "thingsvision-npy": _thingsvision("npy"),
            "thingsvision-hdf5": _thingsvision("hdf5"), "thingsvision-pt": _thingsvision("pt")}
 
 
