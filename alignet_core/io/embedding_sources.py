@@ -302,6 +302,8 @@ def read_ids(a: ArrayFile) -> list[str]:
     if empty:
         raise InputError(f"source.ids: {a.ids!r}: {len(empty)} empty line(s), e.g. line(s) {empty[:5]}; every row needs "
                          "an id")
+    if len(set(ids)) == len(ids):  # the common case, 10× cheaper than counting
+        return ids
     dup = [(x, c) for x, c in Counter(ids).items() if c > 1]
     if dup:
         raise InputError(f"source.ids: {a.ids!r}: {len(dup)} duplicate id(s), each id must be unique; e.g. "

@@ -65,6 +65,8 @@ class ImageSource:
     def __post_init__(self) -> None:
         if not self.records:
             raise InputError(f"{self.description}: no images found")
+        if len({r.id for r in self.records}) == len(self.records):  # the common case, cheaper than counting
+            return
         dup = [i for i, c in Counter(r.id for r in self.records).items() if c > 1]
         if dup:
             raise InputError(
