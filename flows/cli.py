@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             print(f"config ok: {args.config or '(demo defaults)'}")
             return 0
+        from alignet_core.pipeline.lifeline import start_watchdog
+
+        start_watchdog()  # Prefect's temporary server, Dask and loader workers never outlive this process
         result = _run(args.command, args.config, overrides)
     except AlignetError as err:
         print(f"error: {err}", file=sys.stderr)
