@@ -98,7 +98,7 @@ echo "serve: UI at http://127.0.0.1:${PORT} (sign in with the string in $AUTH_FI
 setsid "$BIN/python" -m flows.worker 9>&- &
 WORKER=$!
 while kill -0 "$WORKER" 2>/dev/null && kill -0 "$SERVER" 2>/dev/null; do
-  sleep 2 & wait $! || true  # wakes on a signal at once
+  sleep 2 9>&- & wait $! || true  # wakes on a signal at once
 done
 echo "serve: the $(kill -0 "$WORKER" 2>/dev/null && echo server || echo worker) exited" >&2
 stop 1
