@@ -9,6 +9,7 @@ the engine and of everything it starts) and marks the run Crashed with the reaso
 `serve.sh` calls it when it stops (with its worker frozen) and when it starts (before its worker).
 
     python -m flows.service close --reason stopped     # or: --reason restarted
+    python -m flows.service deployed                   # exit 0: every deployment is on the server as declared
 """
 
 from __future__ import annotations
@@ -66,6 +67,20 @@ def project_deployments(spec: Path = SPEC, workdir: Path = REPO) -> dict[str, De
         out[d["name"]] = DeploymentSpec(name=d["name"], entrypoint=d["entrypoint"], pull_steps=d.get("pull", pull),
                                         job_variables=pool.get("job_variables") or {}, work_pool=pool.get("name"))
     return out
+
+
+def same_pull_steps(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> bool:
+    """Equal, with working directories compared as the folders they resolve to."""
+    def norm(steps: list[dict[str, Any]]) -> list[Any]:
+        out = []
+        for step in steps:
+            for key, kwargs in step.items():
+                kwargs = dict(kwargs or {})
+                if key.endswith("set_working_directory") and isinstance(kwargs.get("directory"), str):
+                    kwargs["directory"] = str(Path(kwargs["directory"]).resolve())
+                out.append((key, sorted(kwargs.items())))
+        return out
+    return norm(got) == norm(want)
 
 
 def run_processes(run_id: str) -> list[psutil.Process]:
@@ -138,16 +153,35 @@ def _children(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+def stale_deployments(client: Any, specs: dict[str, DeploymentSpec] | None = None) -> list[str]:
+    """The names of this project's deployments the server lacks or holds differently (entrypoint, pull
+    steps, job variables, pool) from deployments/prefect.yaml; empty when all are as declared."""
+    specs = specs or project_deployments()
+    held = {d.name: d for d in client.read_deployments() if d.name in specs and d.work_pool_name == POOL}
+    return sorted(name for name, spec in specs.items()
+                  if name not in held or held[name].entrypoint != spec.entrypoint
+                  or not same_pull_steps(held[name].pull_steps or [], spec.pull_steps)
+                  or (held[name].job_variables or {}) != spec.job_variables
+                  or held[name].work_pool_name != spec.work_pool)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m flows.service close --reason stopped|restarted` (what serve.sh runs)."""
     ap = argparse.ArgumentParser(prog="python -m flows.service", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     close = sub.add_parser("close", help="end and crash the open runs of this project's deployments")
     close.add_argument("--reason", choices=sorted(REASONS), required=True)
+    sub.add_parser("deployed", help="exit 0 if the server holds every deployment as deployments/prefect.yaml "
+                                    "declares it, 1 (naming the others) if not")
     args = ap.parse_args(argv)
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
+        if args.command == "deployed":
+            stale = stale_deployments(client)
+            if stale:
+                print(f"serve: to deploy: {', '.join(stale)}")
+            return 1 if stale else 0
         lines = close_open_runs(client, args.reason)
     for line in lines:
         print(f"serve: {line}")

@@ -23,7 +23,7 @@ from typing import Any
 
 from prefect.workers.process import ProcessWorker
 
-from flows.service import POOL, REPO, DeploymentSpec, project_deployments
+from flows.service import POOL, REPO, DeploymentSpec, project_deployments, same_pull_steps
 
 
 class RunRefused(RuntimeError):
@@ -43,7 +43,7 @@ def refusal(deployment: dict[str, Any] | None, run_job_variables: dict[str, Any]
         return f"deployment {name!r} is not one of deployments/prefect.yaml's ({', '.join(sorted(specs))})"
     if deployment.get("entrypoint") != spec.entrypoint:
         return f"deployment {name!r} has entrypoint {deployment.get('entrypoint')!r}, not {spec.entrypoint!r}"
-    if not _same_pull_steps(deployment.get("pull_steps") or [], spec.pull_steps):
+    if not same_pull_steps(deployment.get("pull_steps") or [], spec.pull_steps):
         return f"deployment {name!r} has pull steps {deployment.get('pull_steps')!r}, not deployments/prefect.yaml's"
     if (deployment.get("job_variables") or {}) != spec.job_variables:
         return f"deployment {name!r} has job variables {deployment.get('job_variables')!r}, not {spec.job_variables!r}"
@@ -59,20 +59,6 @@ def refusal(deployment: dict[str, Any] | None, run_job_variables: dict[str, Any]
         return (f"sample.dask_address is {address!r}: a service run may not connect to an outside Dask scheduler "
                 "(its replies are unpickled in the run); run that config with `alignet run` instead")
     return None
-
-
-def _same_pull_steps(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> bool:
-    """Equal, with working directories compared as the folders they resolve to."""
-    def norm(steps: list[dict[str, Any]]) -> list[Any]:
-        out = []
-        for step in steps:
-            for key, kwargs in step.items():
-                kwargs = dict(kwargs or {})
-                if key.endswith("set_working_directory") and isinstance(kwargs.get("directory"), str):
-                    kwargs["directory"] = str(Path(kwargs["directory"]).resolve())
-                out.append((key, sorted(kwargs.items())))
-        return out
-    return norm(got) == norm(want)
 
 
 def _dask_address(parameters: dict[str, Any]) -> str | None:

@@ -84,11 +84,16 @@ class Service:
         start = log.stat().st_size if log.exists() else 0
         self.proc = subprocess.Popen([str(REPO / "scripts" / "serve.sh")], cwd=REPO, env=self.env,
                                      start_new_session=True, stdout=open(log, "a"), stderr=subprocess.STDOUT)
-        auth_file = home / "api-auth-string"
-        wait("the auth string", auth_file.exists, log)
-        self.env["PREFECT_API_AUTH_STRING"] = auth_file.read_text().strip()
-        wait("deployments", lambda: DEPLOYMENTS <= deployment_names(client(self.env)), log, timeout=600)
-        wait("worker", lambda: self._polling() and b"' started!" in log.read_bytes()[start:], log)
+        try:
+            auth_file = home / "api-auth-string"
+            wait("the auth string", auth_file.exists, log)
+            self.env["PREFECT_API_AUTH_STRING"] = auth_file.read_text().strip()
+            # deploying imports every flow: minutes on a busy shared machine
+            wait("deployments", lambda: DEPLOYMENTS <= deployment_names(client(self.env)), log, timeout=900)
+            wait("worker", lambda: self._polling() and b"' started!" in log.read_bytes()[start:], log)
+        except BaseException:
+            self.stop()
+            raise
 
     def _polling(self) -> bool:
         workers = client(self.env).post("/work_pools/alignet-process/workers/filter", json={}).json()

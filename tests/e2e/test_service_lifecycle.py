@@ -21,10 +21,9 @@ import signal
 import subprocess
 import time
 
-import httpx
 import pytest
 
-from tests.e2e._service import BIN, REPO, Service, client, free_port
+from tests.e2e._service import BIN, REPO, Service, client, free_port, wait
 
 #: a regeneration that is still computing a minute after it starts (the transform fit) on a small source
 LONG = {"source.limit": 120, "transform.epochs": 5000, "cluster.k": 5}
@@ -43,18 +42,6 @@ def _state(svc: Service, run_id: str) -> dict:
     return client(svc.env).get(f"/flow_runs/{run_id}").json()["state"]
 
 
-def _wait_for(what: str, check, svc: Service, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    pytest.fail(f"{what} not seen after {timeout} s:\n" + svc.log.read_text()[-4000:])
-
-
 def _engine_running(svc: Service, run_id: str) -> bool:
     """The run is Running and its engine process (a child of the worker) computes."""
     return _state(svc, run_id)["type"] == "RUNNING" and any(
@@ -70,7 +57,7 @@ def test_stop_kill_and_restart_leave_no_process_and_no_blocked_slot(tmp_path):
     svc = Service(home, port, log)
     try:
         first = _run(svc, root)
-        _wait_for("the first run computing", lambda: _engine_running(svc, first), svc)
+        wait("the first run computing", lambda: _engine_running(svc, first), svc.log, timeout=600)
         mark = len(log.read_text())
         t0 = time.time()
         left = svc.stop(signal.SIGINT, timeout=180)
@@ -90,7 +77,7 @@ def test_stop_kill_and_restart_leave_no_process_and_no_blocked_slot(tmp_path):
         assert _state(svc, first)["type"] == "CRASHED"
         assert "was stopped while this run was in flight" in _state(svc, first)["message"]
         second = _run(svc, root)
-        _wait_for("the second run computing", lambda: _engine_running(svc, second), svc)
+        wait("the second run computing", lambda: _engine_running(svc, second), svc.log, timeout=600)
         left = svc.stop(signal.SIGKILL)
     finally:
         svc.stop()
@@ -102,7 +89,7 @@ def test_stop_kill_and_restart_leave_no_process_and_no_blocked_slot(tmp_path):
         state = _state(svc, second)
         assert state["type"] == "CRASHED" and state["message"].startswith("orphaned"), state
         third = _run(svc, root)
-        _wait_for("the third run computing", lambda: _engine_running(svc, third), svc, timeout=300)
+        wait("the third run computing", lambda: _engine_running(svc, third), svc.log, timeout=300)
 
         canary = tmp_path / "canary"
         c = client(svc.env)
@@ -112,7 +99,7 @@ def test_stop_kill_and_restart_leave_no_process_and_no_blocked_slot(tmp_path):
             "entrypoint": "flows/alignet.py:alignet",
             "pull_steps": [{"prefect.deployments.steps.run_shell_script": {"script": f"touch {canary}"}}]}).json()
         foreign = c.post(f"/deployments/{dep['id']}/create_flow_run", json={}).json()["id"]
-        _wait_for("the foreign run refused", lambda: _state(svc, foreign)["type"] == "CRASHED", svc, timeout=180)
+        wait("the foreign run refused", lambda: _state(svc, foreign)["type"] == "CRASHED", svc.log, timeout=180)
         assert "refused by the alignet worker: deployment 'evil' is not one of" in _state(svc, foreign)["message"]
         assert not canary.exists()
     finally:

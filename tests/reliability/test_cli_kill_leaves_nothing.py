@@ -20,19 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.e2e._service import MARKER, marked
+
 BIN = Path(sys.executable).parent
-MARKER = "ALIGNET_TEST_MARKER"
-
-
-def _marked(marker: str) -> list[psutil.Process]:
-    out = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.environ().get(MARKER) == marker and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    return out
 
 
 def _cmd(proc: psutil.Process) -> str:
@@ -56,7 +46,7 @@ def test_a_killed_cli_leaves_no_server_dask_or_loader_process(tmp_path):
     try:
         deadline = time.time() + 900
         while time.time() < deadline and cli.poll() is None:
-            cmds = [_cmd(p) for p in _marked(marker)]
+            cmds = [_cmd(p) for p in marked(marker)]
             seen |= {"server" for c in cmds if "uvicorn" in c} | {"dask" for c in cmds if "multiprocessing" in c}
             if {"server", "dask"} <= seen and any("multiprocessing" in c for c in cmds):
                 break
@@ -64,16 +54,16 @@ def test_a_killed_cli_leaves_no_server_dask_or_loader_process(tmp_path):
         assert cli.poll() is None, "the run ended before its Dask workers were seen:\n" + (
             tmp_path / "cli.log").read_text()[-3000:]
         assert {"server", "dask"} <= seen, (tmp_path / "cli.log").read_text()[-3000:]
-        before = [f"{p.pid} {_cmd(p)[:120]}" for p in _marked(marker) if p.pid != cli.pid]
+        before = [f"{p.pid} {_cmd(p)[:120]}" for p in marked(marker) if p.pid != cli.pid]
         os.kill(cli.pid, signal.SIGKILL)
         cli.wait(timeout=30)
         deadline = time.time() + 30
-        while (left := _marked(marker)) and time.time() < deadline:
+        while (left := marked(marker)) and time.time() < deadline:
             time.sleep(1)
         assert left == [], (f"still alive 30 s after kill -9 of the CLI: {[_cmd(p)[:150] for p in left]}; "
                             f"alive at the kill: {before}")
     finally:
         if cli.poll() is None:
             cli.kill()
-        for proc in _marked(marker):
+        for proc in marked(marker):
             proc.kill()
