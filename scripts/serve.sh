@@ -51,7 +51,7 @@ export ALIGNET_LIFELINE
 setsid "$BIN/python" -m alignet_core.pipeline.lifeline $$ "$ALIGNET_LIFELINE" 9>&- </dev/null >/dev/null 2>&1 &
 
 # a step in the background, waited for: bash would defer a signal until a foreground command ends
-fg() { "$@" 9>&- & wait $!; }
+waited() { "$@" 9>&- & wait $!; }
 
 SERVER="" WORKER="" STOPPING=""
 stop() {  # the first INT/TERM (or an error): a bounded, ordered stop; later signals are ignored meanwhile
@@ -83,30 +83,30 @@ setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" 9>&- &
 SERVER=$!
 
 for _ in $(seq 180); do
-  if fg "$BIN/python" -c "import httpx,sys; sys.exit(httpx.get('$PREFECT_API_URL/health', timeout=2).status_code != 200)" 2>/dev/null; then
+  if waited "$BIN/python" -c "import httpx,sys; sys.exit(httpx.get('$PREFECT_API_URL/health', timeout=2).status_code != 200)" 2>/dev/null; then
     break
   fi
   kill -0 $SERVER 2>/dev/null || { echo "serve: the Prefect server exited" >&2; exit 1; }
-  fg sleep 1
+  waited sleep 1
 done
 # runs a stopped (or killed) service left open hold their deployments' slots: end and crash them first
 for attempt in 1 2 3; do  # SQLite busy (503) under load: retried
-  fg "$BIN/python" -m flows.service close --reason restarted && break
+  waited "$BIN/python" -m flows.service close --reason restarted && break
   [ "$attempt" = 3 ] && { echo "serve: closing the runs a stopped service left open failed three times" >&2; exit 1; }
   sleep 5
 done
-fg "$BIN/prefect" work-pool create alignet-process --type process --overwrite
+waited "$BIN/prefect" work-pool create alignet-process --type process --overwrite
 # Deploying imports every flow (minutes on a busy machine): skipped when the server already holds every
 # deployment as declared and nothing their parameters derive from changed since the last deploy.
 STAMP="$PREFECT_HOME/deployed.sha256"
 WANT="$( (echo "$PWD"; cat deployments/prefect.yaml flows/*.py alignet_core/config.py; "$BIN/python" -c \
   'import prefect; print(prefect.__version__)') | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] && fg "$BIN/python" -m flows.service deployed; then
+if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] && waited "$BIN/python" -m flows.service deployed; then
   echo "serve: the deployments are up to date (deployments/prefect.yaml and the flows unchanged)"
 else
   rm -f "$STAMP"
   for attempt in 1 2 3; do  # a deployment refused with 503 (SQLite busy) is retried; deploying is idempotent
-    fg "$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml && break
+    waited "$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml && break
     [ "$attempt" = 3 ] && { echo "serve: deploying failed three times" >&2; exit 1; }
     sleep 5
   done
