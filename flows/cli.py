@@ -98,14 +98,67 @@ def _build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--config", "-c", help="YAML pipeline config whose root and dataset_name to use")
     ds.add_argument("--root", help="artifact root (default: the config's root)")
     ds.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    w = sub.add_parser("watch", help="follow a flow run on the Prefect server: its log lines, then how it ended and why",
+                       description="Follow a flow run (and its subflows) on the Prefect server at PREFECT_API_URL: its "
+                       "log lines as they arrive, then its final state with the reason (the state's message and "
+                       "those of failed task runs). Exit 0 when it completed, 1 otherwise.",
+                       epilog="example:\n  prefect deployment run 'alignet/regenerate-dataset'   # prints the flow run's UUID\n"
+                              "  alignet watch 0b7e...-...-...   # logs, then e.g. 'FAILED: ...' and exit 1",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    w.add_argument("flow_run_id", help="the flow run's UUID")
+    w.add_argument("--timeout", type=float, default=None, help="give up after this many seconds (exit 124)")
     return p
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """`alignet watch RUN_ID`: the run's log lines, then its outcome; exit 0 when it completed."""
+    from prefect.settings import get_current_settings
+
+    from flows.watch import Outcome, follow
+
+    if not get_current_settings().api.url:
+        print("error: set PREFECT_API_URL to the server the run is on (e.g. http://127.0.0.1:4200/api), and "
+              "PREFECT_API_AUTH_STRING for `make serve`'s locked-down server", file=sys.stderr)
+        return 2
+    try:
+        for item in follow(args.flow_run_id, timeout_s=args.timeout):
+            if isinstance(item, Outcome):
+                print(f"flow run {item.name}: {item.state}")
+                for reason in item.reasons:
+                    print(f"  {reason}")
+                return 0 if item.ok else 1
+            print(item, flush=True)
+    except TimeoutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 124
+    return 1
+
+
+_OWN = ("alignet_core", "flows", "tasks")  # the pipeline's own loggers
+
+
+class _OwnLinesOnly(logging.Filter):
+    """The console without -vv: every line of the pipeline's own loggers, others' warnings and errors only
+    (Prefect and Dask set their loggers' levels when they load, so levels alone do not hold them), and not
+    the nanny's "still alive after 4.0 seconds, killing": the sampling cluster's workers are killed at
+    close, after every shard is written, by design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] in _OWN:
+            return True
+        if record.name == "distributed.nanny" and "still alive after" in record.getMessage():
+            return False
+        return record.levelno >= logging.WARNING
 
 
 def _setup_logging(verbose: int) -> None:
     """INFO lines of the pipeline's own loggers; -v adds DEBUG, -vv Prefect's and Dask's INFO lines."""
     logging.basicConfig(level=logging.INFO if verbose >= 2 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("alignet_core", "flows", "tasks"):
+    if verbose < 2:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_OwnLinesOnly())
+    for name in _OWN:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     if verbose < 2:
         for noisy in ("httpx", "distributed", "faiss.loader", "prefect"):
@@ -169,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     from alignet_core.errors import AlignetError
     from flows._config import resolve_config
 
-    if args.command == "datasets":
+    if args.command in ("datasets", "watch"):
         try:
-            return _datasets(args)
+            return _datasets(args) if args.command == "datasets" else _watch(args)
         except AlignetError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

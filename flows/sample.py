@@ -15,7 +15,7 @@ from flows._config import Overrides, resolve_config
 from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
 from tasks.cluster import cluster
 from tasks.embed import embedded
-from tasks.sample import plan_sampling, promote, publish, submit_shards
+from tasks.sample import dataset_artifacts, follow_shards, plan_sampling, promote, publish, submit_shards
 from tasks.transform import fit_transform
 
 
@@ -47,6 +47,7 @@ def sample_triplets(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutpu
     dataset version and make it `latest`."""
     sp = plan_sampling(cfg, tfm, clu)
     shards = submit_shards(sp)
+    follow_shards(sp, shards)
     return promote(cfg, publish(cfg, sp, wait_for=shards), sp)
 
 
@@ -58,7 +59,9 @@ def sample_on_dask(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput
 
         with Client(cfg.sample.dask_address, timeout=30) as client:
             client.register_plugin(SamplingWorkerSetup())
-    return sample_triplets.with_options(task_runner=dask_runner(cfg))(cfg, tfm, clu)
+    ds = sample_triplets.with_options(task_runner=dask_runner(cfg))(cfg, tfm, clu)
+    dataset_artifacts(cfg, ds)
+    return ds
 
 
 @flow(name="sample")

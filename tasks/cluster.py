@@ -10,12 +10,14 @@ from alignet_core.config import PipelineConfig
 from alignet_core.pipeline.report import cluster_markdown
 from alignet_core.transform.stage import TransformOutput
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
+from tasks._progress import progress_artifact
 
 
 @task(name="cluster", cache_policy=StageCache(locate=stage_output(plan_cluster, ClusterOutput)),
       persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
 def cluster(cfg: PipelineConfig, tfm: TransformOutput) -> ClusterOutput:
-    out = run_cluster(cfg, tfm)
+    with progress_artifact("cluster-progress", "k-means fit", "k-means assign"):
+        out = run_cluster(cfg, tfm)
     create_markdown_artifact(key="cluster-sizes", markdown=cluster_markdown(out),
                              description=f"k-means, k={out.metrics.k}: cluster-size distribution and agreement "
                              "with labels")

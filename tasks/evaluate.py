@@ -10,12 +10,14 @@ from alignet_core.evaluate.stage import EvaluateOutput, plan_evaluate, run_evalu
 from alignet_core.pipeline.runner import StageOutput
 from alignet_core.pipeline.report import alignment_markdown, saliency_markdown
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
+from tasks._progress import progress_artifact
 
 
 @task(name="evaluate", cache_policy=StageCache(locate=stage_output(plan_evaluate, EvaluateOutput)),
       persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
 def evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> EvaluateOutput:
-    out = run_evaluate(cfg, emb, tfm, student)
+    with progress_artifact("evaluate-progress", "evaluate embed", "evaluate score"):
+        out = run_evaluate(cfg, emb, tfm, student)
     create_markdown_artifact(key="alignment-levels", markdown=alignment_markdown(out),
                              description="Alignment at each level of abstraction, before and after, with 95% intervals")
     if out.metrics.saliency is not None:

@@ -10,7 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
-from alignet_core.pipeline.report import dataset_rows
+from alignet_core.pipeline.progress import ProgressLog
+from alignet_core.pipeline.report import dataset_location, dataset_rows
 from alignet_core.sample.stage import (
     SampleOutput,
     SamplingPlan,
@@ -25,6 +26,7 @@ from alignet_core.sample.stage import (
 )
 from alignet_core.transform.stage import TransformOutput
 from tasks._cache import RESULT_SERIALIZER, Located, StageCache
+from tasks._progress import progress_artifact
 
 
 @task(name="plan-sampling", cache_policy=NO_CACHE)
@@ -55,24 +57,43 @@ def _published(sp: SamplingPlan) -> Located:
 @task(name="publish-dataset", cache_policy=StageCache(locate=_published),
       persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1)
 def publish(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
-    out = publish_sample(cfg, sp)
-    create_table_artifact(key="dataset-files", table=dataset_rows(out),
-                          description=f"Published AligNet dataset ({out.metrics.n_triplets} triplets)")
-    return out
+    return publish_sample(cfg, sp)
 
 
 @task(name="promote-dataset", cache_policy=NO_CACHE)
 def promote(cfg: PipelineConfig, ds: SampleOutput, sp: SamplingPlan) -> SampleOutput:
     """Make this run's version `latest` (even when it was a cache hit) and apply retention, under the
     dataset's lock, releasing the version's pin."""
-    info = promote_dataset(cfg, ds, sp.pin)
-    link = ds.artifact if "://" in ds.artifact else f"file://{ds.artifact}"
-    removed = f"; retention removed {info.removed}" if info.removed else ""
-    create_link_artifact(key="dataset-location", link=link, link_text=ds.artifact,
-                         description=f"Dataset {cfg.dataset_name!r}, version {info.version} (now latest){removed}")
+    promote_dataset(cfg, ds, sp.pin)
     return ds
+
+
+def dataset_artifacts(cfg: PipelineConfig, ds: SampleOutput) -> None:
+    """`dataset-files` (every file with the sha256 `alignet datasets verify` checks) and `dataset-location`
+    (host and absolute path, a link that opens) on the calling flow run: the top-level run an operator
+    opens, not only the sampling subflow."""
+    link, where = dataset_location(ds.artifact)
+    files = ds.metrics.files
+    create_table_artifact(key="dataset-files", table=dataset_rows(ds),
+                          description=f"Dataset {cfg.dataset_name!r}, version {ds.metrics.version}: "
+                                      f"{ds.metrics.n_triplets:,} triplets in {len(files)} files at {where}; "
+                                      "`alignet datasets verify` checks each file against its sha256")
+    create_link_artifact(key="dataset-location", link=link, link_text=where,
+                         description=f"Dataset {cfg.dataset_name!r}, version {ds.metrics.version} (latest)")
 
 
 def submit_shards(sp: SamplingPlan) -> list[Any]:
     """Submit every shard to the flow's task runner (futures)."""
     return [sample_shard.submit(sp, i) for i in range(len(sp.specs))]
+
+
+def follow_shards(sp: SamplingPlan, shards: list[Any]) -> None:
+    """Wait for the shards in submission order (which is roughly the order they finish in) with a
+    `sample-progress` artifact and progress lines: shards done, rate, time left."""
+    with progress_artifact("sample-progress", "sample"):
+        lines = ProgressLog("sample", "shards", len(shards))
+        n_triplets = sum(int(spec["n"]) for spec in sp.specs)
+        lines.update(0, f" ({n_triplets:,} triplets drawn on {len(shards)} shards)")
+        for i, shard in enumerate(shards, 1):
+            shard.wait()
+            lines.update(i)

@@ -10,12 +10,14 @@ from alignet_core.embed.stage import EmbedOutput
 from alignet_core.pipeline.report import transform_markdown
 from alignet_core.transform.stage import TransformOutput, plan_transform, run_transform
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
+from tasks._progress import progress_artifact
 
 
 @task(name="fit-transform", cache_policy=StageCache(locate=stage_output(plan_transform, TransformOutput)),
       persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
 def fit_transform(cfg: PipelineConfig, emb: EmbedOutput) -> TransformOutput:
-    out = run_transform(cfg, emb)
+    with progress_artifact("transform-progress", "transform fit", "transform apply"):
+        out = run_transform(cfg, emb)
     if out.metrics.enabled:
         create_markdown_artifact(key="transform-accuracy", markdown=transform_markdown(out),
                                  description="Teacher odd-one-out accuracy before and after the transform, "

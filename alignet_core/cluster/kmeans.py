@@ -52,6 +52,7 @@ from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import KMeansBackend, kmeans_backend
 from alignet_core.io import embedding_store, store
 from alignet_core.io.embedding_store import gather_rows
+from alignet_core.pipeline.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +169,15 @@ def fit_kmeans(store_url: str, cfg: ClusterConfig, seed: int,
         log.warning("k-means: %d training points for k = %d (FAISS suggests at least %d)", n_train, cfg.k, 39 * cfg.k)
     train = _train_torch if backend.library == "torch" else _train_faiss
     best: tuple[np.ndarray, list[float]] | None = None
+    restarts = ProgressLog("k-means fit", "restarts", cfg.nredo)
+    restarts.update(0, f" ({n_train:,} rows, k = {cfg.k})")
     for r in range(cfg.nredo):  # restarts from different greedy inits; the best objective wins
         state = int(np.random.SeedSequence([int(seed), r]).generate_state(1)[0])
         centroids, curve = train(x, cfg, state, backend.device)
         # spherical: the objective is the sum of cosine similarities, higher is better
         if best is None or (curve[-1] > best[1][-1] if cfg.spherical else curve[-1] < best[1][-1]):
             best = centroids, curve
+        restarts.update(r + 1)
     centroids, curve = best
     log.info("k-means: k=%d on %d of %d valid rows (%s on %s), objective %.4g → %.4g", cfg.k, n_train,
              len(valid_idx), backend.library, backend.device, curve[0], curve[-1])
@@ -254,9 +258,12 @@ def assign_clusters(
     assignments = np.full(n, -1, dtype=np.int64)
     distances = np.full(n, np.nan, dtype=np.float32)
     ids = None
+    rows_done = ProgressLog("k-means assign", "rows", n)
+    rows_done.update(0)
     for _, start, stop in embedding_store.iter_chunks(n, chunk_rows):
         ok = np.asarray(valid_arr[start:stop], dtype=bool)
         if not ok.any():
+            rows_done.update(stop)
             continue
         chunk = np.asarray(emb[start:stop])
         if not np.isfinite(chunk[ok]).all():
@@ -270,6 +277,7 @@ def assign_clusters(
         rows = slice(start, stop) if every else start + np.flatnonzero(ok)
         assignments[rows] = i[:, 0]
         distances[rows] = (1.0 - d[:, 0]) if spherical else np.maximum(d[:, 0], 0.0)
+        rows_done.update(stop)
     return assignments, distances
 
 

@@ -35,6 +35,7 @@ from alignet_core.hardware import resolve_device
 from alignet_core.distill.batches import read_split
 from alignet_core.io import embedding_store, formats, sources, store
 from alignet_core.io.importance_maps import PROXY_NAME
+from alignet_core.pipeline.progress import ProgressLog
 from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.transform.heldout import fit_temperature
 from alignet_core.transform.human import object_embeddings
@@ -130,13 +131,19 @@ def _model_images(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, stude
                   src: sources.ImageSource, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Every model's (n, p) image embeddings at `rows` (zeros elsewhere)."""
     device = resolve_device(cfg.device)
-    out = {"teacher_raw": _store_rows(emb.artifact, rows, len(src)),
-           "teacher_aligned": _store_rows(tfm.artifact, rows, len(src))}
     folder = cfg.evaluate.student or (None if student is None else student.artifact)
+    models = ProgressLog("evaluate embed", "models", 2 if folder is None else 4)
+    models.update(0, f" ({len(rows):,} images)")
+    out = {"teacher_raw": _store_rows(emb.artifact, rows, len(src))}
+    models.update(1)
+    out["teacher_aligned"] = _store_rows(tfm.artifact, rows, len(src))
+    models.update(2)
     if folder is not None:
         bs = cfg.evaluate.batch_size
         out["student_raw"] = _student_rows(build_student(cfg.distill, cfg.seed), src, rows, device, False, bs)
+        models.update(3)
         out["student_aligned"] = _student_rows(load_student(folder, cfg.distill), src, rows, device, True, bs)
+        models.update(4)
     return out
 
 
@@ -156,7 +163,9 @@ def _evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: 
     outcomes: dict[str, dict[str, np.ndarray]] = {m: {} for m in images}
     uncertainty: dict[str, dict[str, UncertaintyAgreement]] = {m: {} for m in images}
     temperatures: dict[str, float] = {}
-    for model, e in images.items():
+    scored = ProgressLog("evaluate score", "models", len(images))
+    scored.update(0, f" ({len(sets)} sets each)")
+    for i, (model, e) in enumerate(images.items(), 1):
         similarity = MODELS[model][1]
         if fit_t:
             temperatures[model] = _fit_temperature(e, data, similarity)  # type: ignore[arg-type]
@@ -168,6 +177,7 @@ def _evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: 
             if s.probs is not None and model in temperatures:
                 q = choice_distribution(_similarities(x, t, similarity), temperatures[model])
                 uncertainty[model][s.name] = uncertainty_agreement(s.probs, q)
+        scored.update(i)
     changes = {side: {s.name: bootstrap.paired_difference(outcomes[f"{side}_raw"][s.name],
                                                           outcomes[f"{side}_aligned"][s.name], cfg.seed, _unit(s))
                       for s in sets} for side in ("teacher", "student") if f"{side}_aligned" in images}

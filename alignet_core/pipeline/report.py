@@ -8,6 +8,8 @@ publish what these return.
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -136,6 +138,9 @@ def write_report(cfg: PipelineConfig, outs: RunOutputs) -> RunSummary:
         text += "\n" + alignment_markdown(outs.evaluate)
         if outs.evaluate.metrics.saliency is not None:
             text += "\n" + saliency_markdown(outs.evaluate, picture=False)
+    figures = report_figures(outs)
+    if figures:
+        text += "\n" + write_figures(folder, figures)
     with fsspec.open(store.join(folder, "report.md"), "w") as f:
         f.write(text)
     return summary
@@ -252,11 +257,8 @@ def saliency_markdown(out: EvaluateOutput, picture: bool = True) -> str:
     if proxy:
         lines += ["", "The maps are a proxy (the emoji's silhouettes): they say where the object is, not which of its "
                   "parts people find diagnostic."]
-    if picture and out.metrics.saliency_picture:
-        png = store.join(out.dir, out.metrics.saliency_picture)
-        if store.exists(png):
-            with fsspec.open(png, "rb") as f:
-                lines += ["", plots.markdown_image(f.read(), "image, map, saliency before, after")]
+    if picture:
+        lines += _inline(saliency_figures(out))
     return "\n".join(lines) + "\n"
 
 
@@ -315,10 +317,7 @@ def transform_markdown(out: TransformOutput) -> str:
                   "| alpha | lam | lr | selection accuracy | k-NN overlap |", "|---|---|---|---|---|"]
         lines += [f"| {r.alpha} | {r.lam} | {r.lr} | {r.transformed_mean:.3f} | {r.knn_overlap_mean:.3f} |"
                   for r in m.search.settings]
-    curve = [h_["val_acc"] for h_ in m.history if "val_acc" in h_]
-    if curve:
-        lines += ["", plots.markdown_image(plots.curve_png({"validation-fold accuracy": curve}, "epoch", "accuracy",
-                                                           "transform fit"), "validation accuracy per epoch")]
+    lines += _inline(transform_figures(out))
     return "\n".join(lines) + "\n"
 
 
@@ -340,22 +339,44 @@ def cluster_markdown(out: ClusterOutput) -> str:
         "| smallest | median | largest | empty |",
         "|---|---|---|---|",
         f"| {sizes.min()} | {int(np.median(sizes))} | {sizes.max()} | {int((sizes == 0).sum())} |",
-        "",
-        plots.markdown_image(plots.sizes_png(m.sizes, f"cluster sizes (k = {m.k})"), "cluster sizes"),
+        *_inline(cluster_figures(out)),
     ])
 
 
+def dataset_location(url: str) -> tuple[str, str]:
+    """(link, text) naming where a dataset is: for a local folder a `file://` URI of its absolute path and
+    `host:/absolute/path` (a relative path opens nowhere, and a bare path does not say which machine);
+    another fsspec URL as it is."""
+    if "://" in url and not url.startswith("file://"):
+        return url, url
+    path = Path(url.removeprefix("file://")).resolve()
+    return path.as_uri(), f"{socket.gethostname()}:{path}"
+
+
 def dataset_rows(out: SampleOutput) -> list[dict[str, Any]]:
-    """The `dataset-files` table: one row per published file."""
-    return [{"file": name, **info.model_dump(exclude={"sha256"})} for name, info in out.metrics.files.items()]
+    """The `dataset-files` table: one row per published file, with the sha256 of the file (what `alignet
+    datasets verify` checks) and of its arrays, and its location (last: the UI cuts long cells)."""
+    rows = []
+    for name, info in out.metrics.files.items():
+        row = {"file": name, **info.model_dump(exclude={"path"})}
+        row["location"] = dataset_location(store.join(out.metrics.publish_url, info.path))[1]
+        rows.append(row)
+    return rows
+
+
+def _student_comparisons(out: DistillOutput) -> list[tuple[str, str, Comparison]]:
+    """(short name, row name, comparison) of every held-out student figure."""
+    m = out.metrics
+    comps = [(s, f"triplets vs teacher: {s}", c) for s, c in m.heldout.items()]
+    if m.human is not None:
+        comps.append(("human", f"odd-one-out, test-fold objects ({m.human_data}, {m.n_human_test} triplets)", m.human))
+    return comps
 
 
 def student_markdown(out: DistillOutput) -> str:
     """The student's accuracies with intervals and paired changes, accuracy bars and loss curve."""
     m = out.metrics
-    comps = [(s, f"triplets vs teacher: {s}", c) for s, c in m.heldout.items()]
-    if m.human is not None:
-        comps.append(("human", f"odd-one-out, test-fold objects ({m.human_data}, {m.n_human_test} triplets)", m.human))
+    comps = _student_comparisons(out)
     lines = [
         f"# Student after {m.steps} steps on `{m.sampling}` ({m.n_train} training triplets)",
         "",
@@ -368,13 +389,78 @@ def student_markdown(out: DistillOutput) -> str:
         + ("" if m.human_before_dot is None else f", human {m.human_before_dot.text()}") + ".",
         "",
         f"Final loss {m.final_loss:.5f}; training {m.train_seconds:.1f} s, stage {m.seconds:.1f} s.",
-        "",
-        plots.markdown_image(plots.before_after_png({short: (c.before.value, c.after.value) for short, _, c in comps},
-                                                    "student accuracy (held out)", chance=1 / 3),
-                             "student accuracy before and after"),
-        "",
-        plots.markdown_image(plots.loss_curve_png(m.loss_curve, "distillation loss"), "loss curve"),
+        *_inline(student_figures(out)),
         "",
         f"Output: `{out.artifact}`",
     ]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- pictures
+class Figure(Record):
+    """One chart of a report: its file name under `figures/`, its alt text and its PNG bytes."""
+
+    name: str
+    alt: str
+    png: bytes
+
+
+def transform_figures(out: TransformOutput) -> list[Figure]:
+    """The validation-fold accuracy per epoch of the transform fit (none when it was off)."""
+    curve = [h["val_acc"] for h in out.metrics.history if "val_acc" in h]
+    if not curve:
+        return []
+    return [Figure(name="transform-fit.png", alt="validation accuracy per epoch",
+                   png=plots.curve_png({"validation-fold accuracy": curve}, "epoch", "accuracy", "transform fit"))]
+
+
+def cluster_figures(out: ClusterOutput) -> list[Figure]:
+    """The cluster-size distribution."""
+    m = out.metrics
+    return [Figure(name="cluster-sizes.png", alt="cluster sizes", png=plots.sizes_png(m.sizes, f"cluster sizes (k = {m.k})"))]
+
+
+def student_figures(out: DistillOutput) -> list[Figure]:
+    """The student's held-out accuracies before and after, and its loss curve."""
+    comps = _student_comparisons(out)
+    bars = plots.before_after_png({short: (c.before.value, c.after.value) for short, _, c in comps},
+                                  "student accuracy (held out)", chance=1 / 3)
+    return [Figure(name="student-accuracy.png", alt="student accuracy before and after", png=bars),
+            Figure(name="student-loss.png", alt="loss curve",
+                   png=plots.loss_curve_png(out.metrics.loss_curve, "distillation loss"))]
+
+
+def saliency_figures(out: EvaluateOutput) -> list[Figure]:
+    """The side-by-side saliency picture the evaluation wrote, when it did."""
+    name = out.metrics.saliency_picture
+    url = store.join(out.dir, name) if name else None
+    if url is None or not store.exists(url):
+        return []
+    with fsspec.open(url, "rb") as f:
+        return [Figure(name="saliency.png", alt="image, map, saliency before, after", png=f.read())]
+
+
+def _inline(figures: list[Figure]) -> list[str]:
+    """Markdown lines that embed each figure (a blank line before each): the Prefect artifacts' form."""
+    return [line for f in figures for line in ("", plots.markdown_image(f.png, f.alt))]
+
+
+def report_figures(outs: RunOutputs) -> list[Figure]:
+    """Every chart the stage artifacts show, for `report.md`'s "Pictures" section."""
+    figures = transform_figures(outs.transform) + cluster_figures(outs.cluster)
+    if outs.distill is not None:
+        figures += student_figures(outs.distill)
+    if outs.evaluate is not None:
+        figures += saliency_figures(outs.evaluate)
+    return figures
+
+
+def write_figures(folder: str, figures: list[Figure]) -> str:
+    """Write each figure to `<folder>/figures/<name>` and return the markdown that shows them (relative links,
+    so the report folder can be moved or copied as a whole)."""
+    lines = ["## Pictures", ""]
+    for f in figures:
+        with fsspec.open(store.join(folder, "figures", f.name), "wb", auto_mkdir=True) as out:
+            out.write(f.png)
+        lines += [f"![{f.alt}](figures/{f.name})", ""]
+    return "\n".join(lines)

@@ -21,6 +21,7 @@ from safetensors.numpy import save as st_save
 
 from alignet_core.errors import InputError, StoreError
 from alignet_core.io import embedding_store, store
+from alignet_core.pipeline.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,9 @@ def apply_transform_to_store(
     progress = embedding_store.ChunkProgress(out_url)
     done = progress.done()
     written = 0
+    rows = ProgressLog("transform apply", "rows", n)
+    rows_done = sum(stop - start for i, start, stop in embedding_store.iter_chunks(n, chunk_rows) if i in done)
+    rows.update(rows_done)
     with torch.no_grad():
         for i, start, stop in embedding_store.iter_chunks(n, chunk_rows):
             if i in done:
@@ -179,5 +183,7 @@ def apply_transform_to_store(
             out["valid"][start:stop] = v
             progress.mark(i)
             written += 1
+            rows_done += stop - start
+            rows.update(rows_done)
     log.info("transformed store %s: %d rows, %d chunks written, %d resumed", out_url, n, written, len(done))
     return {"n": int(n), "dim": transform.dim, "chunks_written": written}

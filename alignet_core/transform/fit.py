@@ -40,7 +40,7 @@ from alignet_core.errors import InputError
 from alignet_core.evaluate.metrics import odd_one_out_accuracy
 from alignet_core.hardware import deterministic_torch
 from alignet_core.io.formats import validate_triplets
-from alignet_core.pipeline.progress import progress_line
+from alignet_core.pipeline.progress import ProgressLog
 from alignet_core.transform.affine import AffineTransform
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,8 @@ def fit_transform(
     history: list[dict[str, float]] = []
     best = (math.inf, -1, weight.detach().clone(), bias.detach().clone())
     n_train = len(train)
-    t_epochs = last_line = time.perf_counter()
+    epochs = ProgressLog("transform fit", "epochs", cfg.epochs)
+    epochs.update(0)
     for epoch in range(cfg.epochs):
         perm = torch.randperm(n_train, generator=gen).to(device)
         tot, tot_global, steps = 0.0, 0.0, 0
@@ -275,10 +276,7 @@ def fit_transform(
             }
         )
         log.debug("transform epoch %d: %s", epoch, history[-1])
-        if time.perf_counter() - last_line >= 10 or epoch == cfg.epochs - 1:
-            last_line = time.perf_counter()
-            log.info("%s, val loss %.4f, val acc %.3f", progress_line(
-                "transform fit", "epochs", epoch + 1, cfg.epochs, epoch + 1, last_line - t_epochs), val_loss, val_acc)
+        epochs.update(epoch + 1, f", val loss {val_loss:.4f}, val acc {val_acc:.3f}")
         if val_loss < best[0]:
             best = (val_loss, epoch, weight.detach().clone(), bias.detach().clone())
         elif epoch - best[1] >= cfg.patience:

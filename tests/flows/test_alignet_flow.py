@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +83,42 @@ def _digest(folder: str) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).glob("*.npz"))}
 
 
+def _artifacts_of(flow_run_ids: list) -> list:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids)))
+
+
+def _assert_monitoring(run_id, summary: dict) -> None:
+    """What an operator opens: progress (count, time) of every long stage, the dataset's files and location on
+    the top-level run, and a report with its pictures beside it."""
+    with get_client(sync_client=True) as client:
+        subs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
+    everywhere = {a.key: a for a in _artifacts_of([run_id, *(r.id for r in subs)]) if a.key}
+    assert everywhere["transform-progress"].description.startswith("transform apply: done, 120 rows in ")
+    assert everywhere["cluster-progress"].description.startswith("k-means assign: done, 120 rows in ")
+    assert re.match(r"sample: done, \d+ shards in \d+ s$", everywhere["sample-progress"].description)
+    assert everywhere["evaluate-progress"].description.startswith("evaluate score: done, 4 models in ")
+
+    top = {a.key: a for a in _artifacts_of([run_id]) if a.key}
+    dataset = Path(summary["dataset"])
+    assert top["dataset-location"].data == f"[{socket.gethostname()}:{dataset.resolve()}]({dataset.resolve().as_uri()})"
+    manifest = json.loads((dataset.parent / "manifest.json").read_text())
+    rows = {r["file"]: r for r in json.loads(top["dataset-files"].data)}
+    assert set(rows) == set(manifest["files"])
+    for name, row in rows.items():
+        assert row["sha256"] == manifest["files"][name]["sha256"]
+        assert row["location"].endswith(str((dataset.parent / manifest["files"][name]["path"]).resolve()))
+
+    report_dir = Path(summary["report_dir"])
+    text = (report_dir / "report.md").read_text()
+    for name in ("transform-fit.png", "cluster-sizes.png", "student-accuracy.png", "student-loss.png"):
+        assert f"](figures/{name})" in text, name
+        assert (report_dir / "figures" / name).read_bytes().startswith(b"\x89PNG"), name
+
+
 def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     summary, run_id = _run(tiny(tmp_path / "a"))
 
@@ -108,6 +146,7 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     descriptions = {a.key: a.description for a in arts}
     assert descriptions["embed-progress"].startswith("embed: done, 120 images in ")
     assert descriptions["distill-progress"].startswith("distill: done, 4 steps in ")
+    _assert_monitoring(run_id, summary)
 
     dataset = Path(summary["dataset"])
     assert dataset.name == "uncertainty_distillation"

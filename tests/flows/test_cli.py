@@ -84,10 +84,28 @@ def test_validate_and_errors_do_not_import_torch():
 
 
 @pytest.mark.parametrize("command", ["run", "embed", "transform", "cluster", "sample", "distill", "evaluate",
-                                     "validate", "datasets"])
+                                     "validate", "datasets", "watch"])
 def test_every_subcommand_help_has_a_description_and_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "example" in out and f"alignet {command}" in out.split("example", 1)[1]
+
+
+def test_the_console_keeps_the_pipelines_lines_and_others_warnings_only():
+    import logging
+
+    from flows.cli import _OwnLinesOnly
+
+    def record(name: str, level: int, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, None, None)
+
+    keep = _OwnLinesOnly().filter
+    assert keep(record("alignet_core.progress", logging.INFO, "embed: 1/2 images"))
+    assert keep(record("tasks.sample", logging.DEBUG, "detail"))
+    assert not keep(record("prefect.task_runs", logging.INFO, "Finished in state Completed()"))
+    assert not keep(record("prefect.task_runner.dask", logging.INFO, "The Dask dashboard is available at ..."))
+    assert keep(record("prefect.flow_runs", logging.ERROR, "Encountered exception"))
+    assert not keep(record("distributed.nanny", logging.WARNING, "Worker process still alive after 4.0 seconds, killing"))
+    assert keep(record("distributed.nanny", logging.WARNING, "Restarting worker"))
