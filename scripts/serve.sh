@@ -41,8 +41,6 @@ export PREFECT_SERVER_CSRF_PROTECTION_ENABLED=true PREFECT_CLIENT_CSRF_SUPPORT_E
 export PREFECT_SERVER_CORS_ALLOWED_ORIGINS="http://127.0.0.1:${PORT}"
 # SQLite under a busy machine: wait longer for its lock (the CSRF tokens add writes)
 export PREFECT_SERVER_DATABASE_TIMEOUT="${PREFECT_SERVER_DATABASE_TIMEOUT:-60}"
-# ... and clients retry its 503s ("database is locked") longer than Prefect's 5 times
-export PREFECT_CLIENT_MAX_RETRIES="${PREFECT_CLIENT_MAX_RETRIES:-10}"
 
 exec 9>"$PREFECT_HOME/serve.lock"
 flock -n 9 || { echo "serve: another serve.sh runs on $PREFECT_HOME (it holds $PREFECT_HOME/serve.lock)" >&2; exit 1; }
