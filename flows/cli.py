@@ -102,7 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="Follow a flow run (and its subflows) on the Prefect server at PREFECT_API_URL: its "
                        "log lines as they arrive, then its final state with the reason (the state's message and "
                        "those of failed task runs). Exit 0 when it completed, 1 otherwise.",
-                       epilog="example:\n  prefect deployment run 'alignet/demo'   # prints the flow run's UUID\n"
+                       epilog="example:\n  prefect deployment run 'alignet/regenerate-dataset'   # prints the flow run's UUID\n"
                               "  alignet watch 0b7e...-...-...   # logs, then e.g. 'FAILED: ...' and exit 1",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     w.add_argument("flow_run_id", help="the flow run's UUID")
@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             print(f"config ok: {args.config or '(demo defaults)'}")
             return 0
+        from alignet_core.pipeline.lifeline import start_watchdog
+
+        start_watchdog()  # Prefect's temporary server, Dask and loader workers never outlive this process
         result = _run(args.command, args.config, overrides)
     except AlignetError as err:
         print(f"error: {err}", file=sys.stderr)

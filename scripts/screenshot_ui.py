@@ -3,7 +3,10 @@
     python scripts/screenshot_ui.py [--api-url http://127.0.0.1:4200/api] [--out docs] [--run ID]
 
 Needs a running Prefect server (e.g. `make serve`) with a completed run of the `alignet` flow
-(e.g. `prefect deployment run 'alignet/demo' --watch`), Chromium (Debian: `apt-get install
+(e.g. `prefect deployment run 'alignet/regenerate-dataset' --watch`), its API auth string (from
+`$PREFECT_API_AUTH_STRING`, else `$PREFECT_HOME/api-auth-string`, else `.prefect/api-auth-string`: what
+`make serve` generates; the API calls carry it with a CSRF token, and the browser gets it as the UI's
+sign-in would store it), Chromium (Debian: `apt-get install
 chromium`) and Playwright's Python driver (`pip install -e '.[docs]'`; it drives the system
 Chromium, no browser download). Writes `ui-flow-run.png` (the run's page, Artifacts tab open) and
 `ui-artifact-<key>.png` for the run's report, student, cluster, transform and dataset artifacts,
@@ -14,9 +17,12 @@ completed run or no Chromium.
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 import httpx
@@ -24,26 +30,51 @@ import httpx
 ARTIFACT_KEYS = ("alignet-report", "student-accuracy", "cluster-sizes", "transform-accuracy", "dataset-files")
 
 
-def _post(api: str, path: str, body: dict) -> list[dict]:
-    r = httpx.post(f"{api}{path}", json=body, timeout=30)
+def auth_string() -> str | None:
+    """The API auth string: `$PREFECT_API_AUTH_STRING`, else the file `make serve` keeps, else None (an open
+    server)."""
+    if os.environ.get("PREFECT_API_AUTH_STRING"):
+        return os.environ["PREFECT_API_AUTH_STRING"]
+    home = Path(os.environ.get("PREFECT_HOME") or Path(__file__).resolve().parents[1] / ".prefect")
+    path = home / "api-auth-string"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def api_client(api: str, auth: str | None) -> httpx.Client:
+    """A client of `api` as the UI is one: the auth string (HTTP Basic) and a CSRF token, where the server
+    asks for them."""
+    client = httpx.Client(base_url=api, timeout=30)
+    if auth:
+        client.headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    cid = str(uuid.uuid4())
+    r = client.get("/csrf-token", params={"client": cid})
+    if r.status_code == 401:
+        raise SystemExit(f"error: {api} refused the auth string (401); set PREFECT_API_AUTH_STRING or PREFECT_HOME")
+    if r.status_code == 200:  # 422 where CSRF protection is off
+        client.headers.update({"Prefect-Csrf-Token": r.json()["token"], "Prefect-Csrf-Client": cid})
+    return client
+
+
+def _post(api: httpx.Client, path: str, body: dict) -> list[dict]:
+    r = api.post(path, json=body)
     r.raise_for_status()
     return r.json()
 
 
-def latest_completed_run(api: str, flow_name: str = "alignet") -> dict:
+def latest_completed_run(api: httpx.Client, flow_name: str = "alignet") -> dict:
     flows = [f for f in _post(api, "/flows/filter", {}) if f["name"] == flow_name]
     if not flows:
-        raise SystemExit(f"error: no flow named {flow_name!r} on {api}; run the demo deployment first")
+        raise SystemExit(f"error: no flow named {flow_name!r} on {api.base_url}; run the demo deployment first")
     runs = _post(api, "/flow_runs/filter", {
         "flows": {"id": {"any_": [flows[0]["id"]]}},
         "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
         "sort": "START_TIME_DESC", "limit": 1})
     if not runs:
-        raise SystemExit(f"error: no completed {flow_name!r} run on {api}; run the demo deployment first")
+        raise SystemExit(f"error: no completed {flow_name!r} run on {api.base_url}; run the demo deployment first")
     return runs[0]
 
 
-def run_artifacts(api: str, run_id: str) -> dict[str, dict]:
+def run_artifacts(api: httpx.Client, run_id: str) -> dict[str, dict]:
     """The newest artifact of each key created by the run or its subflow runs."""
     subflows = _post(api, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}})
     ids = [run_id, *[r["id"] for r in subflows]]
@@ -82,11 +113,13 @@ def main() -> int:
     except httpx.HTTPError as err:
         raise SystemExit(f"error: no Prefect server at {api} ({err}); start one with `make serve`") from None
     ui = api.removesuffix("/api")
-    run_id = args.run or latest_completed_run(api)["id"]
+    auth = auth_string()
+    client = api_client(api, auth)
+    run_id = args.run or latest_completed_run(client)["id"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    arts = run_artifacts(api, run_id)
+    arts = run_artifacts(client, run_id)
     shots = [(f"{ui}/runs/flow-run/{run_id}", out / "ui-flow-run.png", "Artifacts")]
     shots += [(f"{ui}/artifacts/artifact/{arts[k]['id']}", out / f"ui-artifact-{k}.png", None)
               for k in ARTIFACT_KEYS if k in arts]
@@ -95,6 +128,8 @@ def main() -> int:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        if auth:  # what the UI's sign-in page stores
+            page.add_init_script(f"localStorage.setItem('prefect-password', btoa({json.dumps(auth)}))")
         for url, path, tab in shots:
             screenshot(page, url, path, tab)
             print(path)

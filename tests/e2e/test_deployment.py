@@ -2,7 +2,7 @@
 process work pool, every deployment, a worker), `prefect deployment run` of the end-to-end
 regeneration (shrunk by parameters) and of the distillation hand-off alone on the published
 dataset, the dataset version checked with `alignet datasets`, artifacts and schedules read
-through the API, and the weekly schedule switched on with one command.
+through the API, and the weekly schedule switched on and off by the deployment's name.
 
 Slow (a server, a worker and flow runs in subprocesses): behind the `slow` marker, run by CI.
 """
@@ -10,97 +10,31 @@ Slow (a server, a worker and flow runs in subprocesses): behind the `slow` marke
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
 from alignet_core.sample import versions
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-DEPLOYMENTS = {"alignet/demo", "embed/demo", "transform/demo", "cluster/demo", "sample/demo", "distill/demo",
-               "evaluate/demo"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(what: str, check, log: Path, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"{what} not ready after {timeout} s:\n" + log.read_text()[-4000:])
-
-
-def _client(env: dict) -> httpx.Client:
-    """An API client as the UI and CLI are: the auth string (Basic) and a CSRF token."""
-    auth = base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()
-    c = httpx.Client(base_url=env["PREFECT_API_URL"], headers={"Authorization": f"Basic {auth}"}, timeout=30)
-    cid = str(uuid.uuid4())
-    c.headers.update({"Prefect-Csrf-Token": c.get("/csrf-token", params={"client": cid}).json()["token"],
-                      "Prefect-Csrf-Client": cid})
-    return c
+from tests.e2e._service import BIN, REPO, Service, free_port
+from tests.e2e._service import client as _client
 
 
 @pytest.fixture()
 def service(tmp_path):
-    """`scripts/serve.sh` on a free port with a private PREFECT_HOME; stopped (and checked
-    stopped) at the end."""
-    port = _free_port()
-    env = {**os.environ, "PORT": str(port), "BIN": str(BIN), "PREFECT_HOME": str(tmp_path / "prefect-home"),
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_LOGGING_EXTRA_LOGGERS", None)  # what the deployments set, not this test's process
-    log = tmp_path / "serve.log"
-    proc = subprocess.Popen([str(REPO / "scripts" / "serve.sh")], cwd=REPO, env=env, start_new_session=True,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    api = env["PREFECT_API_URL"]
-
-    auth_file = tmp_path / "prefect-home" / "api-auth-string"
-
-    def deployed() -> bool:
-        return DEPLOYMENTS <= _deployment_names(_client(env))
-
-    def polling() -> bool:
-        workers = _client(env).post("/work_pools/alignet-process/workers/filter", json={}).json()
-        return any(w.get("status") == "ONLINE" for w in workers)
-
+    """`scripts/serve.sh` on a free port with a private PREFECT_HOME; stopped (and checked stopped,
+    with no process of it left) at the end."""
+    svc = Service(tmp_path / "prefect-home", free_port(), tmp_path / "serve.log")
     try:
-        _wait("the auth string", auth_file.exists, log)
-        env["PREFECT_API_AUTH_STRING"] = auth_file.read_text().strip()
-        _wait("deployments", deployed, log, timeout=600)  # seven deployments; slow on a shared 2-core machine
-        _wait("worker", polling, log)
-        yield env, log
+        yield svc.env, svc.log
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        left = svc.stop()
     with pytest.raises(httpx.HTTPError):
-        httpx.get(f"{api}/health", timeout=2)
-
-
-def _deployment_names(c: httpx.Client) -> set[str]:
-    flows = {f["id"]: f["name"] for f in c.post("/flows/filter", json={}).json()}
-    return {f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in c.post("/deployments/filter", json={}).json()}
+        httpx.get(f"{svc.env['PREFECT_API_URL']}/health", timeout=2)
+    assert left == [], left
 
 
 def _cli(env: dict, *args: str, timeout: int = 300) -> str:
@@ -123,7 +57,7 @@ def test_service_walkthrough(service, tmp_path):
     overrides = {"root": str(root), "source.limit": 120, "human.proxy_n_triplets": 3000, "transform.epochs": 4,
                  "cluster.k": 5, "sample.n_train": 1000, "sample.n_valid": 200, "sample.shard_size": 500,
                  "distill.steps": 3, "distill.batch_triplets": 8, "distill.n_eval": 100}
-    out = _cli(env, prefect, "deployment", "run", "alignet/demo", "--param", f"overrides={json.dumps(overrides)}",
+    out = _cli(env, prefect, "deployment", "run", "alignet/regenerate-dataset", "--param", f"overrides={json.dumps(overrides)}",
                "--watch", "--watch-timeout", "900", timeout=960)
     assert "Completed" in out, out[-3000:] + log.read_text()[-3000:]
     client = _client(env)
@@ -154,24 +88,47 @@ def test_service_walkthrough(service, tmp_path):
     assert "data:image/png;base64," in by_key["cluster-sizes"]["data"]
     assert listed[0]["version"] in by_key["dataset-location"]["description"]
 
+    # scripts/screenshot_ui.py finds the run and its artifacts through the locked-down API (auth string from
+    # PREFECT_HOME, CSRF token), and refuses a wrong string with a one-line error
+    spec = importlib.util.spec_from_file_location("screenshot_ui", REPO / "scripts" / "screenshot_ui.py")
+    shots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shots)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PREFECT_API_AUTH_STRING", raising=False)
+        mp.setenv("PREFECT_HOME", env["PREFECT_HOME"])
+        api = shots.api_client(env["PREFECT_API_URL"], shots.auth_string())
+        assert shots.latest_completed_run(api)["id"] == run["id"]
+        assert {"alignet-report", "student-accuracy", "dataset-files"} <= set(shots.run_artifacts(api, run["id"]))
+        with pytest.raises(SystemExit, match="refused the auth string"):
+            shots.api_client(env["PREFECT_API_URL"], "wrong")
+
     # the distillation hand-off alone, on the published folder, through its own deployment
     alone = {**overrides, "root": str(tmp_path / "student-only"), "distill.dataset": str(dataset),
              "distill.join": "filenames"}
-    out = _cli(env, prefect, "deployment", "run", "distill/demo", "--param", f"overrides={json.dumps(alone)}",
+    out = _cli(env, prefect, "deployment", "run", "distill/distill-student", "--param", f"overrides={json.dumps(alone)}",
                "--watch", "--watch-timeout", "600", timeout=660)
     assert "Completed" in out, out[-3000:] + log.read_text()[-3000:]
     assert sorted(p.name for p in (tmp_path / "student-only" / "stages").iterdir()) == ["distill"]
 
-    # the weekly regeneration: present, off, then on with one command
+    # the weekly regeneration: present, off, then on and off again by the deployment's name and the schedule's
+    # ID (what the README says; never --all, which would reach other projects' deployments)
     def schedules() -> list[dict]:
         deps = _client(env).post("/deployments/filter", json={}).json()
         return [s for d in deps for s in d["schedules"]]
 
     assert [s["active"] for s in schedules()] == [False]
-    _cli(env, prefect, "--no-prompt", "deployment", "schedule", "resume", "--all")
+    regen = "alignet/regenerate-dataset"
+    listed = _cli(env, prefect, "deployment", "schedule", "ls", regen)
+    assert "cron: 0 3 * * 1" in listed, listed
+    (sched,) = json.loads(_cli(env, prefect, "deployment", "schedule", "ls", regen, "-o", "json"))
+    assert sched["slug"] == "weekly-regeneration"
+    _cli(env, prefect, "deployment", "schedule", "resume", regen, sched["id"])
     assert [s["active"] for s in schedules()] == [True]
-    _cli(env, prefect, "--no-prompt", "deployment", "schedule", "pause", "--all")
+    _cli(env, prefect, "deployment", "schedule", "pause", regen, sched["id"])
     assert [s["active"] for s in schedules()] == [False]
+    # the cron is named where the deployment is shown (its description)
+    (dep,) = [d for d in _client(env).post("/deployments/filter", json={}).json() if d["name"] == "regenerate-dataset"]
+    assert "0 3 * * 1" in dep["description"] and "Mondays 03:00 UTC" in dep["description"]
 
 
 @pytest.mark.slow
@@ -205,7 +162,7 @@ def test_the_service_is_locked_down(service, tmp_path):
 
     root = tmp_path / "data"
     overrides = {"root": str(root), "source.limit": 24, "embed.batch_size": 8}
-    out = _cli(env, str(BIN / "prefect"), "deployment", "run", "embed/demo", "--param",
+    out = _cli(env, str(BIN / "prefect"), "deployment", "run", "embed/teacher-embeddings", "--param",
                f"overrides={json.dumps(overrides)}", "--watch", "--watch-timeout", "600", timeout=660)
     assert "Completed" in out, out[-3000:] + log.read_text()[-3000:]
     assert (root / "stages" / "embed").is_dir()
