@@ -397,7 +397,8 @@ def _student_comparisons(out: DistillOutput) -> list[tuple[str, str, Comparison]
     m = out.metrics
     comps = [(s, f"triplets vs teacher: {s}", c) for s, c in m.heldout.items()]
     if m.human is not None:
-        comps.append(("human", f"odd-one-out, test-fold objects ({m.human_data}, {m.n_human_test} triplets)", m.human))
+        short = "human (PROXY)" if m.human_data and "proxy" in m.human_data else "human"
+        comps.append((short, f"odd-one-out, test-fold objects ({m.human_data}, {m.n_human_test} triplets)", m.human))
     return comps
 
 

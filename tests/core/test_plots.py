@@ -32,3 +32,17 @@ def test_charts_are_pngs_of_the_set_size_and_embed_as_data_uris():
     md = plots.markdown_image(pngs[0], "loss")
     assert md.startswith("![loss](data:image/png;base64,")
     assert base64.b64decode(md[len("![loss](data:image/png;base64,"):-1]) == pngs[0]
+
+
+def test_the_students_chart_calls_a_proxy_a_proxy():
+    from types import SimpleNamespace
+
+    from alignet_core.pipeline.report import _student_comparisons
+    from alignet_core.transform.human_data import PROXY_NAME
+
+    c = object()
+    out = SimpleNamespace(metrics=SimpleNamespace(heldout={"between_class": c}, human=c, human_data=PROXY_NAME,
+                                                  n_human_test=10))
+    assert [short for short, _, _ in _student_comparisons(out)] == ["between_class", "human (PROXY)"]
+    out.metrics.human_data = "things_triplets.txt"
+    assert [short for short, _, _ in _student_comparisons(out)] == ["between_class", "human"]
