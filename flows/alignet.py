@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from alignet_core.distill.stage import distill_runs
 from alignet_core.pipeline.report import RunOutputs, RunSummary
 from flows._config import Overrides, resolve_config
 from flows.sample import sample_on_dask
@@ -23,7 +24,7 @@ def alignet(config_path: str | None = None, overrides: Overrides | None = None) 
     tfm = fit_transform(cfg, emb)
     clu = cluster(cfg, tfm)
     ds = sample_on_dask(cfg, tfm, clu)
-    student = distill(cfg, ds) if cfg.distill.enabled else None
+    student = distill(cfg, ds) if distill_runs(cfg) else None
     alignment = evaluate(cfg, emb, tfm, student) if cfg.evaluate.enabled else None
     return report(cfg, RunOutputs(embed=emb, transform=tfm, cluster=clu, sample=ds, distill=student,
                                   evaluate=alignment))

@@ -17,6 +17,7 @@ evaluations run once, here, on the first training device.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 
@@ -37,6 +38,8 @@ from alignet_core.io import sources, store
 from alignet_core.io.formats import sampling_name
 from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.transform.human_data import PROXY_NAME, human_test_split
+
+log = logging.getLogger(__name__)
 
 
 class DistillFiles(Record):
@@ -131,6 +134,27 @@ def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
     return plan_stage(cfg.root, "distill", conf, [files.key], __name__)
 
 
+def no_pixels_reason(cfg: PipelineConfig) -> str | None:
+    """Why the student cannot be trained here: imported embeddings with no image source joined (a student
+    learns from pixels); None when the source has images."""
+    if sources.has_images(cfg.source):
+        return None
+    return (f"the rows are imported embeddings ({cfg.source.path}) with no image source joined, and a student "
+            "learns from pixels; set source.images to the images the ids name (e.g. {kind: folder, path: ...}) to "
+            "distill, or distill.enabled: false")
+
+
+def distill_runs(cfg: PipelineConfig) -> bool:
+    """Whether the pipeline's flow trains the student: `distill.enabled` and pixels to train on (a
+    warning says why not when they are missing: `no_pixels_reason`)."""
+    if not cfg.distill.enabled:
+        return False
+    if (reason := no_pixels_reason(cfg)) is not None:
+        log.warning("distill: skipped: %s", reason)
+        return False
+    return True
+
+
 def run_distill(
     cfg: PipelineConfig,
     ds: StageOutput | None,
@@ -142,6 +166,8 @@ def run_distill(
     The training devices are checked first (`parallel.rank_layout`): a bad `distill.devices` is a
     `ConfigError` before anything is read or written. With `distill.nodes` > 1 the training must have
     been run by torchrun on every node (README); the stage then only evaluates it."""
+    if (reason := no_pixels_reason(cfg)) is not None:
+        raise InputError(f"source.images: {reason}")
     layout = rank_layout(cfg)
     files = distill_files(cfg, ds)
     plan = plan_distill(cfg, files)

@@ -5,6 +5,10 @@ In: the image source (`source`) and the teacher (`embed`). Out: an embedding sto
 config except `devices` (which devices of one kind run the extraction changes no output) and the
 compute identity: GPU rows are computed under bf16 autocast, CPU rows in float32, so a store made
 on one is never served for the other.
+
+With `source.kind: embeddings` the rows are imported instead (`importer`): the key covers the
+array's identity (sha256, shape, dtype, ids and labels hashes: `sources.source_identity`) and the
+store's dtype and chunking; the teacher settings (`embed.model`, `weights`, ...) do not apply.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import InputError
 from alignet_core.embed.extract import extract_embeddings
+from alignet_core.embed.importer import checked_import, import_embeddings
 from alignet_core.hardware import ComputeIdentity, compute_identity, resolve_device, resolve_devices
 from alignet_core.io import sources, store
 from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
@@ -32,11 +37,29 @@ class SkippedImage(Record):
     reason: str
 
 
+class ImportedArray(Record):
+    """Where imported rows came from (`source.kind: embeddings`)."""
+
+    path: str
+    format: str
+    dataset: str | None
+    sha256: str
+    shape: list[int]
+    dtype: str
+    ids_sha256: str
+    labels_sha256: str | None
+
+
 class EmbedMetrics(StageMetrics):
     n_images: int
     n_valid: int
     dim: int
     skipped: list[SkippedImage]
+    imported: ImportedArray | None = None  # set when the rows were imported, not extracted
+
+    def teacher(self, model: str) -> str:
+        """Who made the rows: the timm model, or 'imported: <path>'."""
+        return model if self.imported is None else f"imported: {self.imported.path}"
 
     def skipped_fraction(self) -> float:
         return len(self.skipped) / max(self.n_images, 1)
@@ -59,6 +82,10 @@ def embed_compute(cfg: PipelineConfig) -> ComputeIdentity:
 
 def plan_embed(cfg: PipelineConfig, compute: ComputeIdentity | None = None) -> StagePlan:
     """The embed stage's plan; `compute` defaults to this machine's (`embed_compute`)."""
+    if cfg.source.kind == "embeddings":
+        conf = {"source": sources.source_identity(cfg.source),
+                "embed": cfg.embed.model_dump(include={"store_dtype", "chunk_rows"})}
+        return plan_stage(cfg.root, "embed", conf, [], __name__)
     compute = compute or embed_compute(cfg)
     conf = {"source": sources.source_identity(cfg.source),
             "embed": cfg.embed.model_dump(exclude={"devices", "max_skipped_fraction"}),
@@ -71,6 +98,8 @@ def run_embed(cfg: PipelineConfig, progress: Callable[[int, int], None] | None =
 
     `InputError` when more than `embed.max_skipped_fraction` of the images were skipped; the store is kept
     (finished), so a rerun with the images fixed (a new source key) or a higher limit loses nothing."""
+    if cfg.source.kind == "embeddings":
+        checked_import(cfg)  # a bad array or store dtype is refused before anything is written
     plan = plan_embed(cfg)
     out = once(plan, EmbedOutput, lambda: _embed(cfg, plan, progress), cfg.lock_timeout)
     check_skipped(out.metrics, cfg.embed.max_skipped_fraction)
@@ -94,10 +123,15 @@ def check_skipped(m: EmbedMetrics, limit: float) -> None:
 def _embed(cfg: PipelineConfig, plan: StagePlan, progress: Callable[[int, int], None] | None) -> EmbedOutput:
     """The stage's work, under its lock."""
     t0 = time.perf_counter()
-    src = sources.source_from_config(cfg.source)
     url = store.join(plan.dir, STORE)
-    info = extract_embeddings(src, cfg.embed, url, resolve_device(cfg.device), progress=progress)
+    if cfg.source.kind == "embeddings":
+        info = import_embeddings(cfg, url, progress=progress)
+        config = {"embed": cfg.embed.model_dump(include={"store_dtype", "chunk_rows"})}
+    else:
+        src = sources.source_from_config(cfg.source)
+        info = extract_embeddings(src, cfg.embed, url, resolve_device(cfg.device), progress=progress)
+        config = {"embed": cfg.embed.model_dump()}
     metrics = EmbedMetrics(n_images=info["n"], n_valid=info["n_valid"], dim=info["dim"],
-                           skipped=[SkippedImage(**s) for s in info["skipped"]],
+                           skipped=[SkippedImage(**s) for s in info["skipped"]], imported=info.get("imported"),
                            seconds=round(time.perf_counter() - t0, 2))
-    return finish(plan, EmbedOutput, url, metrics, {"embed": cfg.embed.model_dump()}, [])
+    return finish(plan, EmbedOutput, url, metrics, config, [])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import posixpath
 import tarfile
@@ -344,15 +345,74 @@ def source_from_config(cfg: SourceConfig) -> ImageSource:
         src = filelist_source(str(cfg.path), cfg.path_column, cfg.label_columns, cfg.id_column)
     elif cfg.kind == "tar":
         src = tar_source(str(cfg.path))
+    elif cfg.kind == "embeddings":
+        return embeddings_source(cfg)
     else:
-        raise InputError(f"source.kind: expected 'demo', 'folder', 'filelist' or 'tar', got {cfg.kind!r}")
+        raise InputError(f"source.kind: expected 'demo', 'folder', 'filelist', 'tar' or 'embeddings', got {cfg.kind!r}")
     return subset(src, cfg.limit) if cfg.limit else src
+
+
+#: the path of an imported row with no image joined (`source.images` unset): no stage may read it
+NO_IMAGE = ""
+_EMBEDDINGS_SOURCES: dict[str, ImageSource] = {}
+
+
+def embeddings_source(cfg: SourceConfig) -> ImageSource:
+    """The rows of imported embeddings as a source: ids and labels from their files (`source.ids`,
+    `source.labels`), joined by id to `source.images` when given (a row's path is its image there, its
+    label the labels file's or else the image source's); without images every path is `NO_IMAGE`.
+
+    Remembered per config and file state in this process: every stage asks for it, and 1M ids take
+    seconds to read. `InputError` naming `source.images` when some rows have no image there."""
+    from alignet_core.io import embedding_sources
+
+    a = embedding_sources.locate(cfg)
+    files = [f for f in (a.ids, cfg.labels) if f]
+    memo = json.dumps([cfg.model_dump(mode="json"), [embedding_sources.file_state(f) for f in files]], sort_keys=True)
+    if memo in _EMBEDDINGS_SOURCES:
+        return _EMBEDDINGS_SOURCES[memo]
+    ids, labels = embedding_sources.ids_and_labels(cfg)
+    desc = f"embeddings {cfg.path!r}"
+    if cfg.images is None:
+        records = tuple(ImageRecord(id=i, path=NO_IMAGE, label=(labels[r] or None) if labels else None)
+                        for r, i in enumerate(ids))
+    else:
+        images = source_from_config(cfg.images)
+        by_id = {r.id: r for r in images.records}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise InputError(f"source.images: {len(missing)} of the {len(ids)} embedding ids have no image in "
+                             f"{images.description}, e.g. {missing[:3]}; the ids (source.ids) must be that source's "
+                             "image ids (a folder's: the path relative to its root)")
+        records = tuple(ImageRecord(id=i, path=by_id[i].path,
+                                    label=((labels[r] or None) if labels else by_id[i].label),
+                                    fine=None if labels else by_id[i].fine) for r, i in enumerate(ids))
+        desc += f" joined to {images.description}"
+    src = ImageSource(records, description=desc)
+    _EMBEDDINGS_SOURCES[memo] = src
+    return src
+
+
+def has_images(cfg: SourceConfig) -> bool:
+    """Whether the source's rows have pixels (every source but imported embeddings without `source.images`)."""
+    return cfg.kind != "embeddings" or cfg.images is not None
 
 
 def source_identity(cfg: SourceConfig) -> dict[str, Any]:
     """What identifies a source's images in a content key: its config, plus the hash of the demo's
-    metadata for the shipped set (a rebuilt demo set is new data)."""
-    ident: dict[str, Any] = cfg.model_dump()
+    metadata for the shipped set (a rebuilt demo set is new data), or for imported embeddings the
+    sha256, shape and dtype of the array and the hashes of its ids and labels files
+    (`embedding_sources.inspect_embeddings`, remembered per file state). The embeddings-only fields
+    are left out of other sources' identities, so their keys stay as they were."""
+    if cfg.kind != "embeddings":
+        ident: dict[str, Any] = cfg.model_dump(exclude={"format", "dataset", "ids", "labels", "images"})
+    else:
+        from alignet_core.io import embedding_sources
+
+        ident = cfg.model_dump(exclude={"path", "ids", "labels", "images"})
+        info = embedding_sources.inspect_embeddings(cfg)
+        ident["data"] = {k: v for k, v in info.provenance().items() if k != "path"}
+        ident["images"] = None if cfg.images is None else source_identity(cfg.images)
     if cfg.kind == "demo":
         h = hashlib.sha256((demo_data_dir() / "metadata.csv").read_bytes())
         ident["data"] = h.hexdigest()

@@ -19,20 +19,26 @@ def preflight(cfg: PipelineConfig) -> None:
     """Check what can be checked before any work: inputs exist, names resolve, sizes fit.
 
     Raises `ConfigError` / `InputError` naming the field or path and what is expected."""
+    imported = cfg.source.kind == "embeddings"
+    if imported:
+        _check_imported(cfg)
     src = sources.source_from_config(cfg.source)
     n = len(src)
-    if cfg.embed.devices is not None:
+    distills = cfg.distill.enabled and sources.has_images(cfg.source)  # else the flow skips it, saying why
+    if cfg.embed.devices is not None and not imported:
         _check_devices(cfg.embed.devices, "embed.devices")
-    for field, name in (("embed.model", cfg.embed.model), ("distill.student", cfg.distill.student)):
-        check_model_name(name, field)
-    for section, name, weights, needed in (("embed", cfg.embed.model, cfg.embed.weights, True),
-                                           ("distill", cfg.distill.student, cfg.distill.weights, cfg.distill.enabled)):
+    for field, name, needed in (("embed.model", cfg.embed.model, not imported),
+                                ("distill.student", cfg.distill.student, distills or not imported)):
+        if needed:
+            check_model_name(name, field)
+    for section, name, weights, needed in (("embed", cfg.embed.model, cfg.embed.weights, not imported),
+                                           ("distill", cfg.distill.student, cfg.distill.weights, distills)):
         try:
             if needed:
                 resolve_weights(name, weights)
         except InputError as err:  # "weights: ..." → "embed.weights: ...", naming the section
             raise InputError(f"{section}.{err}" if str(err).startswith("weights:") else str(err)) from None
-    if cfg.distill.enabled:
+    if distills:
         if cfg.distill.dataset is not None and not store.exists(cfg.distill.dataset):
             raise InputError(f"distill.dataset: folder {cfg.distill.dataset!r} does not exist")
         if cfg.distill.dataset is None and cfg.distill.strategy not in cfg.sample.strategies:
@@ -65,7 +71,7 @@ def preflight(cfg: PipelineConfig) -> None:
         if unknown:
             raise ConfigError(f"embed.layers: {unknown} are not modules of {cfg.embed.model!r}; expected names "
                               "as in model.named_modules(), e.g. 'blocks.3'")
-    if cfg.distill.enabled:  # the training devices exist, and ranks × grad_accum cut the batch evenly
+    if distills:  # the training devices exist, and ranks × grad_accum cut the batch evenly
         d = cfg.distill
         if any(s.startswith("cuda") for s in d.devices or [cfg.device]):
             from alignet_core.distill.parallel import rank_layout
@@ -82,6 +88,9 @@ def preflight(cfg: PipelineConfig) -> None:
             field = next((f for f in ("probabilities",) if getattr(h, f) and getattr(h, f) in str(err)), "triplets")
             raise InputError(f"human.{field}: {err}") from None
     e = cfg.evaluate
+    if e.enabled and e.student is not None and not sources.has_images(cfg.source):
+        raise ConfigError("evaluate.student: scoring a student needs pixels, and the source is imported embeddings "
+                          "with no image source joined; set source.images or leave evaluate.student unset")
     if e.enabled and e.student is not None:
         missing = [f for f in ("student.safetensors", "head.safetensors", "train_log.json")
                    if not store.exists(store.join(e.student, f))]
@@ -99,6 +108,18 @@ def preflight(cfg: PipelineConfig) -> None:
                 formats.read_probabilities(s.probabilities, len(trip))
         except InputError as err:
             raise InputError(f"evaluate.sets[{i}] ({s.name}): {err}") from None
+
+
+def _check_imported(cfg: PipelineConfig) -> None:
+    """Imported embeddings: the array, its ids and labels pass `inspect_embeddings` (numpy, h5py or zarr
+    only; torch for a .pt file), the store's dtype can hold them, and no extraction setting is asked for."""
+    from alignet_core.io import embedding_sources
+
+    if cfg.embed.layers:
+        raise ConfigError("embed.layers: intermediate layers come from extraction; imported embeddings "
+                          "(source.kind 'embeddings') have none; leave embed.layers empty")
+    info = embedding_sources.inspect_embeddings(cfg.source)
+    embedding_sources.check_store_dtype(info, cfg.embed.store_dtype)
 
 
 def _check_devices(settings: list[str], field: str) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from alignet_core import plots
 from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
-from alignet_core.distill.stage import DistillOutput
+from alignet_core.distill.stage import DistillOutput, no_pixels_reason
 from alignet_core.embed.stage import EmbedOutput
 from alignet_core.evaluate.bootstrap import Comparison, Difference, Estimate
 from alignet_core.evaluate.stage import EvaluateOutput
@@ -57,6 +57,8 @@ class RunSummary(Record):
     dataset_version: str
     images: int = 0
     images_skipped: int = 0
+    teacher: str = ""  # the timm model, or "imported: <path> (...)" for imported embeddings
+    notes: list[str] = []  # stages not run and why (e.g. distillation without pixels)
     skipped_reasons: dict[str, int] = {}
     human_data: str | None
     alignment: dict[str, dict[str, Estimate]] | None
@@ -97,6 +99,8 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
         images=outs.embed.metrics.n_images,
         images_skipped=len(outs.embed.metrics.skipped),
         skipped_reasons=outs.embed.metrics.skipped_reasons(),
+        teacher=teacher_line(cfg, outs.embed),
+        notes=run_notes(cfg, outs),
         human_data=t.human_data,
         alignment=None if ev is None else ev.scores,
         alignment_changes=None if ev is None else ev.changes,
@@ -172,6 +176,8 @@ def run_markdown(summary: RunSummary) -> str:
         "",
         _skipped_line(s),
         "",
+        *([f"Teacher: {s.teacher}.", ""] if s.teacher else []),
+        *(line for note in s.notes for line in (note, "")),
         "| held-out accuracy (95% interval) | before | after | change |",
         "|---|---|---|---|",
         _cmp_row(f"teacher, odd-one-out on test-fold objects ({h.n_objects if h else 0} objects never fitted)",
@@ -193,6 +199,25 @@ def run_markdown(summary: RunSummary) -> str:
     ]
     lines += [f"| {name} | {sec} | `{s.stage_keys[name]}` |" for name, sec in s.stage_seconds.items()]
     return "\n".join(lines) + "\n"
+
+
+def teacher_line(cfg: PipelineConfig, emb: EmbedOutput) -> str:
+    """Who made the embeddings: the timm model, or the imported array with its identity (the teacher
+    settings do not apply to it)."""
+    imp = emb.metrics.imported
+    if imp is None:
+        return cfg.embed.model
+    return (f"imported: {imp.path} ({imp.format}, {' × '.join(map(str, imp.shape))} {imp.dtype}, sha256 "
+            f"{imp.sha256[:12]}…, stored {cfg.embed.store_dtype}); embed.model and the other teacher settings do "
+            "not apply")
+
+
+def run_notes(cfg: PipelineConfig, outs: RunOutputs) -> list[str]:
+    """What the run left out and why, in words."""
+    reason = no_pixels_reason(cfg)
+    if cfg.distill.enabled and outs.distill is None and reason is not None:
+        return [f"Distillation: skipped: {reason}."]
+    return []
 
 
 def _skipped_line(s: RunSummary) -> str:
@@ -263,8 +288,11 @@ def saliency_markdown(out: EvaluateOutput, picture: bool = True) -> str:
 def embed_rows(out: EmbedOutput) -> list[dict[str, Any]]:
     """The `embed-summary` table: one row."""
     m = out.metrics
-    return [{"images": m.n_images, "valid": m.n_valid, "dim": m.dim, "skipped": len(m.skipped),
-             "seconds": m.seconds, "store": out.artifact}]
+    row = {"images": m.n_images, "valid": m.n_valid, "dim": m.dim, "skipped": len(m.skipped),
+           "seconds": m.seconds, "store": out.artifact}
+    if m.imported is not None:
+        row |= {"imported": m.imported.path, "sha256": m.imported.sha256, "dtype": m.imported.dtype}
+    return [row]
 
 
 def transform_markdown(out: TransformOutput) -> str:

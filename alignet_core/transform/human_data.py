@@ -83,7 +83,7 @@ def no_human_data_message(src: sources.ImageSource) -> str:
     unlabelled = int((src.labels() == "").sum())
     return (f"human.triplets: a THINGS-format triplet file is required: {unlabelled} of the {len(src)} images of "
             f"{src.description} have no label (a flat folder has none), so no taxonomy proxy can stand in for human "
-            "data; give human.triplets, label the images (class folders, source.label_columns of a CSV list), or set "
+            "data; give human.triplets, label the images (class folders, source.label_columns of a CSV list, source.labels of imported embeddings), or set "
             "transform.enabled: false")
 
 

@@ -72,8 +72,10 @@ def _done(store_url: str) -> set[int]:
     return {int(p.name.split(".")[0]) for p in progress.glob("*.done")} if progress.is_dir() else set()
 
 
-def kill_after_first_chunk(cfg_json: str, store_url: str, chunk_seconds: float, seed: int) -> tuple[set[int], str]:
+def kill_after_first_chunk(cfg_json: str, store_url: str, chunk_seconds: float, seed: int,
+                           pace: tuple[str, float] | None = None) -> tuple[set[int], str]:
     """Run the embed stage in a child process; SIGKILL it once a chunk is recorded (+ a random delay).
+    `pace` (function, seconds) is `stage_runner`'s `--pace`: a pause after each call of that function.
 
     Returns (chunks recorded at the kill, a description of the kill point). Every process under the
     child must end within 30 s of the kill."""
@@ -81,6 +83,8 @@ def kill_after_first_chunk(cfg_json: str, store_url: str, chunk_seconds: float, 
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "tests.reliability.stage_runner", cfg_json, "embed"]
+    if pace is not None:
+        cmd += ["--pace", pace[0], str(pace[1])]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     descendants: list[psutil.Process] = []
     try:
