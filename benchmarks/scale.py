@@ -24,7 +24,10 @@ version for publish), and peak memory as the kernel charges it: the benchmark jo
 stage writes or reads is charged until the kernel reclaims it, which it does only under pressure) and
 the resident anonymous memory of its processes (`rss` of the cgroup's memory.stat: the memory no
 reclaim can free); a stage's peak is the highest sample inside its window, the run's `peak_cgroup`
-the kernel's own maximum. Cluster recovery: the cluster stage's adjusted Rand index against the
+the kernel's own maximum. CPU seconds of each command (its process tree, from `getrusage`) stand beside
+the wall seconds: on a shared machine they change less with other work. `flow_overhead_s` is the first
+run's wall time outside the stages (interpreter and library imports, preflight, Prefect's temporary
+server, Dask's cluster starting and stopping). Cluster recovery: the cluster stage's adjusted Rand index against the
 source's labels, which are the generating groups. Slopes: a least-squares line of each stage's seconds
 (and peak) in n over the sizes, and the log-log exponent (1 = linear). Machine info and the load average
 before and after each size: the machine is shared, so other work slows the run and is recorded, not
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -197,17 +201,21 @@ def stage_windows(root: Path) -> dict[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- one size
-def _alignet(args: list[str], log: Path) -> tuple[float, int]:
-    """Run the `alignet` CLI of this interpreter's environment; (wall seconds, return code)."""
+def _alignet(args: list[str], log: Path) -> tuple[float, int, float]:
+    """Run the `alignet` CLI of this interpreter's environment from this checkout; (wall seconds, return
+    code, CPU seconds of the command and every process it waited for: Prefect's server, Dask's workers)."""
     cmd = [sys.executable, "-m", "flows.cli", *args]
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with open(log, "ab") as f:
         f.write(f"\n$ {' '.join(cmd)}\n".encode())
         f.flush()
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
                             cwd=Path(__file__).resolve().parent.parent).returncode
-    return time.perf_counter() - t0, rc
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.perf_counter() - t0, rc, cpu
 
 
 def _load() -> list[float]:
@@ -233,25 +241,27 @@ def run_size(n: int, work: Path, quick: bool, keep: bool) -> dict[str, Any]:
     group = MemoryCgroup.join("scale-bench")
     try:
         with MemorySampler(group) as mem:
-            first_s, rc = _alignet(["run", "-c", str(cfg_path), "--root", str(root)], log)
+            first_s, rc, first_cpu = _alignet(["run", "-c", str(cfg_path), "--root", str(root)], log)
             if rc != 0:
                 raise RuntimeError(f"alignet run failed for n = {n} (exit {rc}); see {log}")
             peak_first = group.peak_bytes() if group else None
+            windows = stage_windows(root)  # before the rerun, which rewrites the report
+            stage_bytes = {name: disk_bytes(w["dir"]) for name, w in windows.items()}
+            root_bytes = disk_bytes(root)
             if group:
                 group.reset_peak()
-            cached_s, rc = _alignet(["run", "-c", str(cfg_path), "--root", str(root)], log)
+            cached_s, rc, cached_cpu = _alignet(["run", "-c", str(cfg_path), "--root", str(root)], log)
             if rc != 0:
                 raise RuntimeError(f"cached rerun failed for n = {n} (exit {rc}); see {log}")
             verify_t = time.time()
-            verify_s, verify_rc = _alignet(["datasets", "verify", DATASET, "--root", str(root)], log)
-        windows = stage_windows(root)
+            verify_s, verify_rc, _ = _alignet(["datasets", "verify", DATASET, "--root", str(root)], log)
     finally:
         if group:
             group.leave()
     load_end = _load()
     stages: dict[str, Any] = {}
     for name, w in windows.items():
-        stages[name] = {"seconds": round(w["seconds"], 2), "bytes_on_disk": disk_bytes(w["dir"]),
+        stages[name] = {"seconds": round(w["seconds"], 2), "bytes_on_disk": stage_bytes[name],
                         **mem.peak(w["start"], w["end"])}
     stages["verify"] = {"seconds": round(verify_s, 2), "bytes_on_disk": 0, **mem.peak(verify_t, verify_t + verify_s),
                         "exit_code": verify_rc}
@@ -263,13 +273,16 @@ def run_size(n: int, work: Path, quick: bool, keep: bool) -> dict[str, Any]:
         "generate_s": round(generate_s, 2),
         "input_bytes": disk_bytes(data["embeddings"]),
         "first_run_s": round(first_s, 2),
+        "first_run_cpu_s": round(first_cpu, 1),
         "cached_rerun_s": round(cached_s, 2),
+        "cached_rerun_cpu_s": round(cached_cpu, 1),
         "cached_fraction": round(cached_s / first_s, 4),
         "first_run_plus_verify_s": round(first_s + verify_s, 2),
         "stages_sum_s": round(sum(s["seconds"] for s in stages.values()), 2),
         "peak_cgroup_gib": round(peak_first / GIB, 3) if peak_first is not None else None,
         "peak_rss_gib": max((s["peak_rss_gib"] or 0.0) for s in stages.values()),
-        "root_bytes_on_disk": disk_bytes(root),
+        "root_bytes_on_disk": root_bytes,
+        "flow_overhead_s": round(first_s - sum(w["seconds"] for w in windows.values()), 2),
         "cluster_recovery_ari": cluster.get("ari"),
         "cluster_recovery_nmi": cluster.get("nmi"),
         "n_triplets_published": sample["n_triplets"],

@@ -9,7 +9,7 @@ from prefect_dask import DaskTaskRunner
 
 from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
-from alignet_core.sample.stage import SampleOutput
+from alignet_core.sample.stage import SampleOutput, publish_complete, sample_published
 from alignet_core.transform.stage import TransformOutput
 from flows._config import Overrides, resolve_config
 from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
@@ -46,13 +46,16 @@ def sample_triplets(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutpu
     """Plan shards, sample them in parallel, publish train/valid `.npz` files atomically as a
     dataset version and make it `latest`."""
     sp = plan_sampling(cfg, tfm, clu)
-    shards = submit_shards(sp)
+    shards = [] if publish_complete(sp) else submit_shards(sp)  # a published version needs no shard
     return promote(cfg, publish(cfg, sp, wait_for=shards), sp)
 
 
 def sample_on_dask(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput) -> SampleOutput:
     """Run `sample_triplets` on the configured Dask cluster. An existing cluster gets the
-    `SamplingWorkerSetup` plugin first (the scheduler keeps it for workers that join later)."""
+    `SamplingWorkerSetup` plugin first (the scheduler keeps it for workers that join later). When the
+    version is already published (a cached rerun) no cluster is started or contacted: nothing runs on it."""
+    if sample_published(cfg, tfm, clu):
+        return sample_triplets(cfg, tfm, clu)
     if cfg.sample.dask_address:
         from distributed import Client
 
