@@ -318,7 +318,9 @@ def slopes(runs: list[dict[str, Any]]) -> dict[str, Any]:
         peaks = [r["stages"][stage]["peak_rss_gib"] for r in runs]
         if all(p is not None for p in peaks):
             out[stage]["peak_rss_gib"] = fit_slopes(ns, peaks)
-    out["first_run"] = {"seconds": fit_slopes(ns, [r["first_run_s"] for r in runs])}
+    out["first_run"] = {"seconds": fit_slopes(ns, [r["first_run_s"] for r in runs]),
+                        # CPU seconds change less with other work on a shared machine than wall seconds
+                        "cpu_seconds": fit_slopes(ns, [r["first_run_cpu_s"] for r in runs])}
     return out
 
 
