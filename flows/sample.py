@@ -9,7 +9,7 @@ from prefect_dask import DaskTaskRunner
 
 from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
-from alignet_core.sample.stage import SampleOutput
+from alignet_core.sample.stage import SampleOutput, publish_complete, sample_published
 from alignet_core.transform.stage import TransformOutput
 from flows._config import Overrides, resolve_config
 from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
@@ -46,20 +46,25 @@ def sample_triplets(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutpu
     """Plan shards, sample them in parallel, publish train/valid `.npz` files atomically as a
     dataset version and make it `latest`."""
     sp = plan_sampling(cfg, tfm, clu)
-    shards = submit_shards(sp)
-    follow_shards(sp, shards)
+    shards = [] if publish_complete(sp) else submit_shards(sp)  # a published version needs no shard
+    if shards:
+        follow_shards(sp, shards)
     return promote(cfg, publish(cfg, sp, wait_for=shards), sp)
 
 
 def sample_on_dask(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput) -> SampleOutput:
     """Run `sample_triplets` on the configured Dask cluster. An existing cluster gets the
-    `SamplingWorkerSetup` plugin first (the scheduler keeps it for workers that join later)."""
-    if cfg.sample.dask_address:
-        from distributed import Client
+    `SamplingWorkerSetup` plugin first (the scheduler keeps it for workers that join later). When the
+    version is already published (a cached rerun) no cluster is started or contacted: nothing runs on it."""
+    if sample_published(cfg, tfm, clu):
+        ds = sample_triplets(cfg, tfm, clu)
+    else:
+        if cfg.sample.dask_address:
+            from distributed import Client
 
-        with Client(cfg.sample.dask_address, timeout=30) as client:
-            client.register_plugin(SamplingWorkerSetup())
-    ds = sample_triplets.with_options(task_runner=dask_runner(cfg))(cfg, tfm, clu)
+            with Client(cfg.sample.dask_address, timeout=30) as client:
+                client.register_plugin(SamplingWorkerSetup())
+        ds = sample_triplets.with_options(task_runner=dask_runner(cfg))(cfg, tfm, clu)
     dataset_artifacts(cfg, ds)
     return ds
 

@@ -29,18 +29,43 @@ from alignet_core.io.store import join, makedirs, publish_dir, remove
 log = logging.getLogger(__name__)
 
 
+def _not_finite_error(url: str, count: int, row: int, ids: np.ndarray) -> InputError:
+    return InputError(
+        f"{url}: {count} valid embedding row(s) hold NaN or inf, first row {row} (id {str(ids[row])!r}); "
+        "embeddings must be finite: check the model's weights and embed.store_dtype (float16 overflows), "
+        "then recompute the store"
+    )
+
+
 def check_finite_rows(x: np.ndarray, valid: np.ndarray, url: str, ids: np.ndarray, offset: int = 0) -> None:
     """`InputError` naming the store, row and image id when a valid row of x (m, p) holds NaN or inf.
 
     valid: (m,) bool; ids: the store's (n,) ids; offset: the store row of x[0]."""
     bad = np.flatnonzero(np.asarray(valid, dtype=bool) & ~np.isfinite(x).all(axis=1))
     if len(bad):
-        row = offset + int(bad[0])
-        raise InputError(
-            f"{url}: {len(bad)} valid embedding row(s) hold NaN or inf, first row {row} (id {str(ids[row])!r}); "
-            "embeddings must be finite: check the model's weights and embed.store_dtype (float16 overflows), "
-            "then recompute the store"
-        )
+        raise _not_finite_error(url, len(bad), offset + int(bad[0]), ids)
+
+
+#: rows per read of a whole-store pass (`check_store_finite`): whole row chunks, about this many rows
+PASS_ROWS = 32768
+
+
+def check_store_finite(g: zarr.Group, url: str, valid: np.ndarray | None = None) -> None:
+    """`check_finite_rows` over a whole store, read in blocks of whole row chunks (about `PASS_ROWS`
+    rows, in the store's dtype): memory is one block, never the store. The error counts every bad
+    valid row of the store and names the first. valid: the store's (n,) `valid`, when already read."""
+    emb = g["embeddings"]
+    n = emb.shape[0]
+    valid = np.asarray(g["valid"][:] if valid is None else valid, dtype=bool)
+    chunk = int(emb.chunks[0])
+    count, first = 0, -1
+    for _, start, stop in iter_chunks(n, max(chunk, PASS_ROWS // chunk * chunk)):
+        bad = np.flatnonzero(valid[start:stop] & ~np.isfinite(np.asarray(emb[start:stop])).all(axis=1))
+        if len(bad):
+            count += len(bad)
+            first = start + int(bad[0]) if first < 0 else first
+    if count:
+        raise _not_finite_error(url, count, first, np.asarray(g["ids"][:]))
 
 
 # ----------------------------------------------------------------------------- chunk progress

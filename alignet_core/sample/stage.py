@@ -80,12 +80,27 @@ class Promotion(Record):
     removed: list[str]
 
 
+def _stage_plan(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StagePlan:
+    """The stage's key and directory (no files read or written)."""
+    conf = {"sample": cfg.sample.model_dump(exclude={"n_workers", "dask_address"}), "seed": cfg.seed,
+            "source": sources.source_identity(cfg.source)}
+    return plan_stage(cfg.root, "sample", conf, [tfm.key, clu.key], __name__)
+
+
+def sample_published(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> bool:
+    """True when this config's dataset version is already published (the stage's manifest and its
+    dataset folder exist): a rerun then needs no shard and no workers. Reads no store."""
+    plan = _stage_plan(cfg, tfm, clu)
+    if not store.is_complete(plan.dir):
+        return False
+    folder = TRANSFORMED_FOLDER if cfg.transform.enabled else UNTRANSFORMED_FOLDER
+    return store.exists(store.join(versions.version_dir(cfg.root, cfg.dataset_name, plan.key), folder))
+
+
 def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> SamplingPlan:
     """Plan the sampling stage and write the group files its shards read (cheap, idempotent)."""
     s = cfg.sample
-    conf = {"sample": s.model_dump(exclude={"n_workers", "dask_address"}), "seed": cfg.seed,
-            "source": sources.source_identity(cfg.source)}
-    plan = plan_stage(cfg.root, "sample", conf, [tfm.key, clu.key], __name__)
+    plan = _stage_plan(cfg, tfm, clu)
     src = sources.source_from_config(cfg.source)
     valid = embedding_store.open_embeddings(tfm.artifact)["valid"][:]
     labels = src.labels()

@@ -222,10 +222,13 @@ def _fit(
     src = sources.source_from_config(cfg.source)
     data = load_human_data(cfg, src)
     g = embedding_store.open_embeddings(emb.artifact)
-    valid = g["valid"][:]
-    emb_all = np.asarray(g["embeddings"][:], dtype=np.float32)  # fit-time only; pool subsampled below
-    embedding_store.check_finite_rows(emb_all, valid, emb.artifact, np.asarray(g["ids"][:]))
-    objects = human.object_embeddings(emb_all, np.where(valid, data.object_of_image, -1), data.n_objects)
+    valid = np.asarray(g["valid"][:], dtype=bool)
+    embedding_store.check_store_finite(g, emb.artifact, valid)  # block by block, before any work
+    # only the rows the fit uses are read (float32): the objects' images and the local term's pool
+    object_of = np.where(valid, data.object_of_image, -1)
+    object_rows = np.flatnonzero(object_of >= 0)
+    objects = human.object_embeddings(embedding_store.gather_rows(g["embeddings"], object_rows),
+                                      object_of[object_rows], data.n_objects)
     sp = data.split
     fit_i, held_i = human.split_triplets(len(sp.train), cfg.transform.val_fraction, cfg.seed)
     fit_rows, held_rows = sp.train[fit_i], sp.train[held_i]
@@ -233,7 +236,8 @@ def _fit(
     pool_rows = np.flatnonzero(valid & ~np.isin(data.object_of_image, _held_out(cfg, data)))
     if len(pool_rows) > POOL_ROWS:
         pool_rows = np.sort(rng.choice(pool_rows, POOL_ROWS, replace=False))
-    pool = emb_all[pool_rows]  # the local term's rows: no image of a validation or test object
+    pool = embedding_store.gather_rows(g["embeddings"], pool_rows)  # the local term's rows: no image of a
+    # validation or test object
     store.makedirs(plan.dir)
     fit_p, val_p, soft_source, vice_summary = _soft_targets(cfg, data, fit_rows, held_rows, plan, device)
     tcfg, search = _search(cfg, objects, data.triplets[fit_rows], fit_p, device)

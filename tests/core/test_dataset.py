@@ -203,6 +203,36 @@ def test_zarr_copy_matches_the_npz_files(published: dict) -> None:
         assert np.asarray(g["filenames"][:]).tolist() == np.asarray(split.filenames).tolist()
 
 
+def test_zarr_copy_written_chunk_by_chunk_equals_a_whole_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Splits of several Zarr chunks (and a partial last one) are written a chunk at a time; their files are
+    byte for byte those of one whole-array write, for numpy str and StringDType file names alike."""
+    import hashlib
+
+    import zarr
+
+    from alignet_core.sample import publish
+
+    monkeypatch.setattr(publish, "ZARR_CHUNK_TRIPLETS", 40)
+    rng = np.random.default_rng(3)
+    ids = np.array([f"img_{i:04d}" for i in range(300)])
+    idx = rng.integers(0, 300, (100, 3))
+    sims = rng.random((100, 3)).astype(np.float32)
+
+    def files(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    whole = zarr.open_group(str(tmp_path / "whole.zarr"), mode="w").create_group("s")
+    for key, arr in (("indices", idx.astype(np.int64)), ("similarities", sims), ("filenames", ids[idx])):
+        whole.create_array(key, shape=arr.shape, dtype=arr.dtype if key != "filenames" else str, chunks=(40, 3))[:] = arr
+    publish._write_zarr_split(str(tmp_path / "chunked.zarr"), "s", idx, ids[idx], sims)
+    publish._write_zarr_split(str(tmp_path / "strings.zarr"), "s", idx,
+                              np.asarray(ids[idx], dtype=np.dtypes.StringDType()), sims)
+    expected = files(tmp_path / "whole.zarr")
+    assert len([f for f in expected if "/c/" in f]) == 3 * 3  # three chunks of rows per array
+    assert files(tmp_path / "chunked.zarr") == expected == files(tmp_path / "strings.zarr")
+
+
 # ----------------------------------------------------------------------------- exact counts
 @pytest.fixture(scope="module")
 def tiny_pool(tmp_path_factory: pytest.TempPathFactory) -> dict:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from alignet_core.errors import StoreError
+from alignet_core.errors import InputError, StoreError
 from alignet_core.io import embedding_store, store
 
 
@@ -102,3 +102,25 @@ def test_files_and_folders_reach_the_disk_before_the_rename_that_publishes_them(
     calls.clear()
     store.write_bytes_atomic(str(tmp_path / "x.bin"), b"abc")
     assert calls[0][0].startswith(str(tmp_path / "x.bin.tmp-")) and calls[-1][0] == str(tmp_path)
+
+
+def test_check_store_finite_reads_block_by_block_and_counts_every_bad_row(tmp_path, monkeypatch):
+    """The whole-store finiteness check reads blocks of whole chunks, counts bad valid rows in every
+    block, names the first, and ignores invalid rows (zero-filled or not)."""
+    monkeypatch.setattr(embedding_store, "PASS_ROWS", 8)  # blocks of 8 rows: two chunks of 4
+    n = 30
+    ids = np.array([f"img{i:02d}" for i in range(n)])
+    url = str(tmp_path / "e.zarr")
+    g = embedding_store.create_embedding_store(url, n, 3, ids, "float16", 4, {})
+    x = np.ones((n, 3), dtype=np.float16)
+    x[[5, 21, 29], 1] = np.inf
+    x[12, 0] = np.nan  # an invalid row: never an error
+    g["embeddings"][:] = x
+    valid = np.ones(n, dtype=bool)
+    valid[12] = False
+    g["valid"][:] = valid
+    with pytest.raises(InputError, match=r"3 valid embedding row\(s\) hold NaN or inf, first row 5 \(id 'img05'\)"):
+        embedding_store.check_store_finite(embedding_store.open_embeddings(url), url)
+    x[[5, 21, 29], 1] = 0
+    g["embeddings"][:] = x
+    embedding_store.check_store_finite(embedding_store.open_embeddings(url), url)  # no error
