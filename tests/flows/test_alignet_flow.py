@@ -170,6 +170,8 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     before = _digest(summary["dataset"])
     summary2, run_id2 = _run(tiny(tmp_path / "a", **{"sample.dask_address": "tcp://127.0.0.1:9"}))
     second = _task_states(run_id2)
+    # a cached rerun's top-level run still shows where its dataset is
+    assert {"dataset-files", "dataset-location"} <= {a.key for a in _artifacts_of([run_id2])}
     for name in STAGE_TASKS:
         if name != "sample-shard":
             assert second[name] == {"Cached"}, (name, second[name])
