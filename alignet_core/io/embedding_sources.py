@@ -223,7 +223,7 @@ def open_array(a: ArrayFile) -> Iterator[ArrayReader]:
         if not np.prod(shape):
             yield ArrayReader(np.zeros(shape, dtype), str(dtype))
             return
-        mm = np.load(a.path, mmap_mode="r")
+        mm = np.load(a.path, mmap_mode="r", allow_pickle=False)
         yield MappedNpyReader(mm, str(dtype)) if mm.flags.c_contiguous else ArrayReader(mm, str(dtype))
     elif a.format == "hdf5":
         try:

@@ -107,7 +107,7 @@ def test_manifest_pins_fit_the_project() -> None:
     assert not {"torch", "torchvision", "timm", "numpy", "faiss-cpu", "prefect"} & set(pins)  # the image has them, or unneeded
     reqs = [Requirement(r) for r in gpu_check.requirements(pins)]
     assert {gpu_check.normalize(r.name) for r in reqs} == {"zarr", "fsspec", "pydantic", "pyyaml", "safetensors",
-                                                           "filelock", "dask", "pytest"}
+                                                           "filelock", "dask", "pytest", "psutil"}
     for r in reqs:
         assert r.specifier.contains(pins[gpu_check.normalize(r.name)]), (r, pins[gpu_check.normalize(r.name)])
 
