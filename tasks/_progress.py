@@ -1,8 +1,9 @@
 """Progress an operator can read: a Prefect progress artifact whose description carries the count, the
 rate and the time left, and the same line in the run's log, at most every few seconds.
 
-`Progress` is driven by a callback (embed, distill); `progress_artifact` turns the library's own progress
-lines (`alignet_core.pipeline.progress.ProgressLog`) into an artifact for the length of a `with` block."""
+`progress_artifact` turns the library's progress lines (`alignet_core.pipeline.progress.ProgressLog`, also
+driven from the tasks' callbacks for embed and distill) into an artifact for the length of a `with` block;
+a failed block removes its listener too."""
 
 from __future__ import annotations
 
@@ -13,26 +14,7 @@ from contextlib import contextmanager
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from alignet_core.pipeline.progress import LOGGER, ProgressLog, ProgressRecord
-
-
-class Progress:
-    """`update(done)` after each unit of work (a callback for embed and distill); the artifact and a log
-    line follow at most every `every_s` seconds (and at the end). The rate counts only the work done by
-    this run (a resumed stage's earlier chunks are not), so the time left is honest after a resume."""
-
-    def __init__(self, key: str, what: str, unit: str, total: int, every_s: float = 10.0) -> None:
-        self.lines = ProgressLog(what, unit, total, every_s)
-        self._artifact = progress_artifact(key, what)
-        self._artifact.__enter__()
-
-    def update(self, done: int, total: int | None = None) -> None:
-        if total is not None:
-            self.lines.total = total
-        self.lines.update(done)
-
-    def finish(self) -> None:
-        self._artifact.__exit__(None, None, None)
+from alignet_core.pipeline.progress import LOGGER, ProgressRecord
 
 
 def _show(artifact: object, done: int, total: int, line: str) -> None:

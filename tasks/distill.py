@@ -8,11 +8,12 @@ from prefect.artifacts import create_markdown_artifact
 from alignet_core.config import PipelineConfig
 from alignet_core.distill.stage import DistillOutput, distill_files, plan_distill, run_distill
 from alignet_core.io import store
+from alignet_core.pipeline.progress import ProgressLog
 from alignet_core.pipeline.report import student_markdown
 from alignet_core.pipeline.runner import reuse
 from alignet_core.sample.stage import SampleOutput
 from tasks._cache import RESULT_SERIALIZER, Located, StageCache
-from tasks._progress import Progress
+from tasks._progress import progress_artifact
 
 
 def _locate(cfg: PipelineConfig, ds: SampleOutput | None) -> Located:
@@ -27,10 +28,9 @@ def _locate(cfg: PipelineConfig, ds: SampleOutput | None) -> Located:
 def distill(cfg: PipelineConfig, ds: SampleOutput | None) -> DistillOutput:
     """Train the student with a progress artifact; publish its accuracy and loss curve. With several
     `distill.devices` the library starts torchrun's ranks as a child process and reports their steps here."""
-    total = cfg.distill.steps
-    steps = Progress("distill-progress", "distill", "steps", total)
-    out = run_distill(cfg, ds, lambda step, loss: steps.update(step))
-    steps.finish()
+    steps = ProgressLog("distill", "steps", cfg.distill.steps)
+    with progress_artifact("distill-progress", "distill"):
+        out = run_distill(cfg, ds, lambda step, loss: steps.update(step))
     create_markdown_artifact(key="student-accuracy", markdown=student_markdown(out),
                              description="Student accuracy before and after distillation, and its loss curve")
     return out

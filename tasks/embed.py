@@ -7,18 +7,19 @@ from prefect.artifacts import create_table_artifact
 
 from alignet_core.config import PipelineConfig
 from alignet_core.embed.stage import EmbedOutput, check_skipped, plan_embed, run_embed
+from alignet_core.pipeline.progress import ProgressLog
 from alignet_core.pipeline.report import embed_rows
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
-from tasks._progress import Progress
+from tasks._progress import progress_artifact
 
 
 @task(name="embed", cache_policy=StageCache(locate=stage_output(plan_embed, EmbedOutput)),
       persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
 def embed(cfg: PipelineConfig) -> EmbedOutput:
     """Extract embeddings, reporting progress (count, rate, time left) as a Prefect progress artifact."""
-    progress = Progress("embed-progress", "embed", "images", 0)
-    out = run_embed(cfg, progress=progress.update)
-    progress.finish()
+    lines = ProgressLog("embed", "images", 0)
+    with progress_artifact("embed-progress", "embed"):
+        out = run_embed(cfg, progress=lambda done, total: lines.update(done, total=total))
     create_table_artifact(key="embed-summary", table=embed_rows(out), description="Teacher embeddings")
     if out.metrics.skipped:
         create_table_artifact(

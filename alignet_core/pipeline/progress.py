@@ -58,8 +58,11 @@ class ProgressLog:
         self.first: int | None = None
         self.t0 = self.last = 0.0
 
-    def update(self, done: int, extra: str = "") -> None:
-        """Record that `done` of `total` units are finished; `extra` is appended to the line."""
+    def update(self, done: int, extra: str = "", total: int | None = None) -> None:
+        """Record that `done` of `total` units are finished (`total` updated when given, for work whose size is
+        known only once it starts); `extra` is appended to the line."""
+        if total is not None:
+            self.total = max(int(total), 0)
         now = time.monotonic()
         if self.first is None:
             self.first, self.t0 = done, now
