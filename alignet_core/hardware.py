@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -15,6 +16,23 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
+
+
+#: device nodes one of which a GPU that torch can use needs: NVIDIA's driver, AMD's ROCm, WSL2's GPU bridge
+GPU_DRIVER_PATHS = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_driver_present(paths: tuple[str, ...] = GPU_DRIVER_PATHS) -> bool:
+    """Whether this machine has a GPU driver torch could use. Without one torch sees no GPU, so asking it
+    (importing torch: seconds) is skipped where only the answer is needed, as when a stage's key is planned."""
+    return any(os.path.exists(p) for p in paths)
+
+
+def device_type(setting: str) -> str:
+    """`resolve_device(setting).type` ('cpu' or 'cuda'), without importing torch where no GPU driver exists."""
+    if setting in ("auto", "cpu") and (setting == "cpu" or not gpu_driver_present()):
+        return "cpu"
+    return resolve_device(setting).type
 
 
 def resolve_device(setting: str) -> "torch.device":
@@ -130,6 +148,8 @@ def kmeans_backend(setting: str = "auto") -> KMeansBackend:
         return KMeansBackend("faiss", "cpu")
     if faiss_gpu_available(setting):
         return KMeansBackend("faiss", "gpu")
+    if not gpu_driver_present():
+        return KMeansBackend("faiss", "cpu")
     import torch
 
     if torch.cuda.is_available():

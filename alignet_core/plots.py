@@ -12,17 +12,26 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
     import torch
+    from matplotlib.figure import Figure
 
 _SIZE = (6.4, 3.2)
 _DPI = 100
 
 
+def _figure(figsize: tuple[float, float] = _SIZE) -> Figure:
+    """A new figure. matplotlib is imported here, when a chart is drawn: importing the pipeline (a cached
+    rerun, the CLI) must not pay for it."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
 def _png(fig: Figure) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -44,7 +53,7 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
 
 def loss_curve_png(losses: Sequence[float], title: str = "training loss") -> bytes:
     """Per-step loss (thin) and its moving average (thick) against the optimizer step."""
-    fig = Figure(figsize=_SIZE)
+    fig = _figure()
     ax = fig.add_subplot()
     steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, lw=0.7, alpha=0.45, color="tab:blue", label="per step")
@@ -58,7 +67,7 @@ def loss_curve_png(losses: Sequence[float], title: str = "training loss") -> byt
 
 def curve_png(series: Mapping[str, Sequence[float]], xlabel: str, ylabel: str, title: str) -> bytes:
     """One line per named series against its 1-based index (e.g. a score per epoch)."""
-    fig = Figure(figsize=_SIZE)
+    fig = _figure()
     ax = fig.add_subplot()
     for name, values in series.items():
         ax.plot(np.arange(1, len(values) + 1), values, marker="o", ms=3, lw=1.5, label=name)
@@ -70,7 +79,7 @@ def curve_png(series: Mapping[str, Sequence[float]], xlabel: str, ylabel: str, t
 
 def before_after_png(scores: Mapping[str, tuple[float | None, float | None]], title: str, chance: float | None = None) -> bytes:
     """Grouped bars of a score before and after, one group per named measure (None: no bar)."""
-    fig = Figure(figsize=_SIZE)
+    fig = _figure()
     ax = fig.add_subplot()
     names = list(scores)
     x = np.arange(len(names))
@@ -89,7 +98,7 @@ def before_after_png(scores: Mapping[str, tuple[float | None, float | None]], ti
 
 def sizes_png(sizes: Sequence[int], title: str = "cluster sizes") -> bytes:
     """Bars of group sizes, largest first."""
-    fig = Figure(figsize=_SIZE)
+    fig = _figure()
     ax = fig.add_subplot()
     s = np.sort(np.asarray(sizes))[::-1]
     ax.bar(np.arange(len(s)), s, width=0.9, color="tab:purple")
@@ -107,7 +116,7 @@ def saliency_grid_png(images: torch.Tensor, human: torch.Tensor, before: torch.T
     """One row per image: the image (min-max scaled), the importance map, the saliency before and
     after finetuning. images (k, 3, H, W); human, before, after (k, H, W)."""
     k = len(images)
-    fig = Figure(figsize=(6.4, 1.7 * k))
+    fig = _figure((6.4, 1.7 * k))
     titles = ("image", "importance map", "saliency before", "saliency after")
     for i in range(k):
         img = images[i].permute(1, 2, 0).float().numpy()

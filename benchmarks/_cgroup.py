@@ -56,6 +56,24 @@ class MemoryCgroup:
         """Highest memory charged to the group since it was joined or last reset."""
         return int((self.path / self._peak_file).read_text())
 
+    @property
+    def v1(self) -> bool:
+        return self._peak_file == "memory.max_usage_in_bytes"
+
+    def set_limit(self, limit_bytes: int) -> None:
+        """Cap the group's memory as a container's limit does: past it the kernel reclaims page cache, and
+        kills (OOM) only when anonymous memory alone exceeds it."""
+        (self.path / ("memory.limit_in_bytes" if self.v1 else "memory.max")).write_text(str(limit_bytes))
+
+    def limit_events(self) -> dict[str, int]:
+        """How often usage reached the limit (reclaim ran) and how many processes the kernel OOM-killed."""
+        if self.v1:
+            control = dict(line.split() for line in (self.path / "memory.oom_control").read_text().splitlines())
+            return {"limit_hits": int((self.path / "memory.failcnt").read_text()),
+                    "oom_kills": int(control.get("oom_kill", 0))}
+        events = dict(line.split() for line in (self.path / "memory.events").read_text().splitlines())
+        return {"limit_hits": int(events.get("max", 0)), "oom_kills": int(events.get("oom_kill", 0))}
+
     def leave(self) -> None:
         """Move this process back to the parent group and remove this one (its children must have exited)."""
         _leave(self.path, self._parent)

@@ -4,6 +4,7 @@ embeddings to a verified, published 10M-triplet dataset, at three sizes.
     python -m benchmarks.scale                       # n = 250k, 500k, 1M → benchmarks/results/scale.json
     python -m benchmarks.scale --sizes 250000        # one size
     python -m benchmarks.scale --quick               # n = 20k, 200k triplets → results/scale_quick.json
+    python -m benchmarks.scale --memory-limit-gib 8  # every command under a kernel-enforced 8 GiB limit
 
 Per size n (data from `benchmarks.scale_data`: n × 1,280 float16 rows in 500 generating groups, written as
 a memory-mapped `.npy` with `ids.txt` and `labels.txt` = the groups, plus THINGS-format human-like
@@ -222,8 +223,9 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def run_size(n: int, work: Path, quick: bool, keep: bool) -> dict[str, Any]:
-    """Generate the data of size n (untimed), then the first run, the cached rerun and the verification."""
+def run_size(n: int, work: Path, quick: bool, keep: bool, limit_gib: float | None = None) -> dict[str, Any]:
+    """Generate the data of size n (untimed), then the first run, the cached rerun and the verification;
+    with `limit_gib`, all three under a kernel-enforced memory limit of the benchmark's cgroup."""
     spec = ScaleSpec(n=n)
     data_dir, root = work / f"data-{n}", work / f"root-{n}"
     t0 = time.perf_counter()
@@ -239,12 +241,18 @@ def run_size(n: int, work: Path, quick: bool, keep: bool) -> dict[str, Any]:
     log.unlink(missing_ok=True)
     load_start = _load()
     group = MemoryCgroup.join("scale-bench")
+    if group is not None and limit_gib:
+        group.set_limit(int(limit_gib * GIB))
+    elif limit_gib:
+        raise RuntimeError(f"--memory-limit-gib {limit_gib:g}: no writable memory cgroup here to enforce it")
+    events: dict[str, int] = {}
     try:
         with MemorySampler(group) as mem:
             first_s, rc, first_cpu = _alignet(["run", "-c", str(cfg_path), "--root", str(root)], log)
             if rc != 0:
                 raise RuntimeError(f"alignet run failed for n = {n} (exit {rc}); see {log}")
             peak_first = group.peak_bytes() if group else None
+            events = group.limit_events() if group and limit_gib else {}
             windows = stage_windows(root)  # before the rerun, which rewrites the report
             stage_bytes = {name: disk_bytes(w["dir"]) for name, w in windows.items()}
             root_bytes = disk_bytes(root)
@@ -280,6 +288,9 @@ def run_size(n: int, work: Path, quick: bool, keep: bool) -> dict[str, Any]:
         "first_run_plus_verify_s": round(first_s + verify_s, 2),
         "stages_sum_s": round(sum(s["seconds"] for s in stages.values()), 2),
         "peak_cgroup_gib": round(peak_first / GIB, 3) if peak_first is not None else None,
+        "memory_limit_gib": limit_gib,
+        "limit_hits_first_run": events.get("limit_hits"),
+        "oom_kills_first_run": events.get("oom_kills"),
         "peak_rss_gib": max((s["peak_rss_gib"] or 0.0) for s in stages.values()),
         "root_bytes_on_disk": root_bytes,
         "flow_overhead_s": round(first_s - sum(w["seconds"] for w in windows.values()), 2),
@@ -331,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
                    "train triplets: checks the benchmark end to end in a few minutes")
     p.add_argument("--work", default="/tmp/scale-bench", help="folder for the generated data and the roots")
     p.add_argument("--keep", action="store_true", help="keep each size's artifact root (GBs) after measuring")
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="run every command under this kernel-enforced memory limit (the cgroup's; e.g. 8, the target)")
     p.add_argument("--out", help="result file (default benchmarks/results/scale.json, scale_quick.json with --quick)")
     args = p.parse_args(argv)
     sizes = [QUICK_SIZE] if args.quick else [int(s) for s in args.sizes.split(",")]
@@ -341,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else RESULTS / ("scale_quick.json" if args.quick else "scale.json")
     result: dict[str, Any] = {}
     for n in sizes:
-        runs.append(run_size(n, work, args.quick, args.keep))
+        runs.append(run_size(n, work, args.quick, args.keep, args.memory_limit_gib))
         big = max(runs, key=lambda r: r["n"])
         result = {
             "benchmark": "scale",
@@ -355,7 +368,9 @@ def main(argv: list[str] | None = None) -> None:
                     "categories (labels.txt = the groups), 100k human-like THINGS-format triplets over 1854 objects",
             "memory": "peak_charged: cgroup usage, page cache included (sampled every 0.5 s); peak_rss: resident "
                       "anonymous memory of the cgroup's processes (sampled); peak_cgroup_gib: the kernel's maximum "
-                      "of the first run",
+                      "of the first run; memory_limit_gib: the cgroup's kernel-enforced limit during all three commands "
+                      "(null: none), limit_hits_first_run: how often usage reached it (the kernel then reclaimed page "
+                      "cache), oom_kills_first_run: processes it killed",
             "machine": machine,
             "targets": TARGETS,
             "runs": runs,
@@ -368,6 +383,10 @@ def main(argv: list[str] | None = None) -> None:
                 "peak_rss_gib": big["peak_rss_gib"],
                 "peak_cgroup_gib": big["peak_cgroup_gib"],
                 "peak_rss_ok": big["peak_rss_gib"] <= TARGETS["peak_gib_1m"],
+                "memory_limit_gib": big["memory_limit_gib"],
+                "ran_within_limit": (big["memory_limit_gib"] is not None
+                                     and big["memory_limit_gib"] <= TARGETS["peak_gib_1m"]
+                                     and big["oom_kills_first_run"] == 0),
                 "cached_fraction": big["cached_fraction"],
                 "cached_ok": big["cached_fraction"] <= TARGETS["cached_fraction"],
             }

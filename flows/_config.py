@@ -46,13 +46,19 @@ def as_dict(overrides: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
     return dict(overrides)
 
 
-def resolve_config(config_path: str | None, overrides: BaseModel | dict[str, Any] | None) -> PipelineConfig:
-    """Defaults (the demo) or the YAML file, then the overrides; validated and preflighted
-    before any work starts."""
-    _pipeline_lines_at_info()
+def parsed_config(config_path: str | None, overrides: BaseModel | dict[str, Any] | None) -> PipelineConfig:
+    """Defaults (the demo) or the YAML file, then the overrides; every field validated (no file read but
+    the YAML: `preflight` checks the inputs)."""
     cfg = load_config(config_path) if config_path else parse_config({})
     if given := as_dict(overrides):
         cfg = with_overrides(cfg, given)
+    return cfg
+
+
+def resolve_config(config_path: str | None, overrides: BaseModel | dict[str, Any] | None) -> PipelineConfig:
+    """`parsed_config`, then preflighted (inputs, devices, human data) before any work starts."""
+    _pipeline_lines_at_info()
+    cfg = parsed_config(config_path, overrides)
     preflight(cfg)
     return cfg
 

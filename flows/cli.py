@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from alignet_core.errors import AlignetError
-    from flows._config import resolve_config
+    from flows._config import parsed_config, resolve_config
 
     if args.command in ("datasets", "watch"):
         try:
@@ -235,17 +235,44 @@ def main(argv: list[str] | None = None) -> int:
         args.config = str(demo_data_dir() / "demo.yaml")
     if args.root:
         overrides["root"] = str(Path(args.root).resolve()) if "://" not in args.root else args.root
+    if args.command == "validate":
+        try:
+            cfg = resolve_config(args.config, overrides)
+        except AlignetError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        for line in _human_summary(cfg):
+            print(line)
+        print(f"config ok: {args.config or '(demo defaults)'}")
+        return 0
     try:
-        cfg = resolve_config(args.config, overrides)
-        if args.command == "validate":
-            for line in _human_summary(cfg):
-                print(line)
-            print(f"config ok: {args.config or '(demo defaults)'}")
-            return 0
-        from alignet_core.pipeline.lifeline import start_watchdog
+        parsed_config(args.config, overrides)  # a bad field is named before any process starts
+    except AlignetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from alignet_core.pipeline.lifeline import start_watchdog
 
-        start_watchdog()  # Prefect's temporary server, Dask and loader workers never outlive this process
-        result = _run(args.command, args.config, overrides)
+    from flows.temporary_server import TemporaryServer
+
+    start_watchdog()  # Prefect's temporary server, Dask and loader workers never outlive this process
+    server = TemporaryServer.start()  # it starts while the config is checked and the stages load
+    return _run_and_print(args, overrides, server)
+
+
+def _run_and_print(args: argparse.Namespace, overrides: dict[str, Any], server: Any) -> int:
+    """Check the config, run the command's flow (on `server` when given), print what it made."""
+    from alignet_core.errors import AlignetError
+    from flows._config import resolve_config
+
+    try:
+        resolve_config(args.config, overrides)
+        run = _flow(args.command)
+        if server is None:
+            result = run(config_path=args.config, overrides=overrides or None)
+        else:
+            server.wait_ready()
+            with server.in_use():
+                result = run(config_path=args.config, overrides=overrides or None)
     except AlignetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -283,7 +310,8 @@ def _human_summary(cfg: Any) -> list[str]:
     return data.mapping.lines() if data.mapping is not None else []
 
 
-def _run(command: str, config_path: str | None, overrides: dict[str, Any]) -> Any:
+def _flow(command: str) -> Any:
+    """The flow a command runs (imported here: `datasets`, `watch` and `validate` need none)."""
     from flows.alignet import alignet
     from flows.distill import distill_flow
     from flows.evaluate import evaluate_flow
@@ -292,7 +320,7 @@ def _run(command: str, config_path: str | None, overrides: dict[str, Any]) -> An
 
     flows = {"demo": alignet, "run": alignet, "embed": embed_flow, "transform": transform_flow,
              "cluster": cluster_flow, "sample": sample_flow, "distill": distill_flow, "evaluate": evaluate_flow}
-    return flows[command](config_path=config_path, overrides=overrides or None)
+    return flows[command]
 
 
 if __name__ == "__main__":

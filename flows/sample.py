@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prefect import flow
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import get_current_settings
-from prefect_dask import DaskTaskRunner
 
 from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
 from alignet_core.sample.stage import SampleOutput, publish_complete, sample_published
 from alignet_core.transform.stage import TransformOutput
 from flows._config import Overrides, resolve_config
-from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
 from tasks.cluster import cluster
 from tasks.embed import embedded
 from tasks.sample import dataset_artifacts, follow_shards, plan_sampling, promote, publish, submit_shards
 from tasks.transform import fit_transform
 
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
+
+# Dask is imported where a cluster is made: a cached rerun (nothing to sample) never loads it.
+
 
 def _worker_env() -> dict[str, str]:
     """The API the local workers must report to: the configured one, or this process's
     temporary server (without it each worker process would start a private one)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
     url = get_current_settings().api.url
     if not url:
         server = SubprocessASGIServer()
@@ -31,6 +37,10 @@ def _worker_env() -> dict[str, str]:
 
 def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
     """A local cluster of `sample.n_workers` single-threaded processes, or an existing cluster."""
+    from prefect_dask import DaskTaskRunner
+
+    from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
+
     if cfg.sample.dask_address:
         return DaskTaskRunner(address=cfg.sample.dask_address)
     return DaskTaskRunner(
@@ -61,6 +71,8 @@ def sample_on_dask(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput
     else:
         if cfg.sample.dask_address:
             from distributed import Client
+
+            from flows.dask_workers import SamplingWorkerSetup
 
             with Client(cfg.sample.dask_address, timeout=30) as client:
                 client.register_plugin(SamplingWorkerSetup())

@@ -24,13 +24,6 @@ from collections.abc import Callable
 import fsspec
 
 from alignet_core.config import PipelineConfig
-from alignet_core.distill.batches import join_mode, read_split
-from alignet_core.distill.checkpoints import read_train_log
-from alignet_core.distill.evaluation import student_outcomes
-from alignet_core.distill.launch import nodes_need_torchrun, train_on_ranks
-from alignet_core.distill.parallel import rank_layout
-from alignet_core.distill.student import build_student, load_student
-from alignet_core.distill.train import train_student
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.evaluate.bootstrap import Comparison, Estimate, accuracy, compare
 from alignet_core.hardware import compute_identity
@@ -38,6 +31,9 @@ from alignet_core.io import sources, store
 from alignet_core.io.formats import sampling_name
 from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.transform.human_data import PROXY_NAME, human_test_split
+
+# The modules that train (torch, timm) are imported inside the functions that use them: planning and
+# reusing a finished stage (a cached rerun) must not pay for loading timm.
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +122,8 @@ def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
     1-rank and a 2-rank run are two outputs, and a run killed on N ranks resumes on N ranks. Which
     devices of a kind (cuda:0,1 or cuda:2,3) changes nothing and is left out, as `embed.devices` is.
     """
+    from alignet_core.distill.parallel import rank_layout
+
     layout = rank_layout(cfg)
     off = {"harmonize"} if cfg.distill.harmonize is None else set()  # keys of runs without it stay as they were
     conf = {"distill": cfg.distill.model_dump(exclude={"devices", "nodes"} | off), "seed": cfg.seed,
@@ -166,6 +164,10 @@ def run_distill(
     The training devices are checked first (`parallel.rank_layout`): a bad `distill.devices` is a
     `ConfigError` before anything is read or written. With `distill.nodes` > 1 the training must have
     been run by torchrun on every node (README); the stage then only evaluates it."""
+    from alignet_core.distill.checkpoints import read_train_log
+    from alignet_core.distill.launch import nodes_need_torchrun
+    from alignet_core.distill.parallel import rank_layout
+
     if (reason := no_pixels_reason(cfg)) is not None:
         raise InputError(f"source.images: {reason}")
     layout = rank_layout(cfg)
@@ -181,6 +183,13 @@ def _distill(
     cfg: PipelineConfig, files: DistillFiles, plan: StagePlan, progress: Callable[[int, float], None] | None
 ) -> DistillOutput:
     """The stage's work, under its lock (training resumes from its own checkpoints)."""
+    from alignet_core.distill.batches import join_mode, read_split
+    from alignet_core.distill.evaluation import student_outcomes
+    from alignet_core.distill.launch import train_on_ranks
+    from alignet_core.distill.parallel import rank_layout
+    from alignet_core.distill.student import build_student, load_student
+    from alignet_core.distill.train import train_student
+
     t0 = time.perf_counter()
     layout = rank_layout(cfg)
     device = layout.devices[0]

@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import InputError
-from alignet_core.embed.extract import extract_embeddings
 from alignet_core.embed.importer import checked_import, import_embeddings
 from alignet_core.hardware import ComputeIdentity, compute_identity, resolve_device, resolve_devices
 from alignet_core.io import sources, store
@@ -129,6 +128,8 @@ def _embed(cfg: PipelineConfig, plan: StagePlan, progress: Callable[[int, int], 
         config = {"embed": cfg.embed.model_dump(include={"store_dtype", "chunk_rows"})}
     else:
         src = sources.source_from_config(cfg.source)
+        from alignet_core.embed.extract import extract_embeddings  # torch, timm: only when images are embedded
+
         info = extract_embeddings(src, cfg.embed, url, resolve_device(cfg.device), progress=progress)
         config = {"embed": cfg.embed.model_dump()}
     metrics = EmbedMetrics(n_images=info["n"], n_valid=info["n_valid"], dim=info["dim"],

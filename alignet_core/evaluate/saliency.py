@@ -26,14 +26,14 @@ from scipy.stats import rankdata
 from alignet_core.distill.batches import decode_images
 from alignet_core.distill.student import TripletStudent, eval_transform
 from alignet_core.errors import InputError
-from alignet_core.evaluate.bootstrap import MeanEstimate, mean_interval
+from alignet_core.evaluate.saliency_scores import SaliencyAlignment, SaliencyScores, saliency_alignment, summarize
 from alignet_core.io.importance_maps import source_maps
 from alignet_core.io.sources import ImageSource
-from alignet_core.pipeline.runner import Record
 from alignet_core.plots import saliency_grid_png
 
 TOP_PERCENT = 10
 EPSILON = 1e-9
+__all__ = ["SaliencyAlignment", "SaliencyScores", "saliency_alignment", "summarize"]  # re-exported
 
 
 def explain(logits_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
@@ -90,46 +90,10 @@ def dice_top(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, percent
     return 2.0 * (ta & tb).sum(1) / (ta.sum(1) + tb.sum(1) + EPSILON)
 
 
-class SaliencyScores(Record):
-    """One model's agreement with the maps: means over images with 95% intervals."""
-
-    spearman: MeanEstimate
-    iou_top10: MeanEstimate
-    dice_top10: MeanEstimate
-
-
-class SaliencyAlignment(Record):
-    """The "where" metric of a model before and after finetuning, on the same images and maps."""
-
-    maps: str  # what the maps are (a proxy is named so)
-    label_rule: str  # 'data' or 'top-1 of each model'
-    n_images: int
-    before: SaliencyScores
-    after: SaliencyScores
-    spearman_change: MeanEstimate  # mean of per-image (after − before), paired interval
-    images: str = ""  # which images, and whether training saw them
-
-
 def per_image_scores(sal: torch.Tensor, human: torch.Tensor) -> dict[str, np.ndarray]:
     """{'spearman', 'iou_top10', 'dice_top10'}: (n,) per-image scores of saliency vs human maps (n, H, W)."""
     return {"spearman": spearman_per_image(sal, human), "iou_top10": iou_top(sal, human),
             "dice_top10": dice_top(sal, human)}
-
-
-def summarize(scores: dict[str, np.ndarray], seed: int) -> SaliencyScores:
-    """Means with bootstrap intervals of `per_image_scores`."""
-    return SaliencyScores(**{k: mean_interval(v, seed) for k, v in scores.items()})
-
-
-def saliency_alignment(before: dict[str, np.ndarray], after: dict[str, np.ndarray], maps: str, label_rule: str,
-                       seed: int) -> SaliencyAlignment:
-    """Compare two models' `per_image_scores` on the same images (paired change of Spearman)."""
-    n = len(before["spearman"])
-    if len(after["spearman"]) != n:
-        raise InputError(f"saliency_alignment: {n} images before and {len(after['spearman'])} after; they must pair up")
-    return SaliencyAlignment(maps=maps, label_rule=label_rule, n_images=n, before=summarize(before, seed),
-                             after=summarize(after, seed),
-                             spearman_change=mean_interval(after["spearman"] - before["spearman"], seed))
 
 
 def student_saliency(student: TripletStudent, source: ImageSource, rows: np.ndarray, maps: str,

@@ -19,27 +19,30 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from alignet_core.config import PipelineConfig
-from alignet_core.distill.evaluation import embed_images
-from alignet_core.distill.student import build_student, load_student
 from alignet_core.evaluate import bootstrap
 from alignet_core.evaluate.bootstrap import Difference, Estimate
 from alignet_core.evaluate.metrics import odd_one_out_correct, pair_similarities, unit_rows
-from alignet_core.evaluate.saliency import SaliencyAlignment, where_metric
+from alignet_core.evaluate.saliency_scores import SaliencyAlignment
 from alignet_core.evaluate.sets import EvalSet, build_sets, human_data_or_none, needed_images
 from alignet_core.evaluate.uncertainty import UncertaintyAgreement, choice_distribution, uncertainty_agreement
-from alignet_core.hardware import resolve_device
-from alignet_core.distill.batches import read_split
+from alignet_core.hardware import device_type, resolve_device
 from alignet_core.io import embedding_store, formats, sources, store
-from alignet_core.io.importance_maps import PROXY_NAME
 from alignet_core.pipeline.progress import ProgressLog
 from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.transform.heldout import fit_temperature
 from alignet_core.transform.human import object_embeddings
 from alignet_core.transform.human_data import HumanData
+
+if TYPE_CHECKING:
+    import torch
+
+# The modules that run the students (torch, timm) are imported inside the functions that use them:
+# planning and reusing a finished stage (a cached rerun) must not pay for loading them.
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ def plan_evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, stude
     conf = {"evaluate": cfg.evaluate.model_dump(), "human": cfg.human.model_dump(), "seed": cfg.seed,
             "source": sources.source_identity(cfg.source), "student": cfg.distill.student,
             "weights": cfg.distill.weights, "image_size": cfg.distill.image_size,
-            "device": resolve_device(cfg.device).type}
+            "device": device_type(cfg.device)}
     return plan_stage(cfg.root, "evaluate", conf, _inputs(cfg, emb, tfm, student), __name__)
 
 
@@ -121,6 +124,8 @@ def _store_rows(url: str, rows: np.ndarray, n: int) -> np.ndarray:
 
 def _student_rows(model: torch.nn.Module, src: sources.ImageSource, rows: np.ndarray, device: torch.device,
                   use_head: bool, batch_size: int) -> np.ndarray:
+    from alignet_core.distill.evaluation import embed_images
+
     emb = embed_images(model, [src.records[int(r)].path for r in rows], device, batch_size, use_head)
     out = np.zeros((len(src), emb.shape[1]), dtype=np.float32)
     out[rows] = emb
@@ -130,6 +135,8 @@ def _student_rows(model: torch.nn.Module, src: sources.ImageSource, rows: np.nda
 def _model_images(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None,
                   src: sources.ImageSource, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Every model's (n, p) image embeddings at `rows` (zeros elsewhere)."""
+    from alignet_core.distill.student import build_student, load_student
+
     device = resolve_device(cfg.device)
     folder = cfg.evaluate.student or (None if student is None else student.artifact)
     models = ProgressLog("evaluate embed", "models", 2 if folder is None else 4)
@@ -207,6 +214,11 @@ def _where(cfg: PipelineConfig, src: sources.ImageSource, student: StageOutput |
     """The "where" metric (`evaluate.saliency_maps`) on up to `evaluate.saliency_images` test-fold images, those
     in no training triplet of the pipeline's own student when there are any (`images` says which were used);
     its picture written to out_dir/saliency.png."""
+    from alignet_core.distill.batches import read_split
+    from alignet_core.distill.student import build_student, load_student
+    from alignet_core.evaluate.saliency import where_metric
+    from alignet_core.io.importance_maps import PROXY_NAME
+
     ev = cfg.evaluate
     folder = ev.student or (None if student is None else student.artifact)
     if ev.saliency_maps is None or folder is None:

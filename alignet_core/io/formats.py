@@ -15,6 +15,8 @@ many rows disagree with their position.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import typing
@@ -65,6 +67,18 @@ def validate_triplets(triplets: np.ndarray, n_objects: int | None, what: str,
     return t
 
 
+def _well_formed_triplets(text: str) -> np.ndarray | None:
+    """The rows of a triplet text without comments in one pass of numpy's C parser (100k lines: 50 ms
+    instead of a second); None when any line is not three integers, for the line-by-line parse to name it."""
+    if "#" in text:
+        return None
+    try:
+        arr = np.loadtxt(io.StringIO(text.replace(",", " ")), dtype=np.int64, ndmin=2)
+    except ValueError:
+        return None
+    return arr if arr.ndim == 2 and arr.shape[1] == 3 and len(arr) else None
+
+
 def read_things_triplets(url: str, n_objects: int | None = None) -> np.ndarray:
     """Read THINGS triplets (text or .npy) as int64 (n, 3), the odd one out in column 2."""
     try:
@@ -75,6 +89,10 @@ def read_things_triplets(url: str, n_objects: int | None = None) -> np.ndarray:
                 arr = np.load(f, allow_pickle=False)
             else:
                 text = f.read().decode()
+                fast = _well_formed_triplets(text)
+                if fast is not None:
+                    with contextlib.suppress(InputError):  # a bad id: the parse below names its line
+                        return validate_triplets(fast, n_objects, url)
                 numbered = [(i, ln.replace(",", " ").split()) for i, ln in enumerate(text.splitlines(), start=1)
                             if ln.strip() and not ln.startswith("#")]
                 lines = [i for i, _ in numbered]

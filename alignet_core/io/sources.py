@@ -12,6 +12,7 @@ then one seek per image). Decoding is `alignet_core.io.images`.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -75,6 +76,11 @@ class ImageSource:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @functools.cached_property
+    def row_of(self) -> dict[str, int]:
+        """Image id → its row; built once per source (a million ids take a second)."""
+        return {r.id: row for row, r in enumerate(self.records)}
 
     def ids(self) -> np.ndarray:
         """(n,) str: the image ids in source order."""

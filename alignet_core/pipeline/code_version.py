@@ -83,12 +83,20 @@ def _with_parents(name: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+@functools.lru_cache(maxsize=1024)
+def _parsed_imports(path: Path, stamp: tuple[int, int], name: str) -> frozenset[str]:
+    """`_imported_names` of the file at `path`, parsed once per process and file state (`stamp`: its
+    modification time and size): every stage's key reads the same modules' imports."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return frozenset(_imported_names(tree, name, path.name == "__init__.py"))
+
+
 def _direct_imports(name: str, path: Path, files: dict[str, Path]) -> tuple[set[str], set[str]]:
     """The package modules (parents included) and the numeric libraries that module `name` imports."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    st = path.stat()
     modules: set[str] = set()
     libraries: set[str] = set()
-    for imported in _imported_names(tree, name, path.name == "__init__.py"):
+    for imported in _parsed_imports(path, (st.st_mtime_ns, st.st_size), name):
         top = imported.split(".")[0]
         if top == PACKAGE:
             modules.update(n for n in _with_parents(imported) if n in files and n != name)

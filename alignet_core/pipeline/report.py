@@ -8,7 +8,10 @@ publish what these return.
 
 from __future__ import annotations
 
+import functools
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -426,12 +429,18 @@ def student_markdown(out: DistillOutput) -> str:
 
 
 # ----------------------------------------------------------------------------- pictures
-class Figure(Record):
-    """One chart of a report: its file name under `figures/`, its alt text and its PNG bytes."""
+@dataclass(frozen=True)
+class Figure:
+    """One chart of a report: its file name under `figures/`, its alt text, and how to draw it (its PNG
+    bytes, drawn when first asked for: a report folder that already holds the file does not redraw it)."""
 
     name: str
     alt: str
-    png: bytes
+    draw: Callable[[], bytes]
+
+    @functools.cached_property
+    def png(self) -> bytes:
+        return self.draw()
 
 
 def transform_figures(out: TransformOutput) -> list[Figure]:
@@ -440,23 +449,25 @@ def transform_figures(out: TransformOutput) -> list[Figure]:
     if not curve:
         return []
     return [Figure(name="transform-fit.png", alt="validation accuracy per epoch",
-                   png=plots.curve_png({"validation-fold accuracy": curve}, "epoch", "accuracy", "transform fit"))]
+                   draw=lambda: plots.curve_png({"validation-fold accuracy": curve}, "epoch", "accuracy",
+                                                "transform fit"))]
 
 
 def cluster_figures(out: ClusterOutput) -> list[Figure]:
     """The cluster-size distribution."""
     m = out.metrics
-    return [Figure(name="cluster-sizes.png", alt="cluster sizes", png=plots.sizes_png(m.sizes, f"cluster sizes (k = {m.k})"))]
+    return [Figure(name="cluster-sizes.png", alt="cluster sizes",
+                   draw=lambda: plots.sizes_png(m.sizes, f"cluster sizes (k = {m.k})"))]
 
 
 def student_figures(out: DistillOutput) -> list[Figure]:
     """The student's held-out accuracies before and after, and its loss curve."""
     comps = _student_comparisons(out)
-    bars = plots.before_after_png({short: (c.before.value, c.after.value) for short, _, c in comps},
-                                  "student accuracy (held out)", chance=1 / 3)
-    return [Figure(name="student-accuracy.png", alt="student accuracy before and after", png=bars),
+    scores = {short: (c.before.value, c.after.value) for short, _, c in comps}
+    return [Figure(name="student-accuracy.png", alt="student accuracy before and after",
+                   draw=lambda: plots.before_after_png(scores, "student accuracy (held out)", chance=1 / 3)),
             Figure(name="student-loss.png", alt="loss curve",
-                   png=plots.loss_curve_png(out.metrics.loss_curve, "distillation loss"))]
+                   draw=lambda: plots.loss_curve_png(out.metrics.loss_curve, "distillation loss"))]
 
 
 def saliency_figures(out: EvaluateOutput) -> list[Figure]:
@@ -466,7 +477,8 @@ def saliency_figures(out: EvaluateOutput) -> list[Figure]:
     if url is None or not store.exists(url):
         return []
     with fsspec.open(url, "rb") as f:
-        return [Figure(name="saliency.png", alt="image, map, saliency before, after", png=f.read())]
+        png = f.read()
+    return [Figure(name="saliency.png", alt="image, map, saliency before, after", draw=lambda: png)]
 
 
 def _inline(figures: list[Figure]) -> list[str]:
@@ -486,10 +498,12 @@ def report_figures(outs: RunOutputs) -> list[Figure]:
 
 def write_figures(folder: str, figures: list[Figure]) -> str:
     """Write each figure to `<folder>/figures/<name>` and return the markdown that shows them (relative links,
-    so the report folder can be moved or copied as a whole)."""
+    so the report folder can be moved or copied as a whole). The folder is named by the last stage's content
+    key, so a figure already there shows the same data: it is kept, not redrawn (a cached rerun's report)."""
     lines = ["## Pictures", ""]
     for f in figures:
-        with fsspec.open(store.join(folder, "figures", f.name), "wb", auto_mkdir=True) as out:
-            out.write(f.png)
+        url = store.join(folder, "figures", f.name)
+        if not store.exists(url):
+            store.write_bytes_atomic(url, f.png)
         lines += [f"![{f.alt}](figures/{f.name})", ""]
     return "\n".join(lines)

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from alignet_core.evaluate import bootstrap
@@ -22,7 +24,9 @@ from alignet_core.evaluate.bootstrap import Difference, Estimate
 from alignet_core.evaluate.metrics import odd_one_out_correct, pair_similarities, unit_rows
 from alignet_core.evaluate.uncertainty import UncertaintyAgreement, choice_distribution, uncertainty_agreement
 from alignet_core.pipeline.runner import Record
-from alignet_core.transform.affine import AffineTransform
+
+if TYPE_CHECKING:
+    from alignet_core.transform.affine import AffineTransform  # torch: only its type is needed here
 
 ZERO_SHOT = "cosine similarity of the raw embeddings (gLocal's zero-shot protocol)"
 ZERO_SHOT_DOT = "dot products of the globally standardized embeddings (where the transform starts)"

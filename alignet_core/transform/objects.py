@@ -160,7 +160,7 @@ def _from_concepts(url: str, src: sources.ImageSource) -> ObjectMapping:
 
 def _from_table(url: str, src: sources.ImageSource) -> ObjectMapping:
     """CSV `object,image_id`: object ids 0..m-1, image ids as in the source (unknown ids counted)."""
-    index = {i: r for r, i in enumerate(src.ids().tolist())}
+    index = src.row_of
     obj = np.full(len(src), -1, dtype=np.int64)
     try:
         with fsspec.open(url, "rt", encoding="utf-8", newline="") as f:

@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from alignet_core.config import PipelineConfig, TransformConfig
 from alignet_core.evaluate import metrics
-from alignet_core.hardware import resolve_device
+from alignet_core.hardware import device_type, resolve_device
 from alignet_core.io import embedding_store, formats, sources, store
 from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage, reuse
-from alignet_core.transform import human, vice
-from alignet_core.transform.affine import AffineTransform, apply_transform_to_store, load_saved_fit
-from alignet_core.transform.fit import fit_transform
+from alignet_core.transform import human
 from alignet_core.transform.human_data import HumanData, load_human_data
 from alignet_core.transform.objects import MappingSummary
 from alignet_core.transform.heldout import (
@@ -36,7 +33,14 @@ from alignet_core.transform.heldout import (
     triplet_split_figures,
     uncertainty_figures,
 )
-from alignet_core.transform.search import grid_search_transform
+
+if TYPE_CHECKING:
+    import torch
+
+    from alignet_core.transform.affine import AffineTransform
+
+# The modules that compute (torch) are imported inside the functions that use them: planning and
+# reusing a finished stage (a cached rerun) must not pay for loading them.
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +139,7 @@ class TransformOutput(StageOutput):
 
 def plan_transform(cfg: PipelineConfig, emb: StageOutput) -> StagePlan:
     conf: dict[str, Any] = {"transform": cfg.transform.model_dump(), "human": cfg.human.model_dump(), "seed": cfg.seed,
-                            "device": resolve_device(cfg.device).type}
+                            "device": device_type(cfg.device)}
     if cfg.human.triplets:
         conf["human_sha256"] = store.file_sha256(cfg.human.triplets)
     for field in ("probabilities", "objects", "concepts"):  # the files that change the data, by content
@@ -159,6 +163,8 @@ def run_transform(cfg: PipelineConfig, emb: StageOutput) -> TransformOutput:
 
 def _transform(cfg: PipelineConfig, emb: StageOutput, plan: StagePlan) -> TransformOutput:
     """The stage's work, under its lock."""
+    from alignet_core.transform.affine import apply_transform_to_store, load_saved_fit
+
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     fit_url = store.join(plan.dir, FIT_FILE)
@@ -182,6 +188,8 @@ def _soft_targets(
     on the fitting triplets (checked on `held_rows`, held-out triplets of the same objects) and
     predicts targets for those only: it has no embedding for objects it never saw, so the
     validation fold is then scored on its observed choices."""
+    from alignet_core.transform import vice
+
     val = data.split.val
     if cfg.transform.targets == "hard":
         return None, None, "none (hard targets)", None
@@ -201,6 +209,8 @@ def _search(
 ) -> tuple[TransformConfig, SearchSummary | None]:
     """The transform config to fit: the configured one, or the best (alpha, lam, lr) of a
     cross-validated search over objects on the training triplets (every setting reported)."""
+    from alignet_core.transform.search import grid_search_transform
+
     t = cfg.transform
     if not (t.search_alphas or t.search_lams or t.search_lrs):
         return t, None
@@ -219,6 +229,8 @@ def _fit(
 ) -> tuple[AffineTransform, TransformMetrics]:
     """Fit (and save) the transform on the training objects' triplets, stop early on the validation
     fold, score it on the test fold; return it and the stage's metrics."""
+    from alignet_core.transform.fit import fit_transform
+
     src = sources.source_from_config(cfg.source)
     data = load_human_data(cfg, src)
     g = embedding_store.open_embeddings(emb.artifact)

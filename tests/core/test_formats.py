@@ -45,6 +45,23 @@ def test_bad_triplet_files(tmp_path, content, message):
         formats.read_things_triplets(str(f), n_objects=10)
 
 
+def test_the_fast_parse_reads_what_the_line_parse_reads(tmp_path):
+    """A file without comments is parsed by numpy in one pass; the rows are those of the line-by-line parse
+    (commas, blank lines, spaces), and an error found after it still names the file's line."""
+    g = np.random.default_rng(0)
+    t = np.stack([g.choice(50, 3, replace=False) for _ in range(500)])
+    text = "\n".join((f"{a},{b},{c}" if r % 3 else f" {a}  {b} {c} ") + ("\n" if r % 7 == 0 else "")
+                     for r, (a, b, c) in enumerate(t.tolist())) + "\n"
+    assert formats._well_formed_triplets(text) is not None
+    (tmp_path / "t.txt").write_text(text)
+    (tmp_path / "c.txt").write_text("# the same rows\n" + text)  # a comment: the line-by-line parse
+    fast = formats.read_things_triplets(str(tmp_path / "t.txt"), 50)
+    assert np.array_equal(fast, t) and np.array_equal(formats.read_things_triplets(str(tmp_path / "c.txt"), 50), t)
+    (tmp_path / "bad.txt").write_text("0 1 2\n\n3 4 99\n")
+    with pytest.raises(InputError, match=r"out of range \[0, 50\) in line 3"):
+        formats.read_things_triplets(str(tmp_path / "bad.txt"), 50)
+
+
 def test_missing_triplet_file(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         formats.read_things_triplets(str(tmp_path / "none.txt"))

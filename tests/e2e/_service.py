@@ -53,6 +53,25 @@ def client(env: dict) -> httpx.Client:
     return c
 
 
+def api(c: httpx.Client, method: str, path: str, json: dict | None = None, tries: int = 5) -> dict:
+    """One API call whose answer must be a success: a transient failure (a timeout, a 5xx such as SQLite's
+    "database is locked" while a run computes on a loaded machine) is retried; any other answer fails the test
+    naming the status and the body, not a KeyError on a missing field."""
+    for attempt in range(tries):
+        try:
+            r = c.request(method, path, json=json)
+        except httpx.TimeoutException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(2)
+            continue
+        if r.status_code < 500 or attempt == tries - 1:
+            break
+        time.sleep(2)
+    assert r.is_success, f"{method} {path} -> {r.status_code}: {r.text[:2000]}"
+    return r.json()
+
+
 def deployment_names(c: httpx.Client) -> set[str]:
     flows = {f["id"]: f["name"] for f in c.post("/flows/filter", json={}).json()}
     return {f"{flows.get(d['flow_id'], '?')}/{d['name']}" for d in c.post("/deployments/filter", json={}).json()}

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from tests.e2e._service import BIN, REPO, Service, client, free_port, wait
+from tests.e2e._service import BIN, REPO, Service, api, client, free_port, wait
 
 #: a regeneration that is still computing a minute after it starts (the transform fit) on a small source
 LONG = {"source.limit": 120, "transform.epochs": 5000, "cluster.k": 5}
@@ -93,12 +93,12 @@ def test_stop_kill_and_restart_leave_no_process_and_no_blocked_slot(tmp_path):
 
         canary = tmp_path / "canary"
         c = client(svc.env)
-        flow_id = c.post("/flows/", json={"name": "intruder"}).json()["id"]
-        dep = c.post("/deployments/", json={
+        flow_id = api(c, "POST", "/flows/", {"name": "intruder"})["id"]
+        dep = api(c, "POST", "/deployments/", {
             "name": "evil", "flow_id": flow_id, "work_pool_name": "alignet-process",
             "entrypoint": "flows/alignet.py:alignet",
-            "pull_steps": [{"prefect.deployments.steps.run_shell_script": {"script": f"touch {canary}"}}]}).json()
-        foreign = c.post(f"/deployments/{dep['id']}/create_flow_run", json={}).json()["id"]
+            "pull_steps": [{"prefect.deployments.steps.run_shell_script": {"script": f"touch {canary}"}}]})
+        foreign = api(c, "POST", f"/deployments/{dep['id']}/create_flow_run", {})["id"]
         wait("the foreign run refused", lambda: _state(svc, foreign)["type"] == "CRASHED", svc.log, timeout=180)
         assert "refused by the alignet worker: deployment 'evil' is not one of" in _state(svc, foreign)["message"]
         assert not canary.exists()

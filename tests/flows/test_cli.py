@@ -83,6 +83,18 @@ def test_validate_and_errors_do_not_import_torch():
         assert res.stdout.strip().splitlines()[-1] == f"{rc} []", (args, res.stdout, res.stderr)
 
 
+def test_the_flows_load_no_compute_library():
+    """What a fully cached rerun imports: the flows and every stage's planning, without torch, timm, scipy,
+    matplotlib, FAISS or Dask (seconds of imports each; issue 20's cached-rerun target). The stages import
+    them where they compute, and `benchmarks.scale` records the cached rerun's time."""
+    probe = ("import sys, flows.cli, flows.alignet, flows.stages, flows.sample, flows.distill, flows.evaluate, "
+             "alignet_core.pipeline.report; print(sorted(m for m in ('torch', 'timm', 'torchvision', 'scipy', "
+             "'matplotlib', 'faiss', 'dask', 'distributed', 'prefect_dask', 'prefect.server.api.server') "
+             "if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert res.stdout.strip().splitlines()[-1] == "[]", (res.stdout, res.stderr[-2000:])
+
+
 @pytest.mark.parametrize("command", ["run", "embed", "transform", "cluster", "sample", "distill", "evaluate",
                                      "validate", "datasets", "watch"])
 def test_every_subcommand_help_has_a_description_and_an_example(command, capsys):
