@@ -30,7 +30,7 @@ def gpu_driver_present(paths: tuple[str, ...] = GPU_DRIVER_PATHS) -> bool:
 
 def device_type(setting: str) -> str:
     """`resolve_device(setting).type` ('cpu' or 'cuda'), without importing torch where no GPU driver exists."""
-    if setting in ("auto", "cpu") and (setting == "cpu" or not gpu_driver_present()):
+    if setting == "cpu" or (setting == "auto" and not gpu_driver_present()):
         return "cpu"
     return resolve_device(setting).type
 

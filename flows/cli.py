@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config ok: {args.config or '(demo defaults)'}")
         return 0
     try:
-        parsed_config(args.config, overrides)  # a bad field is named before any process starts
+        cfg = parsed_config(args.config, overrides)  # a bad field is named before any process starts
     except AlignetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -256,16 +256,17 @@ def main(argv: list[str] | None = None) -> int:
 
     start_watchdog()  # Prefect's temporary server, Dask and loader workers never outlive this process
     server = TemporaryServer.start()  # it starts while the config is checked and the stages load
-    return _run_and_print(args, overrides, server)
+    return _run_and_print(args, overrides, cfg, server)
 
 
-def _run_and_print(args: argparse.Namespace, overrides: dict[str, Any], server: Any) -> int:
-    """Check the config, run the command's flow (on `server` when given), print what it made."""
+def _run_and_print(args: argparse.Namespace, overrides: dict[str, Any], cfg: Any, server: Any) -> int:
+    """Preflight `cfg` (its inputs, before the flow starts), run the command's flow (on `server`, a
+    `TemporaryServer`, when given), print what it made."""
     from alignet_core.errors import AlignetError
-    from flows._config import resolve_config
+    from alignet_core.pipeline.preflight import preflight
 
     try:
-        resolve_config(args.config, overrides)
+        preflight(cfg)
         run = _flow(args.command)
         if server is None:
             result = run(config_path=args.config, overrides=overrides or None)

@@ -476,9 +476,12 @@ def saliency_figures(out: EvaluateOutput) -> list[Figure]:
     url = store.join(out.dir, name) if name else None
     if url is None or not store.exists(url):
         return []
-    with fsspec.open(url, "rb") as f:
-        png = f.read()
-    return [Figure(name="saliency.png", alt="image, map, saliency before, after", draw=lambda: png)]
+
+    def read() -> bytes:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+
+    return [Figure(name="saliency.png", alt="image, map, saliency before, after", draw=read)]
 
 
 def _inline(figures: list[Figure]) -> list[str]:
