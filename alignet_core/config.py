@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from alignet_core.errors import ConfigError
 from alignet_core.io.limits import MAX_CONFIG_BYTES, load_yaml, short
@@ -256,7 +263,7 @@ class HumanConfig(_Config):
     proxy_mix: dict[ProxyLevel, float] = Field(
         default_factory=lambda: {"global": 0.5, "local": 0.5},
         description="taxonomy proxy: weight of each abstraction level (global, local, class_boundary; see "
-        "alignet_core.evaluate.levels) among the proxy triplets",
+        "alignet_core.human.levels) among the proxy triplets",
     )
     proxy_noise: float = Field(0.1, ge=0.0, lt=1.0, description="taxonomy proxy: fraction of responses flipped at random")
 
@@ -478,7 +485,7 @@ class EvaluateConfig(_Config):
     levels: list[ProxyLevel] = Field(
         default_factory=lambda: ["global", "local", "class_boundary"],
         description="abstraction levels to build from the source's two-level taxonomy, over the test fold's images "
-        "(alignet_core.evaluate.levels)",
+        "(alignet_core.human.levels)",
     )
     n_per_level: int = Field(1000, gt=0, description="triplets per level")
     student: str | None = Field(

@@ -23,7 +23,7 @@ from alignet_core.errors import InputError
 
 # For an observed choice c of the most similar pair among [(i,j), (i,k), (j,k)] of (i, j, k):
 # the new object order (chosen pair first, odd one last) and the matching pair permutation
-# (the same tables as `alignet_core.transform.human` and `formats.order_by_similarity`).
+# (the same tables as `alignet_core.human.triplets` and `formats.order_by_similarity`).
 _IMAGE_PERM = np.array([[0, 1, 2], [0, 2, 1], [1, 2, 0]])
 _PAIR_PERM = np.array([[0, 1, 2], [1, 0, 2], [2, 0, 1]])
 

@@ -35,10 +35,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignet_core.config import PipelineConfig, TransformConfig, ViceConfig, parse_config, with_overrides
+from alignet_core.config import (
+    PipelineConfig,
+    TransformConfig,
+    ViceConfig,
+    parse_config,
+    with_overrides,
+)
 from alignet_core.embed.stage import run_embed
-from alignet_core.evaluate import bootstrap
-from alignet_core.evaluate.metrics import (
+from alignet_core.human import triplets as human
+from alignet_core.human.data import load_human_data
+from alignet_core.human.triplets import split_triplets
+from alignet_core.human.vice import ViceModel, fit_vice
+from alignet_core.io import embedding_store, sources
+from alignet_core.stats import bootstrap
+from alignet_core.stats.metrics import (
     choice_nll,
     choice_probabilities_from_embeddings,
     expected_calibration_error,
@@ -48,13 +59,8 @@ from alignet_core.evaluate.metrics import (
     odd_one_out_correct,
     triplet_accuracy,
 )
-from alignet_core.io import embedding_store, sources
 from alignet_core.synthetic import ceiling_accuracy, make_synthetic_human
-from alignet_core.transform import human
 from alignet_core.transform.fit import FitResult, fit_transform
-from alignet_core.transform.human import split_triplets
-from alignet_core.transform.human_data import load_human_data
-from alignet_core.transform.vice import ViceModel, fit_vice
 from benchmarks._machine import machine_info, write_result
 
 CPU = torch.device("cpu")

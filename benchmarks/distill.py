@@ -44,12 +44,13 @@ import numpy as np
 import torch
 
 from alignet_core.config import DistillConfig
-from alignet_core.distill.batches import TripletBatches, decode_images
+from alignet_core.distill.batches import TripletBatches
 from alignet_core.distill.objective import alignet_loss, triplet_similarities
-from alignet_core.distill.student import build_student, eval_transform
 from alignet_core.distill.train import train_student
 from alignet_core.hardware import autocast_dtype
 from alignet_core.io import formats, sources
+from alignet_core.models.embedding import decode_images
+from alignet_core.models.student import build_student, eval_transform
 from benchmarks._machine import (
     check_gpu_device,
     machine_info,

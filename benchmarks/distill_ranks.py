@@ -45,11 +45,11 @@ import numpy as np
 import torch
 
 from alignet_core.config import PipelineConfig, parse_config
-from alignet_core.distill.batches import read_split
 from alignet_core.distill.launch import train_on_ranks
 from alignet_core.distill.train import train_student
 from alignet_core.hardware import autocast_dtype, process_group_backend, rank_threads
 from alignet_core.io import formats, sources
+from alignet_core.io.dataset_splits import read_split
 from benchmarks._machine import machine_info, write_result
 
 

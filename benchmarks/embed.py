@@ -58,7 +58,7 @@ from alignet_core.embed.extractor import _Extractor, _inference_model
 from alignet_core.io.embedding_store import open_embeddings
 from alignet_core.io.images import load_image
 from alignet_core.io.sources import ImageSource, demo_source, folder_source, subset
-from alignet_core.models import build_transform, create_model, pooled_features
+from alignet_core.models.factory import build_transform, create_model, pooled_features
 from benchmarks._machine import (
     check_gpu_device,
     machine_info,

@@ -39,19 +39,19 @@ import time
 import numpy as np
 import torch
 
-from alignet_core import models
 from alignet_core.config import DistillConfig, HarmonizeConfig
-from alignet_core.distill.batches import decode_images
-from alignet_core.distill.evaluation import embed_images, student_outcomes
+from alignet_core.distill.evaluation import student_outcomes
 from alignet_core.distill.harmonizer import training_harmonizer
 from alignet_core.distill.objective import alignet_loss, triplet_similarities
-from alignet_core.distill.student import build_student, eval_transform, load_student
 from alignet_core.distill.train import train_student
-from alignet_core.evaluate import bootstrap
 from alignet_core.evaluate.saliency import per_image_scores, student_saliency, summarize
-from alignet_core.evaluate.bootstrap import mean_interval
 from alignet_core.io import formats, sources
 from alignet_core.io.importance_maps import PROXY_NAME
+from alignet_core.models import factory as models
+from alignet_core.models.embedding import decode_images, embed_images
+from alignet_core.models.student import build_student, eval_transform, load_student
+from alignet_core.stats import bootstrap
+from alignet_core.stats.bootstrap import mean_interval
 from benchmarks._machine import machine_info, write_result
 
 

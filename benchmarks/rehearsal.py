@@ -62,10 +62,10 @@ from alignet_core.config import DistillConfig, HumanConfig, PipelineConfig, pars
 from alignet_core.distill.train import train_student
 from alignet_core.embed.stage import run_embed
 from alignet_core.hardware import kmeans_backend
+from alignet_core.human.triplets import apportion, make_proxy_triplets, object_folds
 from alignet_core.io import formats, sources, store
 from alignet_core.sample.stage import plan_sample, publish_sample, run_sample_shard
 from alignet_core.transform.affine import AffineTransform, apply_transform_to_store
-from alignet_core.transform.human import apportion, make_proxy_triplets, object_folds
 from alignet_core.transform.stage import FIT_FILE, run_transform
 from benchmarks._machine import check_gpu_device, machine_info, report_gpu_result
 from benchmarks.distill import mean_unique_images

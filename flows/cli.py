@@ -251,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from alignet_core.pipeline.lifeline import start_watchdog
-
     from flows.temporary_server import TemporaryServer
 
     start_watchdog()  # Prefect's temporary server, Dask and loader workers never outlive this process
@@ -297,8 +296,8 @@ def _run_and_print(args: argparse.Namespace, overrides: dict[str, Any], cfg: Any
 def _human_summary(cfg: Any) -> list[str]:
     """What `validate` shows of the human data: the object ↔ image mapping of a triplet file (objects
     with images, triplets kept, unknown ids), or that the taxonomy proxy stands in for human data."""
+    from alignet_core.human.data import PROXY_NAME, load_human_data, proxy_taxonomy
     from alignet_core.io.sources import source_from_config
-    from alignet_core.transform.human_data import PROXY_NAME, load_human_data, proxy_taxonomy
 
     src = source_from_config(cfg.source)
     if cfg.human.triplets is None:

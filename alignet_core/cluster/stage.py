@@ -15,10 +15,17 @@ import time
 
 from alignet_core.cluster.kmeans import run_kmeans, save_kmeans
 from alignet_core.config import PipelineConfig
-from alignet_core.evaluate import metrics
 from alignet_core.hardware import kmeans_backend
 from alignet_core.io import sources, store
-from alignet_core.pipeline.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
+from alignet_core.pipeline.runner import (
+    StageMetrics,
+    StageOutput,
+    StagePlan,
+    finish,
+    once,
+    plan_stage,
+)
+from alignet_core.stats import metrics
 
 log = logging.getLogger(__name__)
 

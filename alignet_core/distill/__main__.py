@@ -46,7 +46,11 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 def _from_spec(path: str, rank: int) -> None:
     """A rank started by the stage's launcher: train, report progress (rank 0), record an error."""
     from alignet_core.config import parse_config
-    from alignet_core.distill.launch import ProgressWriter, train_this_rank, write_rank_error
+    from alignet_core.distill.launch import (
+        ProgressWriter,
+        train_this_rank,
+        write_rank_error,
+    )
 
     with open(path) as f:
         spec = json.load(f)

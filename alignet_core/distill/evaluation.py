@@ -10,55 +10,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from alignet_core import models
-from alignet_core.distill.batches import ImageList, loader
-from alignet_core.distill.student import TripletStudent, eval_transform
 from alignet_core.errors import InputError
-from alignet_core.evaluate import metrics
-from alignet_core.hardware import autocast_dtype
+from alignet_core.human.data import HumanTest
+from alignet_core.human.triplets import object_embeddings
 from alignet_core.io.formats import AlignetTriplets
 from alignet_core.io.sources import ImageSource
-from alignet_core.transform.human import object_embeddings
-from alignet_core.transform.human_data import HumanTest
-
-
-@torch.no_grad()
-def embed_images(
-    model: TripletStudent | nn.Module,
-    paths: list[str],
-    device: torch.device,
-    batch_size: int = 256,
-    use_head: bool = True,
-    image_size: int | None = None,
-    num_workers: int = 0,
-) -> np.ndarray:
-    """Embeddings of images: (u,) paths → (u, d) float32 (head outputs, or pooled pre-logits of
-    the backbone with use_head=False or a plain timm model)."""
-    is_student = isinstance(model, TripletStudent)
-    backbone = model.backbone if is_student else model
-    if image_size is None and is_student:
-        image_size = model.image_size
-    transform = eval_transform(backbone, image_size)
-    was_training = model.training
-    model.eval().to(device)
-    amp = autocast_dtype(device)
-    out = []
-    try:
-        n_batches = -(-len(paths) // batch_size)
-        for images in loader(ImageList(paths, transform, batch_size), range(n_batches), num_workers, device):
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                if is_student:
-                    e = model.embed(images, use_head=use_head)
-                else:
-                    e = models.pooled_features(model, images)
-            out.append(e.float().cpu().numpy())
-    finally:
-        model.train(was_training)
-    if out:
-        return np.concatenate(out)
-    width = model.head.out_features if is_student and use_head else models.feature_dim(backbone)
-    return np.zeros((0, width), np.float32)
+from alignet_core.models.embedding import embed_images
+from alignet_core.models.student import TripletStudent
+from alignet_core.stats import metrics
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignet_core import models
 from alignet_core.config import DistillConfig
 from alignet_core.errors import InputError
 from alignet_core.io.formats import AlignetTriplets
 from alignet_core.io.importance_maps import PROXY_NAME, source_maps
 from alignet_core.io.sources import ImageSource
+from alignet_core.models import factory as models
 
 log = logging.getLogger(__name__)
 

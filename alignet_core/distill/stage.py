@@ -25,12 +25,20 @@ import fsspec
 
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import ConfigError, InputError
-from alignet_core.evaluate.bootstrap import Comparison, Estimate, accuracy, compare
 from alignet_core.hardware import compute_identity
+from alignet_core.human.data import PROXY_NAME, human_test_split
 from alignet_core.io import sources, store
 from alignet_core.io.formats import sampling_name
-from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
-from alignet_core.transform.human_data import PROXY_NAME, human_test_split
+from alignet_core.pipeline.runner import (
+    Record,
+    StageMetrics,
+    StageOutput,
+    StagePlan,
+    finish,
+    once,
+    plan_stage,
+)
+from alignet_core.stats.bootstrap import Comparison, Estimate, accuracy, compare
 
 # The modules that train (torch, timm) are imported inside the functions that use them: planning and
 # reusing a finished stage (a cached rerun) must not pay for loading timm.
@@ -164,9 +172,9 @@ def run_distill(
     The training devices are checked first (`parallel.rank_layout`): a bad `distill.devices` is a
     `ConfigError` before anything is read or written. With `distill.nodes` > 1 the training must have
     been run by torchrun on every node (README); the stage then only evaluates it."""
-    from alignet_core.distill.checkpoints import read_train_log
     from alignet_core.distill.launch import nodes_need_torchrun
     from alignet_core.distill.parallel import rank_layout
+    from alignet_core.models.checkpoints import read_train_log
 
     if (reason := no_pixels_reason(cfg)) is not None:
         raise InputError(f"source.images: {reason}")
@@ -183,12 +191,12 @@ def _distill(
     cfg: PipelineConfig, files: DistillFiles, plan: StagePlan, progress: Callable[[int, float], None] | None
 ) -> DistillOutput:
     """The stage's work, under its lock (training resumes from its own checkpoints)."""
-    from alignet_core.distill.batches import join_mode, read_split
     from alignet_core.distill.evaluation import student_outcomes
     from alignet_core.distill.launch import train_on_ranks
     from alignet_core.distill.parallel import rank_layout
-    from alignet_core.distill.student import build_student, load_student
     from alignet_core.distill.train import train_student
+    from alignet_core.io.dataset_splits import join_mode, read_split
+    from alignet_core.models.student import build_student, load_student
 
     t0 = time.perf_counter()
     layout = rank_layout(cfg)

@@ -23,8 +23,29 @@ import numpy as np
 import torch
 
 from alignet_core.config import DistillConfig
-from alignet_core.distill.batches import TripletBatches, loader
-from alignet_core.distill.checkpoints import (
+from alignet_core.distill.batches import TripletBatches
+from alignet_core.distill.harmonizer import training_harmonizer
+from alignet_core.distill.objective import (
+    AdamDecayToInit,
+    alignet_loss,
+    triplet_similarities,
+    warmup_cosine,
+)
+from alignet_core.distill.parallel import (
+    RankMicroBatches,
+    accumulating,
+    barrier,
+    check_micro_batches,
+    current_world,
+    data_parallel,
+    from_writer,
+    mean_over_ranks,
+)
+from alignet_core.errors import ConfigError, StoreError
+from alignet_core.hardware import autocast_dtype
+from alignet_core.io.formats import AlignetTriplets
+from alignet_core.io.sources import ImageSource
+from alignet_core.models.checkpoints import (
     CHECKPOINT_DIR,
     HEAD_FILE,
     LOG_FILE,
@@ -38,23 +59,8 @@ from alignet_core.distill.checkpoints import (
     trajectory_of,
     write_json_atomic,
 )
-from alignet_core.distill.harmonizer import training_harmonizer
-from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, triplet_similarities, warmup_cosine
-from alignet_core.distill.parallel import (
-    RankMicroBatches,
-    accumulating,
-    barrier,
-    check_micro_batches,
-    current_world,
-    data_parallel,
-    from_writer,
-    mean_over_ranks,
-)
-from alignet_core.distill.student import build_student, eval_transform, input_size
-from alignet_core.errors import ConfigError, StoreError
-from alignet_core.hardware import autocast_dtype
-from alignet_core.io.formats import AlignetTriplets
-from alignet_core.io.sources import ImageSource
+from alignet_core.models.embedding import loader
+from alignet_core.models.student import build_student, eval_transform, input_size
 
 log = logging.getLogger(__name__)
 

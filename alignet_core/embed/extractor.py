@@ -65,7 +65,7 @@ from alignet_core.hardware import ComputeIdentity, autocast_dtype, compute_ident
 from alignet_core.io import embedding_store, store
 from alignet_core.io.images import decode_image_bytes
 from alignet_core.io.sources import ImageSource
-from alignet_core.models import (
+from alignet_core.models.factory import (
     build_tensor_transform,
     build_transform,
     create_model,

@@ -12,7 +12,7 @@ import torch
 
 from alignet_core.config import EmbedConfig
 from alignet_core.errors import InputError, StoreError
-from alignet_core.models import data_config, pooled_features
+from alignet_core.models.factory import data_config, pooled_features
 
 LAYERS_GROUP = "layers"
 

@@ -23,12 +23,17 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from alignet_core.distill.batches import decode_images
-from alignet_core.distill.student import TripletStudent, eval_transform
 from alignet_core.errors import InputError
-from alignet_core.evaluate.saliency_scores import SaliencyAlignment, SaliencyScores, saliency_alignment, summarize
+from alignet_core.evaluate.saliency_scores import (
+    SaliencyAlignment,
+    SaliencyScores,
+    saliency_alignment,
+    summarize,
+)
 from alignet_core.io.importance_maps import source_maps
 from alignet_core.io.sources import ImageSource
+from alignet_core.models.embedding import decode_images
+from alignet_core.models.student import TripletStudent, eval_transform
 from alignet_core.plots import saliency_grid_png
 
 TOP_PERCENT = 10

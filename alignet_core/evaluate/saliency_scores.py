@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from alignet_core.errors import InputError
-from alignet_core.evaluate.bootstrap import MeanEstimate, mean_interval
 from alignet_core.pipeline.runner import Record
+from alignet_core.stats.bootstrap import MeanEstimate, mean_interval
 
 
 class SaliencyScores(Record):

@@ -20,9 +20,9 @@ import numpy as np
 
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import InputError
-from alignet_core.evaluate.levels import admits, level_triplets
+from alignet_core.human.data import HumanData, load_human_data, proxy_taxonomy, taxonomy
+from alignet_core.human.levels import admits, level_triplets
 from alignet_core.io import formats, sources
-from alignet_core.transform.human_data import HumanData, load_human_data, proxy_taxonomy, taxonomy
 
 LEVEL_DEFINITIONS = {
     "global": "two images of one category from different classes; the odd one from another category",

@@ -24,19 +24,36 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from alignet_core.config import PipelineConfig
-from alignet_core.evaluate import bootstrap
-from alignet_core.evaluate.bootstrap import Difference, Estimate
-from alignet_core.evaluate.metrics import odd_one_out_correct, pair_similarities, unit_rows
 from alignet_core.evaluate.saliency_scores import SaliencyAlignment
-from alignet_core.evaluate.sets import EvalSet, build_sets, human_data_or_none, needed_images
-from alignet_core.evaluate.uncertainty import UncertaintyAgreement, choice_distribution, uncertainty_agreement
+from alignet_core.evaluate.sets import (
+    EvalSet,
+    build_sets,
+    human_data_or_none,
+    needed_images,
+)
 from alignet_core.hardware import device_type, resolve_device
+from alignet_core.human.data import HumanData
+from alignet_core.human.triplets import object_embeddings
 from alignet_core.io import embedding_store, formats, sources, store
 from alignet_core.pipeline.progress import ProgressLog
-from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
-from alignet_core.transform.heldout import fit_temperature
-from alignet_core.transform.human import object_embeddings
-from alignet_core.transform.human_data import HumanData
+from alignet_core.pipeline.runner import (
+    Record,
+    StageMetrics,
+    StageOutput,
+    StagePlan,
+    finish,
+    once,
+    plan_stage,
+)
+from alignet_core.stats import bootstrap
+from alignet_core.stats.bootstrap import Difference, Estimate
+from alignet_core.stats.metrics import odd_one_out_correct, pair_similarities, unit_rows
+from alignet_core.stats.uncertainty import (
+    UncertaintyAgreement,
+    choice_distribution,
+    fit_temperature,
+    uncertainty_agreement,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -124,7 +141,7 @@ def _store_rows(url: str, rows: np.ndarray, n: int) -> np.ndarray:
 
 def _student_rows(model: torch.nn.Module, src: sources.ImageSource, rows: np.ndarray, device: torch.device,
                   use_head: bool, batch_size: int) -> np.ndarray:
-    from alignet_core.distill.evaluation import embed_images
+    from alignet_core.models.embedding import embed_images
 
     emb = embed_images(model, [src.records[int(r)].path for r in rows], device, batch_size, use_head)
     out = np.zeros((len(src), emb.shape[1]), dtype=np.float32)
@@ -135,7 +152,7 @@ def _student_rows(model: torch.nn.Module, src: sources.ImageSource, rows: np.nda
 def _model_images(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None,
                   src: sources.ImageSource, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Every model's (n, p) image embeddings at `rows` (zeros elsewhere)."""
-    from alignet_core.distill.student import build_student, load_student
+    from alignet_core.models.student import build_student, load_student
 
     device = resolve_device(cfg.device)
     folder = cfg.evaluate.student or (None if student is None else student.artifact)
@@ -214,10 +231,10 @@ def _where(cfg: PipelineConfig, src: sources.ImageSource, student: StageOutput |
     """The "where" metric (`evaluate.saliency_maps`) on up to `evaluate.saliency_images` test-fold images, those
     in no training triplet of the pipeline's own student when there are any (`images` says which were used);
     its picture written to out_dir/saliency.png."""
-    from alignet_core.distill.batches import read_split
-    from alignet_core.distill.student import build_student, load_student
     from alignet_core.evaluate.saliency import where_metric
+    from alignet_core.io.dataset_splits import read_split
     from alignet_core.io.importance_maps import PROXY_NAME
+    from alignet_core.models.student import build_student, load_student
 
     ev = cfg.evaluate
     folder = ev.student or (None if student is None else student.artifact)

@@ -7,6 +7,11 @@ inside functions and under `TYPE_CHECKING` count too, so a lazily imported modul
 nothing has to be imported to compute a key. Importing `a.b.c` also runs `a/__init__.py` and
 `a/b/__init__.py`, so parent packages are part of the closure.
 
+What is hashed is the module's code, not its text: the syntax tree without docstrings, other bare
+string statements, comments, layout and the `description=` texts of config fields (`code_text`).
+Editing a docstring, a comment or a field's description therefore changes no key; any edit to what
+the code does changes every key whose closure holds the module.
+
 Why: a list kept by hand goes stale. The lists this replaces left out the stage runner itself and
 `hardware.py` (which picks the autocast dtype), so an edit there reused outputs the new code would
 not make; a library upgrade (torch, FAISS) was never noticed at all.
@@ -131,6 +136,36 @@ def import_closure(module: str, root: Path | None = None) -> ImportClosure:
     return ImportClosure(modules=tuple(sorted(seen)), libraries=tuple(sorted(libraries)))
 
 
+class _TextFree(ast.NodeTransformer):
+    """Drops what only documents: bare string statements (docstrings) and `description=` string
+    keywords (pydantic field descriptions). A body left empty gets a `pass`."""
+
+    def generic_visit(self, node: ast.AST) -> ast.AST:
+        super().generic_visit(node)
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.stmt):
+            kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                            and isinstance(s.value.value, str))]
+            node.body = kept or [ast.Pass()]
+        if isinstance(node, ast.Call):
+            node.keywords = [k for k in node.keywords if not (k.arg == "description" and isinstance(k.value, ast.Constant)
+                                                              and isinstance(k.value.value, str))]
+        return node
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_text(path: Path, stamp: tuple[int, int]) -> bytes:
+    tree = _TextFree().visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    return ast.dump(tree, annotate_fields=False, include_attributes=False).encode()
+
+
+def code_text(path: Path) -> bytes:
+    """What of a module's source its code version hashes: the dump of its syntax tree without
+    docstrings, comments, layout or field descriptions (parsed once per process and file state)."""
+    st = path.stat()
+    return _code_text(path, (st.st_mtime_ns, st.st_size))
+
+
 @functools.cache
 def installed_version(library: str) -> str:
     """The installed version(s) of the distributions that provide the top-level import `library`
@@ -150,13 +185,13 @@ def code_version(
     root: Path | None = None,
     library_version: Callable[[str], str] = installed_version,
 ) -> str:
-    """Hash of the source of `module`'s import closure and of its numeric libraries' versions
+    """Hash of the code (`code_text`) of `module`'s import closure and of its numeric libraries' versions
     (`library_version(name)`; the installed ones by default). 16 hex characters."""
     closure = import_closure(module, root)
     files = module_files(root or package_dir())
     h = hashlib.sha256()
     for name in closure.modules:
-        h.update(name.encode() + b"\0" + files[name].read_bytes() + b"\0")
+        h.update(name.encode() + b"\0" + code_text(files[name]) + b"\0")
     for lib in closure.libraries:
         h.update(f"{lib}={library_version(lib)}\0".encode())
     return h.hexdigest()[:16]

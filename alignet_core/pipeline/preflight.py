@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from alignet_core.config import PipelineConfig, check_micro_batches, device_list_problem
 from alignet_core.errors import ConfigError, InputError
+from alignet_core.human.data import (
+    load_human_data,
+    no_human_data_message,
+    proxy_taxonomy,
+)
 from alignet_core.io import formats, sources, store
-from alignet_core.model_refs import check_model_name, resolve_weights
-from alignet_core.transform.human_data import load_human_data, no_human_data_message, proxy_taxonomy
+from alignet_core.models.refs import check_model_name, resolve_weights
 
 
 def preflight(cfg: PipelineConfig) -> None:

@@ -23,11 +23,11 @@ from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
 from alignet_core.distill.stage import DistillOutput, no_pixels_reason
 from alignet_core.embed.stage import EmbedOutput
-from alignet_core.evaluate.bootstrap import Comparison, Difference, Estimate
 from alignet_core.evaluate.stage import EvaluateOutput
 from alignet_core.io import store
 from alignet_core.pipeline.runner import Record
 from alignet_core.sample.stage import DatasetFile, SampleOutput
+from alignet_core.stats.bootstrap import Comparison, Difference, Estimate
 from alignet_core.transform.heldout import HeldOut, TripletSplitFigures
 from alignet_core.transform.stage import TransformOutput
 

@@ -24,14 +24,9 @@ from alignet_core.errors import StoreError
 from alignet_core.io import lock, store
 from alignet_core.io.redact import redact
 from alignet_core.pipeline.code_version import code_version
+from alignet_core.records import Record
 
 log = logging.getLogger(__name__)
-
-
-class Record(BaseModel):
-    """A frozen pydantic model: the base of the plans, outputs and metrics stages hand on."""
-
-    model_config = ConfigDict(frozen=True)
 
 
 class StagePlan(Record):

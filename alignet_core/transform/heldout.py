@@ -19,19 +19,25 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alignet_core.evaluate import bootstrap
-from alignet_core.evaluate.bootstrap import Difference, Estimate
-from alignet_core.evaluate.metrics import odd_one_out_correct, pair_similarities, unit_rows
-from alignet_core.evaluate.uncertainty import UncertaintyAgreement, choice_distribution, uncertainty_agreement
 from alignet_core.pipeline.runner import Record
+from alignet_core.stats import bootstrap
+from alignet_core.stats.bootstrap import Difference, Estimate
+from alignet_core.stats.metrics import odd_one_out_correct, pair_similarities, unit_rows
+from alignet_core.stats.uncertainty import (
+    UncertaintyAgreement,
+    choice_distribution,
+    fit_temperature,
+    uncertainty_agreement,
+)
 
 if TYPE_CHECKING:
-    from alignet_core.transform.affine import AffineTransform  # torch: only its type is needed here
+    from alignet_core.transform.affine import (
+        AffineTransform,  # torch: only its type is needed here
+    )
 
 ZERO_SHOT = "cosine similarity of the raw embeddings (gLocal's zero-shot protocol)"
 ZERO_SHOT_DOT = "dot products of the globally standardized embeddings (where the transform starts)"
 TRIPLET_SPLIT = "held-out triplets of the training objects (every object was fitted): not a held-out-object figure"
-_TEMPERATURES = np.logspace(-4, 4, 81)
 
 
 class LevelFigures(Record):
@@ -106,14 +112,6 @@ def triplet_split_figures(objects: np.ndarray, transform: AffineTransform, tripl
     out = _outcomes(objects, transform, np.asarray(triplets, dtype=np.int64))
     return TripletSplitFigures(zero_shot=bootstrap.accuracy(out["zero_shot"], seed),
                                transformed=bootstrap.accuracy(out["transformed"], seed))
-
-
-def fit_temperature(similarities: np.ndarray) -> float:
-    """The T minimizing the NLL of the observed choices (column 0) under softmax(s / T), over a
-    log grid from 1e-4 to 1e4. similarities: (t, 3)."""
-    s = np.asarray(similarities, dtype=np.float64)
-    nll = [-np.log(np.clip(choice_distribution(s, t)[:, 0], 1e-12, None)).mean() for t in _TEMPERATURES]
-    return float(_TEMPERATURES[int(np.argmin(nll))])
 
 
 def uncertainty_figures(

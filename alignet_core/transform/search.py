@@ -17,9 +17,9 @@ import torch
 
 from alignet_core.config import TransformConfig
 from alignet_core.errors import InputError
-from alignet_core.evaluate.metrics import knn_overlap, object_folds, odd_one_out_accuracy
+from alignet_core.human.triplets import split_triplets
+from alignet_core.stats.metrics import knn_overlap, object_folds, odd_one_out_accuracy
 from alignet_core.transform.fit import fit_transform
-from alignet_core.transform.human import split_triplets
 
 log = logging.getLogger(__name__)
 

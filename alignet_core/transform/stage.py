@@ -18,13 +18,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from alignet_core.config import PipelineConfig, TransformConfig
-from alignet_core.evaluate import metrics
 from alignet_core.hardware import device_type, resolve_device
+from alignet_core.human import triplets as human
+from alignet_core.human.data import HumanData, load_human_data
+from alignet_core.human.mapping import MappingSummary
 from alignet_core.io import embedding_store, formats, sources, store
-from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage, reuse
-from alignet_core.transform import human
-from alignet_core.transform.human_data import HumanData, load_human_data
-from alignet_core.transform.objects import MappingSummary
+from alignet_core.pipeline.runner import (
+    Record,
+    StageMetrics,
+    StageOutput,
+    StagePlan,
+    finish,
+    once,
+    plan_stage,
+    reuse,
+)
+from alignet_core.stats import metrics
 from alignet_core.transform.heldout import (
     HeldOut,
     TripletSplitFigures,
@@ -188,8 +197,7 @@ def _soft_targets(
     on the fitting triplets (checked on `held_rows`, held-out triplets of the same objects) and
     predicts targets for those only: it has no embedding for objects it never saw, so the
     validation fold is then scored on its observed choices."""
-    from alignet_core.transform import vice
-
+    from alignet_core.human import vice
     val = data.split.val
     if cfg.transform.targets == "hard":
         return None, None, "none (hard targets)", None

@@ -9,8 +9,13 @@ import pytest
 from scipy.stats import spearmanr
 
 from alignet_core.errors import InputError
-from alignet_core.evaluate.bootstrap import accuracy, paired_difference
-from alignet_core.evaluate.uncertainty import choice_distribution, entropy, jsd, uncertainty_agreement
+from alignet_core.stats.bootstrap import accuracy, paired_difference
+from alignet_core.stats.uncertainty import (
+    choice_distribution,
+    entropy,
+    jsd,
+    uncertainty_agreement,
+)
 
 
 def test_the_interval_covers_a_known_accuracy_at_its_nominal_rate() -> None:

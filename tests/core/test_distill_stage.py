@@ -15,15 +15,15 @@ import pytest
 import yaml
 
 from alignet_core.config import parse_config, with_overrides
-from alignet_core.distill.checkpoints import LOG_FILE, STUDENT_FILE
-from alignet_core.distill.evaluation import embed_images
 from alignet_core.distill.stage import distill_files, plan_distill, run_distill
-from alignet_core.distill.student import load_student
 from alignet_core.errors import InputError
-from alignet_core.evaluate.metrics import odd_one_out_accuracy
 from alignet_core.hardware import resolve_device
+from alignet_core.human.data import human_test_split
 from alignet_core.io import formats, sources, store
-from alignet_core.transform.human_data import human_test_split
+from alignet_core.models.checkpoints import LOG_FILE, STUDENT_FILE
+from alignet_core.models.embedding import embed_images
+from alignet_core.models.student import load_student
+from alignet_core.stats.metrics import odd_one_out_accuracy
 
 REPO = Path(__file__).resolve().parents[2]
 

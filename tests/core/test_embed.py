@@ -27,7 +27,13 @@ from alignet_core.io import embedding_store
 from alignet_core.io.images import decode_image_bytes, load_image
 from alignet_core.io.sources import ImageSource, demo_source, folder_source, tar_source
 from alignet_core.io.store import file_sha256
-from alignet_core.models import build_tensor_transform, build_transform, create_model, pooled_features, resolve_weights
+from alignet_core.models.factory import (
+    build_tensor_transform,
+    build_transform,
+    create_model,
+    pooled_features,
+    resolve_weights,
+)
 from tests.generated_images import write_jpeg_folder, write_odd_files
 
 CPU = torch.device("cpu")

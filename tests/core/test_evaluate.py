@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from alignet_core.evaluate.metrics import (
+from alignet_core.stats.metrics import (
     choice_nll,
     dissimilarity_matrix,
     expected_calibration_error,

@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from alignet_core.errors import InputError
-from alignet_core.evaluate.levels import check_level
-from alignet_core.transform.human import make_proxy_triplets, object_embeddings, split_triplets
+from alignet_core.human.levels import check_level
+from alignet_core.human.triplets import (
+    make_proxy_triplets,
+    object_embeddings,
+    split_triplets,
+)
 
 
 def _taxonomy(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -7,10 +7,10 @@ import pytest
 
 from alignet_core.config import parse_config
 from alignet_core.errors import InputError
-from alignet_core.evaluate.levels import LEVELS, check_level, level_triplets
+from alignet_core.human.data import load_human_data, taxonomy
+from alignet_core.human.levels import LEVELS, check_level, level_triplets
+from alignet_core.human.triplets import object_folds, split_by_objects
 from alignet_core.io import sources
-from alignet_core.transform.human import object_folds, split_by_objects
-from alignet_core.transform.human_data import load_human_data, taxonomy
 
 
 @pytest.fixture(scope="module")

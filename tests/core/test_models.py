@@ -12,8 +12,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from alignet_core import models
 from alignet_core.errors import InputError
+from alignet_core.models import factory as models
 
 CAT = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 COFFEE = {967, 968, 504}  # espresso, cup, coffee mug

@@ -12,10 +12,10 @@ import pytest
 from alignet_core.config import parse_config
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.evaluate.sets import build_sets
+from alignet_core.human import triplets as human
+from alignet_core.human.data import load_human_data
+from alignet_core.human.mapping import object_mapping
 from alignet_core.io import sources
-from alignet_core.transform import human
-from alignet_core.transform.human_data import load_human_data
-from alignet_core.transform.objects import object_mapping
 from flows.cli import main
 
 # THINGS order is not alphabetical: a path-sorted folder lists 'apple' first, the file's object 0 is 'zebra'

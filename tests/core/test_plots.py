@@ -37,8 +37,8 @@ def test_charts_are_pngs_of_the_set_size_and_embed_as_data_uris():
 def test_the_students_chart_calls_a_proxy_a_proxy():
     from types import SimpleNamespace
 
+    from alignet_core.human.data import PROXY_NAME
     from alignet_core.pipeline.report import _student_comparisons
-    from alignet_core.transform.human_data import PROXY_NAME
 
     c = object()
     out = SimpleNamespace(metrics=SimpleNamespace(heldout={"between_class": c}, human=c, human_data=PROXY_NAME,

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 
 from alignet_core.errors import InputError
-from alignet_core.evaluate.metrics import odd_one_out_accuracy
-from alignet_core.synthetic import ceiling_accuracy, choice_probabilities, make_synthetic_human
+from alignet_core.stats.metrics import odd_one_out_accuracy
+from alignet_core.synthetic import (
+    ceiling_accuracy,
+    choice_probabilities,
+    make_synthetic_human,
+)
 
 
 def test_shapes_determinism_and_known_answer() -> None:

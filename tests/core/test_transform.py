@@ -14,11 +14,11 @@ import zarr
 
 from alignet_core.config import TransformConfig
 from alignet_core.errors import InputError, StoreError
-from alignet_core.evaluate.metrics import pair_similarities
+from alignet_core.human.triplets import split_triplets
 from alignet_core.io import embedding_store, store
+from alignet_core.stats.metrics import pair_similarities
 from alignet_core.transform.affine import AffineTransform, apply_transform_to_store
 from alignet_core.transform.fit import fit_transform, scaled_identity_penalty
-from alignet_core.transform.human import split_triplets
 
 CPU = torch.device("cpu")
 _IMAGE_PERM = np.array([[0, 1, 2], [0, 2, 1], [1, 2, 0]])

@@ -11,9 +11,9 @@ import pytest
 
 from alignet_core.config import parse_config, with_overrides
 from alignet_core.embed.stage import run_embed
+from alignet_core.human import vice
+from alignet_core.human.data import load_human_data
 from alignet_core.io import formats, sources
-from alignet_core.transform import vice
-from alignet_core.transform.human_data import load_human_data
 from alignet_core.transform.stage import run_transform
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

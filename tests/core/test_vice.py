@@ -8,9 +8,9 @@ import torch
 
 from alignet_core.config import ViceConfig
 from alignet_core.errors import InputError
+from alignet_core.human.triplets import split_triplets
+from alignet_core.human.vice import ViceModel, fit_vice, spike_and_slab_log_prior
 from alignet_core.synthetic import ceiling_accuracy, make_synthetic_human
-from alignet_core.transform.human import split_triplets
-from alignet_core.transform.vice import ViceModel, fit_vice, spike_and_slab_log_prior
 
 CPU = torch.device("cpu")
 
@@ -80,7 +80,10 @@ def test_vice_soft_targets_calibrate_the_transform_better_than_hard(fitted) -> N
     """Uncertainty distillation end to end: VICE's posterior-predictive probabilities as soft
     targets give a transform with lower held-out NLL and ECE than the one-hot choices."""
     from alignet_core.config import TransformConfig
-    from alignet_core.evaluate.metrics import choice_probabilities_from_embeddings, expected_calibration_error
+    from alignet_core.stats.metrics import (
+        choice_probabilities_from_embeddings,
+        expected_calibration_error,
+    )
     from alignet_core.transform.fit import fit_transform
 
     s, tr, va, model = fitted
@@ -107,7 +110,7 @@ def test_bh_pruning_counts_match_benjamini_hochberg() -> None:
     """Per dimension, the number of objects rejected at FDR 0.05 equals scipy's BH-adjusted count."""
     from scipy.stats import false_discovery_control
 
-    from alignet_core.transform.vice import _bh_rejections
+    from alignet_core.human.vice import _bh_rejections
 
     p = np.array([[0.01, 0.04, 0.3], [0.02, 0.04, 0.2], [0.03, 0.04, 0.9], [0.5, 0.04, 0.8]])
     assert _bh_rejections(p, 0.05).tolist() == [3, 4, 0]  # step-up: p(4) = .04 ≤ 4·.05/4 passes all

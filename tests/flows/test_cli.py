@@ -58,7 +58,7 @@ def test_model_names_are_cached_per_timm_version(tmp_path, monkeypatch):
     and a tag (`.augreg_in21k`) or a deprecated alias is accepted as timm.is_model accepts it."""
     import timm
 
-    from alignet_core import model_refs
+    from alignet_core.models import refs as model_refs
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     model_refs.check_model_name("vit_base_patch16_224.augreg_in21k", "embed.model")

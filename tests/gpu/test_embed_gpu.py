@@ -21,7 +21,7 @@ import torch
 import zarr
 
 from alignet_core.config import EmbedConfig
-from alignet_core.distill.batches import TripletBatches, loader
+from alignet_core.distill.batches import TripletBatches
 from alignet_core.embed.extract import extract_embeddings
 from alignet_core.embed.extractor import _Extractor
 from alignet_core.embed.loader import image_loader
@@ -29,7 +29,13 @@ from alignet_core.hardware import autocast_dtype, compute_identity, resolve_devi
 from alignet_core.io import formats
 from alignet_core.io.images import load_image
 from alignet_core.io.sources import ImageSource, demo_source, folder_source
-from alignet_core.models import build_tensor_transform, build_transform, create_model, pooled_features
+from alignet_core.models.embedding import loader
+from alignet_core.models.factory import (
+    build_tensor_transform,
+    build_transform,
+    create_model,
+    pooled_features,
+)
 from tests.generated_images import write_jpeg_folder, write_odd_files
 
 pytestmark = pytest.mark.gpu

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from alignet_core import models
 from alignet_core.config import parse_config
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.io import formats, store
+from alignet_core.models import factory as models
 from alignet_core.transform import affine
 from tests.reliability.stage_runner import run_until
 from tests.reliability.test_stage_kills import _cfg

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from alignet_core.errors import InputError
-from alignet_core.evaluate.metrics import expected_calibration_error
-from alignet_core.pipeline.runner import Record
+from alignet_core.records import Record
+from alignet_core.stats.metrics import expected_calibration_error
 
 _EPS = 1e-12
 
@@ -83,3 +83,14 @@ def uncertainty_agreement(human: np.ndarray, model: np.ndarray) -> UncertaintyAg
         ece=expected_calibration_error(q),
         n=n,
     )
+
+
+_TEMPERATURES = np.logspace(-4, 4, 81)
+
+
+def fit_temperature(similarities: np.ndarray) -> float:
+    """The T minimizing the NLL of the observed choices (column 0) under softmax(s / T), over a
+    log grid from 1e-4 to 1e4. similarities: (t, 3)."""
+    s = np.asarray(similarities, dtype=np.float64)
+    nll = [-np.log(np.clip(choice_distribution(s, t)[:, 0], 1e-12, None)).mean() for t in _TEMPERATURES]
+    return float(_TEMPERATURES[int(np.argmin(nll))])

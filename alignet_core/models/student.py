@@ -24,10 +24,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from alignet_core import models
 from alignet_core.config import DistillConfig
-from alignet_core.distill.checkpoints import HEAD_FILE, LOG_FILE, STUDENT_FILE, read_train_log
 from alignet_core.errors import ConfigError, StoreError
+from alignet_core.models import factory as models
+from alignet_core.models.checkpoints import (
+    HEAD_FILE,
+    LOG_FILE,
+    STUDENT_FILE,
+    read_train_log,
+)
 
 
 class TripletStudent(nn.Module):

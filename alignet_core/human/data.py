@@ -19,10 +19,10 @@ from pydantic import BaseModel, ConfigDict
 
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import ConfigError, InputError
+from alignet_core.human import triplets as human
+from alignet_core.human.mapping import MappingSummary, object_mapping
+from alignet_core.human.triplets import TripletSplit
 from alignet_core.io import formats, sources
-from alignet_core.transform import human
-from alignet_core.transform.human import TripletSplit
-from alignet_core.transform.objects import MappingSummary, object_mapping
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from alignet_core.errors import InputError
-from alignet_core.evaluate.levels import LEVELS, admits, level_triplets
+from alignet_core.human.levels import LEVELS, admits, level_triplets
 
 log = logging.getLogger(__name__)
 
