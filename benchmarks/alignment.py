@@ -35,13 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignet_core.config import (
-    PipelineConfig,
-    TransformConfig,
-    ViceConfig,
-    parse_config,
-    with_overrides,
-)
+from alignet_core.config import PipelineConfig, parse_config, with_overrides
+from alignet_core.transform.config import TransformConfig
+from alignet_core.human.config import ViceConfig
 from alignet_core.embed.stage import run_embed
 from alignet_core.human import triplets as human
 from alignet_core.human.data import load_human_data

@@ -58,7 +58,9 @@ import torch
 
 from alignet_core.cluster.kmeans import assign_clusters, load_kmeans
 from alignet_core.cluster.stage import run_cluster
-from alignet_core.config import DistillConfig, HumanConfig, PipelineConfig, parse_config
+from alignet_core.distill.config import DistillConfig
+from alignet_core.human.config import HumanConfig
+from alignet_core.config import PipelineConfig, parse_config
 from alignet_core.distill.train import train_student
 from alignet_core.embed.stage import run_embed
 from alignet_core.hardware import kmeans_backend

@@ -18,6 +18,7 @@ import yaml
 
 from alignet_core.errors import ConfigError
 from alignet_core.io.limits import load_yaml
+from alignet_core.pipeline import registry
 
 
 def _setup_env() -> None:
@@ -47,13 +48,7 @@ def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 _EXAMPLES = {
     "demo": "alignet demo --root alignet-data",
-    "run": "alignet run -c my.yaml --set cluster.k=20 --set sample.n_triplets=100000",
-    "embed": "alignet embed -c my.yaml --set embed.batch_size=128",
-    "transform": "alignet transform -c my.yaml --set transform.epochs=30",
-    "cluster": "alignet cluster -c my.yaml --set cluster.k=50",
-    "sample": "alignet sample -c my.yaml --set sample.n_triplets=1000000",
-    "distill": "alignet distill -c my.yaml --set distill.steps=2000",
-    "evaluate": "alignet evaluate -c my.yaml --set evaluate.student=runs/student",
+    "run": "alignet run -c my.yaml --set cluster.k=20 --set sample.n_train=100000",
     "validate": "alignet validate -c my.yaml   # checks fields, paths, model names, human data; runs nothing",
 }
 _STAGE_NOTE = ("Each stage reuses the finished stages before it (same config, same code) and computes "
@@ -68,20 +63,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more log lines: -v every library line, -vv also Prefect's and Dask's")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_ in [
-        ("demo", "run the whole pipeline on the shipped emoji demo config (no network)"),
-        ("run", "run the whole pipeline from a YAML config"),
-        ("embed", "stage 0: teacher embeddings"),
-        ("transform", "stage 1: human-aligned transform"),
-        ("cluster", "stage 2: k-means clusters"),
-        ("sample", "stage 3: triplets, published as AligNet .npz"),
-        ("distill", "stage 4: finetune the student"),
-        ("evaluate", "stage 5: alignment at every level, before and after, with 95% intervals"),
-        ("validate", "check a config (and its input paths) without running anything"),
-    ]:
-        note = f"\n\n{_STAGE_NOTE}" if name not in ("demo", "run", "validate") else ""
+    commands = [("demo", "run the whole pipeline on the shipped emoji demo config (no network)", _EXAMPLES["demo"]),
+                ("run", "run the whole pipeline from a YAML config", _EXAMPLES["run"]),
+                *((s.name, f"stage {registry.number(s.name)}: {s.summary}", f"alignet {s.name} -c my.yaml {s.example}")
+                  for s in registry.STAGES),
+                ("validate", "check a config (and its input paths) without running anything", _EXAMPLES["validate"])]
+    for name, help_, example in commands:
+        note = f"\n\n{_STAGE_NOTE}" if name in registry.names() else ""
         sp = sub.add_parser(name, help=help_.replace("%", "%%"), description=help_[0].upper() + help_[1:] + "." + note,
-                            epilog=f"example:\n  {_EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+                            epilog=f"example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("--config", "-c", help="YAML pipeline config (default: the demo config)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set cluster.k=20 (repeatable)")
@@ -250,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except AlignetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from alignet_core.pipeline.lifeline import start_watchdog
+    from alignet_core.runtime.lifeline import start_watchdog
     from flows.temporary_server import TemporaryServer
 
     start_watchdog()  # Prefect's temporary server, Dask and loader workers never outlive this process
@@ -287,7 +277,7 @@ def _run_and_print(args: argparse.Namespace, overrides: dict[str, Any], cfg: Any
     else:
         print(f"{result.stage}: {result.artifact}")
     if args.command == "evaluate":
-        from alignet_core.pipeline.report import alignment_markdown
+        from alignet_core.evaluate.render import alignment_markdown
 
         print(alignment_markdown(result))
     return 0
@@ -312,15 +302,13 @@ def _human_summary(cfg: Any) -> list[str]:
 
 def _flow(command: str) -> Any:
     """The flow a command runs (imported here: `datasets`, `watch` and `validate` need none)."""
-    from flows.alignet import alignet
-    from flows.distill import distill_flow
-    from flows.evaluate import evaluate_flow
-    from flows.sample import sample_flow
-    from flows.stages import cluster_flow, embed_flow, transform_flow
+    if command in ("demo", "run"):
+        from flows.alignet import alignet
 
-    flows = {"demo": alignet, "run": alignet, "embed": embed_flow, "transform": transform_flow,
-             "cluster": cluster_flow, "sample": sample_flow, "distill": distill_flow, "evaluate": evaluate_flow}
-    return flows[command]
+        return alignet
+    from flows.stages import FLOWS
+
+    return FLOWS[command]
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
 from alignet_core.sample.stage import SampleOutput, publish_complete, sample_published
 from alignet_core.transform.stage import TransformOutput
-from flows._config import Overrides, resolve_config
-from tasks.cluster import cluster
-from tasks.embed import embedded
-from tasks.sample import dataset_artifacts, follow_shards, plan_sampling, promote, publish, submit_shards
-from tasks.transform import fit_transform
+from tasks.sample import (
+    dataset_artifacts,
+    follow_shards,
+    plan_sampling,
+    promote,
+    publish,
+    submit_shards,
+)
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
@@ -39,7 +42,11 @@ def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
     """A local cluster of `sample.n_workers` single-threaded processes, or an existing cluster."""
     from prefect_dask import DaskTaskRunner
 
-    from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
+    from flows.dask_workers import (
+        WORKER_CONFIG,
+        SamplingWorkerSetup,
+        quiet_local_cluster,
+    )
 
     if cfg.sample.dask_address:
         return DaskTaskRunner(address=cfg.sample.dask_address)
@@ -79,11 +86,3 @@ def sample_on_dask(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput
         ds = sample_triplets.with_options(task_runner=dask_runner(cfg))(cfg, tfm, clu)
     dataset_artifacts(cfg, ds)
     return ds
-
-
-@flow(name="sample")
-def sample_flow(config_path: str | None = None, overrides: Overrides | None = None) -> SampleOutput:
-    """Stage 3 alone (earlier stages come from the cache or are computed)."""
-    cfg = resolve_config(config_path, overrides)
-    tfm = fit_transform(cfg, embedded(cfg))
-    return sample_on_dask(cfg, tfm, cluster(cfg, tfm))

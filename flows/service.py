@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import yaml
 
-from alignet_core.pipeline.lifeline import reap
+from alignet_core.runtime.lifeline import reap
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@
 # Stopping: the first Ctrl-C or SIGTERM stops everything it started, in order, within about a minute:
 # the worker is frozen (it takes no new run), the runs in flight are ended with every process they
 # started and marked Crashed with the reason (their concurrency slots free), then the worker and the
-# server stop. If this script is killed outright (SIGKILL), a watchdog (alignet_core/pipeline/lifeline.py)
+# server stop. If this script is killed outright (SIGKILL), a watchdog (alignet_core/runtime/lifeline.py)
 # ends every process it started, and the next start marks the runs it left open Crashed before its
 # worker starts. One service per Prefect home ($PREFECT_HOME/serve.lock).
 #
@@ -48,7 +48,7 @@ flock -n 9 || { echo "serve: another serve.sh runs on $PREFECT_HOME (it holds $P
 # Everything started below carries this token; the watchdog ends every carrier when this script exits.
 ALIGNET_LIFELINE="serve-$$-$("$BIN/python" -c 'import secrets; print(secrets.token_hex(8))')"
 export ALIGNET_LIFELINE
-setsid "$BIN/python" -m alignet_core.pipeline.lifeline $$ "$ALIGNET_LIFELINE" 9>&- </dev/null >/dev/null 2>&1 &
+setsid "$BIN/python" -m alignet_core.runtime.lifeline $$ "$ALIGNET_LIFELINE" 9>&- </dev/null >/dev/null 2>&1 &
 
 # a step in the background, waited for: bash would defer a signal until a foreground command ends
 waited() { "$@" 9>&- & wait $!; }

@@ -43,7 +43,7 @@ from prefect.results import get_default_result_storage
 from prefect.serializers import JSONSerializer
 
 from alignet_core.io import store
-from alignet_core.pipeline.runner import StageOutput, StagePlan, reuse
+from alignet_core.runtime.runner import StageOutput, StagePlan, reuse
 
 GENERATION_FILE = "cache-generation.json"
 RESULT_SERIALIZER = "json"  # every stage task's `result_serializer`: records are JSON, never pickles

@@ -1,7 +1,7 @@
 """Progress an operator can read: a Prefect progress artifact whose description carries the count, the
 rate and the time left, and the same line in the run's log, at most every few seconds.
 
-`progress_artifact` turns the library's progress lines (`alignet_core.pipeline.progress.ProgressLog`, also
+`progress_artifact` turns the library's progress lines (`alignet_core.runtime.progress.ProgressLog`, also
 driven from the tasks' callbacks for embed and distill) into an artifact for the length of a `with` block;
 a failed block removes its listener too."""
 
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from alignet_core.pipeline.progress import LOGGER, ProgressRecord
+from alignet_core.runtime.progress import LOGGER, ProgressRecord
 
 
 def _show(artifact: object, done: int, total: int, line: str) -> None:

@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
-from alignet_core.pipeline.progress import ProgressLog
-from alignet_core.pipeline.report import dataset_location, dataset_rows
+from alignet_core.runtime.progress import ProgressLog
+from alignet_core.sample.render import dataset_location, dataset_rows
 from alignet_core.sample.stage import (
     SampleOutput,
     SamplingPlan,

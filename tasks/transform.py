@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from alignet_core.config import PipelineConfig
 from alignet_core.embed.stage import EmbedOutput
-from alignet_core.pipeline.report import transform_markdown
+from alignet_core.transform.render import transform_markdown
 from alignet_core.transform.stage import TransformOutput, plan_transform, run_transform
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
 from tasks._progress import progress_artifact

@@ -47,12 +47,12 @@ import numpy as np
 import zarr
 
 from alignet_core.cluster.min_size import enforce_min_cluster_size
-from alignet_core.config import ClusterConfig
+from alignet_core.cluster.config import ClusterConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import KMeansBackend, kmeans_backend
 from alignet_core.io import embedding_store, store
 from alignet_core.io.embedding_store import gather_rows
-from alignet_core.pipeline.progress import ProgressLog
+from alignet_core.runtime.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 

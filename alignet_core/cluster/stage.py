@@ -17,7 +17,7 @@ from alignet_core.cluster.kmeans import run_kmeans, save_kmeans
 from alignet_core.config import PipelineConfig
 from alignet_core.hardware import kmeans_backend
 from alignet_core.io import sources, store
-from alignet_core.pipeline.runner import (
+from alignet_core.runtime.runner import (
     StageMetrics,
     StageOutput,
     StagePlan,

@@ -52,11 +52,8 @@ from alignet_core.errors import AlignetError, ConfigError, DistributedError
 from alignet_core.hardware import process_group_backend, rank_threads
 from alignet_core.io import sources
 from alignet_core.io.dataset_splits import join_mode, read_split
-from alignet_core.models.checkpoints import (
-    CHECKPOINT_DIR,
-    list_checkpoints,
-    read_train_log,
-)
+from alignet_core.distill.checkpoints import CHECKPOINT_DIR, list_checkpoints
+from alignet_core.models.student import read_train_log
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from typing import Any, TypeVar, overload
 import torch
 from torch import nn
 
-from alignet_core.config import PipelineConfig, check_micro_batches
+from alignet_core.config import PipelineConfig
+from alignet_core.distill.config import check_micro_batches
 from alignet_core.errors import AlignetError
 from alignet_core.hardware import resolve_device, resolve_devices
 

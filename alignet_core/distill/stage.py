@@ -29,7 +29,7 @@ from alignet_core.hardware import compute_identity
 from alignet_core.human.data import PROXY_NAME, human_test_split
 from alignet_core.io import sources, store
 from alignet_core.io.formats import sampling_name
-from alignet_core.pipeline.runner import (
+from alignet_core.runtime.runner import (
     Record,
     StageMetrics,
     StageOutput,
@@ -174,7 +174,7 @@ def run_distill(
     been run by torchrun on every node (README); the stage then only evaluates it."""
     from alignet_core.distill.launch import nodes_need_torchrun
     from alignet_core.distill.parallel import rank_layout
-    from alignet_core.models.checkpoints import read_train_log
+    from alignet_core.models.student import read_train_log
 
     if (reason := no_pixels_reason(cfg)) is not None:
         raise InputError(f"source.images: {reason}")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignet_core.config import DistillConfig
+from alignet_core.distill.config import DistillConfig
 from alignet_core.distill.batches import TripletBatches
 from alignet_core.distill.harmonizer import training_harmonizer
 from alignet_core.distill.objective import (
@@ -45,20 +45,8 @@ from alignet_core.errors import ConfigError, StoreError
 from alignet_core.hardware import autocast_dtype
 from alignet_core.io.formats import AlignetTriplets
 from alignet_core.io.sources import ImageSource
-from alignet_core.models.checkpoints import (
-    CHECKPOINT_DIR,
-    HEAD_FILE,
-    LOG_FILE,
-    STUDENT_FILE,
-    data_fingerprint,
-    finished_run,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    save_safetensors_atomic,
-    trajectory_of,
-    write_json_atomic,
-)
+from alignet_core.distill.checkpoints import CHECKPOINT_DIR, data_fingerprint, finished_run, list_checkpoints, load_checkpoint, save_checkpoint, save_safetensors_atomic, trajectory_of, write_json_atomic
+from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE
 from alignet_core.models.embedding import loader
 from alignet_core.models.student import build_student, eval_transform, input_size
 

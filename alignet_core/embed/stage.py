@@ -23,7 +23,7 @@ from alignet_core.errors import InputError
 from alignet_core.embed.importer import checked_import, import_embeddings
 from alignet_core.hardware import ComputeIdentity, compute_identity, resolve_device, resolve_devices
 from alignet_core.io import sources, store
-from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
+from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 
 STORE = "embeddings.zarr"
 

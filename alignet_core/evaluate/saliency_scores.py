@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from alignet_core.errors import InputError
-from alignet_core.pipeline.runner import Record
+from alignet_core.runtime.runner import Record
 from alignet_core.stats.bootstrap import MeanEstimate, mean_interval
 
 

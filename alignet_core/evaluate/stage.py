@@ -35,8 +35,8 @@ from alignet_core.hardware import device_type, resolve_device
 from alignet_core.human.data import HumanData
 from alignet_core.human.triplets import object_embeddings
 from alignet_core.io import embedding_store, formats, sources, store
-from alignet_core.pipeline.progress import ProgressLog
-from alignet_core.pipeline.runner import (
+from alignet_core.runtime.progress import ProgressLog
+from alignet_core.runtime.runner import (
     Record,
     StageMetrics,
     StageOutput,

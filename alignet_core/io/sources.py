@@ -34,7 +34,7 @@ from alignet_core.errors import InputError
 from alignet_core.io import limits
 
 if TYPE_CHECKING:
-    from alignet_core.config import SourceConfig
+    from alignet_core.io.source_config import SourceConfig
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Layout under the pipeline root (a local path or fsspec URL):
     <root>/stages/<stage>/<key>/...             the stage's outputs (Zarr stores, files)
 
 A content key is the hash of the stage's config, the keys of its inputs and the version of the
-code that computes it (`alignet_core.pipeline.code_version`), so a complete manifest under a key
+code that computes it (`alignet_core.runtime.code_version`), so a complete manifest under a key
 can be reused as is. Embedding stores (Zarr) are in `alignet_core.io.embedding_store`.
 """
 

@@ -13,10 +13,11 @@ Choices the reference leaves open, made here:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import timm
 import timm.data
@@ -24,15 +25,35 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from alignet_core.config import DistillConfig
 from alignet_core.errors import ConfigError, StoreError
 from alignet_core.models import factory as models
-from alignet_core.models.checkpoints import (
-    HEAD_FILE,
-    LOG_FILE,
-    STUDENT_FILE,
-    read_train_log,
-)
+
+
+STUDENT_FILE = "student.safetensors"  # the exported backbone
+HEAD_FILE = "head.safetensors"  # the exported head
+LOG_FILE = "train_log.json"  # written last: a folder with it is a finished student
+
+
+class StudentSpec(Protocol):
+    """What builds a student (the `distill` config section has these fields)."""
+
+    student: str
+    weights: str | None
+    head_dim: int
+    image_size: int | None
+
+
+def read_train_log(out_dir: str) -> dict[str, Any] | None:
+    """The finished run's log in out_dir (dict with 'complete': True), or None if there is none."""
+    path = os.path.join(out_dir, LOG_FILE)
+    if not (os.path.isfile(path) and os.path.isfile(os.path.join(out_dir, STUDENT_FILE))):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if data.get("complete") else None
 
 
 class TripletStudent(nn.Module):
@@ -94,7 +115,7 @@ def eval_transform(model: nn.Module, image_size: int | None = None) -> Callable[
     return timm.data.create_transform(**cfg, is_training=False)
 
 
-def build_student(cfg: DistillConfig, seed: int) -> TripletStudent:
+def build_student(cfg: StudentSpec, seed: int) -> TripletStudent:
     """The untrained student of a run: `cfg.student` with `cfg.weights` plus a new head of
     width `cfg.head_dim` (initialised from `seed`), at `cfg.image_size` when set."""
     # random-init backbones (weights=None) draw from torch's global RNG: fix it by the seed
@@ -111,7 +132,7 @@ def input_size(student: TripletStudent) -> tuple[int, int, int]:
     return tuple(models.data_config(student.backbone)["input_size"])  # type: ignore[return-value]
 
 
-def load_student(out_dir: str, cfg: DistillConfig) -> TripletStudent:
+def load_student(out_dir: str, cfg: StudentSpec) -> TripletStudent:
     """The trained student of a finished run in out_dir (eval mode, on CPU).
 
     Builds `cfg.student` with random init and loads out_dir/student.safetensors and

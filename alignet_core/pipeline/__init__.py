@@ -1,1 +1,2 @@
-"""What runs the stages and is not a stage: the runner, computed code versions, preflight, the report."""
+"""The pipeline above the stages: the stage registry (the order, declared once), the run context,
+preflight and the run's report. It imports the stages; no stage imports it."""

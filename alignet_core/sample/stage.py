@@ -16,14 +16,13 @@ import logging
 import time
 from typing import Any
 
-import fsspec
 import numpy as np
 
 from alignet_core.config import PipelineConfig
 from alignet_core.io import embedding_store, lock, sources, store
 from alignet_core.io.formats import sampling_name
 from alignet_core.io.redact import redact
-from alignet_core.pipeline.runner import Record, StageMetrics, StageOutput, StagePlan, finish, plan_stage, reuse
+from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, plan_stage, reuse
 from alignet_core.sample import versions
 from alignet_core.sample.publish import assemble_dataset
 from alignet_core.sample.shards import ShardSpec, plan_shards, run_shard, shard_path
@@ -70,6 +69,7 @@ class SamplingPlan(Record):
     folder: str  # the official transform folder inside it, where the .npz files are
     inputs: list[str]
     pin: str | None = None  # this run's pin on the version (`reserve_version`), released by promotion
+    planned_at: float = 0.0  # when this attempt planned the stage (time.time()): its `seconds` start there
 
 
 class Promotion(Record):
@@ -120,7 +120,18 @@ def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> Samp
     folder = TRANSFORMED_FOLDER if cfg.transform.enabled else UNTRANSFORMED_FOLDER
     return SamplingPlan(plan=plan, store_url=tfm.artifact, groups_urls=groups_urls, names=names,
                         specs=[vars(sp) for sp in specs], publish_url=versions.version_dir(cfg.root, cfg.dataset_name, plan.key),
-                        folder=folder, inputs=[tfm.key, clu.key])
+                        folder=folder, inputs=[tfm.key, clu.key], planned_at=time.time())
+
+
+def run_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> SampleOutput:
+    """The whole stage in this process, without Dask: plan, every missing shard, publish, promote."""
+    sp = reserve_version(cfg, plan_sample(cfg, tfm, clu))
+    if not publish_complete(sp):
+        for spec in sp.specs:
+            run_sample_shard(sp, spec)
+    ds = publish_sample(cfg, sp)
+    promote_dataset(cfg, ds, sp.pin)
+    return ds
 
 
 def shard_done(sp: SamplingPlan, spec: dict[str, Any]) -> bool:
@@ -177,8 +188,7 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
             version=sp.plan.key,
             files=files,
             n_triplets=int(sum(f.n_triplets for f in files.values())),
-            # wall time from planning (when the group files were written) to publication
-            seconds=round(time.time() - min(_mtime(u) for u in sp.groups_urls.values()), 2),
+            seconds=round(time.time() - sp.planned_at, 2),  # this attempt's, from its planning to publication
         )
         return finish(sp.plan, SampleOutput, store.join(sp.publish_url, sp.folder), metrics,
                       {"sample": cfg.sample.model_dump()}, sp.inputs)
@@ -197,8 +207,3 @@ def promote_dataset(cfg: PipelineConfig, ds: SampleOutput, pin: str | None = Non
     removed = versions.promote(cfg.root, cfg.dataset_name, version, cfg.keep_versions, pin, cfg.lock_timeout)
     log.info("dataset %s: latest is %s%s", cfg.dataset_name, version, f"; removed {removed}" if removed else "")
     return Promotion(version=version, path=versions.version_dir(cfg.root, cfg.dataset_name, version), removed=removed)
-
-
-def _mtime(url: str) -> float:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.modified(path).timestamp()

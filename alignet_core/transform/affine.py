@@ -21,7 +21,7 @@ from safetensors.numpy import save as st_save
 
 from alignet_core.errors import InputError, StoreError
 from alignet_core.io import embedding_store, store
-from alignet_core.pipeline.progress import ProgressLog
+from alignet_core.runtime.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignet_core.config import TransformConfig
+from alignet_core.transform.config import TransformConfig
 from alignet_core.errors import InputError
 from alignet_core.hardware import deterministic_torch
 from alignet_core.io.formats import validate_triplets
-from alignet_core.pipeline.progress import ProgressLog
+from alignet_core.runtime.progress import ProgressLog
 from alignet_core.stats.metrics import odd_one_out_accuracy
 from alignet_core.transform.affine import AffineTransform
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alignet_core.pipeline.runner import Record
+from alignet_core.runtime.runner import Record
 from alignet_core.stats import bootstrap
 from alignet_core.stats.bootstrap import Difference, Estimate
 from alignet_core.stats.metrics import odd_one_out_correct, pair_similarities, unit_rows

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from alignet_core.config import PipelineConfig, TransformConfig
+from alignet_core.config import PipelineConfig
+from alignet_core.transform.config import TransformConfig
 from alignet_core.hardware import device_type, resolve_device
 from alignet_core.human import triplets as human
 from alignet_core.human.data import HumanData, load_human_data
 from alignet_core.human.mapping import MappingSummary
 from alignet_core.io import embedding_store, formats, sources, store
-from alignet_core.pipeline.runner import (
+from alignet_core.runtime.runner import (
     Record,
     StageMetrics,
     StageOutput,
@@ -34,14 +35,7 @@ from alignet_core.pipeline.runner import (
     reuse,
 )
 from alignet_core.stats import metrics
-from alignet_core.transform.heldout import (
-    HeldOut,
-    TripletSplitFigures,
-    UncertaintyFigures,
-    heldout_figures,
-    triplet_split_figures,
-    uncertainty_figures,
-)
+from alignet_core.transform.heldout import HeldOut, TripletSplitFigures, UncertaintyFigures, heldout_figures, triplet_split_figures, uncertainty_figures
 
 if TYPE_CHECKING:
     import torch

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from alignet_core.config import TransformConfig, ViceConfig
+from alignet_core.transform.config import TransformConfig
+from alignet_core.human.config import ViceConfig
 from alignet_core.human import triplets as human
 from alignet_core.synthetic import make_synthetic_human
 from benchmarks.alignment import _object_disjoint

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from alignet_core.pipeline.code_version import (
+from alignet_core.pipeline import registry
+from alignet_core.runtime.code_version import (
     NUMERIC_LIBRARIES,
     code_version,
     import_closure,
@@ -22,7 +23,7 @@ from alignet_core.pipeline.code_version import (
     package_dir,
 )
 
-STAGES = ("embed", "transform", "cluster", "sample", "distill")
+STAGES = tuple(registry.names())
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_the_modules_the_hand_kept_lists_missed_are_now_covered() -> None:
     reader and distillation's sources, metrics and human data."""
     closure = {s: set(import_closure(f"alignet_core.{s}.stage").modules) for s in STAGES}
     for s in STAGES:
-        assert {"alignet_core.pipeline.runner", "alignet_core.pipeline.code_version", "alignet_core.config",
+        assert {"alignet_core.runtime.runner", "alignet_core.runtime.code_version", "alignet_core.config",
                 "alignet_core.io.store"} <= closure[s], s
     assert "alignet_core.hardware" in closure["embed"] and "alignet_core.hardware" in closure["transform"]
     assert "alignet_core.io.embedding_store" in closure["cluster"]  # gather_rows, once in the teacher module

@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from alignet_core.config import DistillConfig
+from alignet_core.distill.config import DistillConfig
 from alignet_core.distill.batches import TripletBatches
 from alignet_core.distill.evaluation import evaluate_student
 from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, warmup_cosine
@@ -27,7 +27,7 @@ from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.io import formats, images, sources
 from alignet_core.io.dataset_splits import join_by_filenames, join_mode, read_split
 from alignet_core.models import factory as models
-from alignet_core.models.checkpoints import HEAD_FILE, LOG_FILE, STUDENT_FILE
+from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE
 from alignet_core.models.embedding import decode_images, embed_images
 from alignet_core.models.student import build_student, eval_transform, load_student
 from alignet_core.stats.metrics import pair_similarities, triplet_accuracy

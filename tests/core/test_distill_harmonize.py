@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from alignet_core.config import DistillConfig, HarmonizeConfig, parse_config
+from alignet_core.distill.config import DistillConfig, HarmonizeConfig
+from alignet_core.config import parse_config
 from alignet_core.distill import harmonizer as H
 from alignet_core.distill.stage import DistillFiles, plan_distill
 from alignet_core.distill.train import train_student
 from alignet_core.errors import ConfigError
 from alignet_core.io import formats, sources
-from alignet_core.models.checkpoints import trajectory_of
+from alignet_core.distill.checkpoints import trajectory_of
 from alignet_core.models.embedding import decode_images
 from alignet_core.models.student import build_student, eval_transform
 

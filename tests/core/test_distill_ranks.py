@@ -41,12 +41,8 @@ from alignet_core.errors import ConfigError, DistributedError
 from alignet_core.io import formats, sources
 from alignet_core.io.dataset_splits import read_split
 from alignet_core.models import factory as models
-from alignet_core.models.checkpoints import (
-    HEAD_FILE,
-    LOG_FILE,
-    STUDENT_FILE,
-    list_checkpoints,
-)
+from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE
+from alignet_core.distill.checkpoints import list_checkpoints
 from alignet_core.models.student import eval_transform
 from alignet_core.pipeline.preflight import preflight
 from tests.core.test_distill import pixel_teacher, teacher_triplets

@@ -20,7 +20,7 @@ from alignet_core.errors import InputError
 from alignet_core.hardware import resolve_device
 from alignet_core.human.data import human_test_split
 from alignet_core.io import formats, sources, store
-from alignet_core.models.checkpoints import LOG_FILE, STUDENT_FILE
+from alignet_core.models.student import LOG_FILE, STUDENT_FILE
 from alignet_core.models.embedding import embed_images
 from alignet_core.models.student import load_student
 from alignet_core.stats.metrics import odd_one_out_accuracy

@@ -17,7 +17,8 @@ import torchvision
 import zarr
 
 import alignet_core
-from alignet_core.config import EmbedConfig, parse_config
+from alignet_core.embed.config import EmbedConfig
+from alignet_core.config import parse_config
 from alignet_core.embed.devices import _worker_env, shard_chunks
 from alignet_core.embed.extract import extract_embeddings
 from alignet_core.embed.extractor import _Extractor

@@ -1,4 +1,4 @@
-"""alignet_core/pipeline/lifeline.py: after a SIGKILL of the process that started the watchdog, its
+"""alignet_core/runtime/lifeline.py: after a SIGKILL of the process that started the watchdog, its
 children die too, the one in a session of its own (as Prefect starts flow-run engines) and the grandchild
 re-parented to init included; a process that does not carry the token and was never a descendant lives."""
 
@@ -15,7 +15,7 @@ import psutil
 
 PARENT = textwrap.dedent("""
     import subprocess, sys, time
-    from alignet_core.pipeline.lifeline import start_watchdog
+    from alignet_core.runtime.lifeline import start_watchdog
     start_watchdog()
     # a child in a session of its own that starts a grandchild and exits (the grandchild is re-parented)
     subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "

@@ -38,7 +38,7 @@ def test_the_students_chart_calls_a_proxy_a_proxy():
     from types import SimpleNamespace
 
     from alignet_core.human.data import PROXY_NAME
-    from alignet_core.pipeline.report import _student_comparisons
+    from alignet_core.distill.render import _student_comparisons
 
     c = object()
     out = SimpleNamespace(metrics=SimpleNamespace(heldout={"between_class": c}, human=c, human_data=PROXY_NAME,

@@ -1,6 +1,6 @@
 """Progress lines: count, share, rate of this process's work, and the time left."""
 
-from alignet_core.pipeline.progress import duration, progress_line
+from alignet_core.runtime.progress import duration, progress_line
 
 
 def test_progress_line_counts_rate_and_time_left() -> None:
@@ -19,7 +19,7 @@ def test_duration() -> None:
 def test_progress_log_is_throttled_and_carries_its_numbers(caplog) -> None:
     import logging
 
-    from alignet_core.pipeline.progress import LOGGER, ProgressLog, ProgressRecord
+    from alignet_core.runtime.progress import LOGGER, ProgressLog, ProgressRecord
 
     caplog.set_level(logging.INFO, logger=LOGGER)
     lines = ProgressLog("k-means assign", "rows", 300, every_s=3600)
@@ -37,7 +37,7 @@ def test_progress_log_is_throttled_and_carries_its_numbers(caplog) -> None:
 def test_progress_log_appends_extra_and_counts_only_work_done_here(caplog) -> None:
     import logging
 
-    from alignet_core.pipeline.progress import LOGGER, ProgressLog
+    from alignet_core.runtime.progress import LOGGER, ProgressLog
 
     caplog.set_level(logging.INFO, logger=LOGGER)
     lines = ProgressLog("transform apply", "rows", 1000, every_s=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from alignet_core.io.redact import redact, redact_text
-from alignet_core.pipeline.runner import StageMetrics, StageOutput, finish, plan_stage
+from alignet_core.runtime.runner import StageMetrics, StageOutput, finish, plan_stage
 
 
 def test_urls_lose_their_credentials_and_keep_the_rest():

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from alignet_core.config import SourceConfig
+from alignet_core.io.source_config import SourceConfig
 from alignet_core.errors import InputError
 from alignet_core.io.images import load_image
 from alignet_core.io.sources import (

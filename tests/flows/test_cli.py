@@ -87,7 +87,7 @@ def test_the_flows_load_no_compute_library():
     """What a fully cached rerun imports: the flows and every stage's planning, without torch, timm, scipy,
     matplotlib, FAISS or Dask (seconds of imports each; issue 20's cached-rerun target). The stages import
     them where they compute, and `benchmarks.scale` records the cached rerun's time."""
-    probe = ("import sys, flows.cli, flows.alignet, flows.stages, flows.sample, flows.distill, flows.evaluate, "
+    probe = ("import sys, flows.cli, flows.alignet, flows.stages, flows.sample, "
              "alignet_core.pipeline.report; print(sorted(m for m in ('torch', 'timm', 'torchvision', 'scipy', "
              "'matplotlib', 'faiss', 'dask', 'distributed', 'prefect_dask', 'prefect.server.api.server') "
              "if m in sys.modules))")
@@ -121,3 +121,39 @@ def test_the_console_keeps_the_pipelines_lines_and_others_warnings_only():
     assert keep(record("prefect.flow_runs", logging.ERROR, "Encountered exception"))
     assert not keep(record("distributed.nanny", logging.WARNING, "Worker process still alive after 4.0 seconds, killing"))
     assert keep(record("distributed.nanny", logging.WARNING, "Restarting worker"))
+
+
+def _help_examples() -> list[str]:
+    """Every `alignet ...` example line of the top-level and every subcommand's help."""
+    from flows.cli import _build_parser
+
+    parser = _build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    texts = [parser.epilog or ""] + [p.epilog or "" for p in sub.choices.values()]
+    lines = [line.strip().split("   #")[0].strip() for t in texts for line in t.splitlines()]
+    return [line for line in lines if line.startswith("alignet ")]
+
+
+def test_every_help_example_parses_and_its_overrides_name_real_fields():
+    """Each example of `alignet --help` and `alignet <cmd> --help` is parsed as the CLI parses it, and its
+    `--set` overrides are applied to the demo config (a field that does not exist, or a wrong type, fails)."""
+    import shlex
+
+    from flows._config import parsed_config
+    from flows.cli import _build_parser, _parse_overrides
+
+    examples = _help_examples()
+    assert len(examples) >= 12 and any("--set" in e for e in examples)
+    for example in examples:
+        args = _build_parser().parse_args(shlex.split(example)[1:])
+        overrides = _parse_overrides(getattr(args, "set", []))
+        parsed_config(None, overrides)  # raises ConfigError naming a bad field
+
+
+def test_the_example_check_catches_a_field_that_does_not_exist():
+    from alignet_core.errors import ConfigError
+    from flows._config import parsed_config
+    from flows.cli import _parse_overrides
+
+    with pytest.raises(ConfigError, match="n_triplets"):
+        parsed_config(None, _parse_overrides(["sample.n_triplets=1000000"]))

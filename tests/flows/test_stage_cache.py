@@ -15,7 +15,7 @@ from prefect.settings import get_current_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from alignet_core.io import store
-from alignet_core.pipeline.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
+from alignet_core.runtime.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output, trusted
 
 CALLS: list[str] = []

@@ -2,7 +2,7 @@
 
     python -m tests.reliability.stage_runner CONFIG_JSON STAGE [--pace MODULE:ATTR SECONDS]
 
-Upstream stages whose manifests are complete are reused (`alignet_core.pipeline.runner`). With `--pace`, the
+Upstream stages whose manifests are complete are reused (`alignet_core.runtime.runner`). With `--pace`, the
 function `MODULE:ATTR` (`ATTR` may be `Class.method`) prints `paced <i>` after its i-th call and
 then sleeps SECONDS: a pause standing in for more real work per unit, so that a test can SIGKILL
 the process at a random point after real work started instead of racing a run that ends in a

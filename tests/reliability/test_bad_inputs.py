@@ -18,7 +18,8 @@ import torch
 import zarr
 
 from alignet_core.cluster import kmeans as cluster  # RENAME
-from alignet_core.config import ClusterConfig, parse_config
+from alignet_core.cluster.config import ClusterConfig
+from alignet_core.config import parse_config
 from alignet_core.embed.stage import EmbedMetrics, EmbedOutput, run_embed
 from alignet_core.errors import InputError
 from alignet_core.io import embedding_store, formats

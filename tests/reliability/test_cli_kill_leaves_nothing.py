@@ -1,6 +1,6 @@
 """`kill -9` of the `alignet` CLI mid-run leaves no process behind (issue 19): not Prefect's temporary
 server (it used to live on, 235 MB, on its port), not the sampling stage's Dask workers, not the embed
-stage's DataLoader workers. The CLI's watchdog (alignet_core/pipeline/lifeline.py) ends them.
+stage's DataLoader workers. The CLI's watchdog (alignet_core/runtime/lifeline.py) ends them.
 
 The CLI runs the demo pipeline up to sampling, shrunk, with a marker in its environment that every process
 it starts inherits; it is SIGKILLed once its temporary server and a Dask worker process are both alive.

@@ -20,19 +20,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignet_core.config import DistillConfig
+from alignet_core.distill.config import DistillConfig
 from alignet_core.errors import StoreError
 from alignet_core.io import store
 from alignet_core.io.formats import AlignetTriplets
-
-STUDENT_FILE = "student.safetensors"
-
-
-HEAD_FILE = "head.safetensors"
-
-
-LOG_FILE = "train_log.json"
-
+from alignet_core.models.student import read_train_log
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -158,19 +150,6 @@ def finished_run(out_dir: str, trajectory: dict[str, Any]) -> dict[str, Any] | N
             "use a new output directory"
         )
     return done
-
-
-def read_train_log(out_dir: str) -> dict[str, Any] | None:
-    """The finished run's log in out_dir (dict with 'complete': True), or None if there is none."""
-    path = os.path.join(out_dir, LOG_FILE)
-    if not (os.path.isfile(path) and os.path.isfile(os.path.join(out_dir, STUDENT_FILE))):
-        return None
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if data.get("complete") else None
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

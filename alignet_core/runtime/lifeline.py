@@ -115,11 +115,11 @@ def watch(pid: int, token: str, every: float = 1.0) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m alignet_core.pipeline.lifeline PID TOKEN`: the watchdog (started by `start_watchdog`,
+    """`python -m alignet_core.runtime.lifeline PID TOKEN`: the watchdog (started by `start_watchdog`,
     or by `scripts/serve.sh` for itself)."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2 or not args[0].isdigit():
-        print("usage: python -m alignet_core.pipeline.lifeline PID TOKEN", file=sys.stderr)
+        print("usage: python -m alignet_core.runtime.lifeline PID TOKEN", file=sys.stderr)
         return 2
     watch(int(args[0]), args[1])
     return 0

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict
 from alignet_core.errors import StoreError
 from alignet_core.io import lock, store
 from alignet_core.io.redact import redact
-from alignet_core.pipeline.code_version import code_version
 from alignet_core.records import Record
+from alignet_core.runtime.code_version import code_version
 
 log = logging.getLogger(__name__)
 

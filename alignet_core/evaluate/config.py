@@ -1,0 +1,43 @@
+"""The `evaluate` section of the config (stage 5)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from alignet_core.config_base import ConfigModel
+from alignet_core.human.config import ProxyLevel
+
+
+class EvalSetConfig(ConfigModel):
+    """An evaluation set of odd-one-out triplets from a file the pipeline did not make."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the set's column name in reports")
+    triplets: str = Field(description="THINGS-format file: rows 'i j k' of image rows (0-based, source order), "
+                          "k the odd one out")
+    probabilities: str | None = Field(None, description=".npy (n, 3) human choice probabilities of the pairs "
+                                      "(i,j), (i,k), (j,k) of each row (optional)")
+
+
+class EvaluateConfig(ConfigModel):
+    """The evaluation stage: alignment of the teacher and the student, before and after, at three
+    levels of abstraction, on held-out human triplets and on any given set."""
+
+    enabled: bool = Field(True, description="false: no evaluation stage")
+    levels: list[ProxyLevel] = Field(
+        default_factory=lambda: ["global", "local", "class_boundary"],
+        description="abstraction levels to build from the source's two-level taxonomy, over the test fold's images "
+        "(alignet_core.human.levels)",
+    )
+    n_per_level: int = Field(1000, gt=0, description="triplets per level")
+    student: str | None = Field(
+        None, description="a distillation output folder (student.safetensors, head.safetensors, train_log.json) of "
+        "distill.student to evaluate; null: the pipeline's own student (none when distill is disabled)"
+    )
+    sets: list[EvalSetConfig] = Field(default_factory=list, description="more evaluation sets from files")
+    batch_size: int = Field(128, gt=0, description="images per forward pass when the students embed them")
+    saliency_maps: str | None = Field(
+        None, description="the 'where' metric: 'proxy' (the demo's blurred alpha silhouettes, a proxy) or a folder of "
+        "<image id>.png/.npy importance maps; Spearman and top-10% IoU/Dice of the raw and finetuned students' "
+        "saliency against them on test-fold images the distillation did not train on; null: off",
+    )
+    saliency_images: int = Field(256, gt=0, description="at most this many images for the 'where' metric")

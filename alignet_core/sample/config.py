@@ -1,0 +1,20 @@
+"""The `sample` section of the config (stage 3)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from alignet_core.config_base import ConfigModel, SamplingStrategy
+
+
+class SampleConfig(ConfigModel):
+    """Stage 3: triplet sampling and teacher responses."""
+
+    strategies: list[SamplingStrategy] = Field(
+        default_factory=lambda: ["cluster_border", "between_class"], description="sampling strategies to publish"
+    )
+    n_train: int = Field(20000, gt=0, description="training triplets per strategy")
+    n_valid: int = Field(2000, gt=0, description="validation triplets per strategy")
+    shard_size: int = Field(5000, gt=0, description="triplets per shard, the unit of parallelism and resume")
+    n_workers: int = Field(2, gt=0, description="local Dask workers (ignored with dask_address)")
+    dask_address: str | None = Field(None, description="address of an existing Dask scheduler")

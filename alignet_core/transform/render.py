@@ -1,0 +1,69 @@
+"""How the transform stage shows its results: the `transform-accuracy` markdown and the fit curve."""
+
+from __future__ import annotations
+
+from alignet_core import plots
+from alignet_core.runtime.render import Figure, est, fmt, inline, pct
+from alignet_core.transform.stage import TransformOutput
+
+
+def transform_markdown(out: TransformOutput) -> str:
+    """Held-out accuracy on the test fold (objects never fitted) with intervals, per level, beside
+    both zero-shot protocols; the uncertainty agreement; the local-structure score; the
+    hyper-parameters used (and every setting a search tried); the validation accuracy per epoch."""
+    m = out.metrics
+    h = m.heldout
+    r = m.roles
+    lines = [f"# Transform: test-fold accuracy {est(h.zero_shot if h else None)} → {est(h.transformed if h else None)}",
+             "", f"Human data: {m.human_data}."]
+    if m.objects is not None:
+        lines += ["", *(f"    {line}" for line in m.objects.lines())]
+    if r is not None and h is not None:
+        lines += [f"Objects in {r.folds} folds: triplets {r.train} train, {r.val} validation (early stopping), "
+                  f"{r.test} test on {h.n_objects} objects no fit saw; {r.dropped} dropped (objects in two roles).", "",
+                  "| test fold (95% interval, objects resampled) | accuracy |", "|---|---|",
+                  f"| zero-shot: {h.zero_shot_protocol} | {h.zero_shot.text()} |",
+                  f"| zero-shot: {h.zero_shot_dot_protocol} | {h.zero_shot_dot.text()} |",
+                  f"| transformed (dot products) | {h.transformed.text()} |",
+                  f"| change vs the reference zero-shot | {h.gain.text()} |"]
+        for level, f in (h.by_level or {}).items():
+            lines.append(f"| level `{level}`: zero-shot → transformed | {f.zero_shot.text()} → {f.transformed.text()} "
+                         f"({f.gain.text()}) |")
+    if m.triplet_split is not None:
+        lines += ["", f"Secondary ({m.triplet_split.label}): {m.triplet_split.zero_shot.text()} → "
+                  f"{m.triplet_split.transformed.text()}."]
+    if m.uncertainty is not None:
+        u = m.uncertainty
+        lines += ["", "| uncertainty vs the human probabilities (test fold) | T | NLL | JSD | entropy Spearman | ECE |",
+                  "|---|---|---|---|---|---|"]
+        for name, a, temp in (("zero-shot (cosine)", u.zero_shot, u.zero_shot_temperature),
+                              ("transformed", u.transformed, u.transformed_temperature)):
+            lines.append(f"| {name} | {temp:.3g} | {a.nll:.3f} | {a.jsd:.3f} | {a.entropy_spearman:.3f} | {a.ece:.3f} |")
+    rows = [(f"local structure: {m.knn_k}-NN overlap before/after", f"{m.knn_overlap:.3f}"),
+            ("soft targets", m.soft_targets or "n/a"),
+            ("kept epoch / epochs run", f"{(m.best_epoch or 0) + 1} / {m.epochs_run}")]
+    if m.vice is not None:
+        rows.append((f"VICE accuracy on {m.vice.val_split} / dims", f"{pct(m.vice.val_acc)} / {m.vice.dims}"))
+    hp = m.hyperparameters.model_dump() if m.hyperparameters is not None else {}
+    lines += ["", "| fit | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+              "Hyper-parameters used: " + ", ".join(f"{k} = {fmt(v)}" for k, v in hp.items())]
+    if m.search is not None:
+        best = m.search.best
+        lines += ["", f"Search ({m.search.n_folds}-fold cross-validation over the training objects; selection "
+                  f"scores, not held-out figures; chosen: alpha = {best['alpha']}, lam = {best['lam']}, "
+                  f"lr = {best['lr']}):", "",
+                  "| alpha | lam | lr | selection accuracy | k-NN overlap |", "|---|---|---|---|---|"]
+        lines += [f"| {r.alpha} | {r.lam} | {r.lr} | {r.transformed_mean:.3f} | {r.knn_overlap_mean:.3f} |"
+                  for r in m.search.settings]
+    lines += inline(transform_figures(out))
+    return "\n".join(lines) + "\n"
+
+
+def transform_figures(out: TransformOutput) -> list[Figure]:
+    """The validation-fold accuracy per epoch of the transform fit (none when it was off)."""
+    curve = [h["val_acc"] for h in out.metrics.history if "val_acc" in h]
+    if not curve:
+        return []
+    return [Figure(name="transform-fit.png", alt="validation accuracy per epoch",
+                   draw=lambda: plots.curve_png({"validation-fold accuracy": curve}, "epoch", "accuracy",
+                                                "transform fit"))]
