@@ -1,4 +1,5 @@
-"""benchmarks.alignment's object-disjoint figures: computed on test-fold objects only, with intervals."""
+"""benchmarks.alignment's object-disjoint figures (benchmarks/alignment_synthetic.py): computed on test-fold
+objects only, with intervals."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 from alignet_core.config import TransformConfig, ViceConfig
 from alignet_core.synthetic import make_synthetic_human
 from alignet_core.transform import human
-from benchmarks.alignment import _object_disjoint
+from benchmarks.alignment_synthetic import _object_disjoint
 
 
 def test_object_disjoint_figures_use_only_held_out_objects(one_torch_thread) -> None:
