@@ -12,16 +12,22 @@ passes over the whole store chunk by chunk (files in the page cache), as cluster
 and a sampling shard read it: `raw_read_s` and `zstd_read_s` through Zarr (`embeddings[lo:hi]`),
 `raw_chunk_reader_s` with `embedding_store.RawChunkReader` (one `readinto` per chunk into a reused buffer),
 the path `io.embedding_store.gather_rows` takes on raw local stores. `read_ratio` = zstd / raw through Zarr.
+Times are rounded to 4 significant digits. Each way of reading also says what it read: `rows_read`, the
+fewest rows any timed pass read (a chunk `RawChunkReader` has no full file for counts none), and
+`digest_read`, a BLAKE2b digest of the rows an untimed pass of the same code read, in order, to compare
+with `digest_written`, that of the rows written.
 Writes `benchmarks/results/store_read.json` and prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,46 +38,84 @@ def _dir_bytes(path: str) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def _median_chunk_pass_s(url: str, raw_reader: bool, repeats: int = 5) -> float:
-    """A pass over the store chunk by chunk, as `io.embedding_store.gather_rows` reads it: with
-    `embedding_store.RawChunkReader` into one reused buffer, or with Zarr (`embeddings[lo:hi]`)."""
+def _chunk_pass(emb: Any, reader: Any, buf: np.ndarray, digest: Any = None) -> int:
+    """One pass over the store chunk by chunk, as `io.embedding_store.gather_rows` reads it: with
+    `embedding_store.RawChunkReader` into one reused buffer (`reader`), or with Zarr (`embeddings[lo:hi]`).
+    Returns the rows read; with `digest` (a hashlib object), feeds it those rows in order."""
+    n, rows = emb.shape[0], buf.shape[0]
+    read = 0
+    for c, lo in enumerate(range(0, n, rows)):
+        if reader is not None:
+            if not reader.read(c, buf):
+                continue
+            got = buf[: min(rows, n - lo)]
+        else:
+            got = emb[lo : lo + rows]
+        read += len(got)
+        if digest is not None:
+            digest.update(np.ascontiguousarray(got))
+    return read
+
+
+def _measure_chunk_passes(url: str, raw_reader: bool, repeats: int = 5) -> dict:
+    """The median time of `repeats` timed passes over the store (`_chunk_pass`), the fewest rows a timed
+    pass read, and the digest of the rows that one more, untimed, pass of the same code read."""
     from alignet_core.io import embedding_store
     emb = embedding_store.open_embeddings(url)["embeddings"]
-    n, rows = emb.shape[0], int(emb.chunks[0])
     reader = embedding_store.RawChunkReader.for_array(emb) if raw_reader else None
-    buf = np.empty((rows, emb.shape[1]), dtype=emb.dtype)
-    times = []
+    if raw_reader and reader is None:
+        raise RuntimeError(f"{url}: RawChunkReader cannot read this store (not raw, local, row-chunked)")
+    buf = np.empty((int(emb.chunks[0]), emb.shape[1]), dtype=emb.dtype)
+    times, rows_read = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for c, lo in enumerate(range(0, n, rows)):
-            if reader is not None:
-                reader.read(c, buf)
-            else:
-                emb[lo : lo + rows]
+        rows_read.append(_chunk_pass(emb, reader, buf))
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    digest = _digest()
+    _chunk_pass(emb, reader, buf, digest)
+    return {"s": float(np.median(times)), "rows_read": min(rows_read), "digest": digest.hexdigest()}
+
+
+def _digest() -> Any:
+    return hashlib.blake2b(digest_size=16)
+
+
+def _seconds(s: float) -> float:
+    """Seconds to 4 significant digits: a fast pass over a small store stays above 0."""
+    return float(f"{s:.4g}")
+
+
+def make_rows(n: int, p: int, dtype: str, kind: str) -> np.ndarray:
+    """The rows `measure` writes: Gaussian ("dense"), or with the negative entries set to zero ("relu")."""
+    x = np.random.default_rng(0).standard_normal((n, p), dtype=np.float32)
+    if kind == "relu":
+        np.maximum(x, 0, out=x)
+    return x.astype(dtype)
 
 
 def measure(n: int, p: int, dtype: str, kind: str, chunk_rows: int, root: str) -> dict:
     from alignet_core.io import embedding_store, store
-    x = np.random.default_rng(0).standard_normal((n, p), dtype=np.float32)
-    if kind == "relu":
-        np.maximum(x, 0, out=x)
-    x = x.astype(dtype)
+    x = make_rows(n, p, dtype, kind)
     ids = np.array([f"{i}" for i in range(n)])
+    written = _digest()
+    written.update(np.ascontiguousarray(x))
     row: dict = {"dtype": dtype, "rows": kind}
+    rows_read, digest_read = {}, {}
     for compressed in (False, True):
         url = os.path.join(root, f"{dtype}-{kind}-{compressed}.zarr")
         g = embedding_store.create_embedding_store(url, n, p, ids, dtype, chunk_rows, {}, compressed=compressed)
         g["embeddings"][:] = x
         name = "zstd" if compressed else "raw"
         row[f"{name}_mib"] = round(_dir_bytes(os.path.join(url, "embeddings")) / 2**20, 1)
-        row[f"{name}_read_s"] = round(_median_chunk_pass_s(url, raw_reader=False), 3)
-        if not compressed:
-            row["raw_chunk_reader_s"] = round(_median_chunk_pass_s(url, raw_reader=True), 3)
+        ways = [(name, False)] + ([("raw_chunk_reader", True)] if not compressed else [])
+        for way, raw_reader in ways:
+            m = _measure_chunk_passes(url, raw_reader)
+            row[f"{way}_s" if raw_reader else f"{way}_read_s"] = _seconds(m["s"])
+            rows_read[way], digest_read[way] = m["rows_read"], m["digest"]
         store.remove(url)
     row["size_saved"] = round(1 - row["zstd_mib"] / row["raw_mib"], 3)
     row["read_ratio"] = round(row["zstd_read_s"] / row["raw_read_s"], 2)
+    row.update(rows_read=rows_read, digest_read=digest_read, digest_written=written.hexdigest())
     return row
 
 

@@ -1,4 +1,5 @@
-"""benchmarks.alignment's object-disjoint figures: computed on test-fold objects only, with intervals."""
+"""benchmarks.alignment's object-disjoint figures (benchmarks/alignment_synthetic.py): computed on test-fold
+objects only, with intervals."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import numpy as np
 
 from alignet_core.transform.config import TransformConfig
 from alignet_core.human.config import ViceConfig
-from alignet_core.human import triplets as human
 from alignet_core.synthetic import make_synthetic_human
-from benchmarks.alignment import _object_disjoint
+from alignet_core.human import triplets as human
+from benchmarks.alignment_synthetic import _object_disjoint
 
 
 def test_object_disjoint_figures_use_only_held_out_objects(one_torch_thread) -> None:

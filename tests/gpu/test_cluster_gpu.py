@@ -22,9 +22,18 @@ pytestmark = pytest.mark.gpu
 
 
 def test_backend_is_the_gpu(device: torch.device) -> None:
-    if device.type == "cuda":
+    """The cluster stage's default backend (`use_gpu` 'auto') is on the GPU wherever torch sees one, never
+    silently the CPU: FAISS's GPUs when it has them, else torch on CUDA. Where torch sees none (a dry run
+    on the CPU), FAISS, not torch's k-means on the CPU. 'never' is FAISS on the CPU on every machine."""
+    setting = ClusterConfig().use_gpu
+    assert setting == "auto"
+    if torch.cuda.is_available():  # the GPU machine (the device under test is the CPU only if forced)
         expected = KMeansBackend("faiss", "gpu") if faiss_gpu_available() else KMeansBackend("torch", "cuda")
-        assert kmeans_backend("auto") == expected
+    else:
+        assert device.type == "cpu"  # the fixture skips without a GPU unless the CPU is asked for
+        expected = KMeansBackend("faiss", "gpu" if faiss_gpu_available() else "cpu")
+    assert kmeans_backend(setting) == expected
+    assert kmeans_backend("never") == KMeansBackend("faiss", "cpu")
 
 
 @pytest.mark.parametrize("spherical", [False, True])

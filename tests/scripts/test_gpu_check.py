@@ -1,6 +1,7 @@
-"""scripts/gpu_check.py, the prepared GPU check: its CPU dry run runs every part's code; the wheelhouse
-manifest and checks; the time plan in its header; timeouts end a part's whole process group; and the GPU
-parts import on an image without FAISS, scikit-learn, Dask or Prefect."""
+"""scripts/gpu_check.py (with its modules scripts/_gpu_parts.py and scripts/_gpu_wheels.py), the prepared GPU
+check: its CPU dry run runs every part's code; the wheelhouse manifest and checks; the time plan in its
+header; timeouts end a part's whole process group; and the GPU parts import on an image without FAISS,
+scikit-learn, Dask or Prefect."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def _load():
     return module
 
 
-gpu_check = _load()
+gpu_check = _load()  # the entry point; loading it puts scripts/ on sys.path, where its modules are
+import _gpu_parts as gpu_parts  # noqa: E402  the parts and how they run
+import _gpu_wheels as gpu_wheels  # noqa: E402  the wheelhouse and the install
 
 
 def _results_listing() -> list[str]:
@@ -53,7 +56,7 @@ def test_dry_run_runs_every_part_on_the_cpu_and_writes_no_result(tmp_path: Path)
     parts = report["parts"]
     assert list(parts) == ["install", "tests", "kmeans", "embed", "distill", "rehearsal"]
     assert all(p["status"] == "ok" for p in parts.values())
-    assert parts["install"]["pins"] == len(gpu_check.read_manifest())
+    assert parts["install"]["pins"] == len(gpu_wheels.read_manifest())
     counts = parts["tests"]["junit"]["counts"]
     assert counts.get("passed", 0) >= 10 and not counts.get("failed") and not counts.get("error")
     assert json.loads((out / "gpu_tests.json").read_text())["counts"] == counts
@@ -91,35 +94,35 @@ def test_header_time_plan_is_the_parts_and_fits_the_budget() -> None:
     timeouts add up to at most the 8-minute budget."""
     rows = re.findall(r"^\| (\w+) +\|.*\| +(\d+) s \| +(\d+) s \|$", gpu_check.__doc__, re.M)
     table = {name: (float(est), float(limit)) for name, est, limit in rows}
-    device = gpu_check.parts(dry_run=False, scratch=Path("/tmp"))
+    device = gpu_parts.parts(dry_run=False, scratch=Path("/tmp"))
     assert table == {p.name: (p.estimate_s, p.timeout_s) for p in device}
     assert sum(p.timeout_s for p in device) <= 480
     assert sum(p.estimate_s for p in device) <= 0.6 * 480  # room for a rerun inside a 15-minute lease
-    assert [p.name for p in gpu_check.parts(dry_run=True, scratch=Path("/tmp"))] == [p.name for p in device]
+    assert [p.name for p in gpu_parts.parts(dry_run=True, scratch=Path("/tmp"))] == [p.name for p in device]
 
 
 # ----------------------------------------------------------------------------- the wheelhouse
 def test_manifest_pins_fit_the_project() -> None:
     """Every pin parses, once; a pin of a direct dependency is inside pyproject's range; the install asks
     for exactly those direct dependencies."""
-    pins = gpu_check.read_manifest()
+    pins = gpu_wheels.read_manifest()
     assert {"zarr", "numcodecs", "pydantic", "pydantic-core", "dask", "distributed", "pytest"} <= set(pins)
     assert not {"torch", "torchvision", "timm", "numpy", "faiss-cpu", "prefect"} & set(pins)  # the image has them, or unneeded
-    reqs = [Requirement(r) for r in gpu_check.requirements(pins)]
-    assert {gpu_check.normalize(r.name) for r in reqs} == {"zarr", "fsspec", "pydantic", "pyyaml", "safetensors",
+    reqs = [Requirement(r) for r in gpu_wheels.requirements(pins)]
+    assert {gpu_wheels.normalize(r.name) for r in reqs} == {"zarr", "fsspec", "pydantic", "pyyaml", "safetensors",
                                                            "filelock", "dask", "pytest", "psutil"}
     for r in reqs:
-        assert r.specifier.contains(pins[gpu_check.normalize(r.name)]), (r, pins[gpu_check.normalize(r.name)])
+        assert r.specifier.contains(pins[gpu_wheels.normalize(r.name)]), (r, pins[gpu_wheels.normalize(r.name)])
 
 
 def test_manifest_rejects_ranges_and_repeats(tmp_path: Path) -> None:
     bad = tmp_path / "m.txt"
     bad.write_text("# comment\nzarr==3.1.6\npydantic>=2\n")
     with pytest.raises(ValueError, match=r"m.txt:3: expected 'name==version'"):
-        gpu_check.read_manifest(bad)
+        gpu_wheels.read_manifest(bad)
     bad.write_text("zarr==3.1.6\nZarr==3.1.5  # again\n")
     with pytest.raises(ValueError, match="pinned twice"):
-        gpu_check.read_manifest(bad)
+        gpu_wheels.read_manifest(bad)
 
 
 def _wheel(folder: Path, name: str, version: str, requires: list[str], tag: str = "py3-none-any") -> Path:
@@ -142,13 +145,13 @@ def test_wheelhouse_check_finds_every_kind_of_problem(tmp_path: Path) -> None:
     _wheel(house, "alpha", "1.0", ["beta>=2", "numpy", 'old-backport; python_version < "3.12"', "gamma[x]; extra == 'y'"])
     _wheel(house, "beta", "2.1", [])
     pins = {"alpha": "1.0", "beta": "2.1"}
-    assert gpu_check.check_wheelhouse(pins, house) == []  # numpy: the image; the rest: markers off for 3.12
-    assert gpu_check.resolve_offline(pins, house).returncode == 0
+    assert gpu_wheels.check_wheelhouse(pins, house) == []  # numpy: the image; the rest: markers off for 3.12
+    assert gpu_wheels.resolve_offline(pins, house).returncode == 0
 
     _wheel(house, "beta", "2.0", [])  # a second version
     _wheel(house, "delta", "1.0", ["epsilon"])  # not pinned, and needs what nobody provides
     _wheel(house, "zeta", "1.0", [], tag="cp312-cp312-win_amd64")
-    problems = gpu_check.check_wheelhouse({**pins, "eta": "0.1", "zeta": "1.0"}, house)
+    problems = gpu_wheels.check_wheelhouse({**pins, "eta": "0.1", "zeta": "1.0"}, house)
     text = "\n".join(problems)
     assert "beta: 2 wheels" in text
     assert "delta-1.0-py3-none-any.whl: not in gpu_wheels.txt" in text
@@ -160,8 +163,8 @@ def test_wheelhouse_check_finds_every_kind_of_problem(tmp_path: Path) -> None:
     (house / "beta-2.0-py3-none-any.whl").unlink()
     _wheel(house, "beta", "1.5", [])
     (house / "beta-2.1-py3-none-any.whl").unlink()
-    assert "alpha needs beta>=2; the wheelhouse has beta 1.5" in "\n".join(gpu_check.check_wheelhouse(pins, house))
-    assert gpu_check.resolve_offline({"alpha": "1.0", "beta": "2.1"}, house).returncode != 0
+    assert "alpha needs beta>=2; the wheelhouse has beta 1.5" in "\n".join(gpu_wheels.check_wheelhouse(pins, house))
+    assert gpu_wheels.resolve_offline({"alpha": "1.0", "beta": "2.1"}, house).returncode != 0
 
 
 def test_install_takes_from_the_wheelhouse_what_the_interpreter_lacks(tmp_path: Path) -> None:
@@ -173,25 +176,25 @@ def test_install_takes_from_the_wheelhouse_what_the_interpreter_lacks(tmp_path: 
     _wheel(house, "alpha-gc", "1.0", ["beta-gc>=2", "packaging"])  # packaging: this interpreter has it
     _wheel(house, "beta-gc", "2.1", [])
     pins = {"alpha-gc": "1.0", "beta-gc": "2.1"}
-    for site, how in ((tmp_path / "site", gpu_check.install), (tmp_path / "site2", gpu_check._install_absent)):
+    for site, how in ((tmp_path / "site", gpu_wheels.install), (tmp_path / "site2", gpu_wheels._install_absent)):
         site.mkdir()  # replaced: the install starts from an empty folder
         (site / "stale.py").write_text("")
-        info = how(pins, house, site, sys.executable, ["alpha-gc>=1"]) if how is gpu_check.install else how(
+        info = how(pins, house, site, sys.executable, ["alpha-gc>=1"]) if how is gpu_wheels.install else how(
             pins, house, site, sys.executable)
         assert info["wheelhouse_problems"] == []
         assert len(info["installed"]) == 2
         assert (site / "alpha_gc.py").is_file() and (site / "beta_gc.py").is_file()
     assert not (tmp_path / "site" / "stale.py").exists()
-    assert sorted(gpu_check.install(pins, house, tmp_path / "site", sys.executable, ["alpha-gc>=1"])["installed"]) == [
+    assert sorted(gpu_wheels.install(pins, house, tmp_path / "site", sys.executable, ["alpha-gc>=1"])["installed"]) == [
         "alpha-gc==1.0", "beta-gc==2.1"]
 
 
-@pytest.mark.skipif(not any(gpu_check.WHEELHOUSE.glob("*.whl")), reason="no .gpu-wheels/ here (make gpu-wheels builds it)")
+@pytest.mark.skipif(not any(gpu_wheels.WHEELHOUSE.glob("*.whl")), reason="no .gpu-wheels/ here (make gpu-wheels builds it)")
 def test_built_wheelhouse_is_complete_small_and_resolves_offline() -> None:
-    pins = gpu_check.read_manifest()
-    assert gpu_check.check_wheelhouse(pins, gpu_check.WHEELHOUSE) == []
-    assert sum(p.stat().st_size for p in gpu_check.WHEELHOUSE.glob("*.whl")) <= gpu_check.MAX_WHEELHOUSE_MB * 2**20
-    done = gpu_check.resolve_offline(pins, gpu_check.WHEELHOUSE)
+    pins = gpu_wheels.read_manifest()
+    assert gpu_wheels.check_wheelhouse(pins, gpu_wheels.WHEELHOUSE) == []
+    assert sum(p.stat().st_size for p in gpu_wheels.WHEELHOUSE.glob("*.whl")) <= gpu_wheels.MAX_WHEELHOUSE_MB * 2**20
+    done = gpu_wheels.resolve_offline(pins, gpu_wheels.WHEELHOUSE)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -208,7 +211,7 @@ def test_a_timeout_kills_the_parts_whole_process_group(tmp_path: Path) -> None:
     """)
     with open(tmp_path / "log", "w") as log:
         t0 = time.perf_counter()
-        run = gpu_check.run_command(["-c", code], dict(os.environ), 3, log)
+        run = gpu_parts.run_command(["-c", code], dict(os.environ), 3, log)
     assert run["timed_out"] and run["returncode"] != 0 and time.perf_counter() - t0 < 30
     assert run["result"] == {"partial": True}
     child = int(pid_file.read_text())
