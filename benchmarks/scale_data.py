@@ -9,7 +9,7 @@ belongs to group g(i) (uniform) and is, in float16,
 so k-means with k = `groups` has a known answer (the groups: ARI against them measures recovery) and the
 superordinate directions are present but weak (`a = teacher_super`). The human-like rule weighs them more:
 a person's latent for group g is h_g = b · S[super(g)] + G[g] with b = `human_super` > a, so human
-odd-one-out choices follow superordinate categories first (as THINGS choices do, METHOD.md) and the
+odd-one-out choices follow superordinate categories first (as THINGS choices do, docs/method.md) and the
 transform has something to find.
 
 Rows are made in fixed blocks of `BLOCK_ROWS`; block b draws from a generator seeded by (seed, b) alone,

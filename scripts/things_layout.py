@@ -2,7 +2,7 @@
 
     python scripts/things_layout.py OUT [--concepts 40] [--images-per-concept 3] [--triplets 8000]
 
-Output, laid out as the THINGS files are (README, "Your own images and THINGS triplets"):
+Output, laid out as the THINGS files are (docs/your-data.md):
     OUT/object_images/<concept>/<concept>_NNb.jpg   several JPEGs per concept (concept = emoji subcategory)
     OUT/unique_id.txt                               the concepts in "THINGS order" (shuffled, not sorted),
                                                     with one concept, 'aardvark', that has no images

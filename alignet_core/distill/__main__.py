@@ -1,6 +1,6 @@
 """`python -m alignet_core.distill`: one rank of data-parallel distillation, as torchrun starts it.
 
-On a cluster, the same command on every node (README, "Scaling out"):
+On a cluster, the same command on every node (docs/scaling.md):
 
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint head:29500 \\
         -m alignet_core.distill -c my.yaml --set distill.nodes=4

@@ -113,7 +113,7 @@ class DistillConfig(ConfigModel):
     )
     nodes: int = Field(
         1, gt=0, description="machines training together, each running `devices`; above 1 the ranks are started "
-        "by torchrun on every node (README, 'Scaling out'), not by the stage",
+        "by torchrun on every node (docs/scaling.md), not by the stage",
     )
 
     harmonize: HarmonizeConfig | None = Field(

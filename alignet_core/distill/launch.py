@@ -145,7 +145,7 @@ def nodes_need_torchrun(layout: RankLayout) -> ConfigError:
     return ConfigError(
         f"distill.nodes: {layout.nodes} machines train together only when torchrun starts the ranks on every "
         f"node: torchrun --nnodes {layout.nodes} --nproc-per-node {len(layout.devices)} --rdzv-backend c10d "
-        "--rdzv-endpoint <host>:29500 -m alignet_core.distill -c <config> (README, 'Scaling out'); "
+        "--rdzv-endpoint <host>:29500 -m alignet_core.distill -c <config> (docs/scaling.md); "
         "the stage then evaluates the finished run"
     )
 

@@ -1,4 +1,4 @@
-"""The AligNet objective: the triplet loss and the decay-to-init optimizer (METHOD.md, stage 4).
+"""The AligNet objective: the triplet loss and the decay-to-init optimizer (docs/method.md, stage 4).
 
 Following the public reference code (google-deepmind/alignet: `losses.py`, `configs/siglip.py`):
 

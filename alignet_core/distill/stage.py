@@ -10,7 +10,7 @@ the teacher on every `valid_*.npz`, and odd-one-out accuracy on the held-out hum
 demo's proxy, named so), before and after.
 
 Training runs in this process, or, with several `distill.devices`, on one rank per device started
-by torchrun (`launch.train_on_ranks`; `distill.nodes` > 1: by torchrun on every node, README). The
+by torchrun (`launch.train_on_ranks`; `distill.nodes` > 1: by torchrun on every node, docs/scaling.md). The
 evaluations run once, here, on the first training device.
 """
 
@@ -171,7 +171,7 @@ def run_distill(
 
     The training devices are checked first (`parallel.rank_layout`): a bad `distill.devices` is a
     `ConfigError` before anything is read or written. With `distill.nodes` > 1 the training must have
-    been run by torchrun on every node (README); the stage then only evaluates it."""
+    been run by torchrun on every node (docs/scaling.md); the stage then only evaluates it."""
     from alignet_core.distill.launch import nodes_need_torchrun
     from alignet_core.distill.parallel import rank_layout
     from alignet_core.models.student import read_train_log

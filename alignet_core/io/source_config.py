@@ -17,7 +17,7 @@ class SourceConfig(ConfigModel):
         description="demo: the shipped emoji set; folder: class/*.ext tree; filelist: CSV/txt of paths; "
         "tar: webdataset-style tar shards (<key>.<img ext> members, optional <key>.cls/.txt label); "
         "embeddings: an existing (n, p) embedding array imported into the embed stage's store instead of "
-        "extracting (README: 'Starting from embeddings you already have')",
+        "extracting (docs/your-data.md, 'Starting from embeddings you already have')",
     )
     path: str | None = Field(
         None, description="folder root, file-list path, or tar shard URL/glob (fsspec URL); unused for demo; "

@@ -3,7 +3,7 @@
 The teacher is the human-aligned (transformed) embedding space; its response to a triplet is the
 three dot products [s01, s02, s12]. Dot products, not cosines: the transform was fitted so that
 softmax of these dot products (temperature 1) matches human choice probabilities, and the
-student's loss uses them as stored (METHOD.md, stage 4).
+student's loss uses them as stored (docs/method.md, stage 4).
 
 The odd one out is the image outside the most similar pair; rows are reordered so that pair is
 (0, 1) and image 2 is the odd one out, with s01 *strictly* largest: the official triplet-accuracy

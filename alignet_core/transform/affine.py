@@ -1,4 +1,4 @@
-"""The human-aligned affine teacher transform: f(x) = ((x − μ) / σ) W + b (METHOD.md, stage 1).
+"""The human-aligned affine teacher transform: f(x) = ((x − μ) / σ) W + b (docs/method.md, stage 1).
 
 μ, σ are one global scalar mean and std of the object embeddings; W (p × p) and b are fitted by
 `alignet_core.transform.fit.fit_transform`. This module holds the transform itself: applying it

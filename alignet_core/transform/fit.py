@@ -1,7 +1,7 @@
 """Fitting the human-aligned affine transform (gLocal / uncertainty distillation).
 
 f(x) = ((x − μ) / σ) W + b, with one global scalar mean μ and std σ of the object embeddings,
-W ∈ R^{p×p} initialised at 1e-3·I and b at 0 (METHOD.md, stage 1). It is fitted on human
+W ∈ R^{p×p} initialised at 1e-3·I and b at 0 (docs/method.md, stage 1). It is fitted on human
 odd-one-out triplets (i, j, k), k the odd one, with
 
     loss = (1 − α) · global + α · local + λ · ‖W − mean(diag W) · I‖²_F
