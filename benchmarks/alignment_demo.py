@@ -10,9 +10,14 @@ import numpy as np
 import torch
 
 from alignet_core.config import PipelineConfig, parse_config, with_overrides
-from alignet_core.transform.config import TransformConfig
-from alignet_core.human.config import ViceConfig
+from alignet_core.context import RunContext
 from alignet_core.embed.stage import run_embed
+from alignet_core.human import triplets as human
+from alignet_core.human.config import ViceConfig
+from alignet_core.human.data import load_human_data
+from alignet_core.human.triplets import split_triplets
+from alignet_core.human.vice import ViceModel, fit_vice
+from alignet_core.io import embedding_store, sources
 from alignet_core.stats import bootstrap
 from alignet_core.stats.metrics import (
     choice_nll,
@@ -23,13 +28,9 @@ from alignet_core.stats.metrics import (
     odd_one_out_correct,
     triplet_accuracy,
 )
-from alignet_core.io import embedding_store, sources
 from alignet_core.synthetic import ceiling_accuracy
-from alignet_core.human import triplets as human
+from alignet_core.transform.config import TransformConfig
 from alignet_core.transform.fit import FitResult, fit_transform
-from alignet_core.human.triplets import split_triplets
-from alignet_core.human.data import load_human_data
-from alignet_core.human.vice import ViceModel, fit_vice
 
 CPU = torch.device("cpu")
 DEMO_ROOT = "/tmp/alignet-bench-root"
@@ -48,7 +49,7 @@ def demo_teacher(cfg: PipelineConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     this call took, i.e. ~0 when the store was already cached).
     """
     t0 = time.perf_counter()
-    out = run_embed(cfg)
+    out = run_embed(RunContext.of(cfg))
     g = embedding_store.open_embeddings(out.artifact)
     emb = np.asarray(g["embeddings"][:], dtype=np.float32)
     valid = np.asarray(g["valid"][:], dtype=bool)
@@ -242,13 +243,13 @@ def run_mixes(root: str = DEMO_ROOT, seed: int | None = None) -> dict:
     t_all = time.perf_counter()
     base = with_overrides(parse_config({}), {"root": root, "distill.enabled": False}
                           | ({} if seed is None else {"seed": seed}))
-    emb = run_embed(base)
+    emb = run_embed(RunContext.of(base))
     out: dict[str, Any] = {"benchmark": "alignment_mixes", "human_data": "taxonomy proxy (not human)", "mixes": {}}
     for name, mix in MIXES.items():
         cfg = with_overrides(base, {"human.proxy_mix": mix})
         t0 = time.perf_counter()
-        tfm = run_transform(cfg, emb)
-        ev = run_evaluate(cfg, emb, tfm, None).metrics
+        tfm = run_transform(RunContext.of(cfg), emb)
+        ev = run_evaluate(RunContext.of(cfg), emb, tfm, None).metrics
         h = tfm.metrics.heldout
         out["mixes"][name] = {
             "mix": mix,

@@ -58,12 +58,13 @@ import torch
 
 from alignet_core.cluster.kmeans import assign_clusters, load_kmeans
 from alignet_core.cluster.stage import run_cluster
-from alignet_core.distill.config import DistillConfig
-from alignet_core.human.config import HumanConfig
 from alignet_core.config import PipelineConfig, parse_config
+from alignet_core.context import RunContext
+from alignet_core.distill.config import DistillConfig
 from alignet_core.distill.train import train_student
 from alignet_core.embed.stage import run_embed
 from alignet_core.hardware import kmeans_backend
+from alignet_core.human.config import HumanConfig
 from alignet_core.human.triplets import apportion, make_proxy_triplets, object_folds
 from alignet_core.io import formats, sources, store
 from alignet_core.sample.stage import plan_sample, publish_sample, run_sample_shard
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
 
     stamps: list[tuple[float, int]] = []
     t0 = time.perf_counter()
-    emb = run_embed(cfg, progress=lambda done, total: stamps.append((time.perf_counter(), done)))
+    emb = run_embed(RunContext.of(cfg), progress=lambda done, total: stamps.append((time.perf_counter(), done)))
     seconds = time.perf_counter() - t0
     (t_a, rows_a), (t_b, rows_b) = stamps[0], stamps[-1]
     stages["embed"] = {"seconds": round(seconds, 2), "images": emb.metrics.n_images, "valid": emb.metrics.n_valid,
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
                        "steady_images_per_s": round((rows_b - rows_a) / (t_b - t_a), 1) if len(stamps) > 1 else None}
 
     t0 = time.perf_counter()
-    tfm = run_transform(cfg, emb)
+    tfm = run_transform(RunContext.of(cfg), emb)
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()  # the apply alone once more (∝ images), to split the stage's time from the fit's
     apply_transform_to_store(emb.artifact, str(root / "apply-again.zarr"), AffineTransform.load(
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
                            "epochs_run": len(tfm.metrics.history)}
 
     t0 = time.perf_counter()
-    clu = run_cluster(cfg, tfm)
+    clu = run_cluster(RunContext.of(cfg), tfm)
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()  # the assignment alone once more (∝ images), to split the stage's time from the fit's
     assign_clusters(tfm.artifact, load_kmeans(clu.dir).centroids, cfg.cluster.chunk_rows, cfg.cluster.spherical,
@@ -187,10 +188,10 @@ def run(args: argparse.Namespace) -> dict:
                          "sizes_min_max": [min(clu.metrics.sizes), max(clu.metrics.sizes)]}
 
     t0 = time.perf_counter()
-    sp = plan_sample(cfg, tfm, clu)
+    sp = plan_sample(RunContext.of(cfg), tfm, clu)
     shards_s = run_shards(sp, args.workers)
     t1 = time.perf_counter()
-    ds = publish_sample(cfg, sp)
+    ds = publish_sample(RunContext.of(cfg), sp)
     publish_s = time.perf_counter() - t1
     stages["sample"] = {"seconds": round(t1 - t0, 2), "shards_seconds": round(shards_s, 2), "shards": len(sp.specs),
                         "triplets_requested": args.triplets, "workers": args.workers}

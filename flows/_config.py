@@ -9,12 +9,17 @@ or give a wrong type before the run is created; inside the flow the whole config
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from alignet_core.config import PipelineConfig, load_config, parse_config, with_overrides
+from alignet_core.context import RunContext
 from alignet_core.pipeline.preflight import preflight
 
 
@@ -55,12 +60,33 @@ def parsed_config(config_path: str | None, overrides: BaseModel | dict[str, Any]
     return cfg
 
 
-def resolve_config(config_path: str | None, overrides: BaseModel | dict[str, Any] | None) -> PipelineConfig:
-    """`parsed_config`, then preflighted (inputs, devices, human data) before any work starts."""
+_PREPARED: ContextVar[tuple[str, RunContext] | None] = ContextVar("alignet_prepared_context", default=None)
+
+
+def _parameters_key(config_path: str | None, overrides: BaseModel | dict[str, Any] | None) -> str:
+    return json.dumps([config_path, as_dict(overrides)], sort_keys=True, default=str)
+
+
+@contextmanager
+def prepared(ctx: RunContext, config_path: str | None, overrides: BaseModel | dict[str, Any] | None) -> Iterator[None]:
+    """Within the block, a flow called with exactly these parameters takes `ctx` (which the caller built
+    and preflighted: the CLI, before it starts the flow) instead of parsing, listing and reading again."""
+    token = _PREPARED.set((_parameters_key(config_path, overrides), ctx))
+    try:
+        yield
+    finally:
+        _PREPARED.reset(token)
+
+
+def resolve_context(config_path: str | None, overrides: BaseModel | dict[str, Any] | None) -> RunContext:
+    """The run's context: `parsed_config`, then preflighted (inputs, devices, human data) before any work
+    starts, which lists the source and reads the human data once for every stage; the one `prepared` for
+    these parameters when there is one."""
     _pipeline_lines_at_info()
-    cfg = parsed_config(config_path, overrides)
-    preflight(cfg)
-    return cfg
+    held = _PREPARED.get()
+    if held is not None and held[0] == _parameters_key(config_path, overrides):
+        return held[1]
+    return preflight(parsed_config(config_path, overrides))
 
 
 def _pipeline_lines_at_info() -> None:

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from alignet_core.errors import AlignetError
-    from flows._config import parsed_config, resolve_config
+    from flows._config import parsed_config, resolve_context
 
     if args.command in ("datasets", "watch"):
         try:
@@ -227,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides["root"] = str(Path(args.root).resolve()) if "://" not in args.root else args.root
     if args.command == "validate":
         try:
-            cfg = resolve_config(args.config, overrides)
+            ctx = resolve_context(args.config, overrides)
         except AlignetError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        for line in _human_summary(cfg):
+        for line in _human_summary(ctx):
             print(line)
         print(f"config ok: {args.config or '(demo defaults)'}")
         return 0
@@ -249,20 +249,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_and_print(args: argparse.Namespace, overrides: dict[str, Any], cfg: Any, server: Any) -> int:
-    """Preflight `cfg` (its inputs, before the flow starts), run the command's flow (on `server`, a
-    `TemporaryServer`, when given), print what it made."""
+    """Preflight `cfg` (its inputs, before the flow starts: the run context, which the flow then takes as it
+    is), run the command's flow (on `server`, a `TemporaryServer`, when given), print what it made."""
     from alignet_core.errors import AlignetError
     from alignet_core.pipeline.preflight import preflight
+    from flows._config import prepared
 
     try:
-        preflight(cfg)
+        ctx = preflight(cfg)
         run = _flow(args.command)
-        if server is None:
-            result = run(config_path=args.config, overrides=overrides or None)
-        else:
-            server.wait_ready()
-            with server.in_use():
-                result = run(config_path=args.config, overrides=overrides or None)
+        params = {"config_path": args.config, "overrides": overrides or None}
+        with prepared(ctx, **params):
+            if server is None:
+                result = run(**params)
+            else:
+                server.wait_ready()
+                with server.in_use():
+                    result = run(**params)
     except AlignetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -283,21 +286,18 @@ def _run_and_print(args: argparse.Namespace, overrides: dict[str, Any], cfg: Any
     return 0
 
 
-def _human_summary(cfg: Any) -> list[str]:
-    """What `validate` shows of the human data: the object ↔ image mapping of a triplet file (objects
-    with images, triplets kept, unknown ids), or that the taxonomy proxy stands in for human data."""
-    from alignet_core.human.data import PROXY_NAME, load_human_data, proxy_taxonomy
-    from alignet_core.io.sources import source_from_config
+def _human_summary(ctx: Any) -> list[str]:
+    """What `validate` shows of the human data (the run context's): the object ↔ image mapping of a triplet
+    file (objects with images, triplets kept, unknown ids), or that the taxonomy proxy stands in for it."""
+    from alignet_core.human.data import PROXY_NAME, proxy_taxonomy
 
-    src = source_from_config(cfg.source)
-    if cfg.human.triplets is None:
-        labels = proxy_taxonomy(cfg, src)
+    if ctx.cfg.human.triplets is None:
+        labels = proxy_taxonomy(ctx.cfg, ctx.source)
         if labels is None:
             return ["human data: none (the source has unlabelled images)"]
         return [f"human data: the {PROXY_NAME}, drawn from the source's labels: {len(set(labels[0]))} coarse "
                 f"categories, {len(set(labels[1]))} classes"]
-    data = load_human_data(cfg, src)
-    return data.mapping.lines() if data.mapping is not None else []
+    return ctx.human.mapping.lines() if ctx.human is not None and ctx.human.mapping is not None else []
 
 
 def _flow(command: str) -> Any:

@@ -9,6 +9,7 @@ from prefect.settings import get_current_settings
 
 from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
+from alignet_core.context import RunContext
 from alignet_core.sample.stage import SampleOutput, publish_complete, sample_published
 from alignet_core.transform.stage import TransformOutput
 from tasks.sample import (
@@ -59,22 +60,23 @@ def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
 
 
 @flow(name="sample-triplets")
-def sample_triplets(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput) -> SampleOutput:
+def sample_triplets(ctx: RunContext, tfm: TransformOutput, clu: ClusterOutput) -> SampleOutput:
     """Plan shards, sample them in parallel, publish train/valid `.npz` files atomically as a
     dataset version and make it `latest`."""
-    sp = plan_sampling(cfg, tfm, clu)
+    sp = plan_sampling(ctx, tfm, clu)
     shards = [] if publish_complete(sp) else submit_shards(sp)  # a published version needs no shard
     if shards:
         follow_shards(sp, shards)
-    return promote(cfg, publish(cfg, sp, wait_for=shards), sp)
+    return promote(ctx.cfg, publish(ctx, sp, wait_for=shards), sp)
 
 
-def sample_on_dask(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput) -> SampleOutput:
+def sample_on_dask(ctx: RunContext, tfm: TransformOutput, clu: ClusterOutput) -> SampleOutput:
     """Run `sample_triplets` on the configured Dask cluster. An existing cluster gets the
     `SamplingWorkerSetup` plugin first (the scheduler keeps it for workers that join later). When the
     version is already published (a cached rerun) no cluster is started or contacted: nothing runs on it."""
+    cfg = ctx.cfg
     if sample_published(cfg, tfm, clu):
-        ds = sample_triplets(cfg, tfm, clu)
+        ds = sample_triplets(ctx, tfm, clu)
     else:
         if cfg.sample.dask_address:
             from distributed import Client
@@ -83,6 +85,6 @@ def sample_on_dask(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput
 
             with Client(cfg.sample.dask_address, timeout=30) as client:
                 client.register_plugin(SamplingWorkerSetup())
-        ds = sample_triplets.with_options(task_runner=dask_runner(cfg))(cfg, tfm, clu)
+        ds = sample_triplets.with_options(task_runner=dask_runner(cfg))(ctx, tfm, clu)
     dataset_artifacts(cfg, ds)
     return ds

@@ -16,7 +16,8 @@ from prefect import Flow, flow
 from alignet_core.pipeline import registry
 from alignet_core.runtime.declaration import Stage
 from alignet_core.runtime.runner import StageOutput
-from flows._config import Overrides, resolve_config
+from alignet_core.context import RunContext
+from flows._config import Overrides, resolve_context
 from flows.sample import sample_on_dask
 from tasks.cluster import cluster
 from tasks.distill import distill
@@ -24,18 +25,18 @@ from tasks.embed import embedded
 from tasks.evaluate import evaluate
 from tasks.transform import fit_transform
 
-#: each stage's Prefect step, `step(cfg, *inputs)` with the inputs in its declaration's order (by name:
+#: each stage's Prefect step, `step(ctx, *inputs)` with the inputs in its declaration's order (by name:
 #: the order of the stages is the registry's alone)
 STEPS: dict[str, Callable[..., Any]] = {"cluster": cluster, "distill": distill, "embed": embedded, "evaluate": evaluate,
                                         "sample": sample_on_dask, "transform": fit_transform}
 
 
-def compute(cfg: Any, target: str | None = None) -> dict[str, StageOutput | None]:
-    """The outputs of the stages `registry.to_compute(cfg, target)` names, each computed (or reused) by its
-    step from the outputs of its inputs (None for an input the config does not need)."""
+def compute(ctx: RunContext, target: str | None = None) -> dict[str, StageOutput | None]:
+    """The outputs of the stages `registry.to_compute(ctx.cfg, target)` names, each computed (or reused) by
+    its step from the run context and the outputs of its inputs (None for an input the config does not need)."""
     outs: dict[str, StageOutput | None] = {}
-    for s in registry.to_compute(cfg, target):
-        outs[s.name] = STEPS[s.name](cfg, *(outs.get(i) for i in s.inputs))
+    for s in registry.to_compute(ctx.cfg, target):
+        outs[s.name] = STEPS[s.name](ctx, *(outs.get(i) for i in s.inputs))
     return outs
 
 
@@ -43,7 +44,7 @@ def _stage_flow(s: Stage) -> Flow[..., StageOutput]:
     """The flow of stage `s` alone: its inputs come from the cache or are computed first."""
 
     def stage_flow(config_path: str | None = None, overrides: Overrides | None = None) -> StageOutput:
-        out = compute(resolve_config(config_path, overrides), s.name)[s.name]
+        out = compute(resolve_context(config_path, overrides), s.name)[s.name]
         assert out is not None  # a target is always computed
         return out
 

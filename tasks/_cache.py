@@ -144,13 +144,17 @@ class StageCache(CachePolicy):
 
 
 def stage_output(plan: Callable[..., StagePlan], output_type: type[StageOutput]) -> Callable[..., Located]:
-    """`locate` for a stage planned by `plan` whose task returns `output_type`: complete when its
-    directory has a manifest; `expected` is the manifest-checked reuse of that output."""
+    """`locate` for a stage task whose first parameter is the run context (`ctx`) and whose others are
+    `plan`'s after the config: `plan(ctx.cfg, ...)` keys it. Complete when its directory has a manifest;
+    `expected` is the manifest-checked reuse of that output."""
 
-    def locate(*args: Any, **kwargs: Any) -> Located:
-        p = plan(*args, **kwargs)
+    def locate(ctx: Any, *args: Any, **kwargs: Any) -> Located:
+        p = plan(ctx.cfg, *args, **kwargs)
         return Located(key=p.key, dir=p.dir, complete=store.is_complete(p.dir),
                        expected=lambda: reuse(p, output_type))
 
-    locate.__signature__ = inspect.signature(plan)  # type: ignore[attr-defined]
+    sig = inspect.signature(plan)
+    params = list(sig.parameters.values())
+    params[0] = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    locate.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     return locate

@@ -6,7 +6,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from alignet_core.cluster.stage import ClusterOutput, plan_cluster, run_cluster
-from alignet_core.config import PipelineConfig
+from alignet_core.context import RunContext
 from alignet_core.cluster.render import cluster_markdown
 from alignet_core.transform.stage import TransformOutput
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
@@ -15,9 +15,9 @@ from tasks._progress import progress_artifact
 
 @task(name="cluster", cache_policy=StageCache(locate=stage_output(plan_cluster, ClusterOutput)),
       persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
-def cluster(cfg: PipelineConfig, tfm: TransformOutput) -> ClusterOutput:
+def cluster(ctx: RunContext, tfm: TransformOutput) -> ClusterOutput:
     with progress_artifact("cluster-progress", "k-means fit", "k-means assign"):
-        out = run_cluster(cfg, tfm)
+        out = run_cluster(ctx, tfm)
     create_markdown_artifact(key="cluster-sizes", markdown=cluster_markdown(out),
                              description=f"k-means, k={out.metrics.k}: cluster-size distribution and agreement "
                              "with labels")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from alignet_core.config import PipelineConfig
+from alignet_core.context import RunContext
 from alignet_core.distill.stage import DistillOutput, distill_files, plan_distill, run_distill
 from alignet_core.io import store
 from alignet_core.runtime.progress import ProgressLog
@@ -16,21 +16,21 @@ from tasks._cache import RESULT_SERIALIZER, Located, StageCache
 from tasks._progress import progress_artifact
 
 
-def _locate(cfg: PipelineConfig, ds: SampleOutput | None) -> Located:
+def _locate(ctx: RunContext, ds: SampleOutput | None) -> Located:
     """Stage 4's output: trained on `ds`, or on `distill.dataset` when set."""
-    plan = plan_distill(cfg, distill_files(cfg, ds))
+    plan = plan_distill(ctx.cfg, distill_files(ctx.cfg, ds))
     return Located(key=plan.key, dir=plan.dir, complete=store.is_complete(plan.dir),
                    expected=lambda: reuse(plan, DistillOutput))
 
 
 @task(name="distill", cache_policy=StageCache(locate=_locate),
       persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
-def distill(cfg: PipelineConfig, ds: SampleOutput | None) -> DistillOutput:
+def distill(ctx: RunContext, ds: SampleOutput | None) -> DistillOutput:
     """Train the student with a progress artifact; publish its accuracy and loss curve. With several
     `distill.devices` the library starts torchrun's ranks as a child process and reports their steps here."""
-    steps = ProgressLog("distill", "steps", cfg.distill.steps)
+    steps = ProgressLog("distill", "steps", ctx.cfg.distill.steps)
     with progress_artifact("distill-progress", "distill"):
-        out = run_distill(cfg, ds, lambda step, loss: steps.update(step))
+        out = run_distill(ctx, ds, lambda step, loss: steps.update(step))
     create_markdown_artifact(key="student-accuracy", markdown=student_markdown(out),
                              description="Student accuracy before and after distillation, and its loss curve")
     return out

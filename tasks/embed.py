@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from alignet_core.config import PipelineConfig
+from alignet_core.context import RunContext
 from alignet_core.embed.stage import EmbedOutput, check_skipped, plan_embed, run_embed
 from alignet_core.runtime.progress import ProgressLog
 from alignet_core.embed.render import embed_rows
@@ -15,11 +15,11 @@ from tasks._progress import progress_artifact
 
 @task(name="embed", cache_policy=StageCache(locate=stage_output(plan_embed, EmbedOutput)),
       persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
-def embed(cfg: PipelineConfig) -> EmbedOutput:
+def embed(ctx: RunContext) -> EmbedOutput:
     """Extract embeddings, reporting progress (count, rate, time left) as a Prefect progress artifact."""
     lines = ProgressLog("embed", "images", 0)
     with progress_artifact("embed-progress", "embed"):
-        out = run_embed(cfg, progress=lambda done, total: lines.update(done, total=total))
+        out = run_embed(ctx, progress=lambda done, total: lines.update(done, total=total))
     create_table_artifact(key="embed-summary", table=embed_rows(out), description="Teacher embeddings")
     if out.metrics.skipped:
         create_table_artifact(
@@ -29,10 +29,10 @@ def embed(cfg: PipelineConfig) -> EmbedOutput:
     return out
 
 
-def embedded(cfg: PipelineConfig) -> EmbedOutput:
+def embedded(ctx: RunContext) -> EmbedOutput:
     """The embed task's output, refused (`InputError`, the run fails) when more than
     `embed.max_skipped_fraction` of the images were skipped: checked here, in the flow, because a cache
     hit returns the task's output without running its body."""
-    out = embed(cfg)
-    check_skipped(out.metrics, cfg.embed.max_skipped_fraction)
+    out = embed(ctx)
+    check_skipped(out.metrics, ctx.cfg.embed.max_skipped_fraction)
     return out

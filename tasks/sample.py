@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
+from alignet_core.context import RunContext
 from alignet_core.runtime.progress import ProgressLog
 from alignet_core.sample.render import dataset_location, dataset_rows
 from alignet_core.sample.stage import (
@@ -30,9 +31,9 @@ from tasks._progress import progress_artifact
 
 
 @task(name="plan-sampling", cache_policy=NO_CACHE)
-def plan_sampling(cfg: PipelineConfig, tfm: TransformOutput, clu: ClusterOutput) -> SamplingPlan:
+def plan_sampling(ctx: RunContext, tfm: TransformOutput, clu: ClusterOutput) -> SamplingPlan:
     """Plan the shards and pin the version this run will promote (no other run's retention deletes it)."""
-    return reserve_version(cfg, plan_sample(cfg, tfm, clu))
+    return reserve_version(ctx.cfg, plan_sample(ctx, tfm, clu))
 
 
 def _shard(sp: SamplingPlan, index: int) -> Located:
@@ -56,8 +57,8 @@ def _published(sp: SamplingPlan) -> Located:
 
 @task(name="publish-dataset", cache_policy=StageCache(locate=_published),
       persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1)
-def publish(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
-    return publish_sample(cfg, sp)
+def publish(ctx: RunContext, sp: SamplingPlan) -> SampleOutput:
+    return publish_sample(ctx, sp)
 
 
 @task(name="promote-dataset", cache_policy=NO_CACHE)

@@ -15,8 +15,9 @@ import time
 
 from alignet_core.cluster.kmeans import run_kmeans, save_kmeans
 from alignet_core.config import PipelineConfig
+from alignet_core.context import RunContext
 from alignet_core.hardware import kmeans_backend
-from alignet_core.io import sources, store
+from alignet_core.io import store
 from alignet_core.runtime.runner import (
     StageMetrics,
     StageOutput,
@@ -53,18 +54,19 @@ def plan_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StagePlan:
     return plan_stage(cfg.root, "cluster", conf, [tfm.key], __name__)
 
 
-def run_cluster(cfg: PipelineConfig, tfm: StageOutput) -> ClusterOutput:
+def run_cluster(ctx: RunContext, tfm: StageOutput) -> ClusterOutput:
     """k-means of the transformed store; agreement with the source's labels."""
-    plan = plan_cluster(cfg, tfm)
-    return once(plan, ClusterOutput, lambda: _cluster(cfg, tfm, plan), cfg.lock_timeout)
+    plan = plan_cluster(ctx.cfg, tfm)
+    return once(plan, ClusterOutput, lambda: _cluster(ctx, tfm, plan), ctx.cfg.lock_timeout)
 
 
-def _cluster(cfg: PipelineConfig, tfm: StageOutput, plan: StagePlan) -> ClusterOutput:
+def _cluster(ctx: RunContext, tfm: StageOutput, plan: StagePlan) -> ClusterOutput:
     """The stage's work, under its lock."""
+    cfg = ctx.cfg
     t0 = time.perf_counter()
     res = run_kmeans(tfm.artifact, cfg.cluster, cfg.seed)
     summary = save_kmeans(res, plan.dir)
-    labels = sources.source_from_config(cfg.source).labels()
+    labels = ctx.source.labels()
     ok = (res.assignments >= 0) & (labels != "")
     if not ok.any():
         log.warning("cluster: the source's images have no labels (a flat folder?): no agreement of the clusters "

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from alignet_core.config import PipelineConfig, load_config, with_overrides
+from alignet_core.context import RunContext
 from alignet_core.errors import AlignetError
 
 log = logging.getLogger("alignet_core.distill")
@@ -80,7 +81,7 @@ def _from_config(cfg: PipelineConfig, rank: int) -> None:
         os.makedirs(plan.dir, exist_ok=True)
         with lock.stage_lock(plan.dir, cfg.lock_timeout):
             train_this_rank(cfg, files.train, plan.dir, progress)
-        out = run_distill(cfg, None)
+        out = run_distill(RunContext.of(cfg), None)
         log.info("distill: finished %s: %s", out.dir, json.dumps(out.metrics.model_dump(exclude={"loss_curve"})))
     else:
         train_this_rank(cfg, files.train, plan.dir, progress)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import fsspec
 
 from alignet_core.config import PipelineConfig
+from alignet_core.context import RunContext
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.hardware import compute_identity
 from alignet_core.human.data import PROXY_NAME, human_test_split
@@ -162,7 +163,7 @@ def distill_runs(cfg: PipelineConfig) -> bool:
 
 
 def run_distill(
-    cfg: PipelineConfig,
+    ctx: RunContext,
     ds: StageOutput | None,
     progress: Callable[[int, float], None] | None = None,
 ) -> DistillOutput:
@@ -176,6 +177,7 @@ def run_distill(
     from alignet_core.distill.parallel import rank_layout
     from alignet_core.models.student import read_train_log
 
+    cfg = ctx.cfg
     if (reason := no_pixels_reason(cfg)) is not None:
         raise InputError(f"source.images: {reason}")
     layout = rank_layout(cfg)
@@ -184,11 +186,11 @@ def run_distill(
     if layout.nodes > 1 and not store.is_complete(plan.dir) and read_train_log(plan.dir) is None:
         raise nodes_need_torchrun(layout)
     # training resumes from its own checkpoints: no temporaries to clear
-    return once(plan, DistillOutput, lambda: _distill(cfg, files, plan, progress), cfg.lock_timeout, clean=False)
+    return once(plan, DistillOutput, lambda: _distill(ctx, files, plan, progress), cfg.lock_timeout, clean=False)
 
 
 def _distill(
-    cfg: PipelineConfig, files: DistillFiles, plan: StagePlan, progress: Callable[[int, float], None] | None
+    ctx: RunContext, files: DistillFiles, plan: StagePlan, progress: Callable[[int, float], None] | None
 ) -> DistillOutput:
     """The stage's work, under its lock (training resumes from its own checkpoints)."""
     from alignet_core.distill.evaluation import student_outcomes
@@ -199,14 +201,14 @@ def _distill(
     from alignet_core.models.student import build_student, load_student
 
     t0 = time.perf_counter()
+    cfg, src = ctx.cfg, ctx.source
     layout = rank_layout(cfg)
     device = layout.devices[0]
-    src = sources.source_from_config(cfg.source)
     d = cfg.distill
     join = join_mode(d.dataset, d.join)
     train = read_split(files.train, src, join)
     valids = {name: read_split(url, src, join) for name, url in files.valid.items()}
-    test = human_test_split(cfg, src)
+    test = human_test_split(ctx.human)
     student = build_student(d, cfg.seed)  # "before": the pretrained backbone's own features
     before = student_outcomes(student, valids, test, src, device, False, d.n_eval, d.num_workers, ("cosine", "dot"))
     del student

@@ -27,7 +27,7 @@ import numpy as np
 
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import InputError
-from alignet_core.io import embedding_sources, embedding_store, sources
+from alignet_core.io import embedding_sources, embedding_store
 from alignet_core.io.embedding_sources import ArrayInfo
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,10 @@ def copy_chunk(reader: embedding_sources.ArrayReader, emb: Any, start: int, stop
     emb[start:stop] = block
 
 
-def import_embeddings(cfg: PipelineConfig, store_url: str, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Copy the array `cfg.source` names into the store at `store_url`, resuming a killed import.
+def import_embeddings(cfg: PipelineConfig, ids: np.ndarray, store_url: str,
+                      progress: Callable[[int, int], None] | None = None) -> dict:
+    """Copy the array `cfg.source` names into the store at `store_url`, resuming a killed import; `ids`:
+    (n,) the source's image ids (its listing).
 
     Returns {"n", "dim", "n_valid", "skipped": [], "seconds", "imported": provenance}; `progress(done_rows,
     total_rows)` after every chunk."""
@@ -68,7 +70,6 @@ def import_embeddings(cfg: PipelineConfig, store_url: str, progress: Callable[[i
     info = checked_import(cfg)
     n, dim = info.shape
     a = embedding_sources.locate(cfg.source)
-    ids = sources.source_from_config(cfg.source).ids()
     rows = cfg.embed.chunk_rows
     g = embedding_store.create_embedding_store(store_url, n, dim, ids, cfg.embed.store_dtype,
                                                rows, provenance(cfg, info), compressed=False)

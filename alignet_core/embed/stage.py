@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from alignet_core.config import PipelineConfig
+from alignet_core.context import RunContext
 from alignet_core.errors import InputError
 from alignet_core.embed.importer import checked_import, import_embeddings
 from alignet_core.hardware import ComputeIdentity, compute_identity, resolve_device, resolve_devices
@@ -92,15 +93,16 @@ def plan_embed(cfg: PipelineConfig, compute: ComputeIdentity | None = None) -> S
     return plan_stage(cfg.root, "embed", conf, [], __name__)
 
 
-def run_embed(cfg: PipelineConfig, progress: Callable[[int, int], None] | None = None) -> EmbedOutput:
+def run_embed(ctx: RunContext, progress: Callable[[int, int], None] | None = None) -> EmbedOutput:
     """Embed every image (resuming a killed run); `progress(done_rows, total_rows)` after each chunk.
 
     `InputError` when more than `embed.max_skipped_fraction` of the images were skipped; the store is kept
     (finished), so a rerun with the images fixed (a new source key) or a higher limit loses nothing."""
+    cfg = ctx.cfg
     if cfg.source.kind == "embeddings":
         checked_import(cfg)  # a bad array or store dtype is refused before anything is written
     plan = plan_embed(cfg)
-    out = once(plan, EmbedOutput, lambda: _embed(cfg, plan, progress), cfg.lock_timeout)
+    out = once(plan, EmbedOutput, lambda: _embed(ctx, plan, progress), cfg.lock_timeout)
     check_skipped(out.metrics, cfg.embed.max_skipped_fraction)
     return out
 
@@ -119,15 +121,16 @@ def check_skipped(m: EmbedMetrics, limit: float) -> None:
     )
 
 
-def _embed(cfg: PipelineConfig, plan: StagePlan, progress: Callable[[int, int], None] | None) -> EmbedOutput:
+def _embed(ctx: RunContext, plan: StagePlan, progress: Callable[[int, int], None] | None) -> EmbedOutput:
     """The stage's work, under its lock."""
+    cfg = ctx.cfg
     t0 = time.perf_counter()
     url = store.join(plan.dir, STORE)
     if cfg.source.kind == "embeddings":
-        info = import_embeddings(cfg, url, progress=progress)
+        info = import_embeddings(cfg, ctx.source.ids(), url, progress=progress)
         config = {"embed": cfg.embed.model_dump(include={"store_dtype", "chunk_rows"})}
     else:
-        src = sources.source_from_config(cfg.source)
+        src = ctx.source
         from alignet_core.embed.extract import extract_embeddings  # torch, timm: only when images are embedded
 
         info = extract_embeddings(src, cfg.embed, url, resolve_device(cfg.device), progress=progress)

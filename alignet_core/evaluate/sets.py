@@ -20,7 +20,7 @@ import numpy as np
 
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import InputError
-from alignet_core.human.data import HumanData, load_human_data, proxy_taxonomy, taxonomy
+from alignet_core.human.data import HumanData, taxonomy
 from alignet_core.human.levels import admits, level_triplets
 from alignet_core.io import formats, sources
 
@@ -43,13 +43,6 @@ class EvalSet:
     on_objects: bool
     resample: str
     definition: str
-
-
-def human_data_or_none(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData | None:
-    """The run's human data (the demo's proxy without a file), or None when there is none."""
-    if cfg.human.triplets is None and proxy_taxonomy(cfg, src) is None:
-        return None
-    return load_human_data(cfg, src)
 
 
 def images_of_test_fold(cfg: PipelineConfig, data: HumanData | None, n_images: int) -> np.ndarray:

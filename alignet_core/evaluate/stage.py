@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from alignet_core.config import PipelineConfig
+from alignet_core.context import RunContext
 from alignet_core.evaluate.saliency_scores import SaliencyAlignment
 from alignet_core.evaluate.sets import (
     EvalSet,
     build_sets,
-    human_data_or_none,
     needed_images,
 )
 from alignet_core.hardware import device_type, resolve_device
@@ -125,10 +125,10 @@ def plan_evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, stude
     return plan_stage(cfg.root, "evaluate", conf, _inputs(cfg, emb, tfm, student), __name__)
 
 
-def run_evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> EvaluateOutput:
+def run_evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> EvaluateOutput:
     """Score every model on every evaluation set (see the module doc)."""
-    plan = plan_evaluate(cfg, emb, tfm, student)
-    return once(plan, EvaluateOutput, lambda: _evaluate(cfg, emb, tfm, student, plan), cfg.lock_timeout)
+    plan = plan_evaluate(ctx.cfg, emb, tfm, student)
+    return once(plan, EvaluateOutput, lambda: _evaluate(ctx, emb, tfm, student, plan), ctx.cfg.lock_timeout)
 
 
 def _store_rows(url: str, rows: np.ndarray, n: int) -> np.ndarray:
@@ -175,11 +175,10 @@ def _similarities(e: np.ndarray, triplets: np.ndarray, similarity: str) -> np.nd
     return pair_similarities(unit_rows(e) if similarity == "cosine" else e, triplets)
 
 
-def _evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None,
+def _evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: StageOutput | None,
               plan: StagePlan) -> EvaluateOutput:
     t0 = time.perf_counter()
-    src = sources.source_from_config(cfg.source)
-    data = human_data_or_none(cfg, src)
+    cfg, src, data = ctx.cfg, ctx.source, ctx.human
     sets = build_sets(cfg, src, data)
     fit_t = data is not None and data.probs is not None
     images = _model_images(cfg, emb, tfm, student, src, needed_images(sets, data, with_train_objects=fit_t))

@@ -156,11 +156,17 @@ class HumanTest(BaseModel):
     is_proxy: bool
 
 
-def human_test_split(cfg: PipelineConfig, src: sources.ImageSource) -> HumanTest | None:
-    """The test-fold human triplets of the transform stage (same split), or None without human data."""
+def human_data_or_none(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData | None:
+    """The run's human data (the taxonomy proxy without a file), or None when there is none."""
     if cfg.human.triplets is None and proxy_taxonomy(cfg, src) is None:
         return None
-    data = load_human_data(cfg, src)
+    return load_human_data(cfg, src)
+
+
+def human_test_split(data: HumanData | None) -> HumanTest | None:
+    """The test-fold human triplets of the run's human data (the transform's split), or None without any."""
+    if data is None:
+        return None
     te = data.split.test
     return HumanTest(triplets=data.triplets[te], probs=None if data.probs is None else data.probs[te],
                      object_of_image=data.object_of_image, is_proxy=data.is_proxy)

@@ -9,11 +9,11 @@ second on a CPU config.
 from __future__ import annotations
 
 from alignet_core.config import PipelineConfig
-from alignet_core.distill.config import check_micro_batches
 from alignet_core.config_base import device_list_problem
+from alignet_core.context import RunContext
+from alignet_core.distill.config import check_micro_batches
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.human.data import (
-    load_human_data,
     no_human_data_message,
     proxy_taxonomy,
 )
@@ -21,8 +21,9 @@ from alignet_core.io import formats, sources, store
 from alignet_core.models.refs import check_model_name, resolve_weights
 
 
-def preflight(cfg: PipelineConfig) -> None:
-    """Check what can be checked before any work: inputs exist, names resolve, sizes fit.
+def preflight(cfg: PipelineConfig) -> RunContext:
+    """Check what can be checked before any work (inputs exist, names resolve, sizes fit) and return the
+    run's context, built on the way: the source listed once, the human data read and split once.
 
     Raises `ConfigError` / `InputError` naming the field or path and what is expected."""
     imported = cfg.source.kind == "embeddings"
@@ -85,14 +86,15 @@ def preflight(cfg: PipelineConfig) -> None:
             rank_layout(cfg)
         else:
             check_micro_batches(d.batch_triplets, d.grad_accum, len(d.devices or [cfg.device]) * d.nodes, d.nodes)
-    if h.triplets is not None:  # read and check the human data now, not after hours of embedding
-        try:
-            load_human_data(cfg, src)
-        except InputError as err:
-            if str(err).startswith("human."):
-                raise
-            field = next((f for f in ("probabilities",) if getattr(h, f) and getattr(h, f) in str(err)), "triplets")
-            raise InputError(f"human.{field}: {err}") from None
+    ctx = RunContext.of(cfg, src)
+    try:  # a triplet file is read, checked and split now, not after hours of embedding: once for the run
+        if h.triplets is not None:
+            ctx.human  # noqa: B018 - read now (the context keeps it)
+    except InputError as err:
+        if str(err).startswith("human."):
+            raise
+        field = next((f for f in ("probabilities",) if getattr(h, f) and getattr(h, f) in str(err)), "triplets")
+        raise InputError(f"human.{field}: {err}") from None
     e = cfg.evaluate
     if e.enabled and e.student is not None and not sources.has_images(cfg.source):
         raise ConfigError("evaluate.student: scoring a student needs pixels, and the source is imported embeddings "
@@ -114,6 +116,7 @@ def preflight(cfg: PipelineConfig) -> None:
                 formats.read_probabilities(s.probabilities, len(trip))
         except InputError as err:
             raise InputError(f"evaluate.sets[{i}] ({s.name}): {err}") from None
+    return ctx
 
 
 def _check_imported(cfg: PipelineConfig) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from alignet_core.config import PipelineConfig
+from alignet_core.context import RunContext
 from alignet_core.io import embedding_store, lock, sources, store
 from alignet_core.io.formats import sampling_name
 from alignet_core.io.redact import redact
@@ -97,11 +98,11 @@ def sample_published(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) ->
     return store.exists(store.join(versions.version_dir(cfg.root, cfg.dataset_name, plan.key), folder))
 
 
-def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> SamplingPlan:
+def plan_sample(ctx: RunContext, tfm: StageOutput, clu: StageOutput) -> SamplingPlan:
     """Plan the sampling stage and write the group files its shards read (cheap, idempotent)."""
+    cfg, src = ctx.cfg, ctx.source
     s = cfg.sample
     plan = _stage_plan(cfg, tfm, clu)
-    src = sources.source_from_config(cfg.source)
     valid = embedding_store.open_embeddings(tfm.artifact)["valid"][:]
     labels = src.labels()
     class_groups = np.unique(labels, return_inverse=True)[1].astype(np.int64)
@@ -123,14 +124,14 @@ def plan_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> Samp
                         folder=folder, inputs=[tfm.key, clu.key], planned_at=time.time())
 
 
-def run_sample(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> SampleOutput:
+def run_sample(ctx: RunContext, tfm: StageOutput, clu: StageOutput) -> SampleOutput:
     """The whole stage in this process, without Dask: plan, every missing shard, publish, promote."""
-    sp = reserve_version(cfg, plan_sample(cfg, tfm, clu))
+    sp = reserve_version(ctx.cfg, plan_sample(ctx, tfm, clu))
     if not publish_complete(sp):
         for spec in sp.specs:
             run_sample_shard(sp, spec)
-    ds = publish_sample(cfg, sp)
-    promote_dataset(cfg, ds, sp.pin)
+    ds = publish_sample(ctx, sp)
+    promote_dataset(ctx.cfg, ds, sp.pin)
     return ds
 
 
@@ -159,13 +160,14 @@ def reuse_sample(sp: SamplingPlan) -> SampleOutput | None:
     return done.model_copy(update={"metrics": done.metrics.model_copy(update={"publish_url": sp.publish_url})})
 
 
-def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
+def publish_sample(ctx: RunContext, sp: SamplingPlan) -> SampleOutput:
     """Assemble finished shards into the official `.npz` files of a new dataset version
     (`<root>/datasets/<name>/<key>/<folder>/`), published by one atomic rename with a manifest
     naming the config, input keys and code version.
 
     Holds the stage's writer lock; temporary dataset folders of an earlier, killed publication are
     removed first (they were never visible under the published name)."""
+    cfg = ctx.cfg
     if (done := reuse_sample(sp)) is not None:
         return done
     with lock.stage_lock(sp.plan.dir, cfg.lock_timeout), store.disk_full_as_store_error(sp.publish_url):
@@ -173,7 +175,7 @@ def publish_sample(cfg: PipelineConfig, sp: SamplingPlan) -> SampleOutput:
             return done
         store.remove_temporaries(sp.plan.dir)  # shards cut by a kill (every shard of this key is finished)
         store.remove_temporaries_of(sp.publish_url)  # a publication cut by a kill (never visible)
-        src = sources.source_from_config(cfg.source)
+        src = ctx.source
         specs = [ShardSpec(**d) for d in sp.specs]
         extra = {"dataset_name": cfg.dataset_name, "version": sp.plan.key, "published_at": versions.now_utc(),
                  "inputs": {"transform": sp.inputs[0], "cluster": sp.inputs[1]}, "code_version": sp.plan.code_version,

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from alignet_core.config import PipelineConfig
-from alignet_core.transform.config import TransformConfig
+from alignet_core.context import RunContext
+from alignet_core.errors import ConfigError
 from alignet_core.hardware import device_type, resolve_device
 from alignet_core.human import triplets as human
-from alignet_core.human.data import HumanData, load_human_data
+from alignet_core.human.data import HumanData, no_human_data_message
 from alignet_core.human.mapping import MappingSummary
-from alignet_core.io import embedding_store, formats, sources, store
+from alignet_core.io import embedding_store, formats, store
 from alignet_core.runtime.runner import (
     Record,
     StageMetrics,
@@ -35,7 +36,15 @@ from alignet_core.runtime.runner import (
     reuse,
 )
 from alignet_core.stats import metrics
-from alignet_core.transform.heldout import HeldOut, TripletSplitFigures, UncertaintyFigures, heldout_figures, triplet_split_figures, uncertainty_figures
+from alignet_core.transform.config import TransformConfig
+from alignet_core.transform.heldout import (
+    HeldOut,
+    TripletSplitFigures,
+    UncertaintyFigures,
+    heldout_figures,
+    triplet_split_figures,
+    uncertainty_figures,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -153,21 +162,23 @@ def plan_transform(cfg: PipelineConfig, emb: StageOutput) -> StagePlan:
     return plan_stage(cfg.root, "transform", conf, [emb.key], __name__)
 
 
-def run_transform(cfg: PipelineConfig, emb: StageOutput) -> TransformOutput:
+def run_transform(ctx: RunContext, emb: StageOutput) -> TransformOutput:
     """Fit the transform and apply it to the store (or pass the store through when disabled)."""
+    cfg = ctx.cfg
     plan = plan_transform(cfg, emb)
     if not cfg.transform.enabled:
         if (done := reuse(plan, TransformOutput)) is not None:
             return done
         return finish(plan, TransformOutput, emb.artifact, TransformMetrics(enabled=False, seconds=0.0),
                       {"enabled": False}, [emb.key])
-    return once(plan, TransformOutput, lambda: _transform(cfg, emb, plan), cfg.lock_timeout)
+    return once(plan, TransformOutput, lambda: _transform(ctx, emb, plan), cfg.lock_timeout)
 
 
-def _transform(cfg: PipelineConfig, emb: StageOutput, plan: StagePlan) -> TransformOutput:
+def _transform(ctx: RunContext, emb: StageOutput, plan: StagePlan) -> TransformOutput:
     """The stage's work, under its lock."""
     from alignet_core.transform.affine import apply_transform_to_store, load_saved_fit
 
+    cfg = ctx.cfg
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     fit_url = store.join(plan.dir, FIT_FILE)
@@ -176,7 +187,7 @@ def _transform(cfg: PipelineConfig, emb: StageOutput, plan: StagePlan) -> Transf
         tf, fit_metrics = saved, TransformMetrics.model_validate(saved.info["metrics"])
         log.info("transform: resuming with the fit saved by an interrupted run (%s)", fit_url)
     else:
-        tf, fit_metrics = _fit(cfg, emb, plan, device, fit_url)
+        tf, fit_metrics = _fit(ctx, emb, plan, device, fit_url)
     out_url = store.join(plan.dir, STORE)
     apply_transform_to_store(emb.artifact, out_url, tf, cfg.transform.chunk_rows, device)
     metrics_ = fit_metrics.model_copy(update={"seconds": round(time.perf_counter() - t0, 2)})
@@ -227,14 +238,15 @@ def _search(
 
 
 def _fit(
-    cfg: PipelineConfig, emb: StageOutput, plan: StagePlan, device: torch.device, fit_url: str
+    ctx: RunContext, emb: StageOutput, plan: StagePlan, device: torch.device, fit_url: str
 ) -> tuple[AffineTransform, TransformMetrics]:
     """Fit (and save) the transform on the training objects' triplets, stop early on the validation
     fold, score it on the test fold; return it and the stage's metrics."""
     from alignet_core.transform.fit import fit_transform
 
-    src = sources.source_from_config(cfg.source)
-    data = load_human_data(cfg, src)
+    cfg, data = ctx.cfg, ctx.human
+    if data is None:
+        raise ConfigError(no_human_data_message(ctx.source))
     g = embedding_store.open_embeddings(emb.artifact)
     valid = np.asarray(g["valid"][:], dtype=bool)
     embedding_store.check_store_finite(g, emb.artifact, valid)  # block by block, before any work

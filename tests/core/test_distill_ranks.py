@@ -32,7 +32,9 @@ import torch
 from safetensors.torch import load_file
 
 from alignet_core.config import PipelineConfig, parse_config, with_overrides
+from alignet_core.context import RunContext
 from alignet_core.distill.batches import TripletBatches
+from alignet_core.distill.checkpoints import list_checkpoints
 from alignet_core.distill.launch import rank_device, train_on_ranks
 from alignet_core.distill.parallel import RankMicroBatches, rank_layout
 from alignet_core.distill.stage import run_distill
@@ -41,9 +43,7 @@ from alignet_core.errors import ConfigError, DistributedError
 from alignet_core.io import formats, sources
 from alignet_core.io.dataset_splits import read_split
 from alignet_core.models import factory as models
-from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE
-from alignet_core.distill.checkpoints import list_checkpoints
-from alignet_core.models.student import eval_transform
+from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE, eval_transform
 from alignet_core.pipeline.preflight import preflight
 from tests.core.test_distill import pixel_teacher, teacher_triplets
 
@@ -158,16 +158,16 @@ def test_bad_distill_devices_are_refused_before_any_work(tmp_path: Path, monkeyp
     with pytest.raises(ConfigError, match=want):
         preflight(uneven)
     with pytest.raises(ConfigError, match=want):
-        run_distill(uneven, None)
+        run_distill(RunContext.of(uneven), None)
     nodes = with_overrides(uneven, {"distill.devices": ["cpu", "cpu"], "distill.nodes": 3, "distill.grad_accum": 2})
     with pytest.raises(ConfigError, match=r"6 ranks \(3 nodes × 2 devices\) × distill\.grad_accum 2 = 12 micro"):
-        run_distill(nodes, None)
+        run_distill(RunContext.of(nodes), None)
     if not torch.cuda.is_available():
         gpus = with_overrides(parse_config({}), {"root": str(root), "distill.devices": ["cuda:0", "cuda:1"]})
         with pytest.raises(ConfigError, match=r"distill\.devices: \['cuda:0', 'cuda:1'\] asks for CUDA but torch sees no"):
             preflight(gpus)
         with pytest.raises(ConfigError, match=r"distill\.devices.*no CUDA GPU"):
-            run_distill(gpus, None)
+            run_distill(RunContext.of(gpus), None)
     else:  # more GPUs than exist
         many = [f"cuda:{i}" for i in range(torch.cuda.device_count() + 1)]
         with pytest.raises(ConfigError, match=r"distill\.devices.*torch sees"):
@@ -178,7 +178,7 @@ def test_bad_distill_devices_are_refused_before_any_work(tmp_path: Path, monkeyp
     (tmp_path / "train_cluster_border_12.npz").write_bytes(b"")  # exists; never read
     with pytest.raises(ConfigError, match=r"distill\.nodes: 2 machines.*torchrun --nnodes 2 --nproc-per-node 1 "
                                           r"--rdzv-backend c10d"):
-        run_distill(two_nodes, None)
+        run_distill(RunContext.of(two_nodes), None)
     assert not root.exists()  # nothing was created under the root
     # a rank started by a torchrun whose world is not the config's refuses before joining it
     monkeypatch.setenv("WORLD_SIZE", "3")

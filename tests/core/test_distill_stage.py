@@ -15,14 +15,14 @@ import pytest
 import yaml
 
 from alignet_core.config import parse_config, with_overrides
+from alignet_core.context import RunContext
 from alignet_core.distill.stage import distill_files, plan_distill, run_distill
 from alignet_core.errors import InputError
 from alignet_core.hardware import resolve_device
 from alignet_core.human.data import human_test_split
 from alignet_core.io import formats, sources, store
-from alignet_core.models.student import LOG_FILE, STUDENT_FILE
 from alignet_core.models.embedding import embed_images
-from alignet_core.models.student import load_student
+from alignet_core.models.student import LOG_FILE, STUDENT_FILE, load_student
 from alignet_core.stats.metrics import odd_one_out_accuracy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,12 +59,12 @@ def cfg(tmp_path):
 
 
 def test_distill_stage_on_a_foreign_folder_scores_teacher_and_human_triplets(cfg):
-    out = run_distill(cfg, None)
+    out = run_distill(RunContext.of(cfg), None)
     m = out.metrics.model_dump()
     assert m["sampling"] == "mine" and m["n_train"] == 300 and m["steps"] == 3
     assert set(m["acc_before"]) == set(m["acc_after"]) == {"mine", "other"}
     src = sources.source_from_config(cfg.source)
-    test = human_test_split(cfg, src)
+    test = human_test_split(RunContext.of(cfg, src).human)
     assert m["n_human_test"] == len(test.triplets) == 100 and m["human_data"].startswith("taxonomy proxy")
     # every figure with its interval; the human one resamples the test fold's objects
     h = out.metrics.human
@@ -83,7 +83,7 @@ def test_distill_stage_on_a_foreign_folder_scores_teacher_and_human_triplets(cfg
     assert m["human_acc_after"] == pytest.approx(odd_one_out_accuracy(emb, test.triplets), abs=1e-6)
 
     # rerun: the finished stage is reused; a changed input file makes a new key
-    assert run_distill(cfg, None).key == out.key
+    assert run_distill(RunContext.of(cfg), None).key == out.key
     files = distill_files(cfg, None)
     os.utime(files.train, (1, 1))
     assert distill_files(cfg, None).key != files.key
@@ -92,7 +92,7 @@ def test_distill_stage_on_a_foreign_folder_scores_teacher_and_human_triplets(cfg
 def test_distill_stage_names_a_missing_training_file(cfg):
     cfg = with_overrides(cfg, {"distill.sampling": "cluster_border_500"})
     with pytest.raises(InputError, match=r"train_cluster_border_500.npz.*does not exist.*train_mine.npz"):
-        run_distill(cfg, None)
+        run_distill(RunContext.of(cfg), None)
     assert not store.exists(store.join(cfg.root, "stages", "distill"))
 
 
@@ -101,7 +101,7 @@ def test_distill_stage_on_two_cpu_ranks(cfg):
     evaluates once here and keys the output by the rank count (not by which devices)."""
     two = with_overrides(cfg, {"distill.devices": ["cpu", "cpu"]})
     steps = []
-    out = run_distill(two, None, lambda s, loss: steps.append(s))
+    out = run_distill(RunContext.of(two), None, lambda s, loss: steps.append(s))
     assert steps == [1, 2, 3]
     m = out.metrics
     assert m.steps == 3 and m.n_train == 300 and set(m.acc_after) == {"mine", "other"}
@@ -112,7 +112,7 @@ def test_distill_stage_on_two_cpu_ranks(cfg):
     one = plan_distill(cfg, files).key
     assert out.key != one  # 2 ranks round differently from 1: two outputs
     assert plan_distill(with_overrides(cfg, {"distill.devices": ["cpu"]}), files).key == one  # 1 rank, named or not
-    assert run_distill(two, None).key == out.key  # reused: no second launch
+    assert run_distill(RunContext.of(two), None).key == out.key  # reused: no second launch
 
 
 def _free_port() -> int:
@@ -145,7 +145,7 @@ def test_two_nodes_started_by_torchrun_then_evaluated_once(cfg, tmp_path):
     assert sum("distill: finished" in o for o in outputs) == 1  # evaluated once, by rank 0
     one_node = with_overrides(cfg, {"distill.devices": ["cpu", "cpu"]})
     assert plan_distill(one_node, distill_files(one_node, None)).key == plan.key
-    assert run_distill(one_node, None).metrics == run_distill(nodes, None).metrics  # both reuse the manifest
+    assert run_distill(RunContext.of(one_node), None).metrics == run_distill(RunContext.of(nodes), None).metrics  # both reuse the manifest
 
 
 def test_a_foreign_dataset_whose_filenames_disagree_is_refused_before_training(cfg, tmp_path):
@@ -161,5 +161,5 @@ def test_a_foreign_dataset_whose_filenames_disagree_is_refused_before_training(c
     formats.write_alignet_npz(str(folder / "train_mine.npz"), idx, other[idx], sims)
     bad = with_overrides(cfg, {"distill.dataset": str(folder), "distill.join": "indices"})
     with pytest.raises(InputError, match=r"train_mine.npz: \d+ of 120 filenames disagree with the source's images"):
-        run_distill(bad, None)
+        run_distill(RunContext.of(bad), None)
     assert not list((tmp_path / "root").rglob("student.safetensors")) and not list((tmp_path / "root").rglob("step_*"))

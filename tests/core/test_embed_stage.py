@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from alignet_core.config import parse_config
+from alignet_core.context import RunContext
 from alignet_core.errors import InputError
 from alignet_core.io.sources import ImageSource
 from tests.core._embed import _write_corrupt_files, demo40  # noqa: F401 (fixtures)
@@ -57,13 +58,13 @@ def test_the_stage_refuses_too_many_skipped_images_and_keeps_the_embeddings(demo
                         "cluster": {"k": 2}, "embed": {"model": "test_resnet", "weights": None, "chunk_rows": 4}})
     with pytest.raises(InputError, match=r"embed.max_skipped_fraction: 3 of 10 images \(30.0%\).*limit 1%.*"
                                          r"reasons: .*bad/"):
-        run_embed(cfg)
+        run_embed(RunContext.of(cfg))
     plan = plan_embed(cfg)
     manifest = Path(plan.dir) / "manifest.json"
     assert manifest.exists()
     looser = cfg.model_copy(update={"embed": cfg.embed.model_copy(update={"max_skipped_fraction": 0.3})})
     assert plan_embed(looser).key == plan.key
     before = manifest.stat().st_mtime_ns
-    out = run_embed(looser)
+    out = run_embed(RunContext.of(looser))
     assert manifest.stat().st_mtime_ns == before and len(out.metrics.skipped) == 3 and out.metrics.n_valid == 7
     assert sum(out.metrics.skipped_reasons().values()) == 3

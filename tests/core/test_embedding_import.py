@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 from alignet_core.config import parse_config
+from alignet_core.context import RunContext
 from alignet_core.embed.stage import plan_embed, run_embed
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.io import sources
@@ -137,7 +138,7 @@ def test_every_format_imports_into_the_embed_store(tmp_path: Path, fmt: str) -> 
     path, ids = FORMATS[fmt](tmp_path, x)
     cfg = cfg_for(tmp_path, path, ids)
     preflight(cfg)
-    out = run_embed(cfg)
+    out = run_embed(RunContext.of(cfg))
     g = stored(out)
     np.testing.assert_array_equal(g["embeddings"][:], x)
     assert g["embeddings"].dtype == np.float32 and g["valid"][:].all()
@@ -150,14 +151,14 @@ def test_every_format_imports_into_the_embed_store(tmp_path: Path, fmt: str) -> 
     if Path(imp.path).is_file():  # a file's sha256 is its bytes' (a .npy's computed in the value scan)
         assert imp.sha256 == sha256(Path(imp.path))
     assert out.metrics.teacher("tf_efficientnet_lite2") == f"imported: {imp.path}"
-    assert run_embed(cfg).key == out.key  # reused
+    assert run_embed(RunContext.of(cfg)).key == out.key  # reused
 
 
 def test_float16_stays_float16_and_widens_exactly(tmp_path: Path) -> None:
     x = rows("float16")
     path, ids = _npy(tmp_path, x)
-    half = run_embed(cfg_for(tmp_path, path, ids, embed={"store_dtype": "float16"}))
-    full = run_embed(cfg_for(tmp_path, path, ids, embed={"store_dtype": "float32"}))
+    half = run_embed(RunContext.of(cfg_for(tmp_path, path, ids, embed={"store_dtype": "float16"})))
+    full = run_embed(RunContext.of(cfg_for(tmp_path, path, ids, embed={"store_dtype": "float32"})))
     assert half.key != full.key
     assert stored(half)["embeddings"].dtype == np.float16
     assert stored(half)["embeddings"][:].tobytes() == x.tobytes()
@@ -218,7 +219,7 @@ def test_an_interrupted_import_resumes_to_the_same_store(tmp_path: Path) -> None
     x = rows(n=96)
     path, ids = _npy(tmp_path, x)
     write_ids(Path(ids), n=96)
-    ref = run_embed(cfg_for(tmp_path / "ref", path, ids))
+    ref = run_embed(RunContext.of(cfg_for(tmp_path / "ref", path, ids)))
     cfg = cfg_for(tmp_path / "cut", path, ids)
     calls: list[int] = []
 
@@ -228,11 +229,11 @@ def test_an_interrupted_import_resumes_to_the_same_store(tmp_path: Path) -> None
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_embed(cfg, progress=stop_after_two)
+        run_embed(RunContext.of(cfg), progress=stop_after_two)
     marked = sorted(p.name for p in (Path(plan_embed(cfg).dir) / "embeddings.zarr" / "_progress").iterdir())
     assert marked == ["00000000.done", "00000001.done"]
     resumed: list[int] = []
-    out = run_embed(cfg, progress=lambda done, total: resumed.append(done))
+    out = run_embed(RunContext.of(cfg), progress=lambda done, total: resumed.append(done))
     assert resumed == [48, 64, 80, 96]  # chunks 2..5 only
     assert out.key == ref.key
     assert digests(Path(out.artifact)) == digests(Path(ref.artifact))
@@ -320,7 +321,7 @@ def test_bad_arrays_are_refused_before_any_work(tmp_path: Path, case: str) -> No
     with pytest.raises(InputError, match="^" + message):
         preflight(cfg)
     with pytest.raises(InputError, match="^" + message):  # the stage itself refuses too, writing nothing
-        run_embed(cfg)
+        run_embed(RunContext.of(cfg))
     assert not (tmp_path / "root").exists()
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from alignet_core.cluster.stage import run_cluster
 from alignet_core.config import parse_config, with_overrides
+from alignet_core.context import RunContext
 from alignet_core.io import embedding_store, formats, sources, store
 from alignet_core.sample import versions
 from alignet_core.sample.stage import plan_sample, promote_dataset, publish_sample, run_sample_shard
@@ -31,12 +32,12 @@ def test_cluster_sample_publish_and_verify_on_an_object_store_root():
     tfm = TransformOutput(stage="transform", key="k0", dir=store.join(root, "stages", "transform", "k0"),
                           artifact=url, metrics=TransformMetrics(enabled=True, seconds=0.0))
 
-    clu = run_cluster(cfg, tfm)
+    clu = run_cluster(RunContext.of(cfg), tfm)
     assert clu.artifact.startswith(root) and sum(clu.metrics.sizes) == 60
-    sp = plan_sample(cfg, tfm, clu)
+    sp = plan_sample(RunContext.of(cfg), tfm, clu)
     for spec in sp.specs:
         run_sample_shard(sp, spec)
-    ds = publish_sample(cfg, sp)
+    ds = publish_sample(RunContext.of(cfg), sp)
     info = promote_dataset(cfg, ds)
 
     assert ds.artifact == store.join(root, "datasets", "demo", info.version, "uncertainty_distillation")
@@ -45,5 +46,5 @@ def test_cluster_sample_publish_and_verify_on_an_object_store_root():
     split = formats.read_alignet_npz(store.join(ds.artifact, "train_cluster_border_4.npz"), len(src))
     assert len(split) > 250 and split.n_reordered == 0
     # a rerun reuses the stage and the published version
-    assert publish_sample(cfg, plan_sample(cfg, tfm, run_cluster(cfg, tfm))).key == ds.key
+    assert publish_sample(RunContext.of(cfg), plan_sample(RunContext.of(cfg), tfm, run_cluster(RunContext.of(cfg), tfm))).key == ds.key
     assert [r["version"] for r in versions.list_versions(root, "demo")] == [info.version]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from alignet_core.config import parse_config, with_overrides
+from alignet_core.context import RunContext
 from alignet_core.embed.stage import run_embed
 from alignet_core.human import vice
 from alignet_core.human.data import load_human_data
@@ -29,7 +30,7 @@ def base(tmp_path_factory):
         "human.proxy_n_triplets": 1500, "transform.epochs": 3, "transform.batch_size": 256,
         "transform.local_batch": 64, "vice.epochs": 8, "vice.init_dims": 20,
     })
-    emb = run_embed(cfg)
+    emb = run_embed(RunContext.of(cfg))
     data = load_human_data(cfg, sources.source_from_config(cfg.source))
     path = root / "things_triplets.txt"
     formats.write_things_triplets(str(path), data.triplets)
@@ -39,7 +40,7 @@ def base(tmp_path_factory):
 def test_vice_soft_targets_when_the_human_file_has_no_probabilities(base):
     cfg, emb, path = base
     cfg = with_overrides(cfg, {"human.triplets": path, "human.positional": True, "transform.targets": "soft"})
-    out = run_transform(cfg, emb)
+    out = run_transform(RunContext.of(cfg), emb)
     m = out.metrics.model_dump()
     assert m["soft_targets"] == "VICE posterior predictive"
     assert 1 / 3 < m["vice"]["val_acc"] <= 1.0 and 1 <= m["vice"]["dims"] <= 20
@@ -49,9 +50,9 @@ def test_vice_soft_targets_when_the_human_file_has_no_probabilities(base):
     assert m["hyperparameters"]["targets"] == "soft" and len(m["history"]) >= 1
 
     # hard targets fit no VICE; the proxy's own probabilities are used when there are some
-    hard = run_transform(with_overrides(cfg, {"transform.targets": "hard"}), emb).metrics.model_dump()
+    hard = run_transform(RunContext.of(with_overrides(cfg, {"transform.targets": "hard"})), emb).metrics.model_dump()
     assert hard["soft_targets"] == "none (hard targets)" and hard["vice"] is None
-    proxy = run_transform(with_overrides(base[0], {"transform.targets": "soft"}), emb).metrics.model_dump()
+    proxy = run_transform(RunContext.of(with_overrides(base[0], {"transform.targets": "soft"})), emb).metrics.model_dump()
     assert proxy["soft_targets"] == "proxy response model"
 
 
@@ -59,7 +60,7 @@ def test_search_reports_every_setting_and_fits_the_chosen_one(base):
     cfg, emb, _ = base
     cfg = with_overrides(cfg, {"transform.search_alphas": [0.0, 0.5], "transform.search_lrs": [0.003],
                                "transform.search_folds": 2})
-    m = run_transform(cfg, emb).metrics.model_dump()
+    m = run_transform(RunContext.of(cfg), emb).metrics.model_dump()
     s = m["search"]
     assert s["n_folds"] == 2 and [(r["alpha"], r["lr"]) for r in s["settings"]] == [(0.0, 0.003), (0.5, 0.003)]
     assert all(0 <= r["transformed_mean"] <= 1 and 0 <= r["knn_overlap_mean"] <= 1 for r in s["settings"])
@@ -73,7 +74,7 @@ def test_reported_figures_are_on_held_out_objects_with_intervals(base):
     bootstrap intervals, per level, with the human-uncertainty agreement; the triplet-split figure
     is kept only as a labelled secondary line."""
     cfg, emb, _ = base
-    out = run_transform(cfg, emb)
+    out = run_transform(RunContext.of(cfg), emb)
     m = out.metrics
     data = load_human_data(cfg, sources.source_from_config(cfg.source))
     test_objects = set(data.triplets[data.split.test].ravel().tolist())

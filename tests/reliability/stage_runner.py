@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any
 
+from alignet_core.context import RunContext
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 STAGES = ("embed", "transform", "cluster", "sample")
@@ -35,19 +37,19 @@ def run_until(cfg: Any, stage: str) -> Any:
     from alignet_core.sample.stage import plan_sample, publish_sample, run_sample_shard
     from alignet_core.transform.stage import run_transform
 
-    emb = run_embed(cfg)
+    emb = run_embed(RunContext.of(cfg))
     if stage == "embed":
         return emb
-    tfm = run_transform(cfg, emb)
+    tfm = run_transform(RunContext.of(cfg), emb)
     if stage == "transform":
         return tfm
-    clu = run_cluster(cfg, tfm)
+    clu = run_cluster(RunContext.of(cfg), tfm)
     if stage == "cluster":
         return clu
-    sp = plan_sample(cfg, tfm, clu)
+    sp = plan_sample(RunContext.of(cfg), tfm, clu)
     for spec in sp.specs:
         run_sample_shard(sp, spec)
-    return publish_sample(cfg, sp)
+    return publish_sample(RunContext.of(cfg), sp)
 
 
 def paced_shard(sp: Any, spec: dict[str, Any], seconds: float) -> str:

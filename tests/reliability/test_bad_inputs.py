@@ -20,6 +20,7 @@ import zarr
 from alignet_core.cluster import kmeans as cluster  # RENAME
 from alignet_core.cluster.config import ClusterConfig
 from alignet_core.config import parse_config
+from alignet_core.context import RunContext
 from alignet_core.embed.stage import EmbedMetrics, EmbedOutput, run_embed
 from alignet_core.errors import InputError
 from alignet_core.io import embedding_store, formats
@@ -74,7 +75,7 @@ def test_broken_images_are_skipped_and_reported_other_rows_unchanged(good: Path,
                             "embed": {**EMBED, "max_skipped_fraction": 1.0}, "transform": {"enabled": False}, "cluster": {"k": 2},
                             "distill": {"enabled": False}})
         preflight(cfg)
-        return run_embed(cfg)
+        return run_embed(RunContext.of(cfg))
 
     out, ref = run(dirty, tmp_path / "r1"), run(good, tmp_path / "r2")
     reported = {s.id: s.reason for s in out.metrics.skipped}
@@ -156,7 +157,7 @@ def test_transform_stage_rejects_non_finite_embeddings(tmp_path: Path, one_torch
     emb = EmbedOutput(stage="embed", key="handmade", dir=str(tmp_path), artifact=url,
                       metrics=EmbedMetrics(n_images=len(ids), n_valid=len(ids), dim=8, skipped=[], seconds=0.0))
     with pytest.raises(InputError, match=rf"e.zarr: 1 valid embedding row.*row 5 \(id '{ids[5]}'\)"):
-        run_transform(cfg, emb)
+        run_transform(RunContext.of(cfg), emb)
 
 
 def test_transform_and_store_of_different_widths(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from alignet_core.cluster.stage import plan_cluster, run_cluster
+from alignet_core.context import RunContext
 from alignet_core.errors import StoreError
 from alignet_core.io import lock, store
 from tests.reliability.stage_runner import run_until
@@ -46,12 +47,12 @@ def test_second_run_fails_clearly_or_waits_and_reuses(tmp_path: Path, one_torch_
         # a second writer that may not wait, or only briefly: one clear error, nothing written
         for timeout in (0, 0.5):
             with pytest.raises(StoreError) as err:
-                run_cluster(cfg.model_copy(update={"lock_timeout": timeout}), tfm)
+                run_cluster(RunContext.of(cfg.model_copy(update={"lock_timeout": timeout})), tfm)
             msg = str(err.value)
             assert plan.dir in msg and lock.lock_path(plan.dir) in msg and "lock_timeout" in msg
             assert not (Path(plan.dir) / store.MANIFEST).exists()
         # a second run that waits (the default): it returns the first run's output, not a recomputation
-        out = run_cluster(cfg, tfm)
+        out = run_cluster(RunContext.of(cfg), tfm)
         assert holder.wait(timeout=120) == 0, holder.stderr.read()[-3000:]
     finally:
         if holder.poll() is None:
@@ -72,5 +73,5 @@ def test_lock_of_a_killed_holder_is_released(tmp_path: Path, one_torch_thread: N
     holder = _start_holder(root, pause=60.0)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    out = run_cluster(cfg.model_copy(update={"lock_timeout": 0}), tfm)  # no stale lock
+    out = run_cluster(RunContext.of(cfg.model_copy(update={"lock_timeout": 0})), tfm)  # no stale lock
     assert (Path(out.dir) / store.MANIFEST).exists() and digests(Path(out.dir))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from distributed import Client, LocalCluster
 
+from alignet_core.context import RunContext
 from alignet_core.sample.stage import plan_sample, publish_sample
 from tests.reliability.stage_runner import paced_shard, run_until
 from tests.reliability.test_stage_kills import _cfg, assert_same_stage, no_temporaries
@@ -25,7 +26,7 @@ def test_killed_worker_mid_sampling_gives_the_clean_dataset(tmp_path: Path, one_
 
     cfg = _cfg(root)
     tfm, clu = run_until(cfg, "transform"), run_until(cfg, "cluster")
-    sp = plan_sample(cfg, tfm, clu)
+    sp = plan_sample(RunContext.of(cfg), tfm, clu)
     shards = Path(sp.plan.dir) / "shards"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
@@ -46,6 +47,6 @@ def test_killed_worker_mid_sampling_gives_the_clean_dataset(tmp_path: Path, one_
         results = client.gather(futures)  # rescheduled shards finish elsewhere
         assert len(results) == len(sp.specs) == len(set(results))
         assert pids[victim] not in client.run(os.getpid).values()  # the worker really was lost
-    out = publish_sample(cfg, sp)
+    out = publish_sample(RunContext.of(cfg), sp)
     assert_same_stage(out, root, clean, clean_root)
     assert no_temporaries(root) == []

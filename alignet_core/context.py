@@ -1,0 +1,46 @@
+"""The run context: what one run reads once and every stage shares.
+
+A run lists its image source once (a folder of a million files is a million `stat`s, not to be
+repeated per stage) and reads and splits its human data once (a THINGS file is 4.7M triplets); the
+stages take them from here instead of reading them again. `pipeline.preflight.preflight` builds the
+context while it checks the config, so the checks and the run see the same listing.
+"""
+
+from __future__ import annotations
+
+from alignet_core.config import PipelineConfig
+from alignet_core.human.data import HumanData, human_data_or_none
+from alignet_core.io import sources
+
+
+class RunContext:
+    """cfg: the validated config; source: the image source, listed; human: the human data (a triplet file
+    or the taxonomy proxy) split into object folds, or None when the run has none, read on first use and
+    kept (a stage that needs none, such as embed, never makes the proxy).
+
+    A plain object (not a dataclass or a model): Prefect hands it to tasks as it is, without walking
+    the listing's records."""
+
+    __slots__ = ("cfg", "source", "_human", "_human_read")
+
+    def __init__(self, cfg: PipelineConfig, source: sources.ImageSource) -> None:
+        self.cfg, self.source = cfg, source
+        self._human: HumanData | None = None
+        self._human_read = False
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig, source: sources.ImageSource | None = None) -> RunContext:
+        """The context of `cfg`: its source listed (unless `source`, a listing of it, is given)."""
+        return cls(cfg, source if source is not None else sources.source_from_config(cfg.source))
+
+    @property
+    def human(self) -> HumanData | None:
+        """The run's human data, read and split the first time it is asked for (errors name the `human.*`
+        field or file)."""
+        if not self._human_read:
+            self._human = human_data_or_none(self.cfg, self.source)
+            self._human_read = True
+        return self._human
+
+    def __repr__(self) -> str:
+        return f"RunContext(root={self.cfg.root!r}, images={len(self.source)})"
