@@ -15,23 +15,32 @@ from alignet_core.io import sources
 
 class RunContext:
     """cfg: the validated config; source: the image source, listed; human: the human data (a triplet file
-    or the taxonomy proxy) split into object folds, or None when the run has none, read on first use and
-    kept (a stage that needs none, such as embed, never makes the proxy).
+    or the taxonomy proxy) split into object folds, or None when the run has none. Each is read on first
+    use and kept: preflight reads what it checks, and a stage that needs neither (embed never needs the
+    human data) reads nothing it does not use.
 
     A plain object (not a dataclass or a model): Prefect hands it to tasks as it is, without walking
     the listing's records."""
 
-    __slots__ = ("cfg", "source", "_human", "_human_read")
+    __slots__ = ("cfg", "_source", "_human", "_human_read")
 
-    def __init__(self, cfg: PipelineConfig, source: sources.ImageSource) -> None:
-        self.cfg, self.source = cfg, source
+    def __init__(self, cfg: PipelineConfig, source: sources.ImageSource | None = None) -> None:
+        self.cfg = cfg
+        self._source = source
         self._human: HumanData | None = None
         self._human_read = False
 
     @classmethod
     def of(cls, cfg: PipelineConfig, source: sources.ImageSource | None = None) -> RunContext:
-        """The context of `cfg`: its source listed (unless `source`, a listing of it, is given)."""
-        return cls(cfg, source if source is not None else sources.source_from_config(cfg.source))
+        """The context of `cfg` (with `source`, a listing of its source, when the caller has one)."""
+        return cls(cfg, source)
+
+    @property
+    def source(self) -> sources.ImageSource:
+        """The run's image source, listed the first time it is asked for."""
+        if self._source is None:
+            self._source = sources.source_from_config(self.cfg.source)
+        return self._source
 
     @property
     def human(self) -> HumanData | None:
@@ -43,4 +52,4 @@ class RunContext:
         return self._human
 
     def __repr__(self) -> str:
-        return f"RunContext(root={self.cfg.root!r}, images={len(self.source)})"
+        return f"RunContext(root={self.cfg.root!r}, listed={self._source is not None})"

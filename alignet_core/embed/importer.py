@@ -5,7 +5,7 @@ The store is the one extraction writes (`io.embedding_store`: `embeddings` (n, p
 (`embed.chunk_rows` rows, the store's chunk), each chunk marked done after it is written
 (`ChunkProgress`), so a killed import resumes where it stopped, ending with the very bytes an
 uninterrupted import writes. Consecutive chunks are read and written together, up to about 64 MB
-(`embedding_sources.BLOCK_BYTES`): one Zarr write per chunk cost more than the copy itself. Memory is
+(`array_files.BLOCK_BYTES`): one Zarr write per chunk cost more than the copy itself. Memory is
 one such block whatever n is. The store is raw (no codec): dense
 embeddings barely compress and every later stage reads them whole.
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import InputError
-from alignet_core.io import embedding_sources, embedding_store
+from alignet_core.io import array_files, embedding_sources, embedding_store
 from alignet_core.io.embedding_sources import ArrayInfo
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def provenance(cfg: PipelineConfig, info: ArrayInfo) -> dict:
             "chunk_rows": cfg.embed.chunk_rows, "n": info.shape[0], "feature_dim": info.shape[1]}
 
 
-def copy_chunk(reader: embedding_sources.ArrayReader, emb: Any, start: int, stop: int, store_dtype: str) -> None:
+def copy_chunk(reader: array_files.ArrayReader, emb: Any, start: int, stop: int, store_dtype: str) -> None:
     """Rows [start, stop) of the source into the store's `embeddings`, cast to `store_dtype`; refused
     (`InputError`) when a row is not finite after the cast (a file changed since its inspection)."""
     block = np.asarray(reader.read(start, stop)).astype(store_dtype, copy=False)
@@ -69,7 +69,7 @@ def import_embeddings(cfg: PipelineConfig, ids: np.ndarray, store_url: str,
     t0 = time.perf_counter()
     info = checked_import(cfg)
     n, dim = info.shape
-    a = embedding_sources.locate(cfg.source)
+    a = array_files.locate(cfg.source)
     rows = cfg.embed.chunk_rows
     g = embedding_store.create_embedding_store(store_url, n, dim, ids, cfg.embed.store_dtype,
                                                rows, provenance(cfg, info), compressed=False)
@@ -83,8 +83,8 @@ def import_embeddings(cfg: PipelineConfig, ids: np.ndarray, store_url: str,
     if todo and not embedding_sources.unchanged(info):
         raise InputError(f"source.path: {info.path!r} changed since it was checked (size, mtime or inode); rerun to "
                          "check it again")
-    per_run = max(1, embedding_sources.BLOCK_BYTES // (dim * np.dtype(cfg.embed.store_dtype).itemsize * rows))
-    with embedding_sources.open_array(a) as reader:
+    per_run = max(1, array_files.BLOCK_BYTES // (dim * np.dtype(cfg.embed.store_dtype).itemsize * rows))
+    with array_files.open_array(a) as reader:
         for run in _runs(todo, per_run):
             start, stop = run[0][1], run[-1][2]
             copy_chunk(reader, emb, start, stop, cfg.embed.store_dtype)  # one write of several whole chunks
