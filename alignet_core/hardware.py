@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from alignet_core.config_base import device_list_problem
+from alignet_core.config.base import device_list_problem
 from alignet_core.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from alignet_core.config import PipelineConfig, parse_config, with_overrides
 from alignet_core.context import RunContext
 from alignet_core.embed.stage import run_embed
 from alignet_core.human import triplets as human
-from alignet_core.human.config import ViceConfig
+from alignet_core.config.human import ViceConfig
 from alignet_core.human.data import load_human_data
 from alignet_core.human.triplets import split_triplets
 from alignet_core.human.vice import ViceModel, fit_vice
@@ -29,7 +29,7 @@ from alignet_core.stats.metrics import (
     triplet_accuracy,
 )
 from alignet_core.synthetic import ceiling_accuracy
-from alignet_core.transform.config import TransformConfig
+from alignet_core.config.transform import TransformConfig
 from alignet_core.transform.fit import FitResult, fit_transform
 
 CPU = torch.device("cpu")

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignet_core.transform.config import TransformConfig
-from alignet_core.human.config import ViceConfig
+from alignet_core.config.transform import TransformConfig
+from alignet_core.config.human import ViceConfig
 from alignet_core.stats import bootstrap
 from alignet_core.stats.metrics import (
     choice_nll,

@@ -43,7 +43,7 @@ import time
 import numpy as np
 import torch
 
-from alignet_core.distill.config import DistillConfig
+from alignet_core.config.distill import DistillConfig
 from alignet_core.distill.batches import TripletBatches
 from alignet_core.distill.objective import alignet_loss, triplet_similarities
 from alignet_core.distill.train import train_student

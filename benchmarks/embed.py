@@ -52,7 +52,7 @@ import numpy as np
 import timm
 import torch
 
-from alignet_core.embed.config import EmbedConfig
+from alignet_core.config.embed import EmbedConfig
 from alignet_core.embed.extract import extract_embeddings
 from alignet_core.embed.extractor import _Extractor, _inference_model
 from alignet_core.io.embedding_store import open_embeddings

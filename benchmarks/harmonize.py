@@ -39,7 +39,7 @@ import time
 import numpy as np
 import torch
 
-from alignet_core.distill.config import DistillConfig, HarmonizeConfig
+from alignet_core.config.distill import DistillConfig, HarmonizeConfig
 from alignet_core.distill.evaluation import student_outcomes
 from alignet_core.distill.harmonizer import training_harmonizer
 from alignet_core.distill.objective import alignet_loss, triplet_similarities

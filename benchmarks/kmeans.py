@@ -71,7 +71,7 @@ def run_pipeline(n: int, p: int, k: int, niter: int, seed: int = 0) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
     from alignet_core.cluster.kmeans import greedy_kmeans_plusplus, run_kmeans
-    from alignet_core.cluster.config import ClusterConfig
+    from alignet_core.config.cluster import ClusterConfig
     from alignet_core.io import embedding_store
 
     x, labels = _blobs(n, p, k, seed)

@@ -60,11 +60,11 @@ from alignet_core.cluster.kmeans import assign_clusters, load_kmeans
 from alignet_core.cluster.stage import run_cluster
 from alignet_core.config import PipelineConfig, parse_config
 from alignet_core.context import RunContext
-from alignet_core.distill.config import DistillConfig
+from alignet_core.config.distill import DistillConfig
 from alignet_core.distill.train import train_student
 from alignet_core.embed.stage import run_embed
 from alignet_core.hardware import kmeans_backend
-from alignet_core.human.config import HumanConfig
+from alignet_core.config.human import HumanConfig
 from alignet_core.human.triplets import apportion, make_proxy_triplets, object_folds
 from alignet_core.io import formats, sources, store
 from alignet_core.sample.stage import plan_sample, publish_sample, run_sample_shard

@@ -17,7 +17,7 @@ _KILLED_RUN = textwrap.dedent(
     """
     import json, os, signal, sys
     import torch
-    from alignet_core.distill.config import DistillConfig
+    from alignet_core.config.distill import DistillConfig
     from alignet_core.distill.train import train_student
     from alignet_core.io import formats, sources
 

@@ -47,7 +47,7 @@ import numpy as np
 import zarr
 
 from alignet_core.cluster.min_size import enforce_min_cluster_size
-from alignet_core.cluster.config import ClusterConfig
+from alignet_core.config.cluster import ClusterConfig
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.hardware import KMeansBackend, kmeans_backend
 from alignet_core.io import embedding_store, store

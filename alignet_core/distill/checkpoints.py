@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from alignet_core.distill.config import DistillConfig
+from alignet_core.config.distill import DistillConfig
 from alignet_core.errors import StoreError
 from alignet_core.io import store
 from alignet_core.io.formats import AlignetTriplets

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alignet_core.distill.config import DistillConfig
+from alignet_core.config.distill import DistillConfig
 from alignet_core.errors import InputError
 from alignet_core.io.formats import AlignetTriplets
 from alignet_core.io.importance_maps import PROXY_NAME, source_maps

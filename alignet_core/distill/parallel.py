@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from alignet_core.config import PipelineConfig
-from alignet_core.distill.config import check_micro_batches
+from alignet_core.distill.micro_batches import check_micro_batches
 from alignet_core.errors import AlignetError
 from alignet_core.hardware import resolve_device, resolve_devices
 

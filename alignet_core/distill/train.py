@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alignet_core.distill.config import DistillConfig
+from alignet_core.config.distill import DistillConfig
 from alignet_core.distill.batches import TripletBatches
 from alignet_core.distill.harmonizer import training_harmonizer
 from alignet_core.distill.objective import (

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import torch
 
-from alignet_core.embed.config import EmbedConfig
+from alignet_core.config.embed import EmbedConfig
 from alignet_core.embed.extractor import embed_chunks
 from alignet_core.io import embedding_store
 from alignet_core.io.sources import ImageSource

@@ -14,7 +14,7 @@ import fsspec
 import numpy as np
 import torch
 
-from alignet_core.embed.config import EmbedConfig
+from alignet_core.config.embed import EmbedConfig
 from alignet_core.embed.devices import embed_on_devices
 from alignet_core.embed.extractor import SKIPPED_DIR, embed_chunks
 from alignet_core.errors import ConfigError

@@ -57,7 +57,7 @@ import timm
 import torch
 
 import alignet_core
-from alignet_core.embed.config import EmbedConfig
+from alignet_core.config.embed import EmbedConfig
 from alignet_core.embed.layers import LayerCapture, layer_arrays, layer_dims
 from alignet_core.embed.loader import image_loader
 from alignet_core.errors import InputError

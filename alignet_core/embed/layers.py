@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from alignet_core.embed.config import EmbedConfig
+from alignet_core.config.embed import EmbedConfig
 from alignet_core.errors import InputError, StoreError
 from alignet_core.models.factory import data_config, pooled_features
 

@@ -28,7 +28,7 @@ import fsspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from alignet_core.human.config import HumanConfig
+from alignet_core.config.human import HumanConfig
 from alignet_core.io.source_config import SourceConfig
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.io import sources

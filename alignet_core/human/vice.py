@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import save as st_save
 
-from alignet_core.human.config import ViceConfig
+from alignet_core.config.human import ViceConfig
 from alignet_core.errors import InputError
 from alignet_core.hardware import deterministic_torch
 from alignet_core.io import store

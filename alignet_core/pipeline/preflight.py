@@ -9,9 +9,9 @@ second on a CPU config.
 from __future__ import annotations
 
 from alignet_core.config import PipelineConfig
-from alignet_core.config_base import device_list_problem
+from alignet_core.config.base import device_list_problem
 from alignet_core.context import RunContext
-from alignet_core.distill.config import check_micro_batches
+from alignet_core.distill.micro_batches import check_micro_batches
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.human.data import (
     no_human_data_message,

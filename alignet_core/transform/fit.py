@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignet_core.transform.config import TransformConfig
+from alignet_core.config.transform import TransformConfig
 from alignet_core.errors import InputError
 from alignet_core.hardware import deterministic_torch
 from alignet_core.io.formats import validate_triplets

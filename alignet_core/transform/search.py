@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from alignet_core.transform.config import TransformConfig
+from alignet_core.config.transform import TransformConfig
 from alignet_core.errors import InputError
 from alignet_core.human.triplets import split_triplets
 from alignet_core.stats.metrics import knn_overlap, object_folds, odd_one_out_accuracy

@@ -36,15 +36,8 @@ from alignet_core.runtime.runner import (
     reuse,
 )
 from alignet_core.stats import metrics
-from alignet_core.transform.config import TransformConfig
-from alignet_core.transform.heldout import (
-    HeldOut,
-    TripletSplitFigures,
-    UncertaintyFigures,
-    heldout_figures,
-    triplet_split_figures,
-    uncertainty_figures,
-)
+from alignet_core.config.transform import TransformConfig
+from alignet_core.transform.heldout import HeldOut, TripletSplitFigures, UncertaintyFigures, heldout_figures, triplet_split_figures, uncertainty_figures
 
 if TYPE_CHECKING:
     import torch

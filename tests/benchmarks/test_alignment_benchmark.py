@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from alignet_core.transform.config import TransformConfig
-from alignet_core.human.config import ViceConfig
+from alignet_core.config.transform import TransformConfig
+from alignet_core.config.human import ViceConfig
 from alignet_core.synthetic import make_synthetic_human
 from alignet_core.human import triplets as human
 from benchmarks.alignment_synthetic import _object_disjoint

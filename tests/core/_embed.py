@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 
-from alignet_core.embed.config import EmbedConfig
+from alignet_core.config.embed import EmbedConfig
 from alignet_core.io.sources import ImageSource, demo_source
 from alignet_core.models.factory import create_model
 

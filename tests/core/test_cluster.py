@@ -17,7 +17,7 @@ from alignet_core.cluster.kmeans import (
     run_kmeans,
     save_kmeans,
 )
-from alignet_core.cluster.config import ClusterConfig
+from alignet_core.config.cluster import ClusterConfig
 from alignet_core.errors import ConfigError
 from alignet_core.io import embedding_store
 from tests.generated_embeddings import blobs, make_store

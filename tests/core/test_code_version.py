@@ -60,8 +60,8 @@ def test_text_edits_change_no_key_and_code_edits_do(package_copy: Path) -> None:
     every stage's key; an edit of what the code does changes it."""
     stage_modules = [f"alignet_core.{s}.stage" for s in STAGES]
     base = {m: code_version(m, package_copy) for m in stage_modules}
-    runner = package_copy / "pipeline" / "runner.py"  # in every stage's closure
-    config = package_copy / "config.py"
+    runner = package_copy / "runtime" / "runner.py"  # in every stage's closure
+    config = package_copy / "config" / "embed.py"
     original = {p: p.read_text() for p in (runner, config)}
     text = original[runner]
     assert '"""The stage runner' in text and 'description="' in original[config]

@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from alignet_core.distill.config import DistillConfig
+from alignet_core.config.distill import DistillConfig
 from alignet_core.distill.batches import TripletBatches
 from alignet_core.distill.evaluation import evaluate_student
 from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, warmup_cosine

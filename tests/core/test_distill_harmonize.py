@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignet_core.distill.config import DistillConfig, HarmonizeConfig
+from alignet_core.config.distill import DistillConfig, HarmonizeConfig
 from alignet_core.config import parse_config
 from alignet_core.distill import harmonizer as H
 from alignet_core.distill.stage import DistillFiles, plan_distill

@@ -15,7 +15,7 @@ import torch
 import zarr
 
 import alignet_core
-from alignet_core.embed.config import EmbedConfig
+from alignet_core.config.embed import EmbedConfig
 from alignet_core.embed.extract import extract_embeddings
 from alignet_core.errors import InputError, StoreError
 from alignet_core.io import embedding_store

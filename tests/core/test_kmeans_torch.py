@@ -12,7 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from alignet_core.cluster import kmeans_torch
 from alignet_core.cluster.kmeans import greedy_kmeans_plusplus, run_kmeans
-from alignet_core.cluster.config import ClusterConfig
+from alignet_core.config.cluster import ClusterConfig
 from alignet_core.hardware import KMeansBackend, faiss_gpu_available, kmeans_backend
 from tests.generated_embeddings import blobs, make_store
 

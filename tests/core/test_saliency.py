@@ -73,7 +73,7 @@ def test_alignment_summary_and_paired_change():
 def test_where_metric_on_demo_emoji_with_proxy_maps():
     """Real demo emoji, their proxy maps, a tiny real timm student: the same student before and after
     has a zero paired change; a picture comes back; the markdown names the proxy."""
-    from alignet_core.distill.config import DistillConfig
+    from alignet_core.config.distill import DistillConfig
     from alignet_core.evaluate.stage import EvaluateMetrics, EvaluateOutput
     from alignet_core.io import sources
     from alignet_core.io.importance_maps import PROXY_NAME

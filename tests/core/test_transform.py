@@ -12,7 +12,7 @@ import pytest
 import torch
 import zarr
 
-from alignet_core.transform.config import TransformConfig
+from alignet_core.config.transform import TransformConfig
 from alignet_core.errors import InputError, StoreError
 from alignet_core.human.triplets import split_triplets
 from alignet_core.io import embedding_store, store

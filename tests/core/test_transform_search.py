@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignet_core.transform.config import TransformConfig
+from alignet_core.config.transform import TransformConfig
 from alignet_core.synthetic import make_synthetic_human
 from alignet_core.transform.search import choose_setting, cross_validate_transform, grid_search_transform
 

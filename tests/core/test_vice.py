@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignet_core.human.config import ViceConfig
+from alignet_core.config.human import ViceConfig
 from alignet_core.errors import InputError
 from alignet_core.human.triplets import split_triplets
 from alignet_core.human.vice import ViceModel, fit_vice, spike_and_slab_log_prior
@@ -79,7 +79,7 @@ def test_prior_and_bad_inputs() -> None:
 def test_vice_soft_targets_calibrate_the_transform_better_than_hard(fitted) -> None:
     """Uncertainty distillation end to end: VICE's posterior-predictive probabilities as soft
     targets give a transform with lower held-out NLL and ECE than the one-hot choices."""
-    from alignet_core.transform.config import TransformConfig
+    from alignet_core.config.transform import TransformConfig
     from alignet_core.stats.metrics import (
         choice_probabilities_from_embeddings,
         expected_calibration_error,

@@ -259,7 +259,7 @@ def test_evaluate_alone_on_a_checkpoint_and_a_set_the_pipeline_did_not_make(harn
     triplets (with probabilities) written by hand: only embed, transform and evaluate run."""
     import torch
 
-    from alignet_core.distill.config import DistillConfig
+    from alignet_core.config.distill import DistillConfig
     from alignet_core.distill.train import train_student
     from alignet_core.io import sources
     from flows.cli import main

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignet_core.distill.config import DistillConfig
+from alignet_core.config.distill import DistillConfig
 from alignet_core.distill.train import train_student
 from alignet_core.io import formats, sources
 from alignet_core.models.student import HEAD_FILE, STUDENT_FILE

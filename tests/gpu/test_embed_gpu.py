@@ -20,7 +20,7 @@ import pytest
 import torch
 import zarr
 
-from alignet_core.embed.config import EmbedConfig
+from alignet_core.config.embed import EmbedConfig
 from alignet_core.distill.batches import TripletBatches
 from alignet_core.embed.extract import extract_embeddings
 from alignet_core.embed.extractor import _Extractor

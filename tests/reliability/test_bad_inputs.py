@@ -18,7 +18,7 @@ import torch
 import zarr
 
 from alignet_core.cluster import kmeans as cluster  # RENAME
-from alignet_core.cluster.config import ClusterConfig
+from alignet_core.config.cluster import ClusterConfig
 from alignet_core.config import parse_config
 from alignet_core.context import RunContext
 from alignet_core.embed.stage import EmbedMetrics, EmbedOutput, run_embed

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from alignet_core.config_base import ConfigModel
-from alignet_core.human.config import ProxyLevel
+from alignet_core.config.human import ProxyLevel
+from alignet_core.records import ConfigModel
 
 
 class EvalSetConfig(ConfigModel):

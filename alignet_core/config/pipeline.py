@@ -20,17 +20,18 @@ from pydantic import (
     field_validator,
 )
 
-from alignet_core.cluster.config import ClusterConfig
-from alignet_core.config_base import ConfigModel, Device
-from alignet_core.distill.config import DistillConfig
-from alignet_core.embed.config import EmbedConfig
+from alignet_core.config.base import Device
+from alignet_core.config.cluster import ClusterConfig
+from alignet_core.config.distill import DistillConfig
+from alignet_core.config.embed import EmbedConfig
+from alignet_core.config.evaluate import EvaluateConfig
+from alignet_core.config.human import HumanConfig, ViceConfig
+from alignet_core.config.sample import SampleConfig
+from alignet_core.config.transform import TransformConfig
 from alignet_core.errors import ConfigError
-from alignet_core.evaluate.config import EvaluateConfig
-from alignet_core.human.config import HumanConfig, ViceConfig
 from alignet_core.io.limits import MAX_CONFIG_BYTES, load_yaml, short
 from alignet_core.io.source_config import SourceConfig
-from alignet_core.sample.config import SampleConfig
-from alignet_core.transform.config import TransformConfig
+from alignet_core.records import ConfigModel
 
 
 class PipelineConfig(ConfigModel):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from alignet_core.config_base import ConfigModel, SamplingStrategy
+from alignet_core.config.base import SamplingStrategy
+from alignet_core.records import ConfigModel
 
 
 class SampleConfig(ConfigModel):

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from alignet_core.config_base import ConfigModel, SamplingStrategy, device_list_problem, devices_validator
-from alignet_core.errors import ConfigError
+from alignet_core.config.base import SamplingStrategy, device_list_problem, devices_validator
+from alignet_core.records import ConfigModel
 
 _ONE_KIND_RANKS = ("all ranks join one process group (NCCL for GPUs, gloo for CPUs) and must compute in one "
                    "precision (GPUs train in bf16, the CPU in float32) to follow one trajectory")
@@ -24,23 +24,6 @@ def rank_devices_problem(devices: list[str]) -> str | None:
     if twice:
         return f"{twice} named more than once; NCCL runs one rank per GPU, so give each GPU once"
     return None
-
-
-def check_micro_batches(batch_triplets: int, grad_accum: int, ranks: int, nodes: int = 1) -> None:
-    """`ConfigError` unless ranks·grad_accum micro-batches cut batch_triplets into equal shares; it names
-    distill.grad_accum for one rank, distill.devices (and nodes) for several."""
-    micro = ranks * grad_accum
-    if batch_triplets % micro == 0:
-        return
-    if ranks == 1:
-        raise ConfigError(f"distill.grad_accum: {grad_accum} must divide distill.batch_triplets "
-                          f"({batch_triplets}) into equal micro-batches")
-    where = f"{ranks} ranks ({nodes} nodes × {ranks // nodes} devices)" if nodes > 1 else f"{ranks} ranks"
-    raise ConfigError(
-        f"distill.devices: {where} × distill.grad_accum {grad_accum} = {micro} micro-batches must divide "
-        f"distill.batch_triplets ({batch_triplets}) into equal shares; use a rank count (or grad_accum) that "
-        f"divides it, or a batch_triplets that is a multiple of {micro}"
-    )
 
 
 class HarmonizeConfig(ConfigModel):

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 
 Device = Literal["auto", "cpu", "cuda"]
 #: the official AligNet samplings (`sample.strategies`; the student trains on one of them)
@@ -16,11 +16,6 @@ SamplingStrategy = Literal[
 ]
 
 
-class ConfigModel(BaseModel):
-    """A config section: unknown fields are refused (a typo fails naming the field), values are frozen."""
-
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 # why one list of devices must be of one kind, per use

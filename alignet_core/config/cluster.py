@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignet_core.config_base import ConfigModel
+from alignet_core.records import ConfigModel
 
 
 class ClusterConfig(ConfigModel):

@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignet_core.config_base import ConfigModel, device_list_problem, devices_validator
+from alignet_core.config.base import device_list_problem, devices_validator
+from alignet_core.records import ConfigModel
 
 
 class EmbedConfig(ConfigModel):
