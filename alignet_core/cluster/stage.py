@@ -49,7 +49,7 @@ class ClusterOutput(StageOutput):
 
 
 def plan_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StagePlan:
-    conf = {"cluster": cfg.cluster.model_dump(), "seed": cfg.seed,
+    conf = {"cluster": cfg.cluster.key_dump(), "seed": cfg.seed,
             "backend": dataclasses.asdict(kmeans_backend(cfg.cluster.use_gpu))}
     return plan_stage(cfg.root, "cluster", conf, [tfm.key], __name__)
 

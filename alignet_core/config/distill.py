@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignet_core.config.base import SamplingStrategy, device_list_problem, devices_validator
-from alignet_core.records import ConfigModel
+from alignet_core.records import NOT_IN_KEY, ConfigModel
 
 _ONE_KIND_RANKS = ("all ranks join one process group (NCCL for GPUs, gloo for CPUs) and must compute in one "
                    "precision (GPUs train in bf16, the CPU in float32) to follow one trajectory")
@@ -89,13 +89,13 @@ class DistillConfig(ConfigModel):
     n_eval: int = Field(1000, gt=0, description="held-out triplets per sampling for evaluation")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (per rank)")
     devices: list[str] | None = Field(
-        None,
+        None, json_schema_extra=NOT_IN_KEY,
         description="data-parallel training, one rank per entry: e.g. ['cuda:0', 'cuda:1'] (NCCL) or ['cpu', 'cpu'] "
         "(gloo), started by torchrun; each rank takes its share of every step's batch_triplets, so the run follows "
         "the one-process trajectory; null: one process on the pipeline's `device`",
     )
     nodes: int = Field(
-        1, gt=0, description="machines training together, each running `devices`; above 1 the ranks are started "
+        1, gt=0, json_schema_extra=NOT_IN_KEY, description="machines training together, each running `devices`; above 1 the ranks are started "
         "by torchrun on every node (docs/scaling.md), not by the stage",
     )
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from alignet_core.config.base import device_list_problem, devices_validator
-from alignet_core.records import ConfigModel
+from alignet_core.records import NOT_IN_KEY, ConfigModel
 
 
 class EmbedConfig(ConfigModel):
@@ -33,13 +33,13 @@ class EmbedConfig(ConfigModel):
         "on GPUs for long runs. Part of the stage's key: compiled kernels round differently from eager ones",
     )
     devices: list[str] | None = Field(
-        None,
+        None, json_schema_extra=NOT_IN_KEY,
         description="several devices, e.g. ['cuda:0', 'cuda:1']: one Dask worker process per device (each with "
         "num_workers loader processes) over its own chunk-aligned rows, into the same store; null: the pipeline's "
         "`device`",
     )
     max_skipped_fraction: float = Field(
-        0.01, ge=0, le=1,
+        0.01, ge=0, le=1, json_schema_extra=NOT_IN_KEY,
         description="the run fails (after the embeddings are kept) when more than this fraction of the images "
         "could not be read or decoded, naming the count and the reasons; 0: any skipped image fails, 1: never. "
         "Not part of the stage's key: raising it and rerunning reuses the embeddings",

@@ -31,24 +31,25 @@ from alignet_core.config.transform import TransformConfig
 from alignet_core.errors import ConfigError
 from alignet_core.io.limits import MAX_CONFIG_BYTES, load_yaml, short
 from alignet_core.io.source_config import SourceConfig
-from alignet_core.records import ConfigModel
+from alignet_core.records import NOT_IN_KEY, ConfigModel
 
 
 class PipelineConfig(ConfigModel):
     """The whole pipeline: where artifacts go, the seed, the hardware and every stage."""
 
-    root: str = Field("alignet-data", description="artifact root (local path or fsspec URL)")
+    root: str = Field("alignet-data", json_schema_extra=NOT_IN_KEY,
+                      description="artifact root (local path or fsspec URL)")
     dataset_name: str = Field(
-        "demo",
+        "demo", json_schema_extra=NOT_IN_KEY,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="name of the published dataset; a plain folder name (letters, digits, '.', '_', '-'), "
         "so the dataset stays under <root>/datasets/",
     )
     keep_versions: int | None = Field(
-        None, ge=1, description="published versions of the dataset to keep (oldest deleted first; null: keep all)"
+        None, ge=1, json_schema_extra=NOT_IN_KEY, description="published versions of the dataset to keep (oldest deleted first; null: keep all)"
     )
     lock_timeout: float | None = Field(
-        None,
+        None, json_schema_extra=NOT_IN_KEY,
         ge=0,
         description="seconds a stage waits for another run writing the same output on this root; "
         "null: as long as it takes (then reuses that output), 0: fail at once",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from alignet_core.config.base import SamplingStrategy
-from alignet_core.records import ConfigModel
+from alignet_core.records import NOT_IN_KEY, ConfigModel
 
 
 class SampleConfig(ConfigModel):
@@ -17,5 +17,7 @@ class SampleConfig(ConfigModel):
     n_train: int = Field(20000, gt=0, description="training triplets per strategy")
     n_valid: int = Field(2000, gt=0, description="validation triplets per strategy")
     shard_size: int = Field(5000, gt=0, description="triplets per shard, the unit of parallelism and resume")
-    n_workers: int = Field(2, gt=0, description="local Dask workers (ignored with dask_address)")
-    dask_address: str | None = Field(None, description="address of an existing Dask scheduler")
+    n_workers: int = Field(2, gt=0, json_schema_extra=NOT_IN_KEY,
+                           description="local Dask workers (ignored with dask_address)")
+    dask_address: str | None = Field(None, json_schema_extra=NOT_IN_KEY,
+                                     description="address of an existing Dask scheduler")

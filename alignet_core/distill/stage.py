@@ -135,7 +135,7 @@ def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
 
     layout = rank_layout(cfg)
     off = {"harmonize"} if cfg.distill.harmonize is None else set()  # keys of runs without it stay as they were
-    conf = {"distill": cfg.distill.model_dump(exclude={"devices", "nodes"} | off), "seed": cfg.seed,
+    conf = {"distill": cfg.distill.key_dump(exclude=off), "seed": cfg.seed,
             "source": sources.source_identity(cfg.source),
             "compute": dataclasses.asdict(compute_identity(layout.devices[0])), "ranks": layout.ranks}
     return plan_stage(cfg.root, "distill", conf, [files.key], __name__)

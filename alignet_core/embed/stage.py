@@ -88,7 +88,7 @@ def plan_embed(cfg: PipelineConfig, compute: ComputeIdentity | None = None) -> S
         return plan_stage(cfg.root, "embed", conf, [], __name__)
     compute = compute or embed_compute(cfg)
     conf = {"source": sources.source_identity(cfg.source),
-            "embed": cfg.embed.model_dump(exclude={"devices", "max_skipped_fraction"}),
+            "embed": cfg.embed.key_dump(),
             "compute": dataclasses.asdict(compute)}
     return plan_stage(cfg.root, "embed", conf, [], __name__)
 

@@ -118,7 +118,7 @@ def _inputs(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: St
 
 
 def plan_evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> StagePlan:
-    conf = {"evaluate": cfg.evaluate.model_dump(), "human": cfg.human.model_dump(), "seed": cfg.seed,
+    conf = {"evaluate": cfg.evaluate.key_dump(), "human": cfg.human.key_dump(), "seed": cfg.seed,
             "source": sources.source_identity(cfg.source), "student": cfg.distill.student,
             "weights": cfg.distill.weights, "image_size": cfg.distill.image_size,
             "device": device_type(cfg.device)}

@@ -83,7 +83,7 @@ class Promotion(Record):
 
 def _stage_plan(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StagePlan:
     """The stage's key and directory (no files read or written)."""
-    conf = {"sample": cfg.sample.model_dump(exclude={"n_workers", "dask_address"}), "seed": cfg.seed,
+    conf = {"sample": cfg.sample.key_dump(), "seed": cfg.seed,
             "source": sources.source_identity(cfg.source)}
     return plan_stage(cfg.root, "sample", conf, [tfm.key, clu.key], __name__)
 

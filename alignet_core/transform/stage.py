@@ -143,7 +143,7 @@ class TransformOutput(StageOutput):
 
 
 def plan_transform(cfg: PipelineConfig, emb: StageOutput) -> StagePlan:
-    conf: dict[str, Any] = {"transform": cfg.transform.model_dump(), "human": cfg.human.model_dump(), "seed": cfg.seed,
+    conf: dict[str, Any] = {"transform": cfg.transform.key_dump(), "human": cfg.human.key_dump(), "seed": cfg.seed,
                             "device": device_type(cfg.device)}
     if cfg.human.triplets:
         conf["human_sha256"] = store.file_sha256(cfg.human.triplets)
@@ -151,7 +151,7 @@ def plan_transform(cfg: PipelineConfig, emb: StageOutput) -> StagePlan:
         if getattr(cfg.human, field):
             conf[f"{field}_sha256"] = store.file_sha256(getattr(cfg.human, field))
     if cfg.transform.targets == "soft":
-        conf["vice"] = cfg.vice.model_dump()
+        conf["vice"] = cfg.vice.key_dump()
     return plan_stage(cfg.root, "transform", conf, [emb.key], __name__)
 
 

@@ -60,3 +60,25 @@ def test_file_url_roots_are_local_paths():
 
     assert parse_config({"root": "file:///data/alignet"}).root == "/data/alignet"
     assert parse_config({"root": "s3://bucket/alignet"}).root == "s3://bucket/alignet"
+
+
+def test_the_config_reference_page_is_generated_from_the_models():
+    """docs/config.md is `python -m alignet_core.config.reference`'s output (regenerate it after a field changes)."""
+    from pathlib import Path
+
+    from alignet_core.config.reference import reference_markdown
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert page.read_text() == reference_markdown()
+    assert "| `n_workers` | `int` | `2` | no |" in page.read_text()
+
+
+def test_fields_marked_out_of_the_key_leave_the_key_dump():
+    from alignet_core.config import parse_config
+
+    cfg = parse_config({"sample": {"n_workers": 7}, "embed": {"max_skipped_fraction": 0.5}})
+    assert "n_workers" not in cfg.sample.key_dump() and "n_train" in cfg.sample.key_dump()
+    assert cfg.embed.key_dump() == parse_config({}).embed.key_dump()
+    assert cfg.sample.key_dump() == parse_config({}).sample.key_dump()
+    assert cfg.distill.key_dump(exclude={"harmonize"}).keys() == cfg.distill.model_dump().keys() - {
+        "devices", "nodes", "harmonize"}
