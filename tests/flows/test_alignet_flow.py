@@ -229,7 +229,7 @@ def test_distill_flow_runs_alone_on_an_existing_dataset_folder(harness, tmp_path
     """The hand-off target: `distill` on a folder of official files, with no earlier stage."""
     import shutil
 
-    from flows.distill import distill_flow
+    from flows.stages import distill_flow
 
     summary, _ = _run(tiny(tmp_path / "e", **{"distill.enabled": False}))
     folder = tmp_path / "downloaded"

@@ -2,7 +2,7 @@
 that names the field and what is expected, no traceback, nothing created under the root.
 
 `alignet validate` and every `alignet run`/stage command share the same check
-(`flows._config.resolve_config` → `parse_config` + `stages.preflight`) before anything runs.
+(`flows._config.resolve_context` → `parse_config` + `pipeline.preflight`) before anything runs.
 """
 
 from __future__ import annotations
