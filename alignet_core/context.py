@@ -8,9 +8,15 @@ context while it checks the config, so the checks and the run see the same listi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from alignet_core.config import PipelineConfig
 from alignet_core.human.data import HumanData, human_data_or_none
 from alignet_core.io import sources
+
+
+T = TypeVar("T")
 
 
 class RunContext:
@@ -22,13 +28,14 @@ class RunContext:
     A plain object (not a dataclass or a model): Prefect hands it to tasks as it is, without walking
     the listing's records."""
 
-    __slots__ = ("cfg", "_source", "_human", "_human_read")
+    __slots__ = ("cfg", "_source", "_human", "_human_read", "_plans")
 
     def __init__(self, cfg: PipelineConfig, source: sources.ImageSource | None = None) -> None:
         self.cfg = cfg
         self._source = source
         self._human: HumanData | None = None
         self._human_read = False
+        self._plans: dict[tuple[str, str], Any] = {}
 
     @classmethod
     def of(cls, cfg: PipelineConfig, source: sources.ImageSource | None = None) -> RunContext:
@@ -50,6 +57,14 @@ class RunContext:
             self._human = human_data_or_none(self.cfg, self.source)
             self._human_read = True
         return self._human
+
+    def plan(self, planner: Callable[..., T], *inputs: Any) -> T:
+        """`planner(cfg, *inputs)` (a stage's content key and directory), computed once per run for the same
+        planner and inputs: Prefect's cache policy and the stage's run use the one plan."""
+        key = (f"{planner.__module__}.{planner.__qualname__}", repr([getattr(i, "key", i) for i in inputs]))
+        if key not in self._plans:
+            self._plans[key] = planner(self.cfg, *inputs)
+        return self._plans[key]
 
     def __repr__(self) -> str:
         return f"RunContext(root={self.cfg.root!r}, listed={self._source is not None})"

@@ -160,7 +160,7 @@ def run(steps: int, batch: int, image_size: int, repeats: int, n_images: int, se
 
 # ----------------------------------------------------------------------------- GPU mode
 GPU_STUDENT = "vit_base_patch16_224"
-#: issue 22's targets for the ViT-B/16 student on one GPU
+#: the targets for the ViT-B/16 student on one GPU
 TARGET_MFU, TARGET_RATIO = 0.4, 0.9
 
 

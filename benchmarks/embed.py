@@ -158,7 +158,7 @@ def run(model_name: str, n: int, batch_size: int, num_workers: int, repeats: int
 
 # ----------------------------------------------------------------------------- GPU mode
 GPU_MODEL = "vit_base_patch16_224"
-#: model FLOP utilisation of the in-memory extraction (ViT-B/16, bf16) that issue 22 asks for
+#: model FLOP utilisation of the in-memory extraction (ViT-B/16, bf16) that the GPU target asks for
 TARGET_MFU = 0.5
 
 

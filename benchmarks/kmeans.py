@@ -180,7 +180,7 @@ def run(n: int, p: int, k: int, niter: int, seed: int = 0, repeats: int = 3) -> 
     }
 
 
-#: seconds for 20 Lloyd iterations of 1.28M × 1152 rows, k = 500, on one GPU (issue 22's target)
+#: seconds for 20 Lloyd iterations of 1.28M × 1152 rows, k = 500, on one GPU (the GPU target for regenerating an ImageNet-scale dataset)
 TARGET_LLOYD_S = 5.0
 
 

@@ -74,7 +74,7 @@ from benchmarks._machine import check_gpu_device, machine_info, report_gpu_resul
 from benchmarks.distill import mean_unique_images
 from benchmarks.embed import write_jpegs
 
-#: the paper's scale and issue 22's target for regenerating it on one GPU
+#: the paper's scale and the target for regenerating it on one GPU
 PAPER_IMAGES, PAPER_TRIPLETS, THINGS_TRIPLETS = 1_281_167, 10_000_000, 4_700_000
 PAPER_STEPS, PAPER_BATCH = 100_000, 512
 TARGET_REGENERATION_S = 3600.0

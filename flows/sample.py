@@ -75,7 +75,7 @@ def sample_on_dask(ctx: RunContext, tfm: TransformOutput, clu: ClusterOutput) ->
     `SamplingWorkerSetup` plugin first (the scheduler keeps it for workers that join later). When the
     version is already published (a cached rerun) no cluster is started or contacted: nothing runs on it."""
     cfg = ctx.cfg
-    if sample_published(cfg, tfm, clu):
+    if sample_published(ctx, tfm, clu):
         ds = sample_triplets(ctx, tfm, clu)
     else:
         if cfg.sample.dask_address:

@@ -145,11 +145,12 @@ class StageCache(CachePolicy):
 
 def stage_output(plan: Callable[..., StagePlan], output_type: type[StageOutput]) -> Callable[..., Located]:
     """`locate` for a stage task whose first parameter is the run context (`ctx`) and whose others are
-    `plan`'s after the config: `plan(ctx.cfg, ...)` keys it. Complete when its directory has a manifest;
-    `expected` is the manifest-checked reuse of that output."""
+    `plan`'s after the config: `ctx.plan(plan, ...)` keys it (the run's one plan of the stage, which its run
+    uses too). Complete when its directory has a manifest; `expected` is the manifest-checked reuse of that
+    output."""
 
     def locate(ctx: Any, *args: Any, **kwargs: Any) -> Located:
-        p = plan(ctx.cfg, *args, **kwargs)
+        p = ctx.plan(plan, *args, *kwargs.values())
         return Located(key=p.key, dir=p.dir, complete=store.is_complete(p.dir),
                        expected=lambda: reuse(p, output_type))
 

@@ -18,7 +18,7 @@ from tasks._progress import progress_artifact
 
 def _locate(ctx: RunContext, ds: SampleOutput | None) -> Located:
     """Stage 4's output: trained on `ds`, or on `distill.dataset` when set."""
-    plan = plan_distill(ctx.cfg, distill_files(ctx.cfg, ds))
+    plan = ctx.plan(plan_distill, distill_files(ctx.cfg, ds))
     return Located(key=plan.key, dir=plan.dir, complete=store.is_complete(plan.dir),
                    expected=lambda: reuse(plan, DistillOutput))
 

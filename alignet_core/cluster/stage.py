@@ -56,7 +56,7 @@ def plan_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StagePlan:
 
 def run_cluster(ctx: RunContext, tfm: StageOutput) -> ClusterOutput:
     """k-means of the transformed store; agreement with the source's labels."""
-    plan = plan_cluster(ctx.cfg, tfm)
+    plan = ctx.plan(plan_cluster, tfm)
     return once(plan, ClusterOutput, lambda: _cluster(ctx, tfm, plan), ctx.cfg.lock_timeout)
 
 

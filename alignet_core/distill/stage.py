@@ -182,7 +182,7 @@ def run_distill(
         raise InputError(f"source.images: {reason}")
     layout = rank_layout(cfg)
     files = distill_files(cfg, ds)
-    plan = plan_distill(cfg, files)
+    plan = ctx.plan(plan_distill, files)
     if layout.nodes > 1 and not store.is_complete(plan.dir) and read_train_log(plan.dir) is None:
         raise nodes_need_torchrun(layout)
     # training resumes from its own checkpoints: no temporaries to clear

@@ -101,7 +101,7 @@ def run_embed(ctx: RunContext, progress: Callable[[int, int], None] | None = Non
     cfg = ctx.cfg
     if cfg.source.kind == "embeddings":
         checked_import(cfg)  # a bad array or store dtype is refused before anything is written
-    plan = plan_embed(cfg)
+    plan = ctx.plan(plan_embed)
     out = once(plan, EmbedOutput, lambda: _embed(ctx, plan, progress), cfg.lock_timeout)
     check_skipped(out.metrics, cfg.embed.max_skipped_fraction)
     return out

@@ -127,7 +127,7 @@ def plan_evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, stude
 
 def run_evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> EvaluateOutput:
     """Score every model on every evaluation set (see the module doc)."""
-    plan = plan_evaluate(ctx.cfg, emb, tfm, student)
+    plan = ctx.plan(plan_evaluate, emb, tfm, student)
     return once(plan, EvaluateOutput, lambda: _evaluate(ctx, emb, tfm, student, plan), ctx.cfg.lock_timeout)
 
 

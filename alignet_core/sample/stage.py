@@ -88,10 +88,11 @@ def _stage_plan(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> Stag
     return plan_stage(cfg.root, "sample", conf, [tfm.key, clu.key], __name__)
 
 
-def sample_published(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> bool:
+def sample_published(ctx: RunContext, tfm: StageOutput, clu: StageOutput) -> bool:
     """True when this config's dataset version is already published (the stage's manifest and its
     dataset folder exist): a rerun then needs no shard and no workers. Reads no store."""
-    plan = _stage_plan(cfg, tfm, clu)
+    cfg = ctx.cfg
+    plan = ctx.plan(_stage_plan, tfm, clu)
     if not store.is_complete(plan.dir):
         return False
     folder = TRANSFORMED_FOLDER if cfg.transform.enabled else UNTRANSFORMED_FOLDER
@@ -102,7 +103,7 @@ def plan_sample(ctx: RunContext, tfm: StageOutput, clu: StageOutput) -> Sampling
     """Plan the sampling stage and write the group files its shards read (cheap, idempotent)."""
     cfg, src = ctx.cfg, ctx.source
     s = cfg.sample
-    plan = _stage_plan(cfg, tfm, clu)
+    plan = ctx.plan(_stage_plan, tfm, clu)
     valid = embedding_store.open_embeddings(tfm.artifact)["valid"][:]
     labels = src.labels()
     class_groups = np.unique(labels, return_inverse=True)[1].astype(np.int64)

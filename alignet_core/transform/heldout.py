@@ -6,7 +6,7 @@
   reference protocol (gLocal: cosine similarity of the raw object embeddings); the dot products
   of standardized embeddings, where the transform starts from, are reported beside it, named.
   With per-triplet levels (the proxy's), the same figures per abstraction level.
-- `triplet_split_figures`: the figure earlier versions reported, on held-out *triplets* of the
+- `triplet_split_figures`: a secondary figure, on held-out *triplets* of the
   training objects (every object was fitted): secondary, labelled as such.
 - `uncertainty_figures`: where human choice probabilities exist, how the transformed teacher's
   choice distribution (softmax of its dot products / T, T as fitted) follows them, beside the

@@ -158,7 +158,7 @@ def plan_transform(cfg: PipelineConfig, emb: StageOutput) -> StagePlan:
 def run_transform(ctx: RunContext, emb: StageOutput) -> TransformOutput:
     """Fit the transform and apply it to the store (or pass the store through when disabled)."""
     cfg = ctx.cfg
-    plan = plan_transform(cfg, emb)
+    plan = ctx.plan(plan_transform, emb)
     if not cfg.transform.enabled:
         if (done := reuse(plan, TransformOutput)) is not None:
             return done

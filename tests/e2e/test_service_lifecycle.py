@@ -1,5 +1,5 @@
-"""`make serve` operated for months: stopped mid-run, killed mid-run, restarted (issue 19), and its worker
-offered a foreign deployment (issue 23). A real `scripts/serve.sh` (server, pool, deployments, worker) on one
+"""`make serve` operated for months: stopped mid-run, killed mid-run, restarted, and its worker
+offered a foreign deployment. A real `scripts/serve.sh` (server, pool, deployments, worker) on one
 Prefect home, three times:
 
 1. a Ctrl-C (SIGINT to serve.sh alone) mid-run: serve.sh exits by itself, no process it started survives

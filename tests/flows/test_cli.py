@@ -85,7 +85,7 @@ def test_validate_and_errors_do_not_import_torch():
 
 def test_the_flows_load_no_compute_library():
     """What a fully cached rerun imports: the flows and every stage's planning, without torch, timm, scipy,
-    matplotlib, FAISS or Dask (seconds of imports each; issue 20's cached-rerun target). The stages import
+    matplotlib, FAISS or Dask (seconds of imports each, which a cached rerun must not pay). The stages import
     them where they compute, and `benchmarks.scale` records the cached rerun's time."""
     probe = ("import sys, flows.cli, flows.alignet, flows.stages, flows.sample, "
              "alignet_core.pipeline.report; print(sorted(m for m in ('torch', 'timm', 'torchvision', 'scipy', "

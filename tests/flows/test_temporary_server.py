@@ -1,4 +1,4 @@
-"""The CLI's own start of Prefect's temporary server (issue 20: a fully cached rerun pays seconds, not the
+"""The CLI's own start of Prefect's temporary server (a fully cached rerun pays seconds, not the
 server's import and start one after the other): one per process, used by the flow, stopped at exit; none
 when a server is configured."""
 

@@ -1,4 +1,4 @@
-"""`kill -9` of the `alignet` CLI mid-run leaves no process behind (issue 19): not Prefect's temporary
+"""`kill -9` of the `alignet` CLI mid-run leaves no process behind: not Prefect's temporary
 server (it used to live on, 235 MB, on its port), not the sampling stage's Dask workers, not the embed
 stage's DataLoader workers. The CLI's watchdog (alignet_core/runtime/lifeline.py) ends them.
 
