@@ -12,14 +12,7 @@ from alignet_core.config import PipelineConfig
 from alignet_core.context import RunContext
 from alignet_core.sample.stage import SampleOutput, publish_complete, sample_published
 from alignet_core.transform.stage import TransformOutput
-from tasks.sample import (
-    dataset_artifacts,
-    follow_shards,
-    plan_sampling,
-    promote,
-    publish,
-    submit_shards,
-)
+from tasks.sample import dataset_artifacts, follow_shards, plan_sampling, promote, publish, submit_shards
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
@@ -43,11 +36,7 @@ def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
     """A local cluster of `sample.n_workers` single-threaded processes, or an existing cluster."""
     from prefect_dask import DaskTaskRunner
 
-    from flows.dask_workers import (
-        WORKER_CONFIG,
-        SamplingWorkerSetup,
-        quiet_local_cluster,
-    )
+    from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
 
     if cfg.sample.dask_address:
         return DaskTaskRunner(address=cfg.sample.dask_address)

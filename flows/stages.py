@@ -13,10 +13,10 @@ from typing import Any
 
 from prefect import Flow, flow
 
+from alignet_core.context import RunContext
 from alignet_core.pipeline import registry
 from alignet_core.runtime.declaration import Stage
 from alignet_core.runtime.runner import StageOutput
-from alignet_core.context import RunContext
 from flows._config import Overrides, resolve_context
 from flows.sample import sample_on_dask
 from tasks.cluster import cluster

@@ -36,9 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
-from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
 from prefect.results import get_default_result_storage
 from prefect.serializers import JSONSerializer
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from alignet_core.cluster.render import cluster_markdown
 from alignet_core.cluster.stage import ClusterOutput, plan_cluster, run_cluster
 from alignet_core.context import RunContext
-from alignet_core.cluster.render import cluster_markdown
 from alignet_core.transform.stage import TransformOutput
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
 from tasks._progress import progress_artifact

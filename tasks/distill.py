@@ -6,10 +6,10 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from alignet_core.context import RunContext
+from alignet_core.distill.render import student_markdown
 from alignet_core.distill.stage import DistillOutput, distill_files, plan_distill, run_distill
 from alignet_core.io import store
 from alignet_core.runtime.progress import ProgressLog
-from alignet_core.distill.render import student_markdown
 from alignet_core.runtime.runner import reuse
 from alignet_core.sample.stage import SampleOutput
 from tasks._cache import RESULT_SERIALIZER, Located, StageCache

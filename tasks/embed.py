@@ -6,9 +6,9 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from alignet_core.context import RunContext
+from alignet_core.embed.render import embed_rows
 from alignet_core.embed.stage import EmbedOutput, check_skipped, plan_embed, run_embed
 from alignet_core.runtime.progress import ProgressLog
-from alignet_core.embed.render import embed_rows
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
 from tasks._progress import progress_artifact
 

@@ -6,9 +6,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
 from alignet_core.context import RunContext
+from alignet_core.evaluate.render import alignment_markdown, saliency_markdown
 from alignet_core.evaluate.stage import EvaluateOutput, plan_evaluate, run_evaluate
 from alignet_core.runtime.runner import StageOutput
-from alignet_core.evaluate.render import alignment_markdown, saliency_markdown
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
 from tasks._progress import progress_artifact
 

@@ -18,14 +18,7 @@ from alignet_core.config import PipelineConfig
 from alignet_core.context import RunContext
 from alignet_core.hardware import kmeans_backend
 from alignet_core.io import store
-from alignet_core.runtime.runner import (
-    StageMetrics,
-    StageOutput,
-    StagePlan,
-    finish,
-    once,
-    plan_stage,
-)
+from alignet_core.runtime.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.stats import metrics
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    Field,
-    ValidationError,
-    field_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from alignet_core.config.base import Device
 from alignet_core.config.cluster import ClusterConfig

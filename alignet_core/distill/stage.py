@@ -30,15 +30,7 @@ from alignet_core.hardware import compute_identity
 from alignet_core.human.data import PROXY_NAME, human_test_split
 from alignet_core.io import sources, store
 from alignet_core.io.formats import sampling_name
-from alignet_core.runtime.runner import (
-    Record,
-    StageMetrics,
-    StageOutput,
-    StagePlan,
-    finish,
-    once,
-    plan_stage,
-)
+from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.stats.bootstrap import Comparison, Estimate, accuracy, compare
 
 # The modules that train (torch, timm) are imported inside the functions that use them: planning and

@@ -24,13 +24,19 @@ import torch
 
 from alignet_core.config.distill import DistillConfig
 from alignet_core.distill.batches import TripletBatches
-from alignet_core.distill.harmonizer import training_harmonizer
-from alignet_core.distill.objective import (
-    AdamDecayToInit,
-    alignet_loss,
-    triplet_similarities,
-    warmup_cosine,
+from alignet_core.distill.checkpoints import (
+    CHECKPOINT_DIR,
+    data_fingerprint,
+    finished_run,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    save_safetensors_atomic,
+    trajectory_of,
+    write_json_atomic,
 )
+from alignet_core.distill.harmonizer import training_harmonizer
+from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, triplet_similarities, warmup_cosine
 from alignet_core.distill.parallel import (
     RankMicroBatches,
     accumulating,
@@ -45,10 +51,8 @@ from alignet_core.errors import ConfigError, StoreError
 from alignet_core.hardware import autocast_dtype
 from alignet_core.io.formats import AlignetTriplets
 from alignet_core.io.sources import ImageSource
-from alignet_core.distill.checkpoints import CHECKPOINT_DIR, data_fingerprint, finished_run, list_checkpoints, load_checkpoint, save_checkpoint, save_safetensors_atomic, trajectory_of, write_json_atomic
-from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE
 from alignet_core.models.embedding import loader
-from alignet_core.models.student import build_student, eval_transform, input_size
+from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE, build_student, eval_transform, input_size
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 from alignet_core.config import PipelineConfig
 from alignet_core.context import RunContext
-from alignet_core.errors import InputError
 from alignet_core.embed.importer import checked_import, import_embeddings
+from alignet_core.errors import InputError
 from alignet_core.hardware import ComputeIdentity, compute_identity, resolve_device, resolve_devices
 from alignet_core.io import sources, store
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage

@@ -26,25 +26,13 @@ import numpy as np
 from alignet_core.config import PipelineConfig
 from alignet_core.context import RunContext
 from alignet_core.evaluate.saliency_scores import SaliencyAlignment
-from alignet_core.evaluate.sets import (
-    EvalSet,
-    build_sets,
-    needed_images,
-)
+from alignet_core.evaluate.sets import EvalSet, build_sets, needed_images
 from alignet_core.hardware import device_type, resolve_device
 from alignet_core.human.data import HumanData
 from alignet_core.human.triplets import object_embeddings
 from alignet_core.io import embedding_store, formats, sources, store
 from alignet_core.runtime.progress import ProgressLog
-from alignet_core.runtime.runner import (
-    Record,
-    StageMetrics,
-    StageOutput,
-    StagePlan,
-    finish,
-    once,
-    plan_stage,
-)
+from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.stats import bootstrap
 from alignet_core.stats.bootstrap import Difference, Estimate
 from alignet_core.stats.metrics import odd_one_out_correct, pair_similarities, unit_rows

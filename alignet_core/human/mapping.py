@@ -29,9 +29,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from alignet_core.config.human import HumanConfig
-from alignet_core.io.source_config import SourceConfig
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.io import sources
+from alignet_core.io.source_config import SourceConfig
 from alignet_core.records import Record
 
 log = logging.getLogger(__name__)

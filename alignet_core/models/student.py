@@ -28,7 +28,6 @@ from torch import nn
 from alignet_core.errors import ConfigError, StoreError
 from alignet_core.models import factory as models
 
-
 STUDENT_FILE = "student.safetensors"  # the exported backbone
 HEAD_FILE = "head.safetensors"  # the exported head
 LOG_FILE = "train_log.json"  # written last: a folder with it is a finished student

@@ -13,10 +13,7 @@ from alignet_core.config.base import device_list_problem
 from alignet_core.context import RunContext
 from alignet_core.distill.micro_batches import check_micro_batches
 from alignet_core.errors import ConfigError, InputError
-from alignet_core.human.data import (
-    no_human_data_message,
-    proxy_taxonomy,
-)
+from alignet_core.human.data import no_human_data_message, proxy_taxonomy
 from alignet_core.io import formats, sources, store
 from alignet_core.models.refs import check_model_name, resolve_weights
 

@@ -31,9 +31,7 @@ from alignet_core.stats.uncertainty import (
 )
 
 if TYPE_CHECKING:
-    from alignet_core.transform.affine import (
-        AffineTransform,  # torch: only its type is needed here
-    )
+    from alignet_core.transform.affine import AffineTransform  # torch: only its type is needed here
 
 ZERO_SHOT = "cosine similarity of the raw embeddings (gLocal's zero-shot protocol)"
 ZERO_SHOT_DOT = "dot products of the globally standardized embeddings (where the transform starts)"

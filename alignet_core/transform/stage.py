@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from alignet_core.config import PipelineConfig
+from alignet_core.config.transform import TransformConfig
 from alignet_core.context import RunContext
 from alignet_core.errors import ConfigError
 from alignet_core.hardware import device_type, resolve_device
@@ -25,19 +26,16 @@ from alignet_core.human import triplets as human
 from alignet_core.human.data import HumanData, no_human_data_message
 from alignet_core.human.mapping import MappingSummary
 from alignet_core.io import embedding_store, formats, store
-from alignet_core.runtime.runner import (
-    Record,
-    StageMetrics,
-    StageOutput,
-    StagePlan,
-    finish,
-    once,
-    plan_stage,
-    reuse,
-)
+from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage, reuse
 from alignet_core.stats import metrics
-from alignet_core.config.transform import TransformConfig
-from alignet_core.transform.heldout import HeldOut, TripletSplitFigures, UncertaintyFigures, heldout_figures, triplet_split_figures, uncertainty_figures
+from alignet_core.transform.heldout import (
+    HeldOut,
+    TripletSplitFigures,
+    UncertaintyFigures,
+    heldout_figures,
+    triplet_split_figures,
+    uncertainty_figures,
+)
 
 if TYPE_CHECKING:
     import torch
