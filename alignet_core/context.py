@@ -15,7 +15,6 @@ from alignet_core.config import PipelineConfig
 from alignet_core.human.data import HumanData, human_data_or_none
 from alignet_core.io import sources
 
-
 T = TypeVar("T")
 
 

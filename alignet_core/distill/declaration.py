@@ -21,6 +21,7 @@ STAGE = Stage(
     name="distill", summary="finetune the student with the AligNet loss", section="distill",
     inputs=("sample",), run="alignet_core.distill.stage:run_distill",
     output="alignet_core.distill.stage:DistillOutput", deployment="distill-student",
+    check="alignet_core.distill.checks:check",
     example="--set distill.steps=2000", runs=_runs, needs=_needs,
     figures="alignet_core.distill.render:student_figures",
 )

@@ -46,13 +46,13 @@ import torch
 from alignet_core import errors
 from alignet_core.config import PipelineConfig
 from alignet_core.distill.agent import AGENT_ENV, PARENT_ENV, die_with_parent
+from alignet_core.distill.checkpoints import CHECKPOINT_DIR, list_checkpoints
 from alignet_core.distill.parallel import RankLayout, rank_layout
 from alignet_core.distill.train import train_student
 from alignet_core.errors import AlignetError, ConfigError, DistributedError
 from alignet_core.hardware import process_group_backend, rank_threads
 from alignet_core.io import sources
 from alignet_core.io.dataset_splits import join_mode, read_split
-from alignet_core.distill.checkpoints import CHECKPOINT_DIR, list_checkpoints
 from alignet_core.models.student import read_train_log
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ STAGE = Stage(
     name="evaluate", summary="alignment at every level, before and after, with 95% intervals",
     section="evaluate", inputs=("embed", "transform", "distill"), run="alignet_core.evaluate.stage:run_evaluate",
     output="alignet_core.evaluate.stage:EvaluateOutput", deployment="alignment-levels",
+    check="alignet_core.evaluate.checks:check",
     example="--set evaluate.student=runs/student", runs=_runs, needs=_needs,
     report="alignet_core.evaluate.render:report_markdown", figures="alignet_core.evaluate.render:saliency_figures",
 )

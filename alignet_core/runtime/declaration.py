@@ -50,6 +50,8 @@ class Stage:
     runs: whether an end-to-end run computes it under `cfg`.
     needs: whether, under `cfg`, it reads input `name` (e.g. distillation on a given dataset needs no
         sampling).
+    check: where its checks before any work are (`check(ctx)`, raising `ConfigError` / `InputError` naming
+        the field); `pipeline.preflight` runs every stage's, in order, for every run.
     report: where its own section of the run's `report.md` is rendered (`section(output) -> str`), if any.
     figures: where the charts of its output for the run's report are made (`figures(output) -> list`), if any.
     """
@@ -64,8 +66,14 @@ class Stage:
     example: str
     runs: Callable[[PipelineConfig], bool] = _always
     needs: Callable[[PipelineConfig, str], bool] = _every_input
+    check: str | None = None
     report: str | None = None
     figures: str | None = None
+
+    def preflight(self, ctx: Any) -> None:
+        """Run this stage's checks on `ctx`, the run context (none when it declares none)."""
+        if self.check is not None:
+            load(self.check)(ctx)
 
     def output_type(self) -> type[StageOutput]:
         return load(self.output)

@@ -9,5 +9,6 @@ STAGE = Stage(
     name="sample", summary="triplets sampled on Dask, published as AligNet .npz", section="sample",
     inputs=("transform", "cluster"), run="alignet_core.sample.stage:run_sample",
     output="alignet_core.sample.stage:SampleOutput", deployment="publish-triplets",
+    check="alignet_core.sample.checks:check",
     example="--set sample.n_train=1000000",
 )

@@ -8,5 +8,6 @@ STAGE = Stage(
     name="transform", summary="the human-aligned transform of the teacher", section="transform",
     inputs=("embed",), run="alignet_core.transform.stage:run_transform",
     output="alignet_core.transform.stage:TransformOutput", deployment="human-alignment-transform",
+    check="alignet_core.transform.checks:check",
     example="--set transform.epochs=30", figures="alignet_core.transform.render:transform_figures",
 )
