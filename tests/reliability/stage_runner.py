@@ -37,19 +37,20 @@ def run_until(cfg: Any, stage: str) -> Any:
     from alignet_core.sample.stage import plan_sample, publish_sample, run_sample_shard
     from alignet_core.transform.stage import run_transform
 
-    emb = run_embed(RunContext.of(cfg))
+    ctx = RunContext.of(cfg)
+    emb = run_embed(ctx)
     if stage == "embed":
         return emb
-    tfm = run_transform(RunContext.of(cfg), emb)
+    tfm = run_transform(ctx, emb)
     if stage == "transform":
         return tfm
-    clu = run_cluster(RunContext.of(cfg), tfm)
+    clu = run_cluster(ctx, tfm)
     if stage == "cluster":
         return clu
-    sp = plan_sample(RunContext.of(cfg), tfm, clu)
+    sp = plan_sample(ctx, tfm, clu)
     for spec in sp.specs:
         run_sample_shard(sp, spec)
-    return publish_sample(RunContext.of(cfg), sp)
+    return publish_sample(ctx, sp)
 
 
 def paced_shard(sp: Any, spec: dict[str, Any], seconds: float) -> str:
