@@ -29,10 +29,22 @@ def plan_note(root: str) -> StagePlan:
     return plan_stage(root, "note", {"text": "hello"}, [], "alignet_core.io.store")
 
 
+class NoteContext:
+    """What a stage task's first parameter gives `stage_output`: the config (here the root) and the run's
+    plan of a stage (`RunContext.plan`)."""
+
+    def __init__(self, root: str) -> None:
+        self.cfg = root
+
+    def plan(self, planner, *inputs):
+        return planner(self.cfg, *inputs)
+
+
 @task(name="note", cache_policy=StageCache(locate=stage_output(plan_note, NoteOutput)), persist_result=True,
       result_serializer=RESULT_SERIALIZER)
-def note(root: str) -> NoteOutput:
-    plan = plan_note(root)
+def note(ctx: NoteContext) -> NoteOutput:
+    root = ctx.cfg
+    plan = ctx.plan(plan_note)
 
     def work() -> NoteOutput:
         CALLS.append(root)
@@ -45,7 +57,7 @@ def note(root: str) -> NoteOutput:
 
 @flow
 def note_flow(root: str):
-    return note(root, return_state=True)
+    return note(NoteContext(root), return_state=True)
 
 
 @pytest.fixture(scope="module")
