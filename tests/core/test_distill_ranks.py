@@ -229,8 +229,9 @@ def test_two_gloo_ranks_follow_the_one_process_trajectory(two_ranks: dict, data:
        operations on the same operands in the same order. Each rank's forward and backward is the one
        process's micro-batch j, with the same kernels (ATEN_CPU_CAPABILITY, OMP_NUM_THREADS are inherited)
        on the same number of threads, pinned here with `torch_threads`: a float32 reduction split over
-       another thread count adds its partial sums in another order (this is what failed, 3.7e-5 on an
-       AVX-512 machine: torchrun's ranks on 1 thread each, this process on 2). DDP's all-reduce of two ranks
+       another thread count adds its partial sums in another order (what failed before the pin: 3.7e-5 on
+       an AVX-512 machine, 1.3e-6 on this AVX2 one under ATEN_CPU_CAPABILITY=default, against a tolerance
+       of 1e-6: torchrun's ranks on 1 thread each, this process on 2). DDP's all-reduce of two ranks
        is one addition g₀ + g₁ (commutative, so the same on both ranks) and a halving; one process
        accumulates ½g₀ + ½g₁. Halving is exact in binary floating point and commutes with rounding, so
        the gradients, hence the weights and the losses, are equal bit for bit: tolerance 0.
