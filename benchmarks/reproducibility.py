@@ -1,6 +1,6 @@
 """Reproducibility across CPU kernels and thread counts: how much of the published dataset changes.
 
-    python -m benchmarks.reproducibility                  # every variant below, ~4 minutes on 2 cores
+    python -m benchmarks.reproducibility                  # every variant below, ~3 minutes on 2 cores
     python -m benchmarks.reproducibility --variants baseline_again,one_thread
 
 The dataset stages (embed → transform → cluster → sample → publish) run as the flow calls them, minus
