@@ -94,7 +94,7 @@ def test_sampling_publishes_the_same_bytes_under_every_kernel_and_thread_count(p
     for name, env in VARIANTS.items():
         spec = {"pool": pool, "out": str(tmp_path / name)}
         out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], env={**base_env, **env}, cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=300, check=False)
         assert out.returncode == 0, out.stderr[-3000:]
         child = json.loads(out.stdout.strip().splitlines()[-1])
         if "ATEN_CPU_CAPABILITY" in env:  # the variant took effect in the child
