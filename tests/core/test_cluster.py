@@ -95,6 +95,7 @@ def test_greedy_kmeans_plusplus_picks_distinct_rows_deterministically() -> None:
         greedy_kmeans_plusplus(x[:3], 4, 0)
 
 
+@pytest.mark.numerics
 def test_chunked_assignment_equals_one_shot(blob_store: tuple[str, np.ndarray, np.ndarray]) -> None:
     url, _, _ = blob_store
     centroids, _ = fit_kmeans(url, ClusterConfig(k=6, niter=10, use_gpu="never"), seed=3)
@@ -104,6 +105,7 @@ def test_chunked_assignment_equals_one_shot(blob_store: tuple[str, np.ndarray, n
     np.testing.assert_allclose(d_small, d_one, rtol=1e-4, atol=1e-3, equal_nan=True)
 
 
+@pytest.mark.numerics
 def test_deterministic_for_a_seed(blob_store: tuple[str, np.ndarray, np.ndarray]) -> None:
     url, _, _ = blob_store
     cfg = ClusterConfig(k=6, niter=5, max_points_per_centroid=40, use_gpu="never")  # subsampled training

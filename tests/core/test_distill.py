@@ -153,6 +153,7 @@ def test_decay_to_init_with_zero_gradient_moves_exactly_lr_w_delta():
     assert torch.equal(q.detach(), torch.ones(4))
 
 
+@pytest.mark.numerics
 def test_adam_part_matches_torch_adam():
     torch.manual_seed(1)
     a = torch.nn.Parameter(torch.randn(50))
@@ -266,6 +267,7 @@ def test_a_student_whose_pre_logits_width_is_not_num_features_trains(pool, train
 
 
 # ----------------------------------------------------------------------------- resume after a kill
+@pytest.mark.numerics
 def test_killed_run_resumes_on_the_same_trajectory(pool, train_split, tmp_path):
     split, url = train_split
     cfg = tiny_cfg(steps=6, checkpoint_every=2)

@@ -90,6 +90,7 @@ def test_float16_store_and_default_model_creation(demo40: ImageSource, tmp_path:
     assert a["attrs"]["weights_sha256"] is None and a["valid"].all()
 
 
+@pytest.mark.numerics
 def test_resume_after_lost_chunks_gives_the_identical_store(tiny_reference, demo40, tiny, tmp_path: Path) -> None:
     ref_url = tiny_reference
     url = str(tmp_path / "resumed.zarr")
@@ -125,6 +126,7 @@ def test_a_run_interrupted_between_chunks_resumes_to_the_identical_store(tiny_re
     _assert_same_store(url, tiny_reference)
 
 
+@pytest.mark.numerics
 def test_undecodable_images_are_skipped_and_other_rows_unchanged(demo40: ImageSource, tiny, tmp_path: Path) -> None:
     clean, dirty = tmp_path / "clean", tmp_path / "dirty"
     for root in (clean, dirty):
@@ -206,6 +208,7 @@ def test_unknown_layer_name_is_an_input_error(demo40: ImageSource, tiny, tmp_pat
         extract_embeddings(ImageSource(demo40.records[:4], description="4"), cfg, str(tmp_path / "x.zarr"), CPU, model=tiny)
 
 
+@pytest.mark.numerics
 def test_tar_shards_embed_like_the_same_files_on_disk(demo40: ImageSource, tiny, tmp_path: Path) -> None:
     recs = demo40.records[:6]
     shard = tmp_path / "shard-000000.tar"

@@ -26,6 +26,7 @@ def _faiss_kmeans(x: np.ndarray, init: np.ndarray, niter: int, spherical: bool) 
     return km
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spherical", [False, True])
 def test_nearest_matches_faiss_flat_index(device: str, spherical: bool) -> None:
@@ -53,6 +54,7 @@ def test_greedy_init_picks_the_rows_the_numpy_init_picks(device: str) -> None:
         kmeans_torch.greedy_kmeans_plusplus(torch.from_numpy(x[:3]), 4, 0)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("spherical", "niter"), [(False, 12), (True, 5)])
 def test_lloyd_follows_faiss_iteration_by_iteration(device: str, spherical: bool, niter: int) -> None:
@@ -82,6 +84,7 @@ def test_lloyd_refills_empty_clusters_by_splitting() -> None:
     assert not torch.equal(c[2], c[3])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("spherical", [False, True])
 def test_stage_on_torch_agrees_with_the_stage_on_faiss(tmp_path: Path, spherical: bool) -> None:
     x, labels = blobs(1500, 6, 16, seed=0)

@@ -173,6 +173,7 @@ def test_missing_or_mismatched_weights_are_input_errors(tmp_path) -> None:
         models.create_model("tf_efficientnet_lite0", str(junk))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(("name", "weights", "pairs"), [("tf_efficientnet_lite0", "packaged", 49), ("test_resnet", None, 15)])
 def test_fold_batchnorm_keeps_the_features_and_the_original_model(name: str, weights, pairs: int) -> None:
     model = models.create_model(name, weights)

@@ -29,6 +29,7 @@ def _random_triplets(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
 
 # zstd through Zarr; raw chunks of 50 rows (not whole pages) through RawChunkReader.read; raw
 # chunks of 64 rows (whole pages) memory-mapped
+@pytest.mark.numerics
 @pytest.mark.parametrize(("compressors", "chunk_rows"), [("auto", 50), (None, 50), (None, 64)])
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_similarities_match_numpy_from_zarr(tmp_path: Path, dtype: str, compressors: str | None, chunk_rows: int) -> None:
@@ -46,6 +47,7 @@ def test_similarities_match_numpy_from_zarr(tmp_path: Path, dtype: str, compress
     np.testing.assert_allclose(teacher_similarities(t, e), sims, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("block", [1, 7, 64, 10_000])
 def test_pair_dots_across_block_boundaries(dtype: str, block: int) -> None:

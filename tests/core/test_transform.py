@@ -123,6 +123,7 @@ def test_regularizer_hand_case() -> None:
     assert float(scaled_identity_penalty(7.0 * torch.eye(4))) == 0.0  # scale is free
 
 
+@pytest.mark.numerics
 def test_deterministic_for_a_seed(data) -> None:
     x, tr, va, ptr, pva = data
     cfg = _cfg(targets="soft", alpha=0.25, epochs=2)
@@ -179,6 +180,7 @@ def _embedding_store(url: str, n: int = 50, p: int = 6) -> tuple[np.ndarray, np.
     return emb, valid
 
 
+@pytest.mark.numerics
 def test_apply_to_store_matches_apply_and_resumes(tmp_path) -> None:
     t = _random_transform()
     src, out = str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr")
