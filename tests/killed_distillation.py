@@ -1,5 +1,5 @@
 """A distillation run killed by SIGKILL after a given step, in a process of its own (no cleanup, no
-`finally`: a real kill), for the resume tests of `tests/core/test_distill.py` and `tests/gpu/`."""
+`finally`: a real kill), for the resume tests of `tests/distill/test_distill.py` and `tests/gpu/`."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ k = 500) and samples "cluster" and "cluster border" triplets from the clusters. 
   centre, the rule scikit-learn's `kmeans_plusplus` uses) on the training rows. FAISS's random
   init, and its own k-means++ (one candidate per centre), often merge two well-separated groups
   into one cluster and split another, and Lloyd iterations never recover
-  (`tests/core/test_cluster.py`: 60 separated blobs, recovered exactly from the greedy init for
+  (`tests/cluster/test_cluster.py`: 60 separated blobs, recovered exactly from the greedy init for
   every seed tried). The init reads the training rows once per centre, so it is bound by memory
   bandwidth, not FLOPs; it is written here in float32 because scikit-learn's version upcasts
   float32 distances to float64 and was 3.1× slower on the same rows

@@ -119,7 +119,7 @@ def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
     global batch, same schedule, same decay to init) only up to reduction order. Their gradients are
     averaged by an all-reduce that sums per-rank partial gradients, not one process's running sum over
     micro-batches, and their kernels run on other thread counts, so the weights differ in their last float
-    bits (tests/core/test_distill_ranks.py measures it). A key names the exact files under it, so a
+    bits (tests/distill/test_distill_ranks.py measures it). A key names the exact files under it, so a
     1-rank and a 2-rank run are two outputs, and a run killed on N ranks resumes on N ranks. Which
     devices of a kind (cuda:0,1 or cuda:2,3) changes nothing and is left out, as `embed.devices` is.
     """

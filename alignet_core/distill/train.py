@@ -36,12 +36,12 @@ from alignet_core.distill.checkpoints import (
     write_json_atomic,
 )
 from alignet_core.distill.harmonizer import training_harmonizer
+from alignet_core.distill.micro_batches import check_micro_batches
 from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, triplet_similarities, warmup_cosine
 from alignet_core.distill.parallel import (
     RankMicroBatches,
     accumulating,
     barrier,
-    check_micro_batches,
     current_world,
     data_parallel,
     from_writer,

@@ -4,7 +4,7 @@ uninterrupted run; the training really ran on the device (bf16 autocast there).
 On a GPU the backward of the triplet gather (`index_put` with accumulation) adds in a varying order, so
 two runs agree to rounding, not bit for bit: the resumed weights must lie within 1% of how far training
 moved them (`RESUME_TOLERANCE`, in norms), the losses within 1e-3. On the CPU (dry run) both are exact
-to the CPU test's tolerance (`tests/core/test_distill.py`).
+to the CPU test's tolerance (`tests/distill/test_distill.py`).
 """
 
 from __future__ import annotations

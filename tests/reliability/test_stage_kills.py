@@ -7,7 +7,7 @@ of units of the paced function, plus a random delay), checks that nothing half-w
 (no manifest; no published dataset), reruns the stage in a fresh state and compares every output
 file's sha256 with an uninterrupted run's. The kill points come from a seeded generator, printed
 on failure. Sampling shards and distillation have their own kill tests
-(`test_sampling_resume.py`, `tests/core/test_distill.py`); here sampling is killed while it
+(`test_sampling_resume.py`, `tests/distill/test_distill.py`); here sampling is killed while it
 publishes.
 """
 

@@ -11,7 +11,7 @@ from alignet_core.config import parse_config
 from alignet_core.context import RunContext
 from alignet_core.errors import InputError
 from alignet_core.io.sources import ImageSource
-from tests.core._embed import _write_corrupt_files, demo40  # noqa: F401 (fixtures)
+from tests.embed._embed import _write_corrupt_files, demo40  # noqa: F401 (fixtures)
 
 
 def test_stage_key_ignores_devices_but_not_compile_or_decode(tmp_path: Path) -> None:

@@ -34,22 +34,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from alignet_core.context import RunContext
-from alignet_core.models import factory as models
 from alignet_core.config import PipelineConfig, parse_config, with_overrides
+from alignet_core.context import RunContext
 from alignet_core.distill.batches import TripletBatches
-from alignet_core.io.dataset_splits import read_split
-from alignet_core.distill.checkpoints import HEAD_FILE, LOG_FILE, STUDENT_FILE, list_checkpoints
+from alignet_core.distill.checkpoints import list_checkpoints
 from alignet_core.distill.launch import _rank_env, rank_device, train_on_ranks
 from alignet_core.distill.objective import warmup_cosine
 from alignet_core.distill.parallel import RankMicroBatches, rank_layout
 from alignet_core.distill.stage import run_distill
-from alignet_core.models.student import build_student, eval_transform
 from alignet_core.distill.train import train_student
 from alignet_core.errors import ConfigError, DistributedError
 from alignet_core.io import formats, sources
+from alignet_core.io.dataset_splits import read_split
+from alignet_core.models import factory as models
+from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE, build_student, eval_transform
 from alignet_core.pipeline.preflight import preflight
-from tests.core.test_distill import pixel_teacher, teacher_triplets
+from tests.distill.test_distill import pixel_teacher, teacher_triplets
 from tests.numerics import U32, adam_divergence_bound, torch_threads
 
 TOL = 1e-6  # max |Δ| allowed between runs doing the same arithmetic (2 ranks resumed vs 2 ranks; measured 0)

@@ -153,7 +153,7 @@ def test_retention_never_deletes_a_version_another_run_is_promoting(tmp_path):
 
 RACER = """
 import sys
-from tests.core.test_versions import _publish
+from tests.sample.test_versions import _publish
 from alignet_core.sample import versions
 from pathlib import Path
 root, who = Path(sys.argv[1]), sys.argv[2]

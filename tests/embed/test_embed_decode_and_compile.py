@@ -18,7 +18,7 @@ from alignet_core.errors import InputError
 from alignet_core.io.images import decode_image_bytes, load_image
 from alignet_core.io.sources import ImageSource, folder_source
 from alignet_core.models.factory import build_tensor_transform, build_transform
-from tests.core._embed import CPU, TINY, _arrays, demo40, tiny  # noqa: F401 (fixtures)
+from tests.embed._embed import CPU, TINY, _arrays, demo40, tiny  # noqa: F401 (fixtures)
 from tests.generated_images import write_jpeg_folder, write_odd_files
 
 

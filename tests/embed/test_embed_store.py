@@ -23,7 +23,7 @@ from alignet_core.io.images import load_image
 from alignet_core.io.sources import ImageSource, folder_source, tar_source
 from alignet_core.io.store import file_sha256
 from alignet_core.models.factory import build_transform, create_model, pooled_features, resolve_weights
-from tests.core._embed import (CPU, TINY, Interrupted, _arrays, _assert_same_store, _write_corrupt_files,  # noqa: F401
+from tests.embed._embed import (CPU, TINY, Interrupted, _arrays, _assert_same_store, _write_corrupt_files,  # noqa: F401
                                demo40, tiny)  # fixtures
 
 CFG = EmbedConfig(model="tf_efficientnet_lite0", weights="packaged", batch_size=8, chunk_rows=16)

@@ -15,7 +15,7 @@ from alignet_core.embed.extract import extract_embeddings
 from alignet_core.errors import ConfigError
 from alignet_core.hardware import resolve_devices
 from alignet_core.io.sources import ImageSource, folder_source
-from tests.core._embed import (CPU, TINY, Interrupted, _assert_same_store, _write_corrupt_files,  # noqa: F401
+from tests.embed._embed import (CPU, TINY, Interrupted, _assert_same_store, _write_corrupt_files,  # noqa: F401
                                demo40, tiny)  # fixtures
 
 

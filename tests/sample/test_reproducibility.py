@@ -49,7 +49,7 @@ VARIANTS = {
 _CHILD = """
 import json, sys
 import numpy as np, torch
-from tests.core.test_reproducibility import publish
+from tests.sample.test_reproducibility import publish
 spec = json.loads(sys.argv[1])
 m = np._core._multiarray_umath
 print(json.dumps({"digests": publish(spec["pool"], spec["out"]), "aten": torch.backends.cpu.get_cpu_capability(),
