@@ -23,6 +23,7 @@ MAX_YAML_DEPTH = 64  # nested collections in a config or an override value
 MAX_YAML_ALIASES = 1000  # `*alias` references in one document (a billion-laughs file needs many)
 MAX_IMAGE_BYTES = 256 << 20  # one image file (PIL's pixel limit already bounds the decoded size)
 MAX_NPZ_RATIO = 200  # uncompressed / compressed size of one .npz entry above `_RATIO_FROM` bytes
+MAX_NPZ_ENTRIES = 64  # an AligNet .npz has 3 arrays
 _RATIO_FROM = 16 << 20
 
 _REPR = reprlib.Repr()
@@ -110,27 +111,49 @@ def check_npy(f: IO[bytes], url: str) -> None:
 
 
 def check_npz(f: IO[bytes], url: str) -> None:
-    """Check every `.npy` entry of the `.npz` open as `f` before numpy allocates it: the size its
-    header declares (shape × item size) must be what the zip entry holds, and a large entry may not
-    inflate more than `MAX_NPZ_RATIO` times. `InputError` naming the file and the entry otherwise.
-    Leaves `f` at its start."""
+    """Check every entry of the `.npz` open as `f` before numpy allocates any, whatever its name (numpy
+    reads an entry `x` as array `x` just as it reads `x.npy`, and hands out the raw bytes of one that is
+    not an array): no entry may claim bytes past the end of the file, a large entry may not inflate more
+    than `MAX_NPZ_RATIO` times, nor all entries together (entries may share their compressed bytes), and
+    an array's header must declare exactly what its entry holds (shape × item size). `InputError`
+    naming the file and the entry otherwise. Leaves `f` at its start."""
     try:
+        size = f.seek(0, 2)
+        f.seek(0)
         with zipfile.ZipFile(f) as zf:
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                if info.file_size > _RATIO_FROM and info.file_size > MAX_NPZ_RATIO * max(info.compress_size, 1):
-                    raise InputError(f"{url}: entry {info.filename!r} inflates from {info.compress_size} to "
-                                     f"{info.file_size} bytes (a compression bomb?); refused")
-                with zf.open(info) as member:
-                    version = np.lib.format.read_magic(member)
-                    shape, _, dtype = _read_header(member, version)
-                    header = member.tell()
-                if dtype.hasobject:
-                    raise InputError(f"{url}: an array holds Python objects, refused (entry {info.filename!r})")
-                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
-                if declared != info.file_size - header:
-                    raise InputError(f"{url}: entry {info.filename!r} declares {short(shape)} {dtype} "
-                                     f"({declared} bytes) but holds {info.file_size - header}; refused")
+            infos = zf.infolist()
+            if len(infos) > MAX_NPZ_ENTRIES:
+                raise InputError(f"{url}: {len(infos)} zip entries, more than the {MAX_NPZ_ENTRIES} an .npz may "
+                                 "have; refused")
+            total = sum(info.file_size for info in infos)
+            if total > _RATIO_FROM and total > MAX_NPZ_RATIO * max(size, 1):
+                raise InputError(f"{url}: its entries inflate from {size} to {total} bytes (a compression "
+                                 "bomb?); refused")
+            for info in infos:
+                _check_npz_entry(zf, info, size, url)
     finally:
         f.seek(0)
+
+
+def _check_npz_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, url: str) -> None:
+    """One entry of `check_npz` (`size`: the whole file's bytes)."""
+    name = short(info.filename, 80)
+    if info.header_offset + info.compress_size > size:
+        raise InputError(f"{url}: entry {name} claims {info.compress_size} compressed bytes past the end of "
+                         "the file; refused")
+    if info.file_size > _RATIO_FROM and info.file_size > MAX_NPZ_RATIO * max(info.compress_size, 1):
+        raise InputError(f"{url}: entry {name} inflates from {info.compress_size} to "
+                         f"{info.file_size} bytes (a compression bomb?); refused")
+    with zf.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+        except ValueError:
+            return  # not an array: numpy hands out its bytes, at most file_size (bounded above)
+        shape, _, dtype = _read_header(member, version)
+        header = member.tell()
+    if dtype.hasobject:
+        raise InputError(f"{url}: an array holds Python objects, refused (entry {name})")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared != info.file_size - header:
+        raise InputError(f"{url}: entry {name} declares {short(shape)} {dtype} "
+                         f"({declared} bytes) but holds {info.file_size - header}; refused")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 AS_LIMIT = 3 << 30  # address space of a reader child: the unbounded reads needed 1.5 to 2.2 GB of data more
@@ -140,17 +141,18 @@ def test_config_bombs_are_one_line_errors_in_bounded_memory(tmp_path):
     assert peak < 300, peak  # the CLI imports neither torch nor Prefect here (~60 MB); the bomb's message alone was 1.5 GB
 
 
-def _npz_claiming(path: Path, rows: int) -> None:
-    """A real AligNet .npz whose 'indices' header claims `rows` rows (the data holds 4)."""
+def _npz_claiming(path: Path, rows: int, suffix: str = ".npy") -> None:
+    """A real AligNet .npz whose 'indices' header claims `rows` rows (the data holds 4); its entries are
+    named `<key><suffix>` (numpy reads `indices` and `indices.npy` alike)."""
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.zeros((4, 3), np.int64))
     header = buf.getvalue().replace(b"(4, 3)", f"({rows}, 3)".encode())
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("indices.npy", header)
+        zf.writestr(f"indices{suffix}", header)
         for key, arr in (("filenames", np.array([["a", "b", "c"]] * 4)), ("similarities", np.zeros((4, 3), np.float32))):
             b = io.BytesIO()
             np.lib.format.write_array(b, arr)
-            zf.writestr(f"{key}.npy", b.getvalue())
+            zf.writestr(f"{key}{suffix}", b.getvalue())
 
 
 def test_npz_header_claiming_2_to_40_rows_is_refused(tmp_path):
@@ -162,6 +164,30 @@ def test_npz_header_claiming_2_to_40_rows_is_refused(tmp_path):
     assert len(out.splitlines()) == 1 and peak - before < 100, (peak, before)
 
 
+def test_npz_entries_without_the_npy_suffix_are_checked_too(tmp_path):
+    """Issue 34: entries named `indices` (no `.npy`) skipped the checks, and numpy reads them as the arrays:
+    a 2^40-row header was a MemoryError traceback (exit 1). Now the same one-line refusal as with the suffix."""
+    f = tmp_path / "liar.npz"
+    _npz_claiming(f, 2**40, suffix="")
+    code, out, peak, before = _read("formats.read_alignet_npz(sys.argv[1])", f)
+    assert code == 2 and "declares" in out and "(1099511627776, 3)" in out and "MemoryError" not in out, out
+    assert len(out.splitlines()) == 1 and peak - before < 100, (peak, before)
+
+
+def test_npz_entry_claiming_bytes_past_the_end_is_refused(tmp_path):
+    """A zip directory may claim any sizes: an entry whose compressed bytes would run past the end of the
+    file (so that its inflated size passes the ratio check against a made-up compressed size) is refused."""
+    f = tmp_path / "claims.npz"
+    _npz_claiming(f, 4)
+    data = bytearray(f.read_bytes())
+    end = data.rindex(b"PK\x05\x06")  # the central directory's first entry is 'indices.npy'
+    cd = int.from_bytes(data[end + 16:end + 20], "little")
+    data[cd + 20:cd + 24] = (1 << 31).to_bytes(4, "little")  # its compressed size: 2 GiB
+    f.write_bytes(bytes(data))
+    code, out, peak, before = _read("formats.read_alignet_npz(sys.argv[1])", f)
+    assert code == 2 and "past the end of the file" in out, out
+
+
 def test_npy_header_claiming_more_than_the_file_is_refused(tmp_path):
     f = tmp_path / "triplets.npy"
     buf = io.BytesIO()
@@ -171,23 +197,29 @@ def test_npy_header_claiming_more_than_the_file_is_refused(tmp_path):
     assert code == 2 and "declares an array of shape (1099511627776, 3)" in out and peak - before < 100, out
 
 
-def test_deflate_bomb_is_refused_before_inflating(tmp_path):
-    """1.5 MB that inflates to 1.5 GB of float32 similarities (an honest header): refused from the
-    zip directory, not misreported as 'holds Python objects'."""
-    f = tmp_path / "bomb.npz"
+def _deflate_bomb(f: Path, suffix: str = ".npy") -> None:
+    """1.5 MB that inflates to 1.5 GB of float32 similarities (an honest header), entries `<key><suffix>`."""
     n = (1536 << 20) // 12
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for key, arr in (("indices", np.zeros((4, 3), np.int64)), ("filenames", np.array([["a", "b", "c"]] * 4))):
             b = io.BytesIO()
             np.lib.format.write_array(b, arr)
-            zf.writestr(f"{key}.npy", b.getvalue())
-        with zf.open("similarities.npy", "w", force_zip64=True) as member:
+            zf.writestr(f"{key}{suffix}", b.getvalue())
+        with zf.open(f"similarities{suffix}", "w", force_zip64=True) as member:
             np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False, "shape": (n, 3)})
             zeros = bytes(1 << 24)
             for _ in range((n * 12) // len(zeros)):
                 member.write(zeros)
             member.write(bytes(n * 12 - ((n * 12) // len(zeros)) * len(zeros)))
     assert f.stat().st_size < 3 << 20
+
+
+@pytest.mark.parametrize("suffix", [".npy", ""], ids=["npy-entries", "entries-without-suffix"])
+def test_deflate_bomb_is_refused_before_inflating(tmp_path, suffix):
+    """Refused from the zip directory, not misreported as 'holds Python objects'. Issue 34: named without
+    `.npy` the bomb was read whole (2.57 GB through `alignet distill`)."""
+    f = tmp_path / "bomb.npz"
+    _deflate_bomb(f, suffix)
     code, out, peak, before = _read("formats.read_alignet_npz(sys.argv[1])", f)
     assert code == 2 and "compression bomb" in out and "Python objects" not in out, out
     assert peak - before < 100, (peak, before)
