@@ -2,7 +2,8 @@
 
 Every reader of a file a user hands in checks what it is about to allocate against what the file can
 honestly hold, before allocating: a config's size, depth and aliases (`load_yaml`), an `.npz`'s
-array headers against its zip entries (`check_npz`), an image's byte size (`check_image_size`). And
+array headers against its zip entries (`check_npz`), an image's byte size (`check_image_size`), a tar
+shard's label members, header members and member count (`io.sources`). And
 error messages echo values through `short`, a repr bounded in length and depth, so a value that
 expands (a YAML alias bomb) is never written out whole.
 """
@@ -24,6 +25,9 @@ MAX_YAML_ALIASES = 1000  # `*alias` references in one document (a billion-laughs
 MAX_IMAGE_BYTES = 256 << 20  # one image file (PIL's pixel limit already bounds the decoded size)
 MAX_NPZ_RATIO = 200  # uncompressed / compressed size of one .npz entry above `_RATIO_FROM` bytes
 MAX_NPZ_ENTRIES = 64  # an AligNet .npz has 3 arrays
+MAX_LABEL_BYTES = 64 << 10  # one label member of a tar shard (`.cls`, `.txt`): a class name
+MAX_TAR_HEADER_BYTES = 1 << 20  # one pax extended header or GNU long name in a tar shard (tarfile reads it whole)
+MAX_TAR_MEMBERS = 100_000  # members of one tar shard (its index is kept in memory: ~1 KB each)
 _RATIO_FROM = 16 << 20
 
 _REPR = reprlib.Repr()

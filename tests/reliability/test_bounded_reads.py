@@ -246,6 +246,51 @@ def test_oversized_tar_member_and_image_file_are_refused_before_reading(tmp_path
     assert code == 2 and "image file too large" in out and peak - before < 100, (out, peak, before)
 
 
+def _shard_with(path: Path, name: str, size: int, kind: bytes = tarfile.REGTYPE) -> None:
+    """A plain tar shard: a real 8×8 PNG `0001.png`, then a member `name` of type `kind` claiming `size` bytes
+    of zeros (a hole: no disk used, and the zeros a gzip would shrink 1000×)."""
+    buf = io.BytesIO()
+    PIL.Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    png = tarfile.TarInfo("0001.png")
+    png.size = len(buf.getvalue())
+    head = png.tobuf(format=tarfile.GNU_FORMAT) + buf.getvalue().ljust((png.size + 511) // 512 * 512, b"\0")
+    big = tarfile.TarInfo(name)
+    big.size, big.type = size, kind
+    head += big.tobuf(format=tarfile.GNU_FORMAT)
+    _sparse(path, len(head) + (size + 511) // 512 * 512 + 1024, head)
+
+
+def test_tar_label_and_header_members_are_bounded(tmp_path):
+    """Issue 34: a 1 GiB `.cls` label member was read whole (`alignet validate` said "config ok" at 2.16 GB).
+    Now a label member over 64 KiB, a pax header over 1 MiB (tarfile reads those whole before any member),
+    and a shard of more members than the index may hold are refused before reading, naming the shard."""
+    cls = tmp_path / "labels.tar"
+    _shard_with(cls, "0001.cls", 1 << 30)
+    code, out, peak, before = _read("sources.tar_source(sys.argv[1])", cls)
+    assert code == 2 and "label member '0001.cls' of 1073741824 bytes" in out, out
+    assert len(out.splitlines()) == 1 and peak - before < 100, (peak, before)
+
+    pax = tmp_path / "pax.tar"
+    _shard_with(pax, "././@PaxHeader", 1 << 30, tarfile.XHDTYPE)
+    code, out, peak, before = _read("sources.tar_source(sys.argv[1])", pax)
+    assert code == 2 and "a header member of 1073741824 bytes" in out and str(pax) in out, out
+    assert peak - before < 100, (peak, before)
+
+    many = tmp_path / "many.tar"
+    with tarfile.open(many, "w") as tf:
+        for i in range(5):
+            tf.addfile(tarfile.TarInfo(f"{i:04d}.txt"), io.BytesIO(b""))
+    code, out, _, _ = _read("setattr(sources.limits, 'MAX_TAR_MEMBERS', 4); sources.tar_source(sys.argv[1])", many)
+    assert code == 2 and "more than 4 members" in out, out
+
+    # through the CLI, as the issue ran it: the config check reads the labels
+    cfg = tmp_path / "tar.yaml"
+    cfg.write_text(f"source:\n  kind: tar\n  path: {cls}\n")
+    code, out, peak = _cli("validate", "-c", str(cfg))
+    assert code == 2 and "label member" in out and "config ok" not in out, out
+    assert peak < 1000, peak
+
+
 def test_16_bit_png_decodes_without_a_float64_image(tmp_path):
     """36 Mpx of 16-bit grey: the pixels are round(v / 257), and the peak stays under what a float64 copy
     (288 MB on its own) would add to the integer path."""
