@@ -1,7 +1,7 @@
 """Bounded reads: small files may not cost gigabytes.
 
 Every reader of a file a user hands in checks what it is about to allocate against what the file can
-honestly hold, before allocating: a config's size, depth and aliases (`load_yaml`), an `.npz`'s
+honestly hold, before allocating: a config's size, depth, aliases and number of values (`load_yaml`), an `.npz`'s
 array headers against its zip entries (`check_npz`), an image's byte size (`check_image_size`), a tar
 shard's label members, header members and member count (`io.sources`). And
 error messages echo values through `short`, a repr bounded in length and depth, so a value that
@@ -22,6 +22,8 @@ from alignet_core.errors import ConfigError, InputError
 MAX_CONFIG_BYTES = 1 << 20  # a pipeline config is a few KB
 MAX_YAML_DEPTH = 64  # nested collections in a config or an override value
 MAX_YAML_ALIASES = 1000  # `*alias` references in one document (a billion-laughs file needs many)
+MAX_YAML_NODES = 20_000  # scalars and collections in one document: a config has a few hundred; a flat list
+#                          filling the 1 MiB (500k values) took 10 s and 776 MB to parse (issue 34), 0.1 s now
 MAX_IMAGE_BYTES = 256 << 20  # one image file (PIL's pixel limit already bounds the decoded size)
 MAX_NPZ_RATIO = 200  # uncompressed / compressed size of one .npz entry above `_RATIO_FROM` bytes
 MAX_NPZ_ENTRIES = 64  # an AligNet .npz has 3 arrays
@@ -42,17 +44,23 @@ def short(value: Any, limit: int = 200) -> str:
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with a limit on nesting depth and on alias references."""
+    """PyYAML's safe loader with a limit on nesting depth, on alias references and on nodes (PyYAML parses
+    lazily, event by event, so a refusal comes after at most that much work)."""
 
     def __init__(self, stream: Any, what: str):
         super().__init__(stream)
-        self._what, self._depth, self._aliases = what, 0, 0
+        self._what, self._depth, self._aliases, self._nodes = what, 0, 0, 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > MAX_YAML_ALIASES:
                 raise ConfigError(f"{self._what}: more than {MAX_YAML_ALIASES} YAML aliases; refused")
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"{self._what}: more than {MAX_YAML_NODES} values (at line {mark.line + 1}, column "
+                              f"{mark.column + 1}); a config has a few hundred; refused")
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:

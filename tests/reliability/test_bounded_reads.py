@@ -17,6 +17,7 @@ import sys
 import tarfile
 import tempfile
 import textwrap
+import time
 import zipfile
 from pathlib import Path
 
@@ -116,29 +117,34 @@ print(json.dumps(out))
 
 def test_config_bombs_are_one_line_errors_in_bounded_memory(tmp_path):
     """The 471-byte alias bomb gave a 522-million-character message; 20,000 `[` a RecursionError
-    traceback. Now each is exit 2 and one short line naming the problem, all in one small peak (one
-    child process runs the CLI on every case)."""
+    traceback; a flat list filling the 1 MiB cost 10 s and 776 MB before its one-line error (issue 34). Now
+    each is exit 2 and one short line naming the problem, all in one small peak (one child process runs the
+    CLI on every case)."""
     import json
 
     files = {"alias-bomb": BOMB, "deep-nesting": "seed: " + "[" * 20000 + "]" * 20000 + "\n",
-             "deep-override": "seed: 1\n", "huge-file": "# padding\n" * 200_000 + "seed: 1\n"}
+             "deep-override": "seed: 1\n", "huge-file": "# padding\n" * 200_000 + "seed: 1\n",
+             "flat-list": "[" + ",".join(["0"] * ((1 << 20) // 2 - 2)) + "]"}
     assert len(BOMB) < 500
     cases = {}
     for case, text in files.items():
         (tmp_path / f"{case}.yaml").write_text(text)
         cases[case] = ["validate", "-c", str(tmp_path / f"{case}.yaml")]
     cases["deep-override"] += ["--set", "seed=" + "[" * 20000]
+    t0 = time.monotonic()
     code, out, peak = _child(CLI_CASES, json.dumps(cases), as_limit=CLI_AS_LIMIT)
+    took = time.monotonic() - t0
     assert code == 0, out[-3000:]
     results = json.loads(out.strip().splitlines()[-1])
     expected = {"alias-bomb": "seed", "deep-nesting": "nested deeper than 64", "deep-override": "--set seed",
-                "huge-file": "more than the 1048576"}
+                "huge-file": "more than the 1048576", "flat-list": "more than 20000 values"}
     for case, (status, text) in results.items():
         lines = text.strip().splitlines()
         assert status == 2, (case, text)
         assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) < 1500, (case, text[:2000])
         assert expected[case] in lines[0], (case, lines[0])
     assert peak < 300, peak  # the CLI imports neither torch nor Prefect here (~60 MB); the bomb's message alone was 1.5 GB
+    assert took < 60, took  # the flat list alone took 10 s (41 s on a loaded 2-core machine); all cases now ~3 s
 
 
 def _npz_claiming(path: Path, rows: int, suffix: str = ".npy") -> None:
