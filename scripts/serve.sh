@@ -15,7 +15,9 @@
 #
 # Locked down: the API needs the auth string generated on the first serve and kept in
 # $PREFECT_HOME/api-auth-string (mode 600; .prefect/ is gitignored; the UI asks for it once),
-# CSRF protection is on and CORS admits only the UI's own origin.
+# CSRF protection is on and CORS admits only the UI's own origin. The Prefect home (the database with every
+# run's parameters and logs, the auth string, Prefect's result files) is private to this user: created with
+# umask 077, and an existing one (made by `make demo`, or an older serve.sh) tightened on every start.
 #
 # Then, from another shell (same PREFECT_API_URL, and the auth string):
 #   export PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$(cat .prefect/api-auth-string)"
@@ -29,10 +31,16 @@ export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 export PWD  # deployments pull into the directory they were deployed from
 
+# everything this script creates is private (umask 077); the worker gets the caller's umask back, so the data
+# its runs write keeps the modes the user chose
+CALLER_UMASK="$(umask)"
+umask 077
+mkdir -p "$PREFECT_HOME"
+chmod -R go-rwx "$PREFECT_HOME" || { echo "serve: cannot make $PREFECT_HOME private to $(id -un) (chmod failed)" >&2; exit 1; }
+
 AUTH_FILE="$PREFECT_HOME/api-auth-string"
 if [ ! -s "$AUTH_FILE" ]; then
-  mkdir -p "$PREFECT_HOME"
-  (umask 077 && "$BIN/python" -c "import secrets; print(secrets.token_urlsafe(32))" > "$AUTH_FILE")
+  "$BIN/python" -c "import secrets; print(secrets.token_urlsafe(32))" > "$AUTH_FILE"
   echo "serve: generated the API auth string in $AUTH_FILE"
 fi
 PREFECT_SERVER_API_AUTH_STRING="$(cat "$AUTH_FILE")"
@@ -113,7 +121,7 @@ else
   echo "$WANT" > "$STAMP"
 fi
 echo "serve: UI at http://127.0.0.1:${PORT} (sign in with the string in $AUTH_FILE); API ${PREFECT_API_URL}; starting the worker"
-setsid "$BIN/python" -m flows.worker 9>&- &
+(umask "$CALLER_UMASK" && exec setsid "$BIN/python" -m flows.worker 9>&-) &
 WORKER=$!
 while kill -0 "$WORKER" 2>/dev/null && kill -0 "$SERVER" 2>/dev/null; do
   sleep 2 9>&- & wait $! || true  # wakes on a signal at once
