@@ -105,7 +105,9 @@ for attempt in 1 2 3; do  # SQLite busy (503) under load: retried
 done
 waited "$BIN/prefect" work-pool create alignet-process --type process --overwrite
 # Deploying imports every flow (minutes on a busy machine): skipped when the server already holds every
-# deployment as declared and nothing their parameters derive from changed since the last deploy.
+# deployment as declared and as the last deploy stored it (every field that decides what runs: pull steps,
+# entrypoint, job variables, parameters, parameter schema and its enforcement, ...), and nothing their
+# parameters derive from changed since.
 STAMP="$PREFECT_HOME/deployed.sha256"
 WANT="$( (echo "$PWD"; cat deployments/prefect.yaml flows/*.py alignet_core/config.py; "$BIN/python" -c \
   'import prefect; print(prefect.__version__)') | sha256sum | cut -d' ' -f1)"
@@ -116,6 +118,11 @@ else
   for attempt in 1 2 3; do  # a deployment refused with 503 (SQLite busy) is retried; deploying is idempotent
     waited "$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml && break
     [ "$attempt" = 3 ] && { echo "serve: deploying failed three times" >&2; exit 1; }
+    sleep 5
+  done
+  for attempt in 1 2 3; do  # what the deploy stored, for the next start's check (SQLite busy: retried)
+    waited "$BIN/python" -m flows.service record && break
+    [ "$attempt" = 3 ] && { echo "serve: recording the deployments failed three times" >&2; exit 1; }
     sleep 5
   done
   echo "$WANT" > "$STAMP"
