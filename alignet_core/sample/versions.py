@@ -148,23 +148,19 @@ def _reader_lock_path(root: str, name: str, version: str) -> str | None:
     return path if isinstance(fs, LocalFileSystem) else None
 
 
-def _open_lock(path: str | None, create: bool) -> int | None:
-    """A file descriptor on a lock file (created when `create`), or None where there is none to take: a
-    non-local root, a missing file, or a dataset folder this user may not write (a read-only reader)."""
+def _open_lock(path: str | None) -> int | None:
+    """A file descriptor on a lock file, created if need be; None where there is none to take: a non-local
+    root, or a dataset folder this user may not write (a read-only reader, then not protected)."""
     if path is None:
-        return None
-    try:
-        return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        if not create:
-            return None
-    except OSError:
         return None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError:
-        return None
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
 
 
 @contextlib.contextmanager
@@ -174,7 +170,7 @@ def reading(root: str, name: str, version: str = LATEST) -> Iterator[str]:
     resolved again when it was `latest` (which has moved on), and an `InputError` naming it otherwise."""
     for _ in range(100):
         v = resolve(root, name, version)
-        fd = _open_lock(_reader_lock_path(root, name, v), create=True)
+        fd = _open_lock(_reader_lock_path(root, name, v))
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits while retention deletes it
         if store.is_complete(version_dir(root, name, v)):
@@ -240,7 +236,7 @@ def apply_retention(root: str, name: str, keep: int | None) -> list[str]:
     removed = []
     for r in doomed:
         lock_file = _reader_lock_path(root, name, r["version"])
-        fd = _open_lock(lock_file, create=True)
+        fd = _open_lock(lock_file)
         try:
             if fd is not None:
                 try:
