@@ -53,10 +53,10 @@ VERIFIER = """
 import contextlib, io, json, sys
 from alignet_core.sample import versions
 from flows.cli import main
+import os, time
 root, done = sys.argv[1], [sys.argv[2], sys.argv[3]]
-import os
-calls, bad, cli, cli_bad = 0, [], 0, []
-while not all(os.path.exists(d) for d in done) or calls < 20:
+calls, bad, cli, cli_bad, t0 = 0, [], 0, [], time.monotonic()
+while (not all(os.path.exists(d) for d in done) or calls < 20) and time.monotonic() - t0 < 400:
     try:
         problems = versions.verify(root, "demo")
     except Exception as err:  # a reader must never fail on a version retention removes
@@ -88,8 +88,8 @@ def test_verify_never_sees_a_half_retained_version(tmp_path):
                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                   for who, flag in zip("ab", flags)]
     outs = [p.communicate(timeout=600)[0] for p in publishers]
+    out, err = verifier.communicate(timeout=600)  # it stops once both publishers are done (400 s at most)
     assert [p.returncode for p in publishers] == [0, 0], outs
-    out, err = verifier.communicate(timeout=600)
     assert verifier.returncode == 0, err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     print(result["calls"], "verify calls,", result["cli"], "CLI runs")
