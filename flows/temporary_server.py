@@ -18,9 +18,9 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import subprocess
 import sys
-import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path

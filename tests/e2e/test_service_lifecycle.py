@@ -50,9 +50,14 @@ def _engine_running(svc: Service, run_id: str) -> bool:
         "flows.engine" in " ".join(p.cmdline()) for p in svc.processes())
 
 
-def _patch(svc: Service, path: str, body: dict) -> None:
-    """A PATCH through the API (it answers 204, no body), as any holder of the auth string may send."""
-    r = client(svc.env).patch(path, json=body)
+def _patch(svc: Service, path: str, body: dict, tries: int = 5) -> None:
+    """A PATCH through the API (it answers 204, no body), as any holder of the auth string may send; a 5xx
+    (SQLite busy while a run computes) is retried, as `api` does."""
+    for _ in range(tries):
+        r = client(svc.env).patch(path, json=body)
+        if r.status_code < 500:
+            break
+        time.sleep(2)
     assert r.status_code == 204, (path, r.status_code, r.text[:1000])
 
 

@@ -52,7 +52,7 @@ def _foreign_clients(address: str) -> dict[str, str]:
     }
     out = {}
     for what, (addr, args) in attempts.items():
-        async def attempt() -> str:
+        async def attempt(addr: str = addr, args: dict = args) -> str:
             comm = await connect(addr, timeout=5, **args)
             try:  # the handshake is only done once the peer answers: ask for something
                 await comm.write({"op": "identity"})

@@ -190,7 +190,7 @@ def test_npz_entry_claiming_bytes_past_the_end_is_refused(tmp_path):
     cd = int.from_bytes(data[end + 16:end + 20], "little")
     data[cd + 20:cd + 24] = (1 << 31).to_bytes(4, "little")  # its compressed size: 2 GiB
     f.write_bytes(bytes(data))
-    code, out, peak, before = _read("formats.read_alignet_npz(sys.argv[1])", f)
+    code, out, _, _ = _read("formats.read_alignet_npz(sys.argv[1])", f)
     assert code == 2 and "past the end of the file" in out, out
 
 
