@@ -196,14 +196,30 @@ def _record_path() -> Path:
     return Path(get_current_settings().home) / RECORD
 
 
+def enforce_parameter_schemas(client: Any, specs: dict[str, DeploymentSpec]) -> list[str]:
+    """Turn parameter-schema enforcement back on for every deployment of this project that has it off, and
+    return their names. `prefect deploy` creates deployments with it on, but when it updates one it sends only
+    the fields prefect.yaml sets, so a deployment PATCHed to `enforce_parameter_schema=false` stayed so."""
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    fixed = []
+    for d in client.read_deployments():
+        if d.name in specs and d.work_pool_name == POOL and d.enforce_parameter_schema is not True:
+            client.update_deployment(d.id, DeploymentUpdate(enforce_parameter_schema=True))
+            fixed.append(d.name)
+    return fixed
+
+
 def write_record(client: Any, specs: dict[str, DeploymentSpec] | None = None) -> Path:
-    """Keep what the server holds for this project's deployments (right after `prefect deploy`) in the Prefect
-    home, written whole (a temporary file renamed), readable by this user only."""
+    """Keep what the server holds for this project's deployments (right after `prefect deploy` and
+    `enforce_parameter_schemas`) in the Prefect home, written whole (a temporary file renamed), readable by
+    this user only."""
+    specs = specs or project_deployments()
     path = _record_path()
     tmp = path.with_name(f".{RECORD}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(held_deployments(client, specs or project_deployments()), f, indent=1, sort_keys=True)
+        json.dump(held_deployments(client, specs), f, indent=1, sort_keys=True)
     os.replace(tmp, path)
     return path
 
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     close.add_argument("--reason", choices=sorted(REASONS), required=True)
     sub.add_parser("deployed", help="exit 0 if the server holds every deployment as deployments/prefect.yaml "
                                     "declares it and as `prefect deploy` stored it, 1 (naming the others) if not")
-    sub.add_parser("record", help="keep what the server holds for the deployments (run right after deploying)")
+    sub.add_parser("record", help="after deploying: enforce the parameter schemas, keep what the server holds")
     args = ap.parse_args(argv)
     from prefect.client.orchestration import get_client
 
@@ -235,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"serve: to deploy: {', '.join(stale)}")
             return 1 if stale else 0
         if args.command == "record":
-            write_record(client)
+            specs = project_deployments()
+            for name in enforce_parameter_schemas(client, specs):
+                print(f"serve: deployment {name}: its parameter schema is enforced again")
+            write_record(client, specs)
             return 0
         lines = close_open_runs(client, args.reason)
     for line in lines:
