@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: install demo test test-slow test-all serve clean gpu-wheels gpu-check
+.PHONY: install demo test test-slow test-all serve clean gpu-wheels gpu-check prefect-home
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,19 +20,24 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: install
+# The Prefect home holds the database (every run's parameters and logs) and serve.sh's API auth string:
+# private to this user whatever creates it first (the CLI and serve.sh make it so too).
+prefect-home:
+	@umask 077 && mkdir -p "$(PREFECT_HOME)" && chmod go-rwx "$(PREFECT_HOME)"
+
+demo: install prefect-home
 	$(BIN)/alignet demo --root alignet-data
 
-test: install
+test: install prefect-home
 	$(BIN)/python -m pytest -q
 
-test-slow: install
+test-slow: install prefect-home
 	$(BIN)/python -m pytest -q -m slow
 
 test-all: test test-slow
 
 # A local Prefect server (UI at http://127.0.0.1:4200), the process pool, every deployment and a worker.
-serve: install
+serve: install prefect-home
 	BIN=$(CURDIR)/$(BIN) scripts/serve.sh
 
 clean:

@@ -1,4 +1,13 @@
-"""Set-up of the Dask worker processes that make sampling shards: malloc settings, torch loaded.
+"""The pipeline's own sampling cluster: reachable only by the pipeline, and the set-up of its worker
+processes (malloc settings, torch loaded).
+
+A `LocalCluster` of worker processes listens on loopback TCP ports, and any local user who finds them can
+connect, submit a function and run it as the pipeline's user (issue 34: as uid 65534, a port scan and a
+plain `Client` ran `os.system` inside a worker of the service's run). `quiet_local_cluster` starts it
+with `distributed.security.Security.temporary()`: mutual TLS with a key and self-signed certificate made
+for this cluster alone and held only in the memory of the process that starts it (and passed to its
+workers); the scheduler, the workers and their nannies refuse a peer without that certificate, and the
+client (Prefect's `DaskTaskRunner` connects with the cluster's own security) has it.
 
 Distributed starts every worker with glibc's `MALLOC_TRIM_THRESHOLD_=65536` (so freed memory
 goes back to the OS at once). That also pins glibc's mmap threshold at 128 KiB, so every buffer
@@ -17,6 +26,7 @@ import logging
 import dask
 from distributed import LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +79,12 @@ class SamplingWorkerSetup(WorkerPlugin):
 
 
 def quiet_local_cluster(**kwargs: object) -> LocalCluster:
-    """`distributed.LocalCluster(**kwargs)` whose scheduler and workers have no HTTP routes (`NO_HTTP`):
-    the HTTP servers distributed always starts answer 404 to everything, on a loopback address."""
+    """`distributed.LocalCluster(**kwargs)` that only the pipeline can reach, on loopback: its scheduler,
+    workers and nannies speak mutual TLS with credentials made for it alone (`Security.temporary()`, unless
+    `security` is given), so a client without them is refused; and they have no HTTP routes (`NO_HTTP`):
+    the HTTP servers distributed always starts answer 404 to everything."""
     scheduler = {"dashboard": False, **dict(kwargs.pop("scheduler_kwargs", None) or {})}  # type: ignore[call-overload]
+    security = kwargs.pop("security", None) or Security.temporary()
     with dask.config.set(NO_HTTP):
-        return LocalCluster(**{"dashboard_address": "127.0.0.1:0", **kwargs}, scheduler_kwargs=scheduler)
+        return LocalCluster(**{"dashboard_address": "127.0.0.1:0", "host": "127.0.0.1", **kwargs},
+                            scheduler_kwargs=scheduler, security=security, protocol="tls://")

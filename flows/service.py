@@ -10,11 +10,13 @@ the engine and of everything it starts) and marks the run Crashed with the reaso
 
     python -m flows.service close --reason stopped     # or: --reason restarted
     python -m flows.service deployed                   # exit 0: every deployment is on the server as declared
+    python -m flows.service record                     # after `prefect deploy`: what it stored, for `deployed`
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -36,6 +38,14 @@ SPEC = REPO / "deployments" / "prefect.yaml"
 POOL = "alignet-process"
 #: the states that hold a deployment's concurrency slot
 OPEN_STATES = ("RUNNING", "PENDING", "CANCELLING")
+#: every field of a deployment that decides what its runs run: `deployed` compares them with what `prefect
+#: deploy` stored (`record`), so a change through the API (a pull step, a parameter schema no longer
+#: enforced, a default config) is undone by the next start of the service
+RECORDED = ("entrypoint", "pull_steps", "job_variables", "work_pool_name", "work_queue_name", "parameters",
+            "parameter_openapi_schema", "enforce_parameter_schema", "path", "storage_document_id",
+            "infrastructure_document_id", "concurrency_limit", "concurrency_options")
+#: the record, in the (private) Prefect home
+RECORD = "deployed.json"
 REASONS = {
     "stopped": "the service (scripts/serve.sh) was stopped while this run was in flight; its processes were "
                "ended. Run the deployment again: finished stages are reused.",
@@ -153,16 +163,73 @@ def _children(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def stale_deployments(client: Any, specs: dict[str, DeploymentSpec] | None = None) -> list[str]:
-    """The names of this project's deployments the server lacks or holds differently (entrypoint, pull
-    steps, job variables, pool) from deployments/prefect.yaml; empty when all are as declared."""
+def held_deployments(client: Any, specs: dict[str, DeploymentSpec]) -> dict[str, dict[str, Any]]:
+    """name → the `RECORDED` fields (JSON) of each of this project's deployments the server holds on `POOL`."""
+    held = {}
+    for d in client.read_deployments():
+        if d.name in specs and d.work_pool_name == POOL:
+            dumped = d.model_dump(mode="json")
+            held[d.name] = {field: dumped.get(field) for field in RECORDED}
+    return held
+
+
+def stale_deployments(client: Any, specs: dict[str, DeploymentSpec] | None = None,
+                      record: dict[str, Any] | None = None) -> list[str]:
+    """The names of this project's deployments the server lacks, holds differently from deployments/prefect.yaml
+    (entrypoint, pull steps, job variables, pool, parameter schema enforced), or holds differently in any
+    `RECORDED` field from `record` (what `prefect deploy` stored; None: every deployment is stale)."""
     specs = specs or project_deployments()
-    held = {d.name: d for d in client.read_deployments() if d.name in specs and d.work_pool_name == POOL}
+    held = held_deployments(client, specs)
+    record = record or {}
     return sorted(name for name, spec in specs.items()
-                  if name not in held or held[name].entrypoint != spec.entrypoint
-                  or not same_pull_steps(held[name].pull_steps or [], spec.pull_steps)
-                  or (held[name].job_variables or {}) != spec.job_variables
-                  or held[name].work_pool_name != spec.work_pool)
+                  if name not in held or held[name]["entrypoint"] != spec.entrypoint
+                  or not same_pull_steps(held[name]["pull_steps"] or [], spec.pull_steps)
+                  or (held[name]["job_variables"] or {}) != spec.job_variables
+                  or held[name]["work_pool_name"] != spec.work_pool
+                  or held[name]["enforce_parameter_schema"] is not True
+                  or held[name] != record.get(name))
+
+
+def _record_path() -> Path:
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home) / RECORD
+
+
+def enforce_parameter_schemas(client: Any, specs: dict[str, DeploymentSpec]) -> list[str]:
+    """Turn parameter-schema enforcement back on for every deployment of this project that has it off, and
+    return their names. `prefect deploy` creates deployments with it on, but when it updates one it sends only
+    the fields prefect.yaml sets, so a deployment PATCHed to `enforce_parameter_schema=false` stayed so."""
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    fixed = []
+    for d in client.read_deployments():
+        if d.name in specs and d.work_pool_name == POOL and d.enforce_parameter_schema is not True:
+            client.update_deployment(d.id, DeploymentUpdate(enforce_parameter_schema=True))
+            fixed.append(d.name)
+    return fixed
+
+
+def write_record(client: Any, specs: dict[str, DeploymentSpec] | None = None) -> Path:
+    """Keep what the server holds for this project's deployments (right after `prefect deploy` and
+    `enforce_parameter_schemas`) in the Prefect home, written whole (a temporary file renamed), readable by
+    this user only."""
+    specs = specs or project_deployments()
+    path = _record_path()
+    tmp = path.with_name(f".{RECORD}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(held_deployments(client, specs), f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+    return path
+
+
+def read_record() -> dict[str, Any] | None:
+    """The record `write_record` kept, or None when there is none (or it is not JSON)."""
+    try:
+        return json.loads(_record_path().read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,16 +239,23 @@ def main(argv: list[str] | None = None) -> int:
     close = sub.add_parser("close", help="end and crash the open runs of this project's deployments")
     close.add_argument("--reason", choices=sorted(REASONS), required=True)
     sub.add_parser("deployed", help="exit 0 if the server holds every deployment as deployments/prefect.yaml "
-                                    "declares it, 1 (naming the others) if not")
+                                    "declares it and as `prefect deploy` stored it, 1 (naming the others) if not")
+    sub.add_parser("record", help="after deploying: enforce the parameter schemas, keep what the server holds")
     args = ap.parse_args(argv)
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         if args.command == "deployed":
-            stale = stale_deployments(client)
+            stale = stale_deployments(client, record=read_record())
             if stale:
                 print(f"serve: to deploy: {', '.join(stale)}")
             return 1 if stale else 0
+        if args.command == "record":
+            specs = project_deployments()
+            for name in enforce_parameter_schemas(client, specs):
+                print(f"serve: deployment {name}: its parameter schema is enforced again")
+            write_record(client, specs)
+            return 0
         lines = close_open_runs(client, args.reason)
     for line in lines:
         print(f"serve: {line}")

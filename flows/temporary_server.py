@@ -6,6 +6,9 @@ process starts it (about 5 s more), all before the first stage is even planned. 
 that was most of the command's time. The CLI instead starts the same server process (the command line of
 Prefect's own `SubprocessASGIServer`) as soon as it knows a flow will run, so that its start overlaps the
 loading of the stages and the config's checks, and points this process's Prefect settings at it.
+
+The server keeps its database in the Prefect home (every run's parameters and logs), so the home is made
+private to this user first (`private_home`) and the server starts with umask 077.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import prefect
@@ -33,6 +38,22 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def private_home(home: Path) -> None:
+    """Create the Prefect home private to this user (mode 700), or make an existing one so: the folder and
+    everything in it lose every group and other permission (a home made earlier by another tool with the
+    default umask was 755, its database 644). Symbolic links are left alone; so is what this user does not
+    own (its chmod would fail)."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for dirpath, _, filenames in os.walk(home):  # every folder comes as a dirpath; linked ones are not walked
+        for path in [Path(dirpath), *(Path(dirpath) / n for n in filenames)]:
+            try:
+                st = path.lstat()
+                if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o077:
+                    path.chmod(stat.S_IMODE(st.st_mode) & ~0o077)
+            except OSError as err:
+                log.warning("%s: could not make it private (%s)", path, err)
 
 
 class TemporaryServer:
@@ -61,12 +82,14 @@ class TemporaryServer:
     def _spawn(self) -> subprocess.Popen[bytes]:
         """The command line and environment of Prefect 3.8's `SubprocessASGIServer._run_uvicorn_command`."""
         env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        private_home(Path(get_current_settings().home))
         return subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
             env={**os.environ, **env,
                  **get_current_settings().to_environment_variables(exclude_unset=True)},
+            umask=0o077,
         )
 
     @property

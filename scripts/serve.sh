@@ -15,7 +15,9 @@
 #
 # Locked down: the API needs the auth string generated on the first serve and kept in
 # $PREFECT_HOME/api-auth-string (mode 600; .prefect/ is gitignored; the UI asks for it once),
-# CSRF protection is on and CORS admits only the UI's own origin.
+# CSRF protection is on and CORS admits only the UI's own origin. The Prefect home (the database with every
+# run's parameters and logs, the auth string, Prefect's result files) is private to this user: created with
+# umask 077, and an existing one (made by `make demo`, or an older serve.sh) tightened on every start.
 #
 # Then, from another shell (same PREFECT_API_URL, and the auth string):
 #   export PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_API_AUTH_STRING="$(cat .prefect/api-auth-string)"
@@ -29,10 +31,16 @@ export PREFECT_API_URL="http://127.0.0.1:${PORT}/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
 export PWD  # deployments pull into the directory they were deployed from
 
+# everything this script creates is private (umask 077); the worker gets the caller's umask back, so the data
+# its runs write keeps the modes the user chose
+CALLER_UMASK="$(umask)"
+umask 077
+mkdir -p "$PREFECT_HOME"
+chmod -R go-rwx "$PREFECT_HOME" || { echo "serve: cannot make $PREFECT_HOME private to $(id -un) (chmod failed)" >&2; exit 1; }
+
 AUTH_FILE="$PREFECT_HOME/api-auth-string"
 if [ ! -s "$AUTH_FILE" ]; then
-  mkdir -p "$PREFECT_HOME"
-  (umask 077 && "$BIN/python" -c "import secrets; print(secrets.token_urlsafe(32))" > "$AUTH_FILE")
+  "$BIN/python" -c "import secrets; print(secrets.token_urlsafe(32))" > "$AUTH_FILE"
   echo "serve: generated the API auth string in $AUTH_FILE"
 fi
 PREFECT_SERVER_API_AUTH_STRING="$(cat "$AUTH_FILE")"
@@ -97,7 +105,9 @@ for attempt in 1 2 3; do  # SQLite busy (503) under load: retried
 done
 waited "$BIN/prefect" work-pool create alignet-process --type process --overwrite
 # Deploying imports every flow (minutes on a busy machine): skipped when the server already holds every
-# deployment as declared and nothing their parameters derive from changed since the last deploy.
+# deployment as declared and as the last deploy stored it (every field that decides what runs: pull steps,
+# entrypoint, job variables, parameters, parameter schema and its enforcement, ...), and nothing their
+# parameters derive from changed since.
 STAMP="$PREFECT_HOME/deployed.sha256"
 WANT="$( (echo "$PWD"; cat deployments/prefect.yaml flows/*.py alignet_core/config.py; "$BIN/python" -c \
   'import prefect; print(prefect.__version__)') | sha256sum | cut -d' ' -f1)"
@@ -110,10 +120,15 @@ else
     [ "$attempt" = 3 ] && { echo "serve: deploying failed three times" >&2; exit 1; }
     sleep 5
   done
+  for attempt in 1 2 3; do  # what the deploy stored, for the next start's check (SQLite busy: retried)
+    waited "$BIN/python" -m flows.service record && break
+    [ "$attempt" = 3 ] && { echo "serve: recording the deployments failed three times" >&2; exit 1; }
+    sleep 5
+  done
   echo "$WANT" > "$STAMP"
 fi
 echo "serve: UI at http://127.0.0.1:${PORT} (sign in with the string in $AUTH_FILE); API ${PREFECT_API_URL}; starting the worker"
-setsid "$BIN/python" -m flows.worker 9>&- &
+(umask "$CALLER_UMASK" && exec setsid "$BIN/python" -m flows.worker 9>&-) &
 WORKER=$!
 while kill -0 "$WORKER" 2>/dev/null && kill -0 "$SERVER" 2>/dev/null; do
   sleep 2 9>&- & wait $! || true  # wakes on a signal at once

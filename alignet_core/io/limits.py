@@ -1,8 +1,9 @@
 """Bounded reads: small files may not cost gigabytes.
 
 Every reader of a file a user hands in checks what it is about to allocate against what the file can
-honestly hold, before allocating: a config's size, depth and aliases (`load_yaml`), an `.npz`'s
-array headers against its zip entries (`check_npz`), an image's byte size (`check_image_size`). And
+honestly hold, before allocating: a config's size, depth, aliases and number of values (`load_yaml`), an `.npz`'s
+array headers against its zip entries (`check_npz`), an image's byte size (`check_image_size`), a tar
+shard's label members, header members and member count (`io.sources`). And
 error messages echo values through `short`, a repr bounded in length and depth, so a value that
 expands (a YAML alias bomb) is never written out whole.
 """
@@ -21,8 +22,14 @@ from alignet_core.errors import ConfigError, InputError
 MAX_CONFIG_BYTES = 1 << 20  # a pipeline config is a few KB
 MAX_YAML_DEPTH = 64  # nested collections in a config or an override value
 MAX_YAML_ALIASES = 1000  # `*alias` references in one document (a billion-laughs file needs many)
+MAX_YAML_NODES = 20_000  # scalars and collections in one document: a config has a few hundred; a flat list
+#                          filling the 1 MiB (500k values) took 10 s and 776 MB to parse (issue 34), 0.1 s now
 MAX_IMAGE_BYTES = 256 << 20  # one image file (PIL's pixel limit already bounds the decoded size)
 MAX_NPZ_RATIO = 200  # uncompressed / compressed size of one .npz entry above `_RATIO_FROM` bytes
+MAX_NPZ_ENTRIES = 64  # an AligNet .npz has 3 arrays
+MAX_LABEL_BYTES = 64 << 10  # one label member of a tar shard (`.cls`, `.txt`): a class name
+MAX_TAR_HEADER_BYTES = 1 << 20  # one pax extended header or GNU long name in a tar shard (tarfile reads it whole)
+MAX_TAR_MEMBERS = 100_000  # members of one tar shard (its index is kept in memory: ~1 KB each)
 _RATIO_FROM = 16 << 20
 
 _REPR = reprlib.Repr()
@@ -37,17 +44,23 @@ def short(value: Any, limit: int = 200) -> str:
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with a limit on nesting depth and on alias references."""
+    """PyYAML's safe loader with a limit on nesting depth, on alias references and on nodes (PyYAML parses
+    lazily, event by event, so a refusal comes after at most that much work)."""
 
     def __init__(self, stream: Any, what: str):
         super().__init__(stream)
-        self._what, self._depth, self._aliases = what, 0, 0
+        self._what, self._depth, self._aliases, self._nodes = what, 0, 0, 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             self._aliases += 1
             if self._aliases > MAX_YAML_ALIASES:
                 raise ConfigError(f"{self._what}: more than {MAX_YAML_ALIASES} YAML aliases; refused")
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            mark = self.peek_event().start_mark
+            raise ConfigError(f"{self._what}: more than {MAX_YAML_NODES} values (at line {mark.line + 1}, column "
+                              f"{mark.column + 1}); a config has a few hundred; refused")
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
@@ -110,27 +123,49 @@ def check_npy(f: IO[bytes], url: str) -> None:
 
 
 def check_npz(f: IO[bytes], url: str) -> None:
-    """Check every `.npy` entry of the `.npz` open as `f` before numpy allocates it: the size its
-    header declares (shape × item size) must be what the zip entry holds, and a large entry may not
-    inflate more than `MAX_NPZ_RATIO` times. `InputError` naming the file and the entry otherwise.
-    Leaves `f` at its start."""
+    """Check every entry of the `.npz` open as `f` before numpy allocates any, whatever its name (numpy
+    reads an entry `x` as array `x` just as it reads `x.npy`, and hands out the raw bytes of one that is
+    not an array): no entry may claim bytes past the end of the file, a large entry may not inflate more
+    than `MAX_NPZ_RATIO` times, nor all entries together (entries may share their compressed bytes), and
+    an array's header must declare exactly what its entry holds (shape × item size). `InputError`
+    naming the file and the entry otherwise. Leaves `f` at its start."""
     try:
+        size = f.seek(0, 2)
+        f.seek(0)
         with zipfile.ZipFile(f) as zf:
-            for info in zf.infolist():
-                if not info.filename.endswith(".npy"):
-                    continue
-                if info.file_size > _RATIO_FROM and info.file_size > MAX_NPZ_RATIO * max(info.compress_size, 1):
-                    raise InputError(f"{url}: entry {info.filename!r} inflates from {info.compress_size} to "
-                                     f"{info.file_size} bytes (a compression bomb?); refused")
-                with zf.open(info) as member:
-                    version = np.lib.format.read_magic(member)
-                    shape, _, dtype = _read_header(member, version)
-                    header = member.tell()
-                if dtype.hasobject:
-                    raise InputError(f"{url}: an array holds Python objects, refused (entry {info.filename!r})")
-                declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
-                if declared != info.file_size - header:
-                    raise InputError(f"{url}: entry {info.filename!r} declares {short(shape)} {dtype} "
-                                     f"({declared} bytes) but holds {info.file_size - header}; refused")
+            infos = zf.infolist()
+            if len(infos) > MAX_NPZ_ENTRIES:
+                raise InputError(f"{url}: {len(infos)} zip entries, more than the {MAX_NPZ_ENTRIES} an .npz may "
+                                 "have; refused")
+            total = sum(info.file_size for info in infos)
+            if total > _RATIO_FROM and total > MAX_NPZ_RATIO * max(size, 1):
+                raise InputError(f"{url}: its entries inflate from {size} to {total} bytes (a compression "
+                                 "bomb?); refused")
+            for info in infos:
+                _check_npz_entry(zf, info, size, url)
     finally:
         f.seek(0)
+
+
+def _check_npz_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, size: int, url: str) -> None:
+    """One entry of `check_npz` (`size`: the whole file's bytes)."""
+    name = short(info.filename, 80)
+    if info.header_offset + info.compress_size > size:
+        raise InputError(f"{url}: entry {name} claims {info.compress_size} compressed bytes past the end of "
+                         "the file; refused")
+    if info.file_size > _RATIO_FROM and info.file_size > MAX_NPZ_RATIO * max(info.compress_size, 1):
+        raise InputError(f"{url}: entry {name} inflates from {info.compress_size} to "
+                         f"{info.file_size} bytes (a compression bomb?); refused")
+    with zf.open(info) as member:
+        try:
+            version = np.lib.format.read_magic(member)
+        except ValueError:
+            return  # not an array: numpy hands out its bytes, at most file_size (bounded above)
+        shape, _, dtype = _read_header(member, version)
+        header = member.tell()
+    if dtype.hasobject:
+        raise InputError(f"{url}: an array holds Python objects, refused (entry {name})")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared != info.file_size - header:
+        raise InputError(f"{url}: entry {name} declares {short(shape)} {dtype} "
+                         f"({declared} bytes) but holds {info.file_size - header}; refused")

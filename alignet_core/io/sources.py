@@ -236,6 +236,34 @@ _TAR_INDEX: dict[str, dict[str, tarfile.TarInfo]] = {}
 _TAR_LOCK = threading.Lock()
 
 
+class _TarRefused(tarfile.TarError):
+    """A tar member this reader will not read (the message says which and why)."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """`tarfile.TarInfo` that refuses, before tarfile reads it, a header member (pax extended header, GNU
+    long name or link) larger than `limits.MAX_TAR_HEADER_BYTES` (tarfile reads those whole), and any
+    sparse member (its map is read entry by entry without a bound; image shards have none)."""
+
+    _HEADER_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in self._HEADER_TYPES and self.size > limits.MAX_TAR_HEADER_BYTES:
+            raise _TarRefused(f"a header member of {self.size} bytes (at most {limits.MAX_TAR_HEADER_BYTES})")
+        return super()._proc_member(tf)
+
+    def _refuse_sparse(self, *args: Any, **kwargs: Any) -> Any:
+        raise _TarRefused("a sparse member (image shards hold plain files)")
+
+    _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+
+def _open_tar(f: Any) -> tarfile.TarFile:
+    """A tar shard (plain or compressed) open for reading with bounded headers (`_BoundedTarInfo`)."""
+    return tarfile.open(fileobj=f, mode="r:*", tarinfo=_BoundedTarInfo)
+
+
 def tar_member_url(shard: str, member: str) -> str:
     """The reference of one member of a tar shard: fsspec's chained URL `tar://<member>::<shard>`."""
     return f"{TAR_PREFIX}{member}::{shard}"
@@ -256,10 +284,17 @@ def _tar_index(shard: str) -> dict[str, tarfile.TarInfo]:
     if index is not None:
         return index
     try:
-        with fsspec.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
-            index = {m.name: m for m in tf.getmembers() if m.isfile()}
+        with fsspec.open(shard, "rb") as f, _open_tar(f) as tf:
+            index = {}
+            for n, m in enumerate(tf, start=1):
+                if n > limits.MAX_TAR_MEMBERS:
+                    raise _TarRefused(f"more than {limits.MAX_TAR_MEMBERS} members (split it into smaller shards)")
+                if m.isfile():
+                    index[m.name] = m
     except FileNotFoundError:
         raise InputError(f"source.path: tar shard {shard!r} does not exist") from None
+    except _TarRefused as err:
+        raise InputError(f"source.path: tar shard {shard!r} has {err}; refused") from None
     except (tarfile.TarError, OSError, EOFError) as err:
         raise InputError(f"source.path: {shard!r} is not a readable tar file: {err}") from None
     with _TAR_LOCK:
@@ -274,7 +309,7 @@ def read_tar_member(url: str) -> bytes:
     if info is None:
         raise InputError(f"{url}: image file does not exist (no member {member!r} in tar shard {shard!r})")
     limits.check_image_size(info.size, url)
-    with fsspec.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
+    with fsspec.open(shard, "rb") as f, _open_tar(f) as tf:
         member_file = tf.extractfile(info)
         return member_file.read() if member_file is not None else b""
 
@@ -305,7 +340,7 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
 
     Members are grouped by key, the member name up to the first '.' of its file name
     (`0001.jpg`, `0001.cls` → key `0001`); a key's first image member is its image and its `.cls` or
-    `.txt` member (stripped text) its label. id = `<shard name without .tar>/<key>`; path =
+    `.txt` member (stripped text, at most `limits.MAX_LABEL_BYTES`) its label. id = `<shard name without .tar>/<key>`; path =
     `tar://<member>::<shard url>`. Keys without an image member are ignored. Read with Python's
     tarfile through fsspec, so shards may be local paths or fsspec URLs; `.tar.gz` works but each
     image then decompresses from the start of its shard, so prefer plain `.tar`.
@@ -315,7 +350,7 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
         index = _tar_index(shard)
         images: dict[str, str] = {}
         labels: dict[str, str] = {}
-        with fsspec.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tf:
+        with fsspec.open(shard, "rb") as f, _open_tar(f) as tf:
             for name, info in index.items():
                 norm = posixpath.normpath(name)
                 if posixpath.isabs(name) or norm == ".." or norm.startswith("../"):
@@ -329,6 +364,9 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
                 if _is_image_name(base):
                     images.setdefault(key, name)
                 elif ext.lower() in LABEL_EXTENSIONS and key not in labels:
+                    if info.size > limits.MAX_LABEL_BYTES:
+                        raise InputError(f"source.path: tar shard {shard!r} has label member {name!r} of {info.size} "
+                                         f"bytes (a label is a class name: at most {limits.MAX_LABEL_BYTES}); refused")
                     member_file = tf.extractfile(info)
                     text = member_file.read().decode("utf-8", errors="replace").strip() if member_file else ""
                     labels[key] = text

@@ -5,19 +5,31 @@ inputs lands on the same version instead of publishing a duplicate. Each version
 published by one rename with its `manifest.json` (config, input keys, code version, counts,
 sha256 per file); readers never see a partial version. `latest` is a small JSON file next to
 the versions, replaced atomically. Everything goes through fsspec, so roots may be URLs.
+
+Readers hold the version they read (`reading`: a shared `flock` on
+`<root>/datasets/<name>/.readers/<version>.lock`); retention deletes a version only while it holds that
+lock exclusively, and leaves a version a reader holds for the next retention. So `verify` never sees a
+version vanish under it, and a reader that resolved a version just before retention removed it finds it
+gone whole (and, for `latest`, resolves again) rather than half deleted. Object-store roots have no file
+locks: there readers are not protected from a concurrent retention.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from alignet_core.errors import InputError, StoreError
 from alignet_core.io import lock, store
@@ -27,6 +39,7 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 PINS = ".pins"  # <root>/datasets/<name>/.pins/<version>.<id>: a run will promote that version
 PIN_TTL_SECONDS = 7 * 24 * 3600  # a pin older than this (its run was killed) no longer holds retention off
+READERS = ".readers"  # <root>/datasets/<name>/.readers/<version>.lock: shared by readers, exclusive to delete
 # a version id (and a dataset name) is one plain folder name: no '/', no leading '.', so never '..'
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -75,7 +88,10 @@ def list_versions(root: str, name: str) -> list[dict[str, Any]]:
         url = version_dir(root, name, v)
         if v.startswith(".") or ".tmp-" in v or not store.is_complete(url):  # debris, or being written
             continue
-        m = store.read_manifest(url)
+        try:
+            m = store.read_manifest(url)
+        except (StoreError, FileNotFoundError):  # removed by retention since it was listed
+            continue
         out.append({
             "version": v,
             "published_at": m.get("published_at", ""),
@@ -126,17 +142,70 @@ def resolve(root: str, name: str, version: str = LATEST) -> str:
     return version
 
 
+def _reader_lock_path(root: str, name: str, version: str) -> str | None:
+    """The reader lock file of a version, or None for a non-local root (no file locks there)."""
+    fs, path = fsspec.core.url_to_fs(store.join(datasets_dir(root), name, READERS, f"{version}.lock"))
+    return path if isinstance(fs, LocalFileSystem) else None
+
+
+def _open_lock(path: str | None) -> int | None:
+    """A file descriptor on a lock file, created if need be; None where there is none to take: a non-local
+    root, or a dataset folder this user may not write (a read-only reader, then not protected)."""
+    if path is None:
+        return None
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+
+
+@contextlib.contextmanager
+def reading(root: str, name: str, version: str = LATEST) -> Iterator[str]:
+    """Hold a published version (`latest` by default) for reading; yields its id. Retention does not
+    delete it until the block ends. A version removed between resolving it and taking the lock is
+    resolved again when it was `latest` (which has moved on), and an `InputError` naming it otherwise."""
+    for _ in range(100):
+        v = resolve(root, name, version)
+        fd = _open_lock(_reader_lock_path(root, name, v))
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while retention deletes it
+        if store.is_complete(version_dir(root, name, v)):
+            break
+        if fd is not None:
+            os.close(fd)
+        if version != LATEST:
+            raise InputError(f"dataset {name!r} version {v!r} was removed by retention (keep_versions) while "
+                             "it was being opened")
+    else:
+        raise StoreError(f"dataset {name!r}: `latest` kept pointing at versions that were removed; try again")
+    try:
+        yield v
+    finally:
+        if fd is not None:
+            os.close(fd)  # drops the shared lock
+
+
 def manifest(root: str, name: str, version: str = LATEST) -> dict[str, Any]:
     """The manifest of a version (`latest` by default), with its resolved `version` and `path`."""
-    v = resolve(root, name, version)
-    url = version_dir(root, name, v)
-    return {**store.read_manifest(url), "version": v, "path": url}
+    with reading(root, name, version) as v:
+        url = version_dir(root, name, v)
+        return {**store.read_manifest(url), "version": v, "path": url}
 
 
 def verify(root: str, name: str, version: str = LATEST) -> list[str]:
     """Recompute the sha256 of every file a version's manifest lists; return the problems found
-    (a missing file, a checksum that differs), empty when the version is intact."""
-    m = manifest(root, name, version)
+    (a missing file, a checksum that differs), empty when the version is intact. The version is held
+    (`reading`) throughout, so retention cannot remove it meanwhile."""
+    with reading(root, name, version) as v:
+        url = version_dir(root, name, v)
+        return _verify({**store.read_manifest(url), "path": url})
+
+
+def _verify(m: dict[str, Any]) -> list[str]:
     problems = []
     for fname, info in sorted(m.get("files", {}).items()):
         rel = info.get("path", fname)
@@ -152,9 +221,10 @@ def verify(root: str, name: str, version: str = LATEST) -> list[str]:
 
 def apply_retention(root: str, name: str, keep: int | None) -> list[str]:
     """Delete the oldest versions beyond the newest `keep` (None: keep all); the version `latest`
-    points at, and versions another run has pinned (`pin`), are never deleted. Call it under
-    `dataset_lock` (`promote` does). A version disappears by one rename before its files are removed,
-    so readers see it whole or not at all. Returns the deleted version ids."""
+    points at, versions another run has pinned (`pin`) and versions a reader holds (`reading`) are
+    never deleted (a held one is left for the next retention). Call it under `dataset_lock` (`promote`
+    does). A version disappears by one rename before its files are removed, so readers see it whole or
+    not at all. Returns the deleted version ids."""
     if keep is None:
         return []
     if keep < 1:
@@ -165,12 +235,28 @@ def apply_retention(root: str, name: str, keep: int | None) -> list[str]:
     fs, _ = fsspec.core.url_to_fs(root)
     removed = []
     for r in doomed:
-        _, path = fsspec.core.url_to_fs(r["path"])
-        trash = f"{path.rstrip('/').rsplit('/', 1)[0]}/.trash-{uuid.uuid4().hex}"
-        fs.mv(path, trash, recursive=True)
-        fs.rm(trash, recursive=True)
-        removed.append(r["version"])
-        log.info("retention: removed version %s of dataset %s", r["version"], name)
+        lock_file = _reader_lock_path(root, name, r["version"])
+        fd = _open_lock(lock_file)
+        try:
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    log.info("retention: version %s of dataset %s is being read; left for the next retention",
+                             r["version"], name)
+                    continue
+            _, path = fsspec.core.url_to_fs(r["path"])
+            trash = f"{path.rstrip('/').rsplit('/', 1)[0]}/.trash-{uuid.uuid4().hex}"
+            fs.mv(path, trash, recursive=True)
+            fs.rm(trash, recursive=True)
+            if lock_file is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_file)  # a reader that opened it meanwhile finds the version gone
+            removed.append(r["version"])
+            log.info("retention: removed version %s of dataset %s", r["version"], name)
+        finally:
+            if fd is not None:
+                os.close(fd)
     return removed
 
 

@@ -141,6 +141,10 @@ def test_the_service_is_locked_down(service, tmp_path):
     api = env["PREFECT_API_URL"]
     auth_file = Path(env["PREFECT_HOME"]) / "api-auth-string"
     assert oct(auth_file.stat().st_mode & 0o777) == "0o600" and len(env["PREFECT_API_AUTH_STRING"]) >= 40
+    # issue 34: the database (every run's parameters and logs) was 644; the home and all in it are private
+    home = Path(env["PREFECT_HOME"])
+    assert home.stat().st_mode & 0o777 == 0o700 and (home / "prefect.db").stat().st_mode & 0o777 == 0o600
+    assert [p for p in home.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o077] == []
 
     assert httpx.get(f"{api}/admin/version", timeout=10).status_code == 401
     assert httpx.post(f"{api}/flows/filter", json={}, timeout=10).status_code in (401, 403)  # CSRF or auth first

@@ -9,7 +9,9 @@ Prefect home, three times:
    database (nothing could mark it);
 3. a restart: the orphaned run is marked Crashed before the worker starts, and a new run of the same
    deployment gets the slot and runs; a foreign deployment whose pull step would run a shell command is
-   refused (Crashed, with the reason) and its command never runs.
+   refused (Crashed, with the reason) and its command never runs; a deployment PATCHed before the restart
+   to stop enforcing its parameter schema is redeployed as declared (issue 34); a run of the real
+   `teacher-embeddings` whose deployment gets a `touch` pull step while it is Pending never runs it.
 
 Slow (three service starts, real flow runs): behind the `slow` marker, run by CI.
 """
@@ -43,9 +45,25 @@ def _state(svc: Service, run_id: str) -> dict:
 
 
 def _engine_running(svc: Service, run_id: str) -> bool:
-    """The run is Running and its engine process (a child of the worker) computes."""
+    """The run is Running and its engine process (`flows.engine`, a child of the worker) computes."""
     return _state(svc, run_id)["type"] == "RUNNING" and any(
-        "prefect.engine" in " ".join(p.cmdline()) for p in svc.processes())
+        "flows.engine" in " ".join(p.cmdline()) for p in svc.processes())
+
+
+def _patch(svc: Service, path: str, body: dict, tries: int = 5) -> None:
+    """A PATCH through the API (it answers 204, no body), as any holder of the auth string may send; a 5xx
+    (SQLite busy while a run computes) is retried, as `api` does."""
+    for _ in range(tries):
+        r = client(svc.env).patch(path, json=body)
+        if r.status_code < 500:
+            break
+        time.sleep(2)
+    assert r.status_code == 204, (path, r.status_code, r.text[:1000])
+
+
+def _deployment(svc: Service, name: str) -> dict:
+    (dep,) = [d for d in api(client(svc.env), "POST", "/deployments/filter", {}) if d["name"] == name]
+    return dep
 
 
 @pytest.mark.slow
@@ -78,6 +96,9 @@ def test_stop_kill_and_restart_leave_no_process_and_no_blocked_slot(tmp_path):
         assert "was stopped while this run was in flight" in _state(svc, first)["message"]
         second = _run(svc, root)
         wait("the second run computing", lambda: _engine_running(svc, second), svc.log, timeout=600)
+        # issue 34: a deployment that no longer enforces its parameter schema was "up to date" on a restart
+        bypass = _deployment(svc, "publish-triplets")
+        _patch(svc, f"/deployments/{bypass['id']}", {"enforce_parameter_schema": False})
         left = svc.stop(signal.SIGKILL)
     finally:
         svc.stop()
@@ -88,6 +109,8 @@ def test_stop_kill_and_restart_leave_no_process_and_no_blocked_slot(tmp_path):
     try:
         state = _state(svc, second)
         assert state["type"] == "CRASHED" and state["message"].startswith("orphaned"), state
+        assert _deployment(svc, "publish-triplets")["enforce_parameter_schema"] is True
+        assert "serve: to deploy: " in log.read_text() and "publish-triplets" in log.read_text()
         third = _run(svc, root)
         wait("the third run computing", lambda: _engine_running(svc, third), svc.log, timeout=300)
 
@@ -102,6 +125,20 @@ def test_stop_kill_and_restart_leave_no_process_and_no_blocked_slot(tmp_path):
         wait("the foreign run refused", lambda: _state(svc, foreign)["type"] == "CRASHED", svc.log, timeout=180)
         assert "refused by the alignet worker: deployment 'evil' is not one of" in _state(svc, foreign)["message"]
         assert not canary.exists()
+
+        # issue 34, the race on the live service: the real deployment's pull steps PATCHed while its run is
+        # Pending (after the worker's check, or before it: either way nothing of the change runs)
+        raced = tmp_path / "raced"
+        embed = _deployment(svc, "teacher-embeddings")
+        run = api(c, "POST", f"/deployments/{embed['id']}/create_flow_run",
+                  {"parameters": {"overrides": {"root": str(root), "source.limit": 24}}})["id"]
+        wait("the raced run pending", lambda: _state(svc, run)["type"] in ("PENDING", "RUNNING", "CRASHED"),
+             svc.log, timeout=600)
+        _patch(svc, f"/deployments/{embed['id']}", {"pull_steps": [
+            {"prefect.deployments.steps.run_shell_script": {"script": f"touch {raced}"}}]})
+        wait("the raced run over", lambda: _state(svc, run)["type"] in ("COMPLETED", "CRASHED", "FAILED"),
+             svc.log, timeout=600)
+        assert not raced.exists(), _state(svc, run)
     finally:
         left = svc.stop()
     assert left == [], left

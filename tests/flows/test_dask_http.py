@@ -1,5 +1,8 @@
-"""The sampling stage's local Dask cluster serves nothing over HTTP: no dashboard, /metrics or /info
-on the scheduler or the workers (a real two-process `LocalCluster` built as the flow builds it)."""
+"""The sampling stage's local Dask cluster is the pipeline's alone: it serves nothing over HTTP (no
+dashboard, /metrics or /info on the scheduler or the workers), and its scheduler, workers and nannies refuse
+any client but the pipeline's (issue 34: as another local user, a port scan and a plain `Client` ran
+`os.system` in a worker of the service's run). Real two-process `LocalCluster`s built as the flow builds
+them."""
 
 from __future__ import annotations
 
@@ -29,6 +32,61 @@ def test_scheduler_and_workers_answer_no_http_route():
             for path in ("/metrics", "/info/main/workers.html", "/status", "/health", "/json/counts.json"):
                 assert _status(f"http://127.0.0.1:{port}{path}") == 404, (port, path)
         assert sched != 8787
+
+
+def _foreign_clients(address: str) -> dict[str, str]:
+    """What each client another local user could make gets from `address` (a `tls://` endpoint of the
+    cluster): 'CONNECTED' or the error that refused it."""
+    import asyncio
+    import ssl
+
+    from distributed.comm import connect
+    from distributed.security import Security
+
+    no_check = ssl.create_default_context()
+    no_check.check_hostname, no_check.verify_mode = False, ssl.CERT_NONE
+    attempts = {
+        "plain TCP": (address.replace("tls://", "tcp://"), {}),
+        "TLS, no certificate": (address, {"ssl_context": no_check}),
+        "TLS, a certificate of its own": (address, Security.temporary().get_connection_args("client")),
+    }
+    out = {}
+    for what, (addr, args) in attempts.items():
+        async def attempt(addr: str = addr, args: dict = args) -> str:
+            comm = await connect(addr, timeout=5, **args)
+            try:  # the handshake is only done once the peer answers: ask for something
+                await comm.write({"op": "identity"})
+                reply = await comm.read()
+                return f"CONNECTED: {str(reply)[:80]}"
+            finally:
+                comm.abort()
+        try:
+            out[what] = asyncio.run(asyncio.wait_for(attempt(), 20))
+        except Exception as err:  # noqa: BLE001 - any refusal will do
+            out[what] = f"refused: {type(err).__name__}"
+    return out
+
+
+def test_the_local_cluster_refuses_every_client_but_the_pipelines(tmp_path):
+    """The cluster as `sample` starts it (flows.sample.dask_runner: Prefect's DaskTaskRunner with
+    `quiet_local_cluster`) speaks TLS only, with credentials made for it; Prefect's client has them and runs
+    a task; a plain TCP client, a TLS client without a certificate and one with a certificate of its own are
+    refused by the scheduler, every worker and every nanny."""
+    from alignet_core.config import PipelineConfig
+    from flows.sample import dask_runner
+
+    runner = dask_runner(PipelineConfig(root=str(tmp_path)))
+    runner.cluster_kwargs = {**runner.cluster_kwargs, "n_workers": 2, "env": {}, "plugins": ()}
+    with runner:
+        client = runner.client
+        assert client.submit(lambda x: x + 1, 1).result() == 2  # the pipeline's own client works
+        cluster = runner._cluster
+        workers = list(client.scheduler_info()["workers"])
+        nannies = [w.address for w in cluster.workers.values()]
+        endpoints = [cluster.scheduler_address, *workers, *nannies]
+        seen = {a: _foreign_clients(a) for a in endpoints}
+    assert all(not r.startswith("CONNECTED") for results in seen.values() for r in results.values()), seen
+    assert len(endpoints) == 5 and all(a.startswith("tls://127.0.0.1:") for a in endpoints), endpoints
 
 
 def test_importing_the_flows_turns_prefect_analytics_off():
