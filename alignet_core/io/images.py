@@ -18,7 +18,7 @@ import PIL.ImageOps
 
 from alignet_core.errors import InputError
 from alignet_core.io import limits, store
-from alignet_core.io.sources import TAR_PREFIX, read_tar_member
+from alignet_core.io.tar_shards import TAR_PREFIX, read_tar_member
 
 log = logging.getLogger(__name__)
 

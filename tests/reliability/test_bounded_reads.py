@@ -61,7 +61,7 @@ def _child(code: str, *args: str, as_limit: int = AS_LIMIT) -> tuple[int, str, i
 READ = """
 import resource, sys
 from alignet_core.errors import AlignetError
-from alignet_core.io import formats, images, sources
+from alignet_core.io import formats, images, sources, tar_shards
 before = _hwm()
 try:
     {call}
@@ -244,7 +244,7 @@ def test_oversized_tar_member_and_image_file_are_refused_before_reading(tmp_path
     info.size = big
     header = info.tobuf(format=tarfile.USTAR_FORMAT)
     _sparse(shard, len(header) + ((big + 511) // 512) * 512 + 1024, header)  # zero blocks end the archive
-    code, out, peak, before = _read("images.load_image(sources.tar_member_url(sys.argv[1], '0001.png'))", shard)
+    code, out, peak, before = _read("images.load_image(tar_shards.tar_member_url(sys.argv[1], '0001.png'))", shard)
     assert code == 2 and "image file too large (268435457 bytes" in out and peak - before < 100, (out, peak, before)
     png = tmp_path / "huge.png"
     _sparse(png, big, b"\x89PNG\r\n\x1a\n")
