@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from alignet_core.sample import versions
-from tests.core.test_versions import _publish
+from tests.sample.test_versions import _publish
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def test_retention_leaves_a_version_a_reader_holds(tmp_path):
 PUBLISHER = """
 import sys
 from pathlib import Path
-from tests.core.test_versions import _publish
+from tests.sample.test_versions import _publish
 from alignet_core.sample import versions
 root, who = Path(sys.argv[1]), sys.argv[2]
 for i in range(8):
