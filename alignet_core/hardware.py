@@ -77,6 +77,21 @@ def process_group_backend(device: "torch.device") -> Literal["nccl", "gloo"]:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch (its intra-op pool, OpenMP, MKL, oneDNN) on `n` threads for the block; restored after. A float32
+    reduction split over another number of threads adds its partial sums in another order, so two runs are
+    compared bit for bit only on the same thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def rank_threads(device: "torch.device", local_ranks: int) -> int | None:
     """CPU threads for each of `local_ranks` training ranks on one machine, or None to leave torch's choice.
 

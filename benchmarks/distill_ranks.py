@@ -33,12 +33,10 @@ work per device. `--dry-run` runs that code on two CPU ranks with a tiny ViT and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -47,7 +45,7 @@ import torch
 from alignet_core.config import PipelineConfig, parse_config
 from alignet_core.distill.launch import train_on_ranks
 from alignet_core.distill.train import train_student
-from alignet_core.hardware import autocast_dtype, process_group_backend, rank_threads
+from alignet_core.hardware import autocast_dtype, process_group_backend, rank_threads, torch_threads
 from alignet_core.io import formats, sources
 from alignet_core.io.dataset_splits import read_split
 from benchmarks._machine import machine_info, write_result
@@ -63,16 +61,6 @@ def _dataset(folder: str, n_images: int, n: int, seed: int) -> tuple[str, source
     url = f"{folder}/train_bench.npz"
     formats.write_alignet_npz(url, idx, src.ids()[idx], sims.astype(np.float32))
     return url, src
-
-
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 Timing = tuple[float, float, float]  # (training-loop seconds, its CPU seconds (rank 0's), wall seconds)
@@ -141,7 +129,7 @@ def run_cpu(steps: int, repeats: int, n_images: int = 600, seed: int = 0) -> dic
         one = parse_config(base)
         two = parse_config({**base, "distill": {**base["distill"], "devices": ["cpu", "cpu"]}})
         cpu = torch.device("cpu")
-        with _threads(1):  # first-call costs out of the timings
+        with torch_threads(1):  # first-call costs out of the timings
             _one_process(parse_config({**base, "distill": {**base["distill"], "steps": 2}}), url, src, cpu)
         half = {**base, "distill": {**base["distill"], "batch_triplets": 8}}
         runs: dict[str, list[Timing]] = {k: [] for k in ("one_rank_1_thread", "one_rank_all_threads", "two_ranks",
@@ -153,7 +141,7 @@ def run_cpu(steps: int, repeats: int, n_images: int = 600, seed: int = 0) -> dic
                 elif name == "independent_halves":
                     runs[name].append(_independent_pair(half, url, n_images))
                 else:
-                    with _threads(1 if name == "one_rank_1_thread" else cores):
+                    with torch_threads(1 if name == "one_rank_1_thread" else cores):
                         runs[name].append(_one_process(one, url, src, cpu))
     result: dict[str, Any] = {
         "benchmark": "distill_ranks", "mode": "cpu", "backend": "gloo",

@@ -6,27 +6,13 @@ Notation: u = 2⁻²⁴, the unit roundoff of float32 (half its machine epsilon)
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
-import torch
+
+from alignet_core.hardware import torch_threads  # noqa: F401 (the tests take it from here)
 
 #: float32 unit roundoff
 U32 = 2.0**-24
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch (its intra-op pool, OpenMP, MKL, oneDNN) on `n` threads for the block; restored after. A float32
-    reduction split over another number of threads adds its partial sums in another order, so two runs are
-    compared bit for bit only on the same thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def adam_ratio_bound(t: int, betas: tuple[float, float] = (0.9, 0.999)) -> float:
