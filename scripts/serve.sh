@@ -109,16 +109,19 @@ waited "$BIN/prefect" work-pool create alignet-process --type process --overwrit
 # entrypoint, job variables, parameters, parameter schema and its enforcement, ...), and nothing their
 # parameters derive from changed since.
 STAMP="$PREFECT_HOME/deployed.sha256"
-WANT="$( (echo "$PWD"; cat deployments/prefect.yaml flows/*.py alignet_core/config.py; "$BIN/python" -c \
+WANT="$( (echo "$PWD"; cat deployments/prefect.yaml flows/*.py alignet_core/config/*.py; "$BIN/python" -c \
   'import prefect; print(prefect.__version__)') | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ] && waited "$BIN/python" -m flows.service deployed; then
   echo "serve: the deployments are up to date (deployments/prefect.yaml and the flows unchanged)"
 else
   rm -f "$STAMP"
-  for attempt in 1 2 3; do  # a deployment refused with 503 (SQLite busy) is retried; deploying is idempotent
+  # A deployment refused with 503 (SQLite busy: a deferred write loses to the server's own services' commits,
+  # for minutes on a loaded machine) is retried with a growing pause; deploying is idempotent.
+  for attempt in 1 2 3 4 5 6; do
     waited "$BIN/prefect" --no-prompt deploy --all --prefect-file deployments/prefect.yaml && break
-    [ "$attempt" = 3 ] && { echo "serve: deploying failed three times" >&2; exit 1; }
-    sleep 5
+    [ "$attempt" = 6 ] && { echo "serve: deploying failed six times" >&2; exit 1; }
+    echo "serve: deploying failed (attempt $attempt of 6); retrying in $((attempt * 10)) s" >&2
+    waited sleep $((attempt * 10))
   done
   for attempt in 1 2 3; do  # what the deploy stored, for the next start's check (SQLite busy: retried)
     waited "$BIN/python" -m flows.service record && break

@@ -31,7 +31,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait(what: str, check, log: Path, timeout: float = 300) -> None:
+def wait(what: str, check, log: Path, timeout: float = 300, proc: subprocess.Popen | None = None) -> None:
+    """Until `check()` holds; fails after `timeout` seconds, or at once when `proc` (the service) has exited."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -39,6 +40,9 @@ def wait(what: str, check, log: Path, timeout: float = 300) -> None:
                 return
         except httpx.HTTPError:
             pass
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the service exited (code {proc.returncode}) before {what} was ready:\n"
+                        + log.read_text()[-4000:])
         time.sleep(1)
     pytest.fail(f"{what} not ready after {timeout} s:\n" + log.read_text()[-4000:])
 
@@ -105,11 +109,13 @@ class Service:
                                      start_new_session=True, stdout=open(log, "a"), stderr=subprocess.STDOUT)
         try:
             auth_file = home / "api-auth-string"
-            wait("the auth string", auth_file.exists, log)
+            wait("the auth string", auth_file.exists, log, proc=self.proc)
             self.env["PREFECT_API_AUTH_STRING"] = auth_file.read_text().strip()
             # deploying imports every flow: minutes on a busy shared machine
-            wait("deployments", lambda: DEPLOYMENTS <= deployment_names(client(self.env)), log, timeout=900)
-            wait("worker", lambda: self._polling() and b"' started!" in log.read_bytes()[start:], log)
+            wait("deployments", lambda: DEPLOYMENTS <= deployment_names(client(self.env)), log, timeout=900,
+                 proc=self.proc)
+            wait("worker", lambda: self._polling() and b"' started!" in log.read_bytes()[start:], log,
+                 proc=self.proc)
         except BaseException:
             self.stop()
             raise
