@@ -41,6 +41,12 @@ class HumanConfig(ConfigModel):
     )
     test_fold: int = Field(0, ge=0, description="the fold held out for every reported human figure; the next "
                            "fold (mod folds) is the validation fold")
+    teacher: Literal["heldout", "all"] = Field(
+        "heldout", description="the fitted transform the later stages (cluster, sample, distill) use: heldout = the fit "
+        "that never saw a triplet naming a test-fold object, and the sampler leaves the test fold's images out, so the "
+        "student's test-fold figures are held-out (evaluation); all = the transform refit on every triplet "
+        "(publishing: the student's test-fold figures are then not held-out, and say so)"
+    )
     proxy_n_triplets: int = Field(20000, gt=0, description="taxonomy proxy: number of triplets to make (over all roles)")
     proxy_mix: dict[ProxyLevel, float] = Field(
         default_factory=lambda: {"global": 0.5, "local": 0.5},
