@@ -18,10 +18,13 @@ and 1.3 s with the settings below (same process, same rows; this machine, Novemb
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import importlib
 import logging
+import os
+from collections.abc import Iterator
 
 import dask
 from distributed import LocalCluster
@@ -85,6 +88,24 @@ def quiet_local_cluster(**kwargs: object) -> LocalCluster:
     the HTTP servers distributed always starts answer 404 to everything."""
     scheduler = {"dashboard": False, **dict(kwargs.pop("scheduler_kwargs", None) or {})}  # type: ignore[call-overload]
     security = kwargs.pop("security", None) or Security.temporary()
-    with dask.config.set(NO_HTTP):
+    with dask.config.set(NO_HTTP), _parent_environ_kept():
         return LocalCluster(**{"dashboard_address": "127.0.0.1:0", "host": "127.0.0.1", **kwargs},
                             scheduler_kwargs=scheduler, security=security, protocol="tls://")
+
+
+@contextlib.contextmanager
+def _parent_environ_kept() -> Iterator[None]:
+    """Each nanny writes `distributed.nanny.pre-spawn-environ` (OMP_NUM_THREADS=1, MKL_…, MALLOC_TRIM_…) into
+    this process's `os.environ` before it spawns its worker, and leaves it there: every process the pipeline
+    starts later (the distill ranks) would then run single-threaded. The workers have what they need once
+    spawned; the parent's variables are put back as they were."""
+    keys = set(dask.config.get("distributed.nanny.pre-spawn-environ", {}) or {}) | {"PYTHONHASHSEED"}
+    before = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

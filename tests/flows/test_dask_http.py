@@ -104,3 +104,19 @@ def test_importing_the_flows_turns_prefect_analytics_off():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.split()[-3:] == ["1", "False", "False"], out.stderr[-2000:]
+
+
+def test_the_cluster_leaves_this_process_environment_as_it_was(monkeypatch):
+    """Each nanny writes OMP_NUM_THREADS=1 (and MKL_/OPENBLAS_/MALLOC_TRIM_) into the parent's environment
+    before it spawns its worker; left there, every process the pipeline starts afterwards (the distill
+    ranks) ran single-threaded. The workers keep their single thread; this process gets its values back."""
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    with quiet_local_cluster(n_workers=1, threads_per_worker=1, processes=True, config=WORKER_CONFIG) as cluster, \
+            Client(cluster) as client:
+        worker_env = next(iter(client.run(lambda: os.environ.get("OMP_NUM_THREADS")).values()))
+        assert "OMP_NUM_THREADS" not in os.environ
+        assert os.environ["MKL_NUM_THREADS"] == "3"
+    assert worker_env == "1"
