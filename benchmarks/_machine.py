@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alignet_core.runtime.provenance import cpu_model
+
 if TYPE_CHECKING:  # torch is imported by the GPU benchmarks only, never here
     import argparse
 
@@ -18,16 +20,6 @@ if TYPE_CHECKING:  # torch is imported by the GPU benchmarks only, never here
 RESULTS = Path(__file__).resolve().parent / "results"
 #: results measured on a GPU (`make gpu-check`; never CPU numbers)
 RESULTS_GPU = RESULTS / "gpu"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _ram_gib() -> float | None:
@@ -110,7 +102,7 @@ def machine_info() -> dict:
     except OSError:
         load = None
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cores": cores,
         "ram_gib": _ram_gib(),
         "load_avg_1_5_15": load,

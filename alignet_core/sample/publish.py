@@ -25,6 +25,7 @@ from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.io import store
 from alignet_core.io.formats import write_alignet_npz
 from alignet_core.sample.distinct import distinct_split
+from alignet_core.runtime.provenance import made_on
 from alignet_core.sample.shards import SPLITS, ShardSpec
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def assemble_dataset(
         "odd_one_out": "image 2; similarities [s01, s02, s12] with s01 strictly largest",
         "n_images": int(len(filenames)),
         "dedupe": bool(dedupe),
+        "made_on": made_on(),  # same bytes are promised only for the same machine, kernels and threads
         "files": {},
         "strategies": {},
         **(extra or {}),

@@ -152,6 +152,17 @@ def test_second_assemble_returns_manifest_without_rewriting(published: dict, poo
     assert {p.name: p.stat().st_mtime_ns for p in Path(url).iterdir()} == mtimes
 
 
+def test_manifest_names_the_machine_and_libraries_that_made_it(published: dict) -> None:
+    """Same bytes are promised for the same machine, kernels and threads only: the manifest says which."""
+    import torch
+
+    made = store.read_manifest(published["url"])["made_on"]
+    assert made["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert made["torch_threads"] == torch.get_num_threads() and made["cores"] >= 1 and made["cpu_model"]
+    assert torch.__version__.startswith(made["libraries"]["torch"]) and made["libraries"]["numpy"] == np.__version__
+    assert made["libraries"]["faiss-cpu"] and made["libraries"]["zarr"]
+
+
 def test_identical_output_whatever_the_shard_order(published: dict, pool: dict, tmp_path: Path) -> None:
     specs = published["specs"]
     order = list(np.random.default_rng(5).permutation(len(specs)))
