@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 
 from alignet_core.errors import InputError
+from alignet_core.io import limits
 from alignet_core.io.images import read_image_bytes
 from alignet_core.io.sources import ImageSource
 from alignet_core.io.tfrecord import CorruptRecord, parse_example, read_records
@@ -221,7 +222,13 @@ def _map_file(folder: str, image_id: str) -> np.ndarray | None | str:
     base = os.path.join(folder, image_id)
     if os.path.isfile(base + ".npy"):
         try:
-            a = np.load(base + ".npy", allow_pickle=False)
+            with open(base + ".npy", "rb") as f:
+                if os.fstat(f.fileno()).st_size > limits.MAX_IMAGE_BYTES:
+                    return f"a .npy over {limits.MAX_IMAGE_BYTES >> 20} MiB"
+                limits.check_npy(f, base + ".npy")  # its header's size must be what it holds: before allocating
+                a = np.load(f, allow_pickle=False)
+        except InputError:
+            return "a .npy whose header's size is not what it holds"
         except (OSError, ValueError):
             return "unreadable .npy"
         a = a[:, :, 0] if a.ndim == 3 and a.shape[-1] == 1 else a

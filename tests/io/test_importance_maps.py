@@ -175,6 +175,22 @@ def test_folder_maps_joined_by_id(tmp_path):
         M.source_maps(src, str(tmp_path / "nowhere"), _geometry_transform(16))
 
 
+def test_a_map_whose_header_claims_more_than_it_holds_is_skipped_before_numpy_allocates(tmp_path):
+    """A 100-byte .npy declaring a (100000, 100000) float64 map (80 GB): counted as bad, never allocated."""
+    src = _source(tmp_path, n=2)
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    np.save(folder / "im0.npy", np.ones((8, 8), np.float32))
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1)))
+    header["shape"] = (100_000, 100_000)
+    with open(folder / "im1.npy", "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 100)
+    maps, tokens, rep = M.source_maps(src, str(folder), _geometry_transform(16), blur=False)
+    assert tokens.tolist() == [1.0, 0.0]
+    assert dict(rep.skipped) == {"a .npy whose header's size is not what it holds": 1}
+
+
 def test_unpacked_int64_list_reads():
     # Int64List{value: 5} unpacked (08 05) inside Feature{int64_list} (1a 02) in the map entry and Example
     feature = bytes.fromhex("1a020805")
