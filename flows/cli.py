@@ -141,6 +141,19 @@ class _OwnLinesOnly(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
+class _UserErrorsInOneLine(logging.Filter):
+    """Without -vv, Prefect's run loggers report a user error (an `AlignetError`: a bad input, config or store,
+    whose message names it) in one line, without its traceback: the command prints it once more as its
+    `error:` line, and two tracebacks of ~40 lines each buried it (issue 34)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from alignet_core.errors import AlignetError
+
+        if record.exc_info and isinstance(record.exc_info[1], AlignetError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _setup_logging(verbose: int) -> None:
     """INFO lines of the pipeline's own loggers; -v adds DEBUG, -vv Prefect's and Dask's INFO lines."""
     logging.basicConfig(level=logging.INFO if verbose >= 2 else logging.WARNING,
@@ -151,6 +164,8 @@ def _setup_logging(verbose: int) -> None:
     for name in _OWN:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
     if verbose < 2:
+        for run_logger in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(run_logger).addFilter(_UserErrorsInOneLine())
         for noisy in ("httpx", "distributed", "faiss.loader", "prefect"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         # Prefect and Dask set their loggers' levels when they load (later, lazily): their consoles are

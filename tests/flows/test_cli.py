@@ -1,11 +1,15 @@
 """The `alignet` CLI: user mistakes print one line naming the field, exit 2, no traceback."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from flows.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
@@ -121,6 +125,43 @@ def test_the_console_keeps_the_pipelines_lines_and_others_warnings_only():
     assert keep(record("prefect.flow_runs", logging.ERROR, "Encountered exception"))
     assert not keep(record("distributed.nanny", logging.WARNING, "Worker process still alive after 4.0 seconds, killing"))
     assert keep(record("distributed.nanny", logging.WARNING, "Restarting worker"))
+
+
+_STAGE_ERROR_RUN = """
+import sys
+from flows.cli import _setup_logging
+_setup_logging(int(sys.argv[1]))
+from prefect import flow, task
+from alignet_core.errors import InputError
+
+@task
+def read_dataset():
+    raise InputError("distill.dataset: 'train.npz': an entry claims bytes past the end of the file")
+
+@flow
+def stage():
+    return read_dataset()
+
+try:
+    stage()
+except InputError as err:
+    print(f"error: {err}", file=sys.stderr)
+"""
+
+
+def test_a_user_error_inside_a_stage_prints_no_traceback(tmp_path):
+    """A bad input found inside a stage's task (a real flow on Prefect's temporary server, the CLI's console
+    set up as `alignet` sets it): Prefect's run loggers say it in one line each, no traceback, then the
+    `error:` line (issue 34: ~98 lines with two tracebacks before)."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)
+    quiet = subprocess.run([sys.executable, "-c", _STAGE_ERROR_RUN, "0"], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=300)
+    lines = [line for line in quiet.stdout.splitlines() + quiet.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in quiet.stderr + quiet.stdout, quiet.stderr
+    assert lines[-1] == "error: distill.dataset: 'train.npz': an entry claims bytes past the end of the file"
+    assert len(lines) <= 6, lines
 
 
 def _help_examples() -> list[str]:
