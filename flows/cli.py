@@ -204,7 +204,7 @@ def _datasets(args: argparse.Namespace) -> int:
         for fname, info in sorted(m["files"].items()):
             print(f"  {info.get('path', fname)}  {info['n_triplets']} triplets  sha256 {info['sha256'][:16]}…")
         return 0
-    problems = versions.verify(root, name, args.version)
+    problems = versions.verify(root, name, m["version"])  # the version shown: `latest` may move meanwhile
     for p in problems:
         print(f"FAILED {p}")
     if problems:

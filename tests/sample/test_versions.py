@@ -98,6 +98,25 @@ def test_datasets_cli_lists_shows_and_verifies(tmp_path, capsys):
     assert "error: dataset 'nope' has no published version" in capsys.readouterr().err
 
 
+def test_datasets_verify_checks_the_version_it_names_while_latest_moves(tmp_path, capsys, monkeypatch):
+    """`latest` promoted to a tampered v2 between reading the manifest and hashing its files: the command
+    verifies and names v1, the version it resolved, not one version's files under another's name."""
+    _publish(tmp_path, "v1", 1)
+    _publish(tmp_path, "v2", 2)
+    versions.set_latest(str(tmp_path), "demo", "v1")
+    (tmp_path / "datasets/demo/v2/uncertainty_distillation/valid_between_class.npz").write_bytes(b"tampered")
+    real_manifest = versions.manifest
+
+    def manifest_then_promote(root: str, name: str, version: str = versions.LATEST) -> dict:
+        m = real_manifest(root, name, version)
+        versions.set_latest(root, name, "v2")  # a regeneration finishing at this moment
+        return m
+
+    monkeypatch.setattr(versions, "manifest", manifest_then_promote)
+    assert main(["datasets", "verify", "--root", str(tmp_path)]) == 0
+    assert "ok: dataset demo version v1: 2 files" in capsys.readouterr().out
+
+
 def test_latest_versions_and_manifest_entries_are_confined_to_the_dataset(tmp_path, capsys):
     """A `latest` naming `../../../outside`, a `--version ../x` and a manifest entry naming a file
     outside the version folder are refused; the outside file is never hashed (no `ok`)."""
