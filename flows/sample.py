@@ -15,6 +15,7 @@ from alignet_core.transform.stage import TransformOutput
 from tasks.sample import dataset_artifacts, follow_shards, plan_sampling, promote, publish, submit_shards
 
 if TYPE_CHECKING:
+    from distributed.security import Security
     from prefect_dask import DaskTaskRunner
 
 # Dask is imported where a cluster is made: a cached rerun (nothing to sample) never loads it.
@@ -34,18 +35,28 @@ def _worker_env() -> dict[str, str]:
 
 def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
     """A local cluster of `sample.n_workers` single-threaded processes, or an existing cluster."""
+    from distributed.security import Security
     from prefect_dask import DaskTaskRunner
 
     from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
 
     if cfg.sample.dask_address:
-        return DaskTaskRunner(address=cfg.sample.dask_address)
+        return DaskTaskRunner(address=cfg.sample.dask_address, client_kwargs={"security": outside_security(cfg)})
     return DaskTaskRunner(
         cluster_class=quiet_local_cluster,
         cluster_kwargs={"n_workers": cfg.sample.n_workers, "threads_per_worker": 1, "processes": True,
                         "env": _worker_env(), "plugins": (SamplingWorkerSetup(),),
                         "config": WORKER_CONFIG},
     )
+
+
+def outside_security(cfg: PipelineConfig) -> Security:
+    """Mutual TLS to the scheduler at `sample.dask_address`, with the configured files (checked in preflight)."""
+    from distributed.security import Security
+
+    s = cfg.sample
+    return Security(tls_ca_file=s.dask_tls_ca_file, tls_client_cert=s.dask_tls_cert, tls_client_key=s.dask_tls_key,
+                    require_encryption=True)
 
 
 @flow(name="sample-triplets")
@@ -72,7 +83,7 @@ def sample_on_dask(ctx: RunContext, tfm: TransformOutput, clu: ClusterOutput) ->
 
             from flows.dask_workers import SamplingWorkerSetup
 
-            with Client(cfg.sample.dask_address, timeout=30) as client:
+            with Client(cfg.sample.dask_address, timeout=30, security=outside_security(cfg)) as client:
                 client.register_plugin(SamplingWorkerSetup())
         ds = sample_triplets.with_options(task_runner=dask_runner(cfg))(ctx, tfm, clu)
     dataset_artifacts(cfg, ds)

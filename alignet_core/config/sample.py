@@ -20,4 +20,12 @@ class SampleConfig(ConfigModel):
     n_workers: int = Field(2, gt=0, json_schema_extra=NOT_IN_KEY,
                            description="local Dask workers (ignored with dask_address)")
     dask_address: str | None = Field(None, json_schema_extra=NOT_IN_KEY,
-                                     description="address of an existing Dask scheduler")
+                                     description="address of an existing Dask scheduler, tls:// only (its replies are "
+                                     "unpickled in this process): give the three sample.dask_tls_* files with it")
+    dask_tls_ca_file: str | None = Field(None, json_schema_extra=NOT_IN_KEY,
+                                         description="with dask_address: the CA certificate (PEM) the scheduler's "
+                                         "certificate must be signed by")
+    dask_tls_cert: str | None = Field(None, json_schema_extra=NOT_IN_KEY,
+                                      description="with dask_address: this client's certificate (PEM)")
+    dask_tls_key: str | None = Field(None, json_schema_extra=NOT_IN_KEY,
+                                     description="with dask_address: this client's private key (PEM)")

@@ -24,6 +24,11 @@ REPO = Path(__file__).resolve().parents[2]
         (["--set", "embed.weights=/nope/w.safetensors"], "/nope/w.safetensors"),
         (["--set", "source.kind=folder", "--set", "source.path=/nope/images"], "/nope/images"),
         (["--config", "/nope/config.yaml"], "/nope/config.yaml"),
+        (["--set", "sample.dask_address=tcp://10.0.0.9:8786"], "is not a tls:// address"),
+        (["--set", "sample.dask_address=tls://10.0.0.9:8786"], "sample.dask_tls_ca_file: required"),
+        (["--set", "sample.dask_address=tls://10.0.0.9:8786", "--set", "sample.dask_tls_ca_file=/nope/ca.pem",
+          "--set", "sample.dask_tls_cert=/nope/c.pem", "--set", "sample.dask_tls_key=/nope/k.pem"], "/nope/ca.pem"),
+        (["--set", "sample.dask_tls_cert=/nope/c.pem"], "applies with sample.dask_address only"),
     ],
 )
 def test_validate_reports_bad_config_in_one_line(args, needle, capsys):

@@ -106,9 +106,10 @@ def test_prefect_dask_runner_byte_identical_on_1_2_and_4_worker_processes(tmp_pa
 @pytest.mark.slow
 def test_pipeline_on_an_existing_dask_cluster_by_address(tmp_path: Path) -> None:
     """`sample.dask_address`: the shards run on a cluster started outside the pipeline (its
-    workers, not local ones, make them), which also gets the worker set-up plugin; the published
-    files equal those of the default local cluster."""
+    workers, not local ones, make them), reached over mutual TLS with the configured files, which also
+    gets the worker set-up plugin; the published files equal those of the default local cluster."""
     from distributed import Client, LocalCluster
+    from distributed.security import Security
     from prefect.settings import get_current_settings
     from prefect.testing.utilities import prefect_test_harness
 
@@ -123,11 +124,17 @@ def test_pipeline_on_an_existing_dask_cluster_by_address(tmp_path: Path) -> None
         assert state.is_completed(), state
         return _digest(state.result().dataset)
 
+    sec = Security.temporary()  # the outside cluster's own credentials; the pipeline gets them as files
+    tls = {}
+    for field, pem in (("ca_file", sec.tls_ca_file), ("cert", sec.tls_client_cert), ("key", sec.tls_client_key)):
+        (tmp_path / f"{field}.pem").write_text(pem)
+        tls[f"sample.dask_tls_{field}"] = str(tmp_path / f"{field}.pem")
     with prefect_test_harness(server_startup_timeout=120):
         env = {"PREFECT_API_URL": str(get_current_settings().api.url)}
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env=env) as cluster, \
-                Client(cluster) as client:
-            remote = run(tmp_path / "remote", **{"sample.dask_address": cluster.scheduler_address})
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, env=env,
+                          security=sec, protocol="tls://") as cluster, Client(cluster) as client:
+            assert cluster.scheduler_address.startswith("tls://")
+            remote = run(tmp_path / "remote", **{"sample.dask_address": cluster.scheduler_address, **tls})
             done = client.run(lambda dask_worker: (sorted(dask_worker.plugins), len(dask_worker.state.tasks)
                                                    + dask_worker.state.transition_counter))
         local = run(tmp_path / "local")
