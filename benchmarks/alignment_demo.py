@@ -224,11 +224,11 @@ def run_demo(
 #: proxy mixes compared by `--mixes`: one level alone, the default half global / half local, and a
 #: mix like the earlier single-level proxy (same-class pairs; odd ones from sibling or any classes)
 MIXES = {
-    "global": {"global": 1.0},
-    "local": {"local": 1.0},
+    "category_boundary": {"category_boundary": 1.0},
+    "sibling_boundary": {"sibling_boundary": 1.0},
     "class_boundary": {"class_boundary": 1.0},
-    "global+local (default)": {"global": 0.5, "local": 0.5},
-    "local+class_boundary": {"local": 0.5, "class_boundary": 0.5},
+    "global+local (default)": {"category_boundary": 0.5, "sibling_boundary": 0.5},
+    "local+class_boundary": {"sibling_boundary": 0.5, "class_boundary": 0.5},
 }
 
 

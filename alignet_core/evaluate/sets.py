@@ -25,8 +25,8 @@ from alignet_core.human.levels import admits, level_triplets
 from alignet_core.io import formats, sources
 
 LEVEL_DEFINITIONS = {
-    "global": "two images of one category from different classes; the odd one from another category",
-    "local": "three images of one category: two of one class, the odd one from a sibling class",
+    "category_boundary": "two images of one category from different classes; the odd one from another category",
+    "sibling_boundary": "three images of one category: two of one class, the odd one from a sibling class",
     "class_boundary": "two images of one class; the odd one from any other class",
 }
 

@@ -130,7 +130,7 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     # the headline: every model at every level and on the test-fold human triplets, with intervals
     assert set(summary["alignment"]) == {"teacher_raw", "teacher_aligned", "student_raw", "student_aligned"}
     for by_set in summary["alignment"].values():
-        assert set(by_set) <= {"global", "local", "class_boundary", "human"} and "human" in by_set
+        assert set(by_set) <= {"category_boundary", "sibling_boundary", "class_boundary", "human"} and "human" in by_set
         assert all(e["low"] <= e["value"] <= e["high"] for e in by_set.values() if e["n"])
     assert set(summary["alignment_changes"]) == {"teacher", "student"}
     assert summary["transform_heldout"]["transformed"]["unit"] == "objects"
