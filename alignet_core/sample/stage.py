@@ -25,7 +25,7 @@ from alignet_core.io.formats import sampling_name
 from alignet_core.io.redact import redact
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, plan_stage, reuse
 from alignet_core.sample import versions
-from alignet_core.sample.heldout import excluded_images
+from alignet_core.human.heldout import excluded_images
 from alignet_core.sample.publish import assemble_dataset
 from alignet_core.sample.shards import ShardSpec, plan_shards, run_shard, shard_path
 
@@ -84,7 +84,7 @@ class Promotion(Record):
 
 def _stage_plan(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StagePlan:
     """The stage's key and directory (no files read or written). The human section is in the key: its
-    test fold decides which images the sampler leaves out (`sample.heldout`)."""
+    test fold decides which images the sampler leaves out (`human.heldout`)."""
     conf = {"sample": cfg.sample.key_dump(), "seed": cfg.seed,
             "source": sources.source_identity(cfg.source), "human": cfg.human.key_dump()}
     return plan_stage(cfg.root, "sample", conf, [tfm.key, clu.key], __name__)
@@ -105,7 +105,7 @@ def plan_sample(ctx: RunContext, tfm: StageOutput, clu: StageOutput) -> Sampling
     """Plan the sampling stage and write the group files its shards read (cheap, idempotent).
 
     Under `human.teacher: heldout` the images of the human test fold's objects are ineligible (group -1)
-    for every strategy and split (`sample.heldout`): the student never trains on them."""
+    for every strategy and split (`human.heldout`): the student never trains on them."""
     cfg, src = ctx.cfg, ctx.source
     s = cfg.sample
     plan = ctx.plan(_stage_plan, tfm, clu)

@@ -54,3 +54,14 @@ def heldout_label(cfg: PipelineConfig, data: HumanData | None, trained_rows: np.
         return ("test-fold images in no training triplet (the dataset's teacher is not this run's: whether it saw "
                 "them is unknown)")
     return HELD_OUT
+
+
+def noise_ceiling(probs: np.ndarray | None) -> float | None:
+    """The best accuracy any model can reach against responses drawn from `probs` (t, 3) (the proxy's
+    generating distributions): the mean over triplets of the most likely choice's probability. For the
+    taxonomy proxy, whose flipped responses pick one of the other two pairs, that is 1 − w per triplet
+    (w = noise · the level's difficulty, capped at 2/3), so 1 − `human.proxy_noise` on the mix's
+    average. None without probabilities."""
+    if probs is None or len(probs) == 0:
+        return None
+    return float(np.asarray(probs, dtype=np.float64).max(axis=1).mean())
