@@ -20,7 +20,7 @@ HELD_OUT = "held-out (no test-fold image in any training triplet)"
 NOT_HELD_OUT_ALL = "not held-out (the published teacher saw every triplet)"
 
 
-def test_fold_images(cfg: PipelineConfig, data: HumanData | None) -> np.ndarray:
+def images_in_test_fold(cfg: PipelineConfig, data: HumanData | None) -> np.ndarray:
     """(m,) int64 sorted rows of the images whose object lies in the human test fold; empty without
     human data."""
     if data is None:
@@ -35,7 +35,7 @@ def excluded_images(cfg: PipelineConfig, data: HumanData | None) -> np.ndarray:
     heldout`, none under `all` or without human data."""
     if cfg.human.teacher != "heldout":
         return np.zeros(0, dtype=np.int64)
-    return test_fold_images(cfg, data)
+    return images_in_test_fold(cfg, data)
 
 
 def heldout_label(cfg: PipelineConfig, data: HumanData | None, trained_rows: np.ndarray,
@@ -45,7 +45,7 @@ def heldout_label(cfg: PipelineConfig, data: HumanData | None, trained_rows: np.
     dataset, its teacher was the held-out fit."""
     if own_dataset and cfg.human.teacher == "all":
         return NOT_HELD_OUT_ALL
-    test = test_fold_images(cfg, data)
+    test = images_in_test_fold(cfg, data)
     seen = np.intersect1d(test, np.asarray(trained_rows, dtype=np.int64).ravel())
     if len(seen):
         return (f"not held-out ({len(seen)} of the test fold's {len(test)} images are in the student's training "
