@@ -50,7 +50,7 @@ def test_each_level_satisfies_its_definition_row_by_row_on_the_demo(demo_taxonom
 
 def test_a_pool_without_a_level_is_an_input_error() -> None:
     coarse, fine = np.array(["a", "a", "a"]), np.array(["x", "x", "y"])
-    with pytest.raises(InputError, match="no global triplet"):
+    with pytest.raises(InputError, match="no category_boundary triplet"):
         level_triplets(coarse, fine, "category_boundary", 5, np.random.default_rng(0))
     assert check_level(coarse, fine, "sibling_boundary", level_triplets(coarse, fine, "sibling_boundary", 5, np.random.default_rng(0))).all()
 
