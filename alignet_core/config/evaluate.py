@@ -38,8 +38,9 @@ class EvalSetConfig(ConfigModel):
 
 
 class EvaluateConfig(ConfigModel):
-    """The evaluation stage: alignment of the teacher and the student, before and after, at three
-    levels of abstraction, on held-out human triplets and on any given set."""
+    """The evaluation stage: alignment of the teacher and the student, before and after, on three
+    taxonomy levels (taxonomy answer, ceiling 100%), on held-out human (or proxy) triplets and on any
+    given set (the AligNet paper's Levels figures only beside a set declared `paper_level`)."""
 
     enabled: bool = Field(True, description="false: no evaluation stage")
     levels: list[ProxyLevel] = Field(
