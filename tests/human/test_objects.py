@@ -165,7 +165,7 @@ def test_a_labelled_csv_source_gets_the_taxonomy_proxy_at_every_level(tmp_path: 
     assert set(data.level_of.tolist()) == {"category_boundary", "sibling_boundary", "class_boundary"}
     # the same two label columns build the evaluation levels, over the test fold's images
     sets = {s.name: s for s in build_sets(cfg, src, data)}
-    assert {"category_boundary", "sibling_boundary", "class_boundary", "human"} <= set(sets)
+    assert {"category_boundary", "sibling_boundary", "class_boundary", "proxy"} <= set(sets) and "human" not in sets
     coarse = np.asarray(src.labels())
     g = sets["category_boundary"].triplets
     assert (coarse[g[:, 0]] == coarse[g[:, 1]]).all() and (coarse[g[:, 2]] != coarse[g[:, 0]]).all()
