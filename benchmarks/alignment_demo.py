@@ -258,7 +258,7 @@ def run_mixes(root: str = DEMO_ROOT, seed: int | None = None) -> dict:
                                 "gain": h.gain.model_dump()},
             "levels_raw": {k: v.model_dump() for k, v in ev.scores["teacher_raw"].items() if k not in ("human", "proxy")},
             "levels_aligned": {k: v.model_dump() for k, v in ev.scores["teacher_aligned"].items() if k not in ("human", "proxy")},
-            "levels_change": {k: v.model_dump() for k, v in ev.changes["teacher"].items() if k != "human"},
+            "levels_change": {k: v.model_dump() for k, v in ev.changes["teacher"].items() if k not in ("human", "proxy")},
             "best_epoch": tfm.metrics.best_epoch, "epochs_run": tfm.metrics.epochs_run,
             "train_acc_after": tfm.metrics.train_acc_after,
             "seconds": round(time.perf_counter() - t0, 1),
