@@ -16,7 +16,7 @@ from alignet_core.config import parse_config, with_overrides
 from alignet_core.context import RunContext
 from alignet_core.distill.batches import TripletBatches
 from alignet_core.distill.stage import run_distill
-from alignet_core.human.heldout import NOT_HELD_OUT_ALL, excluded_images, images_in_test_fold
+from alignet_core.human.heldout import NOT_HELD_OUT_ALL, excluded_images, heldout_label, images_in_test_fold
 from alignet_core.io import embedding_store, store
 from alignet_core.io.dataset_splits import read_split
 from alignet_core.sample.stage import run_sample
@@ -42,8 +42,9 @@ def _transform_store(ctx: RunContext, root: Path) -> TransformOutput:
     g = embedding_store.create_embedding_store(url, n, 8, ctx.source.ids(), "float32", 16, {})
     g["embeddings"][:] = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
     g["valid"][:] = True
-    return TransformOutput(stage="transform", key=f"k0-{ctx.cfg.human.teacher}", dir=store.join(str(root), "stages", "transform", "k0"),
-                           artifact=url, metrics=TransformMetrics(enabled=True, seconds=0.0))
+    return TransformOutput(stage="transform", key=f"k0-{ctx.cfg.human.teacher}",
+                           dir=store.join(str(root), "stages", "transform", "k0"), artifact=url,
+                           metrics=TransformMetrics(enabled=True, seconds=0.0))
 
 
 def _sampled_rows(ctx: RunContext, folder: str) -> dict[str, np.ndarray]:
@@ -90,8 +91,6 @@ def test_all_mode_samples_the_whole_pool_and_says_not_held_out(tmp_path: Path) -
     ds = run_sample(ctx, tfm, run_cluster(ctx, tfm))
     rows = np.concatenate([r.ravel() for r in _sampled_rows(ctx, ds.artifact).values()])
     assert np.isin(rows, test_images).any()  # the whole pool: test-fold images are drawn
-
-    from alignet_core.human.heldout import heldout_label
 
     assert heldout_label(cfg, ctx.human, rows, own_dataset=True) == NOT_HELD_OUT_ALL
     held = with_overrides(cfg, {"human.teacher": "heldout"})
