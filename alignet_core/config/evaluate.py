@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
 
-from alignet_core.config.human import ProxyLevel
+from pydantic import Field, field_validator, model_validator
+
+from alignet_core.config.human import ProxyLevel, renamed_level_message
 from alignet_core.records import ConfigModel
+
+#: the AligNet paper's Levels subsets (human-judged triplets): a file set may declare it holds one of them
+PaperLevel = Literal["global", "local", "class_boundary"]
 
 
 class EvalSetConfig(ConfigModel):
@@ -15,18 +20,33 @@ class EvalSetConfig(ConfigModel):
     triplets: str = Field(description="THINGS-format file: rows 'i j k' of image rows (0-based, source order), "
                           "k the odd one out")
     probabilities: str | None = Field(None, description=".npy (n, 3) human choice probabilities of the pairs "
-                                      "(i,j), (i,k), (j,k) of each row (optional)")
+                                      "(i,j), (i,k), (j,k) of each row (optional): the per-triplet response "
+                                      "distribution; with it every model's expected agreement with a person's "
+                                      "choice is scored (docs/your-data.md)")
+    paper_level: PaperLevel | None = Field(
+        None, description="declare that the file holds the AligNet paper's Levels triplets of this kind (human-judged, "
+        "with `probabilities` their response distributions): only then are the paper's Levels figures printed beside "
+        "the set's expected agreement; null: no paper figure"
+    )
+
+    @model_validator(mode="after")
+    def _paper_level_needs_distributions(self) -> "EvalSetConfig":
+        if self.paper_level is not None and self.probabilities is None:
+            raise ValueError(f"evaluate.sets[{self.name}].paper_level: the paper's Levels figures are agreement with "
+                             "human choices; give the per-triplet response distributions as probabilities")
+        return self
 
 
 class EvaluateConfig(ConfigModel):
-    """The evaluation stage: alignment of the teacher and the student, before and after, at three
-    levels of abstraction, on held-out human triplets and on any given set."""
+    """The evaluation stage: alignment of the teacher and the student, before and after, on three
+    taxonomy levels (taxonomy answer, ceiling 100%), on held-out human (or proxy) triplets and on any
+    given set (the AligNet paper's Levels figures only beside a set declared `paper_level`)."""
 
     enabled: bool = Field(True, description="false: no evaluation stage")
     levels: list[ProxyLevel] = Field(
-        default_factory=lambda: ["global", "local", "class_boundary"],
-        description="abstraction levels to build from the source's two-level taxonomy, over the test fold's images "
-        "(alignet_core.human.levels)",
+        default_factory=lambda: ["category_boundary", "sibling_boundary", "class_boundary"],
+        description="taxonomy-answer sets (ceiling 100%; not the AligNet paper's human-judged Levels) to build from the "
+        "source's two-level taxonomy, over the test fold's images (alignet_core.human.levels)",
     )
     n_per_level: int = Field(1000, gt=0, description="triplets per level")
     student: str | None = Field(
@@ -41,3 +61,10 @@ class EvaluateConfig(ConfigModel):
         "saliency against them on test-fold images the distillation did not train on; null: off",
     )
     saliency_images: int = Field(256, gt=0, description="at most this many images for the 'where' metric")
+
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _renamed_levels(cls, v: object) -> object:
+        if msg := renamed_level_message("evaluate.levels", v):
+            raise ValueError(msg)
+        return v

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from alignet_core.records import ConfigModel
 
-ProxyLevel = Literal["global", "local", "class_boundary"]
+ProxyLevel = Literal["category_boundary", "sibling_boundary", "class_boundary"]  # alignet_core.human.levels.LEVELS
+#: the level names before issue 30 → what they are now (the old ones invited a comparison with the AligNet paper's
+#: human-judged Levels figures; these are taxonomy-answer triplets, ceiling 100%)
+RENAMED_LEVELS = {"global": "category_boundary", "local": "sibling_boundary"}
+
+
+def renamed_level_message(field: str, names: object) -> str | None:
+    """The error for a config naming a level by its old name (`RENAMED_LEVELS`), or None when it names none."""
+    old = [n for n in (names if isinstance(names, (list, tuple, dict)) else []) if n in RENAMED_LEVELS]
+    if not old:
+        return None
+    fix = ", ".join(f"{o} → {RENAMED_LEVELS[o]}" for o in old)
+    return (f"{field}: the levels were renamed for what they are (taxonomy answer, ceiling 100%; not the AligNet "
+            f"paper's human-judged Levels): {fix}; the names are {list(ProxyLevel.__args__)}")
 
 
 class HumanConfig(ConfigModel):
@@ -49,11 +62,18 @@ class HumanConfig(ConfigModel):
     )
     proxy_n_triplets: int = Field(20000, gt=0, description="taxonomy proxy: number of triplets to make (over all roles)")
     proxy_mix: dict[ProxyLevel, float] = Field(
-        default_factory=lambda: {"global": 0.5, "local": 0.5},
-        description="taxonomy proxy: weight of each abstraction level (global, local, class_boundary; see "
-        "alignet_core.human.levels) among the proxy triplets",
+        default_factory=lambda: {"category_boundary": 0.5, "sibling_boundary": 0.5},
+        description="taxonomy proxy: weight of each taxonomy level (category_boundary, sibling_boundary, "
+        "class_boundary: taxonomy answer, ceiling 100%; see alignet_core.human.levels) among the proxy triplets",
     )
     proxy_noise: float = Field(0.1, ge=0.0, lt=1.0, description="taxonomy proxy: fraction of responses flipped at random")
+
+    @field_validator("proxy_mix", mode="before")
+    @classmethod
+    def _renamed_levels(cls, v: object) -> object:
+        if isinstance(v, dict) and (msg := renamed_level_message("human.proxy_mix", list(v))):
+            raise ValueError(msg)
+        return v
 
     @model_validator(mode="after")
     def _fold_and_mix(self) -> "HumanConfig":

@@ -1,5 +1,11 @@
 """The student's accuracy: triplet accuracy against the teacher on held-out triplets and zero-shot
-odd-one-out accuracy on held-out human triplets, each image the evaluation needs embedded once.
+odd-one-out accuracy on the test fold's human (or proxy) triplets, each image the evaluation needs
+embedded once.
+
+Whether the test-fold figure is held-out is not decided here but by what the student trained on: the
+distill stage labels it (`DistillMetrics.human_heldout`, `human.heldout.heldout_label`): held-out when
+no test-fold image is in its training triplets (`human.teacher: heldout` makes the sampler leave them
+out), "not held-out (the published teacher saw every triplet)" under `human.teacher: all`.
 """
 
 from __future__ import annotations

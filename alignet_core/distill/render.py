@@ -13,8 +13,12 @@ def _student_comparisons(out: DistillOutput) -> list[tuple[str, str, Comparison]
     m = out.metrics
     comps = [(s, f"triplets vs teacher: {s}", c) for s, c in m.heldout.items()]
     if m.human is not None:
-        short = "human (PROXY)" if m.human_data and "proxy" in m.human_data else "human"
-        comps.append((short, f"odd-one-out, test-fold objects ({m.human_data}, {m.n_human_test} triplets)", m.human))
+        proxy = m.human_is_proxy or bool(m.human_data and "proxy" in m.human_data)
+        ceiling = "" if m.human_ceiling is None else f"; noise ceiling {100 * m.human_ceiling:.1f}%"
+        held = "" if m.human_heldout is None else f"; {m.human_heldout}"
+        comps.append(("proxy" if proxy else "human",
+                      f"odd-one-out, test-fold objects ({m.human_data}, {m.n_human_test} triplets{ceiling}{held})",
+                      m.human))
     return comps
 
 
@@ -31,7 +35,8 @@ def student_markdown(out: DistillOutput) -> str:
         "",
         f"Before: {m.before_protocol}; with dot products instead: "
         + ", ".join(f"{s} {e.text()}" for s, e in m.heldout_before_dot.items())
-        + ("" if m.human_before_dot is None else f", human {m.human_before_dot.text()}") + ".",
+        + ("" if m.human_before_dot is None else
+           f", {'proxy' if m.human_is_proxy else 'human'} {m.human_before_dot.text()}") + ".",
         "",
         f"Final loss {m.final_loss:.5f}; training {m.train_seconds:.1f} s, stage {m.seconds:.1f} s.",
         *inline(student_figures(out)),

@@ -30,6 +30,7 @@ from alignet_core.hardware import compute_identity
 from alignet_core.human.data import PROXY_NAME, human_test_split
 from alignet_core.io import sources, store
 from alignet_core.io.formats import sampling_name
+from alignet_core.human.heldout import heldout_label, noise_ceiling
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.stats.bootstrap import Comparison, Estimate, accuracy, compare
 
@@ -57,7 +58,12 @@ class DistillMetrics(StageMetrics):
     fold). "Before" is the pretrained backbone scored by the reference zero-shot protocol (cosine of
     its pooled features); the same with dot products is beside it (`*_before_dot`). "After" is the
     trained head's dot products, the similarity it was trained on. `acc_*` and `human_acc_*` repeat
-    the point values."""
+    the point values. `human_heldout` says whether the test-fold figure is held-out: the student's
+    training triplets hold no test-fold image (`human.teacher: heldout` makes the sampler leave them
+    out) and its teacher never saw a test-fold triplet; under `human.teacher: all` it is labelled
+    "not held-out (the published teacher saw every triplet)". Training has no validation, early
+    stopping or fitted statistic: the steps and schedule are fixed by the config, and the `valid_*`
+    files are scored only after training."""
 
     dataset: str
     sampling: str
@@ -72,6 +78,9 @@ class DistillMetrics(StageMetrics):
     human_before_dot: Estimate | None
     human_data: str | None
     n_human_test: int
+    human_heldout: str | None = None  # whether `human` is held-out: `human.heldout.heldout_label`
+    human_is_proxy: bool = False  # `human` is on the taxonomy proxy's triplets: reports call it `proxy`
+    human_ceiling: float | None = None  # the proxy's noise ceiling on the test triplets (`human.heldout.noise_ceiling`)
     steps: int
     final_loss: float
     loss_curve: list[float]
@@ -229,6 +238,9 @@ def _distill(
         human_before_dot=None if test is None else accuracy(dot.human, cfg.seed, triplets=test.triplets),
         human_data=None if test is None else (PROXY_NAME if test.is_proxy else cfg.human.triplets),
         n_human_test=0 if test is None else int(len(test.triplets)),
+        human_heldout=None if test is None else heldout_label(cfg, ctx.human, train.indices, d.dataset is None),
+        human_is_proxy=test is not None and test.is_proxy,
+        human_ceiling=noise_ceiling(test.probs) if test is not None and test.is_proxy else None,
         steps=log_["steps"],
         final_loss=log_["final_loss"],
         loss_curve=log_["loss_curve"],

@@ -1,13 +1,19 @@
 """The evaluation sets of a run: odd-one-out triplets no fit has seen.
 
-- one set per abstraction level (`evaluate.levels`), drawn from the source's two-level taxonomy
-  over the images of the human test fold's objects only, so no level triplet involves an object
-  a fit (transform, VICE, search, early stopping) has seen; their odd one is the taxonomy's;
-- `human`: the human (or proxy) triplets of the test fold, over objects (an object's embedding is
-  the mean of its images'), with their choice probabilities when known;
+- one set per taxonomy level (`evaluate.levels`: category_boundary, sibling_boundary,
+  class_boundary), drawn from the source's two-level taxonomy over the images of the human test
+  fold's objects only, so no level triplet involves an object a fit (transform, VICE, search,
+  early stopping) has seen; their odd one is the taxonomy's (taxonomy answer, ceiling 100%: not the
+  AligNet paper's human-judged Levels, whose figures are never printed beside them);
+- `human` (real human triplets) or `proxy` (the taxonomy proxy standing in for them): the test
+  fold's triplets, over objects (an object's embedding is the mean of its images'), with their
+  choice probabilities when known (for the proxy: its generator's, whence its noise ceiling);
 - one set per `evaluate.sets` file: THINGS-format rows of image rows (0-based, in source order),
   'i j k' with k the odd one out, optionally a `.npy` (n, 3) of human choice probabilities of the
-  pairs (i, j), (i, k), (j, k). Their objects may have been fitted: the file's provenance decides.
+  pairs (i, j), (i, k), (j, k) (the per-triplet response distribution: every model's expected
+  agreement with a person's choice is scored against it), and `paper_level` when the file is the
+  AligNet paper's Levels data (its figures are then printed beside). Their objects may have been
+  fitted: the file's provenance decides.
 
 Level and human sets are resampled by object (image) for their intervals; file sets by triplet.
 """
@@ -21,13 +27,14 @@ import numpy as np
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import InputError
 from alignet_core.human.data import HumanData, taxonomy
-from alignet_core.human.levels import admits, level_triplets
+from alignet_core.human.heldout import noise_ceiling
+from alignet_core.human.levels import KIND, admits, level_triplets
 from alignet_core.io import formats, sources
 
 LEVEL_DEFINITIONS = {
-    "global": "two images of one category from different classes; the odd one from another category",
-    "local": "three images of one category: two of one class, the odd one from a sibling class",
-    "class_boundary": "two images of one class; the odd one from any other class",
+    "category_boundary": f"two images of one category from different classes; the odd one from another category ({KIND})",
+    "sibling_boundary": f"three images of one category: two of one class, the odd one from a sibling class ({KIND})",
+    "class_boundary": f"two images of one class; the odd one from any other class ({KIND})",
 }
 
 
@@ -37,12 +44,14 @@ class EvalSet:
     probs (t, 3) human choice probabilities or None; resample: 'objects' or 'triplets'."""
 
     name: str
-    kind: str  # 'level', 'human' or 'file'
+    kind: str  # 'level', 'human', 'proxy' or 'file'
     triplets: np.ndarray
     probs: np.ndarray | None
     on_objects: bool
     resample: str
     definition: str
+    ceiling: float | None = None  # the best accuracy possible: 1 for a taxonomy answer, the proxy's noise ceiling
+    paper_level: str | None = None  # the AligNet paper's Levels subset a file set holds (`evaluate.sets[].paper_level`)
 
 
 def images_of_test_fold(cfg: PipelineConfig, data: HumanData | None, n_images: int) -> np.ndarray:
@@ -65,20 +74,33 @@ def build_sets(cfg: PipelineConfig, src: sources.ImageSource, data: HumanData | 
             rng = np.random.default_rng([cfg.seed, 29, i])
             t = level_triplets(*labels, level, cfg.evaluate.n_per_level, rng, pool)
             out.append(EvalSet(name=level, kind="level", triplets=t, probs=None, on_objects=False,
-                               resample="objects", definition=LEVEL_DEFINITIONS[level]))
+                               resample="objects", definition=LEVEL_DEFINITIONS[level], ceiling=1.0))
     if data is not None:
         te = data.split.test
-        out.append(EvalSet(name="human", kind="human", triplets=data.triplets[te],
-                           probs=None if data.probs is None else data.probs[te], on_objects=True, resample="objects",
-                           definition=f"the {data.name(cfg)} triplets of the test fold (objects never fitted)"))
+        probs = None if data.probs is None else data.probs[te]
+        name = human_set_name(data)
+        ceiling = noise_ceiling(probs) if data.is_proxy else None
+        out.append(EvalSet(name=name, kind=name, triplets=data.triplets[te], probs=probs, on_objects=True,
+                           resample="objects", ceiling=ceiling,
+                           definition=f"the {data.name(cfg)} triplets of the test fold (objects never fitted)"
+                           + ("" if ceiling is None else f"; noise ceiling {100 * ceiling:.1f}% (the proxy flips "
+                              f"about {100 * cfg.human.proxy_noise:.0f}% of its answers at random)")))
     for s in cfg.evaluate.sets:
         t = formats.read_things_triplets(s.triplets, len(src))
         probs = formats.read_probabilities(s.probabilities, len(t)) if s.probabilities else None
         if s.name in {e.name for e in out}:
             raise InputError(f"evaluate.sets: the name {s.name!r} is taken; choose another")
         out.append(EvalSet(name=s.name, kind="file", triplets=t, probs=probs, on_objects=False, resample="triplets",
-                           definition=f"triplets from {s.triplets}"))
+                           definition=f"triplets from {s.triplets}"
+                           + (f" (the AligNet paper's Levels, {s.paper_level})" if s.paper_level else ""),
+                           paper_level=s.paper_level))
     return out
+
+
+def human_set_name(data: HumanData) -> str:
+    """The name of the test fold's set, and of its figures: `human` for people's triplets, `proxy` for the
+    taxonomy proxy standing in for them."""
+    return "proxy" if data.is_proxy else "human"
 
 
 def needed_images(sets: list[EvalSet], data: HumanData | None, with_train_objects: bool) -> np.ndarray:

@@ -1,6 +1,8 @@
-"""Stage 5, evaluate: the alignment of the teacher and the student, before and after, at three levels
-of abstraction, on the held-out human triplets and on any given set — every figure with its 95%
-interval, every before/after change with a paired one.
+"""Stage 5, evaluate: the alignment of the teacher and the student, before and after, on three
+taxonomy-answer sets (category_boundary, sibling_boundary, class_boundary: ceiling 100%), on the
+held-out human (or proxy) triplets and on any given set — every figure with its 95% interval, every
+before/after change with a paired one, and every model's figures labelled held-out or not
+(`heldout`: under `human.teacher: all` the published teacher and its student saw every triplet).
 
 In: the embed stage's store (the raw teacher), the transform stage's store (the aligned teacher),
 and a student: the pipeline's own distillation output, or any folder given as `evaluate.student`
@@ -11,8 +13,15 @@ Protocols, named in the output: the raw models are scored by the reference zero-
 (gLocal: cosine similarity of their features); the aligned teacher by dot products of its
 transformed embeddings (what the dataset's similarities are) and the AligNet student by dot
 products of its head (what it was trained on). Where human choice probabilities exist, each
-model's choice distribution is softmax(similarity / T) with T fitted on the training objects'
-triplets, compared with the human one (`evaluate.uncertainty`).
+model's choice distribution is softmax(similarity / T), compared with the human one
+(`evaluate.uncertainty`). T follows the transform report's rule (`transform.heldout`), one rule for
+both: the aligned teacher at the T its transform was fitted at (`transform.temperature`), every other
+model at the T `stats.uncertainty.fit_temperature` fits on the training objects' triplets.
+
+The AligNet paper's Levels figures (agreement with human choices) are printed only beside a file set
+declared to be that data (`evaluate.sets[].paper_level`, with its per-triplet response distributions):
+there every model's expected agreement with a person's choice (the mean over triplets of the
+probability people give the pair the model picks) is what compares. Taxonomy-answer sets never get them.
 """
 
 from __future__ import annotations
@@ -29,12 +38,13 @@ from alignet_core.evaluate.saliency_scores import SaliencyAlignment
 from alignet_core.evaluate.sets import EvalSet, build_sets, needed_images
 from alignet_core.hardware import device_type, resolve_device
 from alignet_core.human.data import HumanData
+from alignet_core.human.heldout import NOT_HELD_OUT_ALL
 from alignet_core.human.triplets import object_embeddings
 from alignet_core.io import embedding_store, formats, sources, store
 from alignet_core.runtime.progress import ProgressLog
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.stats import bootstrap
-from alignet_core.stats.bootstrap import Difference, Estimate
+from alignet_core.stats.bootstrap import Difference, Estimate, MeanEstimate
 from alignet_core.stats.metrics import odd_one_out_correct, pair_similarities, unit_rows
 from alignet_core.stats.uncertainty import (
     UncertaintyAgreement,
@@ -58,12 +68,17 @@ MODELS = {
     "student_raw": ("student, pretrained", "cosine"),
     "student_aligned": ("student, AligNet-distilled", "dot"),
 }
-#: the AligNet paper's figures at each level (before → after alignment), for the reports
+#: the AligNet paper's figures on its human-judged Levels data (agreement with human choices, before →
+#: after alignment), printed only beside a file set declared to hold that data (`evaluate.sets[].paper_level`)
 REFERENCE = {
     "global": "36–57% → 66–69% (human-to-human reliability 61.9%)",
     "local": "46–58% → 59–63%",
     "class_boundary": "93–94% after (noise ceiling 89.2%)",
 }
+#: how the models' temperatures are chosen (the transform report's rule)
+TEMPERATURE_RULE = ("aligned teacher: the T its transform was fitted at (transform.temperature); other models: T "
+                    "fitted on the training objects' triplets (NLL of the observed choices, "
+                    "stats.uncertainty.fit_temperature), as the transform report's zero-shot baseline")
 
 
 class SetInfo(Record):
@@ -71,11 +86,14 @@ class SetInfo(Record):
     n_triplets: int
     resample: str
     definition: str
+    ceiling: float | None = None  # the best accuracy possible (1 for a taxonomy answer; the proxy's noise ceiling)
 
 
 class EvaluateMetrics(StageMetrics):
     """scores[model][set] (with intervals); changes['teacher' | 'student'][set] = aligned − raw,
-    paired; uncertainty[model][set] where the set has human choice probabilities."""
+    paired; uncertainty[model][set] where the set has human choice probabilities; agreement[model][set]
+    (expected agreement with a person's choice) on file sets with response distributions; heldout[model]
+    whether the model's test-fold figures are held-out (the sets' objects never reached its fit)."""
 
     sets: dict[str, SetInfo]
     models: dict[str, str]  # model → name and protocol
@@ -83,7 +101,10 @@ class EvaluateMetrics(StageMetrics):
     changes: dict[str, dict[str, Difference]]
     uncertainty: dict[str, dict[str, UncertaintyAgreement]]
     temperatures: dict[str, float]
-    reference: dict[str, str]
+    temperature_rule: str = TEMPERATURE_RULE
+    reference: dict[str, str]  # set → the AligNet paper's Levels figure for it (file sets with paper_level only)
+    agreement: dict[str, dict[str, MeanEstimate]] = {}  # model → set → expected agreement with human choices
+    heldout: dict[str, str] = {}  # model → whether its test-fold figures are held-out, in words
     human_data: str | None
     saliency: SaliencyAlignment | None = None  # the "where" metric (evaluate.saliency_maps)
     saliency_picture: str | None = None  # its side-by-side PNG, beside alignment.json
@@ -174,17 +195,21 @@ def _evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: Stag
     outcomes: dict[str, dict[str, np.ndarray]] = {m: {} for m in images}
     uncertainty: dict[str, dict[str, UncertaintyAgreement]] = {m: {} for m in images}
     temperatures: dict[str, float] = {}
+    agreement: dict[str, dict[str, MeanEstimate]] = {}
     scored = ProgressLog("evaluate score", "models", len(images))
     scored.update(0, f" ({len(sets)} sets each)")
     for i, (model, e) in enumerate(images.items(), 1):
         similarity = MODELS[model][1]
         if fit_t:
-            temperatures[model] = _fit_temperature(e, data, similarity)  # type: ignore[arg-type]
+            temperatures[model] = _temperature(cfg, model, e, data)  # type: ignore[arg-type]
         for s in sets:
             x, t = _set_embeddings(e, s, data)
             correct = odd_one_out_correct(x, t, similarity)
             outcomes[model][s.name] = correct
             scores[model][s.name] = bootstrap.accuracy(correct, cfg.seed, _unit(s))
+            if s.kind == "file" and s.probs is not None:
+                agreement.setdefault(model, {})[s.name] = bootstrap.mean_interval(
+                    expected_agreement(_similarities(x, t, similarity), s.probs), cfg.seed)
             if s.probs is not None and model in temperatures:
                 q = choice_distribution(_similarities(x, t, similarity), temperatures[model])
                 uncertainty[model][s.name] = uncertainty_agreement(s.probs, q)
@@ -197,11 +222,13 @@ def _evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: Stag
     for s in sets:
         formats.write_things_triplets(store.join(plan.dir, "sets", f"{s.name}.txt"), s.triplets)
     metrics = EvaluateMetrics(
-        sets={s.name: SetInfo(kind=s.kind, n_triplets=len(s.triplets), resample=s.resample, definition=s.definition)
-              for s in sets},
+        sets={s.name: SetInfo(kind=s.kind, n_triplets=len(s.triplets), resample=s.resample, definition=s.definition,
+                              ceiling=s.ceiling) for s in sets},
         models={m: f"{MODELS[m][0]} ({MODELS[m][1]})" for m in images},
         scores=scores, changes=changes, uncertainty=uncertainty, temperatures=temperatures,
-        reference={k: v for k, v in REFERENCE.items() if k in {s.name for s in sets}},
+        reference={s.name: f"the AligNet paper's Levels ({s.paper_level}), agreement with human choices: "
+                   f"{REFERENCE[s.paper_level]}" for s in sets if s.paper_level in REFERENCE},
+        agreement=agreement, heldout=heldout_labels(cfg, list(images), student),
         human_data=None if data is None else data.name(cfg),
         saliency=saliency, saliency_picture=picture,
         seconds=round(time.perf_counter() - t0, 2),
@@ -267,6 +294,44 @@ def _set_embeddings(e: np.ndarray, s: EvalSet, data: HumanData | None) -> tuple[
     img = np.flatnonzero(np.isin(data.object_of_image, objs))
     x = object_embeddings(e[img], np.searchsorted(objs, data.object_of_image[img]), len(objs))
     return x, np.searchsorted(objs, s.triplets)
+
+
+def heldout_labels(cfg: PipelineConfig, models: list[str], student: StageOutput | None) -> dict[str, str]:
+    """model → whether its figures on the test fold's sets are held-out, in words. The raw models fit
+    nothing; the aligned teacher is held-out under `human.teacher: heldout` (its transform never saw a
+    test-fold triplet) and not under `all`; the pipeline's student as its distill stage measured it (its
+    training triplets against the test fold's images), a given student (`evaluate.student`) unknown."""
+    out = {}
+    for m in models:
+        if m.endswith("_raw"):
+            out[m] = "held-out (nothing fitted)"
+        elif m == "teacher_aligned":
+            out[m] = ("held-out (the transform never saw a test-fold triplet)" if cfg.human.teacher == "heldout"
+                      else NOT_HELD_OUT_ALL)
+        elif cfg.evaluate.student is not None:
+            out[m] = "unknown (a given student: its training triplets are not known here)"
+        else:
+            label = getattr(None if student is None else student.metrics, "human_heldout", None)
+            out[m] = label or (NOT_HELD_OUT_ALL if cfg.human.teacher == "all" else "unknown")
+    return out
+
+
+def expected_agreement(similarities: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(t,) float64: the probability that a person picks the pair the model finds most similar, per triplet.
+
+    similarities: (t, 3) the model's [s01, s02, s12]; probs: (t, 3) the human response distribution over
+    the same pairs. Its mean is the model's expected agreement with human choices (the AligNet paper's
+    Levels metric; a person's own agreement with another is the mean of Σ p²)."""
+    choice = np.argmax(np.asarray(similarities), axis=1)
+    return np.asarray(probs, dtype=np.float64)[np.arange(len(choice)), choice]
+
+
+def _temperature(cfg: PipelineConfig, model: str, e: np.ndarray, data: HumanData) -> float:
+    """T of softmax(similarity / T) for `model`, by the transform report's rule (`TEMPERATURE_RULE`): the
+    aligned teacher's is the transform's own; every other model's fitted on the training objects' triplets."""
+    if model == "teacher_aligned" and cfg.transform.enabled:
+        return float(cfg.transform.temperature)
+    return _fit_temperature(e, data, MODELS[model][1])
 
 
 def _fit_temperature(e: np.ndarray, data: HumanData, similarity: str) -> float:

@@ -1,21 +1,27 @@
-"""Odd-one-out triplets at three levels of abstraction, drawn from a two-level taxonomy.
+"""Odd-one-out triplets with a taxonomy answer, at three kinds of boundary, drawn from a two-level
+taxonomy (ceiling 100%: the odd one is whatever the labels say, not what people choose).
 
-AligNet measures alignment at the levels of the Levels dataset: *global* coarse-grained semantics,
-*local* fine-grained semantics, and *class boundaries*. From any pool labelled with a coarse
-category and a fine class (the demo: 9 emoji categories, 98 subcategories; a user's coarse → fine
-label columns), these are the definitions used here, each triplet (i, j, k) with k the odd one:
+These are not the AligNet paper's Levels. Levels is a human-judged dataset (each triplet scored by
+agreement with people's choices; human-to-human reliability 61.9% on its global triplets); these
+sets are a different measurement, and their names say what they are. The paper's Levels figures
+are printed only beside results on human-judged data with per-triplet response distributions
+(`evaluate.sets` with `distributions`, alignet_core/evaluate/sets.py).
 
-- `global`: i and j from one coarse category but from **different** fine classes; k from another
-  coarse category. Right only if the model groups by the coarse category, with no shared fine
-  class to lean on.
-- `local`: all three from one coarse category; i and j from one fine class, k from a **sibling**
-  fine class (same category, another class). Fine distinctions inside a category.
-- `class_boundary`: i and j from one fine class, k from **any other** fine class of the pool (the
-  Levels construction: two images of one class, one of another class). Most such k lie in another
-  category, so this is the easiest level (the paper reports 93–94%).
+From any pool labelled with a coarse category and a fine class (the demo: 9 emoji categories, 98
+subcategories; a user's coarse → fine label columns), each triplet (i, j, k) with k the odd one:
 
-The issue that asked for these levels describes the class-boundary odd one as a sibling class; with
-two label levels that is exactly `local`, so `class_boundary` follows the Levels dataset instead.
+- `category_boundary`: i and j from one coarse category but from **different** fine classes; k
+  from another coarse category. Right only if the model groups by the coarse category, with no
+  shared fine class to lean on.
+- `sibling_boundary`: all three from one coarse category; i and j from one fine class, k from a
+  **sibling** fine class (same category, another class). Fine distinctions inside a category.
+- `class_boundary`: i and j from one fine class, k from **any other** fine class of the pool (two
+  images of one class, one of another class). Most such k lie in another category, so this is the
+  easiest.
+
+The names before issue 30 were `global`, `local` and `class_boundary`; `global` and `local` are
+refused with a message naming the new ones (`alignet_core.config.human.RENAMED_LEVELS`), since they invited a comparison with the
+paper's human-judged global and local figures.
 
 Sampling is uniform: the anchor i uniform over pool items that admit the level, j and k uniform
 over their allowed sets. Deterministic for a seed; vectorized (index arithmetic over the pool
@@ -31,8 +37,10 @@ import numpy as np
 
 from alignet_core.errors import InputError
 
-Level = Literal["global", "local", "class_boundary"]
-LEVELS: tuple[Level, ...] = ("global", "local", "class_boundary")
+Level = Literal["category_boundary", "sibling_boundary", "class_boundary"]
+LEVELS: tuple[Level, ...] = ("category_boundary", "sibling_boundary", "class_boundary")
+#: how reports describe every level: what its answer is and its ceiling
+KIND = "taxonomy answer, ceiling 100%"
 
 
 def _as_labels(x: np.ndarray, what: str) -> np.ndarray:
@@ -97,9 +105,9 @@ def _anchors(p: _Pool, level: Level) -> np.ndarray:
     """Sorted positions that can be the first item of a `level` triplet."""
     n = len(p.items)
     size_f, size_c = p.fe - p.fs, p.ce - p.cs
-    if level == "global":
+    if level == "category_boundary":
         ok = (size_c - size_f >= 1) & (n - size_c >= 1)
-    elif level == "local":
+    elif level == "sibling_boundary":
         ok = (size_f >= 2) & (size_c - size_f >= 1)
     elif level == "class_boundary":
         ok = (size_f >= 2) & (n - size_f >= 1)
@@ -138,10 +146,10 @@ def level_triplets(
     order, n = p.order, len(p.items)
     a = anchors[rng.integers(0, len(anchors), n_triplets)]
     zero, full = np.zeros(n_triplets, np.int64), np.full(n_triplets, n)
-    if level == "global":
+    if level == "category_boundary":
         b = _draw_outside(rng, order, p.cs[a], p.ce[a], p.fs[a], p.fe[a])
         k = _draw_outside(rng, order, zero, full, p.cs[a], p.ce[a])
-    elif level == "local":
+    elif level == "sibling_boundary":
         b = _draw_inside_but(rng, order, p.fs[a], p.fe[a], a)
         k = _draw_outside(rng, order, p.cs[a], p.ce[a], p.fs[a], p.fe[a])
     else:
@@ -155,8 +163,8 @@ def check_level(coarse: np.ndarray, fine: np.ndarray, level: Level, triplets: np
     c, f = np.asarray(coarse)[triplets], np.asarray(fine)[triplets]  # (t, 3)
     same_c01, same_f01 = c[:, 0] == c[:, 1], f[:, 0] == f[:, 1]
     distinct = (triplets[:, 0] != triplets[:, 1]) & (triplets[:, 0] != triplets[:, 2]) & (triplets[:, 1] != triplets[:, 2])
-    if level == "global":
+    if level == "category_boundary":
         return distinct & same_c01 & ~same_f01 & (c[:, 2] != c[:, 0])
-    if level == "local":
+    if level == "sibling_boundary":
         return distinct & same_f01 & (c[:, 2] == c[:, 0]) & (f[:, 2] != f[:, 0])
     return distinct & same_f01 & (f[:, 2] != f[:, 0])

@@ -5,8 +5,8 @@ Real THINGS triplets cannot ship with the package, so the demo builds triplets t
 human odd-one-out judgments from a taxonomy of the images (emoji category → subcategory). They
 are a **proxy**, not human data: everything they produce must be named as such.
 
-The proxy is a stated mix of abstraction levels (`evaluate.levels`: global, local,
-class-boundary), because human choices across diverse objects follow coarse categories first and
+The proxy is a stated mix of taxonomy levels (`human.levels`: category_boundary, sibling_boundary,
+class_boundary; taxonomy answer, ceiling 100%), because human choices across diverse objects follow coarse categories first and
 finer distinctions within them; a proxy drawn at one level teaches only that level. It models a
 noisy human: the response distribution over the pairs [(i, j), (i, k), (j, k)] (the convention of
 `alignet_core.io.formats`) of a triplet whose taxonomic pair is (i, j) puts 1 − w on (i, j) and
@@ -36,7 +36,7 @@ from alignet_core.human.levels import LEVELS, admits, level_triplets
 log = logging.getLogger(__name__)
 
 #: relative difficulty of each level for the noisy-human response model (error mass ∝ difficulty)
-LEVEL_DIFFICULTY = {"global": 1.0, "local": 1.5, "class_boundary": 0.5}
+LEVEL_DIFFICULTY = {"category_boundary": 1.0, "sibling_boundary": 1.5, "class_boundary": 0.5}
 CHANCE_ERROR_MASS = 2.0 / 3.0
 
 # For an observed choice c of the most similar pair among [(i,j), (i,k), (j,k)] of (i, j, k):
@@ -80,7 +80,7 @@ def make_proxy_triplets(
     """Taxonomy proxy triplets at a mix of levels, answered by a noisy-human response model.
 
     coarse, fine: (n,) labels of every object (fine classes nest in coarse categories); mix:
-    level → weight (e.g. {'global': 0.5, 'local': 0.5}); pool: the objects to draw from (default
+    level → weight (e.g. {'category_boundary': 0.5, 'sibling_boundary': 0.5}); pool: the objects to draw from (default
     all); `noise` in [0, 1): the mean error mass of the response model.
 
     Returns (triplets, probs, level_of): triplets (n_triplets, 3) int64 with the *observed*

@@ -39,7 +39,9 @@ class RunSummary(Record):
     changes with paired intervals (`alignment_changes`). The point values of the earlier summary
     are kept (`transform_acc_*`: the test fold's zero-shot (cosine) and transformed accuracies;
     `student_*`), with their intervals beside them (`transform_heldout`, `student_heldout`,
-    `student_human`)."""
+    `student_human`). On the taxonomy proxy the student's test-fold figures are `student_proxy*` (with
+    its noise ceiling) and `student_human*` are None: a proxy figure is never keyed `human`.
+    `student_test_fold` says whether they are held-out (`human.teacher`)."""
 
     dataset: str
     dataset_version: str
@@ -65,9 +67,14 @@ class RunSummary(Record):
     student_acc_before: float | None
     student_acc_after: float | None
     student_heldout: Comparison | None
-    student_human_acc_before: float | None
+    student_human_acc_before: float | None  # on people's triplets only (None when the data are the proxy)
     student_human_acc_after: float | None
     student_human: Comparison | None
+    student_proxy_acc_before: float | None = None  # the same on the taxonomy proxy's triplets (None on human data)
+    student_proxy_acc_after: float | None = None
+    student_proxy: Comparison | None = None
+    student_proxy_ceiling: float | None = None  # the proxy's noise ceiling on those triplets
+    student_test_fold: str | None = None  # whether the student's test-fold figure is held-out, in words
     student_acc_before_by_sampling: dict[str, float] | None
     student_acc_after_by_sampling: dict[str, float] | None
     stage_seconds: dict[str, float]
@@ -81,6 +88,8 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
     d = outs.distill.metrics if outs.distill is not None else None
     ev = outs.evaluate.metrics if outs.evaluate is not None else None
     strategy = d.sampling if d is not None else cfg.distill.strategy
+    proxy = d if d is not None and d.human_is_proxy else None
+    human = d if d is not None and not d.human_is_proxy else None
     return RunSummary(
         dataset=outs.sample.artifact,
         dataset_version=s.version,
@@ -106,9 +115,14 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
         student_acc_before=None if d is None else d.acc_before.get(strategy),
         student_acc_after=None if d is None else d.acc_after.get(strategy),
         student_heldout=None if d is None else d.heldout.get(strategy),
-        student_human_acc_before=None if d is None else d.human_acc_before,
-        student_human_acc_after=None if d is None else d.human_acc_after,
-        student_human=None if d is None else d.human,
+        student_human_acc_before=None if human is None else human.human_acc_before,
+        student_human_acc_after=None if human is None else human.human_acc_after,
+        student_human=None if human is None else human.human,
+        student_proxy_acc_before=None if proxy is None else proxy.human_acc_before,
+        student_proxy_acc_after=None if proxy is None else proxy.human_acc_after,
+        student_proxy=None if proxy is None else proxy.human,
+        student_proxy_ceiling=None if proxy is None else proxy.human_ceiling,
+        student_test_fold=None if d is None else d.human_heldout,
         student_acc_before_by_sampling=None if d is None else d.acc_before,
         student_acc_after_by_sampling=None if d is None else d.acc_after,
         stage_seconds={name: o.metrics.seconds for name, o in outs.stages().items()},
@@ -155,7 +169,12 @@ def run_markdown(summary: RunSummary) -> str:
         cmp_row(f"teacher, odd-one-out on test-fold objects ({h.n_objects if h else 0} objects never fitted)",
                  teacher),
         cmp_row(f"student, triplet accuracy vs the teacher ({s.student_strategy})", s.student_heldout),
-        cmp_row("student, odd-one-out on test-fold objects", s.student_human),
+        cmp_row("student, odd-one-out on test-fold objects"
+                + ("" if s.student_test_fold is None else f" ({s.student_test_fold})"), s.student_human)
+        if s.student_proxy is None else
+        cmp_row("student, odd-one-out on test-fold objects of the taxonomy PROXY"
+                + ("" if s.student_proxy_ceiling is None else f" (noise ceiling {100 * s.student_proxy_ceiling:.1f}%)")
+                + ("" if s.student_test_fold is None else f" ({s.student_test_fold})"), s.student_proxy),
         "",
         "Before: the reference zero-shot protocol (cosine similarity of raw features); after: dot products of the "
         "aligned representation. "

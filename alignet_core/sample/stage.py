@@ -25,6 +25,7 @@ from alignet_core.io.formats import sampling_name
 from alignet_core.io.redact import redact
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, plan_stage, reuse
 from alignet_core.sample import versions
+from alignet_core.human.heldout import excluded_images
 from alignet_core.sample.publish import assemble_dataset
 from alignet_core.sample.shards import ShardSpec, plan_shards, run_shard, shard_path
 
@@ -82,9 +83,10 @@ class Promotion(Record):
 
 
 def _stage_plan(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> StagePlan:
-    """The stage's key and directory (no files read or written)."""
+    """The stage's key and directory (no files read or written). The human section is in the key: its
+    test fold decides which images the sampler leaves out (`human.heldout`)."""
     conf = {"sample": cfg.sample.key_dump(), "seed": cfg.seed,
-            "source": sources.source_identity(cfg.source)}
+            "source": sources.source_identity(cfg.source), "human": cfg.human.key_dump()}
     return plan_stage(cfg.root, "sample", conf, [tfm.key, clu.key], __name__)
 
 
@@ -100,7 +102,10 @@ def sample_published(ctx: RunContext, tfm: StageOutput, clu: StageOutput) -> boo
 
 
 def plan_sample(ctx: RunContext, tfm: StageOutput, clu: StageOutput) -> SamplingPlan:
-    """Plan the sampling stage and write the group files its shards read (cheap, idempotent)."""
+    """Plan the sampling stage and write the group files its shards read (cheap, idempotent).
+
+    Under `human.teacher: heldout` the images of the human test fold's objects are ineligible (group -1)
+    for every strategy and split (`human.heldout`): the student never trains on them."""
     cfg, src = ctx.cfg, ctx.source
     s = cfg.sample
     plan = ctx.plan(_stage_plan, tfm, clu)
@@ -109,6 +114,12 @@ def plan_sample(ctx: RunContext, tfm: StageOutput, clu: StageOutput) -> Sampling
     class_groups = np.unique(labels, return_inverse=True)[1].astype(np.int64)
     class_groups[(labels == "") | ~valid] = -1
     cluster_groups = store.read_npy(clu.artifact, "cluster assignments").astype(np.int64)
+    held_out = excluded_images(cfg, ctx.human)
+    class_groups[held_out] = -1
+    cluster_groups[held_out] = -1
+    if len(held_out):
+        log.info("sample: %d images of the human test fold left out of every triplet (human.teacher: heldout)",
+                 len(held_out))
     names, groups_urls = {}, {}
     store.makedirs(plan.dir)
     for strategy in s.strategies:

@@ -82,3 +82,20 @@ def test_fields_marked_out_of_the_key_leave_the_key_dump():
     assert cfg.sample.key_dump() == parse_config({}).sample.key_dump()
     assert cfg.distill.key_dump(exclude={"harmonize"}).keys() == cfg.distill.model_dump().keys() - {
         "devices", "nodes", "harmonize"}
+
+
+def test_the_old_level_names_are_refused_naming_the_new_ones():
+    """Issue 30: `global` and `local` invited a comparison with the paper's human-judged Levels; the taxonomy
+    levels are named for what they are, and a config with the old names says which names replace them."""
+    from alignet_core.config import parse_config
+
+    with pytest.raises(ConfigError, match=r"human.proxy_mix.*global → category_boundary.*local → sibling_boundary"):
+        parse_config({"human": {"proxy_mix": {"global": 0.5, "local": 0.5}}})
+    with pytest.raises(ConfigError, match=r"evaluate.levels.*local → sibling_boundary"):
+        parse_config({"evaluate": {"levels": ["class_boundary", "local"]}})
+    cfg = parse_config({"human": {"proxy_mix": {"category_boundary": 1.0}},
+                        "evaluate": {"levels": ["sibling_boundary", "class_boundary"]}})
+    assert cfg.evaluate.levels == ["sibling_boundary", "class_boundary"]
+    # the paper's Levels figures need the per-triplet response distributions they are agreement with
+    with pytest.raises(ConfigError, match=r"paper_level.*response distributions"):
+        parse_config({"evaluate": {"sets": [{"name": "levels", "triplets": "t.txt", "paper_level": "global"}]}})

@@ -123,14 +123,17 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     summary, run_id = _run(tiny(tmp_path / "a"))
 
     for key in ("transform_acc_before", "transform_acc_after", "cluster_nmi", "cluster_ari", "n_triplets",
-                "student_acc_before", "student_acc_after", "student_human_acc_before", "student_human_acc_after",
+                "student_acc_before", "student_acc_after", "student_proxy_acc_before", "student_proxy_acc_after",
+                "student_proxy_ceiling", "student_test_fold",
                 "stage_seconds"):
         assert summary[key] is not None, key
     assert set(summary["stage_seconds"]) == {"embed", "transform", "cluster", "sample", "distill", "evaluate"}
-    # the headline: every model at every level and on the test-fold human triplets, with intervals
+    assert summary["student_human_acc_after"] is None  # the demo's data are the proxy, never keyed human
+    assert summary["student_test_fold"].startswith("held-out")
+    # the headline: every model at every level and on the test-fold proxy triplets, with intervals
     assert set(summary["alignment"]) == {"teacher_raw", "teacher_aligned", "student_raw", "student_aligned"}
     for by_set in summary["alignment"].values():
-        assert set(by_set) <= {"global", "local", "class_boundary", "human"} and "human" in by_set
+        assert set(by_set) <= {"category_boundary", "sibling_boundary", "class_boundary", "proxy"} and "proxy" in by_set
         assert all(e["low"] <= e["value"] <= e["high"] for e in by_set.values() if e["n"])
     assert set(summary["alignment_changes"]) == {"teacher", "student"}
     assert summary["transform_heldout"]["transformed"]["unit"] == "objects"
@@ -281,17 +284,22 @@ def test_evaluate_alone_on_a_checkpoint_and_a_set_the_pipeline_did_not_make(harn
     for k, v in {**tiny(root), "distill.head_dim": 16, "distill.image_size": 32, "evaluate.student": str(folder),
                  "evaluate.saliency_maps": "proxy", "evaluate.saliency_images": 6,
                  "evaluate.sets": json.dumps([{"name": "mine", "triplets": str(tmp_path / "mine.txt"),
-                                               "probabilities": str(tmp_path / "mine.npy")}])}.items():
+                                               "probabilities": str(tmp_path / "mine.npy"), "paper_level": "global"}])}.items():
         args += ["--set", f"{k}={v}"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "| model | global | local | class_boundary | human | mine |" in out
+    assert "| model | category_boundary | sibling_boundary | class_boundary | proxy | mine |" in out
+    assert "uncertainty vs the proxy's choice probabilities" in out and "not the AligNet paper's" in out
     assert sorted(p.name for p in (root / "stages").iterdir()) == ["embed", "evaluate", "transform"]
     m = json.loads(next((root / "stages" / "evaluate").glob("*/alignment.json")).read_text())
     assert set(m["scores"]) == {"teacher_raw", "teacher_aligned", "student_raw", "student_aligned"}
     mine = m["scores"]["student_aligned"]["mine"]
     assert mine["n"] == 150 and mine["unit"] == "triplets" and mine["low"] <= mine["value"] <= mine["high"]
-    assert set(m["uncertainty"]["student_aligned"]) == {"human", "mine"}
+    assert set(m["uncertainty"]["student_aligned"]) == {"proxy", "mine"}
+    # the paper's Levels figure beside the set declared to be that data, and nowhere else
+    assert set(m["reference"]) == {"mine"} and "36–57%" in m["reference"]["mine"]
+    assert set(m["agreement"]["student_aligned"]) == {"mine"} and 0 <= m["agreement"]["student_aligned"]["mine"]["value"] <= 1
+    assert m["heldout"]["student_aligned"].startswith("unknown") and m["heldout"]["teacher_raw"].startswith("held-out")
     assert (root / "stages" / "evaluate").glob("*/sets/mine.txt")
     # the "where" metric against the proxy maps, named a proxy, with a picture beside the metrics
     sal = m["saliency"]

@@ -25,7 +25,7 @@ def _taxonomy(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return fine, coarse
 
 
-MIX = {"global": 0.4, "local": 0.4, "class_boundary": 0.2}
+MIX = {"category_boundary": 0.4, "sibling_boundary": 0.4, "class_boundary": 0.2}
 
 
 def test_without_noise_every_row_satisfies_its_level() -> None:
@@ -33,20 +33,20 @@ def test_without_noise_every_row_satisfies_its_level() -> None:
     t, p, level = make_proxy_triplets(coarse, fine, MIX, 5000, noise=0.0, seed=1)
     assert t.shape == (5000, 3) and t.dtype == np.int64 and p.dtype == np.float32
     assert np.allclose(p, [1.0, 0.0, 0.0])
-    assert {lv: int((level == lv).sum()) for lv in MIX} == {"global": 2000, "local": 2000, "class_boundary": 1000}
+    assert {lv: int((level == lv).sum()) for lv in MIX} == {"category_boundary": 2000, "sibling_boundary": 2000, "class_boundary": 1000}
     for lv in MIX:
         assert check_level(coarse, fine, lv, t[level == lv]).all(), lv
-    assert not np.isin(t[level != "global"][:, :2], [0, 190]).any()  # singletons cannot give a same-class pair
+    assert not np.isin(t[level != "category_boundary"][:, :2], [0, 190]).any()  # singletons cannot give a same-class pair
 
 
 def test_noise_fraction_and_difficulty() -> None:
     fine, coarse = _taxonomy()
-    t, p, level = make_proxy_triplets(coarse, fine, {"global": 0.5, "local": 0.5}, 20000, noise=0.2, seed=3)
-    truth, _, _ = make_proxy_triplets(coarse, fine, {"global": 0.5, "local": 0.5}, 20000, noise=0.0, seed=3)
+    t, p, level = make_proxy_triplets(coarse, fine, {"category_boundary": 0.5, "sibling_boundary": 0.5}, 20000, noise=0.2, seed=3)
+    truth, _, _ = make_proxy_triplets(coarse, fine, {"category_boundary": 0.5, "sibling_boundary": 0.5}, 20000, noise=0.0, seed=3)
     # the same draws (same seed): a row is answered against the taxonomy when its odd one moved
     wrong = t[:, 2] != truth[:, 2]
     assert abs(wrong.mean() - 0.2) < 0.015
-    assert wrong[level == "local"].mean() > 1.3 * wrong[level == "global"].mean()  # local is harder (1.5 vs 1.0)
+    assert wrong[level == "sibling_boundary"].mean() > 1.3 * wrong[level == "category_boundary"].mean()  # local is harder (1.5 vs 1.0)
 
 
 def test_probabilities_sum_to_one_and_follow_the_row_order() -> None:
@@ -74,22 +74,22 @@ def test_deterministic_for_a_seed_and_fast() -> None:
 
 
 def test_bad_taxonomies_and_mixes_are_input_errors() -> None:
-    with pytest.raises(InputError, match=r"none of the levels \['local'\] can be drawn"):
-        make_proxy_triplets(np.zeros(5, int), np.arange(5), {"local": 1.0}, 10, 0.1, 0)
+    with pytest.raises(InputError, match=r"none of the levels \['sibling_boundary'\] can be drawn"):
+        make_proxy_triplets(np.zeros(5, int), np.arange(5), {"sibling_boundary": 1.0}, 10, 0.1, 0)
     with pytest.raises(InputError, match="none of the levels"):
-        make_proxy_triplets(np.zeros(5, int), np.array([0, 0, 1, 1, 2]), {"global": 1.0}, 10, 0.1, 0)
+        make_proxy_triplets(np.zeros(5, int), np.array([0, 0, 1, 1, 2]), {"category_boundary": 1.0}, 10, 0.1, 0)
     # a level the objects do not admit gives its share to the others (and says so)
-    t, _, level = make_proxy_triplets(np.zeros(5, int), np.array([0, 0, 1, 1, 2]), {"global": 0.5, "local": 0.5},
+    t, _, level = make_proxy_triplets(np.zeros(5, int), np.array([0, 0, 1, 1, 2]), {"category_boundary": 0.5, "sibling_boundary": 0.5},
                                       10, 0.0, 0)
-    assert (level == "local").all() and len(t) == 10
+    assert (level == "sibling_boundary").all() and len(t) == 10
     with pytest.raises(InputError, match="nest"):
-        make_proxy_triplets(np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]), {"local": 1.0}, 10, 0.1, 0)
+        make_proxy_triplets(np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]), {"sibling_boundary": 1.0}, 10, 0.1, 0)
     with pytest.raises(InputError, match="noise"):
-        make_proxy_triplets(np.zeros(4, int), np.array([0, 0, 1, 1]), {"local": 1.0}, 10, 1.0, 0)
+        make_proxy_triplets(np.zeros(4, int), np.array([0, 0, 1, 1]), {"sibling_boundary": 1.0}, 10, 1.0, 0)
     with pytest.raises(InputError, match="unknown levels"):
         make_proxy_triplets(np.zeros(4, int), np.array([0, 0, 1, 1]), {"subcategory": 1.0}, 10, 0.1, 0)
     with pytest.raises(InputError, match="positive sum"):
-        make_proxy_triplets(np.zeros(4, int), np.array([0, 0, 1, 1]), {"local": 0.0}, 10, 0.1, 0)
+        make_proxy_triplets(np.zeros(4, int), np.array([0, 0, 1, 1]), {"sibling_boundary": 0.0}, 10, 0.1, 0)
 
 
 def test_split_triplets() -> None:

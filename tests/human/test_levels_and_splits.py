@@ -28,9 +28,9 @@ def test_each_level_satisfies_its_definition_row_by_row_on_the_demo(demo_taxonom
     assert t.shape == (3000, 3) and t.dtype == np.int64
     c, f = coarse[t], fine[t]
     assert (t[:, 0] != t[:, 1]).all() and (t[:, 2] != t[:, 0]).all() and (t[:, 2] != t[:, 1]).all()
-    if level == "global":
+    if level == "category_boundary":
         assert (c[:, 0] == c[:, 1]).all() and (f[:, 0] != f[:, 1]).all() and (c[:, 2] != c[:, 0]).all()
-    elif level == "local":
+    elif level == "sibling_boundary":
         assert (f[:, 0] == f[:, 1]).all() and (c[:, 2] == c[:, 0]).all() and (f[:, 2] != f[:, 0]).all()
     else:
         assert (f[:, 0] == f[:, 1]).all() and (f[:, 2] != f[:, 0]).all()
@@ -38,7 +38,7 @@ def test_each_level_satisfies_its_definition_row_by_row_on_the_demo(demo_taxonom
     assert check_level(coarse, fine, level, t).all()
     # every other level's check rejects most of these rows (the levels are distinct)
     for other in LEVELS:
-        if other != level and {level, other} != {"local", "class_boundary"}:
+        if other != level and {level, other} != {"sibling_boundary", "class_boundary"}:
             assert not check_level(coarse, fine, other, t).any()
     # deterministic for a seed; the pool restricts every item
     again = level_triplets(coarse, fine, level, 3000, np.random.default_rng(0))
@@ -50,9 +50,9 @@ def test_each_level_satisfies_its_definition_row_by_row_on_the_demo(demo_taxonom
 
 def test_a_pool_without_a_level_is_an_input_error() -> None:
     coarse, fine = np.array(["a", "a", "a"]), np.array(["x", "x", "y"])
-    with pytest.raises(InputError, match="no global triplet"):
-        level_triplets(coarse, fine, "global", 5, np.random.default_rng(0))
-    assert check_level(coarse, fine, "local", level_triplets(coarse, fine, "local", 5, np.random.default_rng(0))).all()
+    with pytest.raises(InputError, match="no category_boundary triplet"):
+        level_triplets(coarse, fine, "category_boundary", 5, np.random.default_rng(0))
+    assert check_level(coarse, fine, "sibling_boundary", level_triplets(coarse, fine, "sibling_boundary", 5, np.random.default_rng(0))).all()
 
 
 def test_object_split_never_shares_an_object_between_roles() -> None:
@@ -86,4 +86,4 @@ def test_the_demo_proxy_is_drawn_inside_each_role(tmp_path) -> None:
     assert set(data.fold_of[data.triplets[sp.val]].ravel().tolist()) == {3}
     assert not set(data.fold_of[data.triplets[sp.train]].ravel().tolist()) & {2, 3}
     assert 900 <= len(sp.test) <= 1100  # in proportion to the test fold's objects
-    assert set(data.level_of.tolist()) == {"global", "local"}
+    assert set(data.level_of.tolist()) == {"category_boundary", "sibling_boundary"}

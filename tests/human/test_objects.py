@@ -158,16 +158,16 @@ def test_a_labelled_csv_source_gets_the_taxonomy_proxy_at_every_level(tmp_path: 
                         "source": {"kind": "filelist", "path": str(meta), "path_column": "image",
                                    "label_columns": ["category", "subcategory"]},
                         "human": {"folds": 3, "proxy_n_triplets": 600,
-                                  "proxy_mix": {"global": 1, "local": 1, "class_boundary": 1}}})
+                                  "proxy_mix": {"category_boundary": 1, "sibling_boundary": 1, "class_boundary": 1}}})
     src = sources.source_from_config(cfg.source)
     data = load_human_data(cfg, src)
     assert data.is_proxy and data.name(cfg) == "taxonomy proxy (not human)" and len(data.triplets) == 600
-    assert set(data.level_of.tolist()) == {"global", "local", "class_boundary"}
+    assert set(data.level_of.tolist()) == {"category_boundary", "sibling_boundary", "class_boundary"}
     # the same two label columns build the evaluation levels, over the test fold's images
     sets = {s.name: s for s in build_sets(cfg, src, data)}
-    assert {"global", "local", "class_boundary", "human"} <= set(sets)
+    assert {"category_boundary", "sibling_boundary", "class_boundary", "proxy"} <= set(sets) and "human" not in sets
     coarse = np.asarray(src.labels())
-    g = sets["global"].triplets
+    g = sets["category_boundary"].triplets
     assert (coarse[g[:, 0]] == coarse[g[:, 1]]).all() and (coarse[g[:, 2]] != coarse[g[:, 0]]).all()
 
 
@@ -175,7 +175,7 @@ def test_class_folders_get_a_class_level_proxy_and_a_flat_folder_none(tmp_path: 
     tree = things_tree(tmp_path, {c: 5 for c in ("apple", "kiwi", "mango", "fig", "yak", "zebra")})
     cfg = _cfg(tmp_path, tree, proxy_n_triplets=300)
     data = load_human_data(cfg, sources.source_from_config(cfg.source))
-    assert data.is_proxy and set(data.level_of.tolist()) <= {"local", "class_boundary"} and len(data.triplets) == 300
+    assert data.is_proxy and set(data.level_of.tolist()) <= {"sibling_boundary", "class_boundary"} and len(data.triplets) == 300
     args = ["validate", "--root", str(tmp_path / "root"), "--set", "source.kind=folder", "--set", f"source.path={tree}",
             "--set", "cluster.k=2", "--set", "human.folds=3"]
     assert main(args) == 0

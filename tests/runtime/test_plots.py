@@ -42,7 +42,10 @@ def test_the_students_chart_calls_a_proxy_a_proxy():
 
     c = object()
     out = SimpleNamespace(metrics=SimpleNamespace(heldout={"between_class": c}, human=c, human_data=PROXY_NAME,
-                                                  n_human_test=10))
-    assert [short for short, _, _ in _student_comparisons(out)] == ["between_class", "human (PROXY)"]
-    out.metrics.human_data = "things_triplets.txt"
+                                                  n_human_test=10, human_is_proxy=True, human_ceiling=0.9,
+                                                  human_heldout="held-out (no test-fold image in any training triplet)"))
+    comps = _student_comparisons(out)
+    assert [short for short, _, _ in comps] == ["between_class", "proxy"]
+    assert "noise ceiling 90.0%" in comps[1][1] and "held-out" in comps[1][1]
+    out.metrics.human_data, out.metrics.human_is_proxy, out.metrics.human_ceiling = "things_triplets.txt", False, None
     assert [short for short, _, _ in _student_comparisons(out)] == ["between_class", "human"]

@@ -86,7 +86,7 @@ def test_reported_figures_are_on_held_out_objects_with_intervals(base):
     assert m.acc_before == h.zero_shot.value and m.acc_after == h.transformed.value
     assert h.gain.value == pytest.approx(h.transformed.value - h.zero_shot.value)
     assert "cosine" in h.zero_shot_protocol
-    assert set(h.by_level) <= {"global", "local"} and h.by_level
+    assert set(h.by_level) <= {"category_boundary", "sibling_boundary"} and h.by_level
     assert sum(lv.transformed.n for lv in h.by_level.values()) == h.transformed.n
     assert "training objects" in m.triplet_split.label and m.triplet_split.transformed.unit == "triplets"
     u = m.uncertainty
