@@ -5,9 +5,9 @@ per-triplet differences (−1, 0, +1) on the same triplets. The interval depends
 between repetitions of the measurement (`unit`):
 
 - 'triplets' (the default; triplets independent of one another): Wilson's score interval for an
-  accuracy, and Newcombe's hybrid score interval (his method 10: the two Wilson intervals joined with
-  the correlation of the paired outcomes) for a change. Both stay inside [0, 1] / [−1, 1] and keep
-  their width at p̂ = 0 or 1, where a percentile bootstrap collapses to a point.
+  accuracy, and Tango's score interval for a paired change (the discordant triplets: 0 → 1 and
+  1 → 0). Both stay inside [0, 1] / [−1, 1] and keep their width at p̂ = 0 or 1 and with few or
+  no discordant triplets, where a percentile bootstrap collapses to a point.
 - 'objects' (with `triplets` (t, 3): held-out-object figures, whose triplets share objects): the
   variance of the mean counts the covariance of every two triplets that share an object (crossed
   random effects: an object that is easy for the model makes every triplet it appears in easier).
@@ -22,9 +22,11 @@ between repetitions of the measurement (`unit`):
   delete-one-object jackknife counts each triplet's own noise three times (once per object), and
   resampling objects with each triplet weighted by the product of its objects' counts (the multi-way
   bootstrap this module used before) about eight times; resampling triplets ignores the sharing.
-  V becomes an effective number of triplets n_eff = p̂(1 − p̂) / V (at most t), and the interval
-  is Wilson's (accuracy) or Newcombe's (change) with n_eff in place of t and the paired correlation
-  taken from the same covariances. Cost: O(t log t) time (grouping the pairs) and O(t) memory.
+  V over p̂(1 − p̂)/(t − 1) is the design effect (at least 1); the interval is Wilson's with
+  n_eff = t / design effect (accuracy), or Tango's with the discordant counts and t divided by the
+  design effect of the per-triplet changes (change: a Rao–Scott adjustment), and Student's t quantile
+  with m − 1 degrees of freedom (m objects). Cost: O(t log t) time (grouping the object pairs) and
+  O(t) memory.
 
 Measured coverage (simulated object-disjoint test sets with per-object effects on the log-odds of
 correctness, 60–600 objects, sparse and dense triplets; tests/stats/test_interval_coverage.py,
@@ -53,9 +55,9 @@ LEVEL = 0.95
 #: what an interval was computed by, per unit (the `method` field of `Estimate` and `Difference`)
 METHODS = {
     ("accuracy", "triplets"): "Wilson score",
-    ("accuracy", "objects"): "Wilson score, object-clustered variance",
-    ("change", "triplets"): "Newcombe hybrid score",
-    ("change", "objects"): "Newcombe hybrid score, object-clustered variance",
+    ("accuracy", "objects"): "Wilson score, object-clustered design effect",
+    ("change", "triplets"): "Tango score",
+    ("change", "objects"): "Tango score, object-clustered design effect",
 }
 
 
@@ -174,55 +176,72 @@ def wilson(p: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarr
     return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
 
 
-def _effective_n(p: np.ndarray, var: np.ndarray, t: int) -> np.ndarray:
-    """n_eff = p̂(1 − p̂)/V, at most t (sharing objects cannot make t triplets worth more than t
-    independent ones); t where p̂ ∈ {0, 1} (no spread to measure a design effect from)."""
-    p, var = np.asarray(p, np.float64), np.asarray(var, np.float64)
-    pq = p * (1.0 - p)
+def design_effect(values: np.ndarray, overlap: ObjectOverlap | None) -> np.ndarray:
+    """V / V_iid per column of `values` (t,) or (t, R): the object-clustered variance of the mean over the
+    variance it would have from t independent triplets (Σ e² / (t(t − 1)), what the clustered formula gives
+    when no two triplets share an object). At least 1 (triplets sharing objects carry no more information
+    than independent ones; per-object effects only add covariance); 1 with no overlap or no spread."""
+    v = np.asarray(values, np.float64)
+    if overlap is None:
+        return np.ones(v.shape[1:])
+    t = v.shape[0]
+    iid = ((v - v.mean(0)) ** 2).sum(0) / (t * (t - 1.0)) if t > 1 else np.zeros(v.shape[1:])
     with np.errstate(divide="ignore", invalid="ignore"):
-        n = np.where((pq > 0) & (var > 0), pq / var, t)
-    return np.minimum(np.nan_to_num(n, nan=t), t)
+        deff = np.where(iid > 0, overlap.covariance(v, v) / iid, 1.0)
+    return np.maximum(np.nan_to_num(deff, nan=1.0), 1.0)
+
+
+def tango(better: np.ndarray, worse: np.ndarray, n: np.ndarray, z: float, steps: int = 60
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Tango's score interval (Stat. Med. 1998) for Δ = P(better) − P(worse) from paired outcomes: n pairs,
+    `better` of them 0 → 1 and `worse` 1 → 0 (counts may be fractional: divided by a design effect).
+
+    The score statistic Z(Δ₀) = (better − worse − nΔ₀) / √(n(q̃₊ + q̃₋ − Δ₀²)) uses the discordant shares
+    q̃ fitted under Δ₀ (the larger root of the likelihood equation, a quadratic), so the interval keeps its
+    width with few or no discordant pairs; Z decreases in Δ₀ and each end is found by `steps` bisections
+    (2⁻⁶⁰: exact in float64). Arrays broadcast; returns (low, high)."""
+    b, w, n = (np.asarray(x, np.float64) for x in (better, worse, n))
+    d = (b - w) / n
+
+    def score(delta: np.ndarray) -> np.ndarray:
+        lin = w * (1 - 3 * delta) + b * (1 - delta) - 2 * (n - b - w) * delta
+        q_worse = (lin + np.sqrt(np.maximum(lin * lin + 8 * n * w * delta * (1 - delta), 0.0))) / (4 * n)
+        q_worse = np.clip(q_worse, np.maximum(0.0, -delta), (1 - delta) / 2)
+        var = n * np.maximum(2 * q_worse + delta - delta * delta, 1e-300)
+        return (b - w - n * delta) / np.sqrt(var)
+
+    ends = []
+    for target, lo, hi in ((z, np.full_like(d, -1.0), d.copy()), (-z, d.copy(), np.full_like(d, 1.0))):
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            above = score(mid) > target
+            lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+        ends.append((lo + hi) / 2)
+    return ends[0], ends[1]
 
 
 def accuracy_interval(correct: np.ndarray, overlap: ObjectOverlap | None, level: float = LEVEL
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(value, low, high) for each column of `correct` (t,) or (t, R) 0/1: Wilson's interval with t
-    trials (overlap None) or with the object-clustered n_eff. The vectorized core of `accuracy`."""
+    """(value, low, high) for each column of `correct` (t,) or (t, R) 0/1: Wilson's interval with t trials
+    (overlap None) or with n_eff = t / design effect. The vectorized core of `accuracy`."""
     c = np.asarray(correct, np.float64)
     t = c.shape[0]
     p = c.mean(0)
-    n = np.full_like(p, t) if overlap is None else _effective_n(p, overlap.covariance(c, c), t)
-    low, high = wilson(p, n, _quantile(level, overlap))
+    low, high = wilson(p, t / design_effect(c, overlap), _quantile(level, overlap))
     return p, low, high
 
 
 def difference_interval(before: np.ndarray, after: np.ndarray, overlap: ObjectOverlap | None,
                         level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(value, low, high) of mean(after) − mean(before) per column of (t,) or (t, R) 0/1 outcomes:
-    Newcombe's hybrid score interval (method 10), with the Wilson intervals and the correlation of the
-    two accuracies from t independent triplets (overlap None) or from the object-clustered covariances.
-    The vectorized core of `paired_difference`."""
+    """(value, low, high) of mean(after) − mean(before) per column of (t,) or (t, R) 0/1 outcomes: Tango's
+    score interval on the discordant triplets, with the counts divided by the design effect of the
+    per-triplet changes (1 without overlap). The vectorized core of `paired_difference`."""
     b, a = np.asarray(before, np.float64), np.asarray(after, np.float64)
     t = a.shape[0]
-    pa, pb = a.mean(0), b.mean(0)
-    d = a - b
-    var_iid = [pa * (1 - pa) / t, pb * (1 - pb) / t, ((d * d).mean(0) - (pa - pb) ** 2) / t]
-    if overlap is None:
-        va, vb, vd = var_iid
-    else:  # clustered variances, never below the independent-triplet ones (n_eff ≤ t)
-        va = np.maximum(overlap.covariance(a, a), var_iid[0])
-        vb = np.maximum(overlap.covariance(b, b), var_iid[1])
-        vd = np.maximum(overlap.covariance(d, d), var_iid[2])
-    z = _quantile(level, overlap)
-    la, ua = wilson(pa, _effective_n(pa, va, t), z)
-    lb, ub = wilson(pb, _effective_n(pb, vb, t), z)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        phi = np.where(va * vb > 0, (va + vb - vd) / (2.0 * np.sqrt(va * vb)), 0.0)
-    phi = np.clip(np.nan_to_num(phi), -1.0, 1.0)
-    diff = pa - pb
-    low = diff - np.sqrt(np.maximum((pa - la) ** 2 - 2 * phi * (pa - la) * (ub - pb) + (ub - pb) ** 2, 0.0))
-    high = diff + np.sqrt(np.maximum((ua - pa) ** 2 - 2 * phi * (ua - pa) * (pb - lb) + (pb - lb) ** 2, 0.0))
-    return diff, np.clip(low, -1.0, 1.0), np.clip(high, -1.0, 1.0)
+    change = a - b  # (t, R) in {−1, 0, +1}
+    deff = design_effect(change, overlap)
+    low, high = tango((change > 0).sum(0) / deff, (change < 0).sum(0) / deff, t / deff, _quantile(level, overlap))
+    return change.mean(0), np.clip(low, -1.0, 1.0), np.clip(high, -1.0, 1.0)
 
 
 def accuracy(
