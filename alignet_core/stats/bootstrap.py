@@ -173,7 +173,9 @@ def wilson(p: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarr
     z2n = z * z / n
     centre = (p + z2n / 2.0) / (1.0 + z2n)
     half = z / (1.0 + z2n) * np.sqrt(p * (1.0 - p) / n + z2n / (4.0 * n))
-    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+    low = np.where(p <= 0.0, 0.0, np.clip(centre - half, 0.0, 1.0))  # exactly 0 / 1 there, not rounding residue
+    high = np.where(p >= 1.0, 1.0, np.clip(centre + half, 0.0, 1.0))
+    return low, high
 
 
 def design_effect(values: np.ndarray, overlap: ObjectOverlap | None) -> np.ndarray:
