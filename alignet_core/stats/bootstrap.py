@@ -110,8 +110,11 @@ class ObjectOverlap:
 
     triplets: (t, 3) int object ids, three distinct ids per row."""
 
-    #: columns of outcomes summed at a time (bounds the (groups, columns) float64 sums to ~32 MB)
-    CELLS = 4_000_000
+    #: triplets × columns of outcomes summed at a time: the per-group sums, (≤ 3t, columns) float64, stay
+    #: under 3 · 8 · CELLS bytes (24 MB) each
+    CELLS = 1_000_000
+    #: object ids are renumbered 0..m−1 and an object set is keyed as (i·m + j)·m + k in int64
+    MAX_OBJECTS = 2**21
 
     def __init__(self, triplets: np.ndarray):
         tri = np.asarray(triplets)
@@ -124,8 +127,10 @@ class ObjectOverlap:
         objects, local = np.unique(tri, return_inverse=True)
         local = local.reshape(tri.shape)  # (t, 3) in [0, m)
         m = len(objects)
+        if m >= self.MAX_OBJECTS:
+            raise InputError(f"triplets: {m} distinct objects; at most {self.MAX_OBJECTS - 1} are supported")
         pair_key = np.stack([local[:, 0] * m + local[:, 1], local[:, 0] * m + local[:, 2],
-                             local[:, 1] * m + local[:, 2]], axis=1)  # (t, 3), < m² (m < 3·10⁶ fits int64)
+                             local[:, 1] * m + local[:, 2]], axis=1)  # (t, 3), < m²
         _, pair = np.unique(pair_key, return_inverse=True)
         _, group = np.unique(pair_key[:, 0] * m + local[:, 2], return_inverse=True)  # (t,) one id per object set
         self.t, self.m = t, m

@@ -10,10 +10,9 @@ accuracy E σ(μ + a_i + a_j + a_k) is a Gauss–Hermite integral, so truth is k
 
 The band: with R = 1,000 replicates the coverage estimate of a method whose true coverage is 0.95 has
 binomial sd √(.95 · .05 / 1000) = 0.0069; [0.92, 0.98] is ±4.35 sd around 0.95, so a correct method leaves
-it with probability ≈ 1.4e-5 per check (≈ 3e-4 over the ~20 checks here, whatever the seed), while a
-method covering 0.90 or 0.99 leaves it with probability > 0.99 (2.9 and 1.4 sd... beyond the band: 0.90 is
-2.9 sd below 0.92, 0.99 is 1.4 sd above 0.98 — so the test catches over-coverage of 0.99+ most of the
-time and the old method's 1.00 always).
+it with probability ≈ 1.4e-5 per check (≈ 3e-4 over the ~20 checks here, whatever the seed). A method that
+truly covers 0.90 (sd 0.0095) leaves it 98% of the time (0.92 is 2.1 sd above 0.90); the old method's 1.00
+always does.
 
 What the old method measured (benchmarks/results/intervals.json, 382 objects, 1,273 triplets, 400
 replicates): the multi-way object bootstrap covered 100% of accuracies and changes with intervals
