@@ -10,13 +10,13 @@ from scipy.stats import spearmanr
 
 from alignet_core.errors import InputError
 from alignet_core.stats.bootstrap import accuracy, paired_difference
-from benchmarks.intervals import crossed_design
 from alignet_core.stats.uncertainty import (
     choice_distribution,
     entropy,
     jsd,
     uncertainty_agreement,
 )
+from benchmarks.intervals import crossed_design
 
 
 def test_the_interval_covers_a_known_accuracy_at_its_nominal_rate() -> None:
