@@ -4,8 +4,9 @@ intervals of `stats.bootstrap` against the multi-way object bootstrap they repla
     python -m benchmarks.intervals            # cost at 37k and 200k triplets, coverage on one setting
     python -m benchmarks.intervals --quick    # smaller: a check that the code runs
 
-Cost: one `accuracy` + one `paired_difference` call (the new method) on 37,000 test triplets over 382
-objects (the size of the audit's test fold) and on 200,000 triplets over 1,854 objects (THINGS scale);
+Cost: one `accuracy`, one `paired_difference` and one `compare` call (the new method; `compare` groups the
+triplets once for its three intervals) on 37,000 test triplets over 382 objects (the size of the audit's
+test fold) and on 200,000 triplets over 1,854 objects (THINGS scale);
 the old method, one multi-way bootstrap of 2,000 resamples (as `accuracy` drew them), at 37k only: at
 200k its (2000, t) int64 weight matrix alone is 3.2 GB (`old_weight_bytes`). Seconds: the median of 3
 calls; peak memory: tracemalloc's peak over one more call (numpy and scipy allocations; the figure
@@ -13,7 +14,7 @@ that grows with t).
 
 Coverage: one simulated setting (`--objects` 382, `--per-object` 10 appearances per object → 1,273
 triplets; per-object effects τ = 0.5 on the log-odds, `simulate`), `--replicates` test sets scored by
-both methods: how often the 95% interval covers the true accuracy (and the true paired change), the
+both methods (and `--replicates-new` by the new one, for a tighter estimate of its coverage): how often the 95% interval covers the true accuracy (and the true paired change), the
 mean width, and the sd of the estimate over the replicates (the width an exact interval would have
 is about 2 · 1.96 · sd). Ratios old / new are measured in this one run.
 Writes `benchmarks/results/intervals.json` and prints one JSON line.
@@ -120,23 +121,28 @@ def cost_case(m: int, t: int, old: bool, seed: int = 0) -> dict:
     before, after, _, _ = simulate(tri, 1, rng)
     before, after = before[:, 0], after[:, 0]
     case = {"objects": m, "triplets": t,
-            "new_accuracy_and_change": _cost(lambda: (bootstrap.accuracy(after, 0, tri),
-                                                      bootstrap.paired_difference(before, after, 0, tri))),
+            "new_accuracy": _cost(lambda: bootstrap.accuracy(after, 0, tri)),
+            "new_paired_difference": _cost(lambda: bootstrap.paired_difference(before, after, 0, tri)),
+            "new_compare": _cost(lambda: bootstrap.compare(before, after, 0, tri)),
             "old_weight_bytes": 2000 * t * 8}
     if old:
         case["old_one_bootstrap"] = _cost(lambda: old_object_bootstrap(after.astype(float), tri, 0), repeats=1)
     return case
 
 
-def coverage_case(m: int, per_object: int, replicates: int, seed: int = 0, n_boot: int = 2000) -> dict:
+def coverage_case(m: int, per_object: int, replicates: int, replicates_new: int, seed: int = 0,
+                  n_boot: int = 2000) -> dict:
     """Coverage and mean width of the new and the old object intervals on `replicates` simulated test sets
-    (one design of m objects, each in about `per_object` triplets; `simulate` defaults)."""
+    (one design of m objects, each in about `per_object` triplets; `simulate` defaults), and of the new ones
+    alone on `replicates_new` (≥ `replicates`; the first `replicates` are the shared ones)."""
     rng = np.random.default_rng(seed)
     tri = crossed_design(m, per_object * m // 3, rng)
-    before, after, p_before, p_after = simulate(tri, replicates, rng)
+    before_all, after_all, p_before, p_after = simulate(tri, max(replicates, replicates_new), rng)
     overlap = bootstrap.ObjectOverlap(tri)
-    _, lo, hi = bootstrap.accuracy_interval(before, overlap)
-    _, dlo, dhi = bootstrap.difference_interval(before, after, overlap)
+    _, lo_all, hi_all = bootstrap.accuracy_interval(before_all, overlap)
+    _, dlo_all, dhi_all = bootstrap.difference_interval(before_all, after_all, overlap)
+    before, after = before_all[:, :replicates], after_all[:, :replicates]
+    lo, hi, dlo, dhi = lo_all[:replicates], hi_all[:replicates], dlo_all[:replicates], dhi_all[:replicates]
     old_acc = np.array([old_object_bootstrap(before[:, r].astype(float), tri, r, n_boot) for r in range(replicates)])
     delta = after.astype(float) - before
     old_chg = np.array([old_object_bootstrap(delta[:, r], tri, r, n_boot) for r in range(replicates)])
@@ -144,16 +150,20 @@ def coverage_case(m: int, per_object: int, replicates: int, seed: int = 0, n_boo
 
     def summary(lo: np.ndarray, hi: np.ndarray, truth: float) -> dict:
         cover = float(np.mean((lo <= truth) & (truth <= hi)))
-        return {"coverage": round(cover, 4), "coverage_sd": round(float(np.sqrt(cover * (1 - cover) / replicates)), 4),
+        return {"coverage": round(cover, 4), "coverage_sd": round(float(np.sqrt(cover * (1 - cover) / len(lo))), 4),
                 "mean_width_points": round(100 * float(np.mean(hi - lo)), 3)}
 
+    delta_all = after_all.astype(float) - before_all
     acc = {"new": summary(lo, hi, p_before), "old": summary(old_acc[:, 0], old_acc[:, 1], p_before),
-           "exact_width_points": round(100 * 2 * 1.96 * float(before.mean(0).std()), 3)}
+           "new_all_replicates": summary(lo_all, hi_all, p_before),
+           "exact_width_points": round(100 * 2 * 1.96 * float(before_all.mean(0).std()), 3)}
     chg = {"new": summary(dlo, dhi, true_change), "old": summary(old_chg[:, 0], old_chg[:, 1], true_change),
-           "exact_width_points": round(100 * 2 * 1.96 * float(delta.mean(0).std()), 3)}
+           "new_all_replicates": summary(dlo_all, dhi_all, true_change),
+           "exact_width_points": round(100 * 2 * 1.96 * float(delta_all.mean(0).std()), 3)}
     for part in (acc, chg):
         part["width_ratio_old_to_new"] = round(part["old"]["mean_width_points"] / part["new"]["mean_width_points"], 3)
-    return {"objects": m, "triplets": len(tri), "replicates": replicates, "n_boot_old": n_boot,
+    return {"objects": m, "triplets": len(tri), "replicates": replicates, "replicates_new": len(lo_all),
+            "n_boot_old": n_boot,
             "true_accuracy": round(p_before, 5), "true_change": round(true_change, 5),
             "accuracy": acc, "change": chg}
 
@@ -163,16 +173,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes and few replicates (a run check)")
     ap.add_argument("--objects", type=int, default=382)
     ap.add_argument("--per-object", type=int, default=10)
-    ap.add_argument("--replicates", type=int, default=400)
+    ap.add_argument("--replicates", type=int, default=400, help="test sets scored by both methods")
+    ap.add_argument("--replicates-new", type=int, default=4000, help="test sets scored by the new method")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
-        sizes, objects, replicates = [(382, 3_700, True), (1_854, 20_000, False)], 60, 50
+        sizes, objects, replicates, replicates_new = [(382, 3_700, True), (1_854, 20_000, False)], 60, 50, 200
     else:
-        sizes, objects, replicates = [(382, 37_000, True), (1_854, 200_000, False)], args.objects, args.replicates
+        sizes, objects = [(382, 37_000, True), (1_854, 200_000, False)], args.objects
+        replicates, replicates_new = args.replicates, args.replicates_new
     t0 = time.perf_counter()
     cost = [cost_case(m, t, old, args.seed) for m, t, old in sizes]
-    coverage = coverage_case(objects, args.per_object, replicates, args.seed)
+    coverage = coverage_case(objects, args.per_object, replicates, replicates_new, args.seed)
     result = {"benchmark": "intervals", "quick": args.quick, "cost": cost, "coverage": coverage,
               "wall_s": round(time.perf_counter() - t0, 1), "machine": machine_info()}
     if not args.quick:

@@ -124,29 +124,24 @@ class ObjectOverlap:
         if len(tri) and ((tri[:, 0] == tri[:, 1]) | (tri[:, 1] == tri[:, 2])).any():
             raise InputError("triplets: a row names one object twice; each triplet needs three distinct objects")
         t = len(tri)
-        objects, local = np.unique(tri, return_inverse=True)
-        local = local.reshape(tri.shape)  # (t, 3) in [0, m)
-        m = len(objects)
+        local, m = _dense_ids(tri)  # (t, 3) in [0, m), still ascending per row
         if m >= self.MAX_OBJECTS:
             raise InputError(f"triplets: {m} distinct objects; at most {self.MAX_OBJECTS - 1} are supported")
         pair_key = np.stack([local[:, 0] * m + local[:, 1], local[:, 0] * m + local[:, 2],
                              local[:, 1] * m + local[:, 2]], axis=1)  # (t, 3), < m²
-        _, pair = np.unique(pair_key, return_inverse=True)
-        _, group = np.unique(pair_key[:, 0] * m + local[:, 2], return_inverse=True)  # (t,) one id per object set
+        pair, _ = _dense_ids(pair_key)
+        group, _ = _dense_ids(pair_key[:, :1] * m + local[:, 2:])  # (t, 1): one id per object set, key < m³
         self.t, self.m = t, m
-        self.incidence = [self._incidence(local), self._incidence(pair.reshape(t, 3)),
-                          self._incidence(group.reshape(t, 1))]  # (groups, t) each
-        counts = [np.asarray(a.sum(1)).ravel() for a in self.incidence]  # triplets per group
-        self.denominator = float(t) ** 2 - float(counts[0] @ counts[0]) + float(counts[1] @ counts[1]) \
-            - float(counts[2] @ counts[2])
+        self.membership = [self._membership(ids) for ids in (local, pair, group)]  # (t, groups) each
+        counts = [np.bincount(ids.ravel()).astype(np.float64) for ids in (local, pair, group)]  # triplets per group
+        self.denominator = float(t) ** 2 - counts[0] @ counts[0] + counts[1] @ counts[1] - counts[2] @ counts[2]
 
     @staticmethod
-    def _incidence(ids: np.ndarray) -> sparse.csr_matrix:
-        """(groups, t) 0/1: triplet r lies in group ids[r, :]."""
+    def _membership(ids: np.ndarray) -> sparse.csr_matrix:
+        """(t, groups) 0/1: triplet r lies in groups ids[r, :] (k per row: built as CSR directly, no sort)."""
         t, k = ids.shape
-        rows = ids.ravel()
-        cols = np.repeat(np.arange(t), k)
-        return sparse.csr_matrix((np.ones(t * k), (rows, cols)), shape=(int(rows.max()) + 1 if t else 0, t))
+        groups = int(ids.max()) + 1 if t else 0
+        return sparse.csr_matrix((np.ones(t * k), ids.ravel(), np.arange(0, t * k + 1, k)), shape=(t, groups))
 
     def covariance(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Estimated Cov(mean x, mean y) of columns of outcomes on these triplets, counting every two
@@ -159,10 +154,22 @@ class ObjectOverlap:
         step = max(1, self.CELLS // max(1, self.t))
         for lo in range(0, x2.shape[1], step):
             cols = slice(lo, lo + step)
-            terms = [np.einsum("gr,gr->r", a @ ex[:, cols], a @ ey[:, cols]) for a in self.incidence]
+            terms = [np.einsum("gr,gr->r", a.T @ ex[:, cols], a.T @ ey[:, cols]) for a in self.membership]
             out[cols] = terms[0] - terms[1] + terms[2]
         out = out / self.denominator if self.denominator > 0 else np.full_like(out, np.nan)
         return out[0] if one else out
+
+
+def _dense_ids(keys: np.ndarray, table_limit: int = 2**23) -> tuple[np.ndarray, int]:
+    """Non-negative int64 `keys` (any shape) renumbered 0..g−1 in increasing order, and g. A lookup table
+    (O(n), 5 bytes per possible key) when the largest key is below `table_limit`, else np.unique (a sort)."""
+    if keys.size and keys.min() >= 0 and keys.max() < table_limit:
+        present = np.zeros(int(keys.max()) + 1, bool)
+        present[keys] = True
+        lookup = np.cumsum(present, dtype=np.int64 if len(present) >= 2**31 else np.int32) - 1
+        return lookup[keys], int(present.sum())
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    return inverse.reshape(keys.shape), len(uniq)
 
 
 def _quantile(level: float, overlap: ObjectOverlap | None = None) -> float:
@@ -254,11 +261,12 @@ def difference_interval(before: np.ndarray, after: np.ndarray, overlap: ObjectOv
 def accuracy(
     correct: np.ndarray,
     seed: int,
-    triplets: np.ndarray | None = None,
+    triplets: np.ndarray | ObjectOverlap | None = None,
     level: float = LEVEL,
 ) -> Estimate:
     """The fraction of `correct` (t,) outcomes with its 95% interval: independent triplets, or, with
-    `triplets` (t, 3) object ids, triplets that share objects (module doc). `seed` is not used."""
+    `triplets` (t, 3) object ids (or their `ObjectOverlap`, to reuse), triplets that share objects (module
+    doc). `seed` is not used."""
     c = _as_bool(correct, "correct")
     unit = "triplets" if triplets is None else "objects"
     method = METHODS[("accuracy", unit)]
@@ -269,8 +277,8 @@ def accuracy(
     return Estimate(value=float(p), low=float(low), high=float(high), n=len(c), unit=unit, method=method)
 
 
-def _overlap(triplets: np.ndarray, t: int) -> ObjectOverlap:
-    overlap = ObjectOverlap(triplets)
+def _overlap(triplets: np.ndarray | ObjectOverlap, t: int) -> ObjectOverlap:
+    overlap = triplets if isinstance(triplets, ObjectOverlap) else ObjectOverlap(triplets)
     if overlap.t != t:
         raise InputError(f"triplets: {overlap.t} rows for {t} outcomes; they must pair up")
     return overlap
@@ -280,7 +288,7 @@ def paired_difference(
     before: np.ndarray,
     after: np.ndarray,
     seed: int,
-    triplets: np.ndarray | None = None,
+    triplets: np.ndarray | ObjectOverlap | None = None,
     level: float = LEVEL,
 ) -> Difference:
     """mean(after) − mean(before) over the same triplets, with its paired 95% interval (independent
@@ -308,7 +316,9 @@ class Comparison(Record):
 
 
 def compare(before: np.ndarray, after: np.ndarray, seed: int, triplets: np.ndarray | None = None) -> Comparison:
-    """`Comparison` of two (t,) outcome arrays on the same triplets (objects shared with `triplets`)."""
+    """`Comparison` of two (t,) outcome arrays on the same triplets (objects shared with `triplets` (t, 3))."""
+    if triplets is not None:
+        triplets = _overlap(triplets, len(np.asarray(before)))  # grouped once for the three intervals
     return Comparison(before=accuracy(before, seed, triplets), after=accuracy(after, seed, triplets),
                       change=paired_difference(before, after, seed, triplets))
 
