@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from alignet_core.errors import InputError
-from alignet_core.stats.bootstrap import accuracy, paired_difference
+from alignet_core.stats.bootstrap import ObjectOverlap, accuracy, compare, paired_difference
 from alignet_core.stats.uncertainty import (
     choice_distribution,
     entropy,
@@ -91,6 +91,18 @@ def test_object_intervals_refuse_malformed_triplets() -> None:
         accuracy(np.ones(2, bool), seed=0, triplets=np.array([[0, 1, 2], [3, 3, 4]]))
     with pytest.raises(InputError, match="pair up"):
         accuracy(np.ones(3, bool), seed=0, triplets=np.array([[0, 1, 2], [3, 5, 4]]))
+
+
+def test_compare_groups_the_triplets_once_and_matches_the_single_calls() -> None:
+    rng = np.random.default_rng(6)
+    trip = crossed_design(50, 300, rng)
+    before, after = rng.random(300) < 0.5, rng.random(300) < 0.6
+    both = compare(before, after, seed=0, triplets=trip)
+    assert both.before == accuracy(before, seed=0, triplets=trip)
+    assert both.change == paired_difference(before, after, seed=0, triplets=trip)
+    assert both.change.method == "Tango score, object-clustered design effect" and both.change.unit == "objects"
+    with pytest.raises(InputError, match="pair up"):
+        accuracy(before[:10], seed=0, triplets=ObjectOverlap(trip))
 
 
 def test_uncertainty_metrics_on_hand_computed_cases() -> None:
