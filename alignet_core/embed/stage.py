@@ -6,6 +6,12 @@ config except `devices` (which devices of one kind run the extraction changes no
 compute identity: GPU rows are computed under bf16 autocast, CPU rows in float32, so a store made
 on one is never served for the other.
 
+A folder, file list or tar source is what it holds: its identity includes the run's listing (every
+image's id, size and mtime_ns, `io.listing`), so an added, replaced or removed image is a new key and
+an unchanged source a cache hit whose only cost is the listing. A new key's store starts from the
+previous store of the same lineage (the key without the listing): unchanged rows are copied, only added
+and changed images embedded (`embed.reuse`); `EmbedMetrics.changes` says what changed.
+
 With `source.kind: embeddings` the rows are imported instead (`importer`): the key covers the
 array's identity (sha256, shape, dtype, ids and labels hashes: `sources.source_identity`) and the
 store's dtype and chunking; the teacher settings (`embed.model`, `weights`, ...) do not apply.
