@@ -76,6 +76,13 @@ def test_a_folder_regeneration_embeds_only_what_changed(demo40: ImageSource, tmp
     assert grown.key != first.key and grown.metrics.n_images == 41
     assert (c.previous, c.added, c.changed, c.removed, c.reused) == (first.key, 1, 0, 0, 40)
     assert c.added_examples == ["a/new.png"]
+    from alignet_core.embed.render import change_rows, embed_rows, report_section
+
+    section = report_section(grown)  # report.md's section; summary.json carries the same record
+    assert section.startswith("## Images") and "1 added (e.g. `a/new.png`); 0 changed; 0 removed since the " \
+        f"previous store `{first.key}`; 40 embeddings reused, 1 computed" in section
+    assert change_rows(c)[0] == {"change": "added", "images": 1, "examples": "a/new.png"}
+    assert embed_rows(grown)[0]["added"] == 1
 
     victim = sorted((folder / "b").iterdir())[0]
     _replace(victim, Path(spare[1].path))

@@ -93,3 +93,31 @@ def test_grown_shrunk_and_replaced_folders_run_through_the_flow(harness, tmp_pat
     for d in stores:
         g = zarr.open_group(str(d / "embeddings.zarr"), mode="r")
         assert g["source_size"].shape == g["ids"].shape
+
+
+def test_the_run_report_says_what_changed(harness, tmp_path: Path) -> None:
+    """`alignet` end to end on a class-folder source (the operator's `alignet sample` case, then the report):
+    after an image is copied in, the run succeeds on 41 images and `summary.json` and `report.md` carry the
+    added/changed/removed counts against the previous store, with the added id."""
+    from flows.alignet import alignet
+    from tests.flows.test_alignet_flow import tiny
+
+    recs = demo_source().records
+    folder = tmp_path / "images"
+    for k, rec in enumerate(recs[::47][:40]):
+        (folder / ("faces" if k % 2 else "objects")).mkdir(parents=True, exist_ok=True)
+        shutil.copy(rec.path, folder / ("faces" if k % 2 else "objects") / Path(rec.path).name)
+    o = {**tiny(tmp_path / "root"), **_overrides(tmp_path / "root", folder), "distill.enabled": False,
+         "sample.n_train": 300, "sample.n_valid": 60, "sample.shard_size": 200, "evaluate.n_per_level": 100}
+    o.pop("source.limit")
+    assert alignet(overrides=o, return_state=True).is_completed()
+    shutil.copy(recs[1].path, folder / "faces" / "new.png")
+    state = alignet(overrides=o, return_state=True)
+    assert state.is_completed(), state
+    summary = json.loads((Path(state.result().report_dir) / "summary.json").read_text())
+    assert summary["images"] == 41
+    c = summary["source_changes"]
+    assert (c["added"], c["changed"], c["removed"], c["reused"]) == (1, 0, 0, 40) and c["added_examples"] == [
+        "faces/new.png"]
+    report = (Path(state.result().report_dir) / "report.md").read_text()
+    assert "## Images" in report and "1 added (e.g. `faces/new.png`); 0 changed; 0 removed" in report
