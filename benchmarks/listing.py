@@ -35,8 +35,7 @@ def make_tree(root: Path, n_files: int, per_folder: int) -> float:
         folder = root / f"n{k // per_folder:05d}"
         if k % per_folder == 0:
             folder.mkdir(parents=True)
-        with open(folder / f"{k:08d}.jpg", "wb"):
-            pass
+        os.close(os.open(folder / f"{k:08d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
     return time.perf_counter() - t0
 
 
