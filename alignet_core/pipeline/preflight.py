@@ -81,7 +81,8 @@ def check_inputs(ctx: RunContext, stage: str, inputs: list) -> None:
     stage and the counts otherwise)."""
     from alignet_core.io.sources import check_same_images
 
+    listed = ctx.cfg.source.kind in ("folder", "filelist", "tar")
     for out in inputs:
         artifact = getattr(out, "artifact", "")
         if isinstance(artifact, str) and artifact.rstrip("/").endswith(".zarr"):
-            check_same_images(stage, artifact, ctx.source)
+            check_same_images(stage, artifact, ctx.source, ctx.listing.key if listed else None)

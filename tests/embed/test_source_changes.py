@@ -170,10 +170,13 @@ def test_a_store_of_another_listing_is_refused_in_one_line(demo40: ImageSource, 
     folder = _folder(tmp_path, demo40, 10)
     cfg = _cfg(tmp_path, {"kind": "folder", "path": str(folder)})
     out = _embed(cfg)
+    same = RunContext.of(cfg)
+    check_same_images("transform", out.artifact, same.source, same.listing.key)  # its own listing: no read
+    check_same_images("transform", out.artifact, same.source)  # the ids read and compared
     shutil.copy(demo40.records[20].path, folder / "a" / "late.png")
     ctx = RunContext.of(cfg)
     with pytest.raises(InputError) as err:
-        check_same_images("transform", out.artifact, ctx.source)
+        check_same_images("transform", out.artifact, ctx.source, ctx.listing.key)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("transform: the store") and "holds 10 images" in msg
     assert "lists 11 now: 1 added (e.g. ['a/late.png']), 0 removed" in msg

@@ -104,10 +104,11 @@ def test_the_run_report_says_what_changed(harness, tmp_path: Path) -> None:
 
     recs = demo_source().records
     folder = tmp_path / "images"
+    classes = ("faces", "objects", "symbols")  # the class strategies need three groups
     for k, rec in enumerate(recs[::47][:40]):
-        (folder / ("faces" if k % 2 else "objects")).mkdir(parents=True, exist_ok=True)
-        shutil.copy(rec.path, folder / ("faces" if k % 2 else "objects") / Path(rec.path).name)
-    o = {**tiny(tmp_path / "root"), **_overrides(tmp_path / "root", folder), "distill.enabled": False,
+        (folder / classes[k % 3]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(rec.path, folder / classes[k % 3] / Path(rec.path).name)
+    o = {**tiny(tmp_path / "root"), **_overrides(tmp_path / "root", folder), "distill.enabled": False, "cluster.k": 3,
          "sample.n_train": 300, "sample.n_valid": 60, "sample.shard_size": 200, "evaluate.n_per_level": 100}
     o.pop("source.limit")
     assert alignet(overrides=o, return_state=True).is_completed()
