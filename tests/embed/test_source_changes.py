@@ -84,7 +84,7 @@ def test_a_folder_regeneration_embeds_only_what_changed(demo40: ImageSource, tmp
     assert change_rows(c)[0] == {"change": "added", "images": 1, "examples": "a/new.png"}
     assert embed_rows(grown)[0]["added"] == 1
 
-    victim = sorted((folder / "b").iterdir())[0]
+    victim = min((folder / "b").iterdir())
     _replace(victim, Path(spare[1].path))
     gone = sorted((folder / "a").iterdir())[1]
     gone.unlink()
@@ -153,8 +153,8 @@ def test_a_file_changed_after_the_listing_is_refused_not_embedded_as_listed(demo
     cfg = _cfg(tmp_path, {"kind": "folder", "path": str(folder)}, max_skipped_fraction=0.2)
     ctx = RunContext.of(cfg)
     ctx.listing  # noqa: B018 - listed now
-    victim = sorted((folder / "a").iterdir())[0]
-    _replace(victim, sorted((folder / "b").iterdir())[0])
+    victim = min((folder / "a").iterdir())
+    _replace(victim, min((folder / "b").iterdir()))
     from alignet_core.embed.stage import run_embed
 
     out = run_embed(ctx)

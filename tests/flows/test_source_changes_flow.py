@@ -71,7 +71,7 @@ def test_grown_shrunk_and_replaced_folders_run_through_the_flow(harness, tmp_pat
     assert (table["added"]["images"], table["reused"]["images"]) == (1, 40)
     assert table["added"]["examples"] == "faces/new.png"
 
-    victim = sorted((folder / "objects").iterdir())[0]  # replaced: same name, new bytes
+    victim = min((folder / "objects").iterdir())  # replaced: same name, new bytes
     before = victim.stat().st_mtime_ns
     shutil.copy(recs[2].path, victim)
     os.utime(victim, ns=(before + 10**9, before + 10**9))
