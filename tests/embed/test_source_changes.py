@@ -180,3 +180,37 @@ def test_a_store_of_another_listing_is_refused_in_one_line(demo40: ImageSource, 
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("transform: the store") and "holds 10 images" in msg
     assert "lists 11 now: 1 added (e.g. ['a/late.png']), 0 removed" in msg
+
+
+@pytest.mark.slow  # two worker processes start and import torch: ~25 s on 2 cores
+def test_two_cpu_workers_embed_only_the_changed_rows_into_the_single_process_store(
+        demo40: ImageSource, tmp_path: Path, one_torch_thread: None) -> None:  # noqa: F811
+    """The rows to compute are the store's (`reused`, written by the prefill): two Dask worker processes
+    (devices ['cpu', 'cpu']) given the same previous store make the very store one process makes."""
+    from alignet_core.embed.extract import extract_embeddings
+    from alignet_core.embed.reuse import RowReuse
+    from alignet_core.io.listing import compare, listing_of
+    from alignet_core.io.sources import folder_source
+    from tests.embed._embed import CPU, TINY, _assert_same_store
+
+    folder = _folder(tmp_path, demo40, 21)
+    cfg = TINY.model_copy(update={"chunk_rows": 4, "batch_size": 3, "num_workers": 1})
+    src = folder_source(str(folder))
+    first = listing_of(src)
+    old = str(tmp_path / "old.zarr")
+    extract_embeddings(src, cfg, old, CPU, fingerprints=(first.sizes, first.mtimes))
+    shutil.copy(demo40.records[30].path, folder / "a" / "new.png")
+    _replace(min((folder / "b").iterdir()), Path(demo40.records[31].path))
+    src = folder_source(str(folder))
+    now = listing_of(src)
+    g = zarr.open_group(old, mode="r")
+    c = compare(g["ids"][:], g["source_size"][:], g["source_mtime_ns"][:], src, now)
+    assert (len(c.added), len(c.changed), c.unchanged) == (1, 1, 20)
+    reuse = RowReuse(old, c.new_rows, c.old_rows)
+    single, two = str(tmp_path / "single.zarr"), str(tmp_path / "two.zarr")
+    extract_embeddings(src, cfg, single, CPU, fingerprints=(now.sizes, now.mtimes), reuse=reuse)
+    result = extract_embeddings(src, cfg.model_copy(update={"devices": ["cpu", "cpu"]}), two, CPU,
+                                fingerprints=(now.sizes, now.mtimes), reuse=reuse)
+    assert result["n"] == 22 and result["n_valid"] == 22
+    _assert_same_store(two, single)
+    assert zarr.open_group(two, mode="r")["reused"][:].sum() == 20
