@@ -8,18 +8,21 @@ context while it checks the config, so the checks and the run see the same listi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from alignet_core.config import PipelineConfig
 from alignet_core.human.data import HumanData, human_data_or_none
 from alignet_core.io import sources
+from alignet_core.io.listing import SourceListing, listing_of
 
 T = TypeVar("T")
 
 
 class RunContext:
-    """cfg: the validated config; source: the image source, listed; human: the human data (a triplet file
+    """cfg: the validated config; source: the image source, listed; listing: its identity (the digest of
+    every image's id, size and mtime, `io.listing`: part of the embed stage's key); human: the human data (a triplet file
     or the taxonomy proxy) split into object folds, or None when the run has none. Each is read on first
     use and kept: preflight reads what it checks, and a stage that needs neither (embed never needs the
     human data) reads nothing it does not use.
@@ -27,11 +30,13 @@ class RunContext:
     A plain object (not a dataclass or a model): Prefect hands it to tasks as it is, without walking
     the listing's records."""
 
-    __slots__ = ("cfg", "_source", "_human", "_human_read", "_plans")
+    __slots__ = ("_human", "_human_read", "_list_seconds", "_listing", "_plans", "_source", "cfg")
 
     def __init__(self, cfg: PipelineConfig, source: sources.ImageSource | None = None) -> None:
         self.cfg = cfg
         self._source = source
+        self._list_seconds = 0.0
+        self._listing: SourceListing | None = None
         self._human: HumanData | None = None
         self._human_read = False
         self._plans: dict[tuple[str, str], Any] = {}
@@ -45,8 +50,18 @@ class RunContext:
     def source(self) -> sources.ImageSource:
         """The run's image source, listed the first time it is asked for."""
         if self._source is None:
+            t0 = time.perf_counter()
             self._source = sources.source_from_config(self.cfg.source)
+            self._list_seconds = time.perf_counter() - t0
         return self._source
+
+    @property
+    def listing(self) -> SourceListing:
+        """The source's listing (ids, sizes, mtimes and their digest), taken from the run's one listing of
+        the source the first time it is asked for: every stage of the run sees the same images."""
+        if self._listing is None:
+            self._listing = listing_of(self.source, self._list_seconds)
+        return self._listing
 
     @property
     def human(self) -> HumanData | None:

@@ -294,6 +294,10 @@ def _run_and_print(args: argparse.Namespace, overrides: dict[str, Any], cfg: Any
         print(f"summary: {result.report_dir}/summary.json")
     else:
         print(f"{result.stage}: {result.artifact}")
+    if args.command == "embed" and result.metrics.changes is not None:
+        from alignet_core.embed.render import change_line
+
+        print(change_line(result.metrics.changes))
     if args.command == "evaluate":
         from alignet_core.evaluate.render import alignment_markdown
 

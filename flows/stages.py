@@ -15,6 +15,7 @@ from prefect import Flow, flow
 
 from alignet_core.context import RunContext
 from alignet_core.pipeline import registry
+from alignet_core.pipeline.preflight import check_inputs
 from alignet_core.runtime.declaration import Stage
 from alignet_core.runtime.runner import StageOutput
 from flows._config import Overrides, resolve_context
@@ -36,6 +37,7 @@ def compute(ctx: RunContext, target: str | None = None) -> dict[str, StageOutput
     its step from the run context and the outputs of its inputs (None for an input the config does not need)."""
     outs: dict[str, StageOutput | None] = {}
     for s in registry.to_compute(ctx.cfg, target):
+        check_inputs(ctx, s.name, [outs.get(i) for i in s.inputs])  # the stores it reads hold the listed images
         outs[s.name] = STEPS[s.name](ctx, *(outs.get(i) for i in s.inputs))
     return outs
 

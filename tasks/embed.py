@@ -6,14 +6,22 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from alignet_core.context import RunContext
-from alignet_core.embed.render import embed_rows
-from alignet_core.embed.stage import EmbedOutput, check_skipped, plan_embed, run_embed
+from alignet_core.embed.render import change_rows, embed_rows
+from alignet_core.embed.stage import EmbedOutput, check_skipped, embed_plan, run_embed
+from alignet_core.io import store
 from alignet_core.runtime.progress import ProgressLog
-from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
+from alignet_core.runtime.runner import reuse
+from tasks._cache import RESULT_SERIALIZER, Located, StageCache
 from tasks._progress import progress_artifact
 
 
-@task(name="embed", cache_policy=StageCache(locate=stage_output(plan_embed, EmbedOutput)),
+def _located(ctx: RunContext) -> Located:
+    """The embed stage's output: keyed by the run's one plan, which covers the source's listing."""
+    p = embed_plan(ctx)
+    return Located(key=p.key, dir=p.dir, complete=store.is_complete(p.dir), expected=lambda: reuse(p, EmbedOutput))
+
+
+@task(name="embed", cache_policy=StageCache(locate=_located),
       persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
 def embed(ctx: RunContext) -> EmbedOutput:
     """Extract embeddings, reporting progress (count, rate, time left) as a Prefect progress artifact."""
@@ -21,6 +29,10 @@ def embed(ctx: RunContext) -> EmbedOutput:
     with progress_artifact("embed-progress", "embed"):
         out = run_embed(ctx, progress=lambda done, total: lines.update(done, total=total))
     create_table_artifact(key="embed-summary", table=embed_rows(out), description="Teacher embeddings")
+    if out.metrics.changes is not None:
+        create_table_artifact(key="embed-changes", table=change_rows(out.metrics.changes),
+                              description="What changed in the source since the previous store (added, changed, "
+                                          "removed images; rows reused)")
     if out.metrics.skipped:
         create_table_artifact(
             key="embed-skipped", table=[s.model_dump() for s in out.metrics.skipped[:1000]],

@@ -34,10 +34,12 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from alignet_core.config.embed import EmbedConfig
 from alignet_core.embed.extractor import embed_chunks
+from alignet_core.embed.reuse import RowReuse
 from alignet_core.io import embedding_store
 from alignet_core.io.sources import ImageSource
 
@@ -72,6 +74,8 @@ def embed_on_devices(
     store_url: str,
     devices: list[torch.device],
     progress: Callable[[int, int], None] | None = None,
+    fingerprints: tuple[np.ndarray, np.ndarray] | None = None,
+    reuse: RowReuse | None = None,
 ) -> None:
     """Embed every chunk of the store not yet done, one worker process per device in `devices`.
 
@@ -81,7 +85,9 @@ def embed_on_devices(
     import dask  # here, not with the module: one-device extraction runs where Dask is not installed
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
-    embed_chunks(source, cfg, store_url, torch.device("cpu"), chunks=[], rows_device=devices[0])  # create the store
+    # create the store (and copy the rows reused from a previous store: the workers compute the others)
+    embed_chunks(source, cfg, store_url, torch.device("cpu"), chunks=[], rows_device=devices[0],
+                 fingerprints=fingerprints, reuse=reuse)
     n = len(source)
     every = list(embedding_store.iter_chunks(n, cfg.chunk_rows))
     tracker = embedding_store.ChunkProgress(store_url)

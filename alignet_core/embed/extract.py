@@ -17,6 +17,7 @@ import torch
 from alignet_core.config.embed import EmbedConfig
 from alignet_core.embed.devices import embed_on_devices
 from alignet_core.embed.extractor import SKIPPED_DIR, embed_chunks
+from alignet_core.embed.reuse import RowReuse
 from alignet_core.errors import ConfigError
 from alignet_core.hardware import resolve_devices
 from alignet_core.io import embedding_store, store
@@ -45,6 +46,8 @@ def extract_embeddings(
     device: torch.device,
     model: torch.nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fingerprints: tuple[np.ndarray, np.ndarray] | None = None,
+    reuse: RowReuse | None = None,
 ) -> dict:
     """Embed every image of `source` into the store at `store_url`, resuming where a previous run stopped.
 
@@ -59,6 +62,9 @@ def extract_embeddings(
     (`devices.embed_on_devices`) and give the same store. Devices are checked (`ConfigError`)
     before anything is written.
 
+    `fingerprints` (the listing's sizes and mtimes, kept per row) and `reuse` (rows copied from a previous
+    store, only the others embedded): `extractor.embed_chunks`.
+
     Returns {"n", "dim", "n_valid", "skipped": [{"id", "path", "reason"}], "seconds"}.
     """
     t0 = time.perf_counter()
@@ -68,10 +74,10 @@ def extract_embeddings(
             if model is not None:
                 raise ConfigError("embed.devices: a model object cannot be handed to several worker processes; "
                                   "pass model=None (each worker builds cfg.model) or use one device")
-            embed_on_devices(source, cfg, store_url, devices, progress=progress)
+            embed_on_devices(source, cfg, store_url, devices, progress=progress, fingerprints=fingerprints, reuse=reuse)
             return _summary(store_url, t0)
         device = devices[0]
-    embed_chunks(source, cfg, store_url, device, model=model, progress=progress)
+    embed_chunks(source, cfg, store_url, device, model=model, progress=progress, fingerprints=fingerprints, reuse=reuse)
     return _summary(store_url, t0)
 
 

@@ -60,10 +60,12 @@ import alignet_core
 from alignet_core.config.embed import EmbedConfig
 from alignet_core.embed.layers import LayerCapture, layer_arrays, layer_dims
 from alignet_core.embed.loader import image_loader
+from alignet_core.embed.reuse import RowReuse, prefill, reused_mask
 from alignet_core.errors import InputError
 from alignet_core.hardware import ComputeIdentity, autocast_dtype, compute_identity
 from alignet_core.io import embedding_store, store
 from alignet_core.io.images import decode_image_bytes
+from alignet_core.io.listing import MTIME_ARRAY, SIZE_ARRAY
 from alignet_core.io.sources import ImageSource
 from alignet_core.models.factory import (
     build_tensor_transform,
@@ -133,6 +135,8 @@ def embed_chunks(
     model: torch.nn.Module | None = None,
     progress: Callable[[int, int], None] | None = None,
     rows_device: torch.device | None = None,
+    fingerprints: tuple[np.ndarray, np.ndarray] | None = None,
+    reuse: RowReuse | None = None,
 ) -> int:
     """Embed the chunks numbered `chunks` (None: all) that the store has not marked done; returns how many ran.
 
@@ -142,6 +146,10 @@ def embed_chunks(
     `chunks=[]` only creates the store. `progress(done_rows, total_rows)` counts every marked chunk.
     `rows_device` is the device kind the rows are computed on, for the provenance (default `device`;
     the parent of several device workers creates the store on the CPU for them).
+
+    `fingerprints`: the listing's (sizes, mtimes_ns), (n,) int64 each, kept in the store beside the ids
+    (`io.listing`: what a later run compares against). `reuse`: rows of a previous store to copy instead of
+    computing (`reuse.prefill`, once, when the store is created); only the other rows are embedded.
     """
     model, n_folded = _inference_model(cfg, device, model)
     tensor_transform = build_tensor_transform(model) if cfg.decode == "torchvision" else None  # checked first
@@ -149,9 +157,13 @@ def embed_chunks(
     g = embedding_store.create_embedding_store(
         store_url, n, dim, source.ids(), cfg.store_dtype, cfg.chunk_rows,
         _provenance(cfg, model, source, n_folded, compute_identity(rows_device or device)),
+        rows={SIZE_ARRAY: fingerprints[0], MTIME_ARRAY: fingerprints[1]} if fingerprints is not None else None,
     )
     emb, valid = g["embeddings"], g["valid"]
     layers = layer_arrays(g, store_url, cfg, layer_dims(model, list(cfg.layers), device), n)
+    reused = reused_mask(g)
+    if reused is None and reuse is not None:
+        reused = prefill(g, store_url, reuse, SKIPPED_DIR)
     tracker = embedding_store.ChunkProgress(store_url)
     done = tracker.done()
     every = list(embedding_store.iter_chunks(n, cfg.chunk_rows))
@@ -169,12 +181,18 @@ def embed_chunks(
     pil_transform = build_transform(model)
     run = _Extractor(model, cfg, device, source, pil_transform, tensor_transform, {k: a.shape[1] for k, a in layers.items()})
     loader = image_loader(source, pil_transform, tensor_transform is not None, todo, cfg.batch_size, cfg.num_workers,
-                          device)
+                          device, reused)
     bar = _progress_bar(n, rows_done)
     batches = iter(loader)
     with run.capture:
         for i, start, stop in todo:
-            feats, extra, ok, skipped = run.chunk(batches, start, stop)
+            keep = None if reused is None else reused[start:stop]
+            feats, extra, ok, skipped = run.chunk(batches, start, stop, 0 if keep is None else int(keep.sum()))
+            if keep is not None and keep.any():  # the rows prefilled from the previous store stay as they are
+                feats[keep] = np.asarray(emb[start:stop], dtype=np.float32)[keep]
+                ok[keep] = np.asarray(valid[start:stop])[keep]
+                for name, arr in layers.items():
+                    extra[name][keep] = np.asarray(arr[start:stop], dtype=np.float32)[keep]
             for name, arr in layers.items():
                 arr[start:stop] = extra[name].astype(cfg.store_dtype)
             emb[start:stop] = feats.astype(cfg.store_dtype)
@@ -274,9 +292,9 @@ class _Extractor:
         return rows, (torch.cat(xs) if xs else None), failed
 
     def chunk(
-        self, batches: Iterator[dict[str, Any]], start: int, stop: int
+        self, batches: Iterator[dict[str, Any]], start: int, stop: int, n_reused: int = 0
     ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, list[dict[str, str]]]:
-        """Consume the batches of rows [start, stop).
+        """Consume the batches of rows [start, stop) (all but the `n_reused` rows the loader leaves out).
 
         Returns features (rows, dim) float32, extra layers {name: (rows, c) float32}, valid (rows,) bool,
         skipped (in row order).
@@ -287,7 +305,7 @@ class _Extractor:
         ok = np.zeros(rows, dtype=bool)
         failed: list[tuple[int, str]] = []
         seen = 0
-        while seen < rows:
+        while seen < rows - n_reused:
             batch = next(batches)
             failed.extend(batch["failed"])
             seen += len(batch["index"]) + len(batch["jpeg"]) + len(batch["failed"])

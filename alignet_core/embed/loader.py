@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from alignet_core.errors import InputError
 from alignet_core.io.images import decode_image_bytes, is_plain_jpeg, read_image_bytes
-from alignet_core.io.sources import ImageSource
+from alignet_core.io.sources import ImageRecord, ImageSource
 
 
 class ImageDataset(Dataset):
@@ -35,14 +35,35 @@ class ImageDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
-        path = self.records[i].path
+        rec = self.records[i]
+        path = rec.path
         try:
             data = read_image_bytes(path)
+            if (moved := changed_since_listing(rec, len(data))) is not None:
+                return i, None, None, moved
             if self.jpeg_bytes and is_plain_jpeg(data):
                 return i, None, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
             return i, self.transform(decode_image_bytes(data, path)), None, None
         except (InputError, OSError, ValueError) as err:
             return i, None, None, str(err)
+
+
+def changed_since_listing(rec: ImageRecord, n_read: int) -> str | None:
+    """Why the bytes just read are not the ones the run listed, or None: a local file whose size or mtime
+    after the read differs from the listing's (written while the run read it, or since it was listed),
+    or whose bytes read are not the listed size. Such an image is refused (skipped, its row invalid and
+    its listed fingerprint kept), never embedded under the listing's fingerprint: the next run lists it
+    anew and embeds its new bytes."""
+    if rec.size < 0 or "://" in rec.path:
+        return None
+    try:
+        st = os.stat(rec.path)
+    except OSError as err:
+        return f"changed while the run read it: {err}"
+    if (st.st_size, st.st_mtime_ns) == (rec.size, rec.mtime_ns) and n_read == rec.size:
+        return None
+    return (f"changed while the run read it (listed {rec.size} bytes, mtime_ns {rec.mtime_ns}; read {n_read} bytes, "
+            f"now {st.st_size} bytes, mtime_ns {st.st_mtime_ns}); refused: a rerun lists and embeds its new bytes")
 
 
 def collate(items: list[tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]]) -> dict[str, Any]:
@@ -72,9 +93,17 @@ def end_with_parent(parent_pid: int, _worker_id: int) -> None:
         os._exit(1)
 
 
-def row_batches(chunks: list[tuple[int, int, int]], batch_size: int) -> list[list[int]]:
-    """Row indices per batch; batches stay inside their chunk so the result never depends on resume."""
-    return [list(range(b, min(b + batch_size, stop))) for _, start, stop in chunks for b in range(start, stop, batch_size)]
+def row_batches(chunks: list[tuple[int, int, int]], batch_size: int, reused: Any = None) -> list[list[int]]:
+    """Row indices per batch; batches stay inside their chunk so the result never depends on resume. Rows
+    where `reused` ((n,) bool, optional) is True are left out: their rows were copied from a previous store."""
+    if reused is None:
+        return [list(range(b, min(b + batch_size, stop))) for _, start, stop in chunks
+                for b in range(start, stop, batch_size)]
+    out = []
+    for _, start, stop in chunks:
+        rows = [start + int(j) for j in (~reused[start:stop]).nonzero()[0]]
+        out.extend(rows[b : b + batch_size] for b in range(0, len(rows), batch_size))
+    return out
 
 
 def image_loader(
@@ -85,13 +114,14 @@ def image_loader(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    reused: Any = None,
 ) -> DataLoader:
     """The extraction's DataLoader over the rows of `chunks` ((index, start, stop) each): batches of
     `collate` dicts from `num_workers` processes, in pinned host memory when `device` is a GPU (so the
     copy to it can overlap the forward pass of the batch before)."""
     return DataLoader(
         ImageDataset(source, transform, jpeg_bytes=jpeg_bytes),
-        batch_sampler=row_batches(chunks, batch_size),
+        batch_sampler=row_batches(chunks, batch_size, reused),
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",

@@ -1,11 +1,12 @@
-"""How the embed stage shows its results: the `embed-summary` table and who made the embeddings."""
+"""How the embed stage shows its results: the `embed-summary` and `embed-changes` tables, its section of
+the run's report (what changed in the source) and who made the embeddings."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from alignet_core.config import PipelineConfig
-from alignet_core.embed.stage import EmbedOutput
+from alignet_core.embed.stage import EmbedOutput, SourceChanges
 
 
 def embed_rows(out: EmbedOutput) -> list[dict[str, Any]]:
@@ -15,7 +16,35 @@ def embed_rows(out: EmbedOutput) -> list[dict[str, Any]]:
            "seconds": m.seconds, "store": out.artifact}
     if m.imported is not None:
         row |= {"imported": m.imported.path, "sha256": m.imported.sha256, "dtype": m.imported.dtype}
+    if (c := m.changes) is not None:
+        row |= {"added": c.added, "changed": c.changed, "removed": c.removed, "reused": c.reused,
+                "listing_seconds": c.listing_seconds}
     return [row]
+
+
+def change_rows(c: SourceChanges) -> list[dict[str, Any]]:
+    """The `embed-changes` table: one row per kind of change, with its count and a few example ids."""
+    return [{"change": kind, "images": n, "examples": ", ".join(ex)} for kind, n, ex in (
+        ("added", c.added, c.added_examples), ("changed", c.changed, c.changed_examples),
+        ("removed", c.removed, c.removed_examples), ("reused", c.reused, []))]
+
+
+def change_line(c: SourceChanges) -> str:
+    """The source's changes in one sentence of the report."""
+    if c.previous is None:
+        return (f"Source: {c.added} images listed in {c.listing_seconds:g} s (listing `{c.listing[:12]}`), the first "
+                "store of its lineage: every image embedded.")
+    parts = [f"{n} {kind}" + (f" (e.g. {', '.join(f'`{i}`' for i in ex[:3])})" if ex else "")
+             for kind, n, ex in (("added", c.added, c.added_examples), ("changed", c.changed, c.changed_examples),
+                                 ("removed", c.removed, c.removed_examples))]
+    return (f"Source: {'; '.join(parts)} since the previous store `{c.previous}`; {c.reused} embeddings reused, "
+            f"{c.added + c.changed} computed (listing `{c.listing[:12]}`, {c.listing_seconds:g} s).")
+
+
+def report_section(out: EmbedOutput) -> str | None:
+    """The embed stage's section of `report.md`: what changed in a listed source (None for others)."""
+    c = out.metrics.changes
+    return None if c is None else f"## Images\n\n{change_line(c)}\n"
 
 
 def teacher_line(cfg: PipelineConfig, emb: EmbedOutput) -> str:

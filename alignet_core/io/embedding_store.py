@@ -100,6 +100,7 @@ def create_embedding_store(
     chunk_rows: int,
     attrs: dict[str, Any],
     compressed: bool = True,
+    rows: dict[str, np.ndarray] | None = None,
 ) -> zarr.Group:
     """Create (or reopen for resume) an embedding store: `embeddings` (n, dim) `dtype`, `ids` (n,) str,
     `valid` (n,) bool (all False until the writer sets each written row).
@@ -108,6 +109,9 @@ def create_embedding_store(
     Raw suits stores read whole many times (the transformed store: clustering, every sampling
     shard): dense float features barely compress, and decoding made each full read several
     times slower (`benchmarks/store_read.py`). Extracted features after a ReLU compress well.
+
+    `rows`: further per-row (n,) arrays kept whole beside the ids (the listing's fingerprints of the
+    images: `source_size`, `source_mtime_ns`).
 
     Reopening checks that shape, dtype and ids match what was asked, so a resumed write can never
     mix rows of two different runs.
@@ -134,6 +138,12 @@ def create_embedding_store(
         ids_arr = g.create_array("ids", shape=(n,), dtype=str, chunks=(max(n, 1),))
         if n:
             ids_arr[:] = np.array(np.asarray(ids).tolist(), dtype=str)
+        for name, values in (rows or {}).items():
+            if len(values) != n:
+                raise StoreError(f"{url!r}: {len(values)} values of {name!r} for {n} rows")
+            arr = g.create_array(name, shape=(n,), dtype=np.asarray(values).dtype, chunks=(max(n, 1),))
+            if n:
+                arr[:] = np.asarray(values)
         g.attrs.update(attrs)
         publish_dir(tmp, url)
     finally:
@@ -177,7 +187,7 @@ class RawChunkReader:
         self._nbytes = self.chunk_rows * int(array.shape[1]) * array.dtype.itemsize
 
     @classmethod
-    def for_array(cls, array: Any) -> "RawChunkReader | None":
+    def for_array(cls, array: Any) -> RawChunkReader | None:
         """A reader when `array` is a 2-d, row-chunked, raw little-endian v3 array in a local store."""
         from zarr.codecs import BytesCodec
         from zarr.storage import LocalStore

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass
@@ -51,12 +52,15 @@ LABEL_LEVELS = ("category", "subcategory")
 @dataclass(frozen=True)
 class ImageRecord:
     """One image: a stable unique id, where its bytes are (path or fsspec URL), an optional class label
-    and, for a two-level taxonomy (coarse → fine), the finer label."""
+    and, for a two-level taxonomy (coarse → fine), the finer label; `size` and `mtime_ns` are what the
+    listing saw of its bytes (its fingerprint: `io.listing`)."""
 
     id: str
     path: str
     label: str | None = None
     fine: str | None = None
+    size: int = -1  # bytes when listed (a tar member: its size in the shard); -1: not listed (demo, imported)
+    mtime_ns: int = -1  # modification time when listed, ns (a tar member: its header's); -1: not listed
 
 
 @dataclass(frozen=True)
@@ -141,8 +145,56 @@ def _is_image_name(name: str) -> bool:
     return not base.startswith(".") and base.lower().endswith(IMAGE_EXTENSIONS)
 
 
+#: threads that list and stat folders at once (a stat waits on the filesystem, not on Python)
+LIST_THREADS = 8
+
+
+def _walk_local(base: str) -> list[tuple[str, int, int]]:
+    """(path relative to `base`, size, mtime_ns) of every image file under a local folder, hidden files and
+    folders skipped: `os.scandir` and one `stat` per image, folders in `LIST_THREADS` threads (the stats of
+    one folder overlap another's; `benchmarks/listing.py`)."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    def scan(rel_dir: str) -> tuple[list[tuple[str, int, int]], list[str]]:
+        files, dirs = [], []
+        with os.scandir(os.path.join(base, rel_dir) if rel_dir else base) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+                if e.is_dir():
+                    dirs.append(rel)
+                elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    st = e.stat()
+                    files.append((rel, st.st_size, st.st_mtime_ns))
+        return files, dirs
+
+    out: list[tuple[str, int, int]] = []
+    with ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="listing") as pool:
+        pending = {pool.submit(scan, "")}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                files, dirs = f.result()
+                out.extend(files)
+                pending |= {pool.submit(scan, d) for d in dirs}
+    return out
+
+
+def _mtime_ns(info: dict[str, Any]) -> int:
+    """An fsspec `info` dict's modification time in ns (-1 when the filesystem gives none)."""
+    for k in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(k)
+        if isinstance(v, (int, float)):
+            return int(round(float(v) * 1e9))
+        if hasattr(v, "timestamp"):
+            return int(round(v.timestamp() * 1e9))
+    return -1
+
+
 def folder_source(root: str) -> ImageSource:
-    """Every image under `root` (a `class/*.jpg` tree), sorted by relative path.
+    """Every image under `root` (a `class/*.jpg` tree), sorted by relative path, each with its size and
+    mtime (the listing's fingerprint of its bytes).
 
     id = the path relative to root ('cat/0001.jpg'); label = the first folder under root (None for
     images directly in root). Hidden files and other extensions are ignored.
@@ -150,15 +202,21 @@ def folder_source(root: str) -> ImageSource:
     fs, base = fsspec.core.url_to_fs(root)
     if not fs.isdir(base):
         raise InputError(f"source.path: folder {root!r} does not exist (expected a folder of class sub-folders)")
-    base = base.rstrip("/")
-    records = []
-    for p in sorted(fs.find(base)):
-        rel = posixpath.relpath(p, base) if isinstance(fs, LocalFileSystem) else p[len(base) :].lstrip("/")
-        rel = rel.replace("\\", "/")
-        if not _is_image_name(rel) or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        label = rel.split("/")[0] if "/" in rel else None
-        records.append(ImageRecord(id=rel, path=url_of(fs, p), label=label))
+    base = base.rstrip("/") or "/"
+    if isinstance(fs, LocalFileSystem):
+        found = sorted(_walk_local(base))
+        sep = "" if base.endswith("/") else "/"
+        records = [ImageRecord(id=rel, path=f"{base}{sep}{rel}", label=rel.split("/")[0] if "/" in rel else None,
+                               size=size, mtime_ns=mtime) for rel, size, mtime in found]
+    else:
+        records = []
+        for p, info in sorted(fs.find(base, detail=True).items()):
+            rel = p[len(base) :].lstrip("/")
+            if not _is_image_name(rel) or any(part.startswith(".") for part in rel.split("/")):
+                continue
+            label = rel.split("/")[0] if "/" in rel else None
+            records.append(ImageRecord(id=rel, path=url_of(fs, p), label=label, size=int(info.get("size") or 0),
+                                       mtime_ns=_mtime_ns(info)))
     if not records:
         raise InputError(f"{root!r}: no images found (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
     return ImageSource(tuple(records), description=f"folder {root!r}")
@@ -201,6 +259,23 @@ def _csv_entries(text: str, path: str, path_column: str, label_columns: list[str
     return out
 
 
+def _stat(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a listed file; (-2, -2) for a file that is missing now (its read will fail and
+    say so; a file that appears later changes the listing)."""
+    try:
+        if "://" in path:
+            f, p = fsspec.core.url_to_fs(path)
+            info = f.info(p)
+            return int(info.get("size") or 0), _mtime_ns(info)
+        if isinstance(fs, LocalFileSystem):
+            st = os.stat(path)
+            return st.st_size, st.st_mtime_ns
+        info = fs.info(path)
+        return int(info.get("size") or 0), _mtime_ns(info)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return -2, -2
+
+
 def filelist_source(path: str, path_column: str = "path", label_columns: list[str] | None = None,
                     id_column: str | None = None) -> ImageSource:
     """Images named in a list file, in file order.
@@ -225,8 +300,9 @@ def filelist_source(path: str, path_column: str = "path", label_columns: list[st
     records = []
     for entry, given_id, coarse, fine in entries:
         rel, full = _resolve(base, entry)
+        size, mtime = _stat(fs, full)
         records.append(ImageRecord(id=given_id or rel, path=full if "://" in full else url_of(fs, full),
-                                   label=coarse, fine=fine))
+                                   label=coarse, fine=fine, size=size, mtime_ns=mtime))
     return ImageSource(tuple(records), description=f"file list {path!r}")
 
 
@@ -242,7 +318,7 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
     """
     records: list[ImageRecord] = []
     for shard in expand_shards(urls_or_glob):
-        index = tar_index(shard)
+        index = tar_index(shard, fresh=True)
         images: dict[str, str] = {}
         labels: dict[str, str] = {}
         with fsspec.open(shard, "rb") as f, open_tar(f) as tf:
@@ -267,7 +343,8 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
                     labels[key] = text
         prefix = shard_name(shard)
         records.extend(
-            ImageRecord(id=f"{prefix}/{key}", path=tar_member_url(shard, name), label=labels.get(key) or None)
+            ImageRecord(id=f"{prefix}/{key}", path=tar_member_url(shard, name), label=labels.get(key) or None,
+                        size=int(index[name].size), mtime_ns=int(index[name].mtime) * 10**9)
             for key, name in images.items()
         )
     desc = urls_or_glob if isinstance(urls_or_glob, str) else f"{len(urls_or_glob)} shard pattern(s)"
@@ -370,3 +447,32 @@ def subset(src: ImageSource, limit: int) -> ImageSource:
     return ImageSource(tuple(src.records[i] for i in rows), f"{src.description} (every ~{len(src) / limit:.1f}th, {limit})")
 
 
+
+
+def check_same_images(stage: str, store_url: str, src: ImageSource, listing_key: str | None = None) -> None:
+    """`InputError` in one line, naming `stage`, the store and the counts, when the store at `store_url` (an
+    embedding or transformed store: `ids` (n,) str) does not hold the images `src` lists, in its order.
+
+    Every stage after embed reads rows by position, so a store of another listing (an image added, removed
+    or replaced since it was made) would misalign every row: refused before the stage's work, never a
+    numpy shape error deep inside it. Cost: none for a store made from the listing `listing_key` (its
+    `listing` attribute), else reading the store's ids (a second at a million rows)."""
+    import zarr
+
+    try:
+        g = zarr.open_group(store_url, mode="r")
+        if listing_key is not None and g.attrs.get("listing") == listing_key and g["ids"].shape == (len(src),):
+            return
+        ids = np.asarray(np.asarray(g["ids"][:]).tolist(), dtype=str)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        return  # not an id-keyed store: nothing to compare
+    now = src.ids()
+    if len(ids) == len(now) and np.array_equal(ids, now):
+        return
+    held, listed = set(ids.tolist()), set(now.tolist())
+    added, removed = [i for i in now.tolist() if i not in held], [i for i in ids.tolist() if i not in listed]
+    what = (f"{len(added)} added (e.g. {added[:3]}), {len(removed)} removed (e.g. {removed[:3]})"
+            if added or removed else "the same ids in another order")
+    raise InputError(f"{stage}: the store {store_url!r} holds {len(ids)} images but the source ({src.description}) "
+                     f"lists {len(now)} now: {what}; recompute the stages before {stage} for this listing "
+                     "(`alignet run`, or `alignet embed` first)")

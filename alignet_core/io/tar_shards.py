@@ -24,7 +24,7 @@ def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 TAR_PREFIX = "tar://"
 LABEL_EXTENSIONS = ("cls", "txt")  # webdataset label members, first found wins
-_TAR_INDEX: dict[str, dict[str, tarfile.TarInfo]] = {}
+_TAR_INDEX: dict[str, tuple[tuple[Any, ...], dict[str, tarfile.TarInfo]]] = {}  # shard → (its state, index)
 _TAR_LOCK = threading.Lock()
 
 
@@ -69,12 +69,24 @@ def _split_tar_url(url: str) -> tuple[str, str]:
     return shard, member
 
 
-def tar_index(shard: str) -> dict[str, tarfile.TarInfo]:
-    """member name → TarInfo of every regular file in a shard (read once per process and shard)."""
+def _shard_state(shard: str) -> tuple[Any, ...]:
+    """(size, mtime) of a shard as its filesystem reports it (None, None when it cannot be stat'ed)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(shard)
+        info = fs.info(path)
+        return info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag"))
+    except (FileNotFoundError, OSError):
+        return None, None
+
+
+def tar_index(shard: str, fresh: bool = False) -> dict[str, tarfile.TarInfo]:
+    """member name → TarInfo of every regular file in a shard, read once per process and shard; with `fresh`
+    (the listing) the shard is stat'ed first and indexed anew when rewritten since (another size or mtime)."""
     with _TAR_LOCK:
-        index = _TAR_INDEX.get(shard)
-    if index is not None:
-        return index
+        cached = _TAR_INDEX.get(shard)
+    state = _shard_state(shard) if fresh or cached is None else cached[0]
+    if cached is not None and cached[0] == state:
+        return cached[1]
     try:
         with fsspec.open(shard, "rb") as f, open_tar(f) as tf:
             index = {}
@@ -90,7 +102,7 @@ def tar_index(shard: str) -> dict[str, tarfile.TarInfo]:
     except (tarfile.TarError, OSError, EOFError) as err:
         raise InputError(f"source.path: {shard!r} is not a readable tar file: {err}") from None
     with _TAR_LOCK:
-        _TAR_INDEX[shard] = index
+        _TAR_INDEX[shard] = (state, index)
     return index
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from alignet_core.config import PipelineConfig
 from alignet_core.context import RunContext
 from alignet_core.errors import ConfigError, InputError
-from alignet_core.io import sources, store
+from alignet_core.io import store
 from alignet_core.pipeline import registry
 
 
@@ -24,7 +24,8 @@ def preflight(cfg: PipelineConfig) -> RunContext:
     Raises `ConfigError` / `InputError` naming the field or path and what is expected."""
     if cfg.source.kind == "embeddings":
         _check_imported(cfg)
-    ctx = RunContext.of(cfg, sources.source_from_config(cfg.source))
+    ctx = RunContext.of(cfg)
+    ctx.source  # noqa: B018 - listed now (timed by the context: the listing is the source's identity)
     if cfg.device == "cuda":
         from alignet_core.hardware import resolve_device
 
@@ -72,3 +73,16 @@ def _read_human_data(ctx: RunContext) -> None:
             raise
         field = next((f for f in ("probabilities",) if getattr(h, f) and getattr(h, f) in str(err)), "triplets")
         raise InputError(f"human.{field}: {err}") from None
+
+
+def check_inputs(ctx: RunContext, stage: str, inputs: list) -> None:
+    """Before `stage` runs: every store it reads (its inputs' Zarr artifacts, e.g. `embeddings.zarr`) holds the
+    images of the run's one listing, in order (`sources.check_same_images`: a one-line `InputError` naming the
+    stage and the counts otherwise)."""
+    from alignet_core.io.sources import check_same_images
+
+    listed = ctx.cfg.source.kind in ("folder", "filelist", "tar")
+    for out in inputs:
+        artifact = getattr(out, "artifact", "")
+        if isinstance(artifact, str) and artifact.rstrip("/").endswith(".zarr"):
+            check_same_images(stage, artifact, ctx.source, ctx.listing.key if listed else None)

@@ -12,6 +12,7 @@ from pydantic import create_model
 from alignet_core.config import PipelineConfig
 from alignet_core.distill.stage import no_pixels_reason
 from alignet_core.embed.render import teacher_line
+from alignet_core.embed.stage import SourceChanges
 from alignet_core.io import store
 from alignet_core.pipeline import registry
 from alignet_core.runtime.render import Figure, cmp_row
@@ -48,6 +49,7 @@ class RunSummary(Record):
     images: int = 0
     images_skipped: int = 0
     teacher: str = ""  # the timm model, or "imported: <path> (...)" for imported embeddings
+    source_changes: SourceChanges | None = None  # a listed source: added/changed/removed since the previous store
     notes: list[str] = []  # stages not run and why (e.g. distillation without pixels)
     skipped_reasons: dict[str, int] = {}
     human_data: str | None
@@ -97,6 +99,7 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
         images_skipped=len(outs.embed.metrics.skipped),
         skipped_reasons=outs.embed.metrics.skipped_reasons(),
         teacher=teacher_line(cfg, outs.embed),
+        source_changes=outs.embed.metrics.changes,
         notes=run_notes(cfg, outs),
         human_data=t.human_data,
         alignment=None if ev is None else ev.scores,
