@@ -90,11 +90,12 @@ def submit_shards(sp: SamplingPlan) -> list[Any]:
 
 def follow_shards(sp: SamplingPlan, shards: list[Any]) -> None:
     """Wait for the shards in submission order (which is roughly the order they finish in) with a
-    `sample-progress` artifact and progress lines: shards done, rate, time left."""
+    `sample-progress` artifact and progress lines: shards done, rate, time left. The first failed shard
+    (after its retries) raises its error."""
     with progress_artifact("sample-progress", "sample"):
         lines = ProgressLog("sample", "shards", len(shards))
         n_triplets = sum(int(spec["n"]) for spec in sp.specs)
         lines.update(0, f" ({n_triplets:,} triplets drawn on {len(shards)} shards)")
         for i, shard in enumerate(shards, 1):
-            shard.wait()
+            shard.result()  # a failed shard raises its own error here (publishing would only see None)
             lines.update(i)

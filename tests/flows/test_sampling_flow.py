@@ -140,3 +140,31 @@ def test_pipeline_on_an_existing_dask_cluster_by_address(tmp_path: Path) -> None
         local = run(tmp_path / "local")
     assert len(remote) == 4 and remote == local
     assert all(SamplingWorkerSetup.name in names and work > 0 for names, work in done.values())
+
+
+def test_a_failed_shard_raises_its_own_error_not_a_later_one() -> None:
+    """A shard that fails (after its retries) stops the sampling flow with the shard's own error; before, the
+    flow went on to publish and promote and failed there with `AttributeError: 'NoneType' object has no
+    attribute 'key'`. A real flow on Prefect's test harness; the shard a real task that raises."""
+    from types import SimpleNamespace
+
+    from prefect import flow, task
+    from prefect.testing.utilities import prefect_test_harness
+
+    from alignet_core.errors import InputError
+    from tasks.sample import follow_shards
+
+    @task
+    def shard(i: int) -> str:
+        if i == 1:
+            raise InputError("sample: between_class needs images of at least two classes in the pool")
+        return f"shard-{i}"
+
+    @flow
+    def sampling() -> str:
+        follow_shards(SimpleNamespace(specs=[{"n": 10}, {"n": 10}]), [shard.submit(0), shard.submit(1)])
+        return "published"
+
+    with prefect_test_harness(server_startup_timeout=120):
+        with pytest.raises(InputError, match="at least two classes"):
+            sampling()
