@@ -5,38 +5,23 @@ and summarize what the store holds (rows, valid rows, skipped images).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 
-import fsspec
 import numpy as np
 import torch
 
 from alignet_core.config.embed import EmbedConfig
 from alignet_core.embed.devices import embed_on_devices
 from alignet_core.embed.extractor import SKIPPED_DIR, embed_chunks
-from alignet_core.embed.reuse import RowReuse
+from alignet_core.embed.reuse import RowReuse, read_skipped
 from alignet_core.errors import ConfigError
 from alignet_core.hardware import resolve_devices
-from alignet_core.io import embedding_store, store
+from alignet_core.io import embedding_store
 from alignet_core.io.sources import ImageSource
 
 log = logging.getLogger(__name__)
-
-
-def _read_skipped(store_url: str) -> list[dict[str, str]]:
-    """The skipped images of every finished chunk, in row order."""
-    fs, path = fsspec.core.url_to_fs(store.join(store_url, SKIPPED_DIR))
-    if not fs.exists(path):
-        return []
-    out: list[dict[str, str]] = []
-    for p in sorted(fs.ls(path, detail=False)):
-        if p.endswith(".json"):
-            with fs.open(p, "rb") as f:
-                out.extend(json.loads(f.read()))
-    return out
 
 
 def extract_embeddings(
@@ -85,7 +70,7 @@ def _summary(store_url: str, t0: float) -> dict:
     g = embedding_store.open_embeddings(store_url)
     n, dim = g["embeddings"].shape
     n_valid = int(np.count_nonzero(g["valid"][:]))
-    skipped_all = _read_skipped(store_url)
+    skipped_all = read_skipped(store_url, SKIPPED_DIR)
     seconds = time.perf_counter() - t0
     log.info("embed: %d/%d images embedded (dim %d), %d skipped, %.1f s", n_valid, n, dim, len(skipped_all), seconds)
     return {"n": int(n), "dim": int(dim), "n_valid": n_valid, "skipped": skipped_all, "seconds": seconds}

@@ -78,7 +78,7 @@ def prefill(g: zarr.Group, url: str, reuse: RowReuse, skipped_dir: str, block_ro
         v[rows - lo] = old_valid[olds]
         valid[lo:hi] = v
     # the reused rows' skip reasons (an image that failed to decode fails again: it is reused, skipped)
-    old_skipped = {s["id"]: s for s in _read_skipped_entries(reuse.url, skipped_dir)}
+    old_skipped = {s["id"]: s for s in read_skipped(reuse.url, skipped_dir)}
     ids = np.asarray(g["ids"][:])
     reused_skipped = [old_skipped[str(ids[r])] for r in np.flatnonzero(mask & ~np.asarray(valid[:], dtype=bool))
                       if str(ids[r]) in old_skipped]
@@ -93,8 +93,8 @@ def prefill(g: zarr.Group, url: str, reuse: RowReuse, skipped_dir: str, block_ro
     return mask
 
 
-def _read_skipped_entries(url: str, skipped_dir: str) -> list[dict[str, str]]:
-    """Every skip entry ({"id", "path", "reason"}) recorded under a store's `skipped_dir`."""
+def read_skipped(url: str, skipped_dir: str) -> list[dict[str, str]]:
+    """Every skip entry ({"id", "path", "reason"}) recorded under a store's `skipped_dir`, in row order."""
     fs, path = fsspec.core.url_to_fs(store.join(url, skipped_dir))
     if not fs.exists(path):
         return []
