@@ -150,5 +150,5 @@ class ViceConfig(ConfigModel):
 
 
 #: `vice:` fields of the fast setting (docs/method.md; measured in benchmarks/vice.py)
-FAST_VICE: dict[str, object] = {"batch_size": None, "lr": 0.03, "burnin": 200, "stability_window": 200,
+FAST_VICE: dict[str, object] = {"batch_size": None, "lr": 0.1, "burnin": 200, "stability_window": 200,
                                 "check_every": 10}

@@ -242,16 +242,34 @@ def _uses_gram(batch: int, n_objects: int) -> bool:
     return 300 * batch >= n_objects * n_objects
 
 
+class _PairDots(torch.autograd.Function):
+    """(S, m, D) embeddings, (B, 3) flat pair indices → (S, B, 3) dot products, through the Gram matrix.
+
+    Forward: X Xᵀ (one m²·D matmul) read at the pairs. Backward: the pairs' gradients summed into a
+    dense (m, m) matrix G by `index_add_` (no autograd index backward), then
+    (G + Gᵀ) X: one more matmul. Measured on 1,854 objects, 115k triplets, D = 100, 2 cores: ~2×
+    faster than autograd through matmul and an index (which also holds a second m×m buffer)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, flat)
+        gram = torch.matmul(x, x.transpose(-1, -2)).flatten(-2)  # (S, m·m)
+        return gram[:, flat]  # (S, B, 3)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        x, flat = ctx.saved_tensors
+        s, m = x.shape[0], x.shape[1]
+        g = x.new_zeros(s, m * m).index_add_(1, flat.reshape(-1), grad.reshape(s, -1)).reshape(s, m, m)
+        return torch.matmul(g + g.transpose(-1, -2), x), None  # (S, m, D)
+
+
 def _choice_nll(x: torch.Tensor, batch: torch.Tensor, flat: torch.Tensor | None) -> torch.Tensor:
     """Mean −log softmax([s_ij, s_ik, s_jk])₀ over the batch (and the samples).
 
     x: (S, m, D) non-negative embeddings; batch: (B, 3) ids; flat: (B, 3) flat indices i·m+j of the
     three pairs into the (m, m) Gram matrix, or None to gather rows instead."""
-    if flat is not None:
-        gram = torch.matmul(x, x.transpose(-1, -2)).flatten(-2)  # (S, m·m)
-        logits = gram[:, flat]  # (S, B, 3)
-    else:
-        logits = _triplet_logits(x, batch)  # (S, B, 3)
+    logits = _PairDots.apply(x, flat) if flat is not None else _triplet_logits(x, batch)  # (S, B, 3)
     return (torch.logsumexp(logits, -1) - logits[..., 0]).mean()
 
 
