@@ -307,6 +307,10 @@ def _fit_vice(
     checks: list[tuple[int, int]] = []
     stopped, epoch = False, -1
     for epoch in range(cfg.epochs):
+        if cfg.final_lr is not None and epoch > cfg.burnin:
+            done = min(1.0, (epoch - cfg.burnin) / cfg.stability_window)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * (cfg.final_lr / cfg.lr) ** done
         perm = torch.randperm(n_train, generator=gen).to(device) if batch_size < n_train else None
         tot_nll, tot_kl, steps = 0.0, 0.0, 0
         for start in range(0, n_train, batch_size):
