@@ -1,6 +1,6 @@
 """VICE on the real THINGS trials: fit time and memory of the CPU step issue 31 budgets (≤ 2 min, < 1 GiB).
 
-    python -m benchmarks.vice [--triplets PATH] [--threads 2] [--holdout 0.1] [--setting fast|reference]
+    python -m benchmarks.vice [--triplets PATH] [--threads 1] [--holdout 0.1] [--setting fast|reference]
 
 Fits `fit_vice` on every trial of the triplet file (default: /work/shared/data/things-human/
 triplets.txt, 115,313 human odd-one-out choices over the 1,854 THINGS objects; the data are not
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--triplets", type=Path, default=THINGS_TRIPLETS)
     ap.add_argument("--n-objects", type=int, default=1854)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (vice.threads); 1 is fastest on a loaded machine")
     ap.add_argument("--holdout", type=float, default=0.0, help="also fit on 1 - f of the trials, score the rest")
     ap.add_argument("--setting", choices=["fast", "reference"], default="fast")
     args = ap.parse_args(argv)

@@ -21,6 +21,7 @@ uncertainty distillation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from safetensors.numpy import save as st_save
 
 from alignet_core.config.human import ViceConfig
 from alignet_core.errors import InputError
-from alignet_core.hardware import deterministic_torch
+from alignet_core.hardware import deterministic_torch, torch_threads
 from alignet_core.io import store
 from alignet_core.io.formats import validate_triplets
 
@@ -231,7 +232,7 @@ def fit_vice(
     checks (history), the kept dims (of cfg.init_dims), the epochs run, whether the stability rule
     stopped it and the fit time.
     """
-    with deterministic_torch():
+    with deterministic_torch(), (torch_threads(cfg.threads) if cfg.threads else contextlib.nullcontext()):
         return _fit_vice(triplets, n_objects, cfg, seed, device, val)
 
 
