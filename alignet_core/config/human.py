@@ -160,4 +160,4 @@ class ViceConfig(ConfigModel):
 
 #: `vice:` fields of the fast setting (docs/method.md; measured in benchmarks/vice.py)
 FAST_VICE: dict[str, object] = {"batch_size": None, "lr": 0.1, "final_lr": 0.01, "burnin": 400,
-                                "stability_window": 200, "check_every": 10}
+                                "stability_window": 200, "check_every": 10, "threads": 1}
