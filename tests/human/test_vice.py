@@ -235,3 +235,28 @@ def test_stability_rule_matches_the_reference_convergence() -> None:
     assert not converged([(9, 3), (19, 3)], 19, sparse)  # checks span 10 epochs of the 20
     assert converged([(9, 3), (19, 3), (29, 3)], 29, sparse)
     assert not converged([(9, 4), (19, 3), (29, 3)], 29, sparse)  # epoch 10 of the window may be 4
+
+
+def test_pruning_matches_a_transcription_of_the_reference() -> None:
+    """The reference's `Trainer.pruning` (utils.compute_pvals, fdr_corrections, get_importance):
+    p = norm.cdf(0, loc, scale) per object and dimension, statsmodels' fdr_bh per dimension at 0.05,
+    `signal = np.where(importance > k)`; transcribed with scipy's BH. Same kept set on random posteriors
+    whose dimensions straddle the threshold."""
+    from scipy.stats import false_discovery_control, norm
+
+    rng = np.random.default_rng(3)
+    m, d = 300, 40
+    used = rng.integers(0, 12, d)  # objects with a clearly positive weight, per dimension
+    mu = rng.normal(-0.5, 0.5, (m, d))
+    for j in range(d):
+        mu[rng.choice(m, used[j], replace=False), j] = rng.uniform(0.5, 2.0, used[j])
+    scale = rng.uniform(0.05, 0.5, (m, d))
+    cfg = ViceConfig()
+    p = norm.cdf(0.0, mu, scale)
+    importance = np.array([(false_discovery_control(p[:, j], method="bh") <= 0.05).sum() for j in range(d)])
+    reference = set(np.where(importance > cfg.prune_min_objects)[0].tolist())
+    ours = prune_dimensions(mu.astype(np.float32), np.log(scale).astype(np.float32), cfg)
+    assert set(ours.tolist()) == reference and 0 < len(reference) < d
+    # ordered as the reference's save_final_latents: by the L1 norm of the kept means (relu'd here)
+    l1 = np.maximum(mu[:, ours], 0).sum(0)
+    assert (np.diff(l1) <= 1e-6).all()
