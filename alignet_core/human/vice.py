@@ -190,7 +190,8 @@ def prune_dimensions(mu: np.ndarray, log_sigma: np.ndarray, cfg: ViceConfig,
     than cfg.prune_min_objects objects use it (`dimension_counts`; reference k = 5, `importance >
     k`). Objects without triplets are left out of the correction: their posterior is the prior's,
     and counting them would only make Benjamini–Hochberg stricter for the rest.
-    Importance (the order) = sum over the objects of relu(mu), the reference's L1 norm order.
+    Importance (the order) = sum over the objects of relu(mu) (the reference orders by the L1 norm
+    of the means, negative ones included; only their positive part enters the model).
     """
     count = dimension_counts(mu, log_sigma, cfg, objects)
     keep = np.flatnonzero(count > cfg.prune_min_objects)
