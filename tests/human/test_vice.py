@@ -260,3 +260,24 @@ def test_pruning_matches_a_transcription_of_the_reference() -> None:
     # ordered as the reference's save_final_latents: by the L1 norm of the kept means (relu'd here)
     l1 = np.maximum(mu[:, ours], 0).sum(0)
     assert (np.diff(l1) <= 1e-6).all()
+
+
+def test_gram_pair_dots_match_gathered_rows_forward_and_backward() -> None:
+    """The full-batch path (`_PairDots`: X Xᵀ read at the pairs, hand-written backward) gives the same
+    dot products and gradients as gathering the three rows of each triplet, with repeated pairs and
+    two Monte-Carlo samples."""
+    from alignet_core.human.vice import _pair_index, _PairDots, _triplet_logits
+
+    rng = np.random.default_rng(0)
+    m = 9
+    t = torch.as_tensor(np.concatenate([np.stack([rng.choice(m, 3, replace=False) for _ in range(50)]),
+                                        [[0, 1, 2], [0, 1, 2], [2, 1, 0]]]))
+    x = torch.rand((2, m, 4), dtype=torch.float64, requires_grad=True)
+    w = torch.randn((2, len(t), 3), dtype=torch.float64)
+    gram = _PairDots.apply(x, _pair_index(t, m))
+    rows = _triplet_logits(x, t)
+    assert torch.allclose(gram, rows)
+    g_gram, = torch.autograd.grad((gram * w).sum(), x)
+    g_rows, = torch.autograd.grad((rows * w).sum(), x)
+    assert torch.allclose(g_gram, g_rows)
+    assert torch.autograd.gradcheck(lambda y: _PairDots.apply(y, _pair_index(t, m)), (x,))
