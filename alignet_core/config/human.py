@@ -96,7 +96,8 @@ class ViceConfig(ConfigModel):
     Defaults are the reference implementation's (github.com/LukasMut/VICE, main_optimization.py):
     Adam at 1e-3 on batches of 128, at most 2,000 epochs, no stop in the first 500, then a stop
     once the pruned dimensionality has not changed for 500 epochs. On THINGS (1,854 objects,
-    ~100k triplets) that is hours on a CPU; the fast setting (`ViceConfig.fast()`, docs/method.md)
+    115k triplets) that is hours on a CPU (measured: ~12 s of CPU per epoch, 900 steps that each
+    update all 185k posterior means and scales, so 3-7 hours for 1,000-2,000 epochs); the fast setting (`ViceConfig.fast()`, docs/method.md)
     is full-batch steps at lr 0.1 for a 400-epoch burn-in, then decaying to 0.01 over the 200-epoch
     window, checked every 10 epochs (benchmarks/results/vice.json has its time on THINGS)."""
 
