@@ -54,7 +54,7 @@ def fit_once(triplets: np.ndarray, n_objects: int, cfg, threads: int, val: np.nd
         model = fit_vice(triplets, n_objects, cfg, seed=0, device=torch.device("cpu"), val=val)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     out = {
-        "n_triplets": int(len(triplets)), "n_objects": int(n_objects),
+        "n_triplets": len(triplets), "n_objects": int(n_objects),
         "n_objects_with_triplets": model.info["n_objects_with_triplets"],
         "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "epochs_run": model.info["epochs_run"],
         "converged": model.info["converged"], "dims": model.dim,
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     result["all_trials"] = fit_once(triplets, args.n_objects, cfg, args.threads)
     if args.holdout > 0:
         perm = np.random.default_rng(0).permutation(len(triplets))
-        n_val = int(round(args.holdout * len(triplets)))
+        n_val = round(args.holdout * len(triplets))
         result["holdout"] = {"fraction": args.holdout,
                              **fit_once(triplets[perm[n_val:]], args.n_objects, cfg, args.threads,
                                         val=triplets[perm[:n_val]])}
