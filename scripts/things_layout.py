@@ -4,6 +4,8 @@
 
 Output, laid out as the THINGS files are (docs/your-data.md):
     OUT/object_images/<concept>/<concept>_NNb.jpg   several JPEGs per concept (concept = emoji subcategory)
+    OUT/object_images/<concept>/<concept>.jpg       the concept's triplet-task image (a copy of _01b;
+                                                    human.stimulus: triplet_image, the default)
     OUT/unique_id.txt                               the concepts in "THINGS order" (shuffled, not sorted),
                                                     with one concept, 'aardvark', that has no images
     OUT/triplets/trainset.txt                       odd-one-out triplets 'i j k' over concept indices, k odd
@@ -55,6 +57,8 @@ def main() -> None:
             flat = PIL.Image.new("RGB", img.size, (255, 255, 255))
             flat.paste(img, mask=img.getchannel("A"))
             flat.save(folder / f"{concept}_{k + 1:02d}b.jpg", quality=92)
+            if k == 0:
+                flat.save(folder / f"{concept}.jpg", quality=92)  # the image shown in the triplet task
     order = [chosen[i] for i in rng.permutation(len(chosen))]
     order.insert(len(order) // 3, MISSING)
     (args.out / "unique_id.txt").write_text("\n".join(order) + "\n")

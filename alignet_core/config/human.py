@@ -42,7 +42,18 @@ class HumanConfig(ConfigModel):
     concepts: str | None = Field(
         None, description="THINGS concept-order file (one concept per line as THINGS' unique_id.txt, or a CSV/TSV "
         "with a 'uniqueID' column as things_concepts.tsv): object i = concept i, whose images are the source's "
-        "images in a folder named after it (object_images/<concept>/<concept>_NN.jpg), averaged"
+        "images in a folder named after it (object_images/<concept>/...); which of them stand for the object: "
+        "human.stimulus"
+    )
+    stimulus: Literal["triplet_image", "average"] = Field(
+        "triplet_image", description="with human.concepts, the image(s) of a concept's object: triplet_image = the one "
+        "image participants saw in the triplet task (as gLocal embeds it): the file human.stimuli names, else the "
+        "image named after the concept in its folder (<concept>/<concept>.jpg, any image extension); average = the "
+        "mean over every image of the concept's folder"
+    )
+    stimuli: str | None = Field(
+        None, description="with human.concepts and stimulus triplet_image: CSV/TSV with columns 'concept' and 'image' "
+        "naming each concept's triplet-task image (a file name in the concept's folder, or a source image id)"
     )
     positional: bool = Field(
         False, description="declare that object i of the triplet file is image i of the source (its order); never "
@@ -87,30 +98,87 @@ class HumanConfig(ConfigModel):
             raise ValueError(f"human.proxy_mix: weights must be non-negative with a positive sum, got {self.proxy_mix}")
         return self
 
+    @model_validator(mode="after")
+    def _stimulus_needs_concepts(self) -> "HumanConfig":
+        if self.stimuli is not None and (self.concepts is None or self.stimulus != "triplet_image"):
+            raise ValueError("human.stimuli: names each concept's triplet-task image, so it needs human.concepts and "
+                             f"human.stimulus: triplet_image (got concepts={self.concepts!r}, stimulus={self.stimulus!r})")
+        return self
+
     @property
     def val_fold(self) -> int:
         return (self.test_fold + 1) % self.folds
 
 
 class ViceConfig(ConfigModel):
-    """Stage 1: VICE, the variational spike-and-slab embedding of the objects (soft targets)."""
+    """Stage 1: VICE, the variational spike-and-slab embedding of the objects (soft targets).
 
-    init_dims: int = Field(100, gt=0, description="initial embedding dimensions before pruning")
-    epochs: int = Field(150, gt=0, description="passes over the training triplets")
-    batch_size: int = Field(512, gt=0, description="triplets per step")
-    lr: float = Field(1e-2, gt=0.0, description="Adam learning rate")
-    mc_samples: int = Field(1, gt=0, description="Monte-Carlo samples of the embedding per step (ELBO)")
-    spike: float = Field(0.25, gt=0.0, description="std of the narrow prior component")
-    slab: float = Field(1.0, gt=0.0, description="std of the wide prior component")
-    pi: float = Field(0.5, gt=0.0, lt=1.0, description="prior weight of the spike")
-    init_scale: float = Field(0.5, gt=0.0, description="initial posterior means ~ |N(0, init_scale^2)|")
-    init_log_sigma: float = Field(-3.0, description="initial posterior log-scales")
+    Defaults are the reference implementation's (github.com/LukasMut/VICE, main_optimization.py):
+    Adam at 1e-3 on batches of 128, at most 2,000 epochs, no stop in the first 500, then a stop
+    once the pruned dimensionality has not changed for 500 epochs. On THINGS (1,854 objects,
+    115k triplets) that is hours on a CPU (measured: ~12 s of CPU per epoch, 900 steps that each
+    update all 185k posterior means and scales, so 3-7 hours for 1,000-2,000 epochs); the fast setting (`ViceConfig.fast()`, docs/method.md)
+    is full-batch steps at lr 0.1 for a 400-epoch burn-in, then decaying to 0.01 over the 200-epoch
+    window, checked every 10 epochs (benchmarks/results/vice.json has its time on THINGS)."""
+
+    init_dims: int = Field(100, gt=0, description="initial embedding dimensions before pruning (reference 100)")
+    epochs: int = Field(2000, gt=0, description="maximum passes over the training triplets (reference 2,000); the fit "
+                        "usually stops earlier by the stability rule (burnin, stability_window)")
+    burnin: int = Field(500, ge=0, description="epochs before the stability rule may stop the fit (reference 500)")
+    stability_window: int = Field(
+        500, gt=0, description="stop once the number of kept (pruned) dimensions has been the same, and not 0, at every "
+        "check over this many epochs (reference ws = 500)"
+    )
+    check_every: int = Field(
+        1, gt=0, description="count the kept dimensions (and score val triplets) every this many epochs (reference: "
+        "every epoch); a larger value makes the checks cheaper, the window is still measured in epochs"
+    )
+    batch_size: int | None = Field(
+        128, gt=0, description="triplets per step (reference 128); null: all training triplets in one step (full "
+        "batch, computed through the object Gram matrix: one step costs about m^2 * init_dims, whatever the count)"
+    )
+    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate (reference 1e-3)")
+    final_lr: float | None = Field(
+        None, gt=0.0, description="null: lr throughout (the reference); else after the burn-in the learning rate "
+        "decays geometrically from lr to final_lr over stability_window epochs and stays there (full-batch Adam at a "
+        "large lr keeps the posterior jittering, so a borderline dimension flips in and out and the window never fills)"
+    )
+    threads: int | None = Field(
+        None, gt=0, description="torch CPU threads for the fit (null: torch's setting); on a shared, loaded machine 1 "
+        "is fastest (measured on 2 busy cores: a full-batch THINGS step 0.38 s on 1 thread, 0.73 s on 2)"
+    )
+    mc_samples: int = Field(1, gt=0, description="Monte-Carlo samples of the embedding per step in the ELBO "
+                            "(reference 1 in training; predictions use 25)")
+    spike: float = Field(0.25, gt=0.0, description="std of the narrow prior component (reference 0.25)")
+    slab: float = Field(1.0, gt=0.0, description="std of the wide prior component (reference 1.0)")
+    pi: float = Field(0.5, gt=0.0, lt=1.0, description="prior weight of the spike (reference 0.5)")
+    init_scale: float | None = Field(
+        None, gt=0.0, description="initial posterior means ~ N(0, init_scale^2); null: the reference's Kaiming normal, "
+        "std sqrt(2 / init_dims)"
+    )
+    init_log_sigma: float | None = Field(
+        None, description="initial posterior log-scales; null: the reference's -1 / std(initial means)"
+    )
     prune: Literal["bh", "threshold"] = Field(
-        "bh", description="pruning rule: bh = the reference's (per dimension, Benjamini–Hochberg over objects of "
-        "P(weight <= 0) under the posterior at prune_alpha; kept when at least prune_min_objects objects are "
-        "significant); threshold = mu/sigma > prune_z and mu > prune_min_value in prune_min_objects objects"
+        "bh", description="pruning rule: bh = the reference's (per dimension, Benjamini–Hochberg over the objects that "
+        "have training triplets of P(weight <= 0) under the posterior at prune_alpha; kept when more than "
+        "prune_min_objects objects are significant); threshold = mu/sigma > prune_z and mu > prune_min_value in more "
+        "than prune_min_objects objects"
     )
     prune_alpha: float = Field(0.05, gt=0.0, lt=1.0, description="pruning (bh): false discovery rate per dimension")
-    prune_min_objects: int = Field(5, ge=1, description="pruning: keep a dim active in at least this many objects")
-    prune_z: float = Field(2.0, gt=0.0, description="pruning: an object uses a dim when mu / sigma exceeds this")
-    prune_min_value: float = Field(0.1, ge=0.0, description="pruning: ... and its posterior mean exceeds this")
+    prune_min_objects: int = Field(5, ge=0, description="pruning: keep a dim used by more than this many objects "
+                                   "(reference k = 5)")
+    prune_z: float = Field(2.0, gt=0.0, description="pruning (threshold): an object uses a dim when mu / sigma "
+                           "exceeds this")
+    prune_min_value: float = Field(0.1, ge=0.0, description="pruning (threshold): ... and its posterior mean exceeds "
+                                   "this")
+
+    @classmethod
+    def fast(cls, **overrides: object) -> "ViceConfig":
+        """The documented fast setting (`FAST_VICE`: full-batch steps, a decaying learning rate after the burn-in)."""
+        return cls(**{**FAST_VICE, **overrides})
+
+
+#: `vice:` fields of the fast setting (docs/method.md; measured in benchmarks/vice.py)
+FAST_VICE: dict[str, object] = {"batch_size": None, "lr": 0.1, "final_lr": 0.01, "burnin": 400,
+                                "stability_window": 200, "check_every": 10, "threads": 1}

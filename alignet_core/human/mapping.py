@@ -7,8 +7,12 @@ i must be declared, never guessed from the source's order (a folder source is so
 - `human.concepts`: the THINGS convention. The file lists the concepts in THINGS order (one per
   line, like THINGS' `unique_id.txt`, or a CSV/TSV with a `uniqueID` column, like
   `things_concepts.tsv`); object i is concept i, and its images are those whose parent folder is
-  named after it (`object_images/<concept>/<concept>_NN*.jpg`). Several images per object are
-  averaged by the transform (`human.object_embeddings`).
+  named after it (`object_images/<concept>/...`). Participants saw one image per concept, and
+  gLocal embeds exactly that one, so by default (`human.stimulus: triplet_image`) the object is
+  that image: the one `human.stimuli` names, else the one named after the concept
+  (`<concept>/<concept>.jpg`); a concept folder without it is refused, naming the concept.
+  `human.stimulus: average` ties every image of the folder to the object instead, and the
+  transform averages them (`human.object_embeddings`).
 - `human.objects`: a CSV `object,image_id` (one row per image of an object).
 - `human.positional: true`: object i is image i of the source, by declaration only.
 
@@ -111,7 +115,7 @@ def object_mapping(h: HumanConfig, source: SourceConfig, src: sources.ImageSourc
     Raises `ConfigError` when none is declared (see `undeclared_message`), `InputError` when the
     mapping's file is unreadable or ties no image to any object."""
     if h.concepts is not None:
-        return _from_concepts(h.concepts, src)
+        return _from_concepts(h.concepts, src, h)
     if h.objects is not None:
         return _from_table(h.objects, src)
     if h.positional:
@@ -145,18 +149,90 @@ def read_concepts(url: str) -> list[str]:
     return names
 
 
-def _from_concepts(url: str, src: sources.ImageSource) -> ObjectMapping:
-    """Objects = concepts in file order; an image belongs to the concept its parent folder names."""
+def _from_concepts(url: str, src: sources.ImageSource, h: HumanConfig | None = None) -> ObjectMapping:
+    """Objects = concepts in file order; an image belongs to the concept its parent folder names. With
+    h.stimulus triplet_image (the default) only each concept's triplet-task image does (`_stimuli`)."""
     names = read_concepts(url)
     index = {name: i for i, name in enumerate(names)}
-    folders = [posixpath.basename(posixpath.dirname(i)) for i in src.ids().tolist()]
+    ids = src.ids().tolist()
+    folders = [posixpath.basename(posixpath.dirname(i)) for i in ids]
     obj = np.asarray([index.get(f, -1) for f in folders], dtype=np.int64)
     unknown = sorted({f for f in folders if f not in index})
     if (obj < 0).all():
         raise InputError(f"human.concepts: no image of the source is in a folder named after a concept of {url!r} "
                          f"(expected object_images/<concept>/<concept>_NN.jpg); concepts e.g. {names[:NAMED]}, "
                          f"image folders e.g. {unknown[:NAMED] or ['(none: images directly in source.path)']}")
-    return _build(obj, len(names), f"THINGS concepts ({url})", names, unknown, len(unknown))
+    if h is None or h.stimulus == "average":
+        return _build(obj, len(names), f"THINGS concepts ({url}), every image of a concept averaged", names, unknown,
+                      len(unknown))
+    chosen = _stimuli(h, names, ids, obj)
+    one = np.full_like(obj, -1)
+    one[chosen] = obj[chosen]
+    how = f"the images human.stimuli names ({h.stimuli})" if h.stimuli else "<concept>/<concept>.jpg"
+    return _build(one, len(names), f"THINGS concepts ({url}), one triplet-task image per concept: {how}", names,
+                  unknown, len(unknown))
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def _stimuli(h: HumanConfig, names: list[str], ids: list[str], obj: np.ndarray) -> np.ndarray:
+    """Source rows of the triplet-task image of every concept that has images (one per concept).
+
+    ids: the source's image ids; obj: (n,) the concept index of each image's folder (-1: none).
+    The image is the one `h.stimuli` names (a file name in the concept's folder or a source image
+    id), else the file whose stem is the concept's name. `InputError` (one line, naming the concept
+    and what was looked for) when a concept with images has no such image."""
+    rows_of: dict[int, list[int]] = {}
+    for row, o in enumerate(obj.tolist()):
+        if o >= 0:
+            rows_of.setdefault(o, []).append(row)
+    wanted = _read_stimuli(h.stimuli, names) if h.stimuli else {}
+    chosen = []
+    for o, rows in rows_of.items():
+        concept = names[o]
+        if h.stimuli:
+            if concept not in wanted:
+                raise InputError(f"human.stimuli: {h.stimuli}: names no image for concept {concept!r}, which has "
+                                 f"{len(rows)} image(s) in the source (add a row '{concept},<image>')")
+            target = wanted[concept]
+            hit = [r for r in rows if posixpath.basename(ids[r]) == target or ids[r] == target]
+            what = f"{target!r} (named by {h.stimuli})"
+        else:
+            hit = [r for r in rows if posixpath.splitext(posixpath.basename(ids[r]))[0] == concept
+                   and posixpath.splitext(ids[r])[1].lower() in IMAGE_SUFFIXES]
+            what = f"'{concept}/{concept}.jpg' (the THINGS triplet-task image, any image extension)"
+        if len(hit) != 1:
+            example = posixpath.basename(ids[rows[0]])
+            raise InputError(f"human.stimulus: concept {concept!r} has {len(hit)} image(s) matching {what} among its "
+                             f"{len(rows)} (e.g. {example!r}); name one per concept in human.stimuli, or set "
+                             "human.stimulus: average to use every image")
+        chosen.append(hit[0])
+    return np.asarray(sorted(chosen), dtype=np.int64)
+
+
+def _read_stimuli(url: str, names: list[str]) -> dict[str, str]:
+    """concept → image name of a CSV/TSV with columns 'concept' and 'image' (concepts must be in `names`)."""
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8", newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise InputError(f"human.stimuli: file {url!r} does not exist") from None
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t" if url.lower().endswith(".tsv") else ",")
+    fields = [c.strip() for c in reader.fieldnames or []]
+    if not {"concept", "image"} <= set(fields):
+        raise InputError(f"human.stimuli: {url}: expected columns 'concept' and 'image', got {fields}")
+    known = set(names)
+    out: dict[str, str] = {}
+    for line, row in enumerate(reader, start=2):
+        concept, image = (row.get("concept") or "").strip(), (row.get("image") or "").strip()
+        if concept not in known or not image:
+            raise InputError(f"human.stimuli: {url}: line {line}: " + (f"concept {concept!r} is not in human.concepts"
+                             if concept not in known else "empty image"))
+        if concept in out:
+            raise InputError(f"human.stimuli: {url}: line {line}: concept {concept!r} named twice")
+        out[concept] = image
+    return out
 
 
 def _from_table(url: str, src: sources.ImageSource) -> ObjectMapping:

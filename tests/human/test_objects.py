@@ -74,7 +74,8 @@ def test_things_tree_maps_by_concept_and_reports_the_missing_one(tmp_path: Path,
         (tmp_path / order_file).write_text("Word\tuniqueID\n" + "".join(f"{c} x\t{c}\n" for c in CONCEPTS))
     else:
         (tmp_path / order_file).write_text("\n".join(CONCEPTS) + "\n")
-    cfg = _cfg(tmp_path, tree, triplets=triplets_file(tmp_path / "t.txt", ROWS), concepts=str(tmp_path / order_file))
+    cfg = _cfg(tmp_path, tree, triplets=triplets_file(tmp_path / "t.txt", ROWS), concepts=str(tmp_path / order_file),
+               stimulus="average")
     src = sources.source_from_config(cfg.source)
     data = load_human_data(cfg, src)
     m = data.mapping
@@ -135,7 +136,7 @@ def test_validate_prints_the_mapping_before_any_work(tmp_path: Path, capsys: pyt
             "--set", "cluster.k=2", "--set", "human.folds=3", "--set", f"human.triplets={trip}"]
     assert main(args) == 2
     assert "sorted by path" in capsys.readouterr().err
-    assert main([*args, "--set", f"human.concepts={tmp_path / 'unique_id.txt'}"]) == 0
+    assert main([*args, "--set", f"human.concepts={tmp_path / 'unique_id.txt'}", "--set", "human.stimulus=average"]) == 0
     out = capsys.readouterr().out
     assert "object ↔ image mapping: THINGS concepts" in out and "objects with images: 9 of 10" in out
     assert "objects without images: 1, e.g. ['yak']" in out and "config ok" in out
@@ -187,3 +188,65 @@ def test_class_folders_get_a_class_level_proxy_and_a_flat_folder_none(tmp_path: 
         (flat / p.name).write_bytes(p.read_bytes())
     with pytest.raises(ConfigError, match=r"human.triplets: .*6 of the 6 images .* have no label .*no taxonomy proxy"):
         load_human_data(_cfg(tmp_path, flat), sources.source_from_config(_cfg(tmp_path, flat).source))
+
+
+def _with_triplet_images(tree: Path, concepts: list[str]) -> None:
+    """Add THINGS' triplet-task image `<concept>/<concept>.jpg` to each of `concepts`' folders."""
+    for k, concept in enumerate(concepts):
+        PIL.Image.new("RGB", (8, 8), (k, 255 - k, 7)).save(tree / concept / f"{concept}.jpg")
+
+
+def test_stimulus_is_the_triplet_image_named_after_the_concept(tmp_path: Path) -> None:
+    """The default: one image per concept, the one participants saw; the other images of the folder are
+    tied to no object (not averaged in)."""
+    tree = things_tree(tmp_path)
+    _with_triplet_images(tree, [c for c in CONCEPTS if IMAGES[c]])
+    (tmp_path / "c.txt").write_text("\n".join(CONCEPTS) + "\n")
+    cfg = _cfg(tmp_path, tree, triplets=triplets_file(tmp_path / "t.txt", ROWS), concepts=str(tmp_path / "c.txt"))
+    src = sources.source_from_config(cfg.source)
+    data = load_human_data(cfg, src)
+    m = data.mapping
+    assert m.n_objects == 9 and m.missing == ["yak"] and m.images_per_object == (1, 1.0, 1)
+    assert m.images_mapped == 9 and m.images_unmapped == 23 and "one triplet-task image per concept" in m.kind
+    ids = src.ids().tolist()
+    tied = {ids[r]: int(o) for r, o in enumerate(data.object_of_image.tolist()) if o >= 0}
+    assert tied == {f"{c}/{c}.jpg": i for i, c in enumerate(CONCEPTS[:9])}
+    emb = np.random.default_rng(1).normal(size=(len(src), 4)).astype(np.float32)
+    objs = human.object_embeddings(emb, data.object_of_image, data.n_objects)
+    np.testing.assert_allclose(objs[0], emb[ids.index("zebra/zebra.jpg")], rtol=1e-6)
+
+
+def test_a_concept_without_its_triplet_image_is_refused_in_one_line(tmp_path: Path) -> None:
+    tree = things_tree(tmp_path, {"apple": 2, "kiwi": 2})
+    _with_triplet_images(tree, ["apple"])
+    (tmp_path / "c.txt").write_text("apple\nkiwi\n")
+    cfg = _cfg(tmp_path, tree, triplets="unused", concepts=str(tmp_path / "c.txt"))
+    with pytest.raises(InputError) as err:
+        object_mapping(cfg.human, cfg.source, sources.source_from_config(cfg.source))
+    msg = str(err.value)
+    assert "\n" not in msg and "concept 'kiwi' has 0 image(s) matching 'kiwi/kiwi.jpg'" in msg
+    assert "human.stimuli" in msg and "human.stimulus: average" in msg
+
+
+def test_stimuli_file_names_one_image_per_concept(tmp_path: Path) -> None:
+    tree = things_tree(tmp_path, {"apple": 2, "kiwi": 3})
+    (tmp_path / "c.txt").write_text("kiwi\napple\n")
+    (tmp_path / "s.csv").write_text("concept,image\napple,apple_02b.jpg\nkiwi,kiwi/kiwi_03b.jpg\n")
+    cfg = _cfg(tmp_path, tree, triplets="unused", concepts=str(tmp_path / "c.txt"), stimuli=str(tmp_path / "s.csv"))
+    src = sources.source_from_config(cfg.source)
+    mapping = object_mapping(cfg.human, cfg.source, src)
+    ids = src.ids().tolist()
+    assert ids == ["apple/apple_01b.jpg", "apple/apple_02b.jpg", "kiwi/kiwi_01b.jpg", "kiwi/kiwi_02b.jpg",
+                   "kiwi/kiwi_03b.jpg"]
+    assert mapping.object_of_image.tolist() == [-1, 1, -1, -1, 0]  # kiwi is object 0 in the concept order
+    (tmp_path / "s.csv").write_text("concept,image\napple,apple_02b.jpg\nkiwi,kiwi_09b.jpg\n")
+    with pytest.raises(InputError, match=r"concept 'kiwi' has 0 image\(s\) matching 'kiwi_09b.jpg'"):
+        object_mapping(cfg.human, cfg.source, src)
+    (tmp_path / "s.csv").write_text("concept,image\napple,apple_02b.jpg\n")
+    with pytest.raises(InputError, match=r"names no image for concept 'kiwi'"):
+        object_mapping(cfg.human, cfg.source, src)
+    (tmp_path / "s.csv").write_text("concept,image\npear,pear.jpg\n")
+    with pytest.raises(InputError, match=r"line 2: concept 'pear' is not in human.concepts"):
+        object_mapping(cfg.human, cfg.source, src)
+    with pytest.raises(ConfigError, match="human.stimuli: .* needs human.concepts and human.stimulus: triplet_image"):
+        _cfg(tmp_path, tree, triplets="unused", concepts=str(tmp_path / "c.txt"), stimuli="s.csv", stimulus="average")
