@@ -36,16 +36,20 @@ class HumanConfig(ConfigModel):
         "assumed: a triplet file needs human.concepts, human.objects or this"
     )
     folds: int = Field(
-        5, ge=3, description="objects are dealt into this many folds (seeded): one test fold, one validation fold "
-        "(early stopping, model choice), the rest train; a triplet belongs to a role only when all its objects do"
+        5, ge=2, description="objects are dealt into this many folds (seeded); the transform is fitted once per fold "
+        "on the triplets with no object in it (early stopping and any search on a triplet split of those: "
+        "transform.val_fraction) and scored on the triplets with all three objects in it; the held-out figures pool "
+        "the folds (every object tested once)"
     )
-    test_fold: int = Field(0, ge=0, description="the fold held out for every reported human figure; the next "
-                           "fold (mod folds) is the validation fold")
+    test_fold: int = Field(0, ge=0, description="the designated test fold: with teacher 'heldout' the later stages "
+                           "use the transform fitted without it, and evaluate/distill score the student on its "
+                           "triplets")
     teacher: Literal["heldout", "all"] = Field(
         "heldout", description="the fitted transform the later stages (cluster, sample, distill) use: heldout = the fit "
         "that never saw a triplet naming a test-fold object, and the sampler leaves the test fold's images out, so the "
-        "student's test-fold figures are held-out (evaluation); all = the transform refit on every triplet "
-        "(publishing: the student's test-fold figures are then not held-out, and say so)"
+        "student's test-fold figures are held-out (evaluation); all = the transform refit on every triplet with the "
+        "settings and epoch count chosen by the folds (publishing: the student's test-fold figures are then not "
+        "held-out, and say so)"
     )
     proxy_n_triplets: int = Field(20000, gt=0, description="taxonomy proxy: number of triplets to make (over all roles)")
     proxy_mix: dict[ProxyLevel, float] = Field(
@@ -56,7 +60,7 @@ class HumanConfig(ConfigModel):
     proxy_noise: float = Field(0.1, ge=0.0, lt=1.0, description="taxonomy proxy: fraction of responses flipped at random")
 
     @model_validator(mode="after")
-    def _fold_and_mix(self) -> "HumanConfig":
+    def _fold_and_mix(self) -> HumanConfig:
         declared = [f for f in ("concepts", "objects") if getattr(self, f)] + (["positional"] if self.positional else [])
         if len(declared) > 1:
             raise ValueError(f"human: {' and '.join('human.' + f for f in declared)} each declare how objects attach "
@@ -66,10 +70,6 @@ class HumanConfig(ConfigModel):
         if any(v < 0 for v in self.proxy_mix.values()) or not sum(self.proxy_mix.values()) > 0:
             raise ValueError(f"human.proxy_mix: weights must be non-negative with a positive sum, got {self.proxy_mix}")
         return self
-
-    @property
-    def val_fold(self) -> int:
-        return (self.test_fold + 1) % self.folds
 
 
 class ViceConfig(ConfigModel):

@@ -155,6 +155,7 @@ def fit_transform(
     train_probs: np.ndarray | None = None,
     val_probs: np.ndarray | None = None,
     pool: np.ndarray | None = None,
+    early_stopping: bool = True,
 ) -> FitResult:
     """Fit the gLocal affine transform on human odd-one-out triplets.
 
@@ -165,7 +166,10 @@ def fit_transform(
 
     Minibatches of cfg.batch_size triplets, cfg.epochs at most, Adam or SGD (momentum 0.9) at
     cfg.lr; after each epoch the held-out global loss decides early stopping (cfg.patience) and
-    the best epoch's weights are kept. Deterministic for a seed (a private torch.Generator).
+    the best epoch's weights are kept. With `early_stopping` False (the refit on every triplet, its
+    epoch count chosen by cross-validation) all cfg.epochs run, `val` is only monitored and the last
+    epoch's weights are kept. μ and σ are those of `objects`: pass only the objects a fit may see.
+    Deterministic for a seed (a private torch.Generator).
     """
     t_start = time.perf_counter()
     obj = np.asarray(objects)
@@ -277,7 +281,7 @@ def fit_transform(
         )
         log.debug("transform epoch %d: %s", epoch, history[-1])
         epochs.update(epoch + 1, f", val loss {val_loss:.4f}, val acc {val_acc:.3f}")
-        if val_loss < best[0]:
+        if val_loss < best[0] or not early_stopping:
             best = (val_loss, epoch, weight.detach().clone(), bias.detach().clone())
         elif epoch - best[1] >= cfg.patience:
             log.info("transform: early stop after epoch %d (best %d)", epoch, best[1])
