@@ -51,7 +51,7 @@ class HumanConfig(ConfigModel):
         "settings and epoch count chosen by the folds (publishing: the student's test-fold figures are then not "
         "held-out, and say so)"
     )
-    proxy_n_triplets: int = Field(20000, gt=0, description="taxonomy proxy: number of triplets to make (over all roles)")
+    proxy_n_triplets: int = Field(20000, gt=0, description="taxonomy proxy: number of triplets to make (over all folds, drawn inside each)")
     proxy_mix: dict[ProxyLevel, float] = Field(
         default_factory=lambda: {"global": 0.5, "local": 0.5},
         description="taxonomy proxy: weight of each abstraction level (global, local, class_boundary; see "
