@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.human import triplets as human
+from alignet_core.human.levels import admits
 from alignet_core.human.mapping import MappingSummary, object_mapping
 from alignet_core.human.triplets import TripletSplit
 from alignet_core.io import formats, sources
@@ -146,7 +147,16 @@ def _proxy(cfg: PipelineConfig, labels: tuple[np.ndarray, np.ndarray], n: int) -
     coarse, fine = labels
     fold_of = human.object_folds(n, h.folds, cfg.seed)
     pools = [np.flatnonzero(fold_of == f) for f in range(h.folds)]
-    counts = human.apportion({str(f): len(pool) for f, pool in enumerate(pools)}, h.proxy_n_triplets)
+    # a fold whose few objects admit no level of the mix gets no triplets (its objects are then tested by no fold)
+    sizes = {str(f): len(pool) if any(w and admits(coarse, fine, lv, pool) for lv, w in h.proxy_mix.items()) else 0
+             for f, pool in enumerate(pools)}
+    if not sum(sizes.values()):
+        sizes = {str(f): len(pool) for f, pool in enumerate(pools)}  # make_proxy_triplets names the problem
+    elif empty := [f for f, n in sizes.items() if n == 0]:
+        log.warning("taxonomy proxy: fold(s) %s of %d admit none of the levels %s (too few objects); they get no "
+                    "triplets and their objects are in no held-out figure: use fewer human.folds or more images",
+                    ", ".join(empty), h.folds, sorted(h.proxy_mix))
+    counts = human.apportion(sizes, h.proxy_n_triplets)
     parts = [human.make_proxy_triplets(coarse, fine, h.proxy_mix, counts[str(f)], h.proxy_noise,
                                        seed=cfg.seed * 1000 + f, pool=pool) for f, pool in enumerate(pools)]
     triplets = np.concatenate([x[0] for x in parts])

@@ -95,3 +95,14 @@ def test_the_demo_proxy_is_drawn_inside_each_fold(tmp_path) -> None:
     for f in range(5):  # every triplet lies inside one fold, and every fold has test triplets
         assert 900 <= len(data.fold_split(f).test) <= 1100 and len(data.fold_split(f).partial) == 0
     assert set(data.level_of.tolist()) == {"global", "local"}
+
+
+def test_a_fold_too_small_for_any_level_gets_no_proxy_triplets(tmp_path, caplog) -> None:
+    """40 demo images in 5 folds: a fold whose 8 images admit no global or local triplet gets none (a
+    warning names it) and the others share its count, instead of failing the run."""
+    cfg = parse_config({"root": str(tmp_path), "source": {"limit": 40}, "human": {"proxy_n_triplets": 300}})
+    data = load_human_data(cfg, sources.source_from_config(cfg.source))
+    assert len(data.triplets) == 300
+    empty = [f for f in range(5) if len(data.fold_split(f).test) == 0]
+    assert empty and "admit none of the levels" in caplog.text
+    assert all(len(data.fold_split(f).test) > 0 for f in set(range(5)) - set(empty))
