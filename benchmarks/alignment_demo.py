@@ -96,10 +96,13 @@ def run_demo(
     if data.probs is None:
         raise RuntimeError("the demo proxy returned no generating probabilities")
     objects = human.object_embeddings(emb, np.where(valid, data.object_of_image, -1), data.n_objects)
-    held_objects = np.flatnonzero(np.isin(data.fold_of, [cfg.human.val_fold, cfg.human.test_fold]))
-    pool = emb[np.flatnonzero(valid & ~np.isin(data.object_of_image, held_objects))]  # as run_transform's pool
+    held_objects = np.flatnonzero(data.fold_of == cfg.human.test_fold)
+    pool = emb[np.flatnonzero(valid & ~np.isin(data.object_of_image, held_objects))]  # as the test fold's pool
     t = data.triplets
-    tr, vl, va = data.split.train, data.split.val, data.split.test
+    # the test fold's rotation of run_transform: early stopping on a triplet split of its training rows
+    fit_i, stop_i = split_triplets(len(data.split.train), cfg.transform.val_fraction, seed + 7919 * (cfg.human.test_fold + 1),
+                                   cfg.transform.val_max_triplets)
+    tr, vl, va = data.split.train[fit_i], data.split.train[stop_i], data.split.test
     train, val = t[tr], t[va]
     vice_fit, vice_check = split_triplets(len(tr), cfg.transform.val_fraction, seed)  # VICE sees training objects only
     data_s = time.perf_counter() - t_data
@@ -198,9 +201,9 @@ def run_demo(
             "n_train": int(len(tr)),
             "held_out": int(len(va)),
             "proxy": {"mix": cfg.human.proxy_mix, "noise": cfg.human.proxy_noise},
-            "split": f"objects in {cfg.human.folds} folds (seed {seed}): test fold {cfg.human.test_fold}, validation "
-            f"fold {cfg.human.val_fold}, as in run_transform",
-            "early_stopping": "the validation fold's triplets; VICE is fitted on the training objects' triplets and "
+            "split": f"objects in {cfg.human.folds} folds (seed {seed}): test fold {cfg.human.test_fold}, as that fold's "
+            "rotation in run_transform",
+            "early_stopping": "a triplet split of the training objects' triplets (transform.val_fraction); VICE is fitted on the training objects' triplets and "
             "checked on held-out triplets of those objects (it has no embedding for unseen objects)",
             "vice": vcfg.model_dump() | {"posterior_samples": 25},
             "transform": tcfg.model_dump(),

@@ -43,16 +43,17 @@ def linear_oracle_accuracy(features: np.ndarray, embedding: np.ndarray, triplets
 
 def _object_disjoint(data: Any, vcfg: ViceConfig, tcfg: TransformConfig, seed: int) -> dict:
     """The same claims on triplets whose three objects were all held out of every fit: objects in 5
-    folds (fold 0 test, fold 1 early stopping, the rest train), VICE and the transform fitted on the
-    training objects' triplets only; accuracies with object-bootstrap 95% intervals. The linear
+    folds (fold 0 test, early stopping on a triplet split of the other folds' triplets), VICE and the
+    transform fitted on the training objects' triplets only; accuracies with object-bootstrap 95% intervals. The linear
     oracle's readout is fitted on the training objects only."""
     x, t = data.features, data.triplets
     fold_of = human.object_folds(data.n_objects, 5, seed)
-    sp = human.split_by_objects(t, fold_of, test_fold=0, val_fold=1)
-    train, val, test = t[sp.train], t[sp.val], t[sp.test]
+    sp = human.split_by_objects(t, fold_of, test_fold=0)
+    fi, si = human.split_triplets(len(sp.train), tcfg.val_fraction, seed, tcfg.val_max_triplets)
+    train, val, test = t[sp.train[fi]], t[sp.train[si]], t[sp.test]
     vice = fit_vice(train, data.n_objects, vcfg, seed, CPU)
     fit = fit_transform(x, train, val, tcfg, seed, CPU, vice.predict_probabilities(train, n_samples=25, seed=seed))
-    train_objects = np.flatnonzero(~np.isin(fold_of, [0, 1]))
+    train_objects = np.flatnonzero(fold_of != 0)
     f = np.c_[x, np.ones(len(x))]
     b, *_ = np.linalg.lstsq(f[train_objects], data.embedding[train_objects], rcond=None)
     z0 = (x - x.mean()) / x.std()

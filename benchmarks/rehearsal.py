@@ -100,12 +100,11 @@ def write_proxy_human(src: sources.ImageSource, n: int, folder: Path, cfg: Human
                       seed: int = 0) -> tuple[str, str]:
     """Proxy odd-one-out triplets over the images (object i = image i; class folders are the classes of
     one category, so the triplets are class-boundary ones) and their response probabilities, as THINGS
-    files: (triplets path, probabilities path). Drawn inside each object-disjoint role of `cfg`'s folds
-    (as the demo proxy is), so the transform stage's split keeps every one of them."""
+    files: (triplets path, probabilities path). Drawn inside each of `cfg`'s folds (as the demo proxy
+    is), so every fold of the transform stage's rotation has test triplets and none is partial."""
     groups = np.unique(src.labels(), return_inverse=True)[1]
     fold_of = object_folds(len(groups), cfg.folds, seed)
-    roles = [np.flatnonzero((fold_of != cfg.test_fold) & (fold_of != cfg.val_fold)),
-             np.flatnonzero(fold_of == cfg.val_fold), np.flatnonzero(fold_of == cfg.test_fold)]
+    roles = [np.flatnonzero(fold_of == f) for f in range(cfg.folds)]
     counts = apportion({str(i): len(r) for i, r in enumerate(roles)}, n)
     parts = [make_proxy_triplets(np.zeros(len(groups), np.int64), groups, {"class_boundary": 1.0}, counts[str(i)],
                                  noise=0.1, seed=i, pool=pool)[:2] for i, pool in enumerate(roles)]

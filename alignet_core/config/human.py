@@ -60,18 +60,22 @@ class HumanConfig(ConfigModel):
         "assumed: a triplet file needs human.concepts, human.objects or this"
     )
     folds: int = Field(
-        5, ge=3, description="objects are dealt into this many folds (seeded): one test fold, one validation fold "
-        "(early stopping, model choice), the rest train; a triplet belongs to a role only when all its objects do"
+        5, ge=2, description="objects are dealt into this many folds (seeded); the transform is fitted once per fold "
+        "on the triplets with no object in it (early stopping and any search on a triplet split of those: "
+        "transform.val_fraction) and scored on the triplets with all three objects in it; the held-out figures pool "
+        "the folds (every object tested once)"
     )
-    test_fold: int = Field(0, ge=0, description="the fold held out for every reported human figure; the next "
-                           "fold (mod folds) is the validation fold")
+    test_fold: int = Field(0, ge=0, description="the designated test fold: with teacher 'heldout' the later stages "
+                           "use the transform fitted without it, and evaluate/distill score the student on its "
+                           "triplets")
     teacher: Literal["heldout", "all"] = Field(
         "heldout", description="the fitted transform the later stages (cluster, sample, distill) use: heldout = the fit "
         "that never saw a triplet naming a test-fold object, and the sampler leaves the test fold's images out, so the "
-        "student's test-fold figures are held-out (evaluation); all = the transform refit on every triplet "
-        "(publishing: the student's test-fold figures are then not held-out, and say so)"
+        "student's test-fold figures are held-out (evaluation); all = the transform refit on every triplet with the "
+        "settings and epoch count chosen by the folds (publishing: the student's test-fold figures are then not "
+        "held-out, and say so)"
     )
-    proxy_n_triplets: int = Field(20000, gt=0, description="taxonomy proxy: number of triplets to make (over all roles)")
+    proxy_n_triplets: int = Field(20000, gt=0, description="taxonomy proxy: number of triplets to make (over all folds, drawn inside each)")
     proxy_mix: dict[ProxyLevel, float] = Field(
         default_factory=lambda: {"category_boundary": 0.5, "sibling_boundary": 0.5},
         description="taxonomy proxy: weight of each taxonomy level (category_boundary, sibling_boundary, "
@@ -87,7 +91,7 @@ class HumanConfig(ConfigModel):
         return v
 
     @model_validator(mode="after")
-    def _fold_and_mix(self) -> "HumanConfig":
+    def _fold_and_mix(self) -> HumanConfig:
         declared = [f for f in ("concepts", "objects") if getattr(self, f)] + (["positional"] if self.positional else [])
         if len(declared) > 1:
             raise ValueError(f"human: {' and '.join('human.' + f for f in declared)} each declare how objects attach "
@@ -99,15 +103,11 @@ class HumanConfig(ConfigModel):
         return self
 
     @model_validator(mode="after")
-    def _stimulus_needs_concepts(self) -> "HumanConfig":
+    def _stimulus_needs_concepts(self) -> HumanConfig:
         if self.stimuli is not None and (self.concepts is None or self.stimulus != "triplet_image"):
             raise ValueError("human.stimuli: names each concept's triplet-task image, so it needs human.concepts and "
                              f"human.stimulus: triplet_image (got concepts={self.concepts!r}, stimulus={self.stimulus!r})")
         return self
-
-    @property
-    def val_fold(self) -> int:
-        return (self.test_fold + 1) % self.folds
 
 
 class ViceConfig(ConfigModel):

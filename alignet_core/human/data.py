@@ -1,13 +1,16 @@
 """The human odd-one-out data of a run: THINGS-format triplets (with optional choice probabilities,
 their objects attached to images by a declared, checked mapping: `objects.py`), or, for the demo, the taxonomy proxy (`human.make_proxy_triplets`),
-split into object-disjoint roles. Without a triplet file, the taxonomy proxy of any labelled source
+split by objects. Without a triplet file, the taxonomy proxy of any labelled source
 (`proxy_taxonomy`) stands in, named a proxy wherever its figures appear.
 
-The objects are dealt into `human.folds` folds (seeded by the run's seed); the test fold
-(`human.test_fold`) is held out of every fit and is the only one any reported human figure uses,
-the validation fold (the next one) chooses epochs and settings, the other folds train. A file's
-triplets keep the role all their objects share (the others are counted and dropped); proxy
-triplets are drawn inside each role, in proportion to its objects, so the split wastes none.
+The objects are dealt into `human.folds` folds (seeded by the run's seed). The transform stage
+rotates the held-out fold through all of them (`HumanData.fold_split`): each rotation trains on the
+triplets with no object in its fold and is scored on those with all three there, and the held-out
+figures pool the k rotations. `split` is the designated test fold's (`human.test_fold`): the
+triplets the held-out teacher never saw a trace of (`split.test`, what evaluate and distill score)
+and those it trained on (`split.train`). A file's triplets with one or two objects in a fold serve
+neither role of that rotation (`partial`: a secondary figure). Proxy triplets are drawn inside each
+fold, in proportion to its objects, so every fold has test triplets and no proxy triplet is partial.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from alignet_core.config import PipelineConfig
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.human import triplets as human
+from alignet_core.human.levels import admits
 from alignet_core.human.mapping import MappingSummary, object_mapping
 from alignet_core.human.triplets import TripletSplit
 from alignet_core.io import formats, sources
@@ -27,7 +31,6 @@ from alignet_core.io import formats, sources
 log = logging.getLogger(__name__)
 
 PROXY_NAME = "taxonomy proxy (not human)"
-ROLES = ("train", "val", "test")
 
 
 class HumanData(BaseModel):
@@ -40,7 +43,7 @@ class HumanData(BaseModel):
     object_of_image: np.ndarray  # (n,) int64, -1 for images of no object
     n_objects: int
     fold_of: np.ndarray  # (n_objects,) int64 fold of each object
-    split: TripletSplit  # rows of `triplets` by role
+    split: TripletSplit  # rows of `triplets` by their objects' relation to the designated test fold
     level_of: np.ndarray | None  # (t,) str abstraction level of each proxy triplet; None for files
     is_proxy: bool
     mapping: MappingSummary | None = None  # how a file's objects attach to images; None for the proxy
@@ -48,6 +51,14 @@ class HumanData(BaseModel):
     def name(self, cfg: PipelineConfig) -> str:
         """How reports name the data: the proxy is always called a proxy."""
         return PROXY_NAME if self.is_proxy else str(cfg.human.triplets)
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.fold_of.max()) + 1 if len(self.fold_of) else 0
+
+    def fold_split(self, fold: int) -> TripletSplit:
+        """The rows of `triplets` by their objects' relation to `fold` (one rotation of the k folds)."""
+        return human.split_by_objects(self.triplets, self.fold_of, fold)
 
 
 def taxonomy(cfg: PipelineConfig, src: sources.ImageSource) -> tuple[np.ndarray, np.ndarray] | None:
@@ -112,37 +123,45 @@ def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
     n_objects = summary.n_objects
     object_of_image = mapping.object_of_image
     fold_of = human.object_folds(n_objects, h.folds, cfg.seed)
-    split = human.split_by_objects(trip, fold_of, h.test_fold, h.val_fold)
-    log.info("human triplets: %d over %d objects; object-disjoint roles: %d train, %d validation, %d test, "
-             "%d dropped (objects in two roles)", len(trip), n_objects, len(split.train), len(split.val),
-             len(split.test), split.n_mixed)
-    for role in ("val", "test"):
-        if len(getattr(split, role)) == 0:
-            raise InputError(f"human.triplets: no triplet has all three objects in the {role} fold of {h.folds}; "
-                             "with a fixed file only about 1/folds³ of the triplets survive: use fewer human.folds "
-                             "or more triplets")
+    splits = human.fold_splits(trip, fold_of, h.folds)
+    split = splits[h.test_fold]
+    n_test = sum(len(sp.test) for sp in splits)
+    log.info("human triplets: %d over %d objects in %d folds; per rotation %.1f%% train on average, %d test "
+             "triplets over all folds (%.1f%%: all three objects in one fold), the rest partial (secondary only)",
+             len(trip), n_objects, h.folds, 100.0 * np.mean([len(sp.train) for sp in splits]) / len(trip), n_test,
+             100.0 * n_test / len(trip))
+    empty = [f for f, sp in enumerate(splits) if len(sp.test) == 0 or len(sp.train) == 0]
+    if empty:
+        raise InputError(f"human.triplets: fold(s) {empty} of {h.folds} have no triplet with all three objects in "
+                         "the fold (or none with no object in it); with a fixed file only about 1/folds² of the "
+                         "triplets are test triplets over all folds: use fewer human.folds or more triplets")
     return HumanData(triplets=trip, probs=probs, object_of_image=object_of_image, n_objects=n_objects,
                      fold_of=fold_of, split=split, level_of=None, is_proxy=False, mapping=summary)
 
 
 def _proxy(cfg: PipelineConfig, labels: tuple[np.ndarray, np.ndarray], n: int) -> HumanData:
-    """The taxonomy proxy (objects = images), drawn role by role over each role's own objects."""
+    """The taxonomy proxy (objects = images), drawn fold by fold over each fold's own objects, so that
+    every fold has test triplets and every triplet trains the k − 1 rotations that do not hold its
+    fold out."""
     h = cfg.human
     coarse, fine = labels
     fold_of = human.object_folds(n, h.folds, cfg.seed)
-    pools = {"train": np.flatnonzero((fold_of != h.test_fold) & (fold_of != h.val_fold)),
-             "val": np.flatnonzero(fold_of == h.val_fold), "test": np.flatnonzero(fold_of == h.test_fold)}
-    counts = human.apportion({role: len(pool) for role, pool in pools.items()}, h.proxy_n_triplets)
-    parts, rows, start = [], {}, 0
-    for r, role in enumerate(ROLES):
-        t, p, lv = human.make_proxy_triplets(coarse, fine, h.proxy_mix, counts[role], h.proxy_noise,
-                                             seed=cfg.seed * 1000 + r, pool=pools[role])
-        parts.append((t, p, lv))
-        rows[role] = np.arange(start, start + len(t))
-        start += len(t)
-    split = TripletSplit(train=rows["train"], val=rows["val"], test=rows["test"], n_mixed=0)
-    return HumanData(triplets=np.concatenate([x[0] for x in parts]), probs=np.concatenate([x[1] for x in parts]),
-                     object_of_image=np.arange(n), n_objects=n, fold_of=fold_of, split=split,
+    pools = [np.flatnonzero(fold_of == f) for f in range(h.folds)]
+    # a fold whose few objects admit no level of the mix gets no triplets (its objects are then tested by no fold)
+    sizes = {str(f): len(pool) if any(w and admits(coarse, fine, lv, pool) for lv, w in h.proxy_mix.items()) else 0
+             for f, pool in enumerate(pools)}
+    if not sum(sizes.values()):
+        sizes = {str(f): len(pool) for f, pool in enumerate(pools)}  # make_proxy_triplets names the problem
+    elif empty := [f for f, n in sizes.items() if n == 0]:
+        log.warning("taxonomy proxy: fold(s) %s of %d admit none of the levels %s (too few objects); they get no "
+                    "triplets and their objects are in no held-out figure: use fewer human.folds or more images",
+                    ", ".join(empty), h.folds, sorted(h.proxy_mix))
+    counts = human.apportion(sizes, h.proxy_n_triplets)
+    parts = [human.make_proxy_triplets(coarse, fine, h.proxy_mix, counts[str(f)], h.proxy_noise,
+                                       seed=cfg.seed * 1000 + f, pool=pool) for f, pool in enumerate(pools)]
+    triplets = np.concatenate([x[0] for x in parts])
+    return HumanData(triplets=triplets, probs=np.concatenate([x[1] for x in parts]), object_of_image=np.arange(n),
+                     n_objects=n, fold_of=fold_of, split=human.split_by_objects(triplets, fold_of, h.test_fold),
                      level_of=np.concatenate([x[2] for x in parts]), is_proxy=True)
 
 

@@ -17,9 +17,12 @@ fraction of the rows disagree with the taxonomy, and each row is reordered so th
 is in column 2, with its probability row permuted to match.
 
 Held-out figures must never involve objects a fit has seen: `object_folds` deals the objects into
-folds and `split_by_objects` keeps, for each role (train, validation, test), only the triplets
-whose three objects all belong to it. With a fixed triplet file only about f³ of the triplets
-survive in a role holding a fraction f of the objects; proxy triplets are drawn per role instead.
+k folds and, for each held-out fold in turn (`fold_splits`, the k-fold rotation), `split_by_objects`
+gives the rows a fit may train on (no object in the fold), the rows it is scored on (all three
+objects in it) and the rows that serve neither (one or two objects in it: a secondary figure only).
+With a fixed triplet file about ((k−1)/k)³ of the rows train each rotation and (1/k)² are held-out
+test rows over the k rotations together; proxy triplets are drawn inside each fold instead, so every
+proxy triplet is a test row of one rotation and a training row of the others.
 """
 
 from __future__ import annotations
@@ -136,39 +139,50 @@ def object_folds(n_objects: int, folds: int, seed: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TripletSplit:
-    """Rows of a triplet array by role: every triplet's three objects lie in its role's objects.
+    """Rows of a triplet array by their objects' relation to one held-out fold.
 
-    train, val, test: (.,) int64 sorted row indices; n_mixed: rows dropped because their objects
-    span roles."""
+    train: rows with no object in the fold (what a fit that holds the fold out may use); test: rows
+    with all three objects in it (the object-disjoint held-out figure); partial: rows with one or two
+    objects in it (scored only as a secondary figure, never mixed into the held-out one); n_mixed =
+    len(partial). All (.,) int64 sorted row indices; together they are every row once."""
 
     train: np.ndarray
-    val: np.ndarray
     test: np.ndarray
-    n_mixed: int
+    partial: np.ndarray
+
+    @property
+    def n_mixed(self) -> int:
+        return len(self.partial)
 
 
-def split_by_objects(triplets: np.ndarray, fold_of: np.ndarray, test_fold: int, val_fold: int) -> TripletSplit:
-    """Object-disjoint roles: test = all three objects in `test_fold`, val = all three in
-    `val_fold`, train = none in either; other rows are dropped (`n_mixed`)."""
-    f = np.asarray(fold_of)[np.asarray(triplets, dtype=np.int64)]  # (t, 3)
-    test = (f == test_fold).all(1)
-    val = (f == val_fold).all(1)
-    train = ((f != test_fold) & (f != val_fold)).all(1)
-    return TripletSplit(train=np.flatnonzero(train), val=np.flatnonzero(val), test=np.flatnonzero(test),
-                        n_mixed=int(len(f) - train.sum() - val.sum() - test.sum()))
+def split_by_objects(triplets: np.ndarray, fold_of: np.ndarray, test_fold: int) -> TripletSplit:
+    """The rows of `triplets` (t, 3) by how many of their objects lie in `test_fold`
+    (`fold_of`: (n_objects,) fold of each object): none → train, three → test, one or two → partial."""
+    inside = (np.asarray(fold_of)[np.asarray(triplets, dtype=np.int64)] == test_fold).sum(1)  # (t,)
+    return TripletSplit(train=np.flatnonzero(inside == 0), test=np.flatnonzero(inside == 3),
+                        partial=np.flatnonzero((inside == 1) | (inside == 2)))
 
 
-def split_triplets(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def fold_splits(triplets: np.ndarray, fold_of: np.ndarray, folds: int) -> list[TripletSplit]:
+    """`split_by_objects` for every fold 0..folds-1 (the k-fold rotation): each object is held out
+    in exactly one fold, so the folds' test rows are disjoint and every row whose three objects share
+    a fold is a test row of exactly one rotation."""
+    return [split_by_objects(triplets, fold_of, f) for f in range(folds)]
+
+
+def split_triplets(n: int, val_fraction: float, seed: int, max_val: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Split n triplet rows at random into train and held-out rows (by triplet, as for THINGS).
 
     Returns (train, val): sorted int64 row indices, disjoint, together 0..n-1; val has
-    round(n · val_fraction) rows, at least 1 and at most n − 1 when n ≥ 2. Deterministic for a seed.
+    round(n · val_fraction) rows (at most `max_val`), at least 1 and at most n − 1 when n ≥ 2.
+    Deterministic for a seed.
     """
     if not 0.0 < val_fraction < 1.0:
         raise InputError(f"val_fraction: expected a value in (0, 1), got {val_fraction}")
     if n < 2:
         raise InputError(f"split_triplets: need at least 2 triplets to hold some out, got {n}")
-    n_val = min(max(int(round(n * val_fraction)), 1), n - 1)
+    n_val = int(round(n * val_fraction)) if max_val is None else min(int(round(n * val_fraction)), max_val)
+    n_val = min(max(n_val, 1), n - 1)
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_val:]).astype(np.int64), np.sort(perm[:n_val]).astype(np.int64)
 

@@ -38,7 +38,8 @@ class RunSummary(Record):
     The headline is `alignment`: every model's accuracy at every abstraction level and on the
     held-out human (or proxy) triplets, object-disjoint, with 95% intervals, and the aligned − raw
     changes with paired intervals (`alignment_changes`). The point values of the earlier summary
-    are kept (`transform_acc_*`: the test fold's zero-shot (cosine) and transformed accuracies;
+    are kept (`transform_acc_*`: the zero-shot (cosine) and transformed accuracies on every fold's test
+    triplets, each scored by the transform fitted without that fold, pooled;
     `student_*`), with their intervals beside them (`transform_heldout`, `student_heldout`,
     `student_human`). On the taxonomy proxy the student's test-fold figures are `student_proxy*` (with
     its noise ceiling) and `student_human*` are None: a proxy figure is never keyed `human`.
@@ -169,8 +170,8 @@ def run_markdown(summary: RunSummary) -> str:
         *(line for note in s.notes for line in (note, "")),
         "| held-out accuracy (95% interval) | before | after | change |",
         "|---|---|---|---|",
-        cmp_row(f"teacher, odd-one-out on test-fold objects ({h.n_objects if h else 0} objects never fitted)",
-                 teacher),
+        cmp_row(f"teacher, odd-one-out on held-out objects ({h.n_objects if h else 0} objects, each scored by the fit "
+                f"that never saw it; {h.n_folds if h else 0} folds pooled)", teacher),
         cmp_row(f"student, triplet accuracy vs the teacher ({s.student_strategy})", s.student_heldout),
         cmp_row("student, odd-one-out on test-fold objects"
                 + ("" if s.student_test_fold is None else f" ({s.student_test_fold})"), s.student_human)

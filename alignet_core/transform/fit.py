@@ -40,7 +40,7 @@ from alignet_core.errors import InputError
 from alignet_core.hardware import deterministic_torch
 from alignet_core.io.formats import validate_triplets
 from alignet_core.runtime.progress import ProgressLog
-from alignet_core.stats.metrics import odd_one_out_accuracy
+from alignet_core.stats.metrics import odd_one_out_correct
 from alignet_core.transform.affine import AffineTransform
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,7 @@ def fit_transform(
     train_probs: np.ndarray | None = None,
     val_probs: np.ndarray | None = None,
     pool: np.ndarray | None = None,
+    early_stopping: bool = True,
 ) -> FitResult:
     """Fit the gLocal affine transform on human odd-one-out triplets.
 
@@ -165,7 +166,10 @@ def fit_transform(
 
     Minibatches of cfg.batch_size triplets, cfg.epochs at most, Adam or SGD (momentum 0.9) at
     cfg.lr; after each epoch the held-out global loss decides early stopping (cfg.patience) and
-    the best epoch's weights are kept. Deterministic for a seed (a private torch.Generator).
+    the best epoch's weights are kept. With `early_stopping` False (the refit on every triplet, its
+    epoch count chosen by cross-validation) all cfg.epochs run, `val` is only monitored and the last
+    epoch's weights are kept. μ and σ are those of `objects`: pass only the objects a fit may see.
+    Deterministic for a seed (a private torch.Generator).
     """
     t_start = time.perf_counter()
     obj = np.asarray(objects)
@@ -277,7 +281,7 @@ def fit_transform(
         )
         log.debug("transform epoch %d: %s", epoch, history[-1])
         epochs.update(epoch + 1, f", val loss {val_loss:.4f}, val acc {val_acc:.3f}")
-        if val_loss < best[0]:
+        if val_loss < best[0] or not early_stopping:
             best = (val_loss, epoch, weight.detach().clone(), bias.detach().clone())
         elif epoch - best[1] >= cfg.patience:
             log.info("transform: early stop after epoch %d (best %d)", epoch, best[1])
@@ -294,9 +298,9 @@ def fit_transform(
         transform=transform,
         history=history,
         best_epoch=best_epoch,
-        val_acc_before=odd_one_out_accuracy(z_std, val),
-        val_acc_after=odd_one_out_accuracy(z_after, val),
-        train_acc_after=odd_one_out_accuracy(z_after, train),
+        val_acc_before=chunked_accuracy(z_std, val),
+        val_acc_after=chunked_accuracy(z_after, val),
+        train_acc_after=chunked_accuracy(z_after, train),
         val_loss_before=val_loss_before,
         val_loss_after=val_loss_after,
         calibration=calibration,
@@ -309,6 +313,17 @@ def fit_transform(
         result.seconds, result.val_acc_before, result.val_acc_after, val_loss_before, val_loss_after, best_epoch,
     )
     return result
+
+
+def chunked_accuracy(embeddings: np.ndarray, triplets: np.ndarray) -> float:
+    """`odd_one_out_accuracy` (dot products) over row chunks: gathering (t, p) rows three times at once
+    needs 12·t·p bytes (a THINGS refit: 4.7M triplets at p = 1152 would be 65 GB)."""
+    t = np.asarray(triplets)
+    if len(t) == 0:
+        return float("nan")
+    step = max(1024, 2**24 // max(1, embeddings.shape[1]))
+    hits = sum(int(odd_one_out_correct(embeddings, t[i:i + step]).sum()) for i in range(0, len(t), step))
+    return hits / len(t)
 
 
 def near_uniform_message(epochs_run: int, max_epochs: int, best_epoch: int, p_pred: float) -> str:

@@ -1,16 +1,21 @@
-"""The held-out figures of a fitted transform, as a reviewer would accept them.
+"""The held-out figures of the k-fold rotation, as a reviewer would accept them.
 
-- `heldout_figures`: odd-one-out accuracy on the test fold's triplets, whose three objects were
-  all kept out of the fit (and of early stopping and model choice), each with a 95% interval from
-  resampling the test objects, and the gain with a paired interval. The zero-shot baseline is the
-  reference protocol (gLocal: cosine similarity of the raw object embeddings); the dot products
-  of standardized embeddings, where the transform starts from, are reported beside it, named.
-  With per-triplet levels (the proxy's), the same figures per abstraction level.
-- `triplet_split_figures`: a secondary figure, on held-out *triplets* of the
-  training objects (every object was fitted): secondary, labelled as such.
+- `pooled_figures`: odd-one-out accuracy on every fold's test triplets (all three objects in the
+  held-out fold, scored by the transform fitted without that fold; early stopping and model choice
+  never saw it either), pooled over the k folds so that every object is tested once, each with a
+  95% interval from resampling the objects, and the gain with a paired interval. The zero-shot
+  baseline is the reference protocol (gLocal: cosine similarity of the raw object embeddings); the
+  dot products of standardized embeddings (each fold's own μ, σ), where the transform starts from,
+  are reported beside it, named. With per-triplet levels (the proxy's), the same figures per level.
+- `FoldFigures`: each fold's own counts and accuracies beside the pooled figure.
+- `partial_figures`: secondary, never mixed into the held-out figure: triplets with one or two of
+  their objects in a fold, scored by that fold's transform (the others were fitted).
+- `triplet_split_figures`: secondary, held-out *triplets* of the training objects (the
+  early-stopping rows; every object was fitted), pooled over the folds.
 - `uncertainty_figures`: where human choice probabilities exist, how the transformed teacher's
-  choice distribution (softmax of its dot products / T, T as fitted) follows them, beside the
-  zero-shot baseline's at a temperature fitted on the training triplets.
+  choice distribution (softmax of its dot products / T, T as fitted) follows them on the pooled
+  test triplets, beside the zero-shot baseline's at a temperature fitted on each fold's training
+  triplets.
 """
 
 from __future__ import annotations
@@ -35,7 +40,11 @@ if TYPE_CHECKING:
 
 ZERO_SHOT = "cosine similarity of the raw embeddings (gLocal's zero-shot protocol)"
 ZERO_SHOT_DOT = "dot products of the globally standardized embeddings (where the transform starts)"
-TRIPLET_SPLIT = "held-out triplets of the training objects (every object was fitted): not a held-out-object figure"
+TRIPLET_SPLIT = ("held-out triplets of the training objects (each fold's early-stopping rows; every object was "
+                 "fitted): not a held-out-object figure")
+PARTIAL = ("secondary: triplets with one or two objects in the held-out fold, scored by that fold's transform (the "
+           "other objects were fitted); a triplet spanning several folds is scored once per fold it touches; "
+           "intervals resample triplets (they share objects: too narrow); never part of the held-out figure")
 
 
 class LevelFigures(Record):
@@ -45,9 +54,11 @@ class LevelFigures(Record):
 
 
 class HeldOut(Record):
-    """Accuracies on the test fold (objects never fitted), with object-bootstrap intervals."""
+    """Accuracies on the test triplets of every fold (objects never fitted by the transform that
+    scored them), pooled over the folds, with object-resampling intervals."""
 
-    n_objects: int
+    n_objects: int  # distinct objects in the pooled test triplets
+    n_folds: int = 1  # folds pooled
     zero_shot: Estimate
     zero_shot_dot: Estimate
     transformed: Estimate
@@ -63,29 +74,74 @@ class TripletSplitFigures(Record):
     label: str = TRIPLET_SPLIT
 
 
+class FoldFigures(Record):
+    """One fold of the rotation: its counts, its fit, and its test triplets' accuracies (no interval:
+    the pooled figure has them)."""
+
+    fold: int
+    held_out_objects: int  # objects in the fold
+    train_objects: int
+    fit_triplets: int  # rows the fit trained on (no object in the fold, less the early-stopping rows)
+    stop_triplets: int  # early-stopping rows (a random triplet split of the training rows)
+    test_triplets: int  # all three objects in the fold
+    partial_triplets: int  # one or two objects in the fold (secondary)
+    zero_shot: float
+    transformed: float
+    best_epoch: int
+    epochs_run: int
+    knn_overlap: float
+    vice_acc: float | None = None  # VICE on the early-stopping rows, when it made the soft targets
+
+
+class PartialFigures(Record):
+    """Secondary: test-adjacent triplets, by how many of their objects the scoring fold held out."""
+
+    one_object: LevelFigures
+    two_objects: LevelFigures
+    label: str = PARTIAL
+
+
 class UncertaintyFigures(Record):
-    """Agreement with the human choice distributions on the test fold (see `evaluate.uncertainty`)."""
+    """Agreement with the human choice distributions on the pooled test triplets (see `evaluate.uncertainty`)."""
 
     transformed: UncertaintyAgreement
     transformed_temperature: float
     zero_shot: UncertaintyAgreement
-    zero_shot_temperature: float  # fitted on the training triplets (NLL of the observed choices)
+    zero_shot_temperature: float  # fitted on each fold's training triplets (NLL of the observed choices); the mean
 
 
-def _outcomes(objects: np.ndarray, transform: AffineTransform, triplets: np.ndarray) -> dict[str, np.ndarray]:
-    standardized = (np.asarray(objects, np.float64) - transform.mean) / transform.std
-    return {"zero_shot": odd_one_out_correct(objects, triplets, "cosine"),
-            "zero_shot_dot": odd_one_out_correct(standardized, triplets, "dot"),
-            "transformed": odd_one_out_correct(transform.apply(objects), triplets, "dot")}
+def outcomes(objects: np.ndarray, transform: AffineTransform, triplets: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-triplet outcomes (t,) bool of the zero-shot protocols and the transform on `triplets` (t, 3),
+    in chunks of rows (a fold's partial triplets run to millions)."""
+    t = np.asarray(triplets, dtype=np.int64)
+    standardized = ((np.asarray(objects, np.float64) - transform.mean) / transform.std).astype(np.float32)
+    after = transform.apply(objects)
+    step = max(1024, 2**24 // max(1, np.asarray(objects).shape[1]))
+    parts: dict[str, list[np.ndarray]] = {"zero_shot": [], "zero_shot_dot": [], "transformed": []}
+    for start in range(0, len(t), step):
+        c = t[start:start + step]
+        parts["zero_shot"].append(odd_one_out_correct(objects, c, "cosine"))
+        parts["zero_shot_dot"].append(odd_one_out_correct(standardized, c, "dot"))
+        parts["transformed"].append(odd_one_out_correct(after, c, "dot"))
+    return {k: np.concatenate(v) if v else np.zeros(0, dtype=bool) for k, v in parts.items()}
 
 
 def heldout_figures(
     objects: np.ndarray, transform: AffineTransform, triplets: np.ndarray, seed: int, level_of: np.ndarray | None = None
 ) -> HeldOut:
-    """objects: (m, p) object embeddings; triplets: (t, 3) test-fold triplets, odd one in column 2;
-    level_of: (t,) level of each triplet, or None."""
+    """One transform's held-out figures: objects: (m, p) object embeddings; triplets: (t, 3) triplets of
+    objects it never fitted, odd one in column 2; level_of: (t,) level of each triplet, or None."""
     t = np.asarray(triplets, dtype=np.int64)
-    out = _outcomes(objects, transform, t)
+    return pooled_figures(outcomes(objects, transform, t), t, seed, level_of)
+
+
+def pooled_figures(
+    out: dict[str, np.ndarray], triplets: np.ndarray, seed: int, level_of: np.ndarray | None = None, n_folds: int = 1
+) -> HeldOut:
+    """The held-out figures of per-triplet outcomes (`outcomes` of each fold's transform on its own
+    test triplets, concatenated over the folds): out: {zero_shot, zero_shot_dot, transformed} each (t,)
+    bool; triplets: (t, 3) object ids (objects are resampled); level_of: (t,) or None."""
+    t = np.asarray(triplets, dtype=np.int64)
 
     def figures(rows: np.ndarray) -> tuple[Estimate, Estimate, Estimate, Difference]:
         sub = t[rows]
@@ -100,16 +156,51 @@ def heldout_figures(
         for level in sorted(set(np.asarray(level_of).tolist())):
             lz, _, ltr, lgain = figures(np.flatnonzero(np.asarray(level_of) == level))
             by_level[level] = LevelFigures(zero_shot=lz, transformed=ltr, gain=lgain)
-    return HeldOut(n_objects=int(len(np.unique(t))), zero_shot=z, zero_shot_dot=zd, transformed=tr, gain=gain,
-                   by_level=by_level)
+    return HeldOut(n_objects=len(np.unique(t)), n_folds=n_folds, zero_shot=z, zero_shot_dot=zd, transformed=tr,
+                   gain=gain, by_level=by_level)
+
+
+def partial_figures(out: dict[str, np.ndarray], n_held: np.ndarray, seed: int) -> PartialFigures:
+    """out: {zero_shot, transformed} (t,) bool outcomes of partial triplets, each scored by the fold it
+    touches; n_held: (t,) how many of the triplet's objects that fold held out (1 or 2)."""
+    def part(rows: np.ndarray) -> LevelFigures:
+        z, a = out["zero_shot"][rows], out["transformed"][rows]
+        return LevelFigures(zero_shot=bootstrap.accuracy(z, seed), transformed=bootstrap.accuracy(a, seed),
+                            gain=bootstrap.paired_difference(z, a, seed))
+    return PartialFigures(one_object=part(np.flatnonzero(n_held == 1)), two_objects=part(np.flatnonzero(n_held == 2)))
 
 
 def triplet_split_figures(objects: np.ndarray, transform: AffineTransform, triplets: np.ndarray,
                           seed: int) -> TripletSplitFigures:
     """The secondary figure on held-out triplets of the training objects (triplet bootstrap)."""
-    out = _outcomes(objects, transform, np.asarray(triplets, dtype=np.int64))
+    out = outcomes(objects, transform, np.asarray(triplets, dtype=np.int64))
+    return triplet_split_from(out, seed)
+
+
+def triplet_split_from(out: dict[str, np.ndarray], seed: int) -> TripletSplitFigures:
+    """`triplet_split_figures` of outcomes pooled over the folds' early-stopping rows."""
     return TripletSplitFigures(zero_shot=bootstrap.accuracy(out["zero_shot"], seed),
                                transformed=bootstrap.accuracy(out["transformed"], seed))
+
+
+def choice_distributions(
+    objects: np.ndarray, transform: AffineTransform, test: np.ndarray, train: np.ndarray, temperature: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """One fold's model choice distributions over its test triplets: (q_transformed (t, 3), q_zero_shot
+    (t, 3), the zero-shot temperature fitted on its training triplets `train`)."""
+    raw = unit_rows(objects)
+    t_zero = fit_temperature(pair_similarities(raw, train))
+    q_zero = choice_distribution(pair_similarities(raw, test), t_zero)
+    q_after = choice_distribution(pair_similarities(transform.apply(objects), test), temperature)
+    return q_after, q_zero, t_zero
+
+
+def uncertainty_pooled(test_probs: np.ndarray, q_after: np.ndarray, q_zero: np.ndarray, temperature: float,
+                       zero_shot_temperature: float) -> UncertaintyFigures:
+    """`UncertaintyFigures` of choice distributions concatenated over the folds."""
+    return UncertaintyFigures(transformed=uncertainty_agreement(test_probs, q_after), transformed_temperature=temperature,
+                              zero_shot=uncertainty_agreement(test_probs, q_zero),
+                              zero_shot_temperature=zero_shot_temperature)
 
 
 def uncertainty_figures(
@@ -120,11 +211,7 @@ def uncertainty_figures(
     train: np.ndarray,
     temperature: float,
 ) -> UncertaintyFigures:
-    """test, train: (t, 3) triplets (observed odd one last); test_probs: (t, 3) human choice
-    probabilities of the test triplets; temperature: the transform's T."""
-    raw = unit_rows(objects)
-    t_zero = fit_temperature(pair_similarities(raw, train))
-    q_zero = choice_distribution(pair_similarities(raw, test), t_zero)
-    q_after = choice_distribution(pair_similarities(transform.apply(objects), test), temperature)
-    return UncertaintyFigures(transformed=uncertainty_agreement(test_probs, q_after), transformed_temperature=temperature,
-                              zero_shot=uncertainty_agreement(test_probs, q_zero), zero_shot_temperature=t_zero)
+    """One transform's: test, train: (t, 3) triplets (observed odd one last); test_probs: (t, 3) human
+    choice probabilities of the test triplets; temperature: the transform's T."""
+    q_after, q_zero, t_zero = choice_distributions(objects, transform, test, train, temperature)
+    return uncertainty_pooled(test_probs, q_after, q_zero, temperature, t_zero)

@@ -8,20 +8,26 @@ from alignet_core.transform.stage import TransformOutput
 
 
 def transform_markdown(out: TransformOutput) -> str:
-    """Held-out accuracy on the test fold (objects never fitted) with intervals, per level, beside
-    both zero-shot protocols; the uncertainty agreement; the local-structure score; the
-    hyper-parameters used (and every setting a search tried); the validation accuracy per epoch."""
+    """Held-out accuracy pooled over the folds of the rotation (each fold's test triplets scored by the
+    transform fitted without that fold's objects) with intervals, per level, beside both zero-shot
+    protocols; each fold's counts and accuracies; the secondary figures, labelled; the uncertainty
+    agreement; which transform the store holds; the local-structure score; the hyper-parameters used
+    (and every setting a search tried); the early-stopping accuracy per epoch."""
     m = out.metrics
     h = m.heldout
-    r = m.roles
-    lines = [f"# Transform: test-fold accuracy {est(h.zero_shot if h else None)} → {est(h.transformed if h else None)}",
-             "", f"Human data: {m.human_data}."]
+    r = m.rotation
+    lines = [f"# Transform: held-out accuracy {est(h.zero_shot if h else None)} → {est(h.transformed if h else None)} "
+             f"(pooled over {r.folds if r else '?'} folds)", "", f"Human data: {m.human_data}."]
     if m.objects is not None:
         lines += ["", *(f"    {line}" for line in m.objects.lines())]
     if r is not None and h is not None:
-        lines += [f"Objects in {r.folds} folds: triplets {r.train} train, {r.val} validation (early stopping), "
-                  f"{r.test} test on {h.n_objects} objects no fit saw; {r.dropped} dropped (objects in two roles).", "",
-                  "| test fold (95% interval, objects resampled) | accuracy |", "|---|---|",
+        lines += ["", f"Objects in {r.folds} folds, each held out once: a fold's transform trains on the triplets with "
+                  f"no object in it (early stopping on a random {r.stop_per_fold} of those) and is scored on the "
+                  f"triplets with all three objects in it. {r.test} test triplets over {h.n_objects} objects; each "
+                  f"fold trains on {pct(r.train_share)} of the {r.n_triplets} triplets on average, {r.trained_on} "
+                  f"train at least one fold; {r.partial} span two or three folds (they test no fold).", "",
+                  f"| held-out, pooled over {h.n_folds} folds (95% interval, objects resampled) | accuracy |",
+                  "|---|---|",
                   f"| zero-shot: {h.zero_shot_protocol} | {h.zero_shot.text()} |",
                   f"| zero-shot: {h.zero_shot_dot_protocol} | {h.zero_shot_dot.text()} |",
                   f"| transformed (dot products) | {h.transformed.text()} |",
@@ -29,12 +35,31 @@ def transform_markdown(out: TransformOutput) -> str:
         for level, f in (h.by_level or {}).items():
             lines.append(f"| level `{level}`: zero-shot → transformed | {f.zero_shot.text()} → {f.transformed.text()} "
                          f"({f.gain.text()}) |")
+    if m.folds:
+        lines += ["", "| fold | held-out objects | fitting / early-stopping triplets | test triplets | partial "
+                  "(secondary) | zero-shot | transformed | kept epoch |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {f.fold}{' (store)' if m.teacher == 'heldout' and r is not None and f.fold == r.test_fold else ''} "
+                  f"| {f.held_out_objects} | {f.fit_triplets} / {f.stop_triplets} | {f.test_triplets} | "
+                  f"{f.partial_triplets} | {pct(f.zero_shot)} | {pct(f.transformed)} | {f.best_epoch + 1} |"
+                  for f in m.folds]
+    if m.partial is not None:
+        p = m.partial
+        lines += ["", f"Secondary ({p.label}): one object held out {p.one_object.zero_shot.text()} → "
+                  f"{p.one_object.transformed.text()}; two objects held out {p.two_objects.zero_shot.text()} → "
+                  f"{p.two_objects.transformed.text()}."]
     if m.triplet_split is not None:
         lines += ["", f"Secondary ({m.triplet_split.label}): {m.triplet_split.zero_shot.text()} → "
                   f"{m.triplet_split.transformed.text()}."]
+    if m.teacher_fit is not None:
+        lines += ["", f"The transformed store (what cluster, sample and distill read) holds {m.teacher_fit} "
+                  f"(human.teacher: {m.teacher})."]
+    if m.refit is not None:
+        rf = m.refit
+        lines += [f"Refit on all {rf.n_triplets} triplets: {rf.epochs} epochs ({rf.epochs_rule}), soft targets: "
+                  f"{rf.soft_targets}; in-sample accuracy {pct(rf.train_acc)}."]
     if m.uncertainty is not None:
         u = m.uncertainty
-        lines += ["", "| uncertainty vs the human probabilities (test fold) | T | NLL | JSD | entropy Spearman | ECE |",
+        lines += ["", "| uncertainty vs the human probabilities (pooled test triplets) | T | NLL | JSD | entropy Spearman | ECE |",
                   "|---|---|---|---|---|---|"]
         for name, a, temp in (("zero-shot (cosine)", u.zero_shot, u.zero_shot_temperature),
                               ("transformed", u.transformed, u.transformed_temperature)):
@@ -45,7 +70,7 @@ def transform_markdown(out: TransformOutput) -> str:
     if m.vice is not None:
         rows.append((f"VICE accuracy on {m.vice.val_split} / dims", f"{pct(m.vice.val_acc)} / {m.vice.dims}"))
     hp = m.hyperparameters.model_dump() if m.hyperparameters is not None else {}
-    lines += ["", "| fit | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+    lines += ["", "| the store's transform | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
               "Hyper-parameters used: " + ", ".join(f"{k} = {fmt(v)}" for k, v in hp.items())]
     if m.search is not None:
         best = m.search.best
@@ -60,10 +85,10 @@ def transform_markdown(out: TransformOutput) -> str:
 
 
 def transform_figures(out: TransformOutput) -> list[Figure]:
-    """The validation-fold accuracy per epoch of the transform fit (none when it was off)."""
+    """The early-stopping accuracy per epoch of the store's transform fit (none when it was off)."""
     curve = [h["val_acc"] for h in out.metrics.history if "val_acc" in h]
     if not curve:
         return []
-    return [Figure(name="transform-fit.png", alt="validation accuracy per epoch",
-                   draw=lambda: plots.curve_png({"validation-fold accuracy": curve}, "epoch", "accuracy",
+    return [Figure(name="transform-fit.png", alt="early-stopping accuracy per epoch",
+                   draw=lambda: plots.curve_png({"early-stopping triplets' accuracy": curve}, "epoch", "accuracy",
                                                 "transform fit"))]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +49,7 @@ def cross_validate_transform(
         if len(train_rows) < 2 or len(test_rows) == 0:
             log.warning("transform CV: fold %d has %d train / %d test triplets; skipped", fold, len(train_rows), len(test_rows))
             continue
-        fit_rows, stop_rows = split_triplets(len(train_rows), cfg.val_fraction, seed + fold)
+        fit_rows, stop_rows = split_triplets(len(train_rows), cfg.val_fraction, seed + fold, cfg.val_max_triplets)
         fr, sr = train_rows[fit_rows], train_rows[stop_rows]
         r = fit_transform(
             objects, t[fr], t[sr], cfg, seed + fold, device,
@@ -58,7 +59,7 @@ def cross_validate_transform(
         out["zero_shot"].append(odd_one_out_accuracy(z0, t[test_rows]))
         out["transformed"].append(odd_one_out_accuracy(after, t[test_rows]))
         out["knn_overlap"].append(knn_overlap(z0, after, knn_k))
-        out["n_test"].append(int(len(test_rows)))
+        out["n_test"].append(len(test_rows))
         out["best_epoch"].append(r.best_epoch)
     if not out["n_test"]:
         raise InputError("transform CV: no fold had both training and test triplets; use fewer folds or more triplets")

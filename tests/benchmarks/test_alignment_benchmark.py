@@ -17,7 +17,7 @@ def test_object_disjoint_figures_use_only_held_out_objects(one_torch_thread) -> 
     out = _object_disjoint(data, ViceConfig(epochs=3, init_dims=10), TransformConfig(epochs=2, batch_size=256,
                                                                                      local_batch=60), seed=0)
     fold_of = human.object_folds(60, 5, 0)
-    sp = human.split_by_objects(data.triplets, fold_of, 0, 1)
+    sp = human.split_by_objects(data.triplets, fold_of, 0)
     assert out["n_test_triplets"] == len(sp.test) > 0 and out["n_objects_test"] == 12
     assert (fold_of[data.triplets[sp.test]] == 0).all()
     for key in ("ceiling", "zero_shot_cosine", "zero_shot_dot", "linear_oracle", "transformed"):

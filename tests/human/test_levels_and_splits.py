@@ -9,7 +9,7 @@ from alignet_core.config import parse_config
 from alignet_core.errors import InputError
 from alignet_core.human.data import load_human_data, taxonomy
 from alignet_core.human.levels import LEVELS, check_level, level_triplets
-from alignet_core.human.triplets import object_folds, split_by_objects
+from alignet_core.human.triplets import fold_splits, object_folds
 from alignet_core.io import sources
 
 
@@ -56,34 +56,54 @@ def test_a_pool_without_a_level_is_an_input_error() -> None:
 
 
 def test_object_split_never_shares_an_object_between_roles() -> None:
-    """A property over many seeds, sizes and fold counts."""
+    """A property over many seeds, sizes and fold counts: for every fold of the rotation, no object of
+    the fold is in a training triplet, test triplets lie wholly in the fold, every row has one role,
+    and over the k folds each test row is scored once and each row trains the folds it avoids."""
     rng = np.random.default_rng(0)
     for trial in range(200):
         n_objects = int(rng.integers(6, 400))
-        folds = int(rng.integers(3, 8))
-        test_fold = int(rng.integers(0, folds))
-        val_fold = (test_fold + 1) % folds
+        folds = int(rng.integers(2, 8))
         triplets = np.stack([rng.choice(n_objects, 3, replace=False) for _ in range(int(rng.integers(1, 600)))])
         fold_of = object_folds(n_objects, folds, seed=trial)
         assert np.bincount(fold_of, minlength=folds).max() - np.bincount(fold_of, minlength=folds).min() <= 1
-        sp = split_by_objects(triplets, fold_of, test_fold, val_fold)
-        roles = {name: set(triplets[rows].ravel().tolist()) for name, rows in
-                 (("train", sp.train), ("val", sp.val), ("test", sp.test))}
-        assert not roles["train"] & roles["val"] and not roles["train"] & roles["test"]
-        assert not roles["val"] & roles["test"]
-        assert all(fold_of[o] == test_fold for o in roles["test"])
-        assert len(sp.train) + len(sp.val) + len(sp.test) + sp.n_mixed == len(triplets)
-        assert len(np.intersect1d(sp.train, sp.test)) == 0
+        splits = fold_splits(triplets, fold_of, folds)
+        for f, sp in enumerate(splits):
+            assert not (fold_of[triplets[sp.train]] == f).any()
+            assert (fold_of[triplets[sp.test]] == f).all()
+            inside = (fold_of[triplets[sp.partial]] == f).sum(1)
+            assert ((inside == 1) | (inside == 2)).all()
+            assert np.array_equal(np.sort(np.concatenate([sp.train, sp.test, sp.partial])), np.arange(len(triplets)))
+            assert sp.n_mixed == len(sp.partial)
+        tested = np.concatenate([sp.test for sp in splits])
+        assert len(np.unique(tested)) == len(tested)  # each test row in exactly one fold
+        one_fold = (fold_of[triplets] == fold_of[triplets][:, :1]).all(1)
+        assert np.array_equal(np.sort(tested), np.flatnonzero(one_fold))
+        trains = np.bincount(np.concatenate([sp.train for sp in splits]), minlength=len(triplets))
+        n_folds_touched = np.array([len(set(r)) for r in fold_of[triplets].tolist()])
+        assert np.array_equal(trains, folds - n_folds_touched)
 
 
-def test_the_demo_proxy_is_drawn_inside_each_role(tmp_path) -> None:
+def test_the_demo_proxy_is_drawn_inside_each_fold(tmp_path) -> None:
     cfg = parse_config({"root": str(tmp_path), "human": {"proxy_n_triplets": 5000, "folds": 5, "test_fold": 2}})
     src = sources.source_from_config(cfg.source)
     data = load_human_data(cfg, src)
     sp = data.split
-    assert sp.n_mixed == 0 and len(sp.train) + len(sp.val) + len(sp.test) == 5000
+    assert sp.n_mixed == 0 and len(sp.train) + len(sp.test) == 5000
     assert set(data.fold_of[data.triplets[sp.test]].ravel().tolist()) == {2}
-    assert set(data.fold_of[data.triplets[sp.val]].ravel().tolist()) == {3}
-    assert not set(data.fold_of[data.triplets[sp.train]].ravel().tolist()) & {2, 3}
+    assert 2 not in set(data.fold_of[data.triplets[sp.train]].ravel().tolist())
     assert 900 <= len(sp.test) <= 1100  # in proportion to the test fold's objects
     assert set(data.level_of.tolist()) == {"category_boundary", "sibling_boundary"}
+    for f in range(5):  # every triplet lies inside one fold, and every fold has test triplets
+        assert 900 <= len(data.fold_split(f).test) <= 1100 and len(data.fold_split(f).partial) == 0
+    assert set(data.level_of.tolist()) == {"category_boundary", "sibling_boundary"}
+
+
+def test_a_fold_too_small_for_any_level_gets_no_proxy_triplets(tmp_path, caplog) -> None:
+    """40 demo images in 5 folds: a fold whose 8 images admit no category_boundary or sibling_boundary triplet gets none (a
+    warning names it) and the others share its count, instead of failing the run."""
+    cfg = parse_config({"root": str(tmp_path), "source": {"limit": 40}, "human": {"proxy_n_triplets": 300}})
+    data = load_human_data(cfg, sources.source_from_config(cfg.source))
+    assert len(data.triplets) == 300
+    empty = [f for f in range(5) if len(data.fold_split(f).test) == 0]
+    assert empty and "admit none of the levels" in caplog.text
+    assert all(len(data.fold_split(f).test) > 0 for f in set(range(5)) - set(empty))
