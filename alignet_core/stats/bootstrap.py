@@ -44,13 +44,15 @@ bootstrap over items.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from scipy import sparse
-from scipy.stats import norm
-from scipy.stats import t as student_t
 
 from alignet_core.errors import InputError
 from alignet_core.records import Record
+
+if TYPE_CHECKING:  # scipy is imported where an interval is computed: a cached rerun never loads it
+    from scipy import sparse
 
 N_BOOT = 2000
 LEVEL = 0.95
@@ -142,6 +144,8 @@ class ObjectOverlap:
     @staticmethod
     def _membership(ids: np.ndarray) -> sparse.csr_matrix:
         """(t, groups) 0/1: triplet r lies in groups ids[r, :] (k per row: built as CSR directly, no sort)."""
+        from scipy import sparse
+
         t, k = ids.shape
         groups = int(ids.max()) + 1 if t else 0
         return sparse.csr_matrix((np.ones(t * k), ids.ravel(), np.arange(0, t * k + 1, k)), shape=(t, groups))
@@ -178,6 +182,9 @@ def _dense_ids(keys: np.ndarray, table_limit: int = 2**23) -> tuple[np.ndarray, 
 def _quantile(level: float, overlap: ObjectOverlap | None = None) -> float:
     """The two-sided normal quantile for `level`; Student's t with m − 1 degrees of freedom where the
     variance comes from the sums of m objects (as for a cluster-robust variance with m clusters)."""
+    from scipy.stats import norm
+    from scipy.stats import t as student_t
+
     q = 0.5 + level / 2.0
     return float(norm.ppf(q) if overlap is None or overlap.m < 2 else student_t.ppf(q, overlap.m - 1))
 
