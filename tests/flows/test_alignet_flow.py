@@ -171,7 +171,11 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     # published, so no shard task runs and no Dask cluster is started or contacted: the address given
     # here (not in any key) answers nothing, and a run that tried it would fail
     before = _digest(summary["dataset"])
-    summary2, run_id2 = _run(tiny(tmp_path / "a", **{"sample.dask_address": "tcp://127.0.0.1:9"}))
+    pem = tmp_path / "unused.pem"  # the TLS files an outside scheduler needs: present, never read
+    pem.write_text("not a certificate\n")
+    dead = {"sample.dask_address": "tls://127.0.0.1:9", "sample.dask_tls_ca_file": str(pem),
+            "sample.dask_tls_cert": str(pem), "sample.dask_tls_key": str(pem)}
+    summary2, run_id2 = _run(tiny(tmp_path / "a", **dead))
     second = _task_states(run_id2)
     # a cached rerun's top-level run still shows where its dataset is
     assert {"dataset-files", "dataset-location"} <= {a.key for a in _artifacts_of([run_id2])}
