@@ -76,10 +76,10 @@ def digests(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def comparable_manifest(path: Path, root: Path) -> Any:
-    """A stage manifest with its root replaced and wall times dropped."""
+    """A stage manifest with its root replaced and wall times (`seconds`, `*_seconds`) dropped."""
     def strip(obj: Any) -> Any:
         if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if k != "seconds"}
+            return {k: strip(v) for k, v in obj.items() if k != "seconds" and not k.endswith("_seconds")}
         if isinstance(obj, list):
             return [strip(v) for v in obj]
         return obj.replace(str(root), "<root>") if isinstance(obj, str) else obj
