@@ -77,9 +77,10 @@ def transform_markdown(out: TransformOutput) -> str:
         lines += ["", f"Search ({m.search.n_folds}-fold cross-validation over the training objects; selection "
                   f"scores, not held-out figures; chosen: alpha = {best['alpha']}, lam = {best['lam']}, "
                   f"lr = {best['lr']}):", "",
-                  "| alpha | lam | lr | selection accuracy | k-NN overlap |", "|---|---|---|---|---|"]
-        lines += [f"| {r.alpha} | {r.lam} | {r.lr} | {r.transformed_mean:.3f} | {r.knn_overlap_mean:.3f} |"
-                  for r in m.search.settings]
+                  "| alpha | lam | lr | selection accuracy | its start (dot, standardized) | k-NN overlap |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r.alpha} | {r.lam} | {r.lr} | {r.transformed_mean:.3f} | {r.zero_shot_dot_mean:.3f} | "
+                  f"{r.knn_overlap_mean:.3f} |" for r in m.search.settings]
     lines += inline(transform_figures(out))
     return "\n".join(lines) + "\n"
 

@@ -38,13 +38,14 @@ def cross_validate_transform(
     """Fit the transform once per object fold and score it on the fold's test triplets.
 
     objects: (m, p) float; triplets: (n, 3) int, odd one in column 2; probs: optional (n, 3)
-    response probabilities (soft targets). Returns per-fold lists `zero_shot`, `transformed`,
-    `knn_overlap` (objects' k-NN kept by the transform), `n_test`, and their means.
+    response probabilities (soft targets). Returns per-fold lists `zero_shot_dot` (dot products of the
+    globally standardized embeddings, where the transform starts: not gLocal's cosine protocol),
+    `transformed`, `knn_overlap` (objects' k-NN kept by the transform), `n_test`, and their means.
     """
     t = np.asarray(triplets, dtype=np.int64)
     p = None if probs is None else np.asarray(probs)
     z0 = (objects - objects.mean()) / objects.std()
-    out: dict[str, list] = {"zero_shot": [], "transformed": [], "knn_overlap": [], "n_test": [], "best_epoch": []}
+    out: dict[str, list] = {"zero_shot_dot": [], "transformed": [], "knn_overlap": [], "n_test": [], "best_epoch": []}
     for fold, (train_rows, test_rows) in enumerate(object_folds(len(objects), t, n_folds, seed)):
         if len(train_rows) < 2 or len(test_rows) == 0:
             log.warning("transform CV: fold %d has %d train / %d test triplets; skipped", fold, len(train_rows), len(test_rows))
@@ -56,7 +57,7 @@ def cross_validate_transform(
             train_probs=None if p is None else p[fr], val_probs=None if p is None else p[sr],
         )
         after = r.transform.apply(objects)
-        out["zero_shot"].append(odd_one_out_accuracy(z0, t[test_rows]))
+        out["zero_shot_dot"].append(odd_one_out_accuracy(z0, t[test_rows]))
         out["transformed"].append(odd_one_out_accuracy(after, t[test_rows]))
         out["knn_overlap"].append(knn_overlap(z0, after, knn_k))
         out["n_test"].append(len(test_rows))
@@ -64,7 +65,7 @@ def cross_validate_transform(
     if not out["n_test"]:
         raise InputError("transform CV: no fold had both training and test triplets; use fewer folds or more triplets")
     res: dict[str, Any] = dict(out)
-    for key in ("zero_shot", "transformed", "knn_overlap"):
+    for key in ("zero_shot_dot", "transformed", "knn_overlap"):
         res[f"{key}_mean"] = float(np.mean(out[key]))
     return res
 
@@ -84,7 +85,7 @@ def grid_search_transform(
 ) -> dict[str, Any]:
     """Cross-validate every (alpha, lam, lr) setting and report them all.
 
-    Returns {"settings": [one dict per setting: alpha, lam, lr, transformed_mean, zero_shot_mean,
+    Returns {"settings": [one dict per setting: alpha, lam, lr, transformed_mean, zero_shot_dot_mean,
     knn_overlap_mean, per-fold lists], "best": the chosen setting}. The choice is the highest mean
     held-out accuracy among settings whose mean k-NN overlap is at least `min_knn_overlap` (all
     settings when None or when none qualifies).

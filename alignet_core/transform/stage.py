@@ -93,7 +93,7 @@ class SearchSetting(Record):
     lam: float
     lr: float
     transformed_mean: float
-    zero_shot_mean: float
+    zero_shot_dot_mean: float  # dot products of the standardized embeddings (where the fit starts), not cosine
     knn_overlap_mean: float
 
 
