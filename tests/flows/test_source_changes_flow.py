@@ -122,3 +122,51 @@ def test_the_run_report_says_what_changed(harness, tmp_path: Path) -> None:
         "faces/new.png"]
     report = (Path(state.result().report_dir) / "report.md").read_text()
     assert "## Images" in report and "1 added (e.g. `faces/new.png`); 0 changed; 0 removed" in report
+
+
+def _embed_flow(overrides: dict):
+    from flows.stages import FLOWS
+
+    state = FLOWS["embed"](overrides=overrides, return_state=True)
+    assert state.is_completed(), state
+    return state.result(), state.state_details.flow_run_id
+
+
+@pytest.mark.parametrize("kind", ["filelist", "tar"])
+def test_a_file_list_and_tar_shards_change_through_the_embed_flow(harness, tmp_path: Path, kind: str) -> None:
+    """The same through real flow runs for the other image sources: a file list that names one more file,
+    a tar shard rewritten with one more member: a new embed key, one image embedded, the rest reused, and
+    the run's `embed-changes` artifact says so."""
+    import io
+    import tarfile
+
+    recs = demo_source().records[::97][:9]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = []
+    for rec in recs:
+        shutil.copy(rec.path, folder / Path(rec.path).name)
+        names.append(Path(rec.path).name)
+    path = tmp_path / ("list.txt" if kind == "filelist" else "s-000.tar")
+
+    def write(members: list[str]) -> None:
+        if kind == "filelist":
+            path.write_text("\n".join(str(folder / n) for n in members) + "\n")
+            return
+        with tarfile.open(path, "w") as tf:
+            for k, name in enumerate(members):
+                data = (folder / name).read_bytes()
+                info = tarfile.TarInfo(f"{k:04d}.png")
+                info.size, info.mtime = len(data), 1_700_000_000 + k
+                tf.addfile(info, io.BytesIO(data))
+
+    o = {**_overrides(tmp_path / "root", folder), "source.kind": kind, "source.path": str(path),
+         "transform.enabled": False}  # no labels here: the embed flow alone
+    write(names[:8])
+    first, _ = _embed_flow(o)
+    write(names)
+    second, run_id = _embed_flow(o)
+    assert second.key != first.key and second.metrics.n_images == 9
+    table = {r["change"]: r for r in _embed_output(tmp_path, run_id)}
+    assert (table["added"]["images"], table["changed"]["images"], table["removed"]["images"],
+            table["reused"]["images"]) == (1, 0, 0, 8)
