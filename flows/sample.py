@@ -34,8 +34,7 @@ def _worker_env() -> dict[str, str]:
 
 
 def dask_runner(cfg: PipelineConfig) -> DaskTaskRunner:
-    """A local cluster of `sample.n_workers` single-threaded processes, or an existing cluster."""
-    from distributed.security import Security
+    """A local cluster of `sample.n_workers` single-threaded processes, or an existing cluster (over mutual TLS)."""
     from prefect_dask import DaskTaskRunner
 
     from flows.dask_workers import WORKER_CONFIG, SamplingWorkerSetup, quiet_local_cluster
