@@ -105,6 +105,16 @@ def test_a_folder_regeneration_embeds_only_what_changed(demo40: ImageSource, tmp
     assert g.attrs["listing"] == c.listing and g["source_size"].shape == (40,)
 
 
+def write_tar(shard: Path, folder: Path, members: list[str]) -> None:
+    """A tar shard of `members` (files of `folder`) as `0000.png`, `0001.png`, ... with fixed header mtimes."""
+    with tarfile.open(shard, "w") as tf:
+        for k, name in enumerate(members):
+            data = (folder / name).read_bytes()
+            info = tarfile.TarInfo(f"{k:04d}.png")
+            info.size, info.mtime = len(data), 1_700_000_000 + k
+            tf.addfile(info, io.BytesIO(data))
+
+
 def test_a_file_list_and_tar_shards_are_keyed_by_what_they_hold(demo40: ImageSource, tmp_path: Path) -> None:
     """A file list: a listed file replaced → a new key, one row recomputed. Tar shards: a shard rewritten
     with one more member → a new key, the others reused (a reordering of the list reuses every row)."""
@@ -127,18 +137,10 @@ def test_a_file_list_and_tar_shards_are_keyed_by_what_they_hold(demo40: ImageSou
     shard = tmp_path / "shards" / "s-000.tar"
     shard.parent.mkdir()
 
-    def write(members: list[str]) -> None:
-        with tarfile.open(shard, "w") as tf:
-            for k, name in enumerate(members):
-                data = (folder / name).read_bytes()
-                info = tarfile.TarInfo(f"{k:04d}.png")
-                info.size, info.mtime = len(data), 1_700_000_000 + k
-                tf.addfile(info, io.BytesIO(data))
-
-    write(names[:6])
+    write_tar(shard, folder, names[:6])
     tcfg = _cfg(tmp_path, {"kind": "tar", "path": str(shard)})
     t1 = _embed(tcfg)
-    write(names[:7])
+    write_tar(shard, folder, names[:7])
     t2 = _embed(tcfg)
     c = t2.metrics.changes
     assert t2.key != t1.key and t2.metrics.n_images == 7

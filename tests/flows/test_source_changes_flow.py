@@ -137,8 +137,7 @@ def test_a_file_list_and_tar_shards_change_through_the_embed_flow(harness, tmp_p
     """The same through real flow runs for the other image sources: a file list that names one more file,
     a tar shard rewritten with one more member: a new embed key, one image embedded, the rest reused, and
     the run's `embed-changes` artifact says so."""
-    import io
-    import tarfile
+    from tests.embed.test_source_changes import write_tar
 
     recs = demo_source().records[::97][:9]
     folder = tmp_path / "images"
@@ -152,13 +151,8 @@ def test_a_file_list_and_tar_shards_change_through_the_embed_flow(harness, tmp_p
     def write(members: list[str]) -> None:
         if kind == "filelist":
             path.write_text("\n".join(str(folder / n) for n in members) + "\n")
-            return
-        with tarfile.open(path, "w") as tf:
-            for k, name in enumerate(members):
-                data = (folder / name).read_bytes()
-                info = tarfile.TarInfo(f"{k:04d}.png")
-                info.size, info.mtime = len(data), 1_700_000_000 + k
-                tf.addfile(info, io.BytesIO(data))
+        else:
+            write_tar(path, folder, members)
 
     o = {**_overrides(tmp_path / "root", folder), "source.kind": kind, "source.path": str(path),
          "transform.enabled": False}  # no labels here: the embed flow alone
