@@ -78,11 +78,31 @@ def finish(
     if relocatable:  # the path a reuse resolves, so a first run and a reuse hand on the same output
         artifact = store.resolve_relative(plan.dir, stored)
     out = output_type(stage=plan.stage, key=plan.key, dir=plan.dir, artifact=artifact, metrics=metrics)
+    recorded = metrics.model_dump(mode="json")
+    if relocatable:  # paths under the root in the metrics (a dataset, a published version) move with it
+        recorded = _rooted(recorded, stage_root(plan), to_token=True)
     store.write_manifest(plan.dir, {"stage": plan.stage, "key": plan.key, "code_version": plan.code_version,
                                     "config": redact(config), "inputs": list(inputs), "artifact": stored,
-                                    RELOCATABLE: relocatable,
-                                    "metrics": metrics.model_dump(mode="json")})
+                                    RELOCATABLE: relocatable, "metrics": recorded})
     return out
+
+
+ROOT_TOKEN = "<root>"  # a manifest's metrics name paths under the artifact root as "<root>/..."
+
+
+def _rooted(obj: Any, root: str, to_token: bool) -> Any:
+    """`obj` (JSON) with every string path under `root` written as ROOT_TOKEN + the rest (`to_token`), or
+    every ROOT_TOKEN path read back under `root`."""
+    root = root.rstrip("/")
+    if isinstance(obj, dict):
+        return {k: _rooted(v, root, to_token) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rooted(v, root, to_token) for v in obj]
+    if isinstance(obj, str):
+        old, new = (root, ROOT_TOKEN) if to_token else (ROOT_TOKEN, root)
+        if obj == old or obj.startswith(old + "/"):
+            return new + obj[len(old):]
+    return obj
 
 
 def stage_root(plan: StagePlan) -> str:
@@ -109,8 +129,9 @@ def reuse(plan: StagePlan, output_type: type[Output]) -> Output | None:
             f"inside the root {root!r}. Delete {plan.dir!r} to recompute it"
         )
     log.info("%s: reusing complete output %s", plan.stage, plan.dir)
+    metrics = _rooted(m["metrics"], root, to_token=False) if m.get(RELOCATABLE) else m["metrics"]
     return output_type.model_validate({"stage": plan.stage, "key": plan.key, "dir": plan.dir,
-                                       "artifact": artifact, "metrics": m["metrics"]})
+                                       "artifact": artifact, "metrics": metrics})
 
 
 def once(

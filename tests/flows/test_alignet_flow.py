@@ -385,6 +385,8 @@ def test_a_moved_root_and_a_relative_root_reuse_every_stage(harness, tmp_path, m
         assert _stage_files(cwd / "b") == before  # ... and every stage reused, nothing recomputed
         assert Path(moved["dataset"]).resolve().is_relative_to(cwd / "b") and _digest(moved["dataset"]) == digest
         assert str(tmp_path / "a") not in json.dumps(moved)
+        # the stage manifests name paths under the root as "<root>/...": a reuse hands on the new place
+        assert not [p for p in (cwd / "b" / "stages").rglob("manifest.json") if str(tmp_path / "a") in p.read_text()]
         assert versions.verify(where, "demo") == []
     again, run_id = _run(tiny(Path("b")))
     states = _task_states(run_id)
