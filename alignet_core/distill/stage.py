@@ -28,9 +28,9 @@ from alignet_core.context import RunContext
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.hardware import compute_identity
 from alignet_core.human.data import PROXY_NAME, human_test_split
-from alignet_core.io import sources, store
-from alignet_core.io.formats import sampling_name
 from alignet_core.human.heldout import heldout_label, noise_ceiling
+from alignet_core.io import sources, store, version_locks
+from alignet_core.io.formats import sampling_name
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.stats.bootstrap import Comparison, Estimate, accuracy, compare
 
@@ -48,6 +48,7 @@ class DistillFiles(Record):
     train: str
     valid: dict[str, str]  # sampling name → valid_<sampling>.npz
     key: str  # identity of the input: the sampling stage's key, or a fingerprint of foreign files
+    version: str | None = None  # the published version of the pipeline's own dataset (held while distilling)
 
 
 class DistillMetrics(StageMetrics):
@@ -110,13 +111,15 @@ def distill_files(cfg: PipelineConfig, ds: StageOutput | None) -> DistillFiles:
     for p in sorted(fs.glob(f"{path}/valid_*.npz")):
         base = p.rsplit("/", 1)[-1]
         valid[base[len("valid_"):-len(".npz")]] = store.join(folder, base)
+    version = None
     if d.dataset is None:
         key = ds.key  # type: ignore[union-attr]
+        version = getattr(ds.metrics, "version", None)  # type: ignore[union-attr]
     else:  # a foreign folder: its files' names, sizes and modification times
         ident = [(u, fs.size(fsspec.core.url_to_fs(u)[1]), fs.modified(fsspec.core.url_to_fs(u)[1]).timestamp())
                  for u in [train, *valid.values()]]
         key = store.content_key("distill-input", ident)
-    return DistillFiles(folder=folder, sampling=name, train=train, valid=valid, key=key)
+    return DistillFiles(folder=folder, sampling=name, train=train, valid=valid, key=key, version=version)
 
 
 def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
@@ -187,7 +190,21 @@ def run_distill(
     if layout.nodes > 1 and not store.is_complete(plan.dir) and read_train_log(plan.dir) is None:
         raise nodes_need_torchrun(layout)
     # training resumes from its own checkpoints: no temporaries to clear
-    return once(plan, DistillOutput, lambda: _distill(ctx, files, plan, progress), cfg.lock_timeout, clean=False)
+    return once(plan, DistillOutput, lambda: _distill_held(ctx, files, plan, progress), cfg.lock_timeout, clean=False)
+
+
+def _distill_held(
+    ctx: RunContext, files: DistillFiles, plan: StagePlan, progress: Callable[[int, float], None] | None
+) -> DistillOutput:
+    """`_distill` while holding the published version it reads (the ranks read its files again): a
+    retention by a concurrent regeneration (`keep_versions`) leaves it until training ends."""
+    if files.version is None:
+        return _distill(ctx, files, plan, progress)
+    with version_locks.shared_hold(ctx.cfg.root, ctx.cfg.dataset_name, files.version):
+        if not store.exists(files.train):
+            raise InputError(f"distill: dataset {ctx.cfg.dataset_name!r} version {files.version!r} was removed by "
+                             "retention (keep_versions) before training began; rerun to train on `latest`")
+        return _distill(ctx, files, plan, progress)
 
 
 def _distill(

@@ -29,17 +29,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 from alignet_core.errors import InputError, StoreError
-from alignet_core.io import lock, store
+from alignet_core.io import lock, store, version_locks
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
 PINS = ".pins"  # <root>/datasets/<name>/.pins/<version>.<id>: a run will promote that version
 PIN_TTL_SECONDS = 7 * 24 * 3600  # a pin older than this (its run was killed) no longer holds retention off
-READERS = ".readers"  # <root>/datasets/<name>/.readers/<version>.lock: shared by readers, exclusive to delete
 # a version id (and a dataset name) is one plain folder name: no '/', no leading '.', so never '..'
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -142,51 +140,25 @@ def resolve(root: str, name: str, version: str = LATEST) -> str:
     return version
 
 
-def _reader_lock_path(root: str, name: str, version: str) -> str | None:
-    """The reader lock file of a version, or None for a non-local root (no file locks there)."""
-    fs, path = fsspec.core.url_to_fs(store.join(datasets_dir(root), name, READERS, f"{version}.lock"))
-    return path if isinstance(fs, LocalFileSystem) else None
-
-
-def _open_lock(path: str | None) -> int | None:
-    """A file descriptor on a lock file, created if need be; None where there is none to take: a non-local
-    root, or a dataset folder this user may not write (a read-only reader, then not protected)."""
-    if path is None:
-        return None
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        return os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-    except OSError:
-        try:
-            return os.open(path, os.O_RDONLY)
-        except OSError:
-            return None
-
-
 @contextlib.contextmanager
 def reading(root: str, name: str, version: str = LATEST) -> Iterator[str]:
     """Hold a published version (`latest` by default) for reading; yields its id. Retention does not
     delete it until the block ends. A version removed between resolving it and taking the lock is
     resolved again when it was `latest` (which has moved on), and an `InputError` naming it otherwise."""
-    for _ in range(100):
-        v = resolve(root, name, version)
-        fd = _open_lock(_reader_lock_path(root, name, v))
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while retention deletes it
-        if store.is_complete(version_dir(root, name, v)):
-            break
-        if fd is not None:
-            os.close(fd)
-        if version != LATEST:
-            raise InputError(f"dataset {name!r} version {v!r} was removed by retention (keep_versions) while "
-                             "it was being opened")
-    else:
-        raise StoreError(f"dataset {name!r}: `latest` kept pointing at versions that were removed; try again")
-    try:
+    with contextlib.ExitStack() as held:
+        for _ in range(100):
+            v = resolve(root, name, version)
+            hold = held.enter_context(contextlib.ExitStack())
+            hold.enter_context(version_locks.shared_hold(root, name, v))  # waits while retention deletes it
+            if store.is_complete(version_dir(root, name, v)):
+                break
+            hold.close()
+            if version != LATEST:
+                raise InputError(f"dataset {name!r} version {v!r} was removed by retention (keep_versions) while "
+                                 "it was being opened")
+        else:
+            raise StoreError(f"dataset {name!r}: `latest` kept pointing at versions that were removed; try again")
         yield v
-    finally:
-        if fd is not None:
-            os.close(fd)  # drops the shared lock
 
 
 def manifest(root: str, name: str, version: str = LATEST) -> dict[str, Any]:
@@ -235,8 +207,8 @@ def apply_retention(root: str, name: str, keep: int | None) -> list[str]:
     fs, _ = fsspec.core.url_to_fs(root)
     removed = []
     for r in doomed:
-        lock_file = _reader_lock_path(root, name, r["version"])
-        fd = _open_lock(lock_file)
+        lock_file = version_locks.reader_lock_path(root, name, r["version"])
+        fd = version_locks.open_lock(lock_file)
         try:
             if fd is not None:
                 try:

@@ -36,6 +36,31 @@ def test_retention_leaves_a_version_a_reader_holds(tmp_path):
     assert not (tmp_path / "datasets/demo/.readers/v1.lock").exists()
 
 
+
+def test_retention_leaves_the_version_a_distillation_trains_on(tmp_path):
+    """The distill stage holds the published version it trains on (`io.version_locks.shared_hold`, the lock
+    `reading` takes; the ranks read its files again) for the whole training: a regeneration's retention in
+    the meantime leaves it; the hold is taken on the version the sample stage's output names."""
+    from types import SimpleNamespace
+
+    from alignet_core.config import parse_config
+    from alignet_core.distill.stage import distill_files
+    from alignet_core.io import version_locks
+
+    root = str(tmp_path)
+    _publish(tmp_path, "v1", 1)
+    versions.promote(root, "demo", "v1", 1)
+    cfg = parse_config({"root": root, "distill": {"sampling": "between_class"}})
+    own = SimpleNamespace(key="k", artifact=str(tmp_path / "datasets/demo/v1/uncertainty_distillation"),
+                          metrics=SimpleNamespace(version="v1"))
+    files = distill_files(cfg, own)
+    assert files.version == "v1"
+    _publish(tmp_path, "v2", 2)
+    with version_locks.shared_hold(root, "demo", files.version):
+        assert versions.promote(root, "demo", "v2", 1) == []  # v1 is being trained on: left
+        assert versions.verify(root, "demo", "v1") == []
+    assert versions.promote(root, "demo", "v2", 1) == ["v1"]
+
 PUBLISHER = """
 import sys
 from pathlib import Path
