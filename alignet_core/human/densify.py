@@ -22,16 +22,10 @@ import torch
 
 from alignet_core.config.human import ViceConfig
 from alignet_core.errors import InputError
+from alignet_core.human.triplets import observe
 from alignet_core.human.vice import ViceModel, fit_vice
 
 log = logging.getLogger(__name__)
-
-# For an observed choice c of the most similar pair among [(i,j), (i,k), (j,k)] of (i, j, k): the new
-# order of the three objects (chosen pair first, odd one last), and where each new pair's probability
-# sits among the old [p_ij, p_ik, p_jk] (the tables of `formats.order_by_similarity`).
-_OBJECT_PERM = np.array([[0, 1, 2], [0, 2, 1], [1, 2, 0]])
-_PAIR_PERM = np.array([[0, 1, 2], [1, 0, 2], [2, 0, 1]])
-
 
 @dataclass(frozen=True)
 class DenseTriplets:
@@ -56,16 +50,6 @@ def distinct_triples(pool: np.ndarray, n: int, rng: np.random.Generator) -> np.n
         if not bad.any():
             return pool[idx]
         idx[bad] = rng.integers(0, len(pool), size=(int(bad.sum()), 3))
-
-
-def observe(triplets: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Sample each row's most similar pair from `probs` (over [(i,j), (i,k), (j,k)]) and reorder the row so
-    the sampled odd one is in column 2, its probability row permuted to match."""
-    u = rng.random(len(triplets))
-    choice = (u >= probs[:, 0]).astype(np.int64) + (u >= probs[:, 0] + probs[:, 1]).astype(np.int64)
-    choice = np.minimum(choice, 2)  # u at the float edge of a row summing to 1 - ε
-    return (np.take_along_axis(triplets, _OBJECT_PERM[choice], axis=1).astype(np.int64),
-            np.take_along_axis(probs, _PAIR_PERM[choice], axis=1).astype(np.float32))
 
 
 def trials_without(trials: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
@@ -97,7 +81,7 @@ def densify(
     rng = np.random.default_rng([seed, 31])
     drawn = distinct_triples(pool, n_triplets, rng)
     probs = model.predict_probabilities(drawn, seed=seed)
-    triplets, probs = observe(drawn, probs, rng)
+    triplets, probs, _ = observe(drawn, probs, rng)
     log.info("densify: VICE (%d dims) on %d trials (%d dropped for held-out objects) → %d triplets over %d objects",
              model.dim, len(fit_on), len(trials) - len(fit_on), n_triplets, len(pool))
     return DenseTriplets(triplets=triplets, probs=probs, model=model, n_trials_fit=int(len(fit_on)),

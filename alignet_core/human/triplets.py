@@ -118,13 +118,21 @@ def make_proxy_triplets(
     difficulty = difficulty / difficulty.mean()
     wrong = np.minimum(noise * difficulty, CHANCE_ERROR_MASS)
     probs = np.stack([1.0 - wrong, wrong / 2.0, wrong / 2.0], axis=1)  # over [(i,j), (i,k), (j,k)]
-    u = rng.random(n_triplets)
-    choice = (u >= probs[:, 0]).astype(np.int64) + (u >= probs[:, 0] + probs[:, 1]).astype(np.int64)
-    triplets = np.take_along_axis(triplets, _IMAGE_PERM[choice], axis=1).astype(np.int64)
-    probs = np.take_along_axis(probs, _PAIR_PERM[choice], axis=1).astype(np.float32)
+    triplets, probs, choice = observe(triplets, probs, rng)
     log.debug("proxy triplets: %d rows, %.3f disagree with the taxonomy (noise %.3f)",
               n_triplets, float(np.mean(choice != 0)), noise)
     return triplets, probs, level_of
+
+
+def observe(triplets: np.ndarray, probs: np.ndarray, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample each row's most similar pair from `probs` (over [(i,j), (i,k), (j,k)]) and reorder the row so
+    the sampled odd one is in column 2, its probability row permuted to match. Returns (triplets int64,
+    probs float32, the sampled pair index per row)."""
+    u = rng.random(len(triplets))
+    choice = (u >= probs[:, 0]).astype(np.int64) + (u >= probs[:, 0] + probs[:, 1]).astype(np.int64)
+    return (np.take_along_axis(triplets, _IMAGE_PERM[choice], axis=1).astype(np.int64),
+            np.take_along_axis(probs, _PAIR_PERM[choice], axis=1).astype(np.float32), choice)
 
 
 def object_folds(n_objects: int, folds: int, seed: int) -> np.ndarray:

@@ -12,6 +12,7 @@ import torch
 from alignet_core.config.human import ViceConfig
 from alignet_core.errors import InputError
 from alignet_core.human import densify as D
+from alignet_core.human.triplets import observe
 
 M, DIMS, N_TRIALS = 150, 5, 20_000
 
@@ -27,7 +28,7 @@ def _world(seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = np.maximum(rng.normal(0, 1, (M, DIMS)), 0) * 1.5
     drawn = D.distinct_triples(np.arange(M), N_TRIALS, rng)
-    trials, _ = D.observe(drawn, _probs(x, drawn), rng)
+    trials, _, _ = observe(drawn, _probs(x, drawn), rng)
     return x, trials
 
 
