@@ -308,15 +308,23 @@ def _run_and_print(args: argparse.Namespace, overrides: dict[str, Any], cfg: Any
 def _human_summary(ctx: Any) -> list[str]:
     """What `validate` shows of the human data (the run context's): the object ↔ image mapping of a triplet
     file (objects with images, triplets kept, unknown ids), or that the taxonomy proxy stands in for it."""
-    from alignet_core.human.data import PROXY_NAME, proxy_taxonomy
+    from alignet_core.human.data import PROXY_NAME, proxy_taxonomy, trial_file
 
-    if ctx.cfg.human.triplets is None:
+    if trial_file(ctx.cfg.human) is None:
         labels = proxy_taxonomy(ctx.cfg, ctx.source)
         if labels is None:
             return ["human data: none (the source has unlabelled images)"]
         return [f"human data: the {PROXY_NAME}, drawn from the source's labels: {len(set(labels[0]))} coarse "
                 f"categories, {len(set(labels[1]))} classes"]
-    return ctx.human.mapping.lines() if ctx.human is not None and ctx.human.mapping is not None else []
+    data = ctx.human
+    lines = data.mapping.lines() if data is not None and data.mapping is not None else []
+    if data is not None and data.dense:
+        d = ctx.cfg.human.densify
+        lines.append(f"human.densify: VICE on all {len(data.trials)} trials over {data.n_declared} objects; "
+                     f"{d.n_triplets} dense triplets per fit over the {data.n_objects} objects with images, "
+                     f"{d.n_test} test triplets per fold ({ctx.cfg.human.folds} folds); {len(data.triplets)} trials "
+                     f"name three objects with images, {len(data.split.test)} of them all in the test fold")
+    return lines
 
 
 def _flow(command: str) -> Any:

@@ -24,6 +24,22 @@ def renamed_level_message(field: str, names: object) -> str | None:
             f"paper's human-judged Levels): {fix}; the names are {list(ProxyLevel.__args__)}")
 
 
+class DensifyConfig(ConfigModel):
+    """Dense soft-labelled triplets over the objects that have images, drawn from VICE fitted on every trial
+    of the triplet file (`alignet_core.human.densify`): how many, per fit."""
+
+    n_triplets: int = Field(
+        20000, gt=0, description="triplets drawn over the training objects of each fit (every fold's, and the "
+        "refit's over all objects), labelled with the choice probabilities of that fit's VICE (fitted on every trial "
+        "that names no held-out object)"
+    )
+    n_test: int = Field(
+        5000, gt=0, description="test triplets drawn inside each fold's objects, labelled with the choice "
+        "probabilities of VICE fitted on every trial (the model of the people the held-out figures are scored "
+        "against: expected accuracy, with its own ceiling)"
+    )
+
+
 class HumanConfig(ConfigModel):
     """Human odd-one-out triplets (THINGS format) or the taxonomy-derived proxy, and how the
     objects are split so that held-out figures never involve an object a fit has seen."""
@@ -31,6 +47,18 @@ class HumanConfig(ConfigModel):
     triplets: str | None = Field(
         None, description="THINGS-format triplet file (rows 'i j k', k the odd one); null: the taxonomy proxy from the source's "
         "labels (demo, class folders, CSV label_columns), named a proxy in every report"
+    )
+    shipped: Literal["things"] | None = Field(
+        None, description="things: the THINGS odd-one-out trials shipped with the project (alignet_core/data/things: "
+        "115,313 trials of Hebart et al. 2020, CC-BY-4.0) over the demo emoji through the shipped emoji map (one "
+        "THINGS concept per emoji); needs source.kind demo and human.densify (238 trials name three mapped emoji); "
+        "replaces human.triplets, human.concepts and human.objects"
+    )
+    densify: DensifyConfig | None = Field(
+        None, description="fit VICE (the vice section) on every trial of the triplet file over all its objects, then "
+        "fit the transform on dense triplets over the objects with images, soft-labelled with VICE's posterior-"
+        "predictive choice probabilities (the AligNet paper's uncertainty distillation); each fold's VICE never sees "
+        "a trial naming an object of that fold. null: fit on the file's triplets whose three objects have images"
     )
     probabilities: str | None = Field(
         None, description=".npy (n, 3) probabilities that pair (i,j), (i,k), (j,k) is the most similar"
@@ -93,6 +121,18 @@ class HumanConfig(ConfigModel):
     @model_validator(mode="after")
     def _fold_and_mix(self) -> HumanConfig:
         declared = [f for f in ("concepts", "objects") if getattr(self, f)] + (["positional"] if self.positional else [])
+        if self.shipped is not None:
+            given = [f for f in ("triplets", "probabilities", *declared) if getattr(self, f)]
+            if given:
+                raise ValueError(f"human.shipped: {self.shipped!r} brings its own triplets and emoji map; remove "
+                                 f"{', '.join('human.' + f for f in given)}")
+            if self.densify is None:
+                raise ValueError("human.shipped: the shipped THINGS trials need human.densify (only 238 of the "
+                                 "115,313 trials name three mapped emoji), e.g. densify: {n_triplets: 20000}")
+        if self.densify is not None and self.shipped is None and self.triplets is None:
+            raise ValueError("human.densify: needs the trials to fit VICE on: human.triplets (or human.shipped)")
+        if self.densify is not None and self.probabilities is not None:
+            raise ValueError("human.densify: the dense triplets' probabilities are VICE's; remove human.probabilities")
         if len(declared) > 1:
             raise ValueError(f"human: {' and '.join('human.' + f for f in declared)} each declare how objects attach "
                              "to images; give one")

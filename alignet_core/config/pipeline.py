@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from alignet_core.config.base import Device
 from alignet_core.config.cluster import ClusterConfig
@@ -67,6 +67,17 @@ class PipelineConfig(ConfigModel):
         """`file://` roots are local paths: written as such, every writer (Zarr's included) uses
         the local file system directly."""
         return v.removeprefix("file://") or "/"
+
+    @model_validator(mode="after")
+    def _shipped_needs_demo(self) -> PipelineConfig:
+        if self.human.shipped is not None and self.source.kind != "demo":
+            raise ValueError(f"human.shipped: the shipped emoji map ties THINGS concepts to the demo emoji; it needs "
+                             f"source.kind demo (got {self.source.kind!r}): for your own images give human.triplets "
+                             "with human.concepts or human.objects")
+        if self.human.densify is not None and self.transform.soft_targets == "vice":
+            raise ValueError("transform.soft_targets: 'vice' fits VICE on each fold's triplets; with human.densify "
+                             "the soft targets are already VICE's (fitted on every trial): use 'auto'")
+        return self
 
 
 def _section_fields(loc: tuple[Any, ...]) -> list[str]:

@@ -27,7 +27,7 @@ from alignet_core.config import PipelineConfig
 from alignet_core.context import RunContext
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.hardware import compute_identity
-from alignet_core.human.data import PROXY_NAME, human_test_split
+from alignet_core.human.data import human_test_split
 from alignet_core.human.heldout import heldout_label, noise_ceiling
 from alignet_core.io import sources, store, version_locks
 from alignet_core.io.formats import sampling_name
@@ -253,7 +253,7 @@ def _distill(
         heldout_before_dot={s: accuracy(dot.by_sampling[s], cfg.seed) for s in valids},
         human=human,
         human_before_dot=None if test is None else accuracy(dot.human, cfg.seed, triplets=test.triplets),
-        human_data=None if test is None else (PROXY_NAME if test.is_proxy else cfg.human.triplets),
+        human_data=None if test is None else ctx.human.name(cfg),
         n_human_test=0 if test is None else int(len(test.triplets)),
         human_heldout=None if test is None else heldout_label(cfg, ctx.human, train.indices, d.dataset is None),
         human_is_proxy=test is not None and test.is_proxy,

@@ -62,8 +62,16 @@ def images_of_test_fold(cfg: PipelineConfig, data: HumanData | None, n_images: i
     return np.flatnonzero((ooi >= 0) & (data.fold_of[np.maximum(ooi, 0)] == cfg.human.test_fold))
 
 
-def build_sets(cfg: PipelineConfig, src: sources.ImageSource, data: HumanData | None) -> list[EvalSet]:
-    """Every evaluation set of the run (see the module doc), deterministic for the run's seed."""
+DENSE_SET = "human_expected"
+DENSE_DEFINITION = ("triplets drawn inside the test fold's objects, labelled by VICE fitted on every human trial (a "
+                    "model of the people): each model's expected accuracy (the probability that a person picks its odd "
+                    "one); ceiling: the mean of VICE's largest choice probability")
+
+
+def build_sets(cfg: PipelineConfig, src: sources.ImageSource, data: HumanData | None,
+               dense_test: tuple[np.ndarray, np.ndarray] | None = None) -> list[EvalSet]:
+    """Every evaluation set of the run (see the module doc), deterministic for the run's seed. dense_test:
+    (triplets, probs) of the transform's dense test triplets over every fold (`human.densify`)."""
     out: list[EvalSet] = []
     labels = taxonomy(cfg, src)
     if labels is not None:
@@ -84,7 +92,14 @@ def build_sets(cfg: PipelineConfig, src: sources.ImageSource, data: HumanData | 
                            resample="objects", ceiling=ceiling,
                            definition=f"the {data.name(cfg)} triplets of the test fold (objects never fitted)"
                            + ("" if ceiling is None else f"; noise ceiling {100 * ceiling:.1f}% (the proxy flips "
-                              f"about {100 * cfg.human.proxy_noise:.0f}% of its answers at random)")))
+                              f"about {100 * cfg.human.proxy_noise:.0f}% of its answers at random)")
+                           + ("; the real trials whose three objects are test-fold objects" if data.dense else "")))
+    if data is not None and dense_test is not None:
+        t, p = dense_test
+        inside = (data.fold_of[t] == cfg.human.test_fold).all(1)
+        out.append(EvalSet(name=DENSE_SET, kind="dense", triplets=t[inside], probs=p[inside], on_objects=True,
+                           resample="objects", ceiling=float(p[inside].max(1).mean()) if inside.any() else None,
+                           definition=DENSE_DEFINITION))
     for s in cfg.evaluate.sets:
         t = formats.read_things_triplets(s.triplets, len(src))
         probs = formats.read_probabilities(s.probabilities, len(t)) if s.probabilities else None

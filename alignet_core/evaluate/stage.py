@@ -37,7 +37,7 @@ from alignet_core.context import RunContext
 from alignet_core.evaluate.saliency_scores import SaliencyAlignment
 from alignet_core.evaluate.sets import EvalSet, build_sets, needed_images
 from alignet_core.hardware import device_type, resolve_device
-from alignet_core.human.data import HumanData
+from alignet_core.human.data import DENSE_TEST_FILE, DENSE_TEST_PROBS, HumanData
 from alignet_core.human.heldout import NOT_HELD_OUT_ALL
 from alignet_core.human.triplets import object_embeddings
 from alignet_core.io import embedding_store, formats, sources, store
@@ -45,7 +45,7 @@ from alignet_core.runtime.progress import ProgressLog
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.stats import bootstrap
 from alignet_core.stats.bootstrap import Difference, Estimate, MeanEstimate
-from alignet_core.stats.metrics import odd_one_out_correct, pair_similarities, unit_rows
+from alignet_core.stats.metrics import expected_agreement, odd_one_out_correct, pair_similarities, unit_rows
 from alignet_core.stats.uncertainty import (
     UncertaintyAgreement,
     choice_distribution,
@@ -104,6 +104,9 @@ class EvaluateMetrics(StageMetrics):
     temperature_rule: str = TEMPERATURE_RULE
     reference: dict[str, str]  # set → the AligNet paper's Levels figure for it (file sets with paper_level only)
     agreement: dict[str, dict[str, MeanEstimate]] = {}  # model → set → expected agreement with human choices
+    # human.densify: model → dense set → expected accuracy (object-clustered interval); side → its aligned − raw
+    expected: dict[str, dict[str, Estimate]] = {}
+    expected_changes: dict[str, dict[str, Difference]] = {}
     heldout: dict[str, str] = {}  # model → whether its test-fold figures are held-out, in words
     human_data: str | None
     saliency: SaliencyAlignment | None = None  # the "where" metric (evaluate.saliency_maps)
@@ -180,6 +183,13 @@ def _model_images(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, stude
     return out
 
 
+def _dense_test(tfm: StageOutput) -> tuple[np.ndarray, np.ndarray]:
+    """The transform stage's dense test triplets and their VICE-on-every-trial probabilities (`human.densify`)."""
+    folder = tfm.artifact.rstrip("/").rsplit("/", 1)[0]
+    t = formats.read_things_triplets(store.join(folder, DENSE_TEST_FILE))
+    return t, formats.read_probabilities(store.join(folder, DENSE_TEST_PROBS), len(t))
+
+
 def _similarities(e: np.ndarray, triplets: np.ndarray, similarity: str) -> np.ndarray:
     return pair_similarities(unit_rows(e) if similarity == "cosine" else e, triplets)
 
@@ -188,7 +198,7 @@ def _evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: Stag
               plan: StagePlan) -> EvaluateOutput:
     t0 = time.perf_counter()
     cfg, src, data = ctx.cfg, ctx.source, ctx.human
-    sets = build_sets(cfg, src, data)
+    sets = build_sets(cfg, src, data, _dense_test(tfm) if data is not None and data.dense else None)
     fit_t = data is not None and data.probs is not None
     images = _model_images(cfg, emb, tfm, student, src, needed_images(sets, data, with_train_objects=fit_t))
     scores: dict[str, dict[str, Estimate]] = {m: {} for m in images}
@@ -196,6 +206,7 @@ def _evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: Stag
     uncertainty: dict[str, dict[str, UncertaintyAgreement]] = {m: {} for m in images}
     temperatures: dict[str, float] = {}
     agreement: dict[str, dict[str, MeanEstimate]] = {}
+    expected: dict[str, dict[str, np.ndarray]] = {}
     scored = ProgressLog("evaluate score", "models", len(images))
     scored.update(0, f" ({len(sets)} sets each)")
     for i, (model, e) in enumerate(images.items(), 1):
@@ -210,6 +221,8 @@ def _evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: Stag
             if s.kind == "file" and s.probs is not None:
                 agreement.setdefault(model, {})[s.name] = bootstrap.mean_interval(
                     expected_agreement(_similarities(x, t, similarity), s.probs), cfg.seed)
+            if s.kind == "dense" and s.probs is not None:
+                expected.setdefault(model, {})[s.name] = expected_agreement(_similarities(x, t, similarity), s.probs)
             if s.probs is not None and model in temperatures:
                 q = choice_distribution(_similarities(x, t, similarity), temperatures[model])
                 uncertainty[model][s.name] = uncertainty_agreement(s.probs, q)
@@ -217,6 +230,13 @@ def _evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: Stag
     changes = {side: {s.name: bootstrap.paired_difference(outcomes[f"{side}_raw"][s.name],
                                                           outcomes[f"{side}_aligned"][s.name], cfg.seed, _unit(s))
                       for s in sets} for side in ("teacher", "student") if f"{side}_aligned" in images}
+    dense_sets = [s for s in sets if s.kind == "dense"]
+    expected_est = {m: {s.name: bootstrap.expected_accuracy(v[s.name], cfg.seed, s.triplets) for s in dense_sets}
+                    for m, v in expected.items()}
+    expected_changes = {side: {s.name: bootstrap.expected_change(expected[f"{side}_raw"][s.name],
+                                                                 expected[f"{side}_aligned"][s.name], cfg.seed,
+                                                                 s.triplets) for s in dense_sets}
+                        for side in ("teacher", "student") if f"{side}_aligned" in expected}
     store.makedirs(plan.dir)
     saliency, picture = _where(cfg, src, student, needed_images(sets, data, with_train_objects=False), plan.dir)
     for s in sets:
@@ -228,7 +248,8 @@ def _evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: Stag
         scores=scores, changes=changes, uncertainty=uncertainty, temperatures=temperatures,
         reference={s.name: f"the AligNet paper's Levels ({s.paper_level}), agreement with human choices: "
                    f"{REFERENCE[s.paper_level]}" for s in sets if s.paper_level in REFERENCE},
-        agreement=agreement, heldout=heldout_labels(cfg, list(images), student),
+        agreement=agreement, expected=expected_est, expected_changes=expected_changes,
+        heldout=heldout_labels(cfg, list(images), student),
         human_data=None if data is None else data.name(cfg),
         saliency=saliency, saliency_picture=picture,
         seconds=round(time.perf_counter() - t0, 2),
@@ -314,16 +335,6 @@ def heldout_labels(cfg: PipelineConfig, models: list[str], student: StageOutput 
             label = getattr(None if student is None else student.metrics, "human_heldout", None)
             out[m] = label or (NOT_HELD_OUT_ALL if cfg.human.teacher == "all" else "unknown")
     return out
-
-
-def expected_agreement(similarities: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """(t,) float64: the probability that a person picks the pair the model finds most similar, per triplet.
-
-    similarities: (t, 3) the model's [s01, s02, s12]; probs: (t, 3) the human response distribution over
-    the same pairs. Its mean is the model's expected agreement with human choices (the AligNet paper's
-    Levels metric; a person's own agreement with another is the mean of Σ p²)."""
-    choice = np.argmax(np.asarray(similarities), axis=1)
-    return np.asarray(probs, dtype=np.float64)[np.arange(len(choice)), choice]
 
 
 def _temperature(cfg: PipelineConfig, model: str, e: np.ndarray, data: HumanData) -> float:

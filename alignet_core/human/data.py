@@ -21,16 +21,42 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from alignet_core.config import PipelineConfig
+from alignet_core.config.human import HumanConfig
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.human import triplets as human
 from alignet_core.human.levels import admits
-from alignet_core.human.mapping import MappingSummary, object_mapping
+from alignet_core.human.mapping import MappingSummary, ObjectMapping, object_mapping
 from alignet_core.human.triplets import TripletSplit
 from alignet_core.io import formats, sources
 
 log = logging.getLogger(__name__)
 
 PROXY_NAME = "taxonomy proxy (not human)"
+#: in the transform stage's folder (`human.densify`): every fold's test triplets (object ids of the run's objects
+#: with images, odd one sampled into column 2) and their choice probabilities from VICE fitted on every trial
+DENSE_TEST_FILE = "dense_test.txt"
+DENSE_TEST_PROBS = "dense_test_probabilities.npy"
+SHIPPED_NAME = "THINGS odd-one-out trials shipped with alignet (Hebart et al. 2020, CC-BY-4.0)"
+
+
+def trial_file(h: HumanConfig) -> str | None:
+    """The triplet file of the human data: `human.triplets`, the shipped THINGS trials (`human.shipped`), or
+    None (the taxonomy proxy)."""
+    if h.shipped == "things":
+        from alignet_core.human.things import things_dir
+
+        return str(things_dir() / "triplets.txt")
+    return h.triplets
+
+
+def human_files(h: HumanConfig) -> dict[str, str]:
+    """field → file of every file that changes the human data (what a stage's key hashes by content)."""
+    files = {f: getattr(h, f) for f in ("triplets", "probabilities", "objects", "concepts", "stimuli") if getattr(h, f)}
+    if h.shipped == "things":
+        from alignet_core.human.things import things_dir
+
+        files.update({f"shipped_{n}": str(things_dir() / n) for n in ("triplets.txt", "concepts.txt", "emoji_map.csv")})
+    return files
 
 
 class HumanData(BaseModel):
@@ -47,10 +73,24 @@ class HumanData(BaseModel):
     level_of: np.ndarray | None  # (t,) str abstraction level of each proxy triplet; None for files
     is_proxy: bool
     mapping: MappingSummary | None = None  # how a file's objects attach to images; None for the proxy
+    # with human.densify: every trial of the file (declared object ids), the declared id of each object, and
+    # the number of declared objects (VICE embeds all of them); `triplets` are then the trials over objects
+    # with images (real choices: a secondary figure), and the fits train on VICE's dense triplets
+    trials: np.ndarray | None = None
+    declared_of: np.ndarray | None = None
+    n_declared: int = 0
+
+    @property
+    def dense(self) -> bool:
+        """Whether the transform fits on VICE's dense triplets (`human.densify`) rather than `triplets`."""
+        return self.trials is not None
 
     def name(self, cfg: PipelineConfig) -> str:
         """How reports name the data: the proxy is always called a proxy."""
-        return PROXY_NAME if self.is_proxy else str(cfg.human.triplets)
+        if self.is_proxy:
+            return PROXY_NAME
+        base = SHIPPED_NAME if cfg.human.shipped else str(cfg.human.triplets)
+        return f"{base}, densified by VICE" if self.dense else base
 
     @property
     def n_folds(self) -> int:
@@ -103,13 +143,14 @@ def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
     labels) and split them by objects."""
     h = cfg.human
     n = len(src)
-    if h.triplets is None:
+    url = trial_file(h)
+    if url is None:
         labels = proxy_taxonomy(cfg, src)
         if labels is None:
             raise ConfigError(no_human_data_message(src))
         return _proxy(cfg, labels, n)
     mapping = object_mapping(h, cfg.source, src)
-    file_trip = formats.read_things_triplets(h.triplets, mapping.summary.n_declared)
+    file_trip = formats.read_things_triplets(url, mapping.summary.n_declared)
     probs = formats.read_probabilities(h.probabilities, len(file_trip)) if h.probabilities else None
     kept, trip = mapping.map_triplets(file_trip)
     if probs is not None:
@@ -117,6 +158,8 @@ def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
     summary = mapping.summary.model_copy(update={"triplets_in_file": len(file_trip), "triplets_kept": len(kept)})
     for line in summary.lines():
         log.info("%s", line)
+    if h.densify is not None:
+        return _dense(cfg, file_trip, trip, mapping, summary)
     if len(trip) == 0:
         raise InputError(f"human.triplets: none of the {len(file_trip)} triplets has all three objects among the "
                          f"{summary.n_objects} objects with images ({summary.kind})")
@@ -137,6 +180,27 @@ def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
                          "triplets are test triplets over all folds: use fewer human.folds or more triplets")
     return HumanData(triplets=trip, probs=probs, object_of_image=object_of_image, n_objects=n_objects,
                      fold_of=fold_of, split=split, level_of=None, is_proxy=False, mapping=summary)
+
+
+def _dense(cfg: PipelineConfig, file_trip: np.ndarray, trip: np.ndarray, mapping: ObjectMapping,
+           summary: MappingSummary) -> HumanData:
+    """`human.densify`: every trial is kept for VICE; the objects with images are dealt into folds (each fold's
+    VICE and transform never see a trial naming one of its objects); the real trials over objects with
+    images stay as `triplets` (a secondary, real-choice figure: few, and folds may have none)."""
+    h = cfg.human
+    n_objects = mapping.summary.n_objects
+    if n_objects < 3 * h.folds:
+        raise InputError(f"human.densify: {n_objects} objects have images; {h.folds} folds need at least 3 each "
+                         "(use fewer human.folds or map more objects to images)")
+    fold_of = human.object_folds(n_objects, h.folds, cfg.seed)
+    declared_of = np.flatnonzero(mapping.compact_of >= 0).astype(np.int64)
+    split = human.split_by_objects(trip, fold_of, h.test_fold)
+    log.info("human.densify: VICE on all %d trials over %d objects; dense triplets over the %d objects with images "
+             "in %d folds; %d trials name three of them (%d with all three in the test fold)", len(file_trip),
+             mapping.summary.n_declared, n_objects, h.folds, len(trip), len(split.test))
+    return HumanData(triplets=trip, probs=None, object_of_image=mapping.object_of_image, n_objects=n_objects,
+                     fold_of=fold_of, split=split, level_of=None, is_proxy=False, mapping=summary,
+                     trials=file_trip, declared_of=declared_of, n_declared=mapping.summary.n_declared)
 
 
 def _proxy(cfg: PipelineConfig, labels: tuple[np.ndarray, np.ndarray], n: int) -> HumanData:
@@ -177,7 +241,7 @@ class HumanTest(BaseModel):
 
 def human_data_or_none(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData | None:
     """The run's human data (the taxonomy proxy without a file), or None when there is none."""
-    if cfg.human.triplets is None and proxy_taxonomy(cfg, src) is None:
+    if trial_file(cfg.human) is None and proxy_taxonomy(cfg, src) is None:
         return None
     return load_human_data(cfg, src)
 

@@ -59,6 +59,15 @@ def trials_without(trials: np.ndarray, exclude: np.ndarray | None) -> np.ndarray
     return trials[~np.isin(trials, np.asarray(exclude)).any(1)]
 
 
+def labelled(model: ViceModel, drawn: np.ndarray, rng: np.random.Generator, seed: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(triplets, probs) of `drawn` (n, 3) object ids of `model`: VICE's posterior-predictive choice
+    probabilities, and the odd one of each row sampled from them (column 2; its probability row permuted to
+    match)."""
+    triplets, probs, _ = observe(drawn, model.predict_probabilities(drawn, seed=seed), rng)
+    return triplets, probs
+
+
 def densify(
     trials: np.ndarray,
     n_declared: int,
@@ -79,9 +88,7 @@ def densify(
         raise InputError("densify: the pool of objects to draw from contains an excluded object")
     model = fit_vice(fit_on, n_declared, vice_cfg, seed, device)
     rng = np.random.default_rng([seed, 31])
-    drawn = distinct_triples(pool, n_triplets, rng)
-    probs = model.predict_probabilities(drawn, seed=seed)
-    triplets, probs, _ = observe(drawn, probs, rng)
+    triplets, probs = labelled(model, distinct_triples(pool, n_triplets, rng), rng, seed)
     log.info("densify: VICE (%d dims) on %d trials (%d dropped for held-out objects) → %d triplets over %d objects",
              model.dim, len(fit_on), len(trials) - len(fit_on), n_triplets, len(pool))
     return DenseTriplets(triplets=triplets, probs=probs, model=model, n_trials_fit=int(len(fit_on)),

@@ -114,6 +114,8 @@ def object_mapping(h: HumanConfig, source: SourceConfig, src: sources.ImageSourc
 
     Raises `ConfigError` when none is declared (see `undeclared_message`), `InputError` when the
     mapping's file is unreadable or ties no image to any object."""
+    if h.shipped is not None:
+        return _shipped(src)
     if h.concepts is not None:
         return _from_concepts(h.concepts, src, h)
     if h.objects is not None:
@@ -264,6 +266,27 @@ def _from_table(url: str, src: sources.ImageSource) -> ObjectMapping:
     n_declared = max(int(r["object"]) for r in rows) + 1
     return _build(obj, n_declared, f"table ({url})", [str(i) for i in range(n_declared)], unknown[:NAMED],
                   len(unknown))
+
+
+def _shipped(src: sources.ImageSource) -> ObjectMapping:
+    """The shipped THINGS concepts over the demo emoji (`human.shipped: things`): each emoji of the shipped map
+    stands for one concept (`things.one_concept_per_emoji`); a concept with two emoji averages them."""
+    from alignet_core.human import things
+
+    names = things.read_concepts()
+    per_emoji = things.one_concept_per_emoji(things.read_emoji_map(concepts=names),
+                                             {m["id"]: m["name"] for m in sources.demo_metadata()})
+    index = src.row_of
+    obj = np.full(len(src), -1, dtype=np.int64)
+    unknown = sorted(e for e in per_emoji if e not in index)
+    for eid, o in per_emoji.items():
+        if eid in index:
+            obj[index[eid]] = o
+    if (obj < 0).all():
+        raise InputError(f"human.shipped: none of the {len(per_emoji)} emoji of the shipped THINGS map is in "
+                         f"{src.description}")
+    return _build(obj, len(names), f"THINGS concepts of the shipped trials → demo emoji ({things.things_dir()}/"
+                  "emoji_map.csv, one concept per emoji)", names, unknown[:NAMED], len(unknown))
 
 
 def _build(obj: np.ndarray, n_declared: int, kind: str, names: list[str], unknown: list[str],

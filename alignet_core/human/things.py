@@ -75,3 +75,32 @@ def read_emoji_map(path: Path | None = None, concepts: list[str] | None = None) 
         names.append(concept)
         emoji.append(eid)
     return EmojiMap(objects=tuple(objects), concepts=tuple(names), emoji_ids=tuple(emoji))
+
+
+def _name_key(name: str) -> str:
+    return name.strip().lower().replace(" ", "_")
+
+
+def one_concept_per_emoji(emoji_map: EmojiMap, emoji_names: dict[str, str]) -> dict[str, int]:
+    """emoji id → the THINGS object it stands for, one per emoji.
+
+    An image is one object's stimulus, so where the map ties an emoji to two concepts (4 emoji: ⛵ boat and
+    sailboat, 🐬 dolphin and flipper, 🐎 horse and racehorse, 👕 shirt and t-shirt) the concept that is the emoji's
+    own name keeps it (`emoji_names`: id → the emoji's name, e.g. 'SAILBOAT'); the other loses it (boat,
+    flipper: THINGS' swim fin, which the dolphin does not show; racehorse; shirt). `InputError` naming the
+    emoji when its name matches none or several of its concepts."""
+    ties: dict[str, list[tuple[int, str]]] = {}
+    for o, concept, eid in zip(emoji_map.objects, emoji_map.concepts, emoji_map.emoji_ids, strict=True):
+        ties.setdefault(eid, []).append((o, concept))
+    out: dict[str, int] = {}
+    for eid, pairs in ties.items():
+        if len(pairs) == 1:
+            out[eid] = pairs[0][0]
+            continue
+        own = [o for o, concept in pairs if _name_key(concept) == _name_key(emoji_names.get(eid, ""))]
+        if len(own) != 1:
+            raise InputError(f"emoji map: emoji {eid} ({emoji_names.get(eid, 'no name')!r}) shows concepts "
+                             f"{[c for _, c in pairs]}, and its name picks {len(own)} of them; an image stands for one "
+                             "object")
+        out[eid] = own[0]
+    return out

@@ -64,7 +64,7 @@ def _read_human_data(ctx: RunContext) -> None:
     """A triplet file is read, checked and split now, not after hours of embedding (the context keeps it
     for the run); an error names the `human.*` field."""
     h = ctx.cfg.human
-    if h.triplets is None:
+    if h.triplets is None and h.shipped is None:
         return
     try:
         ctx.human  # noqa: B018 - read now

@@ -33,6 +33,16 @@ def odd_one_out_correct(embeddings: np.ndarray, triplets: np.ndarray, similarity
     return (s[:, 0] > s[:, 1]) & (s[:, 0] > s[:, 2])
 
 
+def expected_agreement(similarities: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(t,) float64: the probability that a person picks the pair the model finds most similar, per triplet.
+
+    similarities: (t, 3) the model's [s01, s02, s12]; probs: (t, 3) the human response distribution over
+    the same pairs. Its mean is the model's expected agreement with human choices (the AligNet paper's
+    Levels metric; a person's own agreement with another is the mean of Σ p²)."""
+    choice = np.argmax(np.asarray(similarities), axis=1)
+    return np.asarray(probs, dtype=np.float64)[np.arange(len(choice)), choice]
+
+
 def odd_one_out_accuracy(embeddings: np.ndarray, triplets: np.ndarray, similarity: str = "dot") -> float:
     """Fraction of human triplets (odd one in column 2) whose most similar pair is (0, 1).
 

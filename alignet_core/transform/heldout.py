@@ -27,7 +27,7 @@ import numpy as np
 from alignet_core.runtime.runner import Record
 from alignet_core.stats import bootstrap
 from alignet_core.stats.bootstrap import Difference, Estimate
-from alignet_core.stats.metrics import odd_one_out_correct, pair_similarities, unit_rows
+from alignet_core.stats.metrics import expected_agreement, odd_one_out_correct, pair_similarities, unit_rows
 from alignet_core.stats.uncertainty import (
     UncertaintyAgreement,
     choice_distribution,
@@ -45,6 +45,13 @@ TRIPLET_SPLIT = ("held-out triplets of the training objects (each fold's early-s
 PARTIAL = ("secondary: triplets with one or two objects in the held-out fold, scored by that fold's transform (the "
            "other objects were fitted); a triplet spanning several folds is scored once per fold it touches; "
            "intervals resample triplets (they share objects: too narrow); never part of the held-out figure")
+
+
+DENSE_TEST = ("expected accuracy (the probability that a person picks the odd one the model picks) on triplets drawn "
+              "inside each held-out fold, against VICE fitted on every trial (a model of the people, not a fit of "
+              "the model scored); ceiling: the mean over triplets of VICE's largest choice probability")
+REAL_TEST = ("accuracy on the real trials whose three objects are in the held-out fold (each person's own choice), "
+             "scored by that fold's transform")
 
 
 class LevelFigures(Record):
@@ -108,6 +115,55 @@ class UncertaintyFigures(Record):
     transformed_temperature: float
     zero_shot: UncertaintyAgreement
     zero_shot_temperature: float  # fitted on each fold's training triplets (NLL of the observed choices); the mean
+
+
+class ExpectedFigures(Record):
+    """Expected accuracy against a model of the people's choice probabilities (`human.densify`), pooled
+    over the folds' test triplets, with object-clustered intervals, and that model's own ceiling."""
+
+    n_objects: int
+    zero_shot: Estimate
+    transformed: Estimate
+    gain: Difference
+    ceiling: float
+    label: str = DENSE_TEST
+
+
+class RealFigures(Record):
+    """Accuracy on the real trials inside each held-out fold (few: a THINGS file's trials rarely name three
+    objects with images), pooled over the folds."""
+
+    n_objects: int
+    zero_shot: Estimate
+    transformed: Estimate
+    gain: Difference
+    label: str = REAL_TEST
+
+
+def expected_outcomes(objects: np.ndarray, transform: AffineTransform, triplets: np.ndarray, probs: np.ndarray
+                      ) -> dict[str, np.ndarray]:
+    """Per-triplet probability (t,) that a person picks the zero-shot protocol's / the transform's odd one."""
+    t = np.asarray(triplets, dtype=np.int64)
+    return {"zero_shot": expected_agreement(pair_similarities(unit_rows(objects), t), probs),
+            "transformed": expected_agreement(pair_similarities(transform.apply(objects), t), probs)}
+
+
+def expected_figures(out: dict[str, np.ndarray], triplets: np.ndarray, probs: np.ndarray, seed: int) -> ExpectedFigures:
+    """`ExpectedFigures` of `expected_outcomes` concatenated over the folds (triplets (t, 3), probs (t, 3))."""
+    t = np.asarray(triplets, dtype=np.int64)
+    overlap = bootstrap.ObjectOverlap(t)
+    return ExpectedFigures(
+        n_objects=len(np.unique(t)), zero_shot=bootstrap.expected_accuracy(out["zero_shot"], seed, overlap),
+        transformed=bootstrap.expected_accuracy(out["transformed"], seed, overlap),
+        gain=bootstrap.expected_change(out["zero_shot"], out["transformed"], seed, overlap),
+        ceiling=float(np.asarray(probs).max(1).mean()))
+
+
+def real_figures(out: dict[str, np.ndarray], triplets: np.ndarray, seed: int) -> RealFigures:
+    """`RealFigures` of `outcomes` on the real test-fold trials, concatenated over the folds."""
+    t = np.asarray(triplets, dtype=np.int64)
+    c = bootstrap.compare(out["zero_shot"], out["transformed"], seed, t if len(t) else None)
+    return RealFigures(n_objects=len(np.unique(t)), zero_shot=c.before, transformed=c.after, gain=c.change)
 
 
 def outcomes(objects: np.ndarray, transform: AffineTransform, triplets: np.ndarray) -> dict[str, np.ndarray]:

@@ -63,6 +63,10 @@ class Problem:
     fold_of: np.ndarray
     pool: np.ndarray
     pool_object: np.ndarray
+    # human.densify (`transform.dense`): the rows each fit trains on (fold f's avoid its objects by
+    # construction; None: the refit's) and the rows that may test a fold; None: split `triplets` by objects
+    train_rows_of: dict[int | None, np.ndarray] | None = None
+    test_pool: np.ndarray | None = None
 
 
 @dataclass
@@ -142,9 +146,18 @@ def fit_fold(
     t = np.asarray(problem.triplets, dtype=np.int64)
     m = len(problem.objects)
     fold_seed = seed if fold is None else seed + 7919 * (fold + 1)
-    if fold is None:
+    none = np.zeros(0, np.int64)
+    if problem.train_rows_of is not None:
+        train_objects = np.arange(m) if fold is None else np.flatnonzero(problem.fold_of != fold)
+        train_rows, test_rows, partial_rows = problem.train_rows_of[fold], none, none
+        if fold is not None:
+            if (problem.fold_of[t[train_rows]] == fold).any():
+                raise ValueError(f"fold {fold}: a training row names an object of the fold")
+            pool_rows_ = np.asarray(problem.test_pool, dtype=np.int64)
+            test_rows = pool_rows_[human.split_by_objects(t[pool_rows_], problem.fold_of, fold).test]
+    elif fold is None:
         train_objects = np.arange(m)
-        train_rows, test_rows, partial_rows = np.arange(len(t)), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        train_rows, test_rows, partial_rows = np.arange(len(t)), none, none
     else:
         sp = human.split_by_objects(t, problem.fold_of, fold)
         train_objects = np.flatnonzero(problem.fold_of != fold)

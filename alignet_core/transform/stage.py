@@ -31,20 +31,26 @@ from alignet_core.context import RunContext
 from alignet_core.errors import ConfigError
 from alignet_core.hardware import device_type, resolve_device
 from alignet_core.human import triplets as human
-from alignet_core.human.data import no_human_data_message
+from alignet_core.human.data import DENSE_TEST_FILE, DENSE_TEST_PROBS, human_files, no_human_data_message
 from alignet_core.human.mapping import MappingSummary
 from alignet_core.io import embedding_store, formats, store
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage, reuse
+from alignet_core.transform.dense import DenseSets, DenseSummary
 from alignet_core.transform.heldout import (
+    ExpectedFigures,
     FoldFigures,
     HeldOut,
     PartialFigures,
+    RealFigures,
     TripletSplitFigures,
     UncertaintyFigures,
     choice_distributions,
+    expected_figures,
+    expected_outcomes,
     outcomes,
     partial_figures,
     pooled_figures,
+    real_figures,
     triplet_split_from,
     uncertainty_pooled,
 )
@@ -158,6 +164,9 @@ class TransformMetrics(StageMetrics):
     partial: PartialFigures | None = None
     triplet_split: TripletSplitFigures | None = None
     uncertainty: UncertaintyFigures | None = None
+    expected: ExpectedFigures | None = None  # human.densify: expected accuracy against VICE on every trial
+    real: RealFigures | None = None  # human.densify: the real trials inside the held-out folds
+    dense: DenseSummary | None = None
     teacher: str | None = None  # "heldout" or "all": the transform the store holds
     teacher_fit: str | None = None  # that transform, in words
     refit: RefitSummary | None = None
@@ -181,11 +190,8 @@ class TransformOutput(StageOutput):
 def plan_transform(cfg: PipelineConfig, emb: StageOutput) -> StagePlan:
     conf: dict[str, Any] = {"transform": cfg.transform.key_dump(), "human": cfg.human.key_dump(), "seed": cfg.seed,
                             "device": device_type(cfg.device)}
-    if cfg.human.triplets:
-        conf["human_sha256"] = store.file_sha256(cfg.human.triplets)
-    for field in ("probabilities", "objects", "concepts"):  # the files that change the data, by content
-        if getattr(cfg.human, field):
-            conf[f"{field}_sha256"] = store.file_sha256(getattr(cfg.human, field))
+    for field, url in human_files(cfg.human).items():  # the files that change the data, by content
+        conf["human_sha256" if field == "triplets" else f"{field}_sha256"] = store.file_sha256(url)
     if cfg.transform.targets == "soft":
         conf["vice"] = cfg.vice.key_dump()
     return plan_stage(cfg.root, "transform", conf, [emb.key], __name__)
@@ -223,6 +229,15 @@ def _transform(ctx: RunContext, emb: StageOutput, plan: StagePlan) -> TransformO
     return finish(plan, TransformOutput, out_url, metrics_, {"transform": cfg.transform.model_dump()}, [emb.key])
 
 
+def _dense_sets(ctx: RunContext, device: torch.device) -> tuple[DenseSets, DenseSummary]:
+    """`human.densify`'s dense sets: their own content-keyed output (`transform.dense`), reused by any
+    transform setting."""
+    from alignet_core.transform.dense import run_dense
+
+    assert ctx.human is not None
+    return run_dense(ctx.cfg, ctx.human, device)
+
+
 def _search_summary(ff: FoldFit) -> SearchSummary | None:
     if ff.search is None:
         return None
@@ -245,9 +260,11 @@ def _save_fit(folder: str, ff: FoldFit, extra: dict[str, Any] | None = None) -> 
                                                                        "objects": ff.train_objects.tolist()})
 
 
-def _problem(ctx: RunContext, emb: StageOutput) -> tuple[Any, np.ndarray]:
+def _problem(ctx: RunContext, emb: StageOutput, dense: DenseSets | None = None) -> tuple[Any, np.ndarray]:
     """The rotation's `Problem` (every object's mean embedding, the triplets, the local term's candidate
-    images) read from the store, and the store rows of the candidates."""
+    images) read from the store, and the store rows of the candidates. With `dense` (`human.densify`) the
+    triplets are its blocks: each fit trains on its own, the test block tests."""
+    from alignet_core.transform.dense import SOFT_DENSE
     from alignet_core.transform.rotation import POOL_ROWS, SOFT_GIVEN, SOFT_PROXY, Problem
 
     cfg, data = ctx.cfg, ctx.human
@@ -266,6 +283,10 @@ def _problem(ctx: RunContext, emb: StageOutput) -> tuple[Any, np.ndarray]:
     if len(cand) > n_cand:
         cand = np.sort(np.random.default_rng([cfg.seed, 37]).choice(cand, n_cand, replace=False))
     pool = embedding_store.gather_rows(g["embeddings"], cand)
+    if dense is not None:
+        return Problem(objects=objects, triplets=dense.triplets, probs=dense.probs, probs_source=SOFT_DENSE,
+                       fold_of=data.fold_of, pool=pool, pool_object=object_of[cand],
+                       train_rows_of=dense.train_rows_of, test_pool=dense.test_rows), cand
     source = None if data.probs is None else (SOFT_PROXY if data.is_proxy else SOFT_GIVEN)
     return Problem(objects=objects, triplets=data.triplets, probs=data.probs, probs_source=source,
                    fold_of=data.fold_of, pool=pool, pool_object=object_of[cand]), cand
@@ -282,9 +303,14 @@ def _fit(
     cfg, data = ctx.cfg, ctx.human
     if data is None:
         raise ConfigError(no_human_data_message(ctx.source))
-    problem, _ = _problem(ctx, emb)
     store.makedirs(plan.dir)
-    t, objects, k = data.triplets, problem.objects, cfg.human.folds
+    dense, dense_summary = _dense_sets(ctx, device) if data.dense else (None, None)
+    problem, _ = _problem(ctx, emb, dense)
+    t, objects, k = problem.triplets, problem.objects, cfg.human.folds
+    probs = problem.probs
+    exp_out: dict[str, list[np.ndarray]] = {"zero_shot": [], "transformed": []}
+    real_out: dict[str, list[np.ndarray]] = {"zero_shot": [], "transformed": []}
+    real_rows: list[np.ndarray] = []
     fits: list[FoldFit] = []
     test_out: dict[str, list[np.ndarray]] = {"zero_shot": [], "zero_shot_dot": [], "transformed": []}
     part_out: dict[str, list[np.ndarray]] = {"zero_shot": [], "transformed": []}
@@ -306,7 +332,15 @@ def _fit(
             part_out[key].append(po[key])
             stop_out[key].append(so[key])
         n_held.append((data.fold_of[t[ff.partial_rows]] == f).sum(1))
-        if data.probs is not None:
+        if dense is not None:
+            eo = expected_outcomes(objects, ff.transform, t[ff.test_rows], probs[ff.test_rows])
+            rr_ = human.split_by_objects(data.triplets, data.fold_of, f).test
+            ro = outcomes(objects, ff.transform, data.triplets[rr_])
+            for key in exp_out:
+                exp_out[key].append(eo[key])
+                real_out[key].append(ro[key])
+            real_rows.append(rr_)
+        if probs is not None:
             temp_rows = ff.fit_rows if len(ff.fit_rows) <= 100_000 else rng.choice(ff.fit_rows, 100_000, replace=False)
             qa, qz, tz = choice_distributions(objects, ff.transform, t[ff.test_rows], t[temp_rows],
                                               ff.settings.temperature)
@@ -329,9 +363,15 @@ def _fit(
     held = pooled_figures(cat, t[all_test], cfg.seed, None if data.level_of is None else data.level_of[all_test],
                           n_folds=k)
     unc = None
-    if data.probs is not None:
-        unc = uncertainty_pooled(data.probs[all_test], np.concatenate(q_after), np.concatenate(q_zero),
+    if probs is not None:
+        unc = uncertainty_pooled(probs[all_test], np.concatenate(q_after), np.concatenate(q_zero),
                                  cfg.transform.temperature, float(np.mean(t_zeros)))
+    expected = real = None
+    if dense is not None:
+        expected = expected_figures({key: np.concatenate(v) for key, v in exp_out.items()}, t[all_test],
+                                    probs[all_test], cfg.seed)
+        real = real_figures({key: np.concatenate(v) for key, v in real_out.items()},
+                            data.triplets[np.concatenate(real_rows)], cfg.seed)
     chosen = fits[cfg.human.test_fold] if cfg.human.teacher == "heldout" else refit
     fit_rows_any = np.zeros(len(t), dtype=bool)
     for ff in fits:
@@ -345,7 +385,7 @@ def _fit(
         n_triplets=len(t),
         rotation=RotationCounts(
             folds=k, test_fold=cfg.human.test_fold, n_triplets=len(t), test=len(all_test),
-            partial=int((folds_of_rows != folds_of_rows[:, :1]).any(1).sum()),
+            partial=0 if dense is not None else int((folds_of_rows != folds_of_rows[:, :1]).any(1).sum()),
             train_share=float(np.mean([len(ff.fit_rows) for ff in fits]) / len(t)),
             trained_on=int(fit_rows_any.sum()), stop_per_fold=int(np.median([len(ff.stop_rows) for ff in fits]))),
         acc_before=held.zero_shot.value,
@@ -356,6 +396,9 @@ def _fit(
                                 cfg.seed) if sum(len(ff.partial_rows) for ff in fits) else None,
         triplet_split=triplet_split_from({key: np.concatenate(v) for key, v in stop_out.items()}, cfg.seed),
         uncertainty=unc,
+        expected=expected,
+        real=real,
+        dense=dense_summary,
         teacher=cfg.human.teacher,
         teacher_fit=TEACHER_LABELS[cfg.human.teacher].format(f=cfg.human.test_fold, n=len(t), e=epochs),
         refit=RefitSummary(n_triplets=len(refit.fit_rows), epochs=epochs, train_acc=rr.train_acc_after,
@@ -379,9 +422,12 @@ def _fit(
     log.info("transform: %d folds pooled (%d objects, %d test triplets): zero-shot %s → transformed %s (%s); "
              "the store holds %s", k, held.n_objects, held.transformed.n, held.zero_shot.text(),
              held.transformed.text(), held.gain.text(), fit_metrics.teacher_fit)
-    formats.write_things_triplets(store.join(plan.dir, "human_triplets.txt"), data.triplets)
-    if data.probs is not None:
-        formats.write_probabilities(store.join(plan.dir, "human_probabilities.npy"), data.probs)
+    formats.write_things_triplets(store.join(plan.dir, "human_triplets.txt"), t)
+    if probs is not None:
+        formats.write_probabilities(store.join(plan.dir, "human_probabilities.npy"), probs)
+    if dense is not None:  # the test block, for the evaluate stage's models (object ids, VICE-on-every-trial labels)
+        formats.write_things_triplets(store.join(plan.dir, DENSE_TEST_FILE), t[dense.test_rows])
+        formats.write_probabilities(store.join(plan.dir, DENSE_TEST_PROBS), probs[dense.test_rows])
     chosen.transform.save(fit_url, {"config": chosen.settings.model_dump(), "history": chosen.result.history,
                                     "best_epoch": chosen.result.best_epoch, "teacher": cfg.human.teacher,
                                     "metrics": fit_metrics.model_dump(mode="json")})
