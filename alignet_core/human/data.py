@@ -149,8 +149,12 @@ def load_human_data(cfg: PipelineConfig, src: sources.ImageSource) -> HumanData:
         if labels is None:
             raise ConfigError(no_human_data_message(src))
         return _proxy(cfg, labels, n)
-    mapping = object_mapping(h, cfg.source, src)
-    file_trip = formats.read_things_triplets(url, mapping.summary.n_declared)
+    if h.objects is not None:  # a table declares no object count: the file's objects beyond it have no image
+        file_trip = formats.read_things_triplets(url)
+        mapping = object_mapping(h, cfg.source, src, int(file_trip.max()) + 1 if len(file_trip) else 0)
+    else:
+        mapping = object_mapping(h, cfg.source, src)
+        file_trip = formats.read_things_triplets(url, mapping.summary.n_declared)
     probs = formats.read_probabilities(h.probabilities, len(file_trip)) if h.probabilities else None
     kept, trip = mapping.map_triplets(file_trip)
     if probs is not None:
@@ -189,6 +193,10 @@ def _dense(cfg: PipelineConfig, file_trip: np.ndarray, trip: np.ndarray, mapping
     images stay as `triplets` (a secondary, real-choice figure: few, and folds may have none)."""
     h = cfg.human
     n_objects = mapping.summary.n_objects
+    if h.objects is not None and summary.n_unknown:
+        raise InputError(f"human.objects: {h.objects}: {summary.n_unknown} image id(s) the map names are not in the "
+                         f"image source, e.g. {summary.unknown[:3]}: with human.densify every mapped object's images "
+                         "must be there (fix the ids, or drop those rows)")
     if n_objects < 3 * h.folds:
         raise InputError(f"human.densify: {n_objects} objects have images; {h.folds} folds need at least 3 each "
                          "(use fewer human.folds or map more objects to images)")

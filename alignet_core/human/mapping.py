@@ -109,7 +109,7 @@ def undeclared_message(source: SourceConfig) -> str:
             "source really is object i")
 
 
-def object_mapping(h: HumanConfig, source: SourceConfig, src: sources.ImageSource) -> ObjectMapping:
+def object_mapping(h: HumanConfig, source: SourceConfig, src: sources.ImageSource, n_named: int = 0) -> ObjectMapping:
     """The declared mapping of `h` (concepts, table or positional) over the images of `src`.
 
     Raises `ConfigError` when none is declared (see `undeclared_message`), `InputError` when the
@@ -119,7 +119,7 @@ def object_mapping(h: HumanConfig, source: SourceConfig, src: sources.ImageSourc
     if h.concepts is not None:
         return _from_concepts(h.concepts, src, h)
     if h.objects is not None:
-        return _from_table(h.objects, src)
+        return _from_table(h.objects, src, n_named)
     if h.positional:
         return _build(np.arange(len(src)), len(src), "positional (declared: object i = image i of the source)",
                       [str(i) for i in range(len(src))], [], 0)
@@ -237,8 +237,10 @@ def _read_stimuli(url: str, names: list[str]) -> dict[str, str]:
     return out
 
 
-def _from_table(url: str, src: sources.ImageSource) -> ObjectMapping:
-    """CSV `object,image_id`: object ids 0..m-1, image ids as in the source (unknown ids counted)."""
+def _from_table(url: str, src: sources.ImageSource, n_named: int = 0) -> ObjectMapping:
+    """CSV `object,image_id`: object ids 0..m-1, image ids as in the source (unknown ids counted). The
+    declared objects are those the table or the triplet file names (`n_named`: its largest id + 1): an
+    object of the file that the table leaves out has no image."""
     index = src.row_of
     obj = np.full(len(src), -1, dtype=np.int64)
     try:
@@ -263,7 +265,7 @@ def _from_table(url: str, src: sources.ImageSource) -> ObjectMapping:
         raise InputError(f"human.objects: {url}: no image_id is in the image source (e.g. line 2: image_id "
                          f"{unknown[0]!r} is not in {src.description}); ids are as the source names them, e.g. "
                          f"{src.ids()[:3].tolist()}" if unknown else f"human.objects: {url}: no rows")
-    n_declared = max(int(r["object"]) for r in rows) + 1
+    n_declared = max(max(int(r["object"]) for r in rows) + 1, n_named)
     return _build(obj, n_declared, f"table ({url})", [str(i) for i in range(n_declared)], unknown[:NAMED],
                   len(unknown))
 
