@@ -289,6 +289,14 @@ def _run_and_print(args: argparse.Namespace, overrides: dict[str, Any], cfg: Any
         print(json.dumps({k: s[k] for k in ("transform_acc_before", "transform_acc_after", "cluster_nmi",
                                             "cluster_ari", "n_triplets", "student_acc_before",
                                             "student_acc_after", "stage_seconds")}, indent=2))
+        if result.people is not None:
+            p = result.people
+            print(f"against the people (test fold, {p.n_objects} objects; expected accuracy vs VICE on every trial, "
+                  f"ceiling {100 * (p.ceiling or float('nan')):.1f}%):")
+            for model, e in p.expected.items():
+                print(f"  {model}: {e.text()}")
+            for side, d in p.changes.items():
+                print(f"  {side} aligned − raw: {d.text()}")
         print(f"dataset: {result.dataset}")
         print(f"report:  {result.report_dir}/report.md")
         print(f"summary: {result.report_dir}/summary.json")

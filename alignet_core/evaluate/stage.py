@@ -87,6 +87,7 @@ class SetInfo(Record):
     resample: str
     definition: str
     ceiling: float | None = None  # the best accuracy possible (1 for a taxonomy answer; the proxy's noise ceiling)
+    n_objects: int | None = None  # distinct objects of a set over objects
 
 
 class EvaluateMetrics(StageMetrics):
@@ -243,7 +244,8 @@ def _evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: Stag
         formats.write_things_triplets(store.join(plan.dir, "sets", f"{s.name}.txt"), s.triplets)
     metrics = EvaluateMetrics(
         sets={s.name: SetInfo(kind=s.kind, n_triplets=len(s.triplets), resample=s.resample, definition=s.definition,
-                              ceiling=s.ceiling) for s in sets},
+                              ceiling=s.ceiling,
+                              n_objects=len(np.unique(s.triplets)) if s.on_objects else None) for s in sets},
         models={m: f"{MODELS[m][0]} ({MODELS[m][1]})" for m in images},
         scores=scores, changes=changes, uncertainty=uncertainty, temperatures=temperatures,
         reference={s.name: f"the AligNet paper's Levels ({s.paper_level}), agreement with human choices: "

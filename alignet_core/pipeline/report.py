@@ -19,7 +19,28 @@ from alignet_core.runtime.render import Figure, cmp_row
 from alignet_core.runtime.runner import Record, StageOutput
 from alignet_core.sample.stage import DatasetFile
 from alignet_core.stats.bootstrap import Comparison, Difference, Estimate
-from alignet_core.transform.heldout import HeldOut, TripletSplitFigures
+from alignet_core.transform.heldout import ExpectedFigures, HeldOut, RealFigures, TripletSplitFigures
+
+#: the evaluate stage's sets of `human.densify` runs: VICE-labelled test-fold triplets and the real test-fold trials
+PEOPLE_SET, REAL_SET = "human_expected", "human"
+PEOPLE_MODELS = {"teacher_raw": "teacher, raw (cosine)", "teacher_aligned": "teacher, human-aligned transform",
+                 "student_raw": "student, pretrained (cosine)", "student_aligned": "student, AligNet-distilled"}
+
+
+class People(Record):
+    """The headline of a run on human data (`human.densify`): every model on the test fold's objects, which no
+    fit saw. expected[model]: expected accuracy against VICE fitted on every trial (a model of the people),
+    with `ceiling` (VICE's own); real[model]: accuracy on the real trials whose three objects are test-fold
+    objects (few); changes[side]: aligned − raw of the expected accuracy (object-clustered intervals)."""
+
+    n_objects: int
+    n_triplets: int
+    ceiling: float | None
+    expected: dict[str, Estimate]
+    changes: dict[str, Difference]
+    real: dict[str, Estimate]
+    real_changes: dict[str, Difference]
+    heldout: dict[str, str]  # model → whether its figures are held-out, in words
 
 
 class _Outputs(Record):
@@ -54,6 +75,9 @@ class RunSummary(Record):
     notes: list[str] = []  # stages not run and why (e.g. distillation without pixels)
     skipped_reasons: dict[str, int] = {}
     human_data: str | None
+    people: People | None = None  # human.densify: the headline on people (see `People`)
+    transform_expected: ExpectedFigures | None = None  # the same for the teacher, pooled over every fold
+    transform_real: RealFigures | None = None
     alignment: dict[str, dict[str, Estimate]] | None
     alignment_changes: dict[str, dict[str, Difference]] | None
     alignment_models: dict[str, str] | None
@@ -103,6 +127,9 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
         source_changes=outs.embed.metrics.changes,
         notes=run_notes(cfg, outs),
         human_data=t.human_data,
+        people=_people(ev),
+        transform_expected=t.expected,
+        transform_real=t.real,
         alignment=None if ev is None else ev.scores,
         alignment_changes=None if ev is None else ev.changes,
         alignment_models=None if ev is None else ev.models,
@@ -133,6 +160,39 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
         stage_keys={name: o.key for name, o in outs.stages().items()},
         report_dir=report_dir,
     )
+
+
+def _people(ev: object | None) -> People | None:
+    """The `People` headline from the evaluate stage's metrics, when it scored the dense test set."""
+    if ev is None or PEOPLE_SET not in getattr(ev, "sets", {}):
+        return None
+    info = ev.sets[PEOPLE_SET]
+    expected = {m: v[PEOPLE_SET] for m, v in ev.expected.items() if PEOPLE_SET in v}
+    return People(n_objects=info.n_objects or 0,
+                  n_triplets=info.n_triplets, ceiling=info.ceiling, expected=expected,
+                  changes={side: v[PEOPLE_SET] for side, v in ev.expected_changes.items() if PEOPLE_SET in v},
+                  real={m: v[REAL_SET] for m, v in ev.scores.items() if REAL_SET in v},
+                  real_changes={side: v[REAL_SET] for side, v in ev.changes.items() if REAL_SET in v},
+                  heldout=dict(ev.heldout))
+
+
+def people_markdown(p: People) -> list[str]:
+    """The report's first table on a run on human data: every model against the people, with intervals."""
+    lines = [f"**Against the people** — the test fold's {p.n_objects} objects, which no fit saw: expected accuracy on "
+             f"{p.n_triplets} triplets drawn inside the fold, labelled by VICE fitted on every human trial (a model of "
+             f"the people; its own ceiling {'n/a' if p.ceiling is None else f'{100 * p.ceiling:.1f}%'}), and accuracy on "
+             "the real trials whose three objects are test-fold objects (each person's own choice; few). 95% intervals, "
+             "objects clustered.", "",
+             "| model | expected accuracy vs the people | real trials | held-out |", "|---|---|---|---|"]
+    for m, name in PEOPLE_MODELS.items():
+        if m in p.expected:
+            real = p.real.get(m)
+            lines.append(f"| {name} | {p.expected[m].text()} | {'n/a' if real is None else real.text()} "
+                         f"(n = {0 if real is None else real.n}) | {p.heldout.get(m, '')} |")
+    for side, d in p.changes.items():
+        real = p.real_changes.get(side)
+        lines.append(f"| {side}: aligned − raw | {d.text()} | {'n/a' if real is None else real.text()} | |")
+    return lines + [""]
 
 
 def write_report(cfg: PipelineConfig, outs: RunOutputs) -> RunSummary:
@@ -168,6 +228,14 @@ def run_markdown(summary: RunSummary) -> str:
         "",
         *([f"Teacher: {s.teacher}.", ""] if s.teacher else []),
         *(line for note in s.notes for line in (note, "")),
+        *([] if s.people is None else people_markdown(s.people)),
+        *([] if s.transform_expected is None else [
+            f"Teacher against the people, every fold pooled ({s.transform_expected.n_objects} objects, each scored by "
+            f"the transform whose VICE and fit never saw a trial naming it): expected accuracy "
+            f"{s.transform_expected.zero_shot.text()} → {s.transform_expected.transformed.text()} "
+            f"({s.transform_expected.gain.text()}); ceiling {100 * s.transform_expected.ceiling:.1f}%.", ""]),
+        *([] if s.people is None else ["The figures below score the dense test triplets' sampled choices (a "
+                                       "simulated participant) and the student against its teacher.", ""]),
         "| held-out accuracy (95% interval) | before | after | change |",
         "|---|---|---|---|",
         cmp_row(f"teacher, odd-one-out on held-out objects ({h.n_objects if h else 0} objects, each scored by the fit "

@@ -6,6 +6,8 @@ from alignet_core import plots
 from alignet_core.runtime.render import Figure, est, fmt, inline, pct
 from alignet_core.transform.stage import TransformOutput
 
+ZERO_SHOT_NAME = "cosine similarity of the raw embeddings"
+
 
 def transform_markdown(out: TransformOutput) -> str:
     """Held-out accuracy pooled over the folds of the rotation (each fold's test triplets scored by the
@@ -20,6 +22,31 @@ def transform_markdown(out: TransformOutput) -> str:
              f"(pooled over {r.folds if r else '?'} folds)", "", f"Human data: {m.human_data}."]
     if m.objects is not None:
         lines += ["", *(f"    {line}" for line in m.objects.lines())]
+    if m.expected is not None:
+        e = m.expected
+        lines += ["", f"**Against the people** (objects no fit saw; {e.label}):", "",
+                  "| held-out, pooled over the folds (95% interval, objects clustered) | expected accuracy |",
+                  "|---|---|",
+                  f"| zero-shot: {ZERO_SHOT_NAME} | {e.zero_shot.text()} |",
+                  f"| transformed (dot products) | {e.transformed.text()} |",
+                  f"| change | {e.gain.text()} |",
+                  f"| ceiling: VICE on every trial picks its own most likely odd one | {pct(e.ceiling)} |"]
+    if m.real is not None:
+        rl = m.real
+        lines += ["", f"Real trials with all three objects in one held-out fold ({rl.transformed.n} trials over "
+                  f"{rl.n_objects} objects; each person's own choice): zero-shot {rl.zero_shot.text()} → transformed "
+                  f"{rl.transformed.text()} ({rl.gain.text()})."]
+    if m.dense is not None:
+        d = m.dense
+        lines += ["", f"human.densify: VICE on the file's {d.n_trials} trials over {d.n_declared} objects, "
+                  f"{d.train_per_fit} dense triplets per fit over the {d.n_objects} objects with images, {d.test_per_fold} "
+                  f"test triplets per fold. Soft targets: {d.soft_targets}. Test labels: {d.test_labels}.", "",
+                  "| VICE fit | trials | kept dims | epochs | stopped by the stability rule | seconds |",
+                  "|---|---|---|---|---|---|",
+                  *[f"| {f.fit} | {f.trials} | {f.dims} | {f.epochs_run} | {'yes' if f.converged else 'no'} | "
+                    f"{f.seconds:g} |" for f in d.fits],
+                  "", "The accuracy table below scores the dense test triplets' sampled choices (a simulated "
+                  "participant drawn from VICE's probabilities); the expected accuracy above is the figure to read."]
     if r is not None and h is not None:
         lines += ["", f"Objects in {r.folds} folds, each held out once: a fold's transform trains on the triplets with "
                   f"no object in it (early stopping on a random {r.stop_per_fold} of those) and is scored on the "
