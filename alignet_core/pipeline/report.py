@@ -242,6 +242,8 @@ def run_markdown(summary: RunSummary) -> str:
                 f"that never saw it; {h.n_folds if h else 0} folds pooled)", teacher),
         cmp_row(f"student, triplet accuracy vs the teacher ({s.student_strategy})", s.student_heldout),
         cmp_row("student, odd-one-out on test-fold objects"
+                + ("" if s.people is None or s.student_human is None else
+                   f", the real trials inside the fold (n = {s.student_human.after.n})")
                 + ("" if s.student_test_fold is None else f" ({s.student_test_fold})"), s.student_human)
         if s.student_proxy is None else
         cmp_row("student, odd-one-out on test-fold objects of the taxonomy PROXY"
