@@ -127,3 +127,27 @@ def test_a_transform_setting_reuses_the_vice_fits(world, tmp_path):
     assert other.key != out.key
     assert list((tmp_path / "root" / "stages" / "densify").iterdir()) == densify_dirs
     assert other.metrics.dense == out.metrics.dense
+
+
+def test_a_run_killed_between_vice_fits_resumes_from_the_saved_ones(world, tmp_path):
+    """The densify output saves each VICE fit as it finishes: with the manifest, the dense sets and one fit
+    gone (a run killed there), the rerun fits only the missing one and makes the same bytes."""
+    from alignet_core.transform.dense import SETS_FILE, plan_dense, run_dense
+
+    d, _, _ = world
+    cfg = _config(d, tmp_path / "root", str(d / "trials.txt"))
+    data = RunContext.of(cfg).human
+    device = __import__("torch").device("cpu")
+    sets, first = run_dense(cfg, data, device)
+    folder = Path(plan_dense(cfg, data).dir)
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("vice_*.safetensors")}
+    for name in ("manifest.json", SETS_FILE, "vice_fold_2.safetensors", "vice_fold_2.safetensors.json"):
+        (folder / name).unlink()
+    resumed, again = run_dense(cfg, data, device)
+    for field in ("triplets", "probs", "test_rows"):
+        assert np.array_equal(getattr(resumed, field), getattr(sets, field)), field
+    assert resumed.train_rows_of.keys() == sets.train_rows_of.keys()
+    assert all(np.array_equal(resumed.train_rows_of[k], sets.train_rows_of[k]) for k in sets.train_rows_of)
+    assert [f.model_dump(exclude={"seconds"}) for f in again.fits] == [f.model_dump(exclude={"seconds"}) for f in first.fits]
+    after = {p.name: p.stat().st_mtime_ns for p in folder.glob("vice_*.safetensors")}
+    assert {k for k in kept if after[k] == kept[k]} == set(kept) - {"vice_fold_2.safetensors"}
