@@ -55,6 +55,7 @@ bootstrap over items.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -293,14 +294,35 @@ def accuracy(
     """The fraction of `correct` (t,) outcomes with its 95% interval: independent triplets, or, with
     `triplets` (t, 3) object ids (or their `ObjectOverlap`, to reuse), triplets that share objects (module
     doc). `seed` is not used."""
-    c = _as_bool(correct, "correct")
+    return _estimate("accuracy", _as_bool(correct, "correct"), triplets, level, accuracy_interval)
+
+
+def _estimate(kind: str, values: np.ndarray, triplets: np.ndarray | ObjectOverlap | None, level: float,
+              core: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Estimate:
+    """The `Estimate` of checked per-triplet `values` by `core(values, overlap, level)` (NaN for none)."""
     unit = "triplets" if triplets is None else "objects"
-    method = METHODS[("accuracy", unit)]
-    if len(c) == 0:
+    method = METHODS[(kind, unit)]
+    if len(values) == 0:
         return Estimate(value=float("nan"), low=float("nan"), high=float("nan"), n=0, unit=unit, method=method)
-    overlap = None if triplets is None else _overlap(triplets, len(c))
-    p, low, high = accuracy_interval(c, overlap, level)
-    return Estimate(value=float(p), low=float(low), high=float(high), n=len(c), unit=unit, method=method)
+    overlap = None if triplets is None else _overlap(triplets, len(values))
+    p, low, high = core(values, overlap, level)
+    return Estimate(value=float(p), low=float(low), high=float(high), n=len(values), unit=unit, method=method)
+
+
+def _difference(kind: str, before: np.ndarray, after: np.ndarray, triplets: np.ndarray | ObjectOverlap | None,
+                level: float, core: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Difference:
+    """The paired `Difference` of checked per-triplet values by `core(before, after, overlap, level)`."""
+    if len(after) != len(before):
+        raise InputError(f"{kind}: {len(before)} values before and {len(after)} after; they must pair up")
+    unit = "triplets" if triplets is None else "objects"
+    method = METHODS[(kind, unit)]
+    if len(after) == 0:
+        return Difference(value=float("nan"), low=float("nan"), high=float("nan"), n=0, unit=unit,
+                          significant=False, method=method)
+    overlap = None if triplets is None else _overlap(triplets, len(after))
+    d, low, high = core(before, after, overlap, level)
+    return Difference(value=float(d), low=float(low), high=float(high), n=len(after), unit=unit,
+                      significant=bool(low > 0 or high < 0), method=method)
 
 
 def _overlap(triplets: np.ndarray | ObjectOverlap, t: int) -> ObjectOverlap:
@@ -319,18 +341,8 @@ def paired_difference(
 ) -> Difference:
     """mean(after) − mean(before) over the same triplets, with its paired 95% interval (independent
     triplets, or triplets sharing the objects of `triplets` (t, 3)). `seed` is not used."""
-    b, a = _as_bool(before, "before"), _as_bool(after, "after")
-    if len(a) != len(b):
-        raise InputError(f"paired_difference: {len(b)} outcomes before and {len(a)} after; they must pair up")
-    unit = "triplets" if triplets is None else "objects"
-    method = METHODS[("change", unit)]
-    if len(a) == 0:
-        return Difference(value=float("nan"), low=float("nan"), high=float("nan"), n=0, unit=unit,
-                          significant=False, method=method)
-    overlap = None if triplets is None else _overlap(triplets, len(a))
-    d, low, high = difference_interval(b, a, overlap, level)
-    return Difference(value=float(d), low=float(low), high=float(high), n=len(a), unit=unit,
-                      significant=bool(low > 0 or high < 0), method=method)
+    return _difference("change", _as_bool(before, "before"), _as_bool(after, "after"), triplets, level,
+                       difference_interval)
 
 
 def _as_probabilities(values: np.ndarray, what: str) -> np.ndarray:
@@ -390,14 +402,7 @@ def expected_accuracy(
     human probability of the odd one the model picks) with its 95% interval: normal over independent
     triplets, or Student's t with the object-clustered variance with `triplets` (t, 3) object ids (or their
     `ObjectOverlap`) (`mean_interval_clustered`). `seed` is not used."""
-    v = _as_probabilities(values, "values")
-    unit = "triplets" if triplets is None else "objects"
-    method = METHODS[("expected", unit)]
-    if len(v) == 0:
-        return Estimate(value=float("nan"), low=float("nan"), high=float("nan"), n=0, unit=unit, method=method)
-    overlap = None if triplets is None else _overlap(triplets, len(v))
-    p, low, high = mean_interval_clustered(v, overlap, level)
-    return Estimate(value=float(p), low=float(low), high=float(high), n=len(v), unit=unit, method=method)
+    return _estimate("expected", _as_probabilities(values, "values"), triplets, level, mean_interval_clustered)
 
 
 def expected_change(
@@ -410,18 +415,12 @@ def expected_change(
     """mean(after − before) of per-triplet choice probabilities in [0, 1] on the same triplets, with its
     paired 95% interval (as `expected_accuracy`, on the differences; clipped to [−1, 1]). `seed` is not
     used."""
-    b, a = _as_probabilities(before, "before"), _as_probabilities(after, "after")
-    if len(a) != len(b):
-        raise InputError(f"expected_change: {len(b)} probabilities before and {len(a)} after; they must pair up")
-    unit = "triplets" if triplets is None else "objects"
-    method = METHODS[("expected_change", unit)]
-    if len(a) == 0:
-        return Difference(value=float("nan"), low=float("nan"), high=float("nan"), n=0, unit=unit,
-                          significant=False, method=method)
-    overlap = None if triplets is None else _overlap(triplets, len(a))
-    d, low, high = mean_interval_clustered(a - b, overlap, level, bounds=(-1.0, 1.0))
-    return Difference(value=float(d), low=float(low), high=float(high), n=len(a), unit=unit,
-                      significant=bool(low > 0 or high < 0), method=method)
+    def core(b: np.ndarray, a: np.ndarray, overlap: ObjectOverlap | None, lv: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return mean_interval_clustered(a - b, overlap, lv, bounds=(-1.0, 1.0))
+
+    return _difference("expected_change", _as_probabilities(before, "before"), _as_probabilities(after, "after"),
+                       triplets, level, core)
 
 
 class Comparison(Record):
