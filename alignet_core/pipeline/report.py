@@ -13,6 +13,8 @@ from alignet_core.config import PipelineConfig
 from alignet_core.distill.stage import no_pixels_reason
 from alignet_core.embed.render import teacher_line
 from alignet_core.embed.stage import SourceChanges
+from alignet_core.evaluate.sets import DENSE_SET
+from alignet_core.evaluate.stage import EvaluateMetrics
 from alignet_core.io import store
 from alignet_core.pipeline import registry
 from alignet_core.runtime.render import Figure, cmp_row
@@ -22,7 +24,7 @@ from alignet_core.stats.bootstrap import Comparison, Difference, Estimate
 from alignet_core.transform.heldout import ExpectedFigures, HeldOut, RealFigures, TripletSplitFigures
 
 #: the evaluate stage's sets of `human.densify` runs: VICE-labelled test-fold triplets and the real test-fold trials
-PEOPLE_SET, REAL_SET = "human_expected", "human"
+PEOPLE_SET, REAL_SET = DENSE_SET, "human"
 PEOPLE_MODELS = {"teacher_raw": "teacher, raw (cosine)", "teacher_aligned": "teacher, human-aligned transform",
                  "student_raw": "student, pretrained (cosine)", "student_aligned": "student, AligNet-distilled"}
 
@@ -162,9 +164,9 @@ def summarize(cfg: PipelineConfig, outs: RunOutputs, report_dir: str) -> RunSumm
     )
 
 
-def _people(ev: object | None) -> People | None:
+def _people(ev: EvaluateMetrics | None) -> People | None:
     """The `People` headline from the evaluate stage's metrics, when it scored the dense test set."""
-    if ev is None or PEOPLE_SET not in getattr(ev, "sets", {}):
+    if ev is None or PEOPLE_SET not in ev.sets:
         return None
     info = ev.sets[PEOPLE_SET]
     expected = {m: v[PEOPLE_SET] for m, v in ev.expected.items() if PEOPLE_SET in v}
