@@ -199,7 +199,8 @@ def _evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: Stag
               plan: StagePlan) -> EvaluateOutput:
     t0 = time.perf_counter()
     cfg, src, data = ctx.cfg, ctx.source, ctx.human
-    sets = build_sets(cfg, src, data, _dense_test(tfm) if data is not None and data.dense else None)
+    dense = data is not None and data.dense and cfg.transform.enabled  # densify's test set is the transform's
+    sets = build_sets(cfg, src, data, _dense_test(tfm) if dense else None)
     fit_t = data is not None and data.probs is not None
     images = _model_images(cfg, emb, tfm, student, src, needed_images(sets, data, with_train_objects=fit_t))
     scores: dict[str, dict[str, Estimate]] = {m: {} for m in images}
