@@ -24,6 +24,11 @@ DEPLOYMENTS = {"alignet/regenerate-dataset", "embed/teacher-embeddings", "transf
                "evaluate/alignment-levels"}
 MARKER = "ALIGNET_TEST_MARKER"
 
+#: overrides for a slice of the demo too small for its THINGS concepts (a few dozen emoji show none or a
+#: handful): the taxonomy proxy instead of the shipped trials. These tests are about the service; the human
+#: route runs end to end in tests/flows/test_people_flow.py.
+SMALL_SLICE = {"human.shipped": None, "human.densify": None}
+
 
 def free_port() -> int:
     with socket.socket() as s:

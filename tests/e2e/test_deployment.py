@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from alignet_core.sample import versions
-from tests.e2e._service import BIN, REPO, Service, free_port
+from tests.e2e._service import BIN, REPO, SMALL_SLICE, Service, free_port
 from tests.e2e._service import client as _client
 
 
@@ -54,7 +54,7 @@ def test_service_walkthrough(service, tmp_path):
     env, log = service
     prefect = str(BIN / "prefect")
     root = tmp_path / "data"
-    overrides = {"root": str(root), "source.limit": 120, "human.proxy_n_triplets": 3000, "transform.epochs": 4,
+    overrides = {"root": str(root), **SMALL_SLICE, "source.limit": 120, "human.proxy_n_triplets": 3000, "transform.epochs": 4,
                  "cluster.k": 5, "sample.n_train": 1000, "sample.n_valid": 200, "sample.shard_size": 500,
                  "distill.steps": 3, "distill.batch_triplets": 8, "distill.n_eval": 100}
     out = _cli(env, prefect, "deployment", "run", "alignet/regenerate-dataset", "--param", f"overrides={json.dumps(overrides)}",
@@ -165,7 +165,7 @@ def test_the_service_is_locked_down(service, tmp_path):
         "access-control-allow-origin") is None
 
     root = tmp_path / "data"
-    overrides = {"root": str(root), "source.limit": 24, "embed.batch_size": 8}
+    overrides = {"root": str(root), **SMALL_SLICE, "source.limit": 24, "embed.batch_size": 8}
     out = _cli(env, str(BIN / "prefect"), "deployment", "run", "embed/teacher-embeddings", "--param",
                f"overrides={json.dumps(overrides)}", "--watch", "--watch-timeout", "600", timeout=660)
     assert "Completed" in out, out[-3000:] + log.read_text()[-3000:]

@@ -25,10 +25,10 @@ import time
 
 import pytest
 
-from tests.e2e._service import BIN, REPO, Service, api, client, free_port, wait
+from tests.e2e._service import BIN, REPO, SMALL_SLICE, Service, api, client, free_port, wait
 
 #: a regeneration that is still computing a minute after it starts (the transform fit) on a small source
-LONG = {"source.limit": 120, "transform.epochs": 5000, "cluster.k": 5}
+LONG = {**SMALL_SLICE, "source.limit": 120, "transform.epochs": 5000, "cluster.k": 5}
 
 
 def _run(svc: Service, root, **extra) -> str:
@@ -131,7 +131,7 @@ def test_stop_kill_and_restart_leave_no_process_and_no_blocked_slot(tmp_path):
         raced = tmp_path / "raced"
         embed = _deployment(svc, "teacher-embeddings")
         run = api(c, "POST", f"/deployments/{embed['id']}/create_flow_run",
-                  {"parameters": {"overrides": {"root": str(root), "source.limit": 24}}})["id"]
+                  {"parameters": {"overrides": {"root": str(root), **SMALL_SLICE, "source.limit": 24}}})["id"]
         wait("the raced run pending", lambda: _state(svc, run)["type"] in ("PENDING", "RUNNING", "CRASHED"),
              svc.log, timeout=600)
         _patch(svc, f"/deployments/{embed['id']}", {"pull_steps": [
