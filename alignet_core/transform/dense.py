@@ -130,7 +130,7 @@ def run_dense(cfg: PipelineConfig, data: HumanData, device: torch.device) -> tup
 def read_sets(url: str) -> DenseSets:
     """The `DenseSets` saved at `url` (`SETS_FILE`)."""
     fs, path = store.url_to_fs(url)
-    with fs.open(path, "rb") as f, np.load(f) as z:
+    with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
         keys = [k for k in z.files if k.startswith("train_")]
         rows = {None if k == "train_all" else int(k.removeprefix("train_fold_")): np.asarray(z[k]) for k in keys}
         return DenseSets(triplets=np.asarray(z["triplets"]), probs=np.asarray(z["probs"]),
