@@ -13,6 +13,7 @@ from prefect.workers.process import ProcessWorker
 
 from flows.service import POOL, REPO, project_deployments
 from flows.worker import refusal
+from tests.e2e._service import SMALL_SLICE
 
 SPECS = project_deployments()
 TEMPLATE = ProcessWorker.get_default_base_job_template()
@@ -191,7 +192,7 @@ def test_the_up_to_date_check_covers_every_field_that_decides_what_runs():
         assert stale_deployments(_Server(edited), SPECS, record) == ["publish-triplets"], field
 
 
-RACE_OVERRIDES = {"source.limit": 24, "embed.batch_size": 8}
+RACE_OVERRIDES = {**SMALL_SLICE, "source.limit": 24, "embed.batch_size": 8}
 
 
 def _deploy(client, name: str) -> object:
