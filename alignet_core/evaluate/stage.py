@@ -186,9 +186,8 @@ def _model_images(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, stude
 
 def _dense_test(tfm: StageOutput) -> tuple[np.ndarray, np.ndarray]:
     """The transform stage's dense test triplets and their VICE-on-every-trial probabilities (`human.densify`)."""
-    folder = tfm.artifact.rstrip("/").rsplit("/", 1)[0]
-    t = formats.read_things_triplets(store.join(folder, DENSE_TEST_FILE))
-    return t, formats.read_probabilities(store.join(folder, DENSE_TEST_PROBS), len(t))
+    t = formats.read_things_triplets(store.join(tfm.dir, DENSE_TEST_FILE))
+    return t, formats.read_probabilities(store.join(tfm.dir, DENSE_TEST_PROBS), len(t))
 
 
 def _similarities(e: np.ndarray, triplets: np.ndarray, similarity: str) -> np.ndarray:

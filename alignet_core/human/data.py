@@ -26,6 +26,7 @@ from alignet_core.errors import ConfigError, InputError
 from alignet_core.human import triplets as human
 from alignet_core.human.levels import admits
 from alignet_core.human.mapping import MappingSummary, ObjectMapping, object_mapping
+from alignet_core.human.things import things_dir
 from alignet_core.human.triplets import TripletSplit
 from alignet_core.io import formats, sources
 
@@ -43,8 +44,6 @@ def trial_file(h: HumanConfig) -> str | None:
     """The triplet file of the human data: `human.triplets`, the shipped THINGS trials (`human.shipped`), or
     None (the taxonomy proxy)."""
     if h.shipped == "things":
-        from alignet_core.human.things import things_dir
-
         return str(things_dir() / "triplets.txt")
     return h.triplets
 
@@ -53,8 +52,6 @@ def human_files(h: HumanConfig) -> dict[str, str]:
     """field → file of every file that changes the human data (what a stage's key hashes by content)."""
     files = {f: getattr(h, f) for f in ("triplets", "probabilities", "objects", "concepts", "stimuli") if getattr(h, f)}
     if h.shipped == "things":
-        from alignet_core.human.things import things_dir
-
         files.update({f"shipped_{n}": str(things_dir() / n) for n in ("triplets.txt", "concepts.txt", "emoji_map.csv")})
     return files
 
@@ -192,7 +189,7 @@ def _dense(cfg: PipelineConfig, file_trip: np.ndarray, trip: np.ndarray, mapping
     VICE and transform never see a trial naming one of its objects); the real trials over objects with
     images stay as `triplets` (a secondary, real-choice figure: few, and folds may have none)."""
     h = cfg.human
-    n_objects = mapping.summary.n_objects
+    n_objects = summary.n_objects
     if h.objects is not None and summary.n_unknown:
         raise InputError(f"human.objects: {h.objects}: {summary.n_unknown} image id(s) the map names are not in the "
                          f"image source, e.g. {summary.unknown[:3]}: with human.densify every mapped object's images "
@@ -205,10 +202,10 @@ def _dense(cfg: PipelineConfig, file_trip: np.ndarray, trip: np.ndarray, mapping
     split = human.split_by_objects(trip, fold_of, h.test_fold)
     log.info("human.densify: VICE on all %d trials over %d objects; dense triplets over the %d objects with images "
              "in %d folds; %d trials name three of them (%d with all three in the test fold)", len(file_trip),
-             mapping.summary.n_declared, n_objects, h.folds, len(trip), len(split.test))
+             summary.n_declared, n_objects, h.folds, len(trip), len(split.test))
     return HumanData(triplets=trip, probs=None, object_of_image=mapping.object_of_image, n_objects=n_objects,
                      fold_of=fold_of, split=split, level_of=None, is_proxy=False, mapping=summary,
-                     trials=file_trip, declared_of=declared_of, n_declared=mapping.summary.n_declared)
+                     trials=file_trip, declared_of=declared_of, n_declared=summary.n_declared)
 
 
 def _proxy(cfg: PipelineConfig, labels: tuple[np.ndarray, np.ndarray], n: int) -> HumanData:

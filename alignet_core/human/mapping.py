@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from alignet_core.config.human import HumanConfig
 from alignet_core.errors import ConfigError, InputError
+from alignet_core.human import things
 from alignet_core.io import sources
 from alignet_core.io.source_config import SourceConfig
 from alignet_core.records import Record
@@ -241,14 +242,12 @@ def _from_table(url: str, src: sources.ImageSource, n_named: int = 0) -> ObjectM
     """CSV `object,image_id`: object ids 0..m-1, image ids as in the source (unknown ids counted). The
     declared objects are those the table or the triplet file names (`n_named`: its largest id + 1): an
     object of the file that the table leaves out has no image."""
-    index = src.row_of
-    obj = np.full(len(src), -1, dtype=np.int64)
     try:
         with fsspec.open(url, "rt", encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
     except FileNotFoundError:
         raise InputError(f"human.objects: file {url!r} does not exist") from None
-    unknown: list[str] = []
+    pairs: list[tuple[str, int]] = []
     for line, row in enumerate(rows, start=2):
         try:
             o, img = int(row["object"]), str(row["image_id"])
@@ -257,10 +256,8 @@ def _from_table(url: str, src: sources.ImageSource, n_named: int = 0) -> ObjectM
                              "'image_id'") from None
         if o < 0:
             raise InputError(f"human.objects: {url}: line {line}: object {o} is negative")
-        if img not in index:
-            unknown.append(img)
-            continue
-        obj[index[img]] = o
+        pairs.append((img, o))
+    obj, unknown = _tie(pairs, src)
     if (obj < 0).all():
         raise InputError(f"human.objects: {url}: no image_id is in the image source (e.g. line 2: image_id "
                          f"{unknown[0]!r} is not in {src.description}); ids are as the source names them, e.g. "
@@ -270,20 +267,27 @@ def _from_table(url: str, src: sources.ImageSource, n_named: int = 0) -> ObjectM
                   len(unknown))
 
 
+def _tie(pairs: list[tuple[str, int]], src: sources.ImageSource) -> tuple[np.ndarray, list[str]]:
+    """(object of each source image (n,) int64, -1 for none; the image ids of `pairs` the source lacks, in
+    order) from (image id, object) pairs."""
+    index = src.row_of
+    obj = np.full(len(src), -1, dtype=np.int64)
+    unknown: list[str] = []
+    for img, o in pairs:
+        if img in index:
+            obj[index[img]] = o
+        else:
+            unknown.append(img)
+    return obj, unknown
+
+
 def _shipped(src: sources.ImageSource) -> ObjectMapping:
     """The shipped THINGS concepts over the demo emoji (`human.shipped: things`): each emoji of the shipped map
     stands for one concept (`things.one_concept_per_emoji`); a concept with two emoji averages them."""
-    from alignet_core.human import things
-
     names = things.read_concepts()
     per_emoji = things.one_concept_per_emoji(things.read_emoji_map(concepts=names),
                                              {m["id"]: m["name"] for m in sources.demo_metadata()})
-    index = src.row_of
-    obj = np.full(len(src), -1, dtype=np.int64)
-    unknown = sorted(e for e in per_emoji if e not in index)
-    for eid, o in per_emoji.items():
-        if eid in index:
-            obj[index[eid]] = o
+    obj, unknown = _tie(sorted(per_emoji.items()), src)
     if (obj < 0).all():
         raise InputError(f"human.shipped: none of the {len(per_emoji)} emoji of the shipped THINGS map is in "
                          f"{src.description}")

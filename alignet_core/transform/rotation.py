@@ -153,8 +153,8 @@ def fit_fold(
         if fold is not None:
             if (problem.fold_of[t[train_rows]] == fold).any():
                 raise ValueError(f"fold {fold}: a training row names an object of the fold")
-            pool_rows_ = np.asarray(problem.test_pool, dtype=np.int64)
-            test_rows = pool_rows_[human.split_by_objects(t[pool_rows_], problem.fold_of, fold).test]
+            testable = np.asarray(problem.test_pool, dtype=np.int64)
+            test_rows = testable[human.split_by_objects(t[testable], problem.fold_of, fold).test]
     elif fold is None:
         train_objects = np.arange(m)
         train_rows, test_rows, partial_rows = np.arange(len(t)), none, none

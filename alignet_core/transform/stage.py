@@ -35,7 +35,7 @@ from alignet_core.human.data import DENSE_TEST_FILE, DENSE_TEST_PROBS, human_fil
 from alignet_core.human.mapping import MappingSummary
 from alignet_core.io import embedding_store, formats, store
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage, reuse
-from alignet_core.transform.dense import DenseSets, DenseSummary
+from alignet_core.transform.dense import SOFT_DENSE, DenseSets, DenseSummary, run_dense
 from alignet_core.transform.heldout import (
     ExpectedFigures,
     FoldFigures,
@@ -229,15 +229,6 @@ def _transform(ctx: RunContext, emb: StageOutput, plan: StagePlan) -> TransformO
     return finish(plan, TransformOutput, out_url, metrics_, {"transform": cfg.transform.model_dump()}, [emb.key])
 
 
-def _dense_sets(ctx: RunContext, device: torch.device) -> tuple[DenseSets, DenseSummary]:
-    """`human.densify`'s dense sets: their own content-keyed output (`transform.dense`), reused by any
-    transform setting."""
-    from alignet_core.transform.dense import run_dense
-
-    assert ctx.human is not None
-    return run_dense(ctx.cfg, ctx.human, device)
-
-
 def _search_summary(ff: FoldFit) -> SearchSummary | None:
     if ff.search is None:
         return None
@@ -264,7 +255,6 @@ def _problem(ctx: RunContext, emb: StageOutput, dense: DenseSets | None = None) 
     """The rotation's `Problem` (every object's mean embedding, the triplets, the local term's candidate
     images) read from the store, and the store rows of the candidates. With `dense` (`human.densify`) the
     triplets are its blocks: each fit trains on its own, the test block tests."""
-    from alignet_core.transform.dense import SOFT_DENSE
     from alignet_core.transform.rotation import POOL_ROWS, SOFT_GIVEN, SOFT_PROXY, Problem
 
     cfg, data = ctx.cfg, ctx.human
@@ -304,7 +294,7 @@ def _fit(
     if data is None:
         raise ConfigError(no_human_data_message(ctx.source))
     store.makedirs(plan.dir)
-    dense, dense_summary = _dense_sets(ctx, device) if data.dense else (None, None)
+    dense, dense_summary = run_dense(cfg, data, device) if data.dense else (None, None)
     problem, _ = _problem(ctx, emb, dense)
     t, objects, k = problem.triplets, problem.objects, cfg.human.folds
     probs = problem.probs
@@ -334,12 +324,12 @@ def _fit(
         n_held.append((data.fold_of[t[ff.partial_rows]] == f).sum(1))
         if dense is not None:
             eo = expected_outcomes(objects, ff.transform, t[ff.test_rows], probs[ff.test_rows])
-            rr_ = human.split_by_objects(data.triplets, data.fold_of, f).test
-            ro = outcomes(objects, ff.transform, data.triplets[rr_])
+            real_test = human.split_by_objects(data.triplets, data.fold_of, f).test
+            ro = outcomes(objects, ff.transform, data.triplets[real_test])
             for key in exp_out:
                 exp_out[key].append(eo[key])
                 real_out[key].append(ro[key])
-            real_rows.append(rr_)
+            real_rows.append(real_test)
         if probs is not None:
             temp_rows = ff.fit_rows if len(ff.fit_rows) <= 100_000 else rng.choice(ff.fit_rows, 100_000, replace=False)
             qa, qz, tz = choice_distributions(objects, ff.transform, t[ff.test_rows], t[temp_rows],
