@@ -18,6 +18,11 @@ class EmbedConfig(ConfigModel):
         "packaged",
         description="'packaged' (weights shipped by a pip package), a local .safetensors/.pth path, or null for random init",
     )
+    image_size: int | None = Field(
+        None, gt=0,
+        description="square input size in pixels instead of the model's pretrained one (same interpolation, crop "
+        "fraction, mean and std); compute grows with its square. null: the model's own (Lite2: 260)",
+    )
     batch_size: int = Field(64, gt=0, description="images per forward pass")
     chunk_rows: int = Field(256, gt=0, description="rows per Zarr chunk; the unit of resume")
     store_dtype: Literal["float16", "float32"] = Field("float32", description="dtype of the stored embeddings")

@@ -93,7 +93,7 @@ def _provenance(
         "weights": cfg.weights,
         "weights_path": path,
         "weights_sha256": store.file_sha256(path) if path else None,
-        "data_config": json.loads(json.dumps(data_config(model))),
+        "data_config": json.loads(json.dumps(data_config(model, cfg.image_size))),
         "feature": "pooled pre-logits (forward_head(pre_logits=True))",
         "feature_dim": feature_dim(model),
         "layers": list(cfg.layers),
@@ -121,7 +121,7 @@ def _inference_model(cfg: EmbedConfig, device: torch.device, model: torch.nn.Mod
             torch.manual_seed(0)
             model = create_model(cfg.model, cfg.weights)
     model = model.eval().to(device=device, memory_format=torch.channels_last)
-    _, h, w = data_config(model)["input_size"]
+    _, h, w = data_config(model, cfg.image_size)["input_size"]
     example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
     return fold_batchnorm(model, example.contiguous(memory_format=torch.channels_last), keep=set(cfg.layers))
 
@@ -152,7 +152,7 @@ def embed_chunks(
     computing (`reuse.prefill`, once, when the store is created); only the other rows are embedded.
     """
     model, n_folded = _inference_model(cfg, device, model)
-    tensor_transform = build_tensor_transform(model) if cfg.decode == "torchvision" else None  # checked first
+    tensor_transform = build_tensor_transform(model, cfg.image_size) if cfg.decode == "torchvision" else None  # checked first
     n, dim = len(source), feature_dim(model)
     g = embedding_store.create_embedding_store(
         store_url, n, dim, source.ids(), cfg.store_dtype, cfg.chunk_rows,
@@ -178,7 +178,7 @@ def embed_chunks(
             progress(rows_done, n)
         return 0
 
-    pil_transform = build_transform(model)
+    pil_transform = build_transform(model, cfg.image_size)
     run = _Extractor(model, cfg, device, source, pil_transform, tensor_transform, {k: a.shape[1] for k, a in layers.items()})
     loader = image_loader(source, pil_transform, tensor_transform is not None, todo, cfg.batch_size, cfg.num_workers,
                           device, reused)

@@ -27,7 +27,7 @@ import timm
 import timm.data
 import torch
 
-from alignet_core.errors import InputError
+from alignet_core.errors import ConfigError, InputError
 from alignet_core.models.refs import close_model_names, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -234,20 +234,27 @@ def feature_dim(model: torch.nn.Module) -> int:
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
-def data_config(model: torch.nn.Module) -> dict:
-    """The model's preprocessing (input_size, interpolation, mean, std, crop_pct, crop_mode) from its pretrained cfg."""
-    return dict(timm.data.resolve_data_config({}, model=model))
+def data_config(model: torch.nn.Module, image_size: int | None = None) -> dict:
+    """The model's preprocessing (input_size, interpolation, mean, std, crop_pct, crop_mode) from its pretrained
+    cfg; `image_size`: a square input size instead of the pretrained one (the rest unchanged)."""
+    cfg = dict(timm.data.resolve_data_config({}, model=model))
+    if image_size is not None:
+        if image_size <= 0:
+            raise ConfigError(f"image_size: expected a positive number of pixels, got {image_size}")
+        cfg["input_size"] = (3, int(image_size), int(image_size))
+    return cfg
 
 
-def build_transform(model: torch.nn.Module) -> Callable[[PIL.Image.Image], torch.Tensor]:
-    """Eval transform of the model: RGB PIL image → (3, h, w) float32 normalized tensor."""
-    return timm.data.create_transform(**data_config(model), is_training=False)
+def build_transform(model: torch.nn.Module, image_size: int | None = None) -> Callable[[PIL.Image.Image], torch.Tensor]:
+    """Eval transform of the model (at `image_size` when given): RGB PIL image → (3, h, w) float32 normalized."""
+    return timm.data.create_transform(**data_config(model, image_size), is_training=False)
 
 
 _TENSOR_INTERPOLATION = ("nearest", "bilinear", "bicubic")
 
 
-def build_tensor_transform(model: torch.nn.Module) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+def build_tensor_transform(model: torch.nn.Module, image_size: int | None = None
+                           ) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """`build_transform` in torch ops, for images already decoded to tensors on any device.
 
     Takes a list of b images, each (3, H_i, W_i) uint8 RGB (e.g. from `torchvision.io.decode_jpeg` on
@@ -261,7 +268,7 @@ def build_tensor_transform(model: torch.nn.Module) -> Callable[[list[torch.Tenso
     import torchvision.transforms.v2.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    cfg = data_config(model)
+    cfg = data_config(model, image_size)
     _, h, w = cfg["input_size"]
     crop_pct = cfg.get("crop_pct") or timm.data.DEFAULT_CROP_PCT
     crop_mode = cfg.get("crop_mode") or "center"

@@ -19,8 +19,6 @@ import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import timm
-import timm.data
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -105,13 +103,9 @@ def eval_transform(model: nn.Module, image_size: int | None = None) -> Callable[
     """The model's eval transform (RGB PIL → (3, H, W) float32), optionally at a square
     `image_size` instead of the model's pretrained input size (same interpolation, crop
     fraction, mean and std)."""
-    if image_size is None:
-        return models.build_transform(model)
-    if image_size <= 0:
+    if image_size is not None and image_size <= 0:
         raise ConfigError(f"distill.image_size: expected a positive number of pixels, got {image_size}")
-    cfg = models.data_config(model)
-    cfg["input_size"] = (3, int(image_size), int(image_size))
-    return timm.data.create_transform(**cfg, is_training=False)
+    return models.build_transform(model, image_size)
 
 
 def build_student(cfg: StudentSpec, seed: int) -> TripletStudent:

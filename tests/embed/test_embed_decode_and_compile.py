@@ -14,10 +14,10 @@ import zarr
 
 from alignet_core.embed.extract import extract_embeddings
 from alignet_core.embed.extractor import _Extractor
-from alignet_core.errors import InputError
+from alignet_core.errors import ConfigError, InputError
 from alignet_core.io.images import decode_image_bytes, load_image
 from alignet_core.io.sources import ImageSource, folder_source
-from alignet_core.models.factory import build_tensor_transform, build_transform
+from alignet_core.models.factory import build_tensor_transform, build_transform, pooled_features
 from tests.embed._embed import CPU, TINY, _arrays, demo40, tiny  # noqa: F401 (fixtures)
 from tests.generated_images import write_jpeg_folder, write_odd_files
 
@@ -110,3 +110,33 @@ def test_compiled_extraction_matches_eager(demo40: ImageSource, tiny, tmp_path: 
     np.testing.assert_allclose(c["layers/layer1"][:], e["layers/layer1"][:], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(c["valid"][:], e["valid"][:])
     assert dict(c.attrs)["compile"] is True and dict(e.attrs)["compile"] is False
+
+
+# ----------------------------------------------------------------------------- embed.image_size
+def test_image_size_resizes_both_decode_paths_and_is_recorded(jpeg_folder, tiny, tmp_path: Path) -> None:
+    """`embed.image_size`: the model sees that square size on the PIL and the torchvision path (the rows are
+    those of the model run on the resized pixels), and the store's provenance records it."""
+    root, _ = jpeg_folder
+    src = ImageSource(folder_source(str(root)).records[:6], description="6 JPEGs")
+    cfg = TINY.model_copy(update={"batch_size": 3, "chunk_rows": 6, "image_size": 96})
+    path = src.records[0].path
+    assert build_transform(tiny, 96)(load_image(path)).shape == (3, 96, 96)
+    img = torchvision.io.decode_jpeg(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.RGB)
+    assert build_tensor_transform(tiny, 96)([img]).shape == (1, 3, 96, 96)
+    for decode in ("pil", "torchvision"):
+        url = str(tmp_path / f"{decode}.zarr")
+        extract_embeddings(src, cfg.model_copy(update={"decode": decode}), url, CPU, model=tiny)
+        assert _arrays(url)["attrs"]["data_config"]["input_size"] == [3, 96, 96]
+    x = torch.stack([build_transform(tiny, 96)(load_image(r.path)) for r in src.records])
+    with torch.inference_mode():
+        want = pooled_features(tiny.eval(), x).numpy()
+    pil, tv = _arrays(str(tmp_path / "pil.zarr"))["embeddings"], _arrays(str(tmp_path / "torchvision.zarr"))["embeddings"]
+    np.testing.assert_allclose(pil, want, rtol=1e-4, atol=1e-5)  # BatchNorm folding and channels_last: float rounding
+    cos = (pil * tv).sum(1) / (np.linalg.norm(pil, axis=1) * np.linalg.norm(tv, axis=1))
+    assert cos.min() > 0.999  # the tensor path resamples with other rounding (the test above)
+    default = str(tmp_path / "default.zarr")
+    extract_embeddings(src, TINY.model_copy(update={"batch_size": 3, "chunk_rows": 6}), default, CPU, model=tiny)
+    assert _arrays(default)["attrs"]["data_config"]["input_size"] == [3, 160, 160]
+    assert not np.allclose(_arrays(default)["embeddings"], _arrays(str(tmp_path / "pil.zarr"))["embeddings"])
+    with pytest.raises(ConfigError, match="image_size"):
+        build_transform(tiny, 0)
