@@ -1,13 +1,16 @@
 """The demo's people figures under the variants its settings were chosen from (issue 31): 120 vs 360
-distillation steps, and the transform with and without a hyper-parameter search.
+distillation steps, the transform with and without a hyper-parameter search, and the teacher at 260 px
+(Lite2's pretrained size) and 128 px (`embed.image_size`).
 
     python -m benchmarks.demo_variants --root /tmp/demo-variants          # runs them (about 25 min on 2 cores)
+    python -m benchmarks.demo_variants --root /tmp/demo-variants --only teacher_128   # some of them
     python -m benchmarks.demo_variants --collect steps_120=<alignment.json> ...   # only reads finished outputs
 
 Each variant is `alignet run -c alignet_core/data/demo.yaml` with `--set` overrides on one root, so the
 stages the variants share are computed once. From every run it keeps the evaluate stage's expected accuracy
 on the test fold (`expected`, `expected_changes` in alignment.json) and the transform's pooled expected
-accuracy over every fold (`expected` in the transform's manifest). Results: results/demo_variants.json.
+accuracy over every fold (`expected` in the transform's manifest), and the stages' seconds. Results:
+results/demo_variants.json; the variants run or collected replace their entries there, the others stay.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks._machine import machine_info, write_result
+from benchmarks._machine import RESULTS, machine_info, write_result
 
 DEMO = Path(__file__).resolve().parents[1] / "alignet_core" / "data" / "demo.yaml"
 VARIANTS: dict[str, list[str]] = {
     "steps_120": ["distill.steps=120", "distill.checkpoint_every=40"],
     "steps_360": [],  # the demo's setting
     "search": ["transform.search_lams=[0.1,1.0,10.0]", "transform.search_lrs=[0.003,0.01,0.03]"],
+    "teacher_260": ["embed.image_size=260"],  # Lite2's pretrained size (the demo's teacher before image_size)
+    "teacher_128": ["embed.image_size=128"],
+    "teacher_128_steps_180_lr6e-4": ["embed.image_size=128", "distill.steps=180", "distill.lr=6e-4",
+                                     "distill.checkpoint_every=60"],
 }
 
 
@@ -56,12 +63,14 @@ def from_transform(path: Path) -> dict[str, Any]:
 def from_summary(path: Path) -> dict[str, Any]:
     """The student's triplet accuracy against the teacher on its validation triplets, before and after."""
     s = json.loads(path.read_text())
-    return {"student_acc_vs_teacher": [s["student_acc_before"], s["student_acc_after"]], "summary_json": str(path)}
+    return {"student_acc_vs_teacher": [s["student_acc_before"], s["student_acc_after"]],
+            "stage_seconds": s.get("stage_seconds"), "summary_json": str(path)}
 
 
-def run(root: Path) -> dict[str, Any]:
+def run(root: Path, only: list[str]) -> dict[str, Any]:
     out = {}
-    for name, sets in VARIANTS.items():
+    for name in only or list(VARIANTS):
+        sets = VARIANTS[name]
         cmd = [str(Path(sys.executable).parent / "alignet"), "run", "-c", str(DEMO), "--root", str(root),
                *[a for s in sets for a in ("--set", s)]]
         subprocess.run(cmd, check=True)
@@ -79,9 +88,10 @@ def main() -> None:
     ap.add_argument("--root", type=Path, help="artifact root to run the variants on")
     ap.add_argument("--collect", nargs="*", default=[], metavar="NAME=FILE",
                     help="read a finished alignment.json, transform manifest.json or summary.json for variant NAME")
+    ap.add_argument("--only", nargs="*", default=[], choices=list(VARIANTS), help="run these variants only")
     args = ap.parse_args()
     if args.root is not None:
-        variants = run(args.root)
+        variants = run(args.root, args.only)
     else:
         variants: dict[str, Any] = {}
         for item in args.collect:
@@ -90,8 +100,10 @@ def main() -> None:
             read = {"manifest.json": from_transform, "summary.json": from_summary}.get(path.name, from_alignment)
             part = read(path)
             variants.setdefault(name, {"overrides": VARIANTS.get(name.split(":")[0], [])}).update(part)
-    write_result("demo_variants", {"benchmark": "demo_variants", "config": str(DEMO), "variants": variants,
-                                   "machine": machine_info()})
+    previous = RESULTS / "demo_variants.json"
+    kept = json.loads(previous.read_text()).get("variants", {}) if previous.exists() else {}
+    write_result("demo_variants", {"benchmark": "demo_variants", "config": str(DEMO),
+                                   "variants": {**kept, **variants}, "machine": machine_info()})
 
 
 if __name__ == "__main__":
