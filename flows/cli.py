@@ -58,7 +58,7 @@ _STAGE_NOTE = ("Each stage reuses the finished stages before it (same config, sa
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alignet", description="AligNet dataset generation and distillation pipeline",
                                 epilog="examples:\n  alignet demo\n  alignet validate -c my.yaml\n"
-                                       "  alignet run -c my.yaml\n  alignet datasets list",
+                                       "  alignet run -c my.yaml\n  alignet datasets list\n  alignet verify --stages",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more log lines: -v every library line, -vv also Prefect's and Dask's")

@@ -12,8 +12,7 @@ import pytest
 
 from alignet_core.errors import StoreError
 from alignet_core.io import lock, store
-from alignet_core.runtime.runner import (STAGE_FILES, StageMetrics, StageOutput, StagePlan, finish, reuse,
-                                         verify_stages)
+from alignet_core.runtime.runner import STAGE_FILES, StageMetrics, StageOutput, StagePlan, finish, reuse, verify_stages
 from flows.cli import main
 from tests.reliability.stage_runner import run_until
 from tests.reliability.test_stage_kills import _cfg
