@@ -67,6 +67,10 @@ def test_a_byte_flipped_in_place_is_reused_but_verify_reports_it(tmp_path: Path,
     out = capsys.readouterr()
     assert f"FAILED {plan.dir}: assignments.npy: sha256 differs from the manifest" in out.out.splitlines()
     assert "1 problem(s)" in out.err
+    config = tmp_path / "my.yaml"
+    config.write_text(f"root: {tmp_path}\n")
+    assert main(["verify", "--stages", "-c", str(config)]) == 1  # the root taken from the config
+    assert "sha256 differs" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("change", ["truncate", "append", "delete"])
