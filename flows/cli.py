@@ -250,7 +250,7 @@ def _verify(args: argparse.Namespace) -> int:
         n_bad = sum(len(c.problems) for c in checks)
         problems += n_bad
         print(f"stages: {len(checks)} finished stage directories under {store.join(root, 'stages')}, "
-              f"{sum(c.files or 0 for c in checks)} files re-hashed, {n_bad} problem(s)")
+              f"{sum(c.files or 0 for c in checks)} files checked, {n_bad} problem(s)")
     if args.datasets or both:
         n_versions = n_bad = 0
         for name in versions.list_datasets(root):
