@@ -45,7 +45,7 @@ from prefect.serializers import JSONSerializer
 from alignet_core.io import store
 from alignet_core.runtime.runner import StageOutput, StagePlan, reuse
 
-GENERATION_FILE = "cache-generation.json"
+GENERATION_FILE = store.GENERATION_FILE  # not one of the stage's files: finish records none of it
 RESULT_SERIALIZER = "json"  # every stage task's `result_serializer`: records are JSON, never pickles
 
 log = logging.getLogger(__name__)

@@ -36,6 +36,9 @@ from alignet_core.io import limits
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+#: Prefect's cache bookkeeping inside a stage directory (`tasks/_cache.py`): rewritten by the orchestrator
+#: after the stage finished, so it is not one of the stage's files
+GENERATION_FILE = "cache-generation.json"
 
 
 # ----------------------------------------------------------------------------- paths
@@ -343,6 +346,62 @@ def file_sha256(url: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- stage files
+def _is_stage_file(rel: str) -> bool:
+    """True for a file a stage made: not its manifest, the cache's generation file, a lock or a temporary."""
+    if rel in (MANIFEST, GENERATION_FILE) or rel.endswith(".lock"):
+        return False
+    return not any(_TEMPORARY.search(part) for part in rel.split("/"))
+
+
+def _file_sizes(dir_url: str) -> dict[str, int]:
+    """Size of every stage file under a directory, by path relative to it: one listing (a walk of the
+    folder locally, paginated listings on an object store), no file opened."""
+    fs, path = _fs(dir_url)
+    base = path.rstrip("/")
+    if not fs.isdir(base):
+        return {}
+    out = {}
+    for p, info in fs.find(base, detail=True).items():
+        rel = posixpath.relpath(p, base) if isinstance(fs, LocalFileSystem) else p[len(base):].lstrip("/")
+        if info.get("type") == "file" and _is_stage_file(rel):
+            out[rel] = int(info["size"])
+    return dict(sorted(out.items()))
+
+
+def stage_files(dir_url: str) -> dict[str, dict[str, Any]]:
+    """`{relative path: {"size": bytes, "sha256": hex}}` of every file a stage wrote under its directory
+    (Zarr chunks included; its manifest, lock files and temporaries left out), for `finish` to record so a
+    reuse can notice a changed file (sizes) and `alignet verify --stages` a flipped bit (checksums).
+    Each file is read once, in 1 MiB blocks."""
+    return {rel: {"size": size, "sha256": file_sha256(join(dir_url, rel))}
+            for rel, size in _file_sizes(dir_url).items()}
+
+
+def stage_file_problems(dir_url: str, recorded: Any, checksums: bool) -> list[str]:
+    """How the files under a stage directory differ from what its manifest recorded (`stage_files`):
+    one line per problem (missing, another size, with `checksums` another sha256; an entry that is not a
+    relative path inside the directory is reported and never read), empty when they match. Without
+    `checksums` it costs one listing of the directory: what every reuse pays."""
+    if not isinstance(recorded, dict):
+        return [f"{MANIFEST}: its file list is not a mapping of paths to sizes and checksums"]
+    sizes = _file_sizes(dir_url)
+    problems = []
+    for rel, info in sorted(recorded.items()):
+        size = info.get("size") if isinstance(info, dict) else None
+        if not (isinstance(rel, str) and is_relative(rel) and posixpath.normpath(rel).split("/")[0] != ".."):
+            problems.append(f"{str(rel)[:200]}: points outside the stage directory; not read")
+        elif not isinstance(size, int):
+            problems.append(f"{rel}: the manifest records no size")
+        elif rel not in sizes:
+            problems.append(f"{rel}: missing")
+        elif sizes[rel] != size:
+            problems.append(f"{rel}: {sizes[rel]} bytes, the manifest recorded {size}")
+        elif checksums and file_sha256(join(dir_url, rel)) != info.get("sha256"):
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    return problems
 
 
 def publish_dir(tmp_url: str, final_url: str) -> None:

@@ -81,13 +81,14 @@ def test_model_names_are_cached_per_timm_version(tmp_path, monkeypatch):
 
 
 def test_validate_and_errors_do_not_import_torch():
-    """`alignet validate` of a CPU config, an error and `datasets list` answer without importing torch or
+    """`alignet validate` of a CPU config, an error, `datasets list` and `verify` answer without importing torch or
     timm (seconds of imports); their latency is recorded by `python -m benchmarks.cli`."""
     probe = ("import sys; from flows.cli import main; rc = main({args!r}); "
              "print(rc, sorted(m for m in ('torch', 'timm', 'torchvision', 'prefect', 'dask', 'zarr') if m in sys.modules))")
     for args, rc in ((["validate"], 0), (["validate", "--set", "cluster.k=-1"], 2),
                      (["validate", "--set", "embed.model=resnt50"], 2), (["run", "--set", "cluster.k"], 2),
-                     (["datasets", "list", "--root", "/nonexistent-root"], 0)):
+                     (["datasets", "list", "--root", "/nonexistent-root"], 0),
+                     (["verify", "--root", "/nonexistent-root"], 0)):
         res = subprocess.run([sys.executable, "-c", probe.format(args=args)], capture_output=True, text=True, timeout=300)
         assert res.stdout.strip().splitlines()[-1] == f"{rc} []", (args, res.stdout, res.stderr)
 
@@ -105,7 +106,7 @@ def test_the_flows_load_no_compute_library():
 
 
 @pytest.mark.parametrize("command", ["run", "embed", "transform", "cluster", "sample", "distill", "evaluate",
-                                     "validate", "datasets", "watch"])
+                                     "validate", "datasets", "verify", "watch"])
 def test_every_subcommand_help_has_a_description_and_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

@@ -14,6 +14,7 @@ from prefect.serializers import PickleSerializer
 from prefect.settings import get_current_settings
 from prefect.testing.utilities import prefect_test_harness
 
+from alignet_core.errors import StoreError
 from alignet_core.io import store
 from alignet_core.runtime.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output, trusted
@@ -101,6 +102,22 @@ def test_a_moved_root_is_not_served_the_old_paths(harness, tmp_path):
     assert name == "Completed" and CALLS == [str(tmp_path / "a")]  # reused, not recomputed
     assert out.artifact.startswith(str(tmp_path / "b")) and Path(out.artifact).read_bytes() == b"hello"
     assert _run(tmp_path / "b")[0] == "Cached"
+
+
+def test_a_stage_file_that_changed_size_is_no_cache_hit(harness, tmp_path):
+    """A cache hit passes the reuse's size check too (issue 34): after a stage file grew, the rerun fails with
+    the reuse's one-line error instead of being handed the cached result; the cache's own generation file,
+    rewritten by it, is not one of the recorded files."""
+    CALLS.clear()
+    root = tmp_path / "a"
+    _run(root)
+    plan = plan_note(str(root))
+    assert list(json.loads((Path(plan.dir) / store.MANIFEST).read_text())["stage_files"]) == ["note.txt"]
+    (Path(plan.dir) / "note.txt").write_bytes(b"hello!")
+    with pytest.raises(StoreError, match=r"note stage .* changed since it finished: note.txt: 6 bytes, the "
+                                         r"manifest recorded 5\. Delete"):
+        note_flow(str(root))
+    assert len(CALLS) == 1  # never recomputed over the changed file
 
 
 class _Canary:
