@@ -216,3 +216,73 @@ def test_two_cpu_workers_embed_only_the_changed_rows_into_the_single_process_sto
     assert result["n"] == 22 and result["n_valid"] == 22
     _assert_same_store(two, single)
     assert zarr.open_group(two, mode="r")["reused"][:].sum() == 20
+
+
+def _touch(path: Path) -> None:
+    """A new mtime, the same bytes (what `touch` or a copy that kept the bytes does)."""
+    after = path.stat().st_mtime_ns + 10**9
+    os.utime(path, ns=(after, after))
+
+
+def test_a_touched_image_is_reused_and_new_bytes_are_embedded(demo40: ImageSource,  # noqa: F811
+                                                              tmp_path: Path) -> None:
+    """Each row keeps the sha256 of the bytes it was embedded from: a `touch` (a new mtime, the same bytes)
+    makes the image a candidate, hashed and found unchanged: nothing embedded, every row copied exactly,
+    counted as touched, not changed; new bytes under the same name are embedded."""
+    folder = _folder(tmp_path, demo40, 10)
+    cfg = _cfg(tmp_path, {"kind": "folder", "path": str(folder)})
+    first = _embed(cfg)
+    g = zarr.open_group(first.artifact, mode="r")
+    victim = min((folder / "a").iterdir())
+    row = [str(i) for i in np.asarray(g["ids"][:]).tolist()].index(f"a/{victim.name}")
+    import hashlib
+
+    assert bytes(np.asarray(g["source_sha256"][row])) == hashlib.sha256(victim.read_bytes()).digest()
+
+    _touch(victim)
+    touched = _embed(cfg)
+    c = touched.metrics.changes
+    assert touched.key != first.key  # another listing: another store, made of copies
+    assert (c.added, c.changed, c.removed, c.reused, c.touched) == (0, 0, 0, 10, 1)
+    assert c.touched_examples == [f"a/{victim.name}"]
+    t = zarr.open_group(touched.artifact, mode="r")
+    assert np.asarray(t["reused"][:]).all()  # not one image embedded
+    assert np.array_equal(np.asarray(t["embeddings"][:]), np.asarray(g["embeddings"][:]))
+    assert np.array_equal(np.asarray(t["source_sha256"][:]), np.asarray(g["source_sha256"][:]))
+    assert int(t["source_mtime_ns"][row]) == victim.stat().st_mtime_ns  # the new fingerprint kept
+    from alignet_core.embed.render import change_line
+
+    assert "10 embeddings reused (1 of them touched: a new mtime, the same bytes" in change_line(c)
+
+    _replace(victim, min((folder / "b").iterdir()))  # new bytes under the same name
+    rewritten = _embed(cfg)
+    c = rewritten.metrics.changes
+    assert (c.changed, c.reused, c.touched) == (1, 9, 0) and c.changed_examples == [f"a/{victim.name}"]
+    r = zarr.open_group(rewritten.artifact, mode="r")
+    assert not np.asarray(r["reused"][row])
+    assert bytes(np.asarray(r["source_sha256"][row])) == hashlib.sha256(victim.read_bytes()).digest()
+    assert not np.allclose(np.asarray(r["embeddings"][row], dtype=np.float32),
+                           np.asarray(g["embeddings"][row], dtype=np.float32), atol=1e-3)
+
+
+def test_a_store_without_digests_falls_back_to_the_fingerprint(demo40: ImageSource,  # noqa: F811
+                                                               tmp_path: Path) -> None:
+    """A store made before the content digests (no `source_sha256`): a touched image is a changed one,
+    re-embedded, as before; the new store has the digests, so the next touch is free."""
+    folder = _folder(tmp_path, demo40, 6)
+    cfg = _cfg(tmp_path, {"kind": "folder", "path": str(folder)})
+    first = _embed(cfg)
+    shutil.rmtree(Path(first.artifact) / "source_sha256")
+    assert "source_sha256" not in zarr.open_group(first.artifact, mode="r")
+    victim = min((folder / "b").iterdir())
+    _touch(victim)
+    second = _embed(cfg)
+    c = second.metrics.changes
+    assert (c.changed, c.reused, c.touched) == (1, 5, 0)
+    g = zarr.open_group(second.artifact, mode="r")
+    known = np.asarray(g["source_sha256"][:]).any(axis=1)
+    assert not known[np.asarray(g["reused"][:])].any()  # unknown before: still unknown
+    _touch(victim)
+    c = _embed(cfg).metrics.changes
+    assert (c.changed, c.reused, c.touched) == (0, 6, 1)
+
