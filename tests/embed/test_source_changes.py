@@ -286,3 +286,31 @@ def test_a_store_without_digests_falls_back_to_the_fingerprint(demo40: ImageSour
     c = _embed(cfg).metrics.changes
     assert (c.changed, c.reused, c.touched) == (0, 6, 1)
 
+
+def test_the_transformed_store_carries_the_listing(demo40: ImageSource, tmp_path: Path) -> None:  # noqa: F811
+    """The transformed store keeps the embed store's `listing` attribute, so the check before k-means and
+    sampling is free (it does not read the ids: shown by removing them) and refuses another listing."""
+    import torch
+
+    from alignet_core.transform.affine import AffineTransform, apply_transform_to_store
+
+    folder = _folder(tmp_path, demo40, 10)
+    cfg = _cfg(tmp_path, {"kind": "folder", "path": str(folder)})
+    out = _embed(cfg)
+    p = zarr.open_group(out.artifact, mode="r")["embeddings"].shape[1]
+    tf = AffineTransform(mean=0.0, std=1.0, weight=np.eye(p, dtype=np.float32), bias=np.zeros(p, dtype=np.float32))
+    url = str(tmp_path / "transformed.zarr")
+    apply_transform_to_store(out.artifact, url, tf, 4, torch.device("cpu"))
+    listing = zarr.open_group(out.artifact, mode="r").attrs["listing"]
+    assert zarr.open_group(url, mode="r").attrs["listing"] == listing == out.metrics.changes.listing
+    ctx = RunContext.of(cfg)
+    assert ctx.listing.key == listing
+    ids_data = [c for c in (Path(url) / "ids").rglob("*") if c.is_file() and c.name != "zarr.json"]
+    assert ids_data
+    for c in ids_data:
+        c.unlink()  # the ids' values gone, their shape kept: only the attribute can pass the check
+    check_same_images("cluster", url, ctx.source, ctx.listing.key)
+    shutil.copy(demo40.records[20].path, folder / "a" / "late.png")
+    ctx = RunContext.of(cfg)
+    with pytest.raises(InputError, match="^cluster: the store .* holds 10 images but .* lists 11 now"):
+        check_same_images("cluster", url, ctx.source, ctx.listing.key)
