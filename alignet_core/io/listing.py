@@ -15,8 +15,9 @@ copy that kept the bytes), its row reused; only a candidate is read to be hashed
 read to be embedded. Stores made before the digests fall back to the fingerprint alone (a `touch`
 re-embeds, never wrong). Not seen: bytes rewritten with the mtime put back by hand to the same nanosecond
 at the same size (`cp -p` of a same-sized file over it) - say so where that matters and change the name.
-A tar member's fingerprint is its size and its header's mtime (what `tar` records; reading members'
-bytes means reading the shards).
+A tar member's fingerprint is its size and its shard file's mtime (not the header's, which a shard rewritten
+with a member's bytes changed at the same size can keep): a rewritten shard makes every member a candidate,
+and the digests leave the unchanged ones reused (hashing them reads the shard once, as embedding would).
 
 `compare` gives what changed against a previous store's rows (ids and fingerprints): the rows to reuse
 (same id, same fingerprint: content-addressed per image, so reuse survives reordering), the added,

@@ -34,6 +34,7 @@ from alignet_core.io.tar_shards import (
     LABEL_EXTENSIONS,
     expand_shards,
     open_tar,
+    shard_mtime_ns,
     shard_name,
     tar_index,
     tar_member_url,
@@ -60,7 +61,7 @@ class ImageRecord:
     label: str | None = None
     fine: str | None = None
     size: int = -1  # bytes when listed (a tar member: its size in the shard); -1: not listed (demo, imported)
-    mtime_ns: int = -1  # modification time when listed, ns (a tar member: its header's); -1: not listed
+    mtime_ns: int = -1  # modification time when listed, ns (a tar member: its shard file's); -1: not listed
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,7 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
     """
     records: list[ImageRecord] = []
     for shard in expand_shards(urls_or_glob):
+        shard_ns = shard_mtime_ns(shard)  # before the index: a shard rewritten after it is a candidate next time
         index = tar_index(shard, fresh=True)
         images: dict[str, str] = {}
         labels: dict[str, str] = {}
@@ -342,9 +344,12 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
                     text = member_file.read().decode("utf-8", errors="replace").strip() if member_file else ""
                     labels[key] = text
         prefix = shard_name(shard)
+        # a member's fingerprint: its size and its shard's mtime (a rewritten shard makes every member a
+        # candidate, whose bytes' digest then tells the changed from the same: `io.listing`)
         records.extend(
             ImageRecord(id=f"{prefix}/{key}", path=tar_member_url(shard, name), label=labels.get(key) or None,
-                        size=int(index[name].size), mtime_ns=int(index[name].mtime) * 10**9)
+                        size=int(index[name].size),
+                        mtime_ns=shard_ns if shard_ns is not None else int(index[name].mtime) * 10**9)
             for key, name in images.items()
         )
     desc = urls_or_glob if isinstance(urls_or_glob, str) else f"{len(urls_or_glob)} shard pattern(s)"

@@ -314,3 +314,36 @@ def test_the_transformed_store_carries_the_listing(demo40: ImageSource, tmp_path
     ctx = RunContext.of(cfg)
     with pytest.raises(InputError, match="^cluster: the store .* holds 10 images but .* lists 11 now"):
         check_same_images("cluster", url, ctx.source, ctx.listing.key)
+
+
+def test_a_tar_member_rewritten_at_the_same_size_and_header_mtime_is_seen(demo40: ImageSource,  # noqa: F811
+                                                                          tmp_path: Path) -> None:
+    """A shard rewritten with one member's bytes changed but its size and header mtime kept: the members'
+    fingerprints carry the shard file's mtime, so each is a candidate; the digests find the one whose bytes
+    changed (embedded) and the others the same (reused, touched)."""
+    folder = _folder(tmp_path, demo40, 6)
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+    shard = tmp_path / "shards" / "s-000.tar"
+    shard.parent.mkdir()
+    write_tar(shard, folder, names)
+    cfg = _cfg(tmp_path, {"kind": "tar", "path": str(shard)})
+    first = _embed(cfg)
+
+    sizes = {n: (folder / n).stat().st_size for n in names}
+    big, small = max(names, key=sizes.get), min(names, key=sizes.get)
+    # `big` becomes `small`'s picture, zero-padded to its own size (a PNG decoder stops at IEND)
+    (folder / big).write_bytes((folder / small).read_bytes().ljust(sizes[big], b"\0"))
+    before = shard.stat().st_mtime_ns
+    write_tar(shard, folder, names)  # the same header mtimes (write_tar fixes them) and sizes
+    os.utime(shard, ns=(before + 10**9, before + 10**9))
+    with tarfile.open(shard) as tf:
+        assert [m.size for m in tf.getmembers()] == [sizes[n] for n in names]
+    second = _embed(cfg)
+    c = second.metrics.changes
+    changed_id = f"s-000/{names.index(big):04d}"
+    assert second.key != first.key
+    assert (c.added, c.changed, c.removed, c.reused, c.touched) == (0, 1, 0, 5, 5)
+    assert c.changed_examples == [changed_id]
+    a, b = _rows(first.artifact), _rows(second.artifact)
+    assert not np.allclose(a[changed_id], b[changed_id], atol=1e-3)
+    assert all(np.array_equal(a[i], b[i]) for i in a if i != changed_id)
