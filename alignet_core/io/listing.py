@@ -58,7 +58,7 @@ class SourceListing:
 
     @property
     def listed(self) -> bool:
-        """Whether the fingerprints were listed (demo and imported rows carry none)."""
+        """Whether the fingerprints were listed (demo rows and imported rows without `source.images` carry none)."""
         return bool(self.n) and bool((self.sizes != -1).any())
 
 
