@@ -216,6 +216,9 @@ def test_two_cpu_workers_embed_only_the_changed_rows_into_the_single_process_sto
     assert result["n"] == 22 and result["n_valid"] == 22
     _assert_same_store(two, single)
     assert zarr.open_group(two, mode="r")["reused"][:].sum() == 20
+    # every row's content digest: the embedded ones by the worker that read them, the reused ones copied
+    digests = [np.asarray(zarr.open_group(u, mode="r")["source_sha256"][:]) for u in (two, single)]
+    assert np.array_equal(*digests) and digests[0].any(axis=1).all()
 
 
 def _touch(path: Path) -> None:
