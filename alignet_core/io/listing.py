@@ -102,7 +102,8 @@ def compare(old_ids: np.ndarray, old_sizes: np.ndarray, old_mtimes: np.ndarray,
     old_ids: (m,) str; old_sizes, old_mtimes: (m,) int64; a row whose fingerprint is unknown (-1) on either
     side never matches (it is recomputed). old_digests: (m, 32) uint8, the rows' content sha256 (all zero:
     unknown); with `digest_of` (a record → the sha256 of its bytes now, None when unreadable), a candidate
-    (same id, another fingerprint) whose old digest is known and equals its digest now is reused, *touched*."""
+    (same id and size, another mtime) whose old digest is known and equals its digest now is reused, *touched*
+    (another size is other bytes: never read)."""
     old_row = {str(i): r for r, i in enumerate(np.asarray(old_ids).tolist())}
     new_rows, old_rows, added, changed, touched = [], [], [], [], []
     for row, rec in enumerate(src.records):
@@ -112,7 +113,7 @@ def compare(old_ids: np.ndarray, old_sizes: np.ndarray, old_mtimes: np.ndarray,
         elif rec.size >= 0 and old_sizes[r] == listing.sizes[row] and old_mtimes[r] == listing.mtimes[row]:
             new_rows.append(row)
             old_rows.append(r)
-        elif rec.size >= 0 and _same_bytes(rec, r, old_digests, digest_of):
+        elif rec.size >= 0 and old_sizes[r] == listing.sizes[row] and _same_bytes(rec, r, old_digests, digest_of):
             new_rows.append(row)
             old_rows.append(r)
             touched.append(rec.id)
