@@ -436,7 +436,8 @@ def pixels_identity(cfg: SourceConfig) -> dict[str, Any]:
     in row order (`io.listing`). An image replaced, or its file touched, under the same id is then a new key
     for those stages, while the imported rows' key (embed) and the stages that read only rows keep theirs.
     A listed image source's own listing is already in the embed key, which every stage's key chains to.
-    Costs one listing of `source.images` (a run plans each stage once)."""
+    Costs one listing of `source.images` (a run plans each stage once). The stat is the identity here (no
+    digests are kept for joined images): a `touch` is a new key too, never a stale one."""
     ident = source_identity(cfg)
     if cfg.kind == "embeddings" and cfg.images is not None and cfg.images.kind in LISTED_KINDS:
         from alignet_core.io.listing import listing_of
