@@ -124,7 +124,8 @@ def distill_files(cfg: PipelineConfig, ds: StageOutput | None) -> DistillFiles:
 
 def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
     """The distill stage's plan. Its key: the `distill` section except `devices` and `nodes`, the seed,
-    the image source, the input's key, the compute identity of the training devices (kind and autocast
+    the image source (for imported embeddings, the listing of the joined images: `sources.pixels_identity`),
+    the input's key, the compute identity of the training devices (kind and autocast
     dtype) and the rank count, nodes × devices. `distill.harmonize` enters the key when it is on.
 
     The rank count is part of the key, like `compile`: N ranks follow the one-process trajectory (same
@@ -140,7 +141,7 @@ def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
     layout = rank_layout(cfg)
     off = {"harmonize"} if cfg.distill.harmonize is None else set()  # keys of runs without it stay as they were
     conf = {"distill": cfg.distill.key_dump(exclude=off), "seed": cfg.seed,
-            "source": sources.source_identity(cfg.source),
+            "source": sources.pixels_identity(cfg.source),
             "compute": dataclasses.asdict(compute_identity(layout.devices[0])), "ranks": layout.ranks}
     return plan_stage(cfg.root, "distill", conf, [files.key], __name__)
 

@@ -65,7 +65,7 @@ from alignet_core.errors import InputError
 from alignet_core.hardware import ComputeIdentity, autocast_dtype, compute_identity
 from alignet_core.io import embedding_store, store
 from alignet_core.io.images import decode_image_bytes
-from alignet_core.io.listing import MTIME_ARRAY, SIZE_ARRAY
+from alignet_core.io.listing import DIGEST_ARRAY, MTIME_ARRAY, SIZE_ARRAY
 from alignet_core.io.sources import ImageSource
 from alignet_core.models.factory import (
     build_tensor_transform,
@@ -148,8 +148,10 @@ def embed_chunks(
     the parent of several device workers creates the store on the CPU for them).
 
     `fingerprints`: the listing's (sizes, mtimes_ns), (n,) int64 each, kept in the store beside the ids
-    (`io.listing`: what a later run compares against). `reuse`: rows of a previous store to copy instead of
-    computing (`reuse.prefill`, once, when the store is created); only the other rows are embedded.
+    (`io.listing`: what a later run compares against), with each row's content sha256 (`DIGEST_ARRAY`,
+    of the bytes the loader read; a reused row keeps its previous one). `reuse`: rows of a previous store to
+    copy instead of computing (`reuse.prefill`, once, when the store is created); only the other rows are
+    embedded.
     """
     model, n_folded = _inference_model(cfg, device, model)
     tensor_transform = build_tensor_transform(model, cfg.image_size) if cfg.decode == "torchvision" else None  # checked first
@@ -158,9 +160,11 @@ def embed_chunks(
         store_url, n, dim, source.ids(), cfg.store_dtype, cfg.chunk_rows,
         _provenance(cfg, model, source, n_folded, compute_identity(rows_device or device)),
         rows={SIZE_ARRAY: fingerprints[0], MTIME_ARRAY: fingerprints[1]} if fingerprints is not None else None,
+        digests=DIGEST_ARRAY if fingerprints is not None else None,
     )
     emb, valid = g["embeddings"], g["valid"]
     layers = layer_arrays(g, store_url, cfg, layer_dims(model, list(cfg.layers), device), n)
+    digests = g[DIGEST_ARRAY] if DIGEST_ARRAY in g else None
     reused = reused_mask(g)
     if reused is None and reuse is not None:
         reused = prefill(g, store_url, reuse, SKIPPED_DIR)
@@ -187,12 +191,16 @@ def embed_chunks(
     with run.capture:
         for i, start, stop in todo:
             keep = None if reused is None else reused[start:stop]
-            feats, extra, ok, skipped = run.chunk(batches, start, stop, 0 if keep is None else int(keep.sum()))
+            feats, extra, ok, skipped, sha = run.chunk(batches, start, stop, 0 if keep is None else int(keep.sum()))
             if keep is not None and keep.any():  # the rows prefilled from the previous store stay as they are
                 feats[keep] = np.asarray(emb[start:stop], dtype=np.float32)[keep]
                 ok[keep] = np.asarray(valid[start:stop])[keep]
                 for name, arr in layers.items():
                     extra[name][keep] = np.asarray(arr[start:stop], dtype=np.float32)[keep]
+                if digests is not None:
+                    sha[keep] = np.asarray(digests[start:stop])[keep]
+            if digests is not None:
+                digests[start:stop] = sha
             for name, arr in layers.items():
                 arr[start:stop] = extra[name].astype(cfg.store_dtype)
             emb[start:stop] = feats.astype(cfg.store_dtype)
@@ -293,13 +301,14 @@ class _Extractor:
 
     def chunk(
         self, batches: Iterator[dict[str, Any]], start: int, stop: int, n_reused: int = 0
-    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, list[dict[str, str]]]:
+    ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, list[dict[str, str]], np.ndarray]:
         """Consume the batches of rows [start, stop) (all but the `n_reused` rows the loader leaves out).
 
         Returns features (rows, dim) float32, extra layers {name: (rows, c) float32}, valid (rows,) bool,
-        skipped (in row order).
+        skipped (in row order), and the sha256 of each row's bytes as read (rows, 32) uint8 (zero: unread).
         """
         rows = stop - start
+        sha = np.zeros((rows, 32), dtype=np.uint8)
         feats = np.zeros((rows, self.dim), dtype=np.float32)
         extra = {name: np.zeros((rows, c), dtype=np.float32) for name, c in self.layer_dims.items()}
         ok = np.zeros(rows, dtype=bool)
@@ -308,6 +317,8 @@ class _Extractor:
         while seen < rows - n_reused:
             batch = next(batches)
             failed.extend(batch["failed"])
+            for i, d in batch["digest"]:
+                sha[i - start] = np.frombuffer(d, dtype=np.uint8)
             seen += len(batch["index"]) + len(batch["jpeg"]) + len(batch["failed"])
             parts = []
             if batch["x"] is not None:
@@ -329,7 +340,7 @@ class _Extractor:
         for j, reason in sorted(failed):
             rec = self.source.records[j]
             skipped.append({"id": rec.id, "path": rec.path, "reason": reason})
-        return feats, extra, ok, skipped
+        return feats, extra, ok, skipped, sha
 
 
 def _progress_bar(total: int, initial: int) -> Any:

@@ -5,6 +5,7 @@ DataLoader workers, in batches that never cross a chunk boundary, with failures 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import signal
 import sys
@@ -18,12 +19,19 @@ from alignet_core.errors import InputError
 from alignet_core.io.images import decode_image_bytes, is_plain_jpeg, read_image_bytes
 from alignet_core.io.sources import ImageRecord, ImageSource
 
+#: one dataset item: (row, (3, h, w) float32 tensor or None, JPEG bytes (m,) uint8 or None, reason or None,
+#: the sha256 of the bytes read (32 bytes) or None)
+Item = tuple[int, torch.Tensor | None, torch.Tensor | None, str | None, bytes | None]
+
 
 class ImageDataset(Dataset):
-    """Item i → (i, (3, h, w) float32 tensor or None, JPEG bytes (m,) uint8 or None, reason or None).
+    """Item i → (i, (3, h, w) float32 tensor or None, JPEG bytes (m,) uint8 or None, reason or None,
+    sha256 of the bytes read or None).
 
     With `jpeg_bytes`, a whole plain JPEG comes back undecoded (for a batched decode on the extraction
-    device); everything else is decoded and transformed here by PIL, or fails with its reason.
+    device); everything else is decoded and transformed here by PIL, or fails with its reason. The digest
+    of the bytes read (the row's content, `io.listing.DIGEST_ARRAY`) costs a hash of bytes already in memory;
+    it is None when the file could not be read or changed since the listing.
     """
 
     def __init__(self, source: ImageSource, transform: Callable[[Any], torch.Tensor], jpeg_bytes: bool = False) -> None:
@@ -34,18 +42,20 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]:
+    def __getitem__(self, i: int) -> Item:
         rec = self.records[i]
         path = rec.path
+        digest = None
         try:
             data = read_image_bytes(path)
             if (moved := changed_since_listing(rec, len(data))) is not None:
-                return i, None, None, moved
+                return i, None, None, moved, None
+            digest = hashlib.sha256(data).digest()
             if self.jpeg_bytes and is_plain_jpeg(data):
-                return i, None, torch.frombuffer(bytearray(data), dtype=torch.uint8), None
-            return i, self.transform(decode_image_bytes(data, path)), None, None
+                return i, None, torch.frombuffer(bytearray(data), dtype=torch.uint8), None, digest
+            return i, self.transform(decode_image_bytes(data, path)), None, None, digest
         except (InputError, OSError, ValueError) as err:
-            return i, None, None, str(err)
+            return i, None, None, str(err), digest
 
 
 def changed_since_listing(rec: ImageRecord, n_read: int) -> str | None:
@@ -66,15 +76,17 @@ def changed_since_listing(rec: ImageRecord, n_read: int) -> str | None:
             f"now {st.st_size} bytes, mtime_ns {st.st_mtime_ns}); refused: a rerun lists and embeds its new bytes")
 
 
-def collate(items: list[tuple[int, torch.Tensor | None, torch.Tensor | None, str | None]]) -> dict[str, Any]:
-    """Stack the decoded images of a batch; keep JPEG bytes and failures (with their reasons) aside."""
-    ok = [(i, x) for i, x, _, _ in items if x is not None]
+def collate(items: list[Item]) -> dict[str, Any]:
+    """Stack the decoded images of a batch; keep JPEG bytes, failures (with their reasons) and the digests
+    of the bytes read aside."""
+    ok = [(i, x) for i, x, _, _, _ in items if x is not None]
     return {
         "index": torch.tensor([i for i, _ in ok], dtype=torch.long),
         "x": torch.stack([x for _, x in ok]) if ok else None,
-        "jpeg_index": [i for i, _, b, _ in items if b is not None],
-        "jpeg": [b for _, _, b, _ in items if b is not None],
-        "failed": [(i, reason) for i, x, b, reason in items if x is None and b is None],
+        "jpeg_index": [i for i, _, b, _, _ in items if b is not None],
+        "jpeg": [b for _, _, b, _, _ in items if b is not None],
+        "failed": [(i, reason) for i, x, b, reason, _ in items if x is None and b is None],
+        "digest": [(i, d) for i, _, _, _, d in items if d is not None],
     }
 
 

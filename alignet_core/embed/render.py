@@ -18,15 +18,17 @@ def embed_rows(out: EmbedOutput) -> list[dict[str, Any]]:
         row |= {"imported": m.imported.path, "sha256": m.imported.sha256, "dtype": m.imported.dtype}
     if (c := m.changes) is not None:
         row |= {"added": c.added, "changed": c.changed, "removed": c.removed, "reused": c.reused,
-                "listing_seconds": c.listing_seconds}
+                "touched": c.touched, "listing_seconds": c.listing_seconds}
     return [row]
 
 
 def change_rows(c: SourceChanges) -> list[dict[str, Any]]:
-    """The `embed-changes` table: one row per kind of change, with its count and a few example ids."""
+    """The `embed-changes` table: one row per kind of change, with its count and a few example ids (`touched`:
+    reused rows whose size or mtime changed but not their bytes)."""
     return [{"change": kind, "images": n, "examples": ", ".join(ex)} for kind, n, ex in (
         ("added", c.added, c.added_examples), ("changed", c.changed, c.changed_examples),
-        ("removed", c.removed, c.removed_examples), ("reused", c.reused, []))]
+        ("removed", c.removed, c.removed_examples), ("reused", c.reused, []),
+        ("touched", c.touched, c.touched_examples))]
 
 
 def change_line(c: SourceChanges) -> str:
@@ -37,8 +39,10 @@ def change_line(c: SourceChanges) -> str:
     parts = [f"{n} {kind}" + (f" (e.g. {', '.join(f'`{i}`' for i in ex[:3])})" if ex else "")
              for kind, n, ex in (("added", c.added, c.added_examples), ("changed", c.changed, c.changed_examples),
                                  ("removed", c.removed, c.removed_examples))]
-    return (f"Source: {'; '.join(parts)} since the previous store `{c.previous}`; {c.reused} embeddings reused, "
-            f"{c.added + c.changed} computed (listing `{c.listing[:12]}`, {c.listing_seconds:g} s).")
+    touched = (f" ({c.touched} of them touched: a new mtime, the same bytes, e.g. "
+               f"{', '.join(f'`{i}`' for i in c.touched_examples[:3])})") if c.touched else ""
+    return (f"Source: {'; '.join(parts)} since the previous store `{c.previous}`; {c.reused} embeddings reused"
+            f"{touched}, {c.added + c.changed} computed (listing `{c.listing[:12]}`, {c.listing_seconds:g} s).")
 
 
 def report_section(out: EmbedOutput) -> str | None:

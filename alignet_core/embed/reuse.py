@@ -4,10 +4,11 @@ A source that changed (images added, replaced or removed) gets a new embed key (
 it, `io.listing`), but most of its images are the ones already embedded. The previous store is the
 newest finished store of the same *lineage*: the same embed key with the listing left out (same teacher,
 preprocessing, store dtype and chunking, compute identity and code version). Its rows whose image has the
-same id and fingerprint (size, mtime_ns) are copied into the new store (`prefill`), in the new store's
-row order, so reuse survives reordering; only added and changed images are embedded, removed ones drop
-out. The copy is exact (the stored dtype to itself); a reused row equals what a full recompute gives up to
-the batch composition of the forward pass (the same image in another batch: float32 rounding).
+same id and fingerprint (size, mtime_ns), or the same id and content sha256 (a touched image: `io.listing`),
+are copied into the new store (`prefill`), in the new store's row order, so reuse survives reordering; only
+added and changed images are embedded, removed ones drop out. The copy is exact (the stored dtype to
+itself); a reused row equals what a full recompute gives up to the batch composition of the forward pass
+(the same image in another batch: float32 rounding).
 
 The store keeps `reused` (n,) bool, written last by the prefill: a resumed or multi-device run computes
 exactly the rows it marks False, and a chunk wholly reused is marked done at once.
@@ -25,6 +26,7 @@ import zarr
 
 from alignet_core.embed.layers import LAYERS_GROUP
 from alignet_core.io import embedding_store, store
+from alignet_core.io.listing import DIGEST_ARRAY
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,10 @@ def reused_mask(g: zarr.Group) -> np.ndarray | None:
 
 
 def prefill(g: zarr.Group, url: str, reuse: RowReuse, skipped_dir: str, block_rows: int = 32768) -> np.ndarray:
-    """Copy the reused rows (embeddings, valid, extra layers, skip reasons) from the previous store into the
-    new store `g`, a block of whole chunks at a time (memory: one block), mark the chunks wholly reused as
-    done, and write `reused` last. Returns it, (n,) bool. Idempotent: a prefill killed midway redoes it."""
+    """Copy the reused rows (embeddings, valid, extra layers, content digests, skip reasons) from the previous
+    store into the new store `g`, a block of whole chunks at a time (memory: one block), mark the chunks
+    wholly reused as done, and write `reused` last. Returns it, (n,) bool. Idempotent: a prefill killed
+    midway redoes it."""
     old = embedding_store.open_embeddings(reuse.url)
     emb, valid = g["embeddings"], g["valid"]
     n, chunk = emb.shape[0], int(emb.chunks[0])
@@ -60,6 +63,8 @@ def prefill(g: zarr.Group, url: str, reuse: RowReuse, skipped_dir: str, block_ro
     src_of[reuse.new_rows] = reuse.old_rows
     old_valid = np.asarray(old["valid"][:], dtype=bool)
     layer_names = list(g[LAYERS_GROUP].array_keys()) if LAYERS_GROUP in g else []
+    # a previous store without digests leaves the reused rows' digests unknown (zero): a touch re-embeds them
+    digests = [(DIGEST_ARRAY, g[DIGEST_ARRAY], old[DIGEST_ARRAY])] if DIGEST_ARRAY in g and DIGEST_ARRAY in old else []
     step = max(chunk, block_rows // chunk * chunk)
     for lo in range(0, n, step):
         hi = min(lo + step, n)
@@ -69,7 +74,7 @@ def prefill(g: zarr.Group, url: str, reuse: RowReuse, skipped_dir: str, block_ro
         olds = src_of[rows]
         order = np.argsort(olds)
         for name, dst, srcarr in [("embeddings", emb, old["embeddings"])] + [
-                (f"{LAYERS_GROUP}/{k}", g[LAYERS_GROUP][k], old[LAYERS_GROUP][k]) for k in layer_names]:
+                (f"{LAYERS_GROUP}/{k}", g[LAYERS_GROUP][k], old[LAYERS_GROUP][k]) for k in layer_names] + digests:
             got = embedding_store.gather_rows(srcarr, olds[order], dtype=dst.dtype)
             block = np.asarray(dst[lo:hi])
             block[rows[order] - lo] = got

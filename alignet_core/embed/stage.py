@@ -20,6 +20,7 @@ store's dtype and chunking; the teacher settings (`embed.model`, `weights`, ...)
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,13 +32,24 @@ from alignet_core.embed.importer import checked_import, import_embeddings
 from alignet_core.errors import InputError
 from alignet_core.hardware import ComputeIdentity, compute_identity, resolve_device, resolve_devices
 from alignet_core.io import sources, store
-from alignet_core.io.listing import EXAMPLES, MTIME_ARRAY, SIZE_ARRAY, SourceListing, compare, listing_of
+from alignet_core.io.listing import (
+    DIGEST_ARRAY,
+    EXAMPLES,
+    MTIME_ARRAY,
+    SIZE_ARRAY,
+    SourceListing,
+    compare,
+    content_digest,
+    listing_of,
+)
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 
 if TYPE_CHECKING:
     from alignet_core.embed.reuse import RowReuse
 
 STORE = "embeddings.zarr"
+
+log = logging.getLogger(__name__)
 
 
 class SkippedImage(Record):
@@ -63,9 +75,10 @@ class ImportedArray(Record):
 
 class SourceChanges(Record):
     """What changed in the source since the previous store of the same lineage (`embed.reuse`): images
-    added, changed (same id, other size or mtime) and removed, how many rows were reused, a few example ids
-    of each, and the seconds the run's listing took. `previous` is that store's key (None: the first store
-    of its lineage, every image added)."""
+    added, changed (same id, other bytes, or other size or mtime where the bytes' digest is unknown) and
+    removed, how many rows were reused, of those how many touched (other size or mtime, same bytes: reused),
+    a few example ids of each, and the seconds the run's listing took. `previous` is that store's key (None:
+    the first store of its lineage, every image added)."""
 
     previous: str | None
     listing: str
@@ -77,6 +90,8 @@ class SourceChanges(Record):
     added_examples: list[str] = []
     changed_examples: list[str] = []
     removed_examples: list[str] = []
+    touched: int = 0
+    touched_examples: list[str] = []
 
 
 class EmbedMetrics(StageMetrics):
@@ -191,6 +206,10 @@ def _embed(ctx: RunContext, plan: StagePlan, progress: Callable[[int, int], None
             fingerprints = (listing.sizes, listing.mtimes)
             previous = previous_store(cfg.root, lineage, plan.key)
             reuse, changes = _changes(src, listing, previous)
+            log.info("embed: source %s since %s: %d added, %d changed, %d removed; %d reused, %d of them touched (same "
+                     "bytes, new mtime; listing %s, %.3g s)", src.description,
+                     changes.previous or "nothing (the first store of its lineage)", changes.added, changes.changed,
+                     changes.removed, changes.reused, changes.touched, changes.listing[:12], changes.listing_seconds)
         info = extract_embeddings(src, cfg.embed, url, resolve_device(cfg.device), progress=progress,
                                   fingerprints=fingerprints, reuse=reuse)
         if changes is not None:
@@ -235,7 +254,8 @@ def previous_store(root: str, lineage: str, key: str) -> tuple[str, str] | None:
 def _changes(src: sources.ImageSource, listing: SourceListing, previous: tuple[str, str] | None
              ) -> tuple[RowReuse | None, SourceChanges]:
     """The rows to reuse from `previous` (key, store url) and what changed since it (everything added
-    when there is none, or when it keeps no fingerprints)."""
+    when there is none, or when it keeps no fingerprints). A candidate (same id, other size or mtime) is
+    read and hashed when the previous store knows its row's content digest: the same bytes are reused."""
     from alignet_core.embed.reuse import RowReuse
     from alignet_core.io import embedding_store
 
@@ -243,12 +263,14 @@ def _changes(src: sources.ImageSource, listing: SourceListing, previous: tuple[s
     if previous is not None:
         g = embedding_store.open_embeddings(previous[1])
         if SIZE_ARRAY in g and MTIME_ARRAY in g:
-            c = compare(g["ids"][:], g[SIZE_ARRAY][:], g[MTIME_ARRAY][:], src, listing)
+            digests = g[DIGEST_ARRAY][:] if DIGEST_ARRAY in g else None  # older stores: the fingerprint alone
+            c = compare(g["ids"][:], g[SIZE_ARRAY][:], g[MTIME_ARRAY][:], src, listing, digests, content_digest)
             reuse = RowReuse(previous[1], c.new_rows, c.old_rows) if c.unchanged else None
             return reuse, SourceChanges(
                 previous=previous[0], listing=listing.key, listing_seconds=listing.seconds, added=len(c.added),
                 changed=len(c.changed), removed=len(c.removed), reused=c.unchanged, added_examples=c.added[:k],
-                changed_examples=c.changed[:k], removed_examples=c.removed[:k])
+                changed_examples=c.changed[:k], removed_examples=c.removed[:k], touched=len(c.touched),
+                touched_examples=c.touched[:k])
     ids = [r.id for r in src.records[:k]]
     return None, SourceChanges(previous=None, listing=listing.key, listing_seconds=listing.seconds, added=len(src),
                                changed=0, removed=0, reused=0, added_examples=ids)

@@ -131,8 +131,9 @@ def _inputs(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: St
 
 
 def plan_evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> StagePlan:
+    """The evaluate stage's plan: its key covers the pixels the students embed (`sources.pixels_identity`)."""
     conf = {"evaluate": cfg.evaluate.key_dump(), "human": cfg.human.key_dump(), "seed": cfg.seed,
-            "source": sources.source_identity(cfg.source), "student": cfg.distill.student,
+            "source": sources.pixels_identity(cfg.source), "student": cfg.distill.student,
             "weights": cfg.distill.weights, "image_size": cfg.distill.image_size,
             "device": device_type(cfg.device)}
     return plan_stage(cfg.root, "evaluate", conf, _inputs(cfg, emb, tfm, student), __name__)

@@ -101,6 +101,7 @@ def create_embedding_store(
     attrs: dict[str, Any],
     compressed: bool = True,
     rows: dict[str, np.ndarray] | None = None,
+    digests: str | None = None,
 ) -> zarr.Group:
     """Create (or reopen for resume) an embedding store: `embeddings` (n, dim) `dtype`, `ids` (n,) str,
     `valid` (n,) bool (all False until the writer sets each written row).
@@ -111,7 +112,9 @@ def create_embedding_store(
     times slower (`benchmarks/store_read.py`). Extracted features after a ReLU compress well.
 
     `rows`: further per-row (n,) arrays kept whole beside the ids (the listing's fingerprints of the
-    images: `source_size`, `source_mtime_ns`).
+    images: `source_size`, `source_mtime_ns`). `digests`: the name of a (n, 32) uint8 array, chunked as the
+    embeddings, all zero (unknown) until the writer of each chunk sets its rows' content sha256
+    (`io.listing.DIGEST_ARRAY`: a touched image is then known unchanged).
 
     Reopening checks that shape, dtype and ids match what was asked, so a resumed write can never
     mix rows of two different runs.
@@ -144,6 +147,8 @@ def create_embedding_store(
             arr = g.create_array(name, shape=(n,), dtype=np.asarray(values).dtype, chunks=(max(n, 1),))
             if n:
                 arr[:] = np.asarray(values)
+        if digests is not None:
+            g.create_array(digests, shape=(n, 32), dtype="uint8", chunks=(chunk_rows, 32), fill_value=0)
         g.attrs.update(attrs)
         publish_dir(tmp, url)
     finally:

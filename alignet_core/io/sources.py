@@ -34,6 +34,7 @@ from alignet_core.io.tar_shards import (
     LABEL_EXTENSIONS,
     expand_shards,
     open_tar,
+    shard_mtime_ns,
     shard_name,
     tar_index,
     tar_member_url,
@@ -60,7 +61,7 @@ class ImageRecord:
     label: str | None = None
     fine: str | None = None
     size: int = -1  # bytes when listed (a tar member: its size in the shard); -1: not listed (demo, imported)
-    mtime_ns: int = -1  # modification time when listed, ns (a tar member: its header's); -1: not listed
+    mtime_ns: int = -1  # modification time when listed, ns (a tar member: its shard file's); -1: not listed
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,7 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
     """
     records: list[ImageRecord] = []
     for shard in expand_shards(urls_or_glob):
+        shard_ns = shard_mtime_ns(shard)  # before the index: a shard rewritten after it is a candidate next time
         index = tar_index(shard, fresh=True)
         images: dict[str, str] = {}
         labels: dict[str, str] = {}
@@ -342,9 +344,12 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
                     text = member_file.read().decode("utf-8", errors="replace").strip() if member_file else ""
                     labels[key] = text
         prefix = shard_name(shard)
+        # a member's fingerprint: its size and its shard's mtime (a rewritten shard makes every member a
+        # candidate, whose bytes' digest then tells the changed from the same: `io.listing`)
         records.extend(
             ImageRecord(id=f"{prefix}/{key}", path=tar_member_url(shard, name), label=labels.get(key) or None,
-                        size=int(index[name].size), mtime_ns=int(index[name].mtime) * 10**9)
+                        size=int(index[name].size),
+                        mtime_ns=shard_ns if shard_ns is not None else int(index[name].mtime) * 10**9)
             for key, name in images.items()
         )
     desc = urls_or_glob if isinstance(urls_or_glob, str) else f"{len(urls_or_glob)} shard pattern(s)"
@@ -378,7 +383,8 @@ _EMBEDDINGS_SOURCES: dict[str, ImageSource] = {}
 def embeddings_source(cfg: SourceConfig) -> ImageSource:
     """The rows of imported embeddings as a source: ids and labels from their files (`source.ids`,
     `source.labels`), joined by id to `source.images` when given (a row's path is its image there, its
-    label the labels file's or else the image source's); without images every path is `NO_IMAGE`.
+    label the labels file's or else the image source's, its size and mtime the image's as listed: what
+    `pixels_identity` keys the stages that read the pixels on); without images every path is `NO_IMAGE`.
 
     Without images it is remembered per config and ids/labels file state in this process: every stage
     asks for it, and 1M ids take seconds to read (a joined image source is listed anew, as every image
@@ -405,7 +411,8 @@ def embeddings_source(cfg: SourceConfig) -> ImageSource:
                              "image ids (a folder's: the path relative to its root)")
         records = tuple(ImageRecord(id=i, path=by_id[i].path,
                                     label=((labels[r] or None) if labels else by_id[i].label),
-                                    fine=None if labels else by_id[i].fine) for r, i in enumerate(ids))
+                                    fine=None if labels else by_id[i].fine, size=by_id[i].size,
+                                    mtime_ns=by_id[i].mtime_ns) for r, i in enumerate(ids))
         desc += f" joined to {images.description}"
     src = ImageSource(records, description=desc)
     if cfg.images is None:
@@ -416,6 +423,27 @@ def embeddings_source(cfg: SourceConfig) -> ImageSource:
 def has_images(cfg: SourceConfig) -> bool:
     """Whether the source's rows have pixels (every source but imported embeddings without `source.images`)."""
     return cfg.kind != "embeddings" or cfg.images is not None
+
+
+#: the image sources whose listing (every image's id, size and mtime) is their identity (`io.listing`)
+LISTED_KINDS = ("folder", "filelist", "tar")
+
+
+def pixels_identity(cfg: SourceConfig) -> dict[str, Any]:
+    """What identifies the pixels a stage reads (distill trains on them, evaluate embeds them): the source's
+    identity (`source_identity`) and, for imported embeddings joined to a folder, file list or tar shards
+    (`source.images`), the listing of the joined images: the sha256 of each row's image id, size and mtime
+    in row order (`io.listing`). An image replaced, or its file touched, under the same id is then a new key
+    for those stages, while the imported rows' key (embed) and the stages that read only rows keep theirs.
+    A listed image source's own listing is already in the embed key, which every stage's key chains to.
+    Costs one listing of `source.images` (a run plans each stage once). The stat is the identity here (no
+    digests are kept for joined images): a `touch` is a new key too, never a stale one."""
+    ident = source_identity(cfg)
+    if cfg.kind == "embeddings" and cfg.images is not None and cfg.images.kind in LISTED_KINDS:
+        from alignet_core.io.listing import listing_of
+
+        ident["images_listing"] = listing_of(source_from_config(cfg)).key
+    return ident
 
 
 def source_identity(cfg: SourceConfig) -> dict[str, Any]:

@@ -142,7 +142,8 @@ def apply_transform_to_store(
     """Write the transformed copy of an embedding store, chunk by chunk and resumable.
 
     Reads `embeddings` (n, p), `ids`, `valid` at in_url; writes a float32 store (n, p') at out_url
-    with the input's attributes plus `transform` (mean, std, digest, info). Rows whose `valid` is
+    with the input's attributes plus `transform` (mean, std, digest, info); among them the embed store's
+    `listing`, so the check before k-means and sampling (`sources.check_same_images`) reads no ids. Rows whose `valid` is
     False stay zero and invalid. Finished chunks are recorded with `embedding_store.ChunkProgress` and
     skipped on a rerun, which must use the same chunk_rows and transform (else `StoreError`).
     Math in float32 on `device`. Returns {"n": rows, "dim": p', "chunks_written": this call's}.

@@ -345,3 +345,45 @@ def test_other_sources_keep_their_keys(tmp_path: Path) -> None:
     """The embeddings-only fields stay out of other sources' identities (their stage keys are unchanged)."""
     ident = sources.source_identity(parse_config({}).source)
     assert not {"format", "dataset", "ids", "labels", "images"} & set(ident)
+
+
+def test_the_stages_that_read_joined_images_are_keyed_by_their_listing(tmp_path: Path) -> None:
+    """Imported embeddings joined to an image folder (`source.images`): an image replaced under its id is a
+    new key for the stages that read the pixels (distill trains on them, evaluate embeds them), while the
+    imported rows keep their key (embed, and the stages that read only rows); the joined rows carry the
+    images' sizes and mtimes. Without `source.images` nothing is listed."""
+    import os
+    import shutil
+
+    from alignet_core.distill.stage import DistillFiles, plan_distill
+    from alignet_core.evaluate.stage import plan_evaluate
+    from alignet_core.runtime.runner import StageMetrics, StageOutput
+    from tests.generated_images import write_jpeg_folder
+
+    image_ids = write_jpeg_folder(tmp_path / "images", 6, seed=0, size=(40, 40))
+    np.save(tmp_path / "emb.npy", rows(n=len(image_ids)))
+    (tmp_path / "ids.txt").write_text("\n".join(image_ids) + "\n")
+    images = {"kind": "folder", "path": str(tmp_path / "images")}
+    cfg = cfg_for(tmp_path, str(tmp_path / "emb.npy"), str(tmp_path / "ids.txt"), images=images)
+    src = sources.source_from_config(cfg.source)
+    victim = tmp_path / "images" / image_ids[2]
+    assert src.records[2].size == victim.stat().st_size and src.records[2].mtime_ns == victim.stat().st_mtime_ns
+
+    files = DistillFiles(folder=str(tmp_path), sampling="s", train=str(tmp_path / "train_s.npz"), valid={}, key="k")
+    emb, tfm = (StageOutput(stage=s, key=s, dir=str(tmp_path), artifact=str(tmp_path / s),
+                            metrics=StageMetrics(seconds=0.0)) for s in ("embed", "transform"))
+
+    def keys() -> tuple[str, str, str]:
+        return plan_embed(cfg).key, plan_distill(cfg, files).key, plan_evaluate(cfg, emb, tfm, None).key
+
+    before = keys()
+    assert keys() == before  # nothing changed: the same keys
+    mtime = victim.stat().st_mtime_ns
+    shutil.copy(tmp_path / "images" / image_ids[3], victim)  # new bytes under the same id
+    os.utime(victim, ns=(mtime + 10**9, mtime + 10**9))
+    after = keys()
+    assert after[0] == before[0]  # the imported rows are the same rows
+    assert after[1] != before[1] and after[2] != before[2]  # the pixels are not
+
+    bare = cfg_for(tmp_path, str(tmp_path / "emb.npy"), str(tmp_path / "ids.txt"))
+    assert sources.pixels_identity(bare.source) == sources.source_identity(bare.source)

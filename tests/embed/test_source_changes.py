@@ -216,3 +216,137 @@ def test_two_cpu_workers_embed_only_the_changed_rows_into_the_single_process_sto
     assert result["n"] == 22 and result["n_valid"] == 22
     _assert_same_store(two, single)
     assert zarr.open_group(two, mode="r")["reused"][:].sum() == 20
+    # every row's content digest: the embedded ones by the worker that read them, the reused ones copied
+    digests = [np.asarray(zarr.open_group(u, mode="r")["source_sha256"][:]) for u in (two, single)]
+    assert np.array_equal(*digests) and digests[0].any(axis=1).all()
+
+
+def _touch(path: Path) -> None:
+    """A new mtime, the same bytes (what `touch` or a copy that kept the bytes does)."""
+    after = path.stat().st_mtime_ns + 10**9
+    os.utime(path, ns=(after, after))
+
+
+def test_a_touched_image_is_reused_and_new_bytes_are_embedded(demo40: ImageSource,  # noqa: F811
+                                                              tmp_path: Path) -> None:
+    """Each row keeps the sha256 of the bytes it was embedded from: a `touch` (a new mtime, the same bytes)
+    makes the image a candidate, hashed and found unchanged: nothing embedded, every row copied exactly,
+    counted as touched, not changed; new bytes under the same name are embedded."""
+    folder = _folder(tmp_path, demo40, 10)
+    cfg = _cfg(tmp_path, {"kind": "folder", "path": str(folder)})
+    first = _embed(cfg)
+    g = zarr.open_group(first.artifact, mode="r")
+    victim = min((folder / "a").iterdir())
+    row = [str(i) for i in np.asarray(g["ids"][:]).tolist()].index(f"a/{victim.name}")
+    import hashlib
+
+    assert bytes(np.asarray(g["source_sha256"][row])) == hashlib.sha256(victim.read_bytes()).digest()
+
+    _touch(victim)
+    touched = _embed(cfg)
+    c = touched.metrics.changes
+    assert touched.key != first.key  # another listing: another store, made of copies
+    assert (c.added, c.changed, c.removed, c.reused, c.touched) == (0, 0, 0, 10, 1)
+    assert c.touched_examples == [f"a/{victim.name}"]
+    t = zarr.open_group(touched.artifact, mode="r")
+    assert np.asarray(t["reused"][:]).all()  # not one image embedded
+    assert np.array_equal(np.asarray(t["embeddings"][:]), np.asarray(g["embeddings"][:]))
+    assert np.array_equal(np.asarray(t["source_sha256"][:]), np.asarray(g["source_sha256"][:]))
+    assert int(t["source_mtime_ns"][row]) == victim.stat().st_mtime_ns  # the new fingerprint kept
+    from alignet_core.embed.render import change_line
+
+    assert "10 embeddings reused (1 of them touched: a new mtime, the same bytes" in change_line(c)
+
+    _replace(victim, min((folder / "b").iterdir()))  # new bytes under the same name
+    rewritten = _embed(cfg)
+    c = rewritten.metrics.changes
+    assert (c.changed, c.reused, c.touched) == (1, 9, 0) and c.changed_examples == [f"a/{victim.name}"]
+    r = zarr.open_group(rewritten.artifact, mode="r")
+    assert not np.asarray(r["reused"][row])
+    assert bytes(np.asarray(r["source_sha256"][row])) == hashlib.sha256(victim.read_bytes()).digest()
+    assert not np.allclose(np.asarray(r["embeddings"][row], dtype=np.float32),
+                           np.asarray(g["embeddings"][row], dtype=np.float32), atol=1e-3)
+
+
+def test_a_store_without_digests_falls_back_to_the_fingerprint(demo40: ImageSource,  # noqa: F811
+                                                               tmp_path: Path) -> None:
+    """A store made before the content digests (no `source_sha256`): a touched image is a changed one,
+    re-embedded, as before; the new store has the digests, so the next touch is free."""
+    folder = _folder(tmp_path, demo40, 6)
+    cfg = _cfg(tmp_path, {"kind": "folder", "path": str(folder)})
+    first = _embed(cfg)
+    shutil.rmtree(Path(first.artifact) / "source_sha256")
+    assert "source_sha256" not in zarr.open_group(first.artifact, mode="r")
+    victim = min((folder / "b").iterdir())
+    _touch(victim)
+    second = _embed(cfg)
+    c = second.metrics.changes
+    assert (c.changed, c.reused, c.touched) == (1, 5, 0)
+    g = zarr.open_group(second.artifact, mode="r")
+    known = np.asarray(g["source_sha256"][:]).any(axis=1)
+    assert not known[np.asarray(g["reused"][:])].any()  # unknown before: still unknown
+    _touch(victim)
+    c = _embed(cfg).metrics.changes
+    assert (c.changed, c.reused, c.touched) == (0, 6, 1)
+
+
+def test_the_transformed_store_carries_the_listing(demo40: ImageSource, tmp_path: Path) -> None:  # noqa: F811
+    """The transformed store keeps the embed store's `listing` attribute, so the check before k-means and
+    sampling is free (it does not read the ids: shown by removing them) and refuses another listing."""
+    import torch
+
+    from alignet_core.transform.affine import AffineTransform, apply_transform_to_store
+
+    folder = _folder(tmp_path, demo40, 10)
+    cfg = _cfg(tmp_path, {"kind": "folder", "path": str(folder)})
+    out = _embed(cfg)
+    p = zarr.open_group(out.artifact, mode="r")["embeddings"].shape[1]
+    tf = AffineTransform(mean=0.0, std=1.0, weight=np.eye(p, dtype=np.float32), bias=np.zeros(p, dtype=np.float32))
+    url = str(tmp_path / "transformed.zarr")
+    apply_transform_to_store(out.artifact, url, tf, 4, torch.device("cpu"))
+    listing = zarr.open_group(out.artifact, mode="r").attrs["listing"]
+    assert zarr.open_group(url, mode="r").attrs["listing"] == listing == out.metrics.changes.listing
+    ctx = RunContext.of(cfg)
+    assert ctx.listing.key == listing
+    ids_data = [c for c in (Path(url) / "ids").rglob("*") if c.is_file() and c.name != "zarr.json"]
+    assert ids_data
+    for c in ids_data:
+        c.unlink()  # the ids' values gone, their shape kept: only the attribute can pass the check
+    check_same_images("cluster", url, ctx.source, ctx.listing.key)
+    shutil.copy(demo40.records[20].path, folder / "a" / "late.png")
+    ctx = RunContext.of(cfg)
+    with pytest.raises(InputError, match="^cluster: the store .* holds 10 images but .* lists 11 now"):
+        check_same_images("cluster", url, ctx.source, ctx.listing.key)
+
+
+def test_a_tar_member_rewritten_at_the_same_size_and_header_mtime_is_seen(demo40: ImageSource,  # noqa: F811
+                                                                          tmp_path: Path) -> None:
+    """A shard rewritten with one member's bytes changed but its size and header mtime kept: the members'
+    fingerprints carry the shard file's mtime, so each is a candidate; the digests find the one whose bytes
+    changed (embedded) and the others the same (reused, touched)."""
+    folder = _folder(tmp_path, demo40, 6)
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+    shard = tmp_path / "shards" / "s-000.tar"
+    shard.parent.mkdir()
+    write_tar(shard, folder, names)
+    cfg = _cfg(tmp_path, {"kind": "tar", "path": str(shard)})
+    first = _embed(cfg)
+
+    sizes = {n: (folder / n).stat().st_size for n in names}
+    big, small = max(names, key=sizes.get), min(names, key=sizes.get)
+    # `big` becomes `small`'s picture, zero-padded to its own size (a PNG decoder stops at IEND)
+    (folder / big).write_bytes((folder / small).read_bytes().ljust(sizes[big], b"\0"))
+    before = shard.stat().st_mtime_ns
+    write_tar(shard, folder, names)  # the same header mtimes (write_tar fixes them) and sizes
+    os.utime(shard, ns=(before + 10**9, before + 10**9))
+    with tarfile.open(shard) as tf:
+        assert [m.size for m in tf.getmembers()] == [sizes[n] for n in names]
+    second = _embed(cfg)
+    c = second.metrics.changes
+    changed_id = f"s-000/{names.index(big):04d}"
+    assert second.key != first.key
+    assert (c.added, c.changed, c.removed, c.reused, c.touched) == (0, 1, 0, 5, 5)
+    assert c.changed_examples == [changed_id]
+    a, b = _rows(first.artifact), _rows(second.artifact)
+    assert not np.allclose(a[changed_id], b[changed_id], atol=1e-3)
+    assert all(np.array_equal(a[i], b[i]) for i in a if i != changed_id)
