@@ -103,8 +103,11 @@ def test_stage_rows_sum_phases_and_divide() -> None:
         assert r["bound_s"] == pytest.approx(sum(ph["bound_s"] for ph in r["phases"]), abs=1e-4)
         for ph in r["phases"]:
             assert ph["bound_s"] == pytest.approx(max(ph["cpu_s"], ph["memory_s"], ph["disk_s"]), abs=1e-4)
-        if r["bound_s"] > 0:
+        if r["stage"] == "report":  # no bulk data: a fixed cost, no ratio
+            assert r["ratio"] is None and r["limited_by"].startswith("fixed cost")
+        elif r["bound_s"] > 0:
             assert r["ratio"] == round(10.0 / r["bound_s"], 3)
+        assert r["achieved_gflops"] == round(r["flops"] / 10.0 / 1e9, 2)
 
 
 def test_quick_run_end_to_end(tmp_path: Path) -> None:
@@ -125,5 +128,7 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
         if r["ratio"] is not None:
             assert r["ratio"] == round(r["seconds"] / r["bound_s"], 3)
     assert result["stage_times"]["file"].endswith("scale_1m_quiet.json")
+    assert result["beat_the_bound"]["stages"] == [r["stage"] for r in result["stages"]
+                                                  if r["ratio"] is not None and r["ratio"] < 1]
     assert result["transform_other_model"]["flops"] > result["stages"][1]["flops"]  # the rotation fits more
     assert len(result["rates_measured_under_load"]["load_avg_before"]) == 3
