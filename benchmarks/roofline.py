@@ -19,7 +19,7 @@ they are given, as the pipeline's stages do):
   the disk), read it back (read GB/s), and read it again from the page cache (`cached_read_gbps`).
 
 Stage work (from the scale benchmark's parameters: `benchmarks.scale.pipeline_config`, `ScaleSpec`, the
-config models' defaults; n and p from the times file). p = dimensions, n = rows, b = bytes per value.
+config models' defaults; n and p from the times file). p = dimensions, n = rows.
 Each stage is split into phases that run one after another; a phase's bound is
 max(cpu, memory, disk) with cpu = FLOPs / GEMM rate + hashed bytes / sha256 rate, memory = sequential
 bytes / memory read rate + random-row bytes / random-row rate, disk = bytes written / disk write rate +
@@ -28,20 +28,21 @@ ratio = measured seconds / bound (1 = at the roof).
 - embed (import): read the float16 source once (n·p·2, page cache: the source was written just before)
   and write the float32 store (n·p·4, disk). The source's sha256 and finiteness pass run in preflight
   (flow overhead) and are cached; the stage only stats the file.
-- transform: fit = the k-fold rotation's fits (`human.folds`) plus the refit on every triplet. A fold
-  fits t·((f−1)/f)³ triplets less its early-stopping split (val_fraction, at most val_max_triplets) on
-  m·(f−1)/f objects; the refit all t triplets on m objects. Per step of B triplets: the u distinct objects
-  of the batch, u = m_f·(1 − (1 − 1/m_f)^{3B}) (expected), go through W forward and W's gradient backward
+- transform: fit + apply. Which fits (`--transform-fits`, `transform_fits`): `single`, the one fit of the
+  code that recorded the 1M times (before the k-fold rotation of 2026-12-06: f − 2 of the f = human.folds
+  folds of objects train, one stops early, one tests), or `rotation`, today's code (one fit per fold on
+  the other f − 1 folds, then the refit on every triplet); the JSON also projects the other model's
+  transform row (`transform_other_model`). A fit on a share q of the m objects fits the t·q³ triplets
+  whose objects all lie there, less its early-stopping split (val_fraction, at most val_max_triplets)
+  (the refit: all t). Per step of B triplets: the u distinct objects of the batch,
+  u = m_q·(1 − (1 − 1/m_q)^{3B}) (expected, m_q = q·m), go through W forward and W's gradient backward
   (4·u·p²); the local term (α > 0) on L = local_batch pool rows: forward + gradient 4·L·p², the teacher's
   and the transformed cosine matrices and the latter's gradient 8·L²·p. Per epoch the evaluation
   transforms the m objects (2·m·p²). After each fit the k-NN overlap on R = 5,000 pool rows: two
   neighbour searches 2·2·R²·p and one apply 2·R·p². Adam reads and writes W's state every step:
   7·4·p² bytes (memory). Epochs per fit: `transform.epochs` (8), the configured maximum (early stopping
-  may end a fit sooner). Which fits: `--transform-fits` (`transform_fits`): `single`, the one fit of the
-  code that recorded the 1M times (on the (f−2)/f training folds of objects), or `rotation`, today's f
-  fold fits on (f−1)/f of the objects plus the refit on every triplet; the JSON also projects the
-  other model's transform row (`transform_other_model`). Apply = 2·n·p² FLOPs, the store read
-  (n·p·4, page cache) and the transformed store written (n·p·4, disk).
+  may end a fit sooner; the quick scale run's first fold ran all 8). Apply = 2·n·p² FLOPs, the store
+  read (n·p·4, page cache) and the transformed float32 store written (n·p·4, disk).
 - cluster: gather the training sample (s = min(n, k·max_points_per_centroid) random rows, s·p·4);
   greedy k-means++ init: per centre a (trials × s) distance block, trials = 2 + ⌊ln k⌋, so
   (k−1)·2·trials·s·p FLOPs and (k−1)·s·p·4 bytes (the sample is read once per centre); Lloyd:
@@ -87,6 +88,7 @@ from alignet_core.config.embed import EmbedConfig
 from alignet_core.config.human import HumanConfig
 from alignet_core.config.sample import SampleConfig
 from alignet_core.config.transform import TransformConfig
+from alignet_core.transform.rotation import KNN_ROWS, POOL_ROWS
 from benchmarks._machine import RESULTS, machine_info, write_result
 from benchmarks.scale import SHARD_SIZE, STRATEGIES, TRIPLETS_PER_STRATEGY, K, pipeline_config
 from benchmarks.scale_data import ScaleSpec, image_id
@@ -98,8 +100,6 @@ MIB = 2**20
 #: which transform fits the recorded times' code made (`transform_fits`): the default times file and
 #: scale.json were recorded on 2026-11-30, before the k-fold rotation (commit a05708d, 2026-12-06)
 RECORDED_FIT_MODEL = "single"
-#: rows of the transform's local-term pool and k-NN score (`alignet_core.transform.rotation`)
-POOL_ROWS, KNN_ROWS = 20_000, 5_000
 
 
 # ----------------------------------------------------------------------------- machine rates
@@ -333,10 +333,10 @@ def stage_work(n: int, p: int, stage_bytes: dict[str, int], fit_model: str = REC
     spec = ScaleSpec(n=n, dim=p)
     tcfg = TransformConfig(**cfg["transform"])
     ccfg = ClusterConfig(**cfg["cluster"])
-    scfg = SampleConfig(**{k: v for k, v in cfg["sample"].items()})
+    scfg = SampleConfig(**cfg["sample"])
     folds = int(cfg["human"].get("folds", HumanConfig.model_fields["folds"].default))
     store_b = np.dtype(EmbedConfig().store_dtype).itemsize
-    src_b = 2  # the scale data's rows are float16
+    src_b = 2  # the scale data's rows are float16 (`scale_data.write_embeddings`)
     out: dict[str, dict[str, Any]] = {}
 
     out["embed"] = {"params": {"n": n, "p": p, "source_bytes_per_value": src_b, "store_bytes_per_value": store_b},
