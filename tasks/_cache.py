@@ -21,6 +21,11 @@ serializer is exactly the JSON serializer the stage tasks write with (`RESULT_SE
 value equals `expected()`. Any other record (a pickle, another serializer, a stale or edited value)
 is never handed to Prefect: the generation is refreshed so the key moves past it and the task runs.
 
+An `AlignetError` met while computing the key (a stage file of another size: the reuse's check; an input
+the plan reads) gives no key: the task's body plans and reuses the same way, so it fails with that error,
+once (stage tasks do not retry a user error: `tasks._retry`), instead of Prefect logging it with a
+traceback as a failed cache key and then running the body anyway.
+
 Every task of one flow run on one directory (the shards and the publication of the sample stage)
 shares the generation, so their keys agree within the run.
 """
@@ -42,6 +47,7 @@ from prefect.context import TaskRunContext
 from prefect.results import get_default_result_storage
 from prefect.serializers import JSONSerializer
 
+from alignet_core.errors import AlignetError
 from alignet_core.io import store
 from alignet_core.runtime.runner import StageOutput, StagePlan, reuse
 
@@ -128,6 +134,17 @@ class StageCache(CachePolicy):
             log.warning("result metadata storage is set: stage results are not cached (their records "
                         "could not be checked before Prefect reads them)")
             return None
+        try:
+            return self._key(task_ctx, inputs)
+        except AlignetError as err:
+            # The task's body plans and reuses the same way, so it raises this error as the task's failure: one
+            # line in the CLI, not retried (`tasks._retry`). Raised here, Prefect would log it with a traceback
+            # as a failed cache key, then run the body anyway.
+            log.debug("%s: no cache key: %s", task_ctx.task.name, err)
+            return None
+
+    def _key(self, task_ctx: TaskRunContext, inputs: dict[str, Any]) -> str:
+        """The cache key (module doc); `StoreError` etc. from `locate` or the reuse check pass through."""
         wanted = inspect.signature(self.locate).parameters
         where = self.locate(**{name: inputs[name] for name in wanted if name in inputs})
         run = str(task_ctx.task_run.flow_run_id or task_ctx.task_run.id)

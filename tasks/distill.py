@@ -14,6 +14,7 @@ from alignet_core.runtime.runner import reuse
 from alignet_core.sample.stage import SampleOutput
 from tasks._cache import RESULT_SERIALIZER, Located, StageCache
 from tasks._progress import progress_artifact
+from tasks._retry import retry_unless_user_error
 
 
 def _locate(ctx: RunContext, ds: SampleOutput | None) -> Located:
@@ -24,7 +25,8 @@ def _locate(ctx: RunContext, ds: SampleOutput | None) -> Located:
 
 
 @task(name="distill", cache_policy=StageCache(locate=_locate),
-      persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
+      persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def distill(ctx: RunContext, ds: SampleOutput | None) -> DistillOutput:
     """Train the student with a progress artifact; publish its accuracy and loss curve. With several
     `distill.devices` the library starts torchrun's ranks as a child process and reports their steps here."""

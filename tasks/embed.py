@@ -13,6 +13,7 @@ from alignet_core.runtime.progress import ProgressLog
 from alignet_core.runtime.runner import reuse
 from tasks._cache import RESULT_SERIALIZER, Located, StageCache
 from tasks._progress import progress_artifact
+from tasks._retry import retry_unless_user_error
 
 
 def _located(ctx: RunContext) -> Located:
@@ -22,7 +23,8 @@ def _located(ctx: RunContext) -> Located:
 
 
 @task(name="embed", cache_policy=StageCache(locate=_located),
-      persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
+      persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def embed(ctx: RunContext) -> EmbedOutput:
     """Extract embeddings, reporting progress (count, rate, time left) as a Prefect progress artifact."""
     lines = ProgressLog("embed", "images", 0)

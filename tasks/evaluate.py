@@ -11,10 +11,12 @@ from alignet_core.evaluate.stage import EvaluateOutput, plan_evaluate, run_evalu
 from alignet_core.runtime.runner import StageOutput
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
 from tasks._progress import progress_artifact
+from tasks._retry import retry_unless_user_error
 
 
 @task(name="evaluate", cache_policy=StageCache(locate=stage_output(plan_evaluate, EvaluateOutput)),
-      persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
+      persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def evaluate(ctx: RunContext, emb: StageOutput, tfm: StageOutput, student: StageOutput | None) -> EvaluateOutput:
     with progress_artifact("evaluate-progress", "evaluate embed", "evaluate score"):
         out = run_evaluate(ctx, emb, tfm, student)

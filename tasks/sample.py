@@ -28,6 +28,7 @@ from alignet_core.sample.stage import (
 from alignet_core.transform.stage import TransformOutput
 from tasks._cache import RESULT_SERIALIZER, Located, StageCache
 from tasks._progress import progress_artifact
+from tasks._retry import retry_unless_user_error
 
 
 @task(name="plan-sampling", cache_policy=NO_CACHE)
@@ -44,7 +45,8 @@ def _shard(sp: SamplingPlan, index: int) -> Located:
 
 
 @task(name="sample-shard", cache_policy=StageCache(locate=_shard),
-      persist_result=True, result_serializer=RESULT_SERIALIZER, retries=2, retry_delay_seconds=2)
+      persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error)
 def sample_shard(sp: SamplingPlan, index: int) -> str:
     return run_sample_shard(sp, sp.specs[index])
 
@@ -56,7 +58,8 @@ def _published(sp: SamplingPlan) -> Located:
 
 
 @task(name="publish-dataset", cache_policy=StageCache(locate=_published),
-      persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1)
+      persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=1, retry_condition_fn=retry_unless_user_error)
 def publish(ctx: RunContext, sp: SamplingPlan) -> SampleOutput:
     return publish_sample(ctx, sp)
 

@@ -11,10 +11,12 @@ from alignet_core.transform.render import transform_markdown
 from alignet_core.transform.stage import TransformOutput, plan_transform, run_transform
 from tasks._cache import RESULT_SERIALIZER, StageCache, stage_output
 from tasks._progress import progress_artifact
+from tasks._retry import retry_unless_user_error
 
 
 @task(name="fit-transform", cache_policy=StageCache(locate=stage_output(plan_transform, TransformOutput)),
-      persist_result=True, result_serializer=RESULT_SERIALIZER, retries=1, retry_delay_seconds=5)
+      persist_result=True, result_serializer=RESULT_SERIALIZER,
+      retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_user_error)
 def fit_transform(ctx: RunContext, emb: EmbedOutput) -> TransformOutput:
     with progress_artifact("transform-progress", "transform fit", "transform apply"):
         out = run_transform(ctx, emb)

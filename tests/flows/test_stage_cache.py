@@ -5,6 +5,7 @@ server, real `StageCache`, a one-file stage written through the project's runner
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -176,3 +177,55 @@ def test_trusted_refuses_what_is_not_the_expected_json():
     doc = json.loads(good)
     doc["metadata"]["serializer"]["object_decoder"] = "builtins.eval"
     assert not trusted(json.dumps(doc).encode(), out)
+
+
+class _Records(logging.Handler):
+    """Every record of Prefect's task-run logger while attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_user_error_in_a_stage_task_fails_it_once_without_a_retry(harness, tmp_path):
+    """The real embed flow on six generated images, then one of its stage files truncated: the rerun's embed
+    task (`retries=1`, 5 s apart) fails on its first try with the reuse's one-line `StoreError`; no retry, and
+    no "Error encountered when computing cache key" traceback before it (the cache key's reuse check met the
+    error first). Before, the task ran twice and the error was logged three times."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.stages import FLOWS
+    from tests.generated_images import write_jpeg_folder
+
+    folder = tmp_path / "images"
+    write_jpeg_folder(folder, 6, size=(40, 60))
+    overrides = {"root": str(tmp_path / "root"), "device": "cpu", "source.kind": "folder", "source.path": str(folder),
+                 "embed.model": "test_resnet", "embed.weights": None, "embed.chunk_rows": 4, "embed.batch_size": 4,
+                 "cluster.k": 2}
+    first = FLOWS["embed"](overrides=overrides)
+    files = json.loads((Path(first.dir) / store.MANIFEST).read_text())["stage_files"]
+    victim = Path(first.dir) / max(files, key=lambda rel: files[rel]["size"])  # the largest
+    victim.write_bytes(victim.read_bytes()[:-1])
+
+    seen = _Records()
+    logging.getLogger("prefect.task_runs").addHandler(seen)
+    try:
+        state = FLOWS["embed"](overrides=overrides, return_state=True)
+    finally:
+        logging.getLogger("prefect.task_runs").removeHandler(seen)
+    assert state.is_failed()
+    with pytest.raises(StoreError) as err:
+        state.result()
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(f"embed stage {first.dir!r} changed since it finished: ")
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        (embed,) = [r for r in runs if r.name.startswith("embed-")]
+        states = [s.type.value for s in client.read_task_run_states(embed.id)]
+    assert embed.run_count == 1 and states.count("RUNNING") == 1 and states[-1] == "FAILED", states
+    messages = [r.getMessage() for r in seen.records]
+    assert not [m for m in messages if "cache key" in m or "Retry" in m], messages
