@@ -17,7 +17,7 @@ from alignet_core.cluster.kmeans import run_kmeans, save_kmeans
 from alignet_core.config import PipelineConfig
 from alignet_core.context import RunContext
 from alignet_core.hardware import kmeans_backend
-from alignet_core.io import store
+from alignet_core.io import sources, store
 from alignet_core.runtime.runner import StageMetrics, StageOutput, StagePlan, finish, once, plan_stage
 from alignet_core.stats import metrics
 
@@ -43,7 +43,8 @@ class ClusterOutput(StageOutput):
 
 def plan_cluster(cfg: PipelineConfig, tfm: StageOutput) -> StagePlan:
     conf = {"cluster": cfg.cluster.key_dump(), "seed": cfg.seed,
-            "backend": dataclasses.asdict(kmeans_backend(cfg.cluster.use_gpu))}
+            "backend": dataclasses.asdict(kmeans_backend(cfg.cluster.use_gpu)),
+            **sources.labels_entry(cfg.source)}  # its agreement with the labels is in its metrics
     return plan_stage(cfg.root, "cluster", conf, [tfm.key], __name__)
 
 

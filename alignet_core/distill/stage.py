@@ -27,7 +27,7 @@ from alignet_core.config import PipelineConfig
 from alignet_core.context import RunContext
 from alignet_core.errors import ConfigError, InputError
 from alignet_core.hardware import compute_identity
-from alignet_core.human.data import human_test_split
+from alignet_core.human.data import human_test_split, trial_file
 from alignet_core.human.heldout import heldout_label, noise_ceiling
 from alignet_core.io import sources, store, version_locks
 from alignet_core.io.formats import sampling_name
@@ -143,6 +143,8 @@ def plan_distill(cfg: PipelineConfig, files: DistillFiles) -> StagePlan:
     conf = {"distill": cfg.distill.key_dump(exclude=off), "seed": cfg.seed,
             "source": sources.pixels_identity(cfg.source),
             "compute": dataclasses.asdict(compute_identity(layout.devices[0])), "ranks": layout.ranks}
+    if trial_file(cfg.human) is None:  # its human test split is the taxonomy proxy's, drawn from the labels
+        conf |= sources.labels_entry(cfg.source)
     return plan_stage(cfg.root, "distill", conf, [files.key], __name__)
 
 

@@ -135,7 +135,7 @@ def plan_evaluate(cfg: PipelineConfig, emb: StageOutput, tfm: StageOutput, stude
     conf = {"evaluate": cfg.evaluate.key_dump(), "human": cfg.human.key_dump(), "seed": cfg.seed,
             "source": sources.pixels_identity(cfg.source), "student": cfg.distill.student,
             "weights": cfg.distill.weights, "image_size": cfg.distill.image_size,
-            "device": device_type(cfg.device)}
+            "device": device_type(cfg.device), **sources.labels_entry(cfg.source)}  # the taxonomy levels, the proxy
     return plan_stage(cfg.root, "evaluate", conf, _inputs(cfg, emb, tfm, student), __name__)
 
 

@@ -288,6 +288,19 @@ def filelist_source(path: str, path_column: str = "path", label_columns: list[st
     no copy). id = the `id_column`, else the path relative to the list's folder, else (outside it) the
     normalized absolute path. Reading only: nothing is ever written next to the images.
     """
+    fs, entries = _filelist_entries(path, path_column, label_columns, id_column)
+    records = []
+    for image_id, full, coarse, fine in entries:
+        size, mtime = _stat(fs, full)
+        records.append(ImageRecord(id=image_id, path=full if "://" in full else url_of(fs, full),
+                                   label=coarse, fine=fine, size=size, mtime_ns=mtime))
+    return ImageSource(tuple(records), description=f"file list {path!r}")
+
+
+def _filelist_entries(path: str, path_column: str, label_columns: list[str] | None, id_column: str | None,
+                      ) -> tuple[fsspec.AbstractFileSystem, list[tuple[str, str, str | None, str | None]]]:
+    """The list file's filesystem and its entries, (id, full path, coarse label, fine label) in file order:
+    `filelist_source` without a stat of any image."""
     fs, lpath = fsspec.core.url_to_fs(path)
     if not fs.isfile(lpath):
         raise InputError(f"source.path: file list {path!r} does not exist")
@@ -295,16 +308,14 @@ def filelist_source(path: str, path_column: str = "path", label_columns: list[st
     with fs.open(lpath, "rt", encoding="utf-8", newline="") as f:
         text = f.read()
     if lpath.lower().endswith(".csv"):
-        entries = _csv_entries(text, path, path_column, label_columns, id_column)
+        rows = _csv_entries(text, path, path_column, label_columns, id_column)
     else:
-        entries = [(ln.strip(), None, None, None) for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    records = []
-    for entry, given_id, coarse, fine in entries:
+        rows = [(ln.strip(), None, None, None) for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    entries = []
+    for entry, given_id, coarse, fine in rows:
         rel, full = _resolve(base, entry)
-        size, mtime = _stat(fs, full)
-        records.append(ImageRecord(id=given_id or rel, path=full if "://" in full else url_of(fs, full),
-                                   label=coarse, fine=fine, size=size, mtime_ns=mtime))
-    return ImageSource(tuple(records), description=f"file list {path!r}")
+        entries.append((given_id or rel, full, coarse, fine))
+    return fs, entries
 
 
 def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
@@ -467,12 +478,69 @@ def source_identity(cfg: SourceConfig) -> dict[str, Any]:
     return ident
 
 
+def labels_identity(cfg: SourceConfig) -> str | None:
+    """The sha256 of the source's class labels (each image's id, coarse and fine label, in source order) where
+    the embed key does not already cover them: a CSV file list's label columns (`source.label_columns`, else
+    its `label` column), read from the list alone (no image is stat'ed; remembered per list content in this
+    process), or the labels of the images joined to imported embeddings that have no `source.labels`
+    file (a CSV list's or tar shards' labels; the joined source is listed). None for a list without labels
+    and for every other source, whose labels are in the embed key already: a folder's class is the first
+    folder of each image's id (the listing), a tar member's `.cls`/`.txt` label lives in its shard, whose
+    mtime is every member's fingerprint (the listing), the demo's metadata and an imported labels file are
+    hashed by `source_identity`. The stages that read labels put it in their keys (`labels_entry`): an
+    edited label is a new key for them, while the embed key (the pixels) stays."""
+    if cfg.kind == "filelist" and str(cfg.path).lower().endswith(".csv"):
+        fs, lpath = fsspec.core.url_to_fs(str(cfg.path))
+        digest = hashlib.sha256(fs.cat_file(lpath)).hexdigest() if fs.isfile(lpath) else None
+        return _csv_labels_identity(json.dumps([cfg.model_dump(mode="json"), digest]))
+    if cfg.kind == "embeddings" and cfg.labels is None and cfg.images is not None and cfg.images.kind in ("filelist", "tar"):
+        if cfg.images.kind == "filelist":
+            return labels_identity(cfg.images)
+        return _labels_digest([(r.id, r.label, r.fine) for r in source_from_config(cfg.images).records])
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _csv_labels_identity(state: str) -> str | None:
+    """`labels_identity` of a CSV file list, by its config and content (`state`: JSON of the config and the
+    list file's sha256; a missing list is the list reader's `InputError`)."""
+    from alignet_core.io.source_config import SourceConfig
+
+    cfg = SourceConfig.model_validate(json.loads(state)[0])
+    _, entries = _filelist_entries(str(cfg.path), cfg.path_column, cfg.label_columns, cfg.id_column)
+    if cfg.limit and entries:
+        entries = [entries[i] for i in subset_rows(len(entries), cfg.limit)]
+    return _labels_digest([(image_id, coarse, fine) for image_id, _, coarse, fine in entries])
+
+
+def _labels_digest(rows: list[tuple[str, str | None, str | None]]) -> str | None:
+    """sha256 hex of (id, coarse, fine) rows in order; None when no row has a label."""
+    if not any(coarse or fine for _, coarse, fine in rows):
+        return None
+    text = "\n".join(f"{i}\t{coarse or ''}\t{fine or ''}" for i, coarse, fine in rows)
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def labels_entry(cfg: SourceConfig) -> dict[str, str]:
+    """`{"labels": labels_identity(cfg)}` for a stage key's config, or `{}` where it is None (the keys of
+    sources whose labels the embed key covers stay as they were)."""
+    ident = labels_identity(cfg)
+    return {} if ident is None else {"labels": ident}
+
+
 def subset(src: ImageSource, limit: int) -> ImageSource:
     """`limit` evenly spaced records of a source (all of it when it is smaller); stable order."""
     if limit >= len(src):
         return src
-    rows = np.linspace(0, len(src) - 1, limit).round().astype(int)
-    return ImageSource(tuple(src.records[i] for i in rows), f"{src.description} (every ~{len(src) / limit:.1f}th, {limit})")
+    return ImageSource(tuple(src.records[i] for i in subset_rows(len(src), limit)),
+                       f"{src.description} (every ~{len(src) / limit:.1f}th, {limit})")
+
+
+def subset_rows(n: int, limit: int) -> np.ndarray:
+    """(min(n, limit),) int: the rows of `subset`, `limit` evenly spaced of `n` (all of them when fewer)."""
+    if limit >= n:
+        return np.arange(n)
+    return np.linspace(0, n - 1, limit).round().astype(int)
 
 
 

@@ -20,12 +20,12 @@ import numpy as np
 
 from alignet_core.config import PipelineConfig
 from alignet_core.context import RunContext
+from alignet_core.human.heldout import excluded_images
 from alignet_core.io import embedding_store, lock, sources, store
 from alignet_core.io.formats import sampling_name
 from alignet_core.io.redact import redact
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, plan_stage, reuse
 from alignet_core.sample import versions
-from alignet_core.human.heldout import excluded_images
 from alignet_core.sample.publish import assemble_dataset
 from alignet_core.sample.shards import ShardSpec, plan_shards, run_shard, shard_path
 
@@ -86,7 +86,8 @@ def _stage_plan(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> Stag
     """The stage's key and directory (no files read or written). The human section is in the key: its
     test fold decides which images the sampler leaves out (`human.heldout`)."""
     conf = {"sample": cfg.sample.key_dump(), "seed": cfg.seed,
-            "source": sources.source_identity(cfg.source), "human": cfg.human.key_dump()}
+            "source": sources.source_identity(cfg.source), "human": cfg.human.key_dump(),
+            **sources.labels_entry(cfg.source)}  # the class groups (between_class) and the proxy's folds
     return plan_stage(cfg.root, "sample", conf, [tfm.key, clu.key], __name__)
 
 

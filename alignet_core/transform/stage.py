@@ -31,9 +31,9 @@ from alignet_core.context import RunContext
 from alignet_core.errors import ConfigError
 from alignet_core.hardware import device_type, resolve_device
 from alignet_core.human import triplets as human
-from alignet_core.human.data import DENSE_TEST_FILE, DENSE_TEST_PROBS, human_files, no_human_data_message
+from alignet_core.human.data import DENSE_TEST_FILE, DENSE_TEST_PROBS, human_files, no_human_data_message, trial_file
 from alignet_core.human.mapping import MappingSummary
-from alignet_core.io import embedding_store, formats, store
+from alignet_core.io import embedding_store, formats, sources, store
 from alignet_core.runtime.runner import Record, StageMetrics, StageOutput, StagePlan, finish, once, plan_stage, reuse
 from alignet_core.transform.dense import SOFT_DENSE, DenseSets, DenseSummary, run_dense
 from alignet_core.transform.heldout import (
@@ -194,6 +194,8 @@ def plan_transform(cfg: PipelineConfig, emb: StageOutput) -> StagePlan:
         conf["human_sha256" if field == "triplets" else f"{field}_sha256"] = store.file_sha256(url)
     if cfg.transform.targets == "soft":
         conf["vice"] = cfg.vice.key_dump()
+    if trial_file(cfg.human) is None:  # the taxonomy proxy: triplets drawn from the source's labels
+        conf |= sources.labels_entry(cfg.source)
     return plan_stage(cfg.root, "transform", conf, [emb.key], __name__)
 
 
