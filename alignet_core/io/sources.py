@@ -310,7 +310,8 @@ def _filelist_entries(path: str, path_column: str, label_columns: list[str] | No
     if lpath.lower().endswith(".csv"):
         rows = _csv_entries(text, path, path_column, label_columns, id_column)
     else:
-        rows = [(ln.strip(), None, None, None) for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        rows = [(ln.strip(), None, None, None) for ln in text.splitlines()
+                if ln.strip() and not ln.strip().startswith("#")]
     entries = []
     for entry, given_id, coarse, fine in rows:
         rel, full = _resolve(base, entry)
@@ -493,10 +494,11 @@ def labels_identity(cfg: SourceConfig) -> str | None:
         fs, lpath = fsspec.core.url_to_fs(str(cfg.path))
         digest = hashlib.sha256(fs.cat_file(lpath)).hexdigest() if fs.isfile(lpath) else None
         return _csv_labels_identity(json.dumps([cfg.model_dump(mode="json"), digest]))
-    if cfg.kind == "embeddings" and cfg.labels is None and cfg.images is not None and cfg.images.kind in ("filelist", "tar"):
-        if cfg.images.kind == "filelist":
-            return labels_identity(cfg.images)
-        return _labels_digest([(r.id, r.label, r.fine) for r in source_from_config(cfg.images).records])
+    joined = cfg.images if cfg.kind == "embeddings" and cfg.labels is None else None
+    if joined is not None and joined.kind == "filelist":
+        return labels_identity(joined)
+    if joined is not None and joined.kind == "tar":
+        return _labels_digest([(r.id, r.label, r.fine) for r in source_from_config(joined).records])
     return None
 
 

@@ -223,7 +223,8 @@ def test_a_user_error_in_a_stage_task_fails_it_once_without_a_retry(harness, tmp
     assert "\n" not in str(err.value)
     assert str(err.value).startswith(f"embed stage {first.dir!r} changed since it finished: ")
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        runs = client.read_task_runs(flow_run_filter=this_run)
         (embed,) = [r for r in runs if r.name.startswith("embed-")]
         states = [s.type.value for s in client.read_task_run_states(embed.id)]
     assert embed.run_count == 1 and states.count("RUNNING") == 1 and states[-1] == "FAILED", states
