@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from alignet_core.io.sources import listing_digest
+
 if TYPE_CHECKING:
     from alignet_core.io.sources import ImageRecord, ImageSource
 
@@ -68,9 +70,7 @@ def listing_of(src: ImageSource, list_seconds: float = 0.0) -> SourceListing:
     recs = src.records
     sizes = np.fromiter((r.size for r in recs), dtype=np.int64, count=len(recs))
     mtimes = np.fromiter((r.mtime_ns for r in recs), dtype=np.int64, count=len(recs))
-    h = hashlib.sha256()
-    h.update("\n".join(f"{r.id}\t{r.size}\t{r.mtime_ns}" for r in recs).encode("utf-8", "surrogateescape"))
-    return SourceListing(key=h.hexdigest(), n=len(recs), seconds=round(list_seconds + time.perf_counter() - t0, 3),
+    return SourceListing(key=listing_digest(recs), n=len(recs), seconds=round(list_seconds + time.perf_counter() - t0, 3),
                          sizes=sizes, mtimes=mtimes)
 
 

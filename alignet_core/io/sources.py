@@ -20,6 +20,7 @@ import logging
 import os
 import posixpath
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -452,10 +453,15 @@ def pixels_identity(cfg: SourceConfig) -> dict[str, Any]:
     digests are kept for joined images): a `touch` is a new key too, never a stale one."""
     ident = source_identity(cfg)
     if cfg.kind == "embeddings" and cfg.images is not None and cfg.images.kind in LISTED_KINDS:
-        from alignet_core.io.listing import listing_of
-
-        ident["images_listing"] = listing_of(source_from_config(cfg)).key
+        ident["images_listing"] = listing_digest(source_from_config(cfg).records)
     return ident
+
+
+def listing_digest(records: Sequence[ImageRecord]) -> str:
+    """The sha256 hex of the records' (id, size, mtime_ns) rows in order: a listing's key (`io.listing`)."""
+    h = hashlib.sha256()
+    h.update("\n".join(f"{r.id}\t{r.size}\t{r.mtime_ns}" for r in records).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def source_identity(cfg: SourceConfig) -> dict[str, Any]:
