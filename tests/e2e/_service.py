@@ -36,6 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _default_sigint() -> None:
+    """In the child before it execs: SIGINT back to its default (a background parent may have ignored it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait(what: str, check, log: Path, timeout: float = 300, proc: subprocess.Popen | None = None) -> None:
     """Until `check()` holds; fails after `timeout` seconds, or at once when `proc` (the service) has exited."""
     deadline = time.time() + timeout
@@ -110,8 +115,11 @@ class Service:
         self.env.pop("PREFECT_LOGGING_EXTRA_LOGGERS", None)  # what the deployments set, not this process's
         self.log = log
         start = log.stat().st_size if log.exists() else 0
+        # as from a terminal: a shell started with SIGINT ignored (pytest run in the background of a script) could
+        # not trap the Ctrl-C the tests send
         self.proc = subprocess.Popen([str(REPO / "scripts" / "serve.sh")], cwd=REPO, env=self.env,
-                                     start_new_session=True, stdout=open(log, "a"), stderr=subprocess.STDOUT)
+                                     start_new_session=True, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                                     preexec_fn=_default_sigint)
         try:
             auth_file = home / "api-auth-string"
             wait("the auth string", auth_file.exists, log, proc=self.proc)
