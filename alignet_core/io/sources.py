@@ -30,12 +30,11 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from alignet_core.errors import InputError
-from alignet_core.io import limits
+from alignet_core.io import limits, store
 from alignet_core.io.tar_shards import (
     LABEL_EXTENSIONS,
     expand_shards,
     open_tar,
-    shard_mtime_ns,
     shard_name,
     tar_index,
     tar_member_url,
@@ -332,7 +331,7 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
     """
     records: list[ImageRecord] = []
     for shard in expand_shards(urls_or_glob):
-        shard_ns = shard_mtime_ns(shard)  # before the index: a shard rewritten after it is a candidate next time
+        _, shard_ns = _stat(*fsspec.core.url_to_fs(shard))  # before the index: rewritten after it, a candidate next time
         index = tar_index(shard, fresh=True)
         images: dict[str, str] = {}
         labels: dict[str, str] = {}
@@ -362,7 +361,7 @@ def tar_source(urls_or_glob: str | list[str] | tuple[str, ...]) -> ImageSource:
         records.extend(
             ImageRecord(id=f"{prefix}/{key}", path=tar_member_url(shard, name), label=labels.get(key) or None,
                         size=int(index[name].size),
-                        mtime_ns=shard_ns if shard_ns is not None else int(index[name].mtime) * 10**9)
+                        mtime_ns=shard_ns if shard_ns >= 0 else int(index[name].mtime) * 10**9)
             for key, name in images.items()
         )
     desc = urls_or_glob if isinstance(urls_or_glob, str) else f"{len(urls_or_glob)} shard pattern(s)"
@@ -498,7 +497,7 @@ def labels_identity(cfg: SourceConfig) -> str | None:
     edited label is a new key for them, while the embed key (the pixels) stays."""
     if cfg.kind == "filelist" and str(cfg.path).lower().endswith(".csv"):
         fs, lpath = fsspec.core.url_to_fs(str(cfg.path))
-        digest = hashlib.sha256(fs.cat_file(lpath)).hexdigest() if fs.isfile(lpath) else None
+        digest = store.file_sha256(str(cfg.path)) if fs.isfile(lpath) else None
         return _csv_labels_identity(json.dumps([cfg.model_dump(mode="json"), digest]))
     joined = cfg.images if cfg.kind == "embeddings" and cfg.labels is None else None
     if joined is not None and joined.kind == "filelist":

@@ -4,7 +4,6 @@ members, long-name headers and sparse members are refused, and so are shards of 
 
 from __future__ import annotations
 
-import os
 import posixpath
 import tarfile
 import threading
@@ -78,26 +77,6 @@ def _shard_state(shard: str) -> tuple[Any, ...]:
         return info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag"))
     except (FileNotFoundError, OSError):
         return None, None
-
-
-def shard_mtime_ns(shard: str) -> int | None:
-    """The shard file's own modification time in ns: what a member's fingerprint carries (`io.listing`), so
-    a shard rewritten with a member's bytes changed at the same size and header mtime still makes its members
-    candidates. Local shards: `os.stat`'s ns; others: their filesystem's mtime (seconds or a datetime), None
-    when it reports none (the member's header mtime is then all there is)."""
-    try:
-        fs, path = fsspec.core.url_to_fs(shard)
-        if isinstance(fs, LocalFileSystem):
-            return os.stat(path).st_mtime_ns
-        m = fs.info(path).get("mtime") or fs.info(path).get("LastModified")
-    except (FileNotFoundError, OSError):
-        return None
-    if hasattr(m, "timestamp"):
-        return int(m.timestamp() * 10**9)
-    try:
-        return int(float(m) * 10**9)
-    except (TypeError, ValueError):
-        return None
 
 
 def tar_index(shard: str, fresh: bool = False) -> dict[str, tarfile.TarInfo]:
