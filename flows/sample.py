@@ -10,7 +10,7 @@ from prefect.settings import get_current_settings
 from alignet_core.cluster.stage import ClusterOutput
 from alignet_core.config import PipelineConfig
 from alignet_core.context import RunContext
-from alignet_core.sample.stage import SampleOutput, publish_complete, sample_published
+from alignet_core.sample.stage import SampleOutput, SamplingPlan, publish_complete
 from alignet_core.transform.stage import TransformOutput
 from tasks.sample import dataset_artifacts, follow_shards, plan_sampling, promote, publish, submit_shards
 
@@ -59,24 +59,25 @@ def outside_security(cfg: PipelineConfig) -> Security:
 
 
 @flow(name="sample-triplets")
-def sample_triplets(ctx: RunContext, tfm: TransformOutput, clu: ClusterOutput) -> SampleOutput:
-    """Plan shards, sample them in parallel, publish train/valid `.npz` files atomically as a
-    dataset version and make it `latest`."""
-    sp = plan_sampling(ctx, tfm, clu)
-    shards = [] if publish_complete(sp) else submit_shards(sp)  # a published version needs no shard
-    if shards:
-        follow_shards(sp, shards)
-    return promote(ctx.cfg, publish(ctx, sp, wait_for=shards), sp)
+def sample_triplets(sp: SamplingPlan) -> None:
+    """Sample every shard of `sp` in parallel on the flow's task runner (Dask); the first failed shard
+    (after its retries) fails the flow with its own error.
+
+    Its one parameter is the plan (paths and shard specs, a few KB): Prefect sends the flow's parameters
+    with every task it submits and Dask tokenizes them, so the run context (the source's listing, the
+    human data: hundreds of MB at a million images) stays in the calling flow."""
+    follow_shards(sp, submit_shards(sp))
 
 
 def sample_on_dask(ctx: RunContext, tfm: TransformOutput, clu: ClusterOutput) -> SampleOutput:
-    """Run `sample_triplets` on the configured Dask cluster. An existing cluster gets the
-    `SamplingWorkerSetup` plugin first (the scheduler keeps it for workers that join later). When the
-    version is already published (a cached rerun) no cluster is started or contacted: nothing runs on it."""
+    """Plan the shards, sample the missing ones in the `sample-triplets` subflow on the configured Dask
+    cluster, publish train/valid `.npz` files atomically as a dataset version and make it `latest`. An
+    existing cluster gets the `SamplingWorkerSetup` plugin first (the scheduler keeps it for workers that
+    join later). When the version is already published (a cached rerun) no cluster is started or
+    contacted: nothing runs on it."""
     cfg = ctx.cfg
-    if sample_published(ctx, tfm, clu):
-        ds = sample_triplets(ctx, tfm, clu)
-    else:
+    sp = plan_sampling(ctx, tfm, clu)
+    if not publish_complete(sp):  # a published version needs no shard
         if cfg.sample.dask_address:
             from distributed import Client
 
@@ -84,6 +85,7 @@ def sample_on_dask(ctx: RunContext, tfm: TransformOutput, clu: ClusterOutput) ->
 
             with Client(cfg.sample.dask_address, timeout=30, security=outside_security(cfg)) as client:
                 client.register_plugin(SamplingWorkerSetup())
-        ds = sample_triplets.with_options(task_runner=dask_runner(cfg))(ctx, tfm, clu)
+        sample_triplets.with_options(task_runner=dask_runner(cfg))(sp)
+    ds = promote(cfg, publish(ctx, sp), sp)
     dataset_artifacts(cfg, ds)
     return ds

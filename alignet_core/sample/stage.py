@@ -91,17 +91,6 @@ def _stage_plan(cfg: PipelineConfig, tfm: StageOutput, clu: StageOutput) -> Stag
     return plan_stage(cfg.root, "sample", conf, [tfm.key, clu.key], __name__)
 
 
-def sample_published(ctx: RunContext, tfm: StageOutput, clu: StageOutput) -> bool:
-    """True when this config's dataset version is already published (the stage's manifest and its
-    dataset folder exist): a rerun then needs no shard and no workers. Reads no store."""
-    cfg = ctx.cfg
-    plan = ctx.plan(_stage_plan, tfm, clu)
-    if not store.is_complete(plan.dir):
-        return False
-    folder = TRANSFORMED_FOLDER if cfg.transform.enabled else UNTRANSFORMED_FOLDER
-    return store.exists(store.join(versions.version_dir(cfg.root, cfg.dataset_name, plan.key), folder))
-
-
 def plan_sample(ctx: RunContext, tfm: StageOutput, clu: StageOutput) -> SamplingPlan:
     """Plan the sampling stage and write the group files its shards read (cheap, idempotent).
 

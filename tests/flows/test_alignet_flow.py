@@ -73,6 +73,14 @@ def _task_states(flow_run_id) -> dict[str, set[str]]:
     return out
 
 
+def _subflow_parameters(flow_run_id) -> dict[str, dict]:
+    """The parameters of each subflow run of a flow run, by flow name, as the Prefect API holds them."""
+    with get_client(sync_client=True) as client:
+        subs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        return {client.read_flow(r.flow_id).name: r.parameters for r in subs}
+
+
 def _run(overrides: dict):
     state = alignet(overrides=overrides, return_state=True)
     assert state.is_completed(), state
@@ -166,6 +174,12 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     first = _task_states(run_id)
     for name in STAGE_TASKS:
         assert first[name] == {"Completed"}, (name, first[name])
+    # the Dask subflow gets the sampling plan alone: Prefect sends a flow's parameters with every task it
+    # submits (and Dask tokenizes them), so the run context (the source's listing, the human data) must not
+    # be one of them (at a million images it was ~100 MB per shard and the run was killed for memory)
+    sampling = _subflow_parameters(run_id)["sample-triplets"]
+    assert set(sampling) == {"sp"}, set(sampling)
+    assert len(json.dumps(sampling)) < 20_000
 
     # second run, same config: every stage is a cache hit and the files are untouched. The version is
     # published, so no shard task runs and no Dask cluster is started or contacted: the address given
