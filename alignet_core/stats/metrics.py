@@ -143,12 +143,26 @@ def rsa(model_rdm: np.ndarray, reference_rdm: np.ndarray) -> float:
 
 
 def nearest_neighbours(embeddings: np.ndarray, k: int) -> np.ndarray:
-    """(n, p) → (n, k) int indices of each row's k nearest rows by cosine similarity (itself excluded)."""
+    """(n, p) → (n, k) int indices of each row's k nearest rows by cosine similarity (itself excluded),
+    nearest first, equal similarities in index order: a stable sort's first k.
+
+    A partial sort finds each row's k nearest (O(n) per row instead of a full sort's O(n log n): the
+    sort was 70% of a 5,000-row overlap); a row with a tie at the k-th similarity is sorted in full,
+    so the answer is the stable sort's exactly."""
     e = np.asarray(embeddings, dtype=np.float64)
     u = e / np.clip(np.linalg.norm(e, axis=1, keepdims=True), 1e-12, None)
-    c = u @ u.T
-    np.fill_diagonal(c, -np.inf)
-    return np.argsort(-c, axis=1, kind="stable")[:, :k]
+    neg = -(u @ u.T)
+    np.fill_diagonal(neg, np.inf)
+    n = len(neg)
+    if not 0 < k < n:
+        return np.argsort(neg, axis=1, kind="stable")[:, :k]
+    part = np.argpartition(neg, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(neg, part, axis=1)
+    out = np.take_along_axis(part, np.lexsort((part, vals), axis=-1), axis=1)
+    tied = (neg <= vals.max(axis=1, keepdims=True)).sum(axis=1) > k  # another row as near as the k-th
+    if tied.any():
+        out[tied] = np.argsort(neg[tied], axis=1, kind="stable")[:, :k]
+    return out
 
 
 def knn_overlap(before: np.ndarray, after: np.ndarray, k: int = 10) -> float:

@@ -10,6 +10,7 @@ from alignet_core.stats.metrics import (
     dissimilarity_matrix,
     expected_calibration_error,
     knn_overlap,
+    nearest_neighbours,
     linear_probe,
     object_folds,
     relative_accuracy,
@@ -53,6 +54,30 @@ def test_knn_overlap_hand_cases() -> None:
     assert knn_overlap(e, e @ rot, 5) == pytest.approx(1.0)
     assert knn_overlap(e, np.random.default_rng(3).normal(size=(30, 4)), 5) < 0.6
 
+
+
+def _stable_neighbours(e: np.ndarray, k: int) -> np.ndarray:
+    """The definition: a stable full sort of each row's cosine similarities, itself excluded."""
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    c = u @ u.T
+    np.fill_diagonal(c, -np.inf)
+    return np.argsort(-c, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("k", [1, 5, 38])
+def test_nearest_neighbours_equal_a_stable_full_sort_with_ties(k: int) -> None:
+    """The partial sort answers what a stable full sort of the similarities answers, order included, also
+    where rows tie at the k-th similarity (duplicated rows, a row scaled: equal cosines)."""
+    rng = np.random.default_rng(4)
+    e = rng.normal(size=(40, 6))
+    e[10] = e[3]  # duplicates: exactly equal similarities to every other row
+    e[11] = 2.0 * e[3]
+    e[20:25] = e[5]
+    got = nearest_neighbours(e, k)
+    assert got.shape == (40, k)
+    assert np.array_equal(got, _stable_neighbours(e, k))
+    plain = rng.normal(size=(300, 8))  # no ties: the partial-sort path alone
+    assert np.array_equal(nearest_neighbours(plain, k), _stable_neighbours(plain, k))
 
 def test_object_folds_never_mix_train_and_test_objects() -> None:
     t = make_synthetic_human(n_objects=40, n_triplets=4000, seed=1).triplets
