@@ -40,8 +40,9 @@ ratio = measured seconds / bound (1 = at the roof).
   and the transformed cosine matrices and the latter's gradient 8·L²·p. Per epoch the evaluation
   transforms the m objects (2·m·p²). After each fit the k-NN overlap on R = 5,000 pool rows: two
   neighbour searches 2·2·R²·p and one apply 2·R·p². Adam reads and writes W's state every step:
-  7·4·p² bytes (memory). Epochs per fit: `transform.epochs` (8), the configured maximum (early stopping
-  may end a fit sooner; the quick scale run's first fold ran all 8). Apply = 2·n·p² FLOPs, the store
+  7·4·p² bytes (memory). Epochs per fit: those it ran when the times file records them (`transform_epochs`,
+  scale results since 2026-12-06), else `transform.epochs` (8), the configured maximum (early stopping
+  may end a fit sooner: the bound is then too long). Apply = 2·n·p² FLOPs, the store
   read (n·p·4, page cache) and the transformed float32 store written (n·p·4, disk).
 - cluster: gather the training sample (s = min(n, k·max_points_per_centroid) random rows, s·p·4);
   greedy k-means++ init: per centre a (trials × s) distance block, trials = 2 + ⌊ln k⌋, so
@@ -278,12 +279,14 @@ def expected_distinct(m: int, draws: int) -> float:
     return m * (1.0 - (1.0 - 1.0 / m) ** draws)
 
 
-def transform_fits(n_objects: int, n_triplets: int, folds: int, tcfg: TransformConfig, model: str) -> list[dict[str, Any]]:
+def transform_fits(n_objects: int, n_triplets: int, folds: int, tcfg: TransformConfig, model: str,
+                   epochs_run: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The fits the transform stage makes: `single` (the code that recorded the 1M times, before the k-fold
     rotation of 2026-12-06: one fit on the f − 2 training folds of objects, a validation fold and a test fold
     held out) or `rotation` (today's code: one fit per fold on the other f − 1 folds, then the refit on every
     triplet). Each: objects it trains on, triplets it fits (training triplets less the early-stopping split),
-    epochs (the configured maximum, `transform.epochs`)."""
+    epochs: those each fit ran when the times file records them (`epochs_run`: {"folds": [...], "refit": e},
+    rotation only), else the configured maximum, `transform.epochs`."""
     def split(keep: float) -> float:
         train = n_triplets * keep**3  # triplets with all three objects among the kept folds
         return train - min(round(train * tcfg.val_fraction), tcfg.val_max_triplets)
@@ -294,9 +297,11 @@ def transform_fits(n_objects: int, n_triplets: int, folds: int, tcfg: TransformC
     if model != "rotation":
         raise ValueError(f"transform fit model: expected 'single' or 'rotation', got {model!r}")
     keep = (folds - 1) / folds
-    fits = [{"fit": f"fold {f}", "objects": n_objects * keep, "triplets": split(keep), "epochs": tcfg.epochs}
-            for f in range(folds)]
-    return fits + [{"fit": "refit", "objects": n_objects, "triplets": n_triplets, "epochs": tcfg.epochs}]
+    ran = epochs_run if epochs_run and len(epochs_run.get("folds") or []) == folds and epochs_run.get("refit") else None
+    fits = [{"fit": f"fold {f}", "objects": n_objects * keep, "triplets": split(keep),
+             "epochs": int(ran["folds"][f]) if ran else tcfg.epochs} for f in range(folds)]
+    return fits + [{"fit": "refit", "objects": n_objects, "triplets": n_triplets,
+                    "epochs": int(ran["refit"]) if ran else tcfg.epochs}]
 
 
 def transform_fit_phase(p: int, n_objects: int, fits: list[dict[str, Any]], tcfg: TransformConfig,
@@ -321,11 +326,13 @@ def transform_fit_phase(p: int, n_objects: int, fits: list[dict[str, Any]], tcfg
     phase = Phase("fit", flops=flops, seq_bytes=opt_bytes,
                   formula="Σ_fits steps·(4·u·p² + 4·L·p² + 8·L²·p) + epochs·2·m·p² + 4·R²·p + 2·R·p²; Adam 7·4·p² B/step")
     return phase, {"fits": out, "batch_size": tcfg.batch_size, "local_batch": local, "knn_rows": knn,
-                   "alpha": tcfg.alpha, "epochs": "transform.epochs, the configured maximum (early stopping may "
-                   "stop a fit sooner: then the bound is too long and the ratio too small)"}
+                   "alpha": tcfg.alpha, "epochs": "each fit's epochs as the times file records them (transform_epochs), "
+                   "else transform.epochs, the configured maximum (early stopping may stop a fit sooner: then the "
+                   "bound is too long and the ratio too small)"}
 
 
-def stage_work(n: int, p: int, stage_bytes: dict[str, int], fit_model: str = RECORDED_FIT_MODEL) -> dict[str, dict[str, Any]]:
+def stage_work(n: int, p: int, stage_bytes: dict[str, int], fit_model: str = RECORDED_FIT_MODEL,
+               epochs_run: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Each stage's phases and parameters for the scale run of n rows of width p; `stage_bytes`: each stage's
     bytes on disk from the times file (shards, the published version); `fit_model`: `transform_fits`."""
     dummy = {key: Path(key) for key in ("embeddings", "ids", "labels", "triplets", "probabilities", "objects")}
@@ -343,7 +350,7 @@ def stage_work(n: int, p: int, stage_bytes: dict[str, int], fit_model: str = REC
                     "phases": [Phase("copy", seq_bytes=n * p * src_b, disk_write_bytes=n * p * store_b,
                                      formula="read n·p·2 (page cache), write n·p·4 (disk)")]}
 
-    fits = transform_fits(spec.n_objects, spec.n_triplets, folds, tcfg, fit_model)
+    fits = transform_fits(spec.n_objects, spec.n_triplets, folds, tcfg, fit_model, epochs_run)
     fit, fit_params = transform_fit_phase(p, spec.n_objects, fits, tcfg)
     out["transform"] = {"params": {"n": n, "p": p, "folds": folds, "n_objects": spec.n_objects,
                                    "n_triplets": spec.n_triplets, "fit_model": fit_model, **fit_params},
@@ -410,7 +417,7 @@ def stage_rows(times: dict[str, Any], rates: dict[str, Any], fit_model: str = RE
     A stage the work model does not know gets a row with no bound."""
     stages = times["stages"]
     work = stage_work(times["n"], times["dim"], {k: int(v.get("bytes_on_disk") or 0) for k, v in stages.items()},
-                      fit_model)
+                      fit_model, times.get("transform_epochs"))
     rows = []
     for name, rec in stages.items():
         seconds = float(rec["seconds"])

@@ -274,6 +274,7 @@ def run_size(n: int, work: Path, quick: bool, keep: bool, limit_gib: float | Non
     stages["verify"] = {"seconds": round(verify_s, 2), "bytes_on_disk": 0, **mem.peak(verify_t, verify_t + verify_s),
                         "exit_code": verify_rc}
     cluster = _manifest(windows["cluster"]["dir"])["metrics"]
+    fits = _manifest(windows["transform"]["dir"])["metrics"]
     sample = _manifest(_one_dir(root, "sample"))["metrics"]
     result = {
         "n": n,
@@ -295,6 +296,9 @@ def run_size(n: int, work: Path, quick: bool, keep: bool, limit_gib: float | Non
         "root_bytes_on_disk": root_bytes,
         "flow_overhead_s": round(first_s - sum(w["seconds"] for w in windows.values()), 2),
         "cluster_recovery_ari": cluster.get("ari"),
+        # the epochs each transform fit ran (early stopping ends a fold's sooner): the roofline's fit work
+        "transform_epochs": {"folds": [f["epochs_run"] for f in fits.get("folds") or []],
+                             "refit": (fits.get("refit") or {}).get("epochs")},
         "cluster_recovery_nmi": cluster.get("nmi"),
         "n_triplets_published": sample["n_triplets"],
         "verified": verify_rc == 0,

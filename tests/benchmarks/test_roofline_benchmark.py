@@ -36,6 +36,11 @@ def test_transform_fits_single_and_rotation() -> None:
     assert rot[-1] == {"fit": "refit", "objects": 100, "triplets": 1000, "epochs": 8}
     with pytest.raises(ValueError, match="single"):
         roofline.transform_fits(100, 1000, 5, tcfg, "other")
+    # the epochs each fit ran, when the scale result records them; a record of another fold count is ignored
+    ran = roofline.transform_fits(100, 1000, 5, tcfg, "rotation", {"folds": [8, 7, 8, 8, 7], "refit": 5})
+    assert [f["epochs"] for f in ran] == [8, 7, 8, 8, 7, 5]
+    other = roofline.transform_fits(100, 1000, 5, tcfg, "rotation", {"folds": [8, 7], "refit": 5})
+    assert [f["epochs"] for f in other] == [8] * 6
 
 
 def test_transform_fit_flops_known_answer() -> None:
