@@ -57,7 +57,7 @@ ratio = measured seconds / bound (1 = at the roof).
   it gets no ratio (it would measure a fixed cost, not a rate).
 - verify: every published file read (page cache) and hashed (sha256).
 
-The stage times come from a recorded scale result (`--times`, default the quiet 1M run), not from this
+The stage times come from a recorded scale result (`--times`, default the 1M run of today's code, `scale_1m_rotation.json`), not from this
 run: the scale run takes minutes and 12 GB of disk. Both load averages are recorded: a shared machine
 (load above its cores) makes the measured rates pessimistic, so the bounds longer and the ratios smaller.
 """
@@ -94,13 +94,14 @@ from benchmarks._machine import RESULTS, machine_info, write_result
 from benchmarks.scale import SHARD_SIZE, STRATEGIES, TRIPLETS_PER_STRATEGY, K, pipeline_config
 from benchmarks.scale_data import ScaleSpec, image_id
 
-DEFAULT_TIMES = RESULTS / "scale_1m_quiet.json"
+DEFAULT_TIMES = RESULTS / "scale_1m_rotation.json"
 GB = 1e9
 MIB = 2**20
 
-#: which transform fits the recorded times' code made (`transform_fits`): the default times file and
-#: scale.json were recorded on 2026-11-30, before the k-fold rotation (commit a05708d, 2026-12-06)
-RECORDED_FIT_MODEL = "single"
+#: which transform fits the default times file's code made (`transform_fits`): `scale_1m_rotation.json`
+#: (2026-12-06) the k-fold rotation; `scale_1m_quiet.json` and scale.json (2026-11-30) the single fit before it
+#: (pass `--times ... --transform-fits single`)
+RECORDED_FIT_MODEL = "rotation"
 
 
 # ----------------------------------------------------------------------------- machine rates
@@ -508,10 +509,12 @@ def run(times_path: Path, sizes: Sizes, disk_folder: Path, fit_model: str = RECO
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--times", type=Path, default=DEFAULT_TIMES, help="a scale result (default: the quiet 1M run)")
+    ap.add_argument("--times", type=Path, default=DEFAULT_TIMES,
+                    help="a scale result (default: the 1M run of the k-fold rotation's code, scale_1m_rotation.json)")
     ap.add_argument("--transform-fits", choices=("single", "rotation"), default=RECORDED_FIT_MODEL,
-                    help="the transform fits the times' code made: single (before the k-fold rotation of 2026-12-06; "
-                         "the recorded 1M results) or rotation (a scale result recorded since)")
+                    help="the transform fits the times' code made: rotation (the default file, and any scale result "
+                         "recorded since 2026-12-06) or single (before the k-fold rotation: scale_1m_quiet.json, "
+                         "scale.json)")
     ap.add_argument("--quick", action="store_true", help="small arrays, a few seconds: checks the code, not a result")
     ap.add_argument("--disk-dir", type=Path, default=Path("/tmp"), help="folder for the disk test's file (the scale "
                     "run's --work lives under /tmp)")

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from alignet_core.runtime.runner import ROOT_TOKEN
 from benchmarks._cgroup import MemoryCgroup
 from benchmarks._machine import RESULTS, machine_info, write_result
 from benchmarks.scale_data import ScaleSpec, group_labels, write_embeddings, write_human
@@ -191,7 +192,7 @@ def stage_windows(root: Path) -> dict[str, dict[str, Any]]:
     groups = min(p.stat().st_mtime for p in d.glob("groups_*.npy"))
     last_shard = max(p.stat().st_mtime for p in (d / "shards").glob("*.npz"))
     end = (d / "manifest.json").stat().st_mtime
-    version = Path(_manifest(d)["metrics"]["publish_url"])
+    version = Path(_manifest(d)["metrics"]["publish_url"].replace(ROOT_TOKEN, str(root), 1))  # "<root>/datasets/..."
     out["sample"] = {"start": groups, "end": last_shard, "seconds": last_shard - groups, "dir": d / "shards"}
     out["publish"] = {"start": last_shard, "end": end, "seconds": end - last_shard, "dir": version}
     reports = list((root / "reports" / DATASET).glob("*/report.md"))

@@ -92,5 +92,8 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     assert run["n_triplets_published"] == 2 * (scale.QUICK_TRIPLETS_PER_STRATEGY + scale.N_VALID)
     assert set(run["stages"]) >= {"embed", "transform", "cluster", "sample", "publish", "verify"}
     assert all(s["seconds"] >= 0 for s in run["stages"].values())
+    # the published version's files are found where the manifest's "<root>/..." path says
+    assert run["stages"]["publish"]["bytes_on_disk"] > 0
+    assert len(run["transform_epochs"]["folds"]) == 5 and run["transform_epochs"]["refit"] >= 1
     assert run["cached_rerun_s"] < run["first_run_s"]
     assert run["cluster_recovery_ari"] > 0.5
