@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._machine import RESULTS, machine_info
-from benchmarks.scale_data import ScaleSpec, group_labels, image_id, latent, object_images, super_of_group, write_embeddings
+from benchmarks.scale_data import ScaleSpec, group_labels, human_latent, image_id, object_images, write_embeddings
 
 THINGS_TRIPLETS = 4_700_000
 CHUNK = 500_000
@@ -49,10 +49,7 @@ def write_human_chunked(spec: ScaleSpec, folder: Path, labels: np.ndarray) -> di
     imgs = object_images(spec, labels)
     paths["objects"].write_text("object,image_id\n" + "".join(f"{o},{image_id(i)}\n" for o, row in
                                                               enumerate(imgs.tolist()) for i in row))
-    s, g = latent(spec)
-    obj_group = np.arange(spec.n_objects) % spec.groups
-    h = spec.human_super * s[super_of_group(spec)[obj_group]] + g[obj_group]
-    h /= np.linalg.norm(h, axis=1, keepdims=True)
+    h = human_latent(spec)
     gram = spec.human_beta * (h @ h.T).astype(np.float64)  # (m, m): the rule's scaled cosine similarities
     rng = np.random.default_rng([spec.seed, 2])
     trip = np.lib.format.open_memmap(paths["triplets"], mode="w+", dtype=np.int64, shape=(spec.n_triplets, 3))

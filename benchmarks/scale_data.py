@@ -163,14 +163,20 @@ def object_images(spec: ScaleSpec, labels: np.ndarray) -> np.ndarray:
     return out
 
 
+def human_latent(spec: ScaleSpec) -> np.ndarray:
+    """(n_objects, dim) float32 unit rows: each object's latent under the human-like rule (its group's
+    superordinate direction weighted by `human_super`, plus the group's offset), from the seed alone."""
+    s, g = latent(spec)
+    obj_group = np.arange(spec.n_objects) % spec.groups
+    h = spec.human_super * s[super_of_group(spec)[obj_group]] + g[obj_group]
+    return h / np.linalg.norm(h, axis=1, keepdims=True)
+
+
 def human_triplets(spec: ScaleSpec) -> tuple[np.ndarray, np.ndarray]:
     """(triplets (t, 3) int64 objects, the chosen pair first and the odd one last; probabilities (t, 3)
     float32 over pairs [(0,1), (0,2), (1,2)] of the written order) by the human-like rule: a softmax of
     `human_beta` × cosine similarity of the objects' human latents, one choice sampled per triplet."""
-    s, g = latent(spec)
-    obj_group = np.arange(spec.n_objects) % spec.groups
-    h = spec.human_super * s[super_of_group(spec)[obj_group]] + g[obj_group]
-    h /= np.linalg.norm(h, axis=1, keepdims=True)
+    h = human_latent(spec)
     rng = np.random.default_rng([spec.seed, 2])
     t = np.zeros((0, 3), dtype=np.int64)
     while len(t) < spec.n_triplets:  # three distinct objects per triplet

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from alignet_core.stats.metrics import expected_agreement, pair_similarities
 from benchmarks._machine import machine_info, write_result
 
 DEFAULT_SETTINGS = ["1024:0.003", "4096:0.003", "4096:0.006", "8192:0.006", "8192:0.012"]
@@ -37,7 +38,7 @@ def problem_and_truth(spec: Any, folds: int, seed: int) -> tuple[Any, np.ndarray
     pair probabilities (N_TEST, 3) [p01, p02, p12] under the generator's human latent)."""
     from alignet_core.human.triplets import object_folds
     from alignet_core.transform.rotation import SOFT_GIVEN, Problem
-    from benchmarks.scale_data import group_labels, human_triplets, latent, object_images, rows, super_of_group
+    from benchmarks.scale_data import group_labels, human_latent, human_triplets, object_images, rows
 
     x = rows(spec, 0, spec.n).astype(np.float32)
     imgs = object_images(spec, group_labels(spec))
@@ -48,10 +49,7 @@ def problem_and_truth(spec: Any, folds: int, seed: int) -> tuple[Any, np.ndarray
     object_of_row[imgs.ravel()] = np.repeat(np.arange(spec.n_objects), imgs.shape[1])
     problem = Problem(objects=objects, triplets=t, probs=probs, probs_source=SOFT_GIVEN, fold_of=fold_of, pool=x,
                       pool_object=object_of_row)
-    s, g = latent(spec)
-    obj_group = np.arange(spec.n_objects) % spec.groups
-    h = spec.human_super * s[super_of_group(spec)[obj_group]] + g[obj_group]
-    h /= np.linalg.norm(h, axis=1, keepdims=True)
+    h = human_latent(spec)
     held = np.flatnonzero(fold_of == 0)
     rng = np.random.default_rng([seed, 5])
     test = np.stack([rng.choice(held, 3, replace=False) for _ in range(N_TEST)])
@@ -60,15 +58,9 @@ def problem_and_truth(spec: Any, folds: int, seed: int) -> tuple[Any, np.ndarray
     return problem, test, p_true / p_true.sum(1, keepdims=True)
 
 
-def pair_similarities(z: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """(len(t), 3) dot products [z_a·z_b, z_a·z_c, z_b·z_c] of each triplet (a, b, c)."""
-    a, b, c = z[t[:, 0]], z[t[:, 1]], z[t[:, 2]]
-    return np.stack([(a * b).sum(1), (a * c).sum(1), (b * c).sum(1)], axis=1)
-
-
 def expected_accuracy(z: np.ndarray, test: np.ndarray, p_true: np.ndarray) -> float:
-    """Mean true probability of the pair the embedding z judges most similar."""
-    return float(p_true[np.arange(len(test)), pair_similarities(z, test).argmax(1)].mean())
+    """Mean true probability of the pair the embedding z judges most similar (`stats.metrics.expected_agreement`)."""
+    return float(expected_agreement(pair_similarities(z, test), p_true).mean())
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.transform_batch import expected_accuracy, main, pair_similarities
+from alignet_core.stats.metrics import pair_similarities
+from benchmarks.transform_batch import expected_accuracy, main
 
 
 def test_pair_similarities_and_expected_accuracy_known_answers() -> None:
