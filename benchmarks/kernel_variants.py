@@ -58,17 +58,25 @@ def _rounds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import torch
-
-    from alignet_core.sample.teacher import pair_dots
-    from alignet_core.stats.metrics import nearest_neighbours
+    from alignet_core.hardware import torch_threads
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small arrays: checks the code, not a result")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    with torch_threads(1):  # restored after: a caller in this process keeps its own thread count
+        result = _measure(args)
+    if not args.no_write:
+        write_result("kernel_variants_quick" if args.quick else "kernel_variants", result)
+    return result
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every variant timed on one thread, with the checks that they give the same answers."""
+    from alignet_core.sample.teacher import pair_dots
+    from alignet_core.stats.metrics import nearest_neighbours
+
     rng = np.random.default_rng(0)
     r_knn, p_knn = (300, 32) if args.quick else (5000, 1280)
     a = rng.normal(size=(r_knn, p_knn))
@@ -104,8 +112,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats,
         "machine": machine_info(),
     }
-    if not args.no_write:
-        write_result("kernel_variants_quick" if args.quick else "kernel_variants", result)
     return result
 
 

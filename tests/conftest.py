@@ -23,3 +23,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_left_as_found():
+    """Every test leaves torch's thread count as it found it. One that does not changes the numbers of the tests
+    after it (a float32 sum split over another number of threads adds in another order): the reproducibility test
+    compares this process's run with a fresh process's, bit for bit."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    assert after == before, f"this test left torch on {after} thread(s), it found {before}: restore it"
