@@ -6,10 +6,12 @@
   similarity) against the stable full argsort it replaced, on 5,000 random rows of width 1,280 and their
   image under a random linear map (the k-NN overlap after each transform fit: two searches); same answer
   checked.
-- `shard_dots`: `sample.teacher.pair_dots` (the shards' per-triplet dot products, einsum over blocks) on
-  250k triplets of a 1M × 768 float16 array (two rows of a triplet in one of 500 groups, the third in
-  another, as `cluster_border` draws), in the sampled order, ordered by the first row's group (a group's
-  rows stay in cache), and as one batched 3 × 3 Gram product per triplet (`torch.bmm`).
+- `shard_dots`: the shards' per-triplet dot products on 250k triplets of a 1M × 768 float16 array (two rows
+  of a triplet in one of 500 groups, the third in another, as `cluster_border` draws): the C kernel
+  (`sample/pair_dots.c`, what `teacher.pair_dots` runs) in the sampled order and ordered by the first row's
+  group (a group's rows stay in cache); numpy's path in the same order of additions (`_numpy_pair_dots`,
+  where no compiler is found; same bits checked); the numpy `einsum` passes over gathered blocks that were
+  the shards' kernel before the C one (`einsum_dots`); one batched 3 × 3 Gram product per triplet (`torch.bmm`).
 Medians of `--repeats` alternating rounds. Writes results/kernel_variants.json.
 """
 
@@ -30,6 +32,26 @@ def _stable_neighbours(e: np.ndarray, k: int) -> np.ndarray:
     c = u @ u.T
     np.fill_diagonal(c, -np.inf)
     return np.argsort(-c, axis=1, kind="stable")[:, :k]
+
+
+def einsum_dots(e: np.ndarray, local: np.ndarray, block: int = 256) -> np.ndarray:
+    """The shards' kernel before the C one: blocks of rows gathered by torch, converted to float32 in reused
+    buffers, then one numpy `einsum` pass per pair."""
+    import torch
+
+    m, p = len(local), e.shape[1]
+    out = np.empty((3, m), dtype=np.float32)
+    et, flat = torch.from_numpy(e), torch.from_numpy(np.ascontiguousarray(local).reshape(-1))
+    gathered, as32 = torch.empty((3 * block, p), dtype=et.dtype), torch.empty((3 * block, p), dtype=torch.float32)
+    rows32 = as32.numpy()
+    for lo in range(0, m, block):
+        n = min(block, m - lo)
+        torch.index_select(et, 0, flat[3 * lo : 3 * (lo + n)], out=gathered[: 3 * n])
+        as32[: 3 * n].copy_(gathered[: 3 * n])
+        x = rows32[: 3 * n].reshape(n, 3, p)
+        for j, (u, v) in enumerate(((0, 1), (0, 2), (1, 2))):
+            np.einsum("ij,ij->i", x[:, u], x[:, v], out=out[j, lo : lo + n])
+    return out.T.copy()
 
 
 def bmm_dots(e: np.ndarray, local: np.ndarray, block: int = 1024) -> np.ndarray:
@@ -74,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
     """Every variant timed on one thread, with the checks that they give the same answers."""
-    from alignet_core.sample.teacher import pair_dots
+    from alignet_core.sample import native
+    from alignet_core.sample.teacher import DOT_BLOCK_TRIPLETS, _numpy_pair_dots, pair_dots
     from alignet_core.stats.metrics import nearest_neighbours
 
     rng = np.random.default_rng(0)
@@ -94,21 +117,33 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     gc = (ga + rng.integers(1, groups, m)) % groups
     pick = lambda g: order[starts[g] + (rng.random(m) * counts[g]).astype(np.int64)]  # noqa: E731
     t = np.stack([pick(ga), pick(ga), pick(gc)], axis=1)
+    t = t.astype(np.int64)
     by_group = np.argsort(group[t[:, 0]], kind="stable")
+    lib = native.library()
+    fallback = _numpy_pair_dots(e, t, DOT_BLOCK_TRIPLETS)
     reference = pair_dots(e, t)
     grouped = np.empty_like(reference)
     grouped[by_group] = pair_dots(e, t[by_group])
-    gram = bmm_dots(e, t)
-    dots = _rounds({"sampled_order": lambda: pair_dots(e, t), "group_order": lambda: pair_dots(e, t[by_group]),
-                    "bmm_gram": lambda: bmm_dots(e, t)}, args.repeats)
+    passes, gram = einsum_dots(e, t), bmm_dots(e, t)
+    variants = {"numpy_fixed_order": lambda: _numpy_pair_dots(e, t, DOT_BLOCK_TRIPLETS),
+                "einsum_passes": lambda: einsum_dots(e, t), "bmm_gram": lambda: bmm_dots(e, t)}
+    if lib is not None:
+        variants = {"c_kernel": lambda: native.pair_dots(lib, e, t),
+                    "c_kernel_group_order": lambda: native.pair_dots(lib, e, t[by_group]), **variants}
+    dots = _rounds(variants, args.repeats)
+    scale = np.abs(reference).max()
     result = {
         "benchmark": "kernel_variants",
         "what": "seconds (median of alternating rounds, one thread) of kernel variants for the roofline's gaps",
         "knn": {"rows": r_knn, "width": p_knn, "k": 10, "searches": 2, "seconds": knn,
                 "speedup": round(knn["full_sort"] / knn["partial_sort"], 2), "same_neighbours": bool(same_knn)},
         "shard_dots": {"rows": n, "width": p, "dtype": "float16", "triplets": m, "groups": groups, "seconds": dots,
+                       "c_kernel_built": lib is not None,
+                       "speedup_c_vs_einsum": round(dots["einsum_passes"] / dots["c_kernel"], 2) if lib else None,
+                       "numpy_fixed_order_equal": bool(np.array_equal(reference, fallback)),
                        "group_order_equal": bool(np.array_equal(reference, grouped)),
-                       "bmm_max_relative_difference": float(np.abs(gram - reference).max() / np.abs(reference).max())},
+                       "einsum_max_relative_difference": float(np.abs(passes - reference).max() / scale),
+                       "bmm_max_relative_difference": float(np.abs(gram - reference).max() / scale)},
         "repeats": args.repeats,
         "machine": machine_info(),
     }

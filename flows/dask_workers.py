@@ -31,6 +31,8 @@ from distributed import LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.security import Security
 
+from alignet_core.sample import native
+
 log = logging.getLogger(__name__)
 
 #: glibc `mallopt` parameters (malloc.h)
@@ -70,15 +72,17 @@ def reuse_freed_buffers() -> bool:
 
 
 class SamplingWorkerSetup(WorkerPlugin):
-    """Worker plugin run in each worker process as it starts: `reuse_freed_buffers`, then
-    import torch (the teacher's dot products use it; the import takes ~2 s here, paid once per
-    worker at start-up instead of inside its first shard)."""
+    """Worker plugin run in each worker process as it starts: `reuse_freed_buffers`, then load the teacher's
+    dot-product kernel (`sample.native`, built on this machine's first use), or, without it, import torch for
+    numpy's path (the import takes ~2 s here, paid once per worker at start-up instead of inside its first
+    shard)."""
 
     name = "alignet-sampling-worker-setup"
 
     def setup(self, worker: object) -> None:
         reuse_freed_buffers()
-        importlib.import_module("torch")
+        if native.library() is None:
+            importlib.import_module("torch")
 
 
 def quiet_local_cluster(**kwargs: object) -> LocalCluster:

@@ -27,12 +27,15 @@ import numpy as np
 from alignet_core.errors import InputError
 from alignet_core.io.embedding_store import RawChunkReader, gather_rows
 from alignet_core.io.formats import order_by_similarity
+from alignet_core.sample import native
 
 log = logging.getLogger(__name__)
 
-#: triplets per block of dot products: buffers of 3 × 256 × p float16 + float32 rows (3.5 MB at
-#: p = 768); 256 and 512 ran 1.7× faster than 2048 for 500k triplets of 768-d rows
+#: triplets per block of numpy's dot products (no C kernel): buffers of 3 × 256 × p float16 + float32
+#: rows (3.5 MB at p = 768)
 DOT_BLOCK_TRIPLETS = 256
+#: the lanes of pair_dots.c's sums (its LANES): the order of the additions, so the numpy path's bits
+DOT_LANES = 16
 
 
 def teacher_similarities(triplets: np.ndarray, embeddings: Any) -> np.ndarray:
@@ -46,8 +49,8 @@ def teacher_similarities(triplets: np.ndarray, embeddings: Any) -> np.ndarray:
     per shard than copying the rows out first (`row_paths` in
     `benchmarks/results/sampling_full.json`), and no private copy of them. Otherwise only the
     chunks holding rows named by the triplets are read (see `gather_rows`) and the rows kept in
-    the store's own dtype (u × p × 2 bytes for float16). Either way rows are converted to
-    float32 block by block (`pair_dots`), with ~3.5 MB of buffers.
+    the store's own dtype (u × p × 2 bytes for float16). Either way `pair_dots` takes the products
+    in float32, in one fixed order.
     """
     t = np.asarray(triplets)
     if t.ndim != 2 or t.shape[1] != 3:
@@ -95,27 +98,42 @@ def _distinct_rows(t: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def pair_dots(e: np.ndarray, local: np.ndarray, block: int = DOT_BLOCK_TRIPLETS) -> np.ndarray:
-    """[e_a·e_b, e_a·e_c, e_b·e_c] for each row (a, b, c) of `local`, accumulated in float32.
+    """[e_a·e_b, e_a·e_c, e_b·e_c] for each row (a, b, c) of `local`, summed in float32 in one fixed order.
 
     e: (u, p) float16/float32; local: (m, 3) int rows of e. Returns (m, 3) float32.
-    Blocks of `block` triplets are gathered, converted and multiplied in buffers allocated once
-    and reused: Dask workers run with glibc's MALLOC_TRIM_THRESHOLD_ at 64 KiB, under which every
-    fresh multi-megabyte temporary is a new mapping whose pages fault in again (a per-block
-    temporaries version ran 5× slower there). torch gathers the rows and converts float16 →
-    float32 (numpy's cast is scalar, ~2× slower for the whole product here); numpy's `einsum`
-    then sums the products without writing them out (median 1.25 s vs 1.46 s for the whole product,
-    torch's multiply-then-sum, 500k triplets of 768-d float16 rows, alternating runs).
+    The C kernel (`native.py`, `pair_dots.c`) reads each row once; where it cannot be built, numpy runs the
+    same additions in the same order (`_fixed_order_dots`) on blocks of `block` triplets: the same bits
+    either way, on any CPU.
     """
+    x = np.asarray(e)
+    if x.dtype not in (np.float16, np.float32):
+        x = x.astype(np.float32)
+    t = np.ascontiguousarray(local, dtype=np.int64)
+    if t.ndim != 2 or t.shape[1] != 3:
+        raise InputError(f"triplets: expected shape (m, 3), got {t.shape}")
+    if len(t) == 0:
+        return np.zeros((0, 3), dtype=np.float32)
+    if t.min() < 0 or t.max() >= len(x):
+        raise InputError(f"triplets: row indices must lie in [0, {len(x)}), got [{t.min()}, {t.max()}]")
+    x = np.ascontiguousarray(x)
+    lib = native.library()
+    if lib is not None:
+        return native.pair_dots(lib, x, t)
+    return _numpy_pair_dots(x, t, block)
+
+
+def _numpy_pair_dots(e: np.ndarray, t: np.ndarray, block: int) -> np.ndarray:
+    """`pair_dots` without the C kernel: blocks of rows gathered and converted to float32 in reused buffers
+    (Dask workers run with glibc's MALLOC_TRIM_THRESHOLD_ at 64 KiB, under which every fresh multi-megabyte
+    temporary is a new mapping whose pages fault in again), then summed by `_fixed_order_dots`."""
     import torch
 
-    m, p = len(local), e.shape[1]
-    out = np.empty((3, m), dtype=np.float32)
-    if m == 0:
-        return out.T.copy()
+    m, p = len(t), e.shape[1]
+    out = np.empty((m, 3), dtype=np.float32)
     with warnings.catch_warnings():  # torch warns on read-only arrays (memory maps); rows are only read
         warnings.simplefilter("ignore", UserWarning)
-        et = torch.from_numpy(np.ascontiguousarray(e))
-    flat = torch.from_numpy(np.ascontiguousarray(local, dtype=np.int64).reshape(-1))
+        et = torch.from_numpy(e)
+    flat = torch.from_numpy(t.reshape(-1))
     b = min(block, m)
     gathered = torch.empty((3 * b, p), dtype=et.dtype)
     as32 = gathered if et.dtype == torch.float32 else torch.empty((3 * b, p), dtype=torch.float32)
@@ -127,8 +145,29 @@ def pair_dots(e: np.ndarray, local: np.ndarray, block: int = DOT_BLOCK_TRIPLETS)
             as32[: 3 * n].copy_(gathered[: 3 * n])
         x = rows32[: 3 * n].reshape(n, 3, p)
         for j, (u, v) in enumerate(((0, 1), (0, 2), (1, 2))):
-            np.einsum("ij,ij->i", x[:, u], x[:, v], out=out[j, lo : lo + n])
-    return out.T.copy()
+            out[lo : lo + n, j] = _fixed_order_dots(x[:, u], x[:, v])
+    return out
+
+
+def _fixed_order_dots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise float32 dot products of (n, p) x and y, added in pair_dots.c's order: lane l of 16 sums the
+    products at k ≡ l (mod 16) in increasing k from 0; the lanes are added as a tree (w[l] += w[l + h] for
+    h = 8, 4, 2, 1); the last p mod 16 products follow one by one. Every step is a float32 product or sum."""
+    n, p = x.shape
+    whole = p - p % DOT_LANES
+    acc = np.zeros((n, DOT_LANES), dtype=np.float32)
+    prod = np.empty((n, DOT_LANES), dtype=np.float32)
+    for k in range(0, whole, DOT_LANES):
+        np.multiply(x[:, k : k + DOT_LANES], y[:, k : k + DOT_LANES], out=prod)
+        acc += prod
+    h = DOT_LANES // 2
+    while h >= 1:
+        acc = acc[:, :h] + acc[:, h : 2 * h]
+        h //= 2
+    r = acc[:, 0].copy()
+    for k in range(whole, p):
+        r += x[:, k] * y[:, k]
+    return r
 
 
 def order_triplets(triplets: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

@@ -1,12 +1,13 @@
 """docs/reproducibility.md, the promise that needs no Prefect: from the transformed embeddings and the groups
 on, sampling and publication give the same bytes whatever CPU kernels and thread counts run them.
 
-Why it holds: a shard draws its triplets with numpy's seeded generator (integers only), gathers the rows
-with torch (copies) and converts float16 → float32 (exact), and its dot products are numpy `einsum` sums of
-products in one fixed order, numpy's baseline code, which no CPU dispatch replaces (`teacher.pair_dots`);
-de-duplication and publication are integer work. No BLAS, no thread-split reduction. So the variants that
-change the dataset upstream (ATEN_CPU_CAPABILITY, thread counts, OPENBLAS_CORETYPE; measured by
-`benchmarks/reproducibility.py`) and numpy's own dispatch (NPY_DISABLE_CPU_FEATURES) leave these bytes alone.
+Why it holds: a shard draws its triplets with numpy's seeded generator (integers only), converts float16 →
+float32 (exact), and sums each dot product's float32 products in one order its source fixes, with no fused
+multiply-add (`teacher.pair_dots`: the C kernel `sample/pair_dots.c`, or numpy's elementwise ops in the same
+order where no compiler is found); de-duplication and publication are integer work. No BLAS, no thread-split
+reduction. So the variants that change the dataset upstream (ATEN_CPU_CAPABILITY, thread counts,
+OPENBLAS_CORETYPE; measured by `benchmarks/reproducibility.py`), numpy's own dispatch
+(NPY_DISABLE_CPU_FEATURES) and the kernel turned off (ALIGNET_NATIVE=0) leave these bytes alone.
 The same-machine promise (a whole Prefect run twice → identical bytes) is in tests/flows/test_reproducibility.py.
 """
 
@@ -23,13 +24,14 @@ import numpy as np
 import pytest
 
 from alignet_core.io import embedding_store
+from alignet_core.sample import native
 from alignet_core.sample.publish import assemble_dataset
 from alignet_core.sample.shards import plan_shards, run_shard
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = {"cluster_border": "cluster_border_5", "between_class": "between_class"}
 KNOBS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ATEN_CPU_CAPABILITY", "OPENBLAS_CORETYPE",
-         "NPY_DISABLE_CPU_FEATURES")
+         "NPY_DISABLE_CPU_FEATURES", "ALIGNET_NATIVE")
 
 
 def _numpy_dispatched() -> str:
@@ -42,18 +44,20 @@ def _numpy_dispatched() -> str:
 VARIANTS = {
     "aten_default_one_thread": {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                                 "OPENBLAS_NUM_THREADS": "1"},
-    "openblas_sandybridge_numpy_baseline": {"OPENBLAS_CORETYPE": "Sandybridge",
-                                            "NPY_DISABLE_CPU_FEATURES": _numpy_dispatched()},
+    "openblas_sandybridge_numpy_baseline_no_c_kernel": {"OPENBLAS_CORETYPE": "Sandybridge",
+                                                        "NPY_DISABLE_CPU_FEATURES": _numpy_dispatched(),
+                                                        "ALIGNET_NATIVE": "0"},
 }
 
 _CHILD = """
 import json, sys
 import numpy as np, torch
+from alignet_core.sample import native
 from tests.sample.test_reproducibility import publish
 spec = json.loads(sys.argv[1])
 m = np._core._multiarray_umath
 print(json.dumps({"digests": publish(spec["pool"], spec["out"]), "aten": torch.backends.cpu.get_cpu_capability(),
-                  "threads": torch.get_num_threads(),
+                  "threads": torch.get_num_threads(), "c_kernel": native.library() is not None,
                   "numpy_features": sorted(f for f in m.__cpu_dispatch__ if m.__cpu_features__.get(f))}))
 """
 
@@ -101,4 +105,5 @@ def test_sampling_publishes_the_same_bytes_under_every_kernel_and_thread_count(p
             assert child["aten"] == "DEFAULT" and child["threads"] == 1
         if "NPY_DISABLE_CPU_FEATURES" in env:
             assert child["numpy_features"] == []
+        assert child["c_kernel"] == ("ALIGNET_NATIVE" not in env and native.library() is not None)
         assert child["digests"] == here, name

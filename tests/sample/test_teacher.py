@@ -14,7 +14,13 @@ import zarr
 
 from alignet_core.errors import InputError
 from alignet_core.io.embedding_store import RawChunkReader, gather_rows
-from alignet_core.sample.teacher import _distinct_rows, order_triplets, pair_dots, teacher_similarities
+from alignet_core.sample.teacher import (
+    _distinct_rows,
+    _numpy_pair_dots,
+    order_triplets,
+    pair_dots,
+    teacher_similarities,
+)
 
 
 def _direct(e: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -51,12 +57,12 @@ def test_similarities_match_numpy_from_zarr(tmp_path: Path, dtype: str, compress
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("block", [1, 7, 64, 10_000])
 def test_pair_dots_across_block_boundaries(dtype: str, block: int) -> None:
-    """Reused block buffers: every block, the short last one included, gives the float32 dot
-    products of its own rows (a stale buffer row or an off-by-one block bound would not)."""
+    """numpy's path (no C kernel) reuses block buffers: every block, the short last one included, gives the
+    float32 dot products of its own rows (a stale buffer row or an off-by-one block bound would not)."""
     rng = np.random.default_rng(4)
     e = rng.normal(size=(90, 33)).astype(dtype)
     local = rng.integers(0, 90, (50, 3))
-    got = pair_dots(e, local, block=block)
+    got = _numpy_pair_dots(e, local, block)
     assert got.shape == (50, 3) and got.dtype == np.float32
     np.testing.assert_allclose(got, _direct(e, local), rtol=1e-5, atol=1e-4)
     assert pair_dots(e, local[:0], block=block).shape == (0, 3)
