@@ -31,9 +31,9 @@ from alignet_core.sample import native
 
 log = logging.getLogger(__name__)
 
-#: triplets per block of numpy's dot products (no C kernel): buffers of 3 × 256 × p float16 + float32
-#: rows (3.5 MB at p = 768)
-DOT_BLOCK_TRIPLETS = 256
+#: triplets per block of numpy's dot products (no C kernel): buffers of 3 × 1024 × p float16 + float32
+#: rows and the block's products (17 MB at p = 768)
+DOT_BLOCK_TRIPLETS = 1024
 #: the lanes of pair_dots.c's sums (its LANES): the order of the additions, so the numpy path's bits
 DOT_LANES = 16
 
@@ -155,11 +155,10 @@ def _fixed_order_dots(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     h = 8, 4, 2, 1); the last p mod 16 products follow one by one. Every step is a float32 product or sum."""
     n, p = x.shape
     whole = p - p % DOT_LANES
+    prod = (x[:, :whole] * y[:, :whole]).reshape(n, whole // DOT_LANES, DOT_LANES)
     acc = np.zeros((n, DOT_LANES), dtype=np.float32)
-    prod = np.empty((n, DOT_LANES), dtype=np.float32)
-    for k in range(0, whole, DOT_LANES):
-        np.multiply(x[:, k : k + DOT_LANES], y[:, k : k + DOT_LANES], out=prod)
-        acc += prod
+    for j in range(whole // DOT_LANES):
+        acc += prod[:, j]
     h = DOT_LANES // 2
     while h >= 1:
         acc = acc[:, :h] + acc[:, h : 2 * h]
