@@ -94,7 +94,7 @@ from benchmarks._machine import RESULTS, machine_info, write_result
 from benchmarks.scale import SHARD_SIZE, STRATEGIES, TRIPLETS_PER_STRATEGY, K, pipeline_config
 from benchmarks.scale_data import ScaleSpec, image_id
 
-DEFAULT_TIMES = RESULTS / "scale_1m_rotation.json"
+DEFAULT_TIMES = RESULTS / "scale_1m_c_kernel.json"
 GB = 1e9
 MIB = 2**20
 

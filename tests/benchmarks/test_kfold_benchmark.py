@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks import kfold
 
 
+@pytest.mark.slow
 def test_kfold_benchmark_records_the_rotation(tmp_path):
     out = tmp_path / "kfold.json"
     kfold.main(["--work", str(tmp_path / "work"), "--n-triplets", "200000", "--dim", "16", "--epochs", "1",

@@ -132,7 +132,7 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
         assert r["seconds"] == run["stages"][r["stage"]]["seconds"]
         if r["ratio"] is not None:
             assert r["ratio"] == round(r["seconds"] / r["bound_s"], 3)
-    assert result["stage_times"]["file"].endswith("scale_1m_rotation.json")
+    assert result["stage_times"]["file"].endswith("scale_1m_c_kernel.json")
     assert result["stage_times"]["transform_fit_model"] == "rotation"
     assert result["beat_the_bound"]["stages"] == [r["stage"] for r in result["stages"]
                                                   if r["ratio"] is not None and r["ratio"] < 1]

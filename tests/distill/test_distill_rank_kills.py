@@ -73,6 +73,7 @@ def _killed_then_resumed(rank: int, data: tuple[Path, str], two_ranks: dict, tmp
     assert diff < TOL
 
 
+@pytest.mark.slow
 def test_a_killed_rank_resumes_every_rank_at_the_same_step(data, two_ranks, tmp_path, caplog) -> None:
     _killed_then_resumed(1, data, two_ranks, tmp_path, caplog)
 

@@ -221,6 +221,7 @@ def test_pipeline_end_to_end_cache_and_determinism(harness, tmp_path):
     assert _digest(summary4["dataset"]) == before
 
 
+@pytest.mark.slow
 def test_missing_outputs_are_recomputed_not_served_from_cache(harness, tmp_path):
     """A cache record must never point at deleted files: removing a stage's output reruns it."""
     import shutil
@@ -246,6 +247,7 @@ def test_a_stage_flow_runs_alone(harness, tmp_path):
     assert sorted(p.name for p in stages_dir.iterdir()) == ["cluster", "embed", "transform"]
 
 
+@pytest.mark.slow
 def test_distill_flow_runs_alone_on_an_existing_dataset_folder(harness, tmp_path):
     """The hand-off target: `distill` on a folder of official files, with no earlier stage."""
     import shutil
@@ -373,6 +375,7 @@ def _stage_files(root: Path) -> dict[str, tuple[int, bytes]]:
             for p in sorted((root / "stages").rglob("*")) if p.is_file() and p.name != "cache-generation.json"}
 
 
+@pytest.mark.slow
 def test_a_moved_root_and_a_relative_root_reuse_every_stage(harness, tmp_path, monkeypatch):
     """`mv a b` and a run on b (given as a relative root), then b moved again and run from another
     working directory: every stage is reused from its manifest (no file under stages/ rewritten, no

@@ -135,6 +135,7 @@ def _plant(key: str, payload: bytes) -> None:
     (Path(get_current_settings().results.local_storage_path) / key).write_bytes(payload)
 
 
+@pytest.mark.slow
 def test_a_planted_pickle_record_is_never_executed(harness, tmp_path):
     marker = tmp_path / "pwned"
     root = tmp_path / "r"

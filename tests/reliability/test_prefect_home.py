@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -67,6 +69,7 @@ server.stop()
 """
 
 
+@pytest.mark.slow
 def test_the_cli_temporary_server_keeps_its_home_private(tmp_path):
     """The CLI's temporary server (what `make demo` and `alignet run` start) on a world-readable home: the
     home and the database it migrates are private, and what the server creates (SQLite's files) too."""

@@ -42,6 +42,7 @@ def _results_listing() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- the dry run
+@pytest.mark.slow
 def test_dry_run_runs_every_part_on_the_cpu_and_writes_no_result(tmp_path: Path) -> None:
     """The whole check with tiny sizes on the CPU: every part ok, every benchmark's result parsed, the GPU
     tests' own code run (on the CPU), nothing written under benchmarks/results/."""
