@@ -1,5 +1,5 @@
 """The pipeline's own sampling cluster: reachable only by the pipeline, and the set-up of its worker
-processes (malloc settings, torch loaded).
+processes (malloc settings, the teacher's dot-product kernel loaded).
 
 A `LocalCluster` of worker processes listens on loopback TCP ports, and any local user who finds them can
 connect, submit a function and run it as the pipeline's user (issue 34: as uid 65534, a port scan and a
