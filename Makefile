@@ -11,11 +11,20 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 .PHONY: install demo test test-slow test-all serve clean gpu-wheels gpu-check prefect-home
 
+TORCH_PINS := "torch==2.14.1" "torchvision==0.29.1"
+
+# uv (Astral's pip-compatible installer) fills the venv in ~12 s with a warm cache (~40 s cold) where pip takes
+# ~140 s: torch's wheels unpack to ~5 GiB. pip is the fallback wherever uv cannot be installed or fails (uv reads
+# no pip.conf: an index only pip.conf names is reached by pip).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	@if $(BIN)/python -m pip install -q uv && \
+	    $(BIN)/python -m uv pip install -q --python $(BIN)/python $(TORCH_PINS) -e ".[dev]"; then :; else \
+	  echo "make install: uv failed; installing with pip"; \
+	  $(BIN)/python -m pip install -q --upgrade pip && \
+	  $(BIN)/python -m pip install -q $(TORCH_PINS) && \
+	  $(BIN)/python -m pip install -q -e ".[dev]" || exit 1; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -51,6 +51,7 @@ from alignet_core.errors import ConfigError, StoreError
 from alignet_core.hardware import autocast_dtype
 from alignet_core.io.formats import AlignetTriplets
 from alignet_core.io.sources import ImageSource
+from alignet_core.models.depthwise import use_fast_depthwise_grad
 from alignet_core.models.embedding import loader
 from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE, build_student, eval_transform, input_size
 
@@ -122,6 +123,8 @@ def train_student(
         return done
 
     student = build_student(cfg, seed).to(device).train()
+    if device.type == "cpu" and cfg.harmonize is None and not cfg.compile:  # the harmonizer differentiates twice
+        use_fast_depthwise_grad(student)  # oneDNN's depthwise weight gradients were most of a CPU step
     opt = AdamDecayToInit(student.parameters(), lr=cfg.lr, decay_to_init=cfg.decay_to_init)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps))
     start, history, seconds, cpu_seconds = 0, [], 0.0, 0.0

@@ -1,0 +1,137 @@
+"""The student's depthwise weight gradients on the CPU: torch's (oneDNN) against the batched product
+(`alignet_core.models.depthwise`), per layer and for a whole training step, side by side in one run.
+
+    python -m benchmarks.depthwise_grad [--quick]
+
+Per depthwise layer of the demo's student (EfficientNet-Lite0 at 64 px, a step's ~46 unique images): the
+weight gradient by `torch.ops.aten.convolution_backward` and by `depthwise_weight_grad`, medians of
+alternating rounds, with the larger difference between them relative to the gradient's largest entry, and
+which one the student uses (`MAX_WASTE`). Then whole steps (forward, backward, `AdamDecayToInit` step) of
+two students from the same weights, one with torch's convolutions, one after `use_fast_depthwise_grad`.
+Writes results/depthwise_grad.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any, Callable
+
+from benchmarks._machine import machine_info, write_result
+
+
+def _rounds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: round(statistics.median(v), 6) for name, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few images and rounds: checks the code, not a result")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    result = _measure(args)
+    if not args.no_write:
+        write_result("depthwise_grad_quick" if args.quick else "depthwise_grad", result)
+    return result
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from alignet_core.config.distill import DistillConfig
+    from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, triplet_similarities
+    from alignet_core.models.depthwise import (
+        MAX_WASTE,
+        DepthwiseConv2d,
+        _worth_it,
+        depthwise_weight_grad,
+        use_fast_depthwise_grad,
+    )
+    from alignet_core.models.student import build_student
+
+    images, repeats = (8, 3) if args.quick else (46, args.repeats)
+    cfg = DistillConfig(student="tf_efficientnet_lite0", weights="packaged", image_size=64, batch_triplets=16)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(images, 3, 64, 64, generator=gen)
+    rows = torch.randint(0, images, (16, 3), generator=gen)
+    sims = torch.randn(16, 3, generator=gen)
+
+    fast = build_student(cfg, 0).train()
+    use_fast_depthwise_grad(fast)
+    inputs: list[tuple[str, DepthwiseConv2d, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: inputs.append((name, mod, inp[0].detach())))
+             for name, m in fast.named_modules() if isinstance(m, DepthwiseConv2d)]
+    with torch.no_grad():
+        fast(x)
+    for h in hooks:
+        h.remove()
+
+    layers = []
+    for name, mod, inp in inputs:
+        xin = torch.nn.functional.pad(inp, _same_pad(mod, inp)) if mod.same else inp
+        w = mod.weight.detach()
+        out = torch.nn.functional.conv2d(xin, w, None, mod.stride, mod.padding, 1, w.shape[0])
+        g = torch.randn(out.shape, generator=gen)
+        stride, pad = list(mod.stride), list(mod.padding)
+        torch_gw = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
+            g, xin, w, None, stride, pad, [1, 1], False, [0, 0], w.shape[0], [False, True, False])[1]
+        batched_gw = lambda: depthwise_weight_grad(xin, g, mod.kernel_size, mod.stride, mod.padding)  # noqa: E731
+        ref, mine = torch_gw(), batched_gw()
+        seconds = _rounds({"torch": torch_gw, "batched": batched_gw}, repeats)
+        layers.append({
+            "layer": name, "input": list(xin.shape), "kernel": list(mod.kernel_size), "stride": list(mod.stride),
+            "seconds": seconds, "speedup": round(seconds["torch"] / seconds["batched"], 2),
+            "used": "batched" if _worth_it(xin, mod.kernel_size, mod.padding) else "torch",
+            "max_relative_difference": float((ref - mine).abs().max() / ref.abs().max()),
+        })
+
+    plain = build_student(cfg, 0).train()
+    students = {"torch": plain, "batched": fast}
+    optimizers = {k: AdamDecayToInit(m.parameters(), lr=3e-4) for k, m in students.items()}
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            model, opt = students[name], optimizers[name]
+            opt.zero_grad(set_to_none=True)
+            alignet_loss(triplet_similarities(model(x), rows), sims).backward()
+            opt.step()
+        return run
+
+    for name in students:  # a first step outside the timing (allocations, oneDNN primitive caches)
+        step(name)()
+    steps = _rounds({name: step(name) for name in students}, repeats)
+    used = [row for row in layers if row["used"] == "batched"]
+    return {
+        "benchmark": "depthwise_grad",
+        "what": "seconds (medians of alternating rounds, torch's default threads) of depthwise weight gradients and "
+                "of whole training steps of the demo's student",
+        "student": cfg.student, "image_size": 64, "images_per_step": images, "triplets_per_step": 16,
+        "max_waste": MAX_WASTE,
+        "layers": layers,
+        "layer_seconds_where_used": {"torch": round(sum(r["seconds"]["torch"] for r in used), 6),
+                                     "batched": round(sum(r["seconds"]["batched"] for r in used), 6)},
+        "step_seconds": steps, "step_speedup": round(steps["torch"] / steps["batched"], 2),
+        "threads": torch.get_num_threads(), "repeats": repeats,
+        "machine": machine_info(),
+    }
+
+
+def _same_pad(mod: Any, x: Any) -> tuple[int, int, int, int]:
+    """The (left, right, top, bottom) padding timm's `pad_same` gives `x` under `mod`."""
+    from timm.layers.padding import get_same_padding
+
+    ph = get_same_padding(x.shape[-2], mod.kernel_size[0], mod.stride[0], 1)
+    pw = get_same_padding(x.shape[-1], mod.kernel_size[1], mod.stride[1], 1)
+    return (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+
+
+if __name__ == "__main__":
+    main()
