@@ -1,6 +1,6 @@
 """The demo's people figures under the variants its settings were chosen from (issue 31): 120 vs 360
 distillation steps, the transform with and without a hyper-parameter search, and the teacher at 260 px
-(Lite2's pretrained size) and 128 px (`embed.image_size`), and 180 distillation steps at twice the learning rate.
+(Lite2's pretrained size) and 128 px (`embed.image_size`), and 180 distillation steps at twice the learning rate; and the demo's setting under seeds 1–4.
 
     python -m benchmarks.demo_variants --root /tmp/demo-variants          # runs them (about 25 min on 2 cores)
     python -m benchmarks.demo_variants --root /tmp/demo-variants --only teacher_128   # some of them
@@ -32,6 +32,9 @@ VARIANTS: dict[str, list[str]] = {
     "teacher_260": ["embed.image_size=260"],  # Lite2's pretrained size (the demo's teacher before image_size)
     "teacher_128": ["embed.image_size=128"],
     "steps_180_lr6e-4": ["embed.image_size=260", "distill.steps=180", "distill.lr=6e-4", "distill.checkpoint_every=60"],
+    # the demo's setting under other seeds (every fit's: VICE, folds' draws, transform, sampling, student): how much
+    # of a figure is the draw (steps_360 is seed 0)
+    **{f"seed_{k}": [f"seed={k}"] for k in range(1, 5)},
 }
 
 
@@ -66,6 +69,12 @@ def from_summary(path: Path) -> dict[str, Any]:
             "stage_seconds": s.get("stage_seconds"), "summary_json": str(path)}
 
 
+def _commit() -> str:
+    """The code the variant ran (a variant run before another change keeps its own)."""
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=DEMO.parents[2])
+    return git.stdout.strip() or "unknown"
+
+
 def run(root: Path, only: list[str]) -> dict[str, Any]:
     out = {}
     for name in only or list(VARIANTS):
@@ -77,7 +86,8 @@ def run(root: Path, only: list[str]) -> dict[str, Any]:
         s = json.loads(summaries[-1].read_text())
         evaluate = Path(s["report_dir"]).parents[2] / "stages" / "evaluate" / s["stage_keys"]["evaluate"]
         transform = Path(s["report_dir"]).parents[2] / "stages" / "transform" / s["stage_keys"]["transform"]
-        out[name] = {"overrides": sets, **from_alignment(evaluate / "alignment.json"), **from_summary(summaries[-1]),
+        out[name] = {"overrides": sets, "commit": _commit(), **from_alignment(evaluate / "alignment.json"),
+                     **from_summary(summaries[-1]),
                      **from_transform(transform / "manifest.json")}
     return out
 
