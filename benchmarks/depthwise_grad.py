@@ -14,21 +14,10 @@ Writes results/depthwise_grad.json.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Any, Callable
 
 from benchmarks._machine import machine_info, write_result
-
-
-def _rounds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: round(statistics.median(v), 6) for name, v in times.items()}
+from benchmarks._timing import alternating_rounds
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -85,7 +74,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             g, xin, w, None, stride, pad, [1, 1], False, [0, 0], w.shape[0], [False, True, False])[1]
         batched_gw = lambda: depthwise_weight_grad(xin, g, mod.kernel_size, mod.stride, mod.padding)  # noqa: E731
         ref, mine = torch_gw(), batched_gw()
-        seconds = _rounds({"torch": torch_gw, "batched": batched_gw}, repeats)
+        seconds = alternating_rounds({"torch": torch_gw, "batched": batched_gw}, repeats)
         layers.append({
             "layer": name, "input": list(xin.shape), "kernel": list(mod.kernel_size), "stride": list(mod.stride),
             "seconds": seconds, "speedup": round(seconds["torch"] / seconds["batched"], 2),
@@ -107,7 +96,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
 
     for name in students:  # a first step outside the timing (allocations, oneDNN primitive caches)
         step(name)()
-    steps = _rounds({name: step(name) for name in students}, repeats)
+    steps = alternating_rounds({name: step(name) for name in students}, repeats)
     used = [row for row in layers if row["used"] == "batched"]
     return {
         "benchmark": "depthwise_grad",

@@ -18,13 +18,12 @@ Medians of `--repeats` alternating rounds. Writes results/kernel_variants.json.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from benchmarks._machine import machine_info, write_result
+from benchmarks._timing import alternating_rounds
 
 
 def _stable_neighbours(e: np.ndarray, k: int) -> np.ndarray:
@@ -69,16 +68,6 @@ def bmm_dots(e: np.ndarray, local: np.ndarray, block: int = 1024) -> np.ndarray:
     return out.numpy()
 
 
-def _rounds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: round(statistics.median(v), 6) for name, v in times.items()}  # quick runs take well under 1 ms
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from alignet_core.hardware import torch_threads
 
@@ -105,7 +94,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     a = rng.normal(size=(r_knn, p_knn))
     b = a @ rng.normal(size=(p_knn, p_knn))
     same_knn = all(np.array_equal(nearest_neighbours(x, 10), _stable_neighbours(x, 10)) for x in (a, b))
-    knn = _rounds({"full_sort": lambda: [_stable_neighbours(x, 10) for x in (a, b)],
+    knn = alternating_rounds({"full_sort": lambda: [_stable_neighbours(x, 10) for x in (a, b)],
                    "partial_sort": lambda: [nearest_neighbours(x, 10) for x in (a, b)]}, args.repeats)
 
     n, p, m, groups = (20_000, 64, 5_000, 50) if args.quick else (1_000_000, 768, 250_000, 500)
@@ -130,7 +119,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     if lib is not None:
         variants = {"c_kernel": lambda: native.pair_dots(lib, e, t),
                     "c_kernel_group_order": lambda: native.pair_dots(lib, e, t[by_group]), **variants}
-    dots = _rounds(variants, args.repeats)
+    dots = alternating_rounds(variants, args.repeats)
     scale = np.abs(reference).max()
     result = {
         "benchmark": "kernel_variants",

@@ -13,11 +13,10 @@ the largest difference of the gradients relative to their largest entry. Writes 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Any, Callable
 
 from benchmarks._machine import machine_info, write_result
+from benchmarks._timing import alternating_rounds
 
 
 class _PairDotsBefore:
@@ -41,16 +40,6 @@ class _PairDotsBefore:
                 return torch.matmul(g + g.transpose(-1, -2), x), None
 
         return F
-
-
-def _rounds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeats):
-        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {name: round(statistics.median(v), 6) for name, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -80,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     variants = {"advanced_index_transposed_add": grad_of(before), "index_select_symmetric_scatter": grad_of(_PairDots)}
     a, b = variants["advanced_index_transposed_add"](), variants["index_select_symmetric_scatter"]()
-    seconds = _rounds(variants, 2 if args.quick else args.repeats)
+    seconds = alternating_rounds(variants, 2 if args.quick else args.repeats)
     result = {
         "benchmark": "vice_gram",
         "what": "seconds (median of alternating rounds, torch's default threads) of the pairs' dot products and "
