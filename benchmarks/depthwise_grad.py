@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+    from timm.layers.padding import pad_same
 
     from alignet_core.config.distill import DistillConfig
     from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, triplet_similarities
@@ -65,7 +66,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
 
     layers = []
     for name, mod, inp in inputs:
-        xin = torch.nn.functional.pad(inp, _same_pad(mod, inp)) if mod.same else inp
+        xin = pad_same(inp, list(mod.kernel_size), list(mod.stride)) if mod.same else inp  # as the module pads
         w = mod.weight.detach()
         out = torch.nn.functional.conv2d(xin, w, None, mod.stride, mod.padding, 1, w.shape[0])
         g = torch.randn(out.shape, generator=gen)
@@ -111,15 +112,6 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(), "repeats": repeats,
         "machine": machine_info(),
     }
-
-
-def _same_pad(mod: Any, x: Any) -> tuple[int, int, int, int]:
-    """The (left, right, top, bottom) padding timm's `pad_same` gives `x` under `mod`."""
-    from timm.layers.padding import get_same_padding
-
-    ph = get_same_padding(x.shape[-2], mod.kernel_size[0], mod.stride[0], 1)
-    pw = get_same_padding(x.shape[-1], mod.kernel_size[1], mod.stride[1], 1)
-    return (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
 
 
 if __name__ == "__main__":

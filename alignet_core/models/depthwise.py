@@ -22,6 +22,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.padding import pad_same
 from torch import nn
 
@@ -119,8 +120,6 @@ class DepthwiseConv2d(nn.Module):
 
 def _replaceable(module: nn.Module) -> bool | None:
     """None unless `module` is a plain depthwise 2-d convolution; else whether it pads TF-'SAME'."""
-    from timm.layers.conv2d_same import Conv2dSame
-
     if type(module) not in (nn.Conv2d, Conv2dSame):
         return None
     conv: nn.Conv2d = module  # type: ignore[assignment]
@@ -134,7 +133,7 @@ def use_fast_depthwise_grad(model: nn.Module) -> int:
     """Swap every plain depthwise convolution of `model` for a `DepthwiseConv2d` sharing its parameters (in
     place: the state dict's names and the optimizer's tensors are unchanged). Returns how many were swapped."""
     swaps = []
-    for name, module in model.named_modules():
+    for module in model.modules():
         for child_name, child in module.named_children():
             same = _replaceable(child)
             if same is not None:
