@@ -5,7 +5,7 @@ triplets (as unordered image sets) inside train and inside valid, removes from v
 triplet that also occurs in train (no leakage, always), tops each split up to the count asked
 (`distinct.py`), writes `train_<name>.npz` and
 `valid_<name>.npz` with `formats.write_alignet_npz`, the same arrays as a Zarr copy
-(`dataset.zarr`, one group per file) and `manifest.json` into a temporary directory, and
+(`dataset.zarr`, one group per file, the pool's file names once) and `manifest.json` into a temporary directory, and
 publishes it with one atomic rename: readers see the whole dataset or nothing.
 
 Because shards are concatenated in index order and de-duplication keeps first occurrences, the
@@ -18,15 +18,19 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from alignet_core.errors import ConfigError, InputError, StoreError
 from alignet_core.io import store
-from alignet_core.io.formats import write_alignet_npz
-from alignet_core.sample.distinct import distinct_split
+from alignet_core.io.formats import AlignetTriplets, write_alignet_npz
 from alignet_core.runtime.provenance import made_on
+from alignet_core.sample.distinct import distinct_split
 from alignet_core.sample.shards import SPLITS, ShardSpec
+
+if TYPE_CHECKING:
+    import zarr
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +48,64 @@ def _arrays_sha256(indices: np.ndarray, similarities: np.ndarray) -> str:
 ZARR_COPY = "dataset.zarr"
 
 
-#: triplets per Zarr chunk of the published copy (24 MB of int64 indices)
+#: rows per Zarr chunk of the published copy (24 MB of int64 indices)
 ZARR_CHUNK_TRIPLETS = 1 << 20
 
+#: the Zarr copy's array of the pool's file names, written once: a triplet's names are its rows' names
+ZARR_IMAGES = "images/filenames"
 
-def _write_zarr_split(group_url: str, name: str, indices: np.ndarray, filenames: np.ndarray, similarities: np.ndarray) -> None:
-    """Write one published split into the Zarr copy as group `<name>` with arrays
-    `indices` (m, 3) int64, `similarities` (m, 3) float32 and `filenames` (m, 3) str, one Zarr chunk
-    of rows at a time; each chunk's bytes are those of a whole-array write. File names that are not
-    numpy str already are converted chunk by chunk (a whole 5M-triplet split as Python strings took
-    ~1.5 GB; a numpy str array, what `assemble_dataset` passes, is written as it is: the conversion
-    cost 8 s per million triplets on the scale benchmark)."""
+
+def _write_zarr_split(group_url: str, name: str, indices: np.ndarray, similarities: np.ndarray) -> None:
+    """Write one published split into the Zarr copy as group `<name>` with arrays `indices` (m, 3)
+    int64 and `similarities` (m, 3) float32, one Zarr chunk of rows at a time; each chunk's bytes are
+    those of a whole-array write. The file names are not repeated per triplet (`_write_zarr_images`):
+    as variable-length strings they were 15M Python strings per 5M-triplet split, ~10 s of Zarr's
+    encoding each, for bytes that `indices` already determine."""
     import zarr
 
     root = zarr.open_group(group_url, mode="a")
     g = root.create_group(name, overwrite=True)
-    m = len(indices)
-    rows = max(1, min(m, ZARR_CHUNK_TRIPLETS))
     for key, arr in (("indices", np.asarray(indices, dtype=np.int64)),
-                     ("similarities", np.asarray(similarities, dtype=np.float32)),
-                     ("filenames", np.asarray(filenames).reshape(-1, 3))):
-        z = g.create_array(key, shape=(m, 3), dtype=arr.dtype if key != "filenames" else str, chunks=(rows, 3))
-        for lo in range(0, m, rows):
-            block = arr[lo : lo + rows]
-            if key == "filenames" and block.dtype.kind != "U":  # e.g. numpy's StringDType: as fixed-width str
-                block = np.asarray(block.tolist(), dtype=str)
-            z[lo : lo + rows] = block
+                     ("similarities", np.asarray(similarities, dtype=np.float32))):
+        _write_rows(g, key, arr)
+
+
+def _write_zarr_images(group_url: str, filenames: np.ndarray) -> None:
+    """Write the pool's file names (n,) once, as `images/filenames` (variable-length UTF-8, Zarr v3's
+    string type): row i of the pool is index i of every split's `indices`."""
+    import zarr
+
+    root = zarr.open_group(group_url, mode="a")
+    group, key = ZARR_IMAGES.split("/")
+    names = np.asarray(filenames)
+    names = names if names.dtype.kind == "U" else np.asarray(names.tolist(), dtype=str)  # e.g. StringDType
+    _write_rows(root.create_group(group, overwrite=True), key, names)
+
+
+def _write_rows(group: zarr.Group, key: str, arr: np.ndarray) -> None:
+    """Create `group/key` shaped like `arr` (str arrays as Zarr's variable-length strings) and fill it
+    one chunk of ZARR_CHUNK_TRIPLETS rows at a time."""
+    rows = max(1, min(len(arr), ZARR_CHUNK_TRIPLETS))
+    z = group.create_array(key, shape=arr.shape, dtype=str if arr.dtype.kind == "U" else arr.dtype,
+                           chunks=(rows, *arr.shape[1:]))
+    for lo in range(0, len(arr), rows):
+        z[lo : lo + rows] = arr[lo : lo + rows]
+
+
+def read_zarr_split(published_url: str, group: str, manifest: dict | None = None) -> AlignetTriplets:
+    """Read split `group` (e.g. 'train_cluster_border_500') of a published version's Zarr copy, with
+    each triplet's file names looked up from `images/filenames`: the same arrays as its .npz file."""
+    import zarr
+
+    manifest = manifest if manifest is not None else store.read_manifest(published_url)
+    info = manifest.get("zarr") or {}
+    if group not in info.get("groups", []):
+        raise InputError(f"{published_url}: the Zarr copy has no split {group!r}; it has {info.get('groups', [])}")
+    root = zarr.open_group(store.join(published_url, info["path"]), mode="r")
+    idx = np.asarray(root[group]["indices"][:])
+    names = np.asarray(root[info.get("filenames", ZARR_IMAGES)][:])  # Zarr gives numpy's StringDType
+    width = int(np.strings.str_len(names).max(initial=1))
+    return AlignetTriplets(idx, names[idx].astype(f"U{width}"), np.asarray(root[group]["similarities"][:]))
 
 
 def assemble_dataset(
@@ -92,7 +128,8 @@ def assemble_dataset(
     `top_up` (makes one shard's file; the stage's), each split is topped up to exactly the count its
     shards asked for, or an `InputError` says the pool cannot supply it (`distinct.distinct_split`).
     The same arrays are also written as a Zarr copy, `dataset.zarr/<split>_<name>/{indices,
-    similarities,filenames}` (listed under the manifest's `zarr` key), for chunked readers.
+    similarities}` with the pool's file names once as `dataset.zarr/images/filenames` (listed under the
+    manifest's `zarr` key), for chunked readers (`read_zarr_split`).
     The files go into `publish_url/<subfolder>/` (e.g. `uncertainty_distillation`, the official
     layout); `manifest.json` sits at `publish_url` and lists each file's path relative to it.
     Everything is written into a temporary directory next to `publish_url`, with the manifest
@@ -144,10 +181,8 @@ def assemble_dataset(
                 train_keys = keys if split == "train" else train_keys
                 fname = f"{split}_{name}.npz"
                 url = store.join(files_dir, fname)
-                names_of = filenames[idx]  # (m, 3) str, made once for both copies
-                write_alignet_npz(url, idx, names_of, sims)
-                _write_zarr_split(store.join(files_dir, ZARR_COPY), f"{split}_{name}", idx, names_of, sims)
-                del names_of
+                write_alignet_npz(url, idx, filenames[idx], sims)
+                _write_zarr_split(store.join(files_dir, ZARR_COPY), f"{split}_{name}", idx, sims)
                 st["n_triplets"] = int(len(idx))
                 st["file"] = fname
                 stats[split] = st
@@ -162,11 +197,14 @@ def assemble_dataset(
                     "top_up_shards": st["top_up_shards"],
                 }
             manifest["strategies"][strategy] = stats
+        _write_zarr_images(store.join(files_dir, ZARR_COPY), filenames)
         manifest["zarr"] = {
             "path": prefix + ZARR_COPY,
             "groups": sorted(f[: -len(".npz")] for f in manifest["files"]),
-            "arrays": ["indices", "similarities", "filenames"],
-            "note": "the same arrays as the .npz files, one Zarr group per file (chunked; for Dask/xarray readers)",
+            "arrays": ["indices", "similarities"],
+            "filenames": ZARR_IMAGES,
+            "note": "the .npz files' arrays, one Zarr group per file (chunked; for Dask/xarray readers); a "
+                    "triplet's file names are filenames[indices] (publish.read_zarr_split)",
         }
         store.write_manifest(tmp, manifest)
         try:

@@ -200,23 +200,31 @@ def test_triplet_keys_wide_pool_matches_packed() -> None:
     np.testing.assert_array_equal(np.isin(packed[len(t):], packed[: len(t)]), np.isin(wide[len(t):], wide[: len(t)]))
 
 
-def test_zarr_copy_matches_the_npz_files(published: dict) -> None:
+def test_zarr_copy_matches_the_npz_files(published: dict, pool: dict) -> None:
     import zarr
+
+    from alignet_core.sample.publish import read_zarr_split
 
     root, manifest = Path(published["url"]), published["manifest"]
     z = zarr.open_group(str(root / manifest["zarr"]["path"]), mode="r")
     assert sorted(manifest["zarr"]["groups"]) == sorted(f[:-4] for f in manifest["files"])
+    assert np.asarray(z[manifest["zarr"]["filenames"]][:]).tolist() == np.asarray(pool["filenames"]).tolist()
     for fname in manifest["files"]:
         split = read_alignet_npz(str(root / fname))
         g = z[fname[:-4]]
+        assert sorted(g.array_keys()) == ["indices", "similarities"]  # names once, not per triplet
         np.testing.assert_array_equal(g["indices"][:], split.indices)
         np.testing.assert_array_equal(g["similarities"][:], split.similarities)
-        assert np.asarray(g["filenames"][:]).tolist() == np.asarray(split.filenames).tolist()
+        copy = read_zarr_split(str(root), fname[:-4])
+        for key in ("indices", "filenames", "similarities"):
+            np.testing.assert_array_equal(getattr(copy, key), getattr(split, key))
+    with pytest.raises(InputError, match=r"the Zarr copy has no split 'train_nope'; it has \['train_"):
+        read_zarr_split(str(root), "train_nope")
 
 
 def test_zarr_copy_written_chunk_by_chunk_equals_a_whole_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Splits of several Zarr chunks (and a partial last one) are written a chunk at a time; their files are
-    byte for byte those of one whole-array write, for numpy str and StringDType file names alike."""
+    """Splits and the pool's names, several Zarr chunks each (and a partial last one), are written a chunk at a
+    time; their files are byte for byte those of one whole-array write, for numpy str and StringDType names alike."""
     import hashlib
 
     import zarr
@@ -233,14 +241,15 @@ def test_zarr_copy_written_chunk_by_chunk_equals_a_whole_write(tmp_path: Path, m
         return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    whole = zarr.open_group(str(tmp_path / "whole.zarr"), mode="w").create_group("s")
-    for key, arr in (("indices", idx.astype(np.int64)), ("similarities", sims), ("filenames", ids[idx])):
-        whole.create_array(key, shape=arr.shape, dtype=arr.dtype if key != "filenames" else str, chunks=(40, 3))[:] = arr
-    publish._write_zarr_split(str(tmp_path / "chunked.zarr"), "s", idx, ids[idx], sims)
-    publish._write_zarr_split(str(tmp_path / "strings.zarr"), "s", idx,
-                              np.asarray(ids[idx], dtype=np.dtypes.StringDType()), sims)
+    whole = zarr.open_group(str(tmp_path / "whole.zarr"), mode="w")
+    for key, arr in (("indices", idx.astype(np.int64)), ("similarities", sims)):
+        whole.require_group("s").create_array(key, shape=arr.shape, dtype=arr.dtype, chunks=(40, 3))[:] = arr
+    whole.require_group("images").create_array("filenames", shape=ids.shape, dtype=str, chunks=(40,))[:] = ids
+    for out, names in (("chunked.zarr", ids), ("strings.zarr", np.asarray(ids, dtype=np.dtypes.StringDType()))):
+        publish._write_zarr_split(str(tmp_path / out), "s", idx, sims)
+        publish._write_zarr_images(str(tmp_path / out), names)
     expected = files(tmp_path / "whole.zarr")
-    assert len([f for f in expected if "/c/" in f]) == 3 * 3  # three chunks of rows per array
+    assert len([f for f in expected if "/c/" in f]) == 3 + 3 + 8  # 100 triplets and 300 names in chunks of 40
     assert files(tmp_path / "chunked.zarr") == expected == files(tmp_path / "strings.zarr")
 
 
