@@ -18,7 +18,8 @@ class SampleConfig(ConfigModel):
     n_valid: int = Field(2000, gt=0, description="validation triplets per strategy")
     shard_size: int = Field(5000, gt=0, description="triplets per shard, the unit of parallelism and resume")
     n_workers: int = Field(2, gt=0, json_schema_extra=NOT_IN_KEY,
-                           description="local Dask workers (ignored with dask_address)")
+                           description="local Dask workers (ignored with dask_address); also the threads that "
+                           "publish that many strategies at once")
     dask_address: str | None = Field(None, json_schema_extra=NOT_IN_KEY,
                                      description="address of an existing Dask scheduler, tls:// only (its replies are "
                                      "unpickled in this process): give the three sample.dask_tls_* files with it")

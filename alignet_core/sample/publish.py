@@ -18,6 +18,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -118,6 +119,7 @@ def assemble_dataset(
     subfolder: str = "",
     extra: dict | None = None,
     top_up: Callable[[ShardSpec], object] | None = None,
+    workers: int = 1,
 ) -> dict:
     """Publish the shards as official AligNet files: `train_<name>.npz`, `valid_<name>.npz`.
 
@@ -135,7 +137,8 @@ def assemble_dataset(
     Everything is written into a temporary directory next to `publish_url`, with the manifest
     (counts, ties dropped, duplicates removed, sha256 per file, plus `extra`, e.g. the config and
     input keys of a dataset version), then moved into place by one rename. If `publish_url` is
-    already complete its manifest is returned as is.
+    already complete its manifest is returned as is. `workers` threads publish that many strategies at
+    once (the same bytes; memory grows by about one split's arrays per thread).
     Returns the manifest dict.
     """
     if store.exists(publish_url):
@@ -171,8 +174,13 @@ def assemble_dataset(
     files_dir = store.join(tmp, subfolder) if subfolder else tmp
     prefix = f"{subfolder}/" if subfolder else ""
     try:
-        for strategy, name in zip(strategies, names):
+        zarr_url = store.join(files_dir, ZARR_COPY)
+        _write_zarr_images(zarr_url, filenames)  # also creates the copy's root before the threads add groups
+
+        def publish_strategy(strategy: str, name: str) -> tuple[dict, dict]:
+            """One strategy's train and valid files: (its stats, its manifest entries by file name)."""
             stats: dict = {"name": name}
+            entries: dict = {}
             train_keys = None
             for split in SPLITS:
                 idx, sims, keys, st = distinct_split(
@@ -182,11 +190,11 @@ def assemble_dataset(
                 fname = f"{split}_{name}.npz"
                 url = store.join(files_dir, fname)
                 write_alignet_npz(url, idx, filenames[idx], sims)
-                _write_zarr_split(store.join(files_dir, ZARR_COPY), f"{split}_{name}", idx, sims)
+                _write_zarr_split(zarr_url, f"{split}_{name}", idx, sims)
                 st["n_triplets"] = int(len(idx))
                 st["file"] = fname
                 stats[split] = st
-                manifest["files"][fname] = {
+                entries[fname] = {
                     "strategy": strategy,
                     "split": split,
                     "path": prefix + fname,
@@ -196,8 +204,15 @@ def assemble_dataset(
                     "duplicates_drawn": st["duplicates_removed"],
                     "top_up_shards": st["top_up_shards"],
                 }
+            return stats, entries
+
+        # strategies are independent (each its own files, keys and top-up shards): numpy's sorts, the
+        # zip and Zarr writes and sha256 release the GIL, so threads overlap them
+        with ThreadPoolExecutor(max(1, min(workers, len(strategies))), thread_name_prefix="publish") as pool:
+            done = list(pool.map(publish_strategy, strategies, names))
+        for strategy, (stats, entries) in zip(strategies, done):  # the manifest in strategy order, as before
             manifest["strategies"][strategy] = stats
-        _write_zarr_images(store.join(files_dir, ZARR_COPY), filenames)
+            manifest["files"].update(entries)
         manifest["zarr"] = {
             "path": prefix + ZARR_COPY,
             "groups": sorted(f[: -len(".npz")] for f in manifest["files"]),

@@ -184,7 +184,8 @@ def publish_sample(ctx: RunContext, sp: SamplingPlan) -> SampleOutput:
                  "config": redact(cfg.model_dump(mode="json"))}
         manifest = assemble_dataset(sp.plan.dir, specs, src.ids(), sp.publish_url, sp.names,
                                     subfolder=sp.folder, extra=extra,
-                                    top_up=lambda spec: run_sample_shard(sp, vars(spec)))
+                                    top_up=lambda spec: run_sample_shard(sp, vars(spec)),
+                                    workers=cfg.sample.n_workers)
         files = {name: DatasetFile(**{k: info[k] for k in DatasetFile.model_fields})
                  for name, info in manifest["files"].items()}
         metrics = SampleMetrics(
