@@ -77,6 +77,12 @@ class DistillConfig(ConfigModel):
         False, description="torch.compile the student's training forward pass (worth it on a GPU for long runs; "
         "the first steps pay a one-off compile)"
     )
+    train_blocks: int | None = Field(
+        None, ge=0,
+        description="train only the last N of the student's blocks (timm's EfficientNet-class models: EfficientNet, -Lite, MobileNet V2, MixNet), its "
+        "head layers and the triplet head; the frozen front runs once per training image, so a step costs only the "
+        "trained part (0: the head layers and triplet head alone); null: the whole student, as the AligNet reference",
+    )
     steps: int = Field(150, gt=0, description="optimizer steps")
     batch_triplets: int = Field(32, gt=0, description="triplets per optimizer step")
     grad_accum: int = Field(1, gt=0, description="micro-batches per step")
@@ -116,4 +122,7 @@ class DistillConfig(ConfigModel):
         if self.compile:
             raise ValueError("distill.harmonize: the harmonizer's double backward runs uncompiled; set "
                              "distill.compile to false")
+        if self.train_blocks is not None:
+            raise ValueError("distill.harmonize: the harmonizer needs the gradient of the whole student with "
+                             "respect to its input; set distill.train_blocks to null, or distill.harmonize to null")
         return self

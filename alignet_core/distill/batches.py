@@ -30,6 +30,10 @@ class TripletBatches(torch.utils.data.Dataset):
     dropped). With `grad_accum` > 1 the step's triplets are cut into `grad_accum` equal
     micro-batches, so the data of a step does not depend on grad_accum.
 
+    With `cache` every image the split uses is decoded once and kept; with `encode` (e.g. a student's
+    frozen front, `models.partial`) each is decoded once, passed through it, and its output kept and
+    served in place of the image.
+
     Item k (micro-batch k = step·grad_accum + j) is (images (u, 3, H, W) float32, rows (b, 3)
     int64 indices into images, teacher_sims (b, 3) float32, triplet ids (b,) int64 rows of the
     split). Indexable by any k ≥ 0, so a torch DataLoader over `range(start, stop)` with
@@ -47,6 +51,7 @@ class TripletBatches(torch.utils.data.Dataset):
         seed: int,
         grad_accum: int = 1,
         cache: bool = False,
+        encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         n = len(split)
         if batch_triplets <= 0 or grad_accum <= 0 or batch_triplets % grad_accum:
@@ -77,13 +82,23 @@ class TripletBatches(torch.utils.data.Dataset):
         self._perm: np.ndarray | None = None
         self._cache: torch.Tensor | None = None
         self._slot: np.ndarray | None = None
-        if cache:  # every image the split uses, decoded once: (u, 3, H, W) float32 plus pool row → slot
+        if cache or encode is not None:  # every image the split uses, decoded once, plus pool row → slot
             used = np.unique(self.indices)
             self._slot = np.full(n_pool, -1, dtype=np.int64)
             self._slot[used] = np.arange(len(used))
-            self._cache = decode_images([self.paths[u] for u in used], transform)
-            log.info("distill: %d training images decoded into memory (%.0f MiB)", len(used),
+            self._cache = self._decode_all([self.paths[u] for u in used], encode)
+            log.info("distill: %d training images %s into memory (%.0f MiB)", len(used),
+                     "decoded" if encode is None else "through the frozen front",
                      self._cache.numel() * 4 / 2**20)
+
+    def _decode_all(self, paths: list[str], encode: Callable[[torch.Tensor], torch.Tensor] | None,
+                    chunk: int = 256) -> torch.Tensor:
+        """(u, 3, H, W) images, or (u, ...) `encode`d images, decoded `chunk` at a time (u images at full
+        resolution are never all held at once when they are encoded)."""
+        if encode is None:
+            return decode_images(paths, self.transform)
+        return torch.cat([encode(decode_images(paths[i : i + chunk], self.transform))
+                          for i in range(0, len(paths), chunk)])
 
     def __len__(self) -> int:
         """Micro-batches per epoch (indexing goes on past it into later epochs)."""

@@ -53,6 +53,7 @@ from alignet_core.io.formats import AlignetTriplets
 from alignet_core.io.sources import ImageSource
 from alignet_core.models.depthwise import use_fast_depthwise_grad
 from alignet_core.models.embedding import loader
+from alignet_core.models.partial import freeze_front, front_outputs
 from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE, build_student, eval_transform, input_size
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ def train_student(
     train: the split (indices (n, 3) rows into `source`, similarities (n, 3) [s01, s02, s12],
     image 2 the odd one out); source: the image pool (`ImageSource`, row i = records[i]);
     cfg: the run's `DistillConfig`; out_dir: a local directory (shared by all ranks).
+
+    With cfg.train_blocks the student's front is frozen and run once per training image, and only its
+    last blocks, head layers and triplet head train (`models.partial`).
 
     Trains cfg.steps Adam-with-decay-to-init steps of cfg.batch_triplets triplets (in
     cfg.grad_accum micro-batches), bf16 autocast on GPUs only, the forward pass optionally
@@ -125,6 +129,11 @@ def train_student(
     student = build_student(cfg, seed).to(device).train()
     if device.type == "cpu" and cfg.harmonize is None and not cfg.compile:  # the harmonizer differentiates twice
         use_fast_depthwise_grad(student)  # oneDNN's depthwise weight gradients were most of a CPU step
+    trained: torch.nn.Module = student
+    encode = None
+    if cfg.train_blocks is not None:  # the front frozen (before the optimizer sees which parameters train)
+        trained, front = freeze_front(student, cfg.train_blocks)
+        encode = lambda images: front_outputs(front, images, device)  # noqa: E731
     opt = AdamDecayToInit(student.parameters(), lr=cfg.lr, decay_to_init=cfg.decay_to_init)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps))
     start, history, seconds, cpu_seconds = 0, [], 0.0, 0.0
@@ -150,9 +159,9 @@ def train_student(
     harmonizer = training_harmonizer(cfg, train, source, transform)
     # the step's triplets in world.size·grad_accum micro-batches; this rank computes its grad_accum of them
     batches = TripletBatches(train, source, transform, cfg.batch_triplets, seed, cfg.grad_accum * world.size,
-                             cache=cfg.cache_images)
+                             cache=cfg.cache_images, encode=encode)
     amp = autocast_dtype(device)
-    model = data_parallel(student, device, world)
+    model = data_parallel(trained, device, world)
     forward = torch.compile(model) if cfg.compile else model  # same parameters
     t_last, cpu_last = time.perf_counter(), time.process_time()
     micro = iter(())
@@ -206,6 +215,8 @@ def train_student(
         "seconds": round(seconds, 3),
         "cpu_seconds": round(cpu_seconds, 3),
         "ranks": world.size,
+        "trained_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in student.parameters()),
         "student": cfg.student,
         "image_size": student.image_size,
         "input_size": list(input_size(student)),

@@ -377,3 +377,34 @@ def test_compiled_student_follows_the_eager_trajectory(pool, train_split, tmp_pa
     a = load_file(str(tmp_path / "eager" / HEAD_FILE))
     b = load_file(str(tmp_path / "compiled" / HEAD_FILE))
     torch.testing.assert_close(b["weight"], a["weight"], rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the last blocks only
+def test_training_the_last_blocks_leaves_the_front_as_it_was_and_resumes(pool, train_split, tmp_path):
+    """`distill.train_blocks`: the front's weights and BatchNorm statistics are exported as they were built,
+    the last blocks, head layers and head move, and a run killed after a checkpoint (the front's outputs
+    computed again by the fresh process) resumes on the uninterrupted trajectory."""
+    split, url = train_split
+    cfg = tiny_cfg(student="tf_efficientnet_lite0", train_blocks=3, steps=4, checkpoint_every=2, lr=3e-3)
+    cpu = torch.device("cpu")
+    log = train_student(split, pool, cfg, str(tmp_path / "straight"), cpu, seed=3)
+    assert 0 < log["trained_parameters"] < log["parameters"]
+    built = build_student(cfg, 3).backbone.state_dict()
+    trained = load_file(str(tmp_path / "straight" / STUDENT_FILE))
+    moved = {k for k in built if not torch.equal(built[k], trained[k])}
+    front = {k for k in built if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1.", "blocks.2.",
+                                               "blocks.3.", "blocks.4."))}  # Lite0's first 13 of 16 blocks
+    assert front and not moved & front
+    assert any(k.startswith("blocks.6.") for k in moved) and any(k.startswith("conv_head.") for k in moved)
+
+    out = tmp_path / "killed"
+    spec = {"ids": [r.id for r in pool.records], "npz": url, "cfg": cfg.model_dump(), "out": str(out),
+            "seed": 3, "kill_at": 3}
+    proc = run_until_killed(spec, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    resumed = train_student(split, pool, cfg, str(out), cpu, seed=3)
+    np.testing.assert_allclose(resumed["loss_curve"], log["loss_curve"], rtol=1e-5, atol=1e-7)
+    for name in (STUDENT_FILE, HEAD_FILE):
+        got, want = load_file(str(out / name)), load_file(str(tmp_path / "straight" / name))
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
