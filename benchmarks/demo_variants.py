@@ -38,6 +38,11 @@ VARIANTS: dict[str, list[str]] = {
     # twice the distillation steps (the student's accuracy against the teacher on its validation triplets was
     # still rising at 360), under seeds 0-2
     **{f"steps_720{'' if k == 0 else f'_seed_{k}'}": [f"seed={k}", "distill.steps=720"] for k in range(3)},
+    # only the student's last N blocks, its head layers and the triplet head train (`distill.train_blocks`; a step
+    # costs the trained part only, so more steps in the same time), under seeds 0-4
+    **{f"blocks_{n}_steps_{s}{'' if k == 0 else f'_seed_{k}'}": [f"seed={k}", f"distill.train_blocks={n}",
+                                                                 f"distill.steps={s}"]
+       for n, s in ((4, 1440), (0, 1440), (8, 720), (4, 360), (2, 2880)) for k in range(5)},
 }
 
 

@@ -1,0 +1,98 @@
+"""A training step of the demo's student when only its last N blocks train (`distill.train_blocks`), against
+the whole student, side by side in one run.
+
+    python -m benchmarks.partial_student [--quick]
+
+The demo's student (EfficientNet-Lite0, packaged weights, 64 px, the CPU's batched depthwise gradients),
+a step of 16 triplets over 46 images: forward, the AligNet loss, backward and the `AdamDecayToInit` step,
+medians of alternating rounds. The whole student's step takes the images; a partial one takes the frozen
+front's outputs for them (computed once per image in training, so not in the step), and its one-off cost,
+the front's forward per image, is reported beside it. Writes results/partial_student.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable
+
+from benchmarks._machine import machine_info, write_result
+from benchmarks._timing import alternating_rounds
+
+BLOCKS = (0, 2, 4, 8, 12)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few images and rounds: checks the code, not a result")
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    result = _measure(args)
+    if not args.no_write:
+        write_result("partial_student_quick" if args.quick else "partial_student", result)
+    return result
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from alignet_core.config.distill import DistillConfig
+    from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, triplet_similarities
+    from alignet_core.models.depthwise import use_fast_depthwise_grad
+    from alignet_core.models.partial import freeze_front, front_outputs
+    from alignet_core.models.student import build_student
+
+    images, repeats = (8, 2) if args.quick else (46, args.repeats)
+    cfg = DistillConfig(student="tf_efficientnet_lite0", weights="packaged", image_size=64, batch_triplets=16)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(images, 3, 64, 64, generator=gen)
+    rows = torch.randint(0, images, (16, 3), generator=gen)
+    sims = torch.randn(16, 3, generator=gen)
+    cpu = torch.device("cpu")
+
+    variants: dict[str, tuple[torch.nn.Module, torch.Tensor, AdamDecayToInit]] = {}
+    front_seconds: dict[str, float] = {}
+    trained: dict[str, int] = {}
+    for n in (None, *BLOCKS):
+        student = build_student(cfg, 0).train()
+        use_fast_depthwise_grad(student)
+        name = "whole" if n is None else f"last_{n}"
+        model, inputs = student, x
+        if n is not None:
+            model, front = freeze_front(student, n)
+            t0 = time.perf_counter()
+            inputs = front_outputs(front, x, cpu)
+            front_seconds[name] = round((time.perf_counter() - t0) / images, 6)
+        trained[name] = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        variants[name] = (model, inputs, AdamDecayToInit(student.parameters(), lr=3e-4))
+
+    def step(name: str) -> Callable[[], None]:
+        model, inputs, opt = variants[name]
+
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            alignet_loss(triplet_similarities(model(inputs), rows), sims).backward()
+            opt.step()
+        return run
+
+    for name in variants:  # a first step outside the timing (allocations, oneDNN primitive caches)
+        step(name)()
+    seconds = alternating_rounds({name: step(name) for name in variants}, repeats)
+    whole = seconds["whole"]
+    return {
+        "benchmark": "partial_student",
+        "what": "seconds per training step (medians of alternating rounds, torch's default threads) of the demo's "
+                "student, whole and with only its last N blocks, head layers and triplet head training",
+        "student": cfg.student, "image_size": 64, "images_per_step": images, "triplets_per_step": 16,
+        "step_seconds": seconds,
+        "speedup_vs_whole": {k: round(whole / v, 2) for k, v in seconds.items()},
+        "front_seconds_per_image": front_seconds,
+        "trained_parameters": trained,
+        "threads": torch.get_num_threads(), "repeats": repeats,
+        "machine": machine_info(),
+    }
+
+
+if __name__ == "__main__":
+    main()
