@@ -17,3 +17,15 @@ def alternating_rounds(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[
             fns[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: round(statistics.median(v), 6) for name, v in times.items()}
+
+
+def training_step(model: Any, opt: Any, inputs: Any, rows: Any, sims: Any) -> Callable[[], None]:
+    """One student training step as `distill.train` takes it (AligNet loss, backward, optimizer step), as a
+    callable for `alternating_rounds`."""
+    from alignet_core.distill.objective import alignet_loss, triplet_similarities
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        alignet_loss(triplet_similarities(model(inputs), rows), sims).backward()
+        opt.step()
+    return run

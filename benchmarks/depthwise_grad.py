@@ -17,7 +17,7 @@ import argparse
 from typing import Any, Callable
 
 from benchmarks._machine import machine_info, write_result
-from benchmarks._timing import alternating_rounds
+from benchmarks._timing import alternating_rounds, training_step
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -37,7 +37,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     from timm.layers.padding import pad_same
 
     from alignet_core.config.distill import DistillConfig
-    from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, triplet_similarities
+    from alignet_core.distill.objective import AdamDecayToInit
     from alignet_core.models.depthwise import (
         MAX_WASTE,
         DepthwiseConv2d,
@@ -88,12 +88,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     optimizers = {k: AdamDecayToInit(m.parameters(), lr=3e-4) for k, m in students.items()}
 
     def step(name: str) -> Callable[[], None]:
-        def run() -> None:
-            model, opt = students[name], optimizers[name]
-            opt.zero_grad(set_to_none=True)
-            alignet_loss(triplet_similarities(model(x), rows), sims).backward()
-            opt.step()
-        return run
+        return training_step(students[name], optimizers[name], x, rows, sims)
 
     for name in students:  # a first step outside the timing (allocations, oneDNN primitive caches)
         step(name)()

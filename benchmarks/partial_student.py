@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Callable
+from typing import Any
 
 from benchmarks._machine import machine_info, write_result
-from benchmarks._timing import alternating_rounds
+from benchmarks._timing import alternating_rounds, training_step
 
 BLOCKS = (0, 2, 4, 8, 12)
 
@@ -38,7 +38,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from alignet_core.config.distill import DistillConfig
-    from alignet_core.distill.objective import AdamDecayToInit, alignet_loss, triplet_similarities
+    from alignet_core.distill.objective import AdamDecayToInit
     from alignet_core.models.depthwise import use_fast_depthwise_grad
     from alignet_core.models.partial import freeze_front, front_outputs
     from alignet_core.models.student import build_student
@@ -67,18 +67,10 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         trained[name] = sum(p.numel() for p in student.parameters() if p.requires_grad)
         variants[name] = (model, inputs, AdamDecayToInit(student.parameters(), lr=3e-4))
 
-    def step(name: str) -> Callable[[], None]:
-        model, inputs, opt = variants[name]
-
-        def run() -> None:
-            opt.zero_grad(set_to_none=True)
-            alignet_loss(triplet_similarities(model(inputs), rows), sims).backward()
-            opt.step()
-        return run
-
-    for name in variants:  # a first step outside the timing (allocations, oneDNN primitive caches)
-        step(name)()
-    seconds = alternating_rounds({name: step(name) for name in variants}, repeats)
+    steps = {name: training_step(model, opt, inputs, rows, sims) for name, (model, inputs, opt) in variants.items()}
+    for run in steps.values():  # a first step outside the timing (allocations, oneDNN primitive caches)
+        run()
+    seconds = alternating_rounds(steps, repeats)
     whole = seconds["whole"]
     return {
         "benchmark": "partial_student",
