@@ -10,9 +10,9 @@ from alignet_core.models.checks import check_model
 
 
 def check(ctx: RunContext) -> None:
-    """The student (name and weights), its dataset, and its training devices, when the run trains one (a
-    run without pixels skips distillation, saying why); the student's name also when images are embedded
-    (the evaluation builds the pretrained student)."""
+    """The student (name, weights, the blocks `train_blocks` trains), its dataset, and its training devices,
+    when the run trains one (a run without pixels skips distillation, saying why); the student's name also
+    when images are embedded (the evaluation builds the pretrained student)."""
     cfg, d = ctx.cfg, ctx.cfg.distill
     distills = d.enabled and sources.has_images(cfg.source)
     if distills:
@@ -23,6 +23,10 @@ def check(ctx: RunContext) -> None:
         check_model_name(d.student, "distill.student")
     if not distills:
         return
+    if d.train_blocks is not None:
+        from alignet_core.models.partial import check_train_blocks
+
+        check_train_blocks(d.student, d.train_blocks)
     if d.dataset is not None and not store.exists(d.dataset):
         raise InputError(f"distill.dataset: folder {d.dataset!r} does not exist")
     if d.dataset is None and d.strategy not in cfg.sample.strategies:

@@ -41,6 +41,20 @@ def flat_blocks(backbone: nn.Module, name: str = "the student") -> list[nn.Modul
     return out
 
 
+def check_count(n: int, blocks: list[nn.Module]) -> None:
+    """`distill.train_blocks` must name 0 to all of the student's blocks."""
+    if not 0 <= n <= len(blocks):
+        raise ConfigError(f"distill.train_blocks: expected 0 to {len(blocks)} (the student's blocks), got {n}")
+
+
+def check_train_blocks(student: str, n: int) -> None:
+    """Preflight: the student `student` (a timm name) has the layout and at least `n` blocks (its
+    architecture built at random init, no weights read)."""
+    from alignet_core.models import factory as models
+
+    check_count(n, flat_blocks(models.create_model(student, None), f"distill.student {student!r}"))
+
+
 class TrainedPart(nn.Module):
     """The trained part of a student: its last `n` blocks, the backbone's head layers and the triplet head.
 
@@ -51,8 +65,7 @@ class TrainedPart(nn.Module):
     def __init__(self, student: TripletStudent, n: int) -> None:
         super().__init__()
         blocks = flat_blocks(student.backbone)
-        if not 0 <= n <= len(blocks):
-            raise ConfigError(f"distill.train_blocks: expected 0 to {len(blocks)} (the student's blocks), got {n}")
+        check_count(n, blocks)
         bb = student.backbone
         self.blocks = nn.Sequential(*blocks[len(blocks) - n :])
         self.conv_head, self.bn2, self.global_pool = bb.conv_head, bb.bn2, bb.global_pool
