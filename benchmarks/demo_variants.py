@@ -42,7 +42,10 @@ VARIANTS: dict[str, list[str]] = {
     # costs the trained part only, so more steps in the same time), under seeds 0-4
     **{f"blocks_{n}_steps_{s}{'' if k == 0 else f'_seed_{k}'}": [f"seed={k}", f"distill.train_blocks={n}",
                                                                  f"distill.steps={s}"]
-       for n, s in ((4, 1440), (0, 1440), (8, 720), (4, 360), (2, 2880)) for k in range(5)},
+       for n, s in ((4, 1440), (0, 1440), (8, 720), (4, 360), (2, 2880), (4, 1080)) for k in range(5)},
+    # the last 4 blocks at twice the batch for half the steps (the same triplets seen)
+    **{f"blocks_4_batch_32_steps_720{'' if k == 0 else f'_seed_{k}'}": [
+        f"seed={k}", "distill.train_blocks=4", "distill.batch_triplets=32", "distill.steps=720"] for k in range(5)},
 }
 
 
