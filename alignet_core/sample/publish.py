@@ -95,7 +95,8 @@ def _write_rows(group: zarr.Group, key: str, arr: np.ndarray) -> None:
 
 def read_zarr_split(published_url: str, group: str, manifest: dict | None = None) -> AlignetTriplets:
     """Read split `group` (e.g. 'train_cluster_border_500') of a published version's Zarr copy, with
-    each triplet's file names looked up from `images/filenames`: the same arrays as its .npz file."""
+    each triplet's file names looked up from `images/filenames`: the same arrays as its .npz file.
+    Versions published before that layout (names per triplet in the split's group) read the same way."""
     import zarr
 
     manifest = manifest if manifest is not None else store.read_manifest(published_url)
@@ -103,10 +104,14 @@ def read_zarr_split(published_url: str, group: str, manifest: dict | None = None
     if group not in info.get("groups", []):
         raise InputError(f"{published_url}: the Zarr copy has no split {group!r}; it has {info.get('groups', [])}")
     root = zarr.open_group(store.join(published_url, info["path"]), mode="r")
-    idx = np.asarray(root[group]["indices"][:])
-    names = np.asarray(root[info.get("filenames", ZARR_IMAGES)][:])  # Zarr gives numpy's StringDType
+    g = root[group]
+    idx = np.asarray(g["indices"][:])
+    if "filenames" in g:  # a version published before the names were stored once: (m, 3) per triplet
+        names = np.asarray(g["filenames"][:])
+    else:
+        names = np.asarray(root[info.get("filenames", ZARR_IMAGES)][:])[idx]  # Zarr gives numpy's StringDType
     width = int(np.strings.str_len(names).max(initial=1))
-    return AlignetTriplets(idx, names[idx].astype(f"U{width}"), np.asarray(root[group]["similarities"][:]))
+    return AlignetTriplets(idx, names.astype(f"U{width}"), np.asarray(g["similarities"][:]))
 
 
 def assemble_dataset(

@@ -223,6 +223,25 @@ def test_zarr_copy_matches_the_npz_files(published: dict, pool: dict) -> None:
         read_zarr_split(str(root), "train_nope")
 
 
+def test_a_zarr_copy_of_the_earlier_layout_reads_the_same(published: dict, tmp_path: Path) -> None:
+    """Versions published before the names were stored once carry them per triplet in each split's group."""
+    import zarr
+
+    from alignet_core.sample.publish import read_zarr_split
+
+    manifest = published["manifest"]
+    fname = sorted(manifest["files"])[0]
+    split = read_alignet_npz(str(Path(published["url"]) / fname))
+    old = zarr.open_group(str(tmp_path / "old" / "dataset.zarr"), mode="w").create_group(fname[:-4])
+    for key in ("indices", "similarities", "filenames"):
+        arr = np.asarray(getattr(split, key))
+        old.create_array(key, shape=arr.shape, dtype=str if key == "filenames" else arr.dtype)[:] = arr
+    info = {"zarr": {"path": "dataset.zarr", "groups": [fname[:-4]], "arrays": ["indices", "similarities", "filenames"]}}
+    copy = read_zarr_split(str(tmp_path / "old"), fname[:-4], info)
+    for key in ("indices", "filenames", "similarities"):
+        np.testing.assert_array_equal(getattr(copy, key), getattr(split, key))
+
+
 def test_zarr_copy_written_chunk_by_chunk_equals_a_whole_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Splits and the pool's names, several Zarr chunks each (and a partial last one), are written a chunk at a
     time; their files are byte for byte those of one whole-array write, for numpy str and StringDType names alike."""
