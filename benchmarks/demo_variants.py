@@ -1,6 +1,7 @@
 """The demo's people figures under the variants its settings were chosen from (issue 31): 120 vs 360
 distillation steps, the transform with and without a hyper-parameter search, and the teacher at 260 px
-(Lite2's pretrained size) and 128 px (`embed.image_size`), and 180 distillation steps at twice the learning rate; and the demo's setting under seeds 1–4.
+(Lite2's pretrained size) and 128 px (`embed.image_size`), and 180 distillation steps at twice the learning rate; the demo's setting under seeds 1–4;
+and only the student's last N blocks training (`distill.train_blocks`) at several step counts, under seeds 0–4.
 
     python -m benchmarks.demo_variants --root /tmp/demo-variants          # runs them (about 25 min on 2 cores)
     python -m benchmarks.demo_variants --root /tmp/demo-variants --only teacher_128   # some of them
