@@ -29,3 +29,19 @@ def training_step(model: Any, opt: Any, inputs: Any, rows: Any, sims: Any) -> Ca
         alignet_loss(triplet_similarities(model(inputs), rows), sims).backward()
         opt.step()
     return run
+
+
+def demo_step_inputs(images: int) -> tuple[Any, Any, Any, Any, Any]:
+    """The demo's student config (Lite0, packaged weights, 64 px, 16 triplets a step) and one step's random
+    inputs: (cfg, the generator they were drawn from, images (images, 3, 64, 64), rows (16, 3), sims (16, 3));
+    the generator goes on for any further draws."""
+    import torch
+
+    from alignet_core.config.distill import DistillConfig
+
+    cfg = DistillConfig(student="tf_efficientnet_lite0", weights="packaged", image_size=64, batch_triplets=16)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(images, 3, 64, 64, generator=gen)
+    rows = torch.randint(0, images, (16, 3), generator=gen)
+    sims = torch.randn(16, 3, generator=gen)
+    return cfg, gen, x, rows, sims

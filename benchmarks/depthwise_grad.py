@@ -17,7 +17,7 @@ import argparse
 from typing import Any, Callable
 
 from benchmarks._machine import machine_info, write_result
-from benchmarks._timing import alternating_rounds, training_step
+from benchmarks._timing import alternating_rounds, demo_step_inputs, training_step
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -36,7 +36,6 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from timm.layers.padding import pad_same
 
-    from alignet_core.config.distill import DistillConfig
     from alignet_core.distill.objective import AdamDecayToInit
     from alignet_core.models.depthwise import (
         MAX_WASTE,
@@ -48,11 +47,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     from alignet_core.models.student import build_student
 
     images, repeats = (8, 3) if args.quick else (46, args.repeats)
-    cfg = DistillConfig(student="tf_efficientnet_lite0", weights="packaged", image_size=64, batch_triplets=16)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(images, 3, 64, 64, generator=gen)
-    rows = torch.randint(0, images, (16, 3), generator=gen)
-    sims = torch.randn(16, 3, generator=gen)
+    cfg, gen, x, rows, sims = demo_step_inputs(images)
 
     fast = build_student(cfg, 0).train()
     use_fast_depthwise_grad(fast)

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from benchmarks._machine import machine_info, write_result
-from benchmarks._timing import alternating_rounds, training_step
+from benchmarks._timing import alternating_rounds, demo_step_inputs, training_step
 
 BLOCKS = (0, 2, 4, 8, 12)
 
@@ -37,18 +37,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from alignet_core.config.distill import DistillConfig
     from alignet_core.distill.objective import AdamDecayToInit
     from alignet_core.models.depthwise import use_fast_depthwise_grad
     from alignet_core.models.partial import freeze_front, front_outputs
     from alignet_core.models.student import build_student
 
     images, repeats = (8, 2) if args.quick else (46, args.repeats)
-    cfg = DistillConfig(student="tf_efficientnet_lite0", weights="packaged", image_size=64, batch_triplets=16)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(images, 3, 64, 64, generator=gen)
-    rows = torch.randint(0, images, (16, 3), generator=gen)
-    sims = torch.randn(16, 3, generator=gen)
+    cfg, _, x, rows, sims = demo_step_inputs(images)
     cpu = torch.device("cpu")
 
     variants: dict[str, tuple[torch.nn.Module, torch.Tensor, AdamDecayToInit]] = {}
