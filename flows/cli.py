@@ -19,6 +19,7 @@ import yaml
 from alignet_core.errors import ConfigError
 from alignet_core.io.limits import load_yaml
 from alignet_core.pipeline import registry
+from alignet_core.runtime.malloc import STAGE_PROCESS, set_malloc_thresholds
 
 
 def _setup_env() -> None:
@@ -274,6 +275,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
+    set_malloc_thresholds(STAGE_PROCESS)  # the stages run in this process
     args = _build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

@@ -19,8 +19,6 @@ and 1.3 s with the settings below (same process, same rows; this machine, Novemb
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import importlib
 import logging
 import os
@@ -31,18 +29,10 @@ from distributed import LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.security import Security
 
+from alignet_core.runtime.malloc import SAMPLING_WORKER, set_malloc_thresholds
 from alignet_core.sample import native
 
 log = logging.getLogger(__name__)
-
-#: glibc `mallopt` parameters (malloc.h)
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-#: largest mmap threshold glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
-MMAP_THRESHOLD = 32 * 2**20
-#: free memory kept at the top of the heap instead of given back (bounds the cost in RSS)
-TRIM_THRESHOLD = 32 * 2**20
-
 
 #: Dask config for the pipeline's own sampling workers: no statistical profiler (it samples the
 #: task thread's stack every 10 ms, worker CPU that competes with the shards on small machines,
@@ -56,19 +46,9 @@ NO_HTTP = {"distributed.scheduler.http.routes": [], "distributed.worker.http.rou
 
 
 def reuse_freed_buffers() -> bool:
-    """Let glibc reuse freed buffers of up to 32 MiB instead of unmapping them.
-
-    Keeps at most `TRIM_THRESHOLD` bytes of freed heap per process. Returns False (and changes
-    nothing) where the C library is not glibc.
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    except (OSError, AttributeError):
-        ok = False
-    log.debug("malloc thresholds set: %s", ok)
-    return ok
+    """Let glibc reuse freed buffers of up to 32 MiB instead of unmapping them (`malloc.SAMPLING_WORKER`: at most
+    32 MiB of freed heap kept per worker). Returns False (and changes nothing) where the C library is not glibc."""
+    return set_malloc_thresholds(SAMPLING_WORKER)
 
 
 class SamplingWorkerSetup(WorkerPlugin):

@@ -20,6 +20,7 @@ import sys
 from typing import Any
 from uuid import UUID
 
+from alignet_core.runtime.malloc import STAGE_PROCESS, set_malloc_thresholds
 from flows.service import DeploymentSpec, project_deployments
 from flows.worker import config_refusal, deployment_refusal, parameters_refusal
 
@@ -57,6 +58,7 @@ def main() -> int:
     from prefect.flow_engine import flow_run_logger, run_flow
     from prefect.states import Crashed
 
+    set_malloc_thresholds(STAGE_PROCESS)  # the run's stages run in this process
     flow_run_id = UUID(os.environ["PREFECT__FLOW_RUN_ID"])
     configure_from_env()  # the runner's control channel (cancellation), as prefect.engine does first
     with handle_engine_signals(flow_run_id):

@@ -30,6 +30,7 @@ import yaml
 from alignet_core.config import PipelineConfig, load_config, with_overrides
 from alignet_core.context import RunContext
 from alignet_core.errors import AlignetError
+from alignet_core.runtime.malloc import STAGE_PROCESS, set_malloc_thresholds
 
 log = logging.getLogger("alignet_core.distill")
 
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--spec", help="the run spec the stage's launcher writes")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = p.parse_args(argv)
+    set_malloc_thresholds(STAGE_PROCESS)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
