@@ -52,6 +52,7 @@ from alignet_core.hardware import autocast_dtype
 from alignet_core.io.formats import AlignetTriplets
 from alignet_core.io.sources import ImageSource
 from alignet_core.models.depthwise import use_fast_depthwise_grad
+from alignet_core.models.frozen_norm import use_fast_frozen_norm
 from alignet_core.models.embedding import loader
 from alignet_core.models.partial import freeze_front, front_outputs
 from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE, build_student, eval_transform, input_size
@@ -129,6 +130,7 @@ def train_student(
     student = build_student(cfg, seed).to(device).train()
     if device.type == "cpu" and cfg.harmonize is None and not cfg.compile:  # the harmonizer differentiates twice
         use_fast_depthwise_grad(student)  # oneDNN's depthwise weight gradients were most of a CPU step
+        use_fast_frozen_norm(student)  # and torch's backward of a frozen BatchNorm a third of a last-blocks step
     trained: torch.nn.Module = student
     encode = None
     if cfg.train_blocks is not None:  # the front frozen (before the optimizer sees which parameters train)
