@@ -7,7 +7,9 @@ The demo's student (EfficientNet-Lite0, packaged weights, 64 px, the CPU's batch
 a step of 16 triplets over 46 images: forward, the AligNet loss, backward and the `AdamDecayToInit` step,
 medians of alternating rounds. The whole student's step takes the images; a partial one takes the frozen
 front's outputs for them (computed once per image in training, so not in the step), and its one-off cost,
-the front's forward per image, is reported beside it. Writes results/partial_student.json.
+the front's forward per image, is reported beside it. Every variant has the CPU training's swaps
+(`use_fast_depthwise_grad`, `use_fast_frozen_norm`); `last_4_torch_batchnorm` is the last 4 blocks with torch's
+own BatchNorm backward, the baseline of `models/frozen_norm.py`. Writes results/partial_student.json.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import time
 from typing import Any
 
+from alignet_core.runtime.malloc import STAGE_PROCESS, set_malloc_thresholds
 from benchmarks._machine import machine_info, write_result
 from benchmarks._timing import alternating_rounds, demo_step_inputs, training_step
 
@@ -28,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
+    set_malloc_thresholds(STAGE_PROCESS)  # as the pipeline's processes run
     result = _measure(args)
     if not args.no_write:
         write_result("partial_student_quick" if args.quick else "partial_student", result)
@@ -39,6 +43,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from alignet_core.distill.objective import AdamDecayToInit
     from alignet_core.models.depthwise import use_fast_depthwise_grad
+    from alignet_core.models.frozen_norm import use_fast_frozen_norm
     from alignet_core.models.partial import freeze_front, front_outputs
     from alignet_core.models.student import build_student
 
@@ -49,10 +54,12 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     variants: dict[str, tuple[torch.nn.Module, torch.Tensor, AdamDecayToInit]] = {}
     front_seconds: dict[str, float] = {}
     trained: dict[str, int] = {}
-    for n in (None, *BLOCKS):
+    for n, torch_norm in ((None, False), *((b, False) for b in BLOCKS), (4, True)):
         student = build_student(cfg, 0).train()
-        use_fast_depthwise_grad(student)
-        name = "whole" if n is None else f"last_{n}"
+        use_fast_depthwise_grad(student)  # as `distill.train` does on the CPU
+        if not torch_norm:
+            use_fast_frozen_norm(student)
+        name = ("whole" if n is None else f"last_{n}") + ("_torch_batchnorm" if torch_norm else "")
         model, inputs = student, x
         if n is not None:
             model, front = freeze_front(student, n)
@@ -76,7 +83,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
         "speedup_vs_whole": {k: round(whole / v, 2) for k, v in seconds.items()},
         "front_seconds_per_image": front_seconds,
         "trained_parameters": trained,
-        "threads": torch.get_num_threads(), "repeats": repeats,
+        "threads": torch.get_num_threads(), "repeats": repeats, "malloc": "runtime.malloc.STAGE_PROCESS",
         "machine": machine_info(),
     }
 
