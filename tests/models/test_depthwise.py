@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from alignet_core.config.distill import DistillConfig
-from alignet_core.distill.train import train_student
-from alignet_core.io import formats, sources
 from alignet_core.models.depthwise import DepthwiseConv2d, _worth_it, use_fast_depthwise_grad
 from alignet_core.models.student import build_student
-from tests.numerics import U32, adam_divergence_bound
+from tests.models._swap_runs import run_pair
+from tests.numerics import U32
 
 # (batch, channels, height, width, kernel, stride, TF-'SAME' padding): the demo student's small maps (batched
 # gradient) and larger ones (torch's), channels-last inputs among them
@@ -113,27 +111,8 @@ def test_convolutions_that_are_not_plain_depthwise_are_left_alone():
 def test_a_cpu_training_run_uses_it_and_follows_torchs_trajectory(tmp_path, monkeypatch, caplog):
     """train_student swaps the student's depthwise convolutions on the CPU; the run stays within what
     rounding-level gradient differences can do to Adam (`adam_divergence_bound`) of one without the swap."""
-    demo = sources.demo_source()
-    pool = sources.ImageSource(tuple(demo.records[:40]), "demo subset (40)")
-    rng = np.random.default_rng(0)
-    idx = np.stack([rng.choice(40, 3, replace=False) for _ in range(64)])
-    idx, sims, _ = formats.order_by_similarity(idx, rng.normal(size=(64, 3)).astype(np.float32))
-    names = np.array([r.id for r in pool.records])[idx]
-    split = formats.AlignetTriplets(indices=idx, filenames=names, similarities=sims)
-    cfg = DistillConfig(student="tf_efficientnet_lite0", weights="packaged", image_size=32, head_dim=16, steps=3,
-                        batch_triplets=8, lr=1e-3, warmup_steps=1, checkpoint_every=3)
-    cpu = torch.device("cpu")
     with caplog.at_level(logging.DEBUG, logger="alignet_core.models.depthwise"):
-        fast = train_student(split, pool, cfg, str(tmp_path / "fast"), cpu, seed=0)
+        fast, plain, worst, bound = run_pair(tmp_path, monkeypatch, "use_fast_depthwise_grad")
     assert "16 convolutions use the batched weight gradient" in caplog.text
-    monkeypatch.setattr("alignet_core.distill.train.use_fast_depthwise_grad", lambda model: 0)
-    plain = train_student(split, pool, cfg, str(tmp_path / "plain"), cpu, seed=0)
-    from safetensors.torch import load_file
-
-    a, b = load_file(str(tmp_path / "fast" / "student.safetensors")), load_file(str(tmp_path / "plain" / "student.safetensors"))
-    assert list(a) == list(b)
-    lrs = [cfg.lr * f for f in (0.5, 1.0, 0.5)]  # warmup_cosine(1, 3) at steps 0, 1, 2
-    bound = adam_divergence_bound(lrs)
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= bound, (worst, bound)
     assert fast["loss_curve"][0] == plain["loss_curve"][0]  # the first forward: the same bits
