@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="fresh-clone-demo-"))
     clone = tmp / "alignet-pipeline"
     # the user's environment, less this interpreter's venv and any project settings
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH", "PREFECT_"))}
+    ours = ("VIRTUAL_ENV", "PYTHONPATH", "PREFECT_", "MALLOC_", "ALIGNET_MALLOC")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(str(REPO)))
     try:
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)

@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +75,8 @@ KERNEL = textwrap.dedent("""
 
 
 def _env(setting: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **SETTINGS[setting]}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {**inherited, "PYTHONPATH": str(REPO), **SETTINGS[setting]}
     if not env["ALIGNET_MALLOC"]:
         del env["ALIGNET_MALLOC"]
     return env
@@ -89,17 +88,31 @@ def _kernel(setting: str, kernel: str, n: int) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+#: runs the command in its argv and prints its wall time and its process tree's CPU time and largest peak RSS
+#: (RUSAGE_CHILDREN of a fresh process: this run's processes only)
+WRAPPER = textwrap.dedent("""
+    import json, resource, subprocess, sys, time
+    t0 = time.perf_counter()
+    with open(sys.argv[1], "w") as log:
+        rc = subprocess.run(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT).returncode
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"rc": rc, "wall_s": time.perf_counter() - t0, "user_s": r.ru_utime, "sys_s": r.ru_stime,
+                      "peak_rss_mib": r.ru_maxrss / 1024}))
+""")
+
+
 def _demo(setting: str, root: Path) -> dict[str, Any]:
     env = {**_env(setting), "PREFECT_HOME": str(root / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    with open(root / "demo.log", "w") as log:
-        subprocess.run([sys.executable, "-m", "flows.cli", "demo", "--root", str(root / "data")], check=True,
-                       cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    r1, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - t0
+    cmd = [sys.executable, "-c", WRAPPER, str(root / "demo.log"),
+           sys.executable, "-m", "flows.cli", "demo", "--root", str(root / "data")]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    run = json.loads(out.stdout.strip().splitlines()[-1])
+    if run["rc"]:
+        raise RuntimeError(f"alignet demo failed (exit {run['rc']}); see {root / 'demo.log'}")
     summary = json.loads(next((root / "data" / "reports").rglob("summary.json")).read_text())
-    return {"wall_s": round(wall, 2), "stage_seconds": summary["stage_seconds"],
-            "user_s": round(r1.ru_utime - r0.ru_utime, 2), "sys_s": round(r1.ru_stime - r0.ru_stime, 2),
-            "peak_rss_mib_largest_process": round(r1.ru_maxrss / 1024, 1)}
+    return {"wall_s": round(run["wall_s"], 2), "stage_seconds": summary["stage_seconds"],
+            "user_s": round(run["user_s"], 2), "sys_s": round(run["sys_s"], 2),
+            "peak_rss_mib_largest_process": round(run["peak_rss_mib"], 1)}
 
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, float]:

@@ -19,7 +19,7 @@ import yaml
 from alignet_core.errors import ConfigError
 from alignet_core.io.limits import load_yaml
 from alignet_core.pipeline import registry
-from alignet_core.runtime.malloc import STAGE_PROCESS, set_malloc_thresholds
+from alignet_core.runtime.malloc import STAGE_PROCESS, child_environment, set_malloc_thresholds
 
 
 def _setup_env() -> None:
@@ -276,6 +276,8 @@ def _verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     _setup_env()
     set_malloc_thresholds(STAGE_PROCESS)  # the stages run in this process
+    for key, value in child_environment(STAGE_PROCESS).items():  # and the processes it starts
+        os.environ.setdefault(key, value)
     args = _build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

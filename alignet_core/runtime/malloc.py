@@ -10,7 +10,8 @@ buffers stay in the heap and are reused (`python -m benchmarks.malloc`, results/
 The cost is resident memory: up to `trim_threshold` bytes of freed heap stay with the process instead of
 going back to the OS (peak memory is what the work needs either way). These are process-wide settings, so
 only the processes' entry points (the CLI, the service's engine, a distill rank, a Dask worker's setup)
-apply them; library code never does. `ALIGNET_MALLOC=default` leaves glibc as it is.
+apply them, and the CLI passes them on to the processes it starts (`child_environment`); library code never
+does. `ALIGNET_MALLOC=default` leaves glibc as it is.
 """
 
 from __future__ import annotations
@@ -49,6 +50,16 @@ SAMPLING_WORKER = MallocThresholds(mmap_threshold=32 * 2**20, trim_threshold=32 
 #: glibc's ceiling on its dynamic threshold (HEAP_MAX_SIZE / 2 on 64-bit), above which some releases refuse a
 #: `mallopt` value (2.36, this machine's, takes 1 GiB)
 GLIBC_DEFAULT_MAX = 32 * 2**20
+
+
+def child_environment(thresholds: MallocThresholds) -> dict[str, str]:
+    """glibc's environment variables for the same thresholds, for the processes a stage process starts (the
+    Prefect server, DataLoader workers): glibc reads them as a process starts. Empty under
+    `ALIGNET_MALLOC=default`."""
+    if os.environ.get(ENV_VAR, "") == "default":
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": str(thresholds.mmap_threshold),
+            "MALLOC_TRIM_THRESHOLD_": str(max(thresholds.trim_threshold, thresholds.mmap_threshold))}
 
 
 def set_malloc_thresholds(thresholds: MallocThresholds) -> bool:

@@ -23,12 +23,13 @@ CHILD = textwrap.dedent("""
         from alignet_core.runtime.malloc import STAGE_PROCESS, set_malloc_thresholds
         took = set_malloc_thresholds(STAGE_PROCESS)
     elif how == "cli":
+        import os
         from flows.cli import main
         try:
             main(["--help"])
         except SystemExit:
             pass
-        took = None
+        took = os.environ.get("MALLOC_MMAP_THRESHOLD_")  # what the processes it starts inherit
     else:
         took = None
 
@@ -48,8 +49,9 @@ CHILD = textwrap.dedent("""
 
 
 def _faults(how: str, **env: str) -> dict:
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "ALIGNET_MALLOC"}
     out = subprocess.run([sys.executable, "-c", CHILD, how], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env}, timeout=120)
+                         env={**inherited, **env}, timeout=120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -61,9 +63,17 @@ def test_the_stage_thresholds_reuse_a_freed_large_buffer_and_glibcs_defaults_do_
     assert reused["first"] > 0 and reused["next_nine"] <= reused["first"] // 10
 
 
-def test_the_cli_sets_them_before_anything_runs() -> None:
+def test_the_cli_sets_them_before_anything_runs_and_passes_them_on() -> None:
     reused = _faults("cli")
     assert reused["next_nine"] <= reused["first"] // 10
+    assert reused["took"] == str(2**30)
+
+
+def test_a_process_started_with_the_cli_environment_reuses_buffers_too() -> None:
+    from alignet_core.runtime.malloc import STAGE_PROCESS, child_environment
+
+    started = _faults("plain", **child_environment(STAGE_PROCESS))
+    assert started["next_nine"] <= started["first"] // 10
 
 
 def test_alignet_malloc_default_leaves_glibc_as_it_is() -> None:
