@@ -11,7 +11,8 @@ steps of the demo's student (Lite0 at 64 px, 16 triplets of 46 images, the whole
 are the largest the demo trains). Per run: wall, user and system CPU seconds, minor page faults, peak
 resident memory. `--demo`: the whole `alignet demo` from this checkout on a fresh root per run (Prefect
 server, every stage, no cache), its wall time, stage seconds (from its summary), CPU seconds and peak
-resident memory (the largest of its processes). Writes results/malloc.json (`--quick`: malloc_quick.json).
+resident memory (the largest of its processes), and what it computed (dataset version, stage keys, the
+people figures: `same_results` says whether both settings gave the same). Writes results/malloc.json (`--quick`: malloc_quick.json).
 """
 
 from __future__ import annotations
@@ -112,7 +113,10 @@ def _demo(setting: str, root: Path) -> dict[str, Any]:
     summary = json.loads(next((root / "data" / "reports").rglob("summary.json")).read_text())
     return {"wall_s": round(run["wall_s"], 2), "stage_seconds": summary["stage_seconds"],
             "user_s": round(run["user_s"], 2), "sys_s": round(run["sys_s"], 2),
-            "peak_rss_mib_largest_process": round(run["peak_rss_mib"], 1)}
+            "peak_rss_mib_largest_process": round(run["peak_rss_mib"], 1),
+            # what it computed, to compare between the settings (the same bits give the same keys and figures)
+            "dataset_version": summary["dataset_version"], "stage_keys": summary["stage_keys"],
+            "people_changes": summary["people"]["changes"]}
 
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     root.mkdir()
                     demos[setting].append(_demo(setting, root))
         med = {s: _medians(v) for s, v in demos.items()}
-        result["demo"] = {"median": med, "runs": demos,
+        first = {s: {k: v[0][k] for k in ("dataset_version", "stage_keys", "people_changes")} for s, v in demos.items()}
+        result["demo"] = {"median": med, "runs": demos, "same_results": first["glibc_default"] == first["stage_process"],
                           "wall_ratio_default_over_stage": round(med["glibc_default"]["wall_s"]
                                                                  / med["stage_process"]["wall_s"], 3)}
     result["machine"] = machine_info()
