@@ -130,7 +130,7 @@ def train_student(
     student = build_student(cfg, seed).to(device).train()
     if device.type == "cpu" and cfg.harmonize is None and not cfg.compile:  # the harmonizer differentiates twice
         use_fast_depthwise_grad(student)  # oneDNN's depthwise weight gradients were most of a CPU step
-        use_fast_frozen_norm(student)  # and torch's backward of a frozen BatchNorm a third of a last-blocks step
+        use_fast_frozen_norm(student)  # torch's CPU backward of a frozen BatchNorm is slow on small maps
     trained: torch.nn.Module = student
     encode = None
     if cfg.train_blocks is not None:  # the front frozen (before the optimizer sees which parameters train)
