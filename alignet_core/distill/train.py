@@ -52,8 +52,8 @@ from alignet_core.hardware import autocast_dtype
 from alignet_core.io.formats import AlignetTriplets
 from alignet_core.io.sources import ImageSource
 from alignet_core.models.depthwise import use_fast_depthwise_grad
-from alignet_core.models.frozen_norm import use_fast_frozen_norm
 from alignet_core.models.embedding import loader
+from alignet_core.models.frozen_norm import use_fast_frozen_norm
 from alignet_core.models.partial import freeze_front, front_outputs
 from alignet_core.models.student import HEAD_FILE, LOG_FILE, STUDENT_FILE, build_student, eval_transform, input_size
 
