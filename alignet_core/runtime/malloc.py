@@ -66,8 +66,8 @@ def child_environment(thresholds: MallocThresholds) -> dict[str, str]:
 def set_malloc_thresholds(thresholds: MallocThresholds) -> bool:
     """Set this process's glibc mmap and trim thresholds; True when glibc took them.
 
-    A glibc that refuses the mmap threshold gets `GLIBC_DEFAULT_MAX` instead. Returns False and changes nothing where the C library is not glibc or `ALIGNET_MALLOC`
-    is `default`.
+    A glibc that refuses the mmap threshold gets `GLIBC_DEFAULT_MAX` instead. Returns False and changes
+    nothing where the C library is not glibc or `ALIGNET_MALLOC` is `default`.
     """
     if os.environ.get(ENV_VAR, "") == "default":
         log.debug("malloc thresholds left as they are (%s=default)", ENV_VAR)
