@@ -162,6 +162,8 @@ def embed_chunks(
         rows={SIZE_ARRAY: fingerprints[0], MTIME_ARRAY: fingerprints[1]} if fingerprints is not None else None,
         digests=DIGEST_ARRAY if fingerprints is not None else None,
     )
+    if not chunks:  # the whole store (or, with chunks=[], the parent before its workers start): no other writer
+        embedding_store.remove_partial_writes(store_url)
     emb, valid = g["embeddings"], g["valid"]
     layers = layer_arrays(g, store_url, cfg, layer_dims(model, list(cfg.layers), device), n)
     digests = g[DIGEST_ARRAY] if DIGEST_ARRAY in g else None

@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 
 from alignet_core.errors import InputError, StoreError
-from alignet_core.io.store import join, makedirs, publish_dir, remove
+from alignet_core.io.store import join, local_path, makedirs, publish_dir, remove
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,25 @@ class ChunkProgress:
 
 
 # ----------------------------------------------------------------------------- embedding stores
+def remove_partial_writes(url: str) -> int:
+    """Delete the temporary files (`*.partial`) that zarr's local store leaves when a writer is killed between
+    writing a chunk and renaming it into place; returns how many. Call it only where no writer of the store can
+    be running (before a resumed run's chunks start). A remote store has none (a no-op)."""
+    try:
+        root = local_path(url)
+    except StoreError:
+        return 0
+    removed = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".partial"):
+                os.remove(os.path.join(folder, name))
+                removed += 1
+    if removed:
+        log.info("%s: removed %d partial chunk writes of an interrupted run", url, removed)
+    return removed
+
+
 def create_embedding_store(
     url: str,
     n: int,
